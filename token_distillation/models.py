@@ -147,39 +147,48 @@ def load_tokenizer(source: ModelSource, cache_root: Path):
         cached = _gguf_cache_dir(source, cache_root)
         if (cached / "config.json").is_file():
             return AutoTokenizer.from_pretrained(cached)
-        return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        tok_cache = cached.with_name(cached.name + "-tokenizer")
+        if (tok_cache / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(tok_cache)
+        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        atomic_write_dir(tok_cache, tok.save_pretrained, replace=False)
+        return tok
     return AutoTokenizer.from_pretrained(source.path)
 
 
-def _convert_gguf(source: ModelSource, target: Path) -> None:
+def load_config(source: ModelSource, cache_root: Path):
+    """Load only the model config (cheap; used to check flags before loading weights)."""
+    from transformers import AutoConfig
+
+    if source.gguf_file:
+        cached = _gguf_cache_dir(source, cache_root)
+        if (cached / "config.json").is_file():
+            return AutoConfig.from_pretrained(cached)
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    return AutoConfig.from_pretrained(source.path)
+
+
+def _convert_gguf(source: ModelSource, target: Path, cache_root: Path) -> None:
     """Dequantize a GGUF checkpoint once and store it as a regular safetensors checkpoint.
 
     A GGUF-loaded model refuses ``save_pretrained``; it is rebuilt from its config and state dict.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     logger.info("Converting GGUF checkpoint %s (once; cached at %s)", source.gguf_file, target)
     loaded = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file)
-    tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    tok = load_tokenizer(source, cache_root)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are dequantized: save a plain checkpoint
     rebuilt = AutoModelForCausalLM.from_config(config)
     rebuilt.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
-    try:
+
+    def _write(tmp: Path) -> None:
         rebuilt.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first; keep theirs.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(target, _write, replace=False)
 
 
 def load_model(source: ModelSource, cache_root: Path, device: torch.device, dtype: torch.dtype):
@@ -190,7 +199,7 @@ def load_model(source: ModelSource, cache_root: Path, device: torch.device, dtyp
     if source.gguf_file:
         cached = _gguf_cache_dir(source, cache_root)
         if not (cached / "config.json").is_file():
-            _convert_gguf(source, cached)
+            _convert_gguf(source, cached, cache_root)
         path = str(cached)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(device)
@@ -208,7 +217,7 @@ def embedding_scale(model) -> float:
         NotImplementedError: the module's output is not a scalar multiple of its weight row.
     """
     emb = model.get_input_embeddings()
-    w = emb.weight
+    w = emb.weight.detach()
     idx = torch.tensor([[min(5, w.shape[0] - 1)]], device=w.device)
     with torch.no_grad():
         out = emb(idx)[0, 0].float()
@@ -264,17 +273,21 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
     return out
 
 
-def atomic_write_dir(out: Path, write_fn) -> None:
+def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
     """Write a directory atomically: ``write_fn(tmp_dir)`` then rename over ``out``.
 
     An existing ``out`` (allowed by :func:`prepare_out_path`) is moved aside and removed only
     after the new content is in place, so an interruption leaves the old or the new output.
+    With ``replace=False`` (caches), an ``out`` that appeared meanwhile (another process wrote the
+    same content) is kept and the new copy discarded.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     old: Path | None = None
     try:
         write_fn(tmp)
+        if out.exists() and not replace:
+            return
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

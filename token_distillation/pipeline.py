@@ -32,6 +32,7 @@ from .models import (
     embedding_scale,
     extend_embeddings,
     is_tied,
+    load_config,
     load_model,
     load_tokenizer,
     prepare_out_path,
@@ -39,7 +40,7 @@ from .models import (
 )
 from .snippets import SnippetSet, generate_snippets, mine_snippets
 from .targets import build_targets
-from .tokenization import NewToken, add_new_tokens, bos_prefix, subtoken_ids
+from .tokenization import NewToken, add_new_tokens, bos_prefix
 from .train import NewRows, heldout_loss_per_token, resolve_layer, train
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def run(cfg: RunConfig) -> RunResult:
     logger.info("model %s | device %s | weights %s | autocast %s | seed %d", source.spec, device,
                 weights_dtype, autocast_dtype, cfg.train.seed)
 
+    resolve_layer(load_config(source, cache_root), cfg.train.target_layer)
     tokenizer = load_tokenizer(source, cache_root)
     targets = build_targets(cfg.targets, tokenizer)
     tokens = targets.tokens
@@ -129,7 +131,6 @@ def run(cfg: RunConfig) -> RunResult:
     sc = cfg.snippets
     if cfg.generated_snippets:
         model = load_model(source, cache_root, device, weights_dtype)
-        resolve_layer(model, cfg.train.target_layer)
         snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                                   cfg.train.seed, sc.generation_temperature, sc.generation_top_p, device)
         corpus_info: dict[str, Any] = {"source": "generated"}

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
-from .config import LossMethod, StoppingCondition
+from .config import ConfigError, LossMethod, StoppingCondition
 from .losses import LOSSES, mse_per_position
 
 logger = logging.getLogger(__name__)
@@ -55,22 +55,23 @@ class NewRows(torch.nn.Module):
         return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
 
 
-def num_layers(model) -> int:
-    """Number of transformer layers of the (text) model."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def num_layers(model_or_config) -> int:
+    """Number of transformer layers of the (text) model; accepts a model or its config."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return int(cfg.num_hidden_layers)
 
 
-def resolve_layer(model, target_layer: int) -> int:
+def resolve_layer(model_or_config, target_layer: int) -> int:
     """Index into ``hidden_states`` (0 = embeddings, N = last layer) for ``--target_layer``.
 
     Raises:
-        ValueError: layer outside ``1..N`` / ``-N..-1``.
+        ConfigError: layer outside ``1..N`` / ``-N..-1``.
     """
-    n = num_layers(model)
+    n = num_layers(model_or_config)
     idx = target_layer if target_layer > 0 else n + 1 + target_layer
     if not 1 <= idx <= n:
-        raise ValueError(f"--target_layer {target_layer} out of range for a model with {n} layers; "
+        raise ConfigError(f"--target_layer {target_layer} out of range for a model with {n} layers; "
                          f"use 1..{n} or -1..-{n}")
     return idx
 

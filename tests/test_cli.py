@@ -1,0 +1,57 @@
+"""Bad input ends with a one-line error and exit code 2, before any model is loaded."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "apply_embedding_init.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model_path", "/nonexistent/model"], "--model_path"),
+        (["--init_method", "magic"], "--init_method"),
+        (["--loss_method", "L1"], "--loss_method"),
+        (["--dataset_path", "/nonexistent/corpus.jsonl"], "--dataset_path"),
+        (["--new_tokens_source", "/nonexistent/words.txt"], "--new_tokens_source"),
+        (["--bogus_flag", "1"], "--bogus_flag"),
+        (["--target_layer", "0"], "--target_layer"),
+        (["--target_layer", "99"], "--target_layer"),
+        (["--snippet_num", "0", "--token_distillation_lr", "-1"], "--snippet_num"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args, needle, tmp_path):
+    r = run_cli(*args, "--out_path", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    err_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err_lines) == 1 and needle in err_lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_all_problems_reported_together(tmp_path):
+    r = run_cli("--snippet_num", "0", "--token_distillation_lr", "-1", "--out_path", str(tmp_path / "o"))
+    assert "--snippet_num" in r.stderr and "--token_distillation_lr" in r.stderr
+
+
+def test_help_lists_every_flag():
+    from token_distillation.config import all_flags
+
+    r = run_cli("--help")
+    for name, _, _ in all_flags():
+        assert f"--{name}" in r.stdout + r.stderr, name
+
+
+def test_readme_documents_every_flag():
+    readme = (ROOT / "README.md").read_text()
+    from token_distillation.config import all_flags
+
+    for name, _, _ in all_flags():
+        assert f"`--{name}`" in readme, name

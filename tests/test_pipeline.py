@@ -1,0 +1,116 @@
+"""End-to-end runs of the pipeline on a tiny random model (fast) and on the bundled model (real)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import require_shared
+from token_distillation.config import ConfigError, RunConfig
+from token_distillation.pipeline import run
+
+
+def _words(tmp_path, words):
+    p = tmp_path / f"words{len(list(tmp_path.glob('words*.txt')))}.txt"
+    p.write_text("".join(w + "\n" for w in words))
+    return str(p)
+
+
+def _toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, **kw):
+    flags = dict(model_path=str(toy_model_dir), dataset_path=str(toy_corpus), cache_dir=str(cache_dir),
+                 new_tokens_source=_words(tmp_path, [" hepatotoxicity", " nephrotoxicity", " angiogenesis", " zzqqxx"]),
+                 out_path=str(tmp_path / "out"), snippet_num=8, min_snippets=2, heldout_snippet_num=2,
+                 heldout_fraction=0.25, token_distillation_batch_size=4, token_distillation_lr=1e-2,
+                 snippet_len=12)
+    flags.update(kw)
+    return RunConfig.from_flags(**flags)
+
+
+def test_toy_run_saves_loadable_model_and_report(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir))
+    out = res.out_path
+    rep = json.loads((out / "report.json").read_text())
+    kept = [t["token"] for t in rep["tokens"]]
+    assert kept == [" hepatotoxicity", " nephrotoxicity", " angiogenesis"]
+    assert " zzqqxx" in rep["skipped_tokens"]  # never occurs in the corpus
+    assert rep["loss_curve"] and rep["config"]["init_method"] == "token_distillation"
+    assert rep["snippets"]["train_doc_ids"] and not set(rep["snippets"]["train_doc_ids"]) & set(rep["snippets"]["heldout_doc_ids"])
+    assert rep["mean_heldout_loss_final"] < rep["mean_heldout_loss_init"]
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    enc = tok.encode("The hepatotoxicity and nephrotoxicity.", add_special_tokens=False)
+    ids = [t["id"] for t in rep["tokens"]]
+    assert ids[0] in enc and ids[1] in enc
+    # original rows bit-identical, new rows equal the trained rows in the report's order
+    orig = load_file(str(toy_model_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    new = model.get_input_embeddings().weight.detach()
+    assert torch.equal(new[: orig.shape[0]], orig)
+    assert new.shape[0] == len(tok) and model.config.vocab_size == new.shape[0]
+    for t in rep["tokens"]:
+        assert abs(new[t["id"]].norm().item() - t["row_norm"]) < 1e-4
+
+
+def test_out_path_not_clobbered(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    with pytest.raises(ConfigError, match="--out_path .* not empty"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir))
+    assert (out / "precious.txt").read_text() == "user data"
+    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, overwrite=True))
+    assert (out / "report.json").is_file() and not (out / "precious.txt").exists()
+
+
+def test_out_path_inside_model_dir_refused(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    with pytest.raises(ConfigError, match="inside the input model directory"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(toy_model_dir / "sub")))
+
+
+def test_missing_text_column_and_empty_list(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    with pytest.raises(ConfigError, match="--text_column"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, text_column="body"))
+    with pytest.raises(ConfigError, match="no usable new tokens"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, new_tokens_source=_words(tmp_path, ["", "   ", " ", "a"])))
+
+
+def test_subtoken_mean_and_random_need_no_training(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    a = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method="subtoken-mean", out_path=str(tmp_path / "a")))
+    b = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method="random", out_path=str(tmp_path / "b")))
+    assert a.report["loss_curve"] == [] and b.report["loss_curve"] == []
+    assert a.report["mean_heldout_loss_init"] == a.report["mean_heldout_loss_final"]
+
+
+def test_generated_snippets(tmp_path, toy_model_dir, cache_dir):
+    cfg = RunConfig.from_flags(model_path=str(toy_model_dir), cache_dir=str(cache_dir),
+                               new_tokens_source=_words(tmp_path, [" hepatotoxicity"]), out_path=str(tmp_path / "g"),
+                               snippet_num=4, heldout_snippet_num=2, min_snippets=2, snippet_len=10,
+                               token_distillation_batch_size=2)
+    res = run(cfg)
+    assert res.report["snippets"]["source"] == "generated"
+    assert res.report["tokens"][0]["train_snippets"] == 4 and res.report["train_steps"] == 2
+
+
+@pytest.mark.integration
+def test_bundled_model_on_pubmed(tmp_path):
+    """Real model, real corpus: distillation lowers the held-out hidden-state MSE at the target layer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = require_shared() / "abstracts_small.jsonl"
+    words = [" missense", " homozygous", " heterozygous", " ataxia", " haplotype", " polyposis", " thrombocytopenia"]
+    cfg = RunConfig.from_flags(new_tokens_source=_words(tmp_path, words), dataset_path=str(data),
+                               out_path=str(tmp_path / "out"), snippet_num=12, heldout_snippet_num=4,
+                               min_snippets=3, token_distillation_batch_size=8, heldout_fraction=0.2,
+                               token_distillation_lr=1e-3, token_distillation_epochs=2)
+    res = run(cfg)
+    rep = res.report
+    assert rep["model"]["tied_embeddings"] is True
+    assert len(rep["tokens"]) == len(words)
+    assert rep["mean_heldout_loss_final"] < rep["mean_heldout_loss_init"]
+    tok = AutoTokenizer.from_pretrained(res.out_path)
+    AutoModelForCausalLM.from_pretrained(res.out_path)
+    for t in rep["tokens"]:
+        assert tok.encode("Severe" + t["token"] + " was seen", add_special_tokens=False)[1] == t["id"]

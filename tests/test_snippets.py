@@ -1,0 +1,65 @@
+import numpy as np
+
+from token_distillation.corpus import TokenizedCorpus
+from token_distillation.snippets import mine_snippets, window
+from token_distillation.tokenization import NewToken
+
+
+def _corpus(docs):
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in docs], out=offsets[1:])
+    return TokenizedCorpus(np.concatenate([np.asarray(d, dtype=np.int32) for d in docs]), offsets,
+                           [str(i) for i in range(len(docs))])
+
+
+def _naive_count(docs, phrase):
+    """Non-overlapping left-to-right occurrences (as the matcher reports for a single pattern)."""
+    n = 0
+    for d in docs:
+        i = 0
+        while i + len(phrase) <= len(d):
+            if tuple(d[i:i + len(phrase)]) == phrase:
+                n += 1
+                i += len(phrase)
+            else:
+                i += 1
+    return n
+
+
+def test_miner_equals_naive_scan():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(3, 9, size=rng.integers(0, 60)).tolist() for _ in range(300)]
+    toks = [NewToken("x", (3, 4)), NewToken("y", (5, 6, 7)), NewToken("z", (8, 8))]
+    corpus = _corpus(docs)
+    got = mine_snippets(corpus, toks, snippet_len=10, snippet_num=10**6, heldout_num=0, heldout_fraction=0.0,
+                        bos=[1], seed=0, chunk_docs=37)
+    for i, t in enumerate(toks):
+        # a naive scan per pattern over-counts where patterns overlap; these patterns cannot overlap
+        assert got.train_counts[i] == _naive_count(docs, t.subtoken_ids)
+    for s in got.train:
+        phrase = toks[s.token_index].subtoken_ids
+        body = s.ids[1:].tolist()
+        assert s.ids[0] == 1
+        assert any(tuple(body[j:j + len(phrase)]) == phrase for j in range(len(body)))
+        assert len(body) <= 10
+
+
+def test_early_stop_and_heldout_documents_disjoint():
+    docs = [[3, 4, 0, 0]] * 200
+    corpus = _corpus(docs)
+    got = mine_snippets(corpus, [NewToken("x", (3, 4))], snippet_len=4, snippet_num=5, heldout_num=3,
+                        heldout_fraction=0.2, bos=[], seed=0)
+    assert got.train_counts == [5] and got.heldout_counts == [3]
+    train_docs = {s.doc for s in got.train}
+    held_docs = {s.doc for s in got.heldout}
+    assert not train_docs & held_docs
+    assert set(got.train_docs) == train_docs
+    assert held_docs <= set(got.heldout_docs)
+
+
+def test_window_keeps_phrase_and_length():
+    for doc_len in (3, 10, 100):
+        for start in range(0, doc_len - 1):
+            a, b = window(doc_len, start, start + 2, 8)
+            assert a <= start and start + 2 <= b <= doc_len
+            assert b - a == min(8, doc_len)

@@ -1,0 +1,93 @@
+import torch
+
+from tests.conftest import make_llama
+from token_distillation.alignment import PhraseMatcher, collate, merge
+from token_distillation.init_methods import subtoken_mean
+from token_distillation.models import embedding_scale, extend_embeddings
+from token_distillation.tokenization import NewToken
+from token_distillation.train import NewRows, distill_loss, heldout_loss_per_token, resolve_layer, train
+
+
+def _setup(tied=True, seed=0, n_snip=24):
+    model = make_llama(64, tied=tied, seed=seed)
+    model.requires_grad_(False)
+    extend_embeddings(model, 66)
+    toks = [NewToken("a", (10, 11, 12), 64), NewToken("b", (20, 21), 65)]
+    gen = torch.Generator().manual_seed(seed)
+    seqs, tix = [], []
+    m = PhraseMatcher([t.subtoken_ids for t in toks])
+    for i in range(n_snip):
+        k = i % 2
+        body = torch.randint(3, 60, (12,), generator=gen).tolist()
+        ids = [1] + body[:3] + list(toks[k].subtoken_ids) + body[3:]
+        seqs.append(merge(ids, m, [64, 65]))
+        tix.append(k)
+    emb = model.get_input_embeddings().weight
+    rows = NewRows(subtoken_mean(emb, toks), [64, 65], emb.shape[0], embedding_scale(model))
+    return model, toks, seqs, tix, rows
+
+
+def test_loss_decreases_and_original_rows_bit_identical():
+    model, toks, seqs, tix, rows = _setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = resolve_layer(model, -1)
+    held0 = heldout_loss_per_token(model, rows, seqs, tix, 2, layer=layer, device=torch.device("cpu"))
+    res = train(model, rows, seqs, tix, layer=layer, lr=1e-2, batch_size=8, epochs=10, seed=0,
+                device=torch.device("cpu"), log_every=5)
+    held1 = heldout_loss_per_token(model, rows, seqs, tix, 2, layer=layer, device=torch.device("cpu"))
+    assert res.steps == 30 and len(res.loss_curve) == 30
+    assert sum(res.loss_curve[-5:]) < sum(res.loss_curve[:5])
+    assert all(b < a for a, b in zip(held0, held1))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the frozen model is untouched by training
+
+
+def test_only_new_rows_receive_gradient():
+    model, toks, seqs, tix, rows = _setup()
+    batch = collate(seqs[:4], tix[:4])
+    loss = distill_loss(model, rows, batch, resolve_layer(model, -1))
+    loss.backward()
+    assert rows.rows.grad is not None and rows.rows.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_positions_before_new_token_contribute_zero():
+    """Under causal attention the prefix is identical: per-position loss there is exactly 0."""
+    model, toks, seqs, tix, rows = _setup()
+    batch = collate(seqs[:4], tix[:4])
+    from token_distillation.train import hidden_at
+    layer = resolve_layer(model, -1)
+    with torch.no_grad():
+        t = hidden_at(model, layer, batch.teacher_attention, input_ids=batch.teacher_ids)
+        s = hidden_at(model, layer, batch.student_attention, inputs_embeds=rows.embed(model, batch.student_ids))
+    for r, seq in enumerate(seqs[:4]):
+        p = seq.first_new
+        assert torch.allclose(t[r, :p], s[r, :p], atol=1e-6)
+
+
+def test_new_rows_used_like_original_rows_with_scaled_embeddings():
+    """Gemma scales its embedding output by sqrt(hidden): a new row copied from an original row
+    must give exactly the original row's embedding."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    model = Gemma3ForCausalLM(cfg).eval()
+    scale = embedding_scale(model)
+    assert abs(scale - 32 ** 0.5) < 1e-3
+    extend_embeddings(model, 65)
+    w = model.get_input_embeddings().weight
+    rows = NewRows(w[7:8].detach(), [64], w.shape[0], scale)
+    got = rows.embed(model, torch.tensor([[64, 7]]))
+    assert torch.allclose(got[0, 0], got[0, 1])
+
+
+def test_resolve_layer_range():
+    model = make_llama(64, layers=3)
+    assert resolve_layer(model, -1) == 3 and resolve_layer(model, 1) == 1 and resolve_layer(model, -3) == 1
+    import pytest
+    with pytest.raises(ValueError, match="target_layer"):
+        resolve_layer(model, 4)
+    with pytest.raises(ValueError, match="target_layer"):
+        resolve_layer(model, -4)
