@@ -1,0 +1,60 @@
+import torch
+
+from token_distillation.regime import RowAdam, per_token_batches, per_token_loss, relative_lr
+
+
+def test_rowadam_equals_adam_when_all_rows_active():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4, 8))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = torch.optim.Adam([a], lr=1e-2)
+    ob = RowAdam([b], lr=1e-2)
+    for _ in range(5):
+        g = torch.randn(4, 8)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a, b)
+
+
+def test_rowadam_leaves_rows_without_gradient_untouched():
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    opt = RowAdam([p], lr=0.1)
+    p.grad = torch.tensor([[1.0] * 4, [0.0] * 4, [2.0] * 4])
+    opt.step()
+    moved = p.detach().clone()
+    p.grad = torch.tensor([[0.0] * 4, [0.0] * 4, [1.0] * 4])
+    opt.step()
+    assert torch.equal(p[0], moved[0]) and torch.equal(p[1], torch.zeros(4))  # no momentum carry-over
+    assert opt.state[p]["step"].tolist() == [1.0, 0.0, 2.0]
+
+
+def test_per_token_batches_do_not_depend_on_other_tokens():
+    alone = per_token_batches([0] * 7, [" alpha"], snippets_per_update=2, groups_per_batch=4, epochs=2, seed=3)
+    mixed_index = [0] * 5 + [1] * 7 + [2] * 3
+    mixed = per_token_batches(mixed_index, [" beta", " alpha", " gamma"], snippets_per_update=2, groups_per_batch=4,
+                              epochs=2, seed=3)
+    a_groups_alone = [b for b in alone]
+    # alpha's snippets are indices 5..11 in the mixed run: map them back to 0..6
+    a_groups_mixed = [[i - 5 for i in b if mixed_index[i] == 1] for b in mixed]
+    a_groups_mixed = [g for g in a_groups_mixed if g]
+    assert a_groups_alone == a_groups_mixed
+    assert all(len(g) in (1, 2) for g in a_groups_mixed) and len(a_groups_mixed) == 8  # 4 updates x 2 epochs
+    for b in mixed:  # one group per token per batch
+        toks = [mixed_index[i] for i in b]
+        assert len(b) <= 8
+        assert all(toks.count(t) <= 2 for t in set(toks))
+    assert sorted(i for b in mixed for i in b) == sorted(list(range(15)) * 2)
+
+
+def test_per_token_loss_is_sum_of_token_means():
+    per_pos = torch.tensor([1.0, 3.0, 10.0, 2.0])
+    row = torch.tensor([0, 0, 1, 2])
+    tok_of_row = torch.tensor([0, 1, 0])
+    # token 0: positions of rows 0 and 2 -> (1 + 3 + 2) / 3 ; token 1: 10
+    assert torch.isclose(per_token_loss(per_pos, row, tok_of_row, 2), torch.tensor(2.0 + 10.0))
+
+
+def test_relative_lr_scales_with_embedding_rms():
+    w = torch.full((10, 4), 2.0)
+    assert relative_lr(0.5, w, 10) == 1.0
