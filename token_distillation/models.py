@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -139,19 +140,101 @@ def _gguf_cache_dir(source: ModelSource, cache_root: Path) -> Path:
     return cache_root / "gguf" / key
 
 
+MANIFEST = "cache_manifest.json"
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size of every file of a cache directory (checked by :func:`cache_problem`)."""
+    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps(sizes, indent=0), encoding="utf-8")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Check a safetensors file's header and that its size matches the tensors it declares."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name}: truncated header"
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            return f"{path.name}: bad header length"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return f"{path.name}: unreadable header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != size:
+        return f"{path.name}: size {size} does not match its tensors ({8 + n + max(ends, default=0)})"
+    return None
+
+
+def cache_problem(directory: Path, required: str) -> str | None:
+    """Why a cache directory cannot be used (None: it is complete).
+
+    Checked: ``required`` exists; the sizes in :data:`MANIFEST` (when present: caches written
+    before the manifest existed have none); every JSON file parses; every safetensors file's size
+    matches its header. Cheap: no tensor data is read.
+    """
+    if not (directory / required).is_file():
+        return f"{required} missing"
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        try:
+            sizes = json.loads(manifest.read_text(encoding="utf-8"))
+        except ValueError:
+            return "unreadable manifest"
+        for name, size in sizes.items():
+            p = directory / name
+            if not p.is_file() or p.stat().st_size != size:
+                return f"{name}: missing or wrong size"
+    for p in directory.glob("*.json"):
+        try:
+            json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return f"{p.name}: invalid JSON"
+    for p in directory.glob("*.safetensors"):
+        problem = _safetensors_problem(p)
+        if problem:
+            return problem
+    return None
+
+
+def _usable_cache(directory: Path, required: str) -> bool:
+    """True if ``directory`` is a complete cache; a corrupt one is removed (it is ours) and False."""
+    if not directory.exists():
+        return False
+    problem = cache_problem(directory, required)
+    if problem is None:
+        return True
+    logger.warning("cache %s is corrupt (%s); rebuilding it", directory, problem)
+    trash = directory.with_name(f".{directory.name}.corrupt-{os.getpid()}")
+    try:
+        os.replace(directory, trash)  # another process may have moved it already
+    except OSError:
+        return False
+    shutil.rmtree(trash, ignore_errors=True)
+    return False
+
+
 def load_tokenizer(source: ModelSource, cache_root: Path):
-    """Load the tokenizer (from the converted GGUF cache when present)."""
+    """Load the tokenizer (from the converted GGUF cache when present; caches are verified)."""
     from transformers import AutoTokenizer
 
     if source.gguf_file:
         cached = _gguf_cache_dir(source, cache_root)
-        if (cached / "config.json").is_file():
+        if _usable_cache(cached, "config.json"):
             return AutoTokenizer.from_pretrained(cached)
         tok_cache = cached.with_name(cached.name + "-tokenizer")
-        if (tok_cache / "tokenizer_config.json").is_file():
+        if _usable_cache(tok_cache, "tokenizer_config.json"):
             return AutoTokenizer.from_pretrained(tok_cache)
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        atomic_write_dir(tok_cache, tok.save_pretrained, replace=False)
+
+        def _write(tmp: Path) -> None:
+            tok.save_pretrained(tmp)
+            write_manifest(tmp)
+
+        atomic_write_dir(tok_cache, _write, replace=False)
         return tok
     return AutoTokenizer.from_pretrained(source.path)
 
@@ -162,7 +245,7 @@ def load_config(source: ModelSource, cache_root: Path):
 
     if source.gguf_file:
         cached = _gguf_cache_dir(source, cache_root)
-        if (cached / "config.json").is_file():
+        if _usable_cache(cached, "config.json"):
             return AutoConfig.from_pretrained(cached)
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     return AutoConfig.from_pretrained(source.path)
@@ -187,6 +270,7 @@ def _convert_gguf(source: ModelSource, target: Path, cache_root: Path) -> None:
     def _write(tmp: Path) -> None:
         rebuilt.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        write_manifest(tmp)
 
     atomic_write_dir(target, _write, replace=False)
 
@@ -198,7 +282,7 @@ def load_model(source: ModelSource, cache_root: Path, device: torch.device, dtyp
     path = source.path
     if source.gguf_file:
         cached = _gguf_cache_dir(source, cache_root)
-        if not (cached / "config.json").is_file():
+        if not _usable_cache(cached, "config.json"):
             _convert_gguf(source, cached, cache_root)
         path = str(cached)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -261,6 +345,7 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
             inside the input model directory.
     """
     out = Path(out_path).expanduser().resolve()
+    recover_interrupted(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out_path {out} is a file; pass a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -273,23 +358,66 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(out: Path, kind: str) -> list[tuple[Path, int]]:
+    """Hidden siblings ``.<name>.<kind>-<pid>-...`` left by :func:`atomic_write_dir`, with their pid."""
+    found = []
+    for p in out.parent.glob(f".{out.name}.{kind}-*"):
+        pid = p.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+        if pid.isdigit():
+            found.append((p, int(pid)))
+    return found
+
+
+def recover_interrupted(out: Path) -> None:
+    """Clean up after a writer of ``out`` that was killed (e.g. ``kill -9``) mid-way.
+
+    :func:`atomic_write_dir` moves a previous output to ``.<name>.old-<pid>`` for the instant
+    between two renames; if the writer died there, ``out`` is missing and the previous complete
+    output is restored from that sibling. Temporary siblings of dead writers are removed. Siblings
+    of live processes are left alone.
+    """
+    if not out.parent.is_dir():
+        return
+    olds = [(p, pid) for p, pid in _leftovers(out, "old") if not _pid_alive(pid)]
+    if olds and not out.exists():
+        newest = max(olds, key=lambda x: x[0].stat().st_mtime)[0]
+        logger.warning("restoring the previous output %s from %s (an earlier run was interrupted)", out, newest)
+        os.replace(newest, out)
+    for p, pid in _leftovers(out, "tmp") + _leftovers(out, "old"):
+        if p.exists() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
     """Write a directory atomically: ``write_fn(tmp_dir)`` then rename over ``out``.
 
-    An existing ``out`` (allowed by :func:`prepare_out_path`) is moved aside and removed only
-    after the new content is in place, so an interruption leaves the old or the new output.
+    ``tmp_dir`` is a hidden sibling ``.<name>.tmp-<pid>-*`` (same file system, so the rename is
+    atomic). An existing ``out`` (allowed by :func:`prepare_out_path`) is moved aside and removed
+    only after the new content is in place, so an interruption leaves the old or the new output
+    (a kill between the two renames is repaired by :func:`recover_interrupted`).
     With ``replace=False`` (caches), an ``out`` that appeared meanwhile (another process wrote the
     same content) is kept and the new copy discarded.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    recover_interrupted(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     old: Path | None = None
     try:
         write_fn(tmp)
         if out.exists() and not replace:
             return
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name[-8:]}"
             os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
@@ -302,3 +430,18 @@ def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def check_context_length(model_config, snippet_len: int, bos_len: int = 1) -> None:
+    """Refuse snippets longer than the model's context (``max_position_embeddings``).
+
+    Documents longer than the context are fine: snippets are windows of ``snippet_len`` tokens.
+
+    Raises:
+        ConfigError: ``snippet_len + bos_len`` exceeds the model's context.
+    """
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    ctx = getattr(cfg, "max_position_embeddings", None)
+    if ctx and snippet_len + bos_len > ctx:
+        raise ConfigError(f"--snippet_len {snippet_len} (+{bos_len} BOS) exceeds the model's context of {ctx} "
+                          f"tokens; use --snippet_len {ctx - bos_len} or less")

@@ -26,9 +26,11 @@ from . import __version__
 from .alignment import PhraseMatcher, merge
 from .config import ConfigError, InitMethod, MixedPrecision, RunConfig
 from .corpus import tokenize_corpus
+from .firing import encode_probes, firing_report
 from .init_methods import INITIALISERS, TRAINED
 from .models import (
     atomic_write_dir,
+    check_context_length,
     embedding_scale,
     extend_embeddings,
     is_tied,
@@ -121,8 +123,10 @@ def run(cfg: RunConfig) -> RunResult:
     logger.info("model %s | device %s | weights %s | autocast %s | seed %d", source.spec, device,
                 weights_dtype, autocast_dtype, cfg.train.seed)
 
-    resolve_layer(load_config(source, cache_root), cfg.train.target_layer)
+    model_config = load_config(source, cache_root)
+    resolve_layer(model_config, cfg.train.target_layer)
     tokenizer = load_tokenizer(source, cache_root)
+    check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
     targets = build_targets(cfg.targets, tokenizer)
     tokens = targets.tokens
     bos = bos_prefix(tokenizer)
@@ -134,6 +138,7 @@ def run(cfg: RunConfig) -> RunResult:
         snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                                   cfg.train.seed, sc.generation_temperature, sc.generation_top_p, device)
         corpus_info: dict[str, Any] = {"source": "generated"}
+        scan_ids = [s.ids for s in snips.train + snips.heldout]
     else:
         corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
         snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
@@ -142,6 +147,7 @@ def run(cfg: RunConfig) -> RunResult:
                        "num_tokens": int(len(corpus.ids)),
                        "train_doc_ids": [corpus.doc_ids[d] for d in snips.train_docs],
                        "heldout_doc_ids": [corpus.doc_ids[d] for d in snips.heldout_docs]}
+        scan_ids = (corpus.doc(d) for d in range(corpus.num_docs))
 
     needs_snippets = cfg.train.init_method in TRAINED
     keep = [i for i, c in enumerate(snips.train_counts) if c >= sc.min_snippets or not needs_snippets]
@@ -165,8 +171,10 @@ def run(cfg: RunConfig) -> RunResult:
         model = load_model(source, cache_root, device, weights_dtype)
     layer = resolve_layer(model, cfg.train.target_layer)
     num_original = model.get_input_embeddings().weight.shape[0]
+    probes = encode_probes(tokenizer, tokens)
     new_ids = add_new_tokens(tokenizer, [t.text for t in tokens])
     tokens = [NewToken(t.text, t.subtoken_ids, i) for t, i in zip(tokens, new_ids)]
+    firing = firing_report(tokenizer, tokens, probes, scan_ids)
     extend_embeddings(model, len(tokenizer))
     tied = is_tied(model)
     scale = embedding_scale(model)
@@ -222,6 +230,7 @@ def run(cfg: RunConfig) -> RunResult:
             for i, t in enumerate(tokens)
         ],
         "skipped_tokens": skipped,
+        "firing": firing,
         "mean_heldout_loss_init": _mean(held_before),
         "mean_heldout_loss_final": _mean(held_after),
         "mean_new_row_norm": float(norms.mean()), "mean_original_row_norm": orig_norm,

@@ -1,0 +1,186 @@
+"""Data safety (issue 8): kill -9 while saving, corrupt caches rebuilt, concurrent cache users."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from token_distillation.config import CorpusConfig
+from token_distillation.corpus import tokenize_corpus
+from token_distillation.models import (
+    atomic_write_dir,
+    cache_problem,
+    load_tokenizer,
+    prepare_out_path,
+    resolve_model_source,
+    write_manifest,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from token_distillation.models import atomic_write_dir
+
+    def slow(tmp):
+        (tmp / "model.safetensors").write_bytes(b"x" * 1_000_000)
+        Path(sys.argv[2]).write_text("writing")  # tell the test we are mid-save
+        time.sleep(60)
+        (tmp / "report.json").write_text("{}")
+
+    atomic_write_dir(Path(sys.argv[1]), slow)
+""")
+
+
+def _kill_mid_save(out: Path, tmp_path: Path) -> None:
+    marker = tmp_path / f"marker-{time.monotonic_ns()}"
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(out), str(marker)], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert p.poll() is None and time.time() < deadline, "writer did not start"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def test_kill_during_save_leaves_nothing_or_previous_output(tmp_path):
+    out = tmp_path / "out"
+    _kill_mid_save(out, tmp_path)
+    assert not out.exists()  # no half-written output
+
+    def complete(tmp):
+        (tmp / "model.safetensors").write_bytes(b"old")
+        (tmp / "report.json").write_text('{"v": 1}')
+
+    atomic_write_dir(out, complete)
+    _kill_mid_save(out, tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    assert (out / "model.safetensors").read_bytes() == b"old"
+    # the dead writer's temporary sibling is cleaned up by the next check of the same path
+    assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
+    prepare_out_path(str(out), overwrite=True)
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+def test_kill_between_renames_restores_previous_output(tmp_path):
+    """A writer killed after moving the old output aside but before renaming the new one in."""
+    out = tmp_path / "out"
+    old = tmp_path / ".out.old-999999999-abc"  # pid that cannot be alive
+    old.mkdir()
+    (old / "report.json").write_text('{"v": 1}')
+    prepare_out_path(str(out), overwrite=True)
+    assert json.loads((out / "report.json").read_text()) == {"v": 1} and not old.exists()
+
+
+def test_corrupt_corpus_cache_is_rebuilt(tmp_path, toy_corpus, toy_tokenizer):
+    cfg = CorpusConfig(dataset_path=str(toy_corpus))
+    first = tokenize_corpus(cfg, toy_tokenizer, tmp_path)
+    (cache,) = (tmp_path / "corpus").glob("*.npz")
+    for damage in (b"garbage", cache.read_bytes()[:200]):
+        cache.write_bytes(damage)
+        again = tokenize_corpus(cfg, toy_tokenizer, tmp_path)
+        assert np.array_equal(again.ids, first.ids) and np.array_equal(again.offsets, first.offsets)
+        with np.load(cache) as z:  # rebuilt on disk too
+            assert np.array_equal(z["ids"], first.ids)
+
+
+def test_cache_problem_detects_truncated_checkpoint(tmp_path, toy_model_dir):
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(toy_model_dir, d)
+    assert cache_problem(d, "config.json") is None  # no manifest: structural checks only
+    write_manifest(d)
+    assert cache_problem(d, "config.json") is None
+    st = d / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    assert "model.safetensors" in cache_problem(d, "config.json")
+    (d / MANIFEST()).unlink()
+    assert "model.safetensors" in cache_problem(d, "config.json")  # size != declared tensors
+    st.write_bytes(data)
+    (d / "tokenizer.json").write_text('{"trunc')
+    assert "tokenizer.json" in cache_problem(d, "config.json")
+
+
+def MANIFEST():
+    from token_distillation.models import MANIFEST as name
+
+    return name
+
+
+def test_corrupt_gguf_tokenizer_cache_is_rebuilt(tmp_path, smollm_tokenizer):
+    """The tokenizer converted from the bundled GGUF file is cached; a truncated cache is detected,
+    removed and rebuilt, and the rebuilt tokenizer equals the original."""
+    src = resolve_model_source("smollm2-135m")
+    tok = load_tokenizer(src, tmp_path)
+    (cache,) = [p for p in (tmp_path / "gguf").iterdir() if p.name.endswith("-tokenizer")]
+    tj = cache / "tokenizer.json"
+    tj.write_bytes(tj.read_bytes()[:1000])
+    again = load_tokenizer(src, tmp_path)
+    text = "Severe hepatotoxicity was seen."
+    assert again.encode(text) == tok.encode(text) == smollm_tokenizer.encode(text)
+    assert cache_problem(cache, "tokenizer_config.json") is None
+
+
+_TOKENIZE = textwrap.dedent("""
+    import hashlib, sys
+    from pathlib import Path
+    from transformers import AutoTokenizer
+    from token_distillation.config import CorpusConfig
+    from token_distillation.corpus import tokenize_corpus
+
+    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    c = tokenize_corpus(CorpusConfig(dataset_path=sys.argv[2]), tok, Path(sys.argv[3]))
+    print(hashlib.sha256(c.ids.tobytes() + c.offsets.tobytes()).hexdigest())
+""")
+
+
+def test_two_processes_share_a_cache_directory(tmp_path, toy_model_dir):
+    """Two runs tokenizing the same corpus into the same cache at the same time both succeed with
+    identical results, and the cache they leave is valid."""
+    corpus = tmp_path / "docs.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(3000):
+            f.write(json.dumps({"text": f"Document {i}: hepatotoxicity and nephrotoxicity were observed."}) + "\n")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _TOKENIZE, str(toy_model_dir), str(corpus), str(cache)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    digests = {o[0].strip().splitlines()[-1] for o in outs}
+    assert len(digests) == 1
+    files = list((cache / "corpus").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary leftovers
+    from transformers import AutoTokenizer
+    import hashlib
+
+    c = tokenize_corpus(CorpusConfig(dataset_path=str(corpus)), AutoTokenizer.from_pretrained(toy_model_dir), cache)
+    assert hashlib.sha256(c.ids.tobytes() + c.offsets.tobytes()).hexdigest() in digests
+
+
+def test_concurrent_cache_writers_keep_one_complete_copy(tmp_path):
+    """atomic_write_dir(replace=False): a cache that appeared meanwhile is kept, never mixed."""
+    out = tmp_path / "gguf" / "key"
+
+    def writer(tag):
+        def w(tmp):
+            (tmp / "config.json").write_text(json.dumps({"tag": tag}))
+            if tag == "first":  # a second writer finishes while the first is still writing
+                atomic_write_dir(out, writer("second"), replace=False)
+        return w
+
+    atomic_write_dir(out, writer("first"), replace=False)
+    assert json.loads((out / "config.json").read_text()) == {"tag": "second"}
+    assert [p.name for p in out.parent.iterdir()] == ["key"]
