@@ -302,3 +302,18 @@ def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def untie_embeddings(model) -> None:
+    """Give a tied model its own output layer: a frozen copy of the shared matrix.
+
+    Afterwards ``is_tied(model)`` is False and the config says ``tie_word_embeddings=False``, so
+    the saved checkpoint stores both matrices (one more ``[vocab, hidden]`` matrix on disk).
+    """
+    inp = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    out.weight = torch.nn.Parameter(inp.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    assert not is_tied(model)
