@@ -65,7 +65,7 @@ def test_each_method_runs_and_keeps_original_rows(tmp_path, toy_model_dir, untie
     res = run(_cfg(tmp_path, src, toy_corpus, cache_dir, **flags))
     rep = json.loads((res.out_path / "report.json").read_text())
     ids = [t["id"] for t in rep["tokens"]]
-    assert len(ids) == 3 and rep["model"]["tied_embeddings"] is tied
+    assert len(ids) == 3 and rep["model"]["tied_embeddings_source"] is tied and not rep["model"]["tied_embeddings"]
     emb0, out0 = _weights(src)
     emb1, out1 = _weights(res.out_path)
     n = emb0.shape[0]
@@ -75,8 +75,10 @@ def test_each_method_runs_and_keeps_original_rows(tmp_path, toy_model_dir, untie
     if not tied:
         assert out1.shape == emb1.shape and torch.equal(out1[:n], out0)
         assert torch.count_nonzero(out1[ids]) == 0  # default for untied models: zero output rows
-    else:
-        assert out1 is None  # still tied: one matrix on disk
+    else:  # default for tied models: untied, new output rows = subtoken mean of the shared rows
+        assert rep["model"]["untied_by_run"] and torch.equal(out1[:n], emb0)
+        for t in rep["tokens"]:
+            assert torch.allclose(out1[t["id"]], emb0[t["subtoken_ids"]].mean(0), atol=1e-6)
     trained = flags["init_method"] in ("token_distillation", "token_distillation-randinit", "ntp")
     assert bool(rep["loss_curve"]) == trained
     assert rep["new_token_argmax_rate_final"] is not None and 0 <= rep["new_token_argmax_rate_final"] <= 1
@@ -92,6 +94,16 @@ def test_train_original_embeddings_changes_original_rows(tmp_path, toy_model_dir
     emb1, _ = _weights(res.out_path)
     changed = (emb1[: emb0.shape[0]] != emb0).any(dim=1)
     assert changed.sum() > 10  # the tokens of the snippets moved
+
+
+def test_output_embeddings_tied_keeps_one_matrix(tmp_path, toy_model_dir, untied_model_dir, toy_corpus, cache_dir):
+    res = run(_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, output_embeddings="tied",
+                   loss_method="MSE-on-hiddens,CE-auto-weighted"))
+    emb1, out1 = _weights(res.out_path)
+    assert out1 is None and res.report["model"]["tied_embeddings"]
+    with pytest.raises(ConfigError, match="--output_embeddings tied"):
+        run(_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, output_embeddings="tied",
+                 out_path=str(tmp_path / "o2")))
 
 
 def test_output_embeddings_on_tied_model_unties(tmp_path, toy_model_dir, toy_corpus, cache_dir):
@@ -246,7 +258,7 @@ def test_weighted_mean_formula():
     (dict(init_method="random", train_original_embeddings=True), ["--train_original_embeddings"]),
     (dict(set_output_to_zero_if_untied=False, output_embeddings="ntp"),
      ["--set_output_to_zero_if_untied", "--output_embeddings"]),
-    (dict(output_embeddings="tied"), ["--output_embeddings"]),
+    (dict(output_embeddings="shared"), ["--output_embeddings"]),
     (dict(snippet_source="corpus-then-generated"), ["--snippet_source", "--dataset_path"]),
     (dict(loss_method="L1"), ["--loss_method", "L1"]),
 ])

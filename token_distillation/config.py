@@ -81,16 +81,18 @@ class OutputEmbeddings(str, enum.Enum):
     """New tokens' output rows (``--output_embeddings``).
 
     ``auto``: untied models get ``zero`` (or ``subtoken-mean`` with
-    ``--set_output_to_zero_if_untied false``); tied models stay tied (the output row is the
-    trained input row). ``zero`` / ``subtoken-mean`` / ``ntp`` on a *tied* model unties it: the
-    shared matrix is copied into a separate output layer and only the new tokens' output rows
-    follow the policy.
+    ``--set_output_to_zero_if_untied false``, the paper's flag); tied models get ``subtoken-mean``
+    and are *untied* (the safe default: the shared matrix is copied into a separate output layer,
+    so the trained input rows cannot make the new tokens the model's favourite prediction; see
+    docs/methods.md). ``zero`` / ``subtoken-mean`` / ``ntp`` on a tied model untie it likewise.
+    ``tied``: keep a tied model tied (the output row is the trained input row).
     """
 
     AUTO = "auto"
     ZERO = "zero"
     SUBTOKEN_MEAN = "subtoken-mean"
     NTP = "ntp"
+    TIED = "tied"
 
 
 class SnippetSource(str, enum.Enum):
@@ -398,9 +400,10 @@ class OutputConfig:
     output_embeddings: OutputEmbeddings = _flag(
         OutputEmbeddings.AUTO,
         "New tokens' output rows: auto (untied models - zero, or subtoken-mean with "
-        "--set_output_to_zero_if_untied false; tied models stay tied), zero, subtoken-mean (mean of the "
-        "subtokens' output rows), ntp (trained with next-token cross-entropy on the snippets). On a tied "
-        "model zero / subtoken-mean / ntp untie it (the output layer becomes a separate copy).",
+        "--set_output_to_zero_if_untied false; tied models - subtoken-mean, untying the model), zero, "
+        "subtoken-mean (mean of the subtokens' output rows), ntp (trained with next-token cross-entropy "
+        "on the snippets), tied (keep a tied model tied - the output row is the trained input row; can make "
+        "the model over-predict new tokens). Untying stores a separate output matrix.",
     )
 
     def validate(self, problems: list[str]) -> None:
@@ -409,7 +412,8 @@ class OutputConfig:
             _enum_value(OutputEmbeddings, self.output_embeddings, "output_embeddings", problems),
         )
         if (not self.set_output_to_zero_if_untied
-                and self.output_embeddings not in (OutputEmbeddings.AUTO, OutputEmbeddings.SUBTOKEN_MEAN, None)):
+                and self.output_embeddings not in (OutputEmbeddings.AUTO, OutputEmbeddings.SUBTOKEN_MEAN,
+                                                   OutputEmbeddings.TIED, None)):
             problems.append(f"--set_output_to_zero_if_untied false asks for subtoken-mean output rows but "
                             f"--output_embeddings is {self.output_embeddings.value}; pass only one of them")
         if not str(self.out_path).strip():

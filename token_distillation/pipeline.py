@@ -122,7 +122,12 @@ def run(cfg: RunConfig) -> RunResult:
     logger.info("model %s | device %s | weights %s | autocast %s | seed %d", source.spec, device,
                 weights_dtype, autocast_dtype, cfg.train.seed)
 
-    resolve_layer(load_config(source, cache_root), cfg.train.target_layer)
+    model_config = load_config(source, cache_root)
+    resolve_layer(model_config, cfg.train.target_layer)
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
+        raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
+                          "zero, subtoken-mean or ntp")
     tokenizer = load_tokenizer(source, cache_root)
     targets = build_targets(cfg.targets, tokenizer)
     tokens = targets.tokens
@@ -288,12 +293,16 @@ def run(cfg: RunConfig) -> RunResult:
 
 
 def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
-    """Resolved ``--output_embeddings``: None keeps a tied model tied; untied models always get a policy."""
+    """Resolved ``--output_embeddings``: None keeps a tied model tied (``tied``); any policy on a
+    tied model unties it. ``auto``: subtoken-mean for tied models (safe default), else zero (or
+    subtoken-mean with ``--set_output_to_zero_if_untied false``)."""
     pol = cfg.output.output_embeddings
+    if pol == OutputEmbeddings.TIED:
+        return None
     if pol != OutputEmbeddings.AUTO:
         return pol
     if tied:
-        return None
+        return OutputEmbeddings.SUBTOKEN_MEAN
     return OutputEmbeddings.ZERO if cfg.output.set_output_to_zero_if_untied else OutputEmbeddings.SUBTOKEN_MEAN
 
 
@@ -307,7 +316,7 @@ def _warn_if_new_tokens_dominate(stats: dict, tied: bool) -> None:
         return
     logger.warning("new tokens are the top prediction at %.1f%% of held-out positions (true next token at "
                    "%.1f%%): the model will over-generate them. %s", 100 * rate, 100 * (expected or 0),
-                   "Remedies: --output_embeddings subtoken-mean (unties new output rows) or --loss_method "
+                   "Remedies: --output_embeddings auto / subtoken-mean (unties the output rows) or --loss_method "
                    "MSE-on-hiddens,CE-auto-weighted; see docs/methods.md" if tied else
                    "Check --output_embeddings.")
 
