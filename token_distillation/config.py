@@ -39,17 +39,74 @@ class BuildTargetMethod(str, enum.Enum):
 
 
 class InitMethod(str, enum.Enum):
-    """How the new input-embedding rows are initialised (``--init_method``)."""
+    """How the new input-embedding rows are initialised (``--init_method``).
+
+    ``random``, ``subtoken-mean`` and ``weighted-mean`` are closed-form (no training);
+    ``token_distillation`` (subtoken-mean start) and ``token_distillation-randinit`` (random start)
+    train with the distillation losses; ``ntp`` trains with next-token cross-entropy only.
+    """
 
     TOKEN_DISTILLATION = "token_distillation"
+    TOKEN_DISTILLATION_RANDINIT = "token_distillation-randinit"
+    NTP = "ntp"
     SUBTOKEN_MEAN = "subtoken-mean"
+    WEIGHTED_MEAN = "weighted-mean"
     RANDOM = "random"
 
 
 class LossMethod(str, enum.Enum):
-    """Distillation objectives (``--loss_method``)."""
+    """Training objectives (``--loss_method``, a list; see :mod:`token_distillation.losses`)."""
 
     MSE_ON_HIDDENS = "MSE-on-hiddens"
+    MSE_ON_LOGITS = "MSE-on-logits"
+    KL_ON_LOGITS = "KL-on-logits"
+    CE = "CE"
+    CE_AUTO_WEIGHTED = "CE-auto-weighted"
+
+
+#: losses that compare the student with the teacher (the "distillation" terms)
+DISTILLATION_LOSSES = frozenset({LossMethod.MSE_ON_HIDDENS, LossMethod.MSE_ON_LOGITS, LossMethod.KL_ON_LOGITS})
+#: init methods that run a training loop
+TRAINED_METHODS = frozenset({InitMethod.TOKEN_DISTILLATION, InitMethod.TOKEN_DISTILLATION_RANDINIT, InitMethod.NTP})
+#: what ``--loss_method auto`` means for each trained method (the safe default for distillation:
+#: see docs/methods.md, "Tied embeddings")
+DEFAULT_LOSSES: dict[InitMethod, tuple[LossMethod, ...]] = {
+    InitMethod.TOKEN_DISTILLATION: (LossMethod.MSE_ON_HIDDENS,),
+    InitMethod.TOKEN_DISTILLATION_RANDINIT: (LossMethod.MSE_ON_HIDDENS,),
+    InitMethod.NTP: (LossMethod.CE,),
+}
+
+
+class OutputEmbeddings(str, enum.Enum):
+    """New tokens' output rows (``--output_embeddings``).
+
+    ``auto``: untied models get ``zero`` (or ``subtoken-mean`` with
+    ``--set_output_to_zero_if_untied false``, the paper's flag); tied models get ``subtoken-mean``
+    and are *untied* (the safe default: the shared matrix is copied into a separate output layer,
+    so the trained input rows cannot make the new tokens the model's favourite prediction; see
+    docs/methods.md). ``zero`` / ``subtoken-mean`` / ``ntp`` on a tied model untie it likewise.
+    ``tied``: keep a tied model tied (the output row is the trained input row).
+    """
+
+    AUTO = "auto"
+    ZERO = "zero"
+    SUBTOKEN_MEAN = "subtoken-mean"
+    NTP = "ntp"
+    TIED = "tied"
+
+
+class SnippetSource(str, enum.Enum):
+    """Where snippets come from (``--snippet_source``).
+
+    ``auto``: the corpus when ``--dataset_path`` is given (and ``--use_generated_snippets`` is
+    off), else generated. ``corpus-then-generated``: corpus first; tokens with fewer than
+    ``--min_snippets`` corpus snippets are topped up with generated ones.
+    """
+
+    AUTO = "auto"
+    CORPUS = "corpus"
+    GENERATED = "generated"
+    CORPUS_THEN_GENERATED = "corpus-then-generated"
 
 
 class StoppingCondition(str, enum.Enum):
@@ -228,8 +285,22 @@ class SnippetConfig:
     )
     generation_temperature: float = _flag(1.0, "Sampling temperature for generated snippets.")
     generation_top_p: float = _flag(0.95, "Nucleus sampling top-p for generated snippets.")
+    snippet_source: SnippetSource = _flag(
+        SnippetSource.AUTO,
+        "auto (corpus if --dataset_path, else generated), corpus, generated, or corpus-then-generated "
+        "(corpus first; tokens with fewer than --min_snippets corpus snippets are topped up with "
+        "generated ones; report.json names each token's source).",
+    )
+    generation_chat_template: bool = _flag(
+        True,
+        "Generated snippets: prompt instruct models through their chat template to write a passage "
+        "using the word (the prompt is not part of the snippet); base models get a plain-text prompt.",
+    )
 
     def validate(self, problems: list[str]) -> None:
+        object.__setattr__(
+            self, "snippet_source", _enum_value(SnippetSource, self.snippet_source, "snippet_source", problems)
+        )
         if self.snippet_len < 2:
             problems.append("--snippet_len must be >= 2 tokens")
         if self.snippet_num < 1:
@@ -250,12 +321,22 @@ class TrainConfig:
 
     init_method: InitMethod = _flag(
         InitMethod.TOKEN_DISTILLATION,
-        "token_distillation (default), subtoken-mean (FVT, no training) or random.",
+        "token_distillation (default; subtoken-mean start), token_distillation-randinit (random start), "
+        "ntp (next-token cross-entropy only), subtoken-mean (FVT), weighted-mean (AdaptiVocab), "
+        "random. The last three train nothing.",
     )
-    loss_method: LossMethod = _flag(
-        LossMethod.MSE_ON_HIDDENS,
-        "Distillation loss: MSE-on-hiddens (MSE between student and teacher hidden states at "
-        "--target_layer over aligned positions).",
+    loss_method: str = _flag(
+        "auto",
+        "Training losses, a list (e.g. '[MSE-on-hiddens,CE-auto-weighted]' or 'MSE-on-hiddens,KL-on-logits'): "
+        "MSE-on-hiddens, MSE-on-logits, KL-on-logits (logits over the original vocabulary), CE "
+        "(next-token cross-entropy on the merged snippet), CE-auto-weighted (CE rescaled each step "
+        "to the distillation loss; the paper's +alpha NTP). auto: MSE-on-hiddens for "
+        "token_distillation*, CE for ntp.",
+    )
+    train_original_embeddings: bool = _flag(
+        False,
+        "Also train all original input-embedding rows (the paper's no-og variants; trained methods "
+        "only). Original rows then change, and optimizer state covers the whole matrix.",
     )
     target_layer: int = _flag(
         -1, "Layer whose hidden states are matched: 1..num_layers, or negative from the end (-1: last)."
@@ -272,7 +353,18 @@ class TrainConfig:
 
     def validate(self, problems: list[str]) -> None:
         object.__setattr__(self, "init_method", _enum_value(InitMethod, self.init_method, "init_method", problems))
-        object.__setattr__(self, "loss_method", _enum_value(LossMethod, self.loss_method, "loss_method", problems))
+        explicit = not (isinstance(self.loss_method, str) and self.loss_method.strip().lower() in {"auto", ""})
+        object.__setattr__(self, "loss_method_explicit", explicit)
+        losses = parse_loss_methods(self.loss_method, problems) if explicit else None
+        if self.init_method is not None:
+            if losses is None:
+                losses = DEFAULT_LOSSES.get(self.init_method, ())
+            else:
+                _check_losses(self.init_method, losses, problems)
+        object.__setattr__(self, "loss_method", tuple(losses or ()))
+        if self.train_original_embeddings and self.init_method not in TRAINED_METHODS | {None}:
+            problems.append(f"--train_original_embeddings needs a trained --init_method (token_distillation, "
+                            f"token_distillation-randinit or ntp), not {self.init_method.value}")
         object.__setattr__(
             self,
             "stopping_condition",
@@ -302,10 +394,28 @@ class OutputConfig:
     set_output_to_zero_if_untied: bool = _flag(
         True,
         "For models with untied output embeddings: set the new tokens' output rows to zero (True) "
-        "or to the mean of their subtokens' output rows (False). Ignored for tied models.",
+        "or to the mean of their subtokens' output rows (False). Ignored for tied models. The paper's "
+        "flag; --output_embeddings zero / subtoken-mean say the same.",
+    )
+    output_embeddings: OutputEmbeddings = _flag(
+        OutputEmbeddings.AUTO,
+        "New tokens' output rows: auto (untied models - zero, or subtoken-mean with "
+        "--set_output_to_zero_if_untied false; tied models - subtoken-mean, untying the model), zero, "
+        "subtoken-mean (mean of the subtokens' output rows), ntp (trained with next-token cross-entropy "
+        "on the snippets), tied (keep a tied model tied - the output row is the trained input row; can make "
+        "the model over-predict new tokens). Untying stores a separate output matrix.",
     )
 
     def validate(self, problems: list[str]) -> None:
+        object.__setattr__(
+            self, "output_embeddings",
+            _enum_value(OutputEmbeddings, self.output_embeddings, "output_embeddings", problems),
+        )
+        if (not self.set_output_to_zero_if_untied
+                and self.output_embeddings not in (OutputEmbeddings.AUTO, OutputEmbeddings.SUBTOKEN_MEAN,
+                                                   OutputEmbeddings.TIED, None)):
+            problems.append(f"--set_output_to_zero_if_untied false asks for subtoken-mean output rows but "
+                            f"--output_embeddings is {self.output_embeddings.value}; pass only one of them")
         if not str(self.out_path).strip():
             problems.append("--out_path is empty; pass an output directory")
 
@@ -328,13 +438,27 @@ class RunConfig:
         problems: list[str] = []
         for sub in (self.model, self.targets, self.corpus, self.snippets, self.train, self.output):
             sub.validate(problems)
+        src = self.snippets.snippet_source
+        if src in (SnippetSource.CORPUS, SnippetSource.CORPUS_THEN_GENERATED) and not self.corpus.dataset_path:
+            problems.append(f"--snippet_source {src.value} needs --dataset_path (a corpus to mine)")
+        if self.snippets.use_generated_snippets and src not in (SnippetSource.AUTO, SnippetSource.GENERATED, None):
+            problems.append(f"--use_generated_snippets contradicts --snippet_source {src.value}; pass only one")
         if problems:
             raise ConfigError(problems)
 
     @property
+    def resolved_snippet_source(self) -> SnippetSource:
+        """The snippet source with ``auto`` resolved (never ``AUTO``)."""
+        src = self.snippets.snippet_source
+        if src == SnippetSource.AUTO:
+            generated = self.snippets.use_generated_snippets or not self.corpus.dataset_path
+            return SnippetSource.GENERATED if generated else SnippetSource.CORPUS
+        return src
+
+    @property
     def generated_snippets(self) -> bool:
-        """True when snippets are generated by the model rather than mined from a corpus."""
-        return self.snippets.use_generated_snippets or not self.corpus.dataset_path
+        """True when all snippets are generated by the model rather than mined from a corpus."""
+        return self.resolved_snippet_source == SnippetSource.GENERATED
 
     @classmethod
     def from_flags(cls, **flags: Any) -> "RunConfig":
@@ -372,8 +496,58 @@ class RunConfig:
         for sub in (self.model, self.targets, self.corpus, self.snippets, self.train, self.output):
             for f in fields(sub):
                 v = getattr(sub, f.name)
+                if isinstance(v, tuple):
+                    v = [x.value if isinstance(x, enum.Enum) else x for x in v]
                 out[f.name] = v.value if isinstance(v, enum.Enum) else v
         return out
+
+
+def parse_loss_methods(value: Any, problems: list[str]) -> tuple[LossMethod, ...] | None:
+    """Parse ``--loss_method``: a list/tuple (Fire), or a string ``"a,b"`` / ``"[a,b]"`` / ``"a"``.
+
+    Unknown names are reported in ``problems`` (with the choices); returns None then.
+    """
+    if isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        items = str(value).strip().strip("[]()").split(",")
+    names = [i.strip().strip("'\" ") for i in items]
+    names = [n for n in names if n]
+    out, bad = [], []
+    for n in names:
+        try:
+            out.append(LossMethod(n))
+        except ValueError:
+            bad.append(n)
+    if bad or not names:
+        choices = ", ".join(m.value for m in LossMethod)
+        problems.append(f"--loss_method: unknown loss {', '.join(map(repr, bad)) or repr(value)}; "
+                        f"give one or more of: {choices} (comma-separated), or auto")
+        return None
+    return tuple(out)
+
+
+def _check_losses(init: InitMethod, losses: tuple[LossMethod, ...], problems: list[str]) -> None:
+    """Reject loss lists that make no sense for ``init`` (appends to ``problems``)."""
+    flag = f"--loss_method {','.join(m.value for m in losses)}"
+    if len(set(losses)) != len(losses):
+        problems.append(f"{flag}: a loss is listed twice")
+    if LossMethod.CE in losses and LossMethod.CE_AUTO_WEIGHTED in losses:
+        problems.append(f"{flag}: CE and CE-auto-weighted are alternatives; pass one of them")
+    has_distill = any(m in DISTILLATION_LOSSES for m in losses)
+    if LossMethod.CE_AUTO_WEIGHTED in losses and not has_distill:
+        problems.append(f"{flag}: CE-auto-weighted is rescaled to a distillation loss; add MSE-on-hiddens, "
+                        "MSE-on-logits or KL-on-logits (or use --init_method ntp for CE alone)")
+    if init not in TRAINED_METHODS:
+        problems.append(f"{flag} has no effect with --init_method {init.value} (nothing is trained); drop "
+                        "--loss_method or use --init_method token_distillation / ntp")
+    elif init == InitMethod.NTP and tuple(losses) != (LossMethod.CE,):
+        problems.append(f"{flag} conflicts with --init_method ntp (next-token cross-entropy only, "
+                        "--loss_method CE); to combine distillation and CE use --init_method token_distillation "
+                        "--loss_method MSE-on-hiddens,CE-auto-weighted")
+    elif init != InitMethod.NTP and not has_distill and LossMethod.CE_AUTO_WEIGHTED not in losses:
+        problems.append(f"{flag} with --init_method {init.value} has no distillation loss; add MSE-on-hiddens "
+                        "(or use --init_method ntp for CE alone)")
 
 
 def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
@@ -405,6 +579,8 @@ def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
             problems.append(f"--{f.name}: expected a number, got {value!r}")
             return default
     if isinstance(default, str):
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
         return "" if value is None else str(value)
     return value
 

@@ -445,3 +445,18 @@ def check_context_length(model_config, snippet_len: int, bos_len: int = 1) -> No
     if ctx and snippet_len + bos_len > ctx:
         raise ConfigError(f"--snippet_len {snippet_len} (+{bos_len} BOS) exceeds the model's context of {ctx} "
                           f"tokens; use --snippet_len {ctx - bos_len} or less")
+
+
+def untie_embeddings(model) -> None:
+    """Give a tied model its own output layer: a frozen copy of the shared matrix.
+
+    Afterwards ``is_tied(model)`` is False and the config says ``tie_word_embeddings=False``, so
+    the saved checkpoint stores both matrices (one more ``[vocab, hidden]`` matrix on disk).
+    """
+    inp = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    out.weight = torch.nn.Parameter(inp.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    assert not is_tied(model)

@@ -24,10 +24,10 @@ import torch
 
 from . import __version__
 from .alignment import PhraseMatcher, merge
-from .config import ConfigError, InitMethod, MixedPrecision, RunConfig
+from .config import ConfigError, InitMethod, MixedPrecision, OutputEmbeddings, RunConfig, SnippetSource
 from .corpus import tokenize_corpus
 from .firing import encode_probes, firing_report
-from .init_methods import INITIALISERS, TRAINED
+from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .models import (
     atomic_write_dir,
     check_context_length,
@@ -39,11 +39,12 @@ from .models import (
     load_tokenizer,
     prepare_out_path,
     resolve_model_source,
+    untie_embeddings,
 )
-from .snippets import SnippetSet, generate_snippets, mine_snippets
+from .snippets import SnippetSet, generate_snippets, mine_snippets, top_up
 from .targets import build_targets
 from .tokenization import NewToken, add_new_tokens, bos_prefix
-from .train import NewRows, heldout_loss_per_token, resolve_layer, train
+from .train import NewRows, heldout_loss_per_token, new_token_argmax_rate, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,10 @@ def run(cfg: RunConfig) -> RunResult:
 
     model_config = load_config(source, cache_root)
     resolve_layer(model_config, cfg.train.target_layer)
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
+        raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
+                          "zero, subtoken-mean or ntp")
     tokenizer = load_tokenizer(source, cache_root)
     check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
     targets = build_targets(cfg.targets, tokenizer)
@@ -133,21 +138,38 @@ def run(cfg: RunConfig) -> RunResult:
 
     model = None
     sc = cfg.snippets
-    if cfg.generated_snippets:
+    src = cfg.resolved_snippet_source
+    gen_kw = dict(seed=cfg.train.seed, temperature=sc.generation_temperature, top_p=sc.generation_top_p,
+                  use_chat_template=sc.generation_chat_template)
+    if src == SnippetSource.GENERATED:
         model = load_model(source, cache_root, device, weights_dtype)
         snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
-                                  cfg.train.seed, sc.generation_temperature, sc.generation_top_p, device)
+                                  device=device, **gen_kw)
         corpus_info: dict[str, Any] = {"source": "generated"}
         scan_ids = [s.ids for s in snips.train + snips.heldout]
+        token_sources = ["generated"] * len(tokens)
     else:
         corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
         snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                               cfg.corpus.heldout_fraction, bos, cfg.train.seed)
-        corpus_info = {"source": "corpus", "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
+        corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
                        "num_tokens": int(len(corpus.ids)),
                        "train_doc_ids": [corpus.doc_ids[d] for d in snips.train_docs],
                        "heldout_doc_ids": [corpus.doc_ids[d] for d in snips.heldout_docs]}
         scan_ids = (corpus.doc(d) for d in range(corpus.num_docs))
+        token_sources = ["corpus"] * len(tokens)
+        if src == SnippetSource.CORPUS_THEN_GENERATED:
+            want = [(sc.snippet_num - c, max(0, sc.heldout_snippet_num - h)) if c < sc.min_snippets else (0, 0)
+                    for c, h in zip(snips.train_counts, snips.heldout_counts)]
+            if any(w != (0, 0) for w in want):
+                logger.info("topping up %d token(s) with fewer than %d corpus snippets with generated ones",
+                            sum(w != (0, 0) for w in want), sc.min_snippets)
+                model = load_model(source, cache_root, device, weights_dtype)
+                gen = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num,
+                                        sc.heldout_snippet_num, device=device, counts=want, **gen_kw)
+                token_sources = [("corpus+generated" if c else "generated") if w != (0, 0) else "corpus"
+                                 for c, w in zip(snips.train_counts, want)]
+                snips = top_up(snips, gen)
 
     needs_snippets = cfg.train.init_method in TRAINED
     keep = [i for i, c in enumerate(snips.train_counts) if c >= sc.min_snippets or not needs_snippets]
@@ -163,6 +185,7 @@ def run(cfg: RunConfig) -> RunResult:
                           "or use --use_generated_snippets")
     snips = _reindex(snips, keep)
     tokens = [tokens[i] for i in keep]
+    token_sources = [token_sources[i] for i in keep]
 
     logger.info("pre-flight: %d new tokens, %d skipped, %d training / %d held-out snippets, method %s",
                 len(tokens), len(skipped), len(snips.train), len(snips.heldout), cfg.train.init_method.value)
@@ -176,45 +199,64 @@ def run(cfg: RunConfig) -> RunResult:
     tokens = [NewToken(t.text, t.subtoken_ids, i) for t, i in zip(tokens, new_ids)]
     firing = firing_report(tokenizer, tokens, probes, scan_ids)
     extend_embeddings(model, len(tokenizer))
+    n_orig = min(num_original, new_ids[0])
+    tied_source = is_tied(model)
+    out_policy = _output_policy(cfg, tied_source)
+    if tied_source and out_policy is not None:
+        logger.info("--output_embeddings %s on a tied model: untying (the output layer becomes a separate copy)",
+                    out_policy.value)
+        untie_embeddings(model)
     tied = is_tied(model)
     scale = embedding_scale(model)
     emb = model.get_input_embeddings().weight
-    init = INITIALISERS[cfg.train.init_method](emb.detach(), tokens, seed=cfg.train.seed,
-                                               num_original=min(num_original, new_ids[0]))
-    rows = NewRows(init.to(device), new_ids, emb.shape[0], scale).to(device)
+    tc = cfg.train
+    init = INITIALISERS[tc.init_method](emb.detach(), tokens, seed=tc.seed, num_original=n_orig)
+    out_init = None
+    if not tied:
+        out_w = model.get_output_embeddings().weight.detach()
+        out_init = (torch.zeros((len(tokens), out_w.shape[1])) if out_policy == OutputEmbeddings.ZERO
+                    else subtoken_mean(out_w, tokens)).to(device)
+    rows = NewRows(init.to(device), new_ids, emb.shape[0], scale, num_original=n_orig, out_rows=out_init,
+                   train_original=tc.train_original_embeddings, weight=emb.detach()).to(device)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_seqs, train_tix = _merge_all(snips.train, tokens)
     held_seqs, held_tix = _merge_all(snips.heldout, tokens)
-    eval_kw = dict(layer=layer, device=device, autocast_dtype=autocast_dtype, pad_id=pad_id)
-    held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), **eval_kw)
-    result = None
-    if cfg.train.init_method in TRAINED:
-        tc = cfg.train
-        result = train(model, rows, train_seqs, train_tix, layer=layer, lr=tc.token_distillation_lr,
-                       batch_size=tc.token_distillation_batch_size, epochs=tc.token_distillation_epochs,
-                       seed=tc.seed, device=device, stopping_condition=tc.stopping_condition,
-                       max_steps=tc.max_steps, loss_method=tc.loss_method, autocast_dtype=autocast_dtype,
-                       log_every=tc.log_every, pad_id=pad_id)
-    held_after = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), **eval_kw)
+    eval_kw = dict(device=device, autocast_dtype=autocast_dtype, pad_id=pad_id)
+    held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer, **eval_kw)
+    argmax_before = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
+    loop_kw = dict(lr=tc.token_distillation_lr, batch_size=tc.token_distillation_batch_size,
+                   epochs=tc.token_distillation_epochs, seed=tc.seed, device=device,
+                   stopping_condition=tc.stopping_condition, max_steps=tc.max_steps, log_every=tc.log_every,
+                   pad_id=pad_id)
+    result = out_result = None
+    if tc.init_method in TRAINED:
+        result = train(model, rows, train_seqs, train_tix, layer=layer, loss_method=tc.loss_method,
+                       autocast_dtype=autocast_dtype, **loop_kw)
+    if out_policy == OutputEmbeddings.NTP:
+        out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=layer,
+                                       autocast_dtype=autocast_dtype, **loop_kw)
+    held_after = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer, **eval_kw)
+    argmax_after = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
+    _warn_if_new_tokens_dominate(argmax_after, tied)
 
     with torch.no_grad():
         ids_t = torch.tensor(new_ids, device=emb.device)
+        if rows.original is not None:
+            emb.copy_(rows.original.detach().to(emb.dtype))
         emb[ids_t] = rows.rows.detach().to(emb.dtype)
-        if not tied and model.get_output_embeddings() is not None:
-            out_w = model.get_output_embeddings().weight
-            if cfg.output.set_output_to_zero_if_untied:
-                out_w[ids_t] = 0
-            else:
-                out_w[ids_t] = torch.stack([out_w[list(t.subtoken_ids)].float().mean(0) for t in tokens]).to(out_w.dtype)
+        if not tied:
+            model.get_output_embeddings().weight[ids_t] = rows.out_rows.detach().to(emb.dtype)
 
     norms = rows.rows.detach().float().norm(dim=-1).cpu()
-    orig_norm = emb[: min(num_original, new_ids[0])].detach().float().norm(dim=-1).mean().item()
+    orig_norm = emb[:n_orig].detach().float().norm(dim=-1).mean().item()
     report = {
         "tool": "token-distillation", "version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": cfg.to_dict(),
         "model": {"source": source.spec, "identity": source.identity, "tied_embeddings": tied,
+                  "tied_embeddings_source": tied_source, "untied_by_run": tied_source and not tied,
+                  "output_embeddings": out_policy.value if out_policy else "tied",
                   "embedding_scale": scale, "num_layers_target_index": layer,
                   "vocab_rows_before": num_original, "vocab_rows_after": int(emb.shape[0])},
         "versions": _versions(),
@@ -224,9 +266,10 @@ def run(cfg: RunConfig) -> RunResult:
         "tokens": [
             {"token": t.text, "id": t.token_id, "subtoken_ids": list(t.subtoken_ids),
              "subtokens": tokenizer.convert_ids_to_tokens(list(t.subtoken_ids)),
+             "snippet_source": token_sources[i],
              "train_snippets": snips.train_counts[i], "heldout_snippets": snips.heldout_counts[i],
              "heldout_loss_init": held_before[i], "heldout_loss_final": held_after[i],
-             "row_norm": float(norms[i])}
+             "row_norm": float(norms[i]), "heldout_argmax_positions": argmax_after["per_token"][i]}
             for i, t in enumerate(tokens)
         ],
         "skipped_tokens": skipped,
@@ -237,6 +280,11 @@ def run(cfg: RunConfig) -> RunResult:
         "loss_curve": result.loss_curve if result else [],
         "train_steps": result.steps if result else 0,
         "train_seconds": result.seconds if result else 0.0,
+        "output_rows_train_seconds": out_result.seconds if out_result else 0.0,
+        "output_rows_loss_curve": out_result.loss_curve if out_result else [],
+        "new_token_argmax_rate_init": argmax_before["rate"],
+        "new_token_argmax_rate_final": argmax_after["rate"],
+        "new_token_argmax": {"init": argmax_before, "final": argmax_after},
     }
 
     def _write(tmp: Path) -> None:
@@ -250,6 +298,35 @@ def run(cfg: RunConfig) -> RunResult:
                 report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
                 report["total_seconds"])
     return RunResult(out, report)
+
+
+def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
+    """Resolved ``--output_embeddings``: None keeps a tied model tied (``tied``); any policy on a
+    tied model unties it. ``auto``: subtoken-mean for tied models (safe default), else zero (or
+    subtoken-mean with ``--set_output_to_zero_if_untied false``)."""
+    pol = cfg.output.output_embeddings
+    if pol == OutputEmbeddings.TIED:
+        return None
+    if pol != OutputEmbeddings.AUTO:
+        return pol
+    if tied:
+        return OutputEmbeddings.SUBTOKEN_MEAN
+    return OutputEmbeddings.ZERO if cfg.output.set_output_to_zero_if_untied else OutputEmbeddings.SUBTOKEN_MEAN
+
+
+#: warn when new tokens are the argmax this much more often than they are the true next token
+ARGMAX_WARN_MARGIN = 0.05
+
+
+def _warn_if_new_tokens_dominate(stats: dict, tied: bool) -> None:
+    rate, expected = stats["rate"], stats["expected_rate"]
+    if rate is None or rate <= (expected or 0.0) + ARGMAX_WARN_MARGIN:
+        return
+    logger.warning("new tokens are the top prediction at %.1f%% of held-out positions (true next token at "
+                   "%.1f%%): the model will over-generate them. %s", 100 * rate, 100 * (expected or 0),
+                   "Remedies: --output_embeddings auto / subtoken-mean (unties the output rows) or --loss_method "
+                   "MSE-on-hiddens,CE-auto-weighted; see docs/methods.md" if tied else
+                   "Check --output_embeddings.")
 
 
 def _mean(xs: list[float | None]) -> float | None:

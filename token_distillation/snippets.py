@@ -139,6 +139,24 @@ def mine_snippets(
     return out
 
 
+def generation_prompt(tokenizer, word: str, use_chat_template: bool = True) -> list[int]:
+    """Prompt ids that make the model write text using ``word`` (the prompt is not part of a snippet).
+
+    Instruct models (a tokenizer with a chat template, when ``use_chat_template``): one user turn
+    asking for a short passage that uses the word, followed by the assistant generation prompt.
+    Otherwise: BOS (if any) plus a plain-text line announcing a passage about the word.
+    """
+    w = word.strip()
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": f'Write a short, informative passage that uses the word "{w}".'}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(f"A short passage that uses the word \"{w}\":\n\n", add_special_tokens=False)
+
+
 @torch.no_grad()
 def generate_snippets(
     model,
@@ -151,33 +169,67 @@ def generate_snippets(
     temperature: float = 1.0,
     top_p: float = 0.95,
     device: torch.device | None = None,
+    use_chat_template: bool = True,
+    counts: list[tuple[int, int]] | None = None,
 ) -> SnippetSet:
-    """Let the model write snippets that start with each word (seeded sampling).
+    """Let the model write snippets in which each word appears after some left context (seeded sampling).
 
-    Every snippet is ``BOS + subtokens(word) + continuation`` with ``snippet_len`` original tokens
-    after BOS. The first ``snippet_num`` per token are for training, the next ``heldout_num`` are
-    held out.
+    For each word: the model is prompted (see :func:`generation_prompt`) and samples
+    ``left = snippet_len // 4`` tokens of left context; the word's subtokens are appended and it
+    samples the rest. A snippet is ``BOS + left + subtokens(word) + continuation`` with
+    ``snippet_len`` original tokens after BOS (the prompt is dropped), matching the mined
+    windows, which also keep up to a quarter of their length as left context. The first
+    ``snippet_num`` per token are for training, the next ``heldout_num`` are held out.
+
+    Args:
+        counts: optional per-token ``(train, heldout)`` numbers to generate instead of
+            ``(snippet_num, heldout_num)`` (used to top up corpus snippets); ``(0, 0)`` skips a token.
     """
     from transformers import GenerationConfig
 
     device = device or next(model.parameters()).device
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     out = SnippetSet(train_counts=[0] * len(tokens), heldout_counts=[0] * len(tokens))
-    n = snippet_num + heldout_num
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        pad = 0
+
+    def sample(prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+        cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                               max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=pad)
+        seqs = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg)
+        return seqs[:, prompt.shape[1]:]
+
     for i, tok in enumerate(tqdm(tokens, desc="generating snippets", unit="token", leave=False)):
-        prompt = torch.tensor([bos + list(tok.subtoken_ids)] * n, device=device)
-        new = max(1, snippet_len - len(tok.subtoken_ids))
-        gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                   max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+        n_train, n_held = counts[i] if counts is not None else (snippet_num, heldout_num)
+        n = n_train + n_held
+        if n == 0:
+            continue
+        k = len(tok.subtoken_ids)
+        left_len = min(snippet_len // 4, max(0, snippet_len - k - 1))
         torch.manual_seed(seed * 1_000_003 + i)
-        seqs = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gen_cfg)
-        for j, row in enumerate(seqs.cpu().numpy().astype(np.int64)):
-            snip = Snippet(ids=row, token_index=i, doc=-1, source="generated")
-            if j < snippet_num:
+        prompt = torch.tensor([generation_prompt(tokenizer, tok.text, use_chat_template)] * n, device=device)
+        left = sample(prompt, left_len) if left_len > 0 else prompt[:, :0]
+        word = torch.tensor([list(tok.subtoken_ids)] * n, device=device)
+        rest_len = max(1, snippet_len - left_len - k)
+        rest = sample(torch.cat([prompt, left, word], dim=1), rest_len)
+        body = torch.cat([left, word, rest], dim=1).cpu().numpy().astype(np.int64)
+        for j, row in enumerate(body):
+            snip = Snippet(ids=np.concatenate([np.asarray(bos, dtype=np.int64), row]), token_index=i, doc=-1,
+                           source="generated")
+            if j < n_train:
                 out.train.append(snip)
                 out.train_counts[i] += 1
             else:
                 out.heldout.append(snip)
                 out.heldout_counts[i] += 1
+    return out
+
+
+def top_up(mined: SnippetSet, generated: SnippetSet) -> SnippetSet:
+    """Add generated snippets to mined ones (same token list); counts are summed."""
+    out = SnippetSet(train=mined.train + generated.train, heldout=mined.heldout + generated.heldout,
+                     train_counts=[a + b for a, b in zip(mined.train_counts, generated.train_counts)],
+                     heldout_counts=[a + b for a, b in zip(mined.heldout_counts, generated.heldout_counts)],
+                     train_docs=mined.train_docs, heldout_docs=mined.heldout_docs)
     return out

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
 from .config import ConfigError, LossMethod, StoppingCondition
-from .losses import LOSSES, mse_per_position
+from .losses import LOSSES, LossPlan, combine, mse_per_position
 
 logger = logging.getLogger(__name__)
 
@@ -30,29 +30,117 @@ logger = logging.getLogger(__name__)
 class NewRows(torch.nn.Module):
     """Trainable input-embedding rows for the new tokens, spliced into the model's lookup.
 
+    Also answers "which output rows does the model use" for the logits the losses need: the
+    model's own output matrix for the original vocabulary, and for the new tokens either the new
+    input rows themselves (tied models: the output row *is* the input row) or ``out_rows``
+    (untied models, or a tied model being untied).
+
     Args:
         init: ``[num_new, hidden]`` initial rows (stored as float32).
         token_ids: ``[num_new]`` vocabulary id of each row.
         vocab_rows: number of rows of the model's embedding matrix.
         scale: factor the embedding module applies to its rows (Gemma: sqrt(hidden); else 1.0).
+        num_original: size of the original vocabulary (ids below it are original tokens; used
+            for logits). Default: the smallest new id.
+        out_rows: ``[num_new, hidden]`` output rows of the new tokens for untied output layers;
+            None means tied (the output rows are ``rows``).
+        train_original: also make a trainable float32 copy ``original`` of the whole embedding
+            matrix (``--train_original_embeddings``); original ids are then looked up there, and
+            a tied model's output layer uses it as well.
+        weight: ``[vocab_rows, hidden]`` the model's embedding matrix (needed with ``train_original``).
     """
 
-    def __init__(self, init: torch.Tensor, token_ids: list[int], vocab_rows: int, scale: float = 1.0):
+    def __init__(self, init: torch.Tensor, token_ids: list[int], vocab_rows: int, scale: float = 1.0,
+                 num_original: int | None = None, out_rows: torch.Tensor | None = None,
+                 train_original: bool = False, weight: torch.Tensor | None = None):
         super().__init__()
         self.rows = torch.nn.Parameter(init.detach().float().clone())
         table = torch.full((vocab_rows,), -1, dtype=torch.long)
         table[torch.tensor(token_ids, dtype=torch.long)] = torch.arange(len(token_ids))
         self.register_buffer("id_to_row", table, persistent=False)
         self.scale = float(scale)
+        self.token_ids = list(token_ids)
+        self.num_original = int(num_original if num_original is not None else min(token_ids))
+        self.tied = out_rows is None
+        self.out_rows = (torch.nn.Parameter(out_rows.detach().float().clone(), requires_grad=False)
+                         if out_rows is not None else None)
+        self.original = None
+        if train_original:
+            assert weight is not None, "train_original needs the embedding matrix"
+            self.original = torch.nn.Parameter(weight.detach().float().clone())
 
     def embed(self, model, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``[batch, seq, hidden]`` for ``ids [batch, seq]``: the model's own
         lookup for original ids, ``rows * scale`` for new ids."""
         row = self.id_to_row[ids]
         is_new = row >= 0
-        base = model.get_input_embeddings()(torch.where(is_new, torch.zeros_like(ids), ids))
+        safe = torch.where(is_new, torch.zeros_like(ids), ids)
+        if self.original is not None:
+            base = torch.nn.functional.embedding(safe, self.original) * self.scale
+        else:
+            base = model.get_input_embeddings()(safe)
         new = self.rows[row.clamp(min=0)] * self.scale
         return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
+
+    def output_original(self, model) -> torch.Tensor:
+        """``[num_original, hidden]`` output rows of the original vocabulary."""
+        if self.original is not None and self.tied:
+            return self.original[: self.num_original]
+        return model.get_output_embeddings().weight[: self.num_original]
+
+    def output_new(self) -> torch.Tensor:
+        """``[num_new, hidden]`` output rows of the new tokens (``rows`` when tied)."""
+        return self.rows if self.tied else self.out_rows
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """Parameters the distillation / NTP optimizer updates (new rows, plus ``original``)."""
+        return [self.rows] + ([self.original] if self.original is not None else [])
+
+
+def output_logits(model, rows: NewRows, h: torch.Tensor, include_new: bool, frozen: bool = False) -> torch.Tensor:
+    """Logits ``[n, num_original (+ num_new)]`` for final hidden states ``h [n, hidden]``.
+
+    Only the given positions go through the output layer (never the whole sequence). Columns
+    ``0..num_original-1`` are the original vocabulary; with ``include_new`` column
+    ``num_original + j`` is new token ``j``. Applies the output bias and final logit soft-capping
+    (Gemma 2) when the model has them. ``frozen``: use the model's own output matrix (the
+    teacher), even when ``--train_original_embeddings`` trains a tied copy.
+    """
+    w = model.get_output_embeddings().weight[: rows.num_original] if frozen else rows.output_original(model)
+    logits = h @ w.to(h.dtype).T
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    if include_new:
+        new = h @ rows.output_new().to(h.dtype).T
+        if bias is not None:
+            new = new + bias[torch.tensor(rows.token_ids, device=h.device)]
+        logits = torch.cat([logits + (bias[: rows.num_original] if bias is not None else 0), new], dim=-1)
+    elif bias is not None:
+        logits = logits + bias[: rows.num_original]
+    cap = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                  "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def ce_targets(rows: NewRows, batch: AlignedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token positions and targets on the student sequence.
+
+    Positions: from the one *before* the first new token (it predicts the new token) to the
+    second-to-last real token; earlier positions do not depend on the new rows.
+
+    Returns:
+        ``mask [batch, student_len]`` bool (positions whose next token is predicted) and
+        ``targets [num_positions]`` long: original ids as is, new token ``j`` as ``num_original + j``.
+    """
+    mask = torch.zeros_like(batch.student_loss_mask)
+    mask[:, :-1] = batch.student_loss_mask[:, 1:]
+    nxt = torch.zeros_like(batch.student_ids)
+    nxt[:, :-1] = batch.student_ids[:, 1:]
+    tgt = nxt[mask]
+    row = rows.id_to_row[tgt]
+    return mask, torch.where(row >= 0, rows.num_original + row, tgt)
 
 
 def num_layers(model_or_config) -> int:
@@ -78,9 +166,20 @@ def resolve_layer(model_or_config, target_layer: int) -> int:
 
 def hidden_at(model, layer: int, attention_mask: torch.Tensor, input_ids=None, inputs_embeds=None) -> torch.Tensor:
     """Hidden states ``[batch, seq, hidden]`` after layer ``layer`` (no logits are computed)."""
+    return hidden_states(model, layer, attention_mask, input_ids, inputs_embeds)[0]
+
+
+def hidden_states(model, layer: int | None, attention_mask: torch.Tensor, input_ids=None, inputs_embeds=None,
+                  need_last: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(hidden at layer, final hidden state)``, each ``[batch, seq, hidden]`` or None.
+
+    The final hidden state (after the model's final norm) is what the output layer reads; it is
+    returned only with ``need_last``. No logits are computed here.
+    """
     out = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
-                           output_hidden_states=True, use_cache=False, return_dict=True)
-    return out.hidden_states[layer]
+                           output_hidden_states=layer is not None, use_cache=False, return_dict=True)
+    h = out.hidden_states[layer] if layer is not None else None
+    return h, (out.last_hidden_state if need_last else None)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -91,23 +190,60 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 
 def distill_loss(model, rows: NewRows, batch: AlignedBatch, layer: int,
-                 loss_method: LossMethod = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
+                 loss_method: LossMethod | tuple[LossMethod, ...] = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
                  per_position: bool = False):
-    """Distillation loss of one batch (scalar), or ``[num_positions]`` with ``per_position``.
+    """Training loss of one batch (scalar), or the hidden-state MSE ``[num_positions]`` with ``per_position``.
 
-    The teacher runs under ``no_grad`` on the original ids; the student on the merged ids.
+    ``loss_method``: one loss or a list (see :mod:`token_distillation.losses`). The teacher runs
+    under ``no_grad`` on the original ids, and only when a distillation loss is selected; the
+    student on the merged ids. Logits are computed only when a selected loss needs them, and only
+    at the positions it uses.
     """
-    device = batch.teacher_ids.device
-    with autocast_context(device, autocast_dtype):
-        with torch.no_grad():
-            t_h = hidden_at(model, layer, batch.teacher_attention, input_ids=batch.teacher_ids)
-            teacher = t_h[batch.teacher_loss_mask]
-        embeds = rows.embed(model, batch.student_ids)
-        s_h = hidden_at(model, layer, batch.student_attention, inputs_embeds=embeds)
-        student = s_h[batch.student_loss_mask]
+    methods = (loss_method,) if isinstance(loss_method, LossMethod) else tuple(loss_method)
     if per_position:
-        return mse_per_position(student, teacher)
-    return LOSSES[loss_method](student, teacher)
+        methods = (LossMethod.MSE_ON_HIDDENS,)
+    terms = loss_terms(model, rows, batch, layer, LossPlan(methods), autocast_dtype, per_position=per_position)
+    if per_position:
+        return terms[LossMethod.MSE_ON_HIDDENS]
+    return combine(terms)
+
+
+def loss_terms(model, rows: NewRows, batch: AlignedBatch, layer: int, plan: LossPlan, autocast_dtype=None,
+               per_position: bool = False) -> dict[LossMethod, torch.Tensor]:
+    """Each selected loss of one batch, as a scalar tensor (the hidden MSE per position with ``per_position``)."""
+    device = batch.teacher_ids.device
+    t_layer = layer if plan.needs_hiddens else None
+    with autocast_context(device, autocast_dtype):
+        teacher_h = teacher_z = None
+        if plan.needs_teacher:
+            with torch.no_grad():
+                th, tl = hidden_states(model, t_layer, batch.teacher_attention, input_ids=batch.teacher_ids,
+                                       need_last=plan.needs_logits)
+                if th is not None:
+                    teacher_h = th[batch.teacher_loss_mask]
+                if tl is not None:
+                    teacher_z = output_logits(model, rows, tl[batch.teacher_loss_mask], include_new=False, frozen=True)
+        embeds = rows.embed(model, batch.student_ids)
+        sh, sl = hidden_states(model, t_layer, batch.student_attention, inputs_embeds=embeds,
+                               need_last=plan.needs_logits or plan.needs_ce)
+        terms: dict[LossMethod, torch.Tensor] = {}
+        student_z = None
+        if plan.needs_logits:
+            student_z = output_logits(model, rows, sl[batch.student_loss_mask], include_new=False)
+        if plan.needs_ce:
+            ce_mask, ce_tgt = ce_targets(rows, batch)
+            ce_z = output_logits(model, rows, sl[ce_mask], include_new=True)
+    for m in plan.methods:
+        spec = LOSSES[m]
+        if per_position and m == LossMethod.MSE_ON_HIDDENS:
+            terms[m] = mse_per_position(sh[batch.student_loss_mask], teacher_h)
+        elif spec.needs_hiddens:
+            terms[m] = spec.fn(sh[batch.student_loss_mask], teacher_h)
+        elif spec.needs_logits:
+            terms[m] = spec.fn(student_z, teacher_z)
+        else:
+            terms[m] = spec.fn(ce_z, ce_tgt)
+    return terms
 
 
 @dataclass
@@ -122,29 +258,37 @@ class TrainResult:
 def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], *, layer: int,
           lr: float, batch_size: int, epochs: int, seed: int, device: torch.device,
           stopping_condition: StoppingCondition = StoppingCondition.EPOCHS, max_steps: int = 0,
-          loss_method: LossMethod = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
-          log_every: int = 10, pad_id: int = 0) -> TrainResult:
+          loss_method: LossMethod | tuple[LossMethod, ...] = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
+          log_every: int = 10, pad_id: int = 0, objective=None, params=None,
+          desc: str = "token distillation") -> TrainResult:
     """Train ``rows`` with AdamW (no weight decay) on shuffled batches of snippets.
 
     Args:
         seqs: merged teacher/student pairs, one per snippet.
         token_index: ``[len(seqs)]`` new-token index of each snippet.
         layer: resolved ``hidden_states`` index (see :func:`resolve_layer`).
+        loss_method: one loss or a list (see :func:`distill_loss`).
+        objective: optional ``objective(batch) -> scalar`` replacing :func:`distill_loss`.
+        params: parameters to optimise (default: ``rows.trainable()``).
     """
-    opt = torch.optim.AdamW([rows.rows], lr=lr, weight_decay=0.0)
+    params = list(params) if params is not None else rows.trainable()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     per_epoch = math.ceil(len(seqs) / batch_size)
     total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else per_epoch * epochs
     result = TrainResult()
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="token distillation", unit="step")
+    bar = tqdm(total=total, desc=desc, unit="step")
     order: list[int] = []
     while result.steps < total:
         if not order:
             order = torch.randperm(len(seqs), generator=gen).tolist()
         idx, order = order[:batch_size], order[batch_size:]
         batch = collate([seqs[i] for i in idx], [token_index[i] for i in idx], pad_id).to(device)
-        loss = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype)
+        if objective is not None:
+            loss = objective(batch)
+        else:
+            loss = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -154,10 +298,86 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         bar.set_postfix(loss=f"{result.loss_curve[-1]:.4f}")
         if result.steps % log_every == 0 or result.steps == total:
             recent = result.loss_curve[-log_every:]
-            logger.info("step %d/%d loss %.5f (mean of last %d)", result.steps, total, sum(recent) / len(recent), len(recent))
+            logger.info("%s step %d/%d loss %.5f (mean of last %d)", desc, result.steps, total,
+                        sum(recent) / len(recent), len(recent))
     bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def train_output_rows(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], *,
+                      autocast_dtype=None, **kw) -> TrainResult:
+    """Train the new tokens' *output* rows ``rows.out_rows`` with next-token cross-entropy
+    (``--output_embeddings ntp``), everything else frozen.
+
+    The student forward runs without gradient (the input rows are fixed here); only the product
+    of the final hidden states with ``out_rows`` carries gradient, so a step costs one forward.
+    ``kw``: the loop settings of :func:`train` (lr, batch_size, epochs, seed, device, ...).
+
+    Raises:
+        ValueError: ``rows`` is tied (no separate output rows).
+    """
+    if rows.tied:
+        raise ValueError("train_output_rows needs untied output rows")
+
+    def objective(batch: AlignedBatch) -> torch.Tensor:
+        with autocast_context(batch.student_ids.device, autocast_dtype):
+            with torch.no_grad():
+                _, last = hidden_states(model, None, batch.student_attention,
+                                        inputs_embeds=rows.embed(model, batch.student_ids), need_last=True)
+                mask, tgt = ce_targets(rows, batch)
+                h = last[mask]
+            logits = output_logits(model, rows, h, include_new=True)
+        return LOSSES[LossMethod.CE].fn(logits, tgt)
+
+    rows.out_rows.requires_grad_(True)
+    try:
+        return train(model, rows, seqs, token_index, objective=objective, params=[rows.out_rows],
+                     desc="output rows (ntp)", autocast_dtype=autocast_dtype, **kw)
+    finally:
+        rows.out_rows.requires_grad_(False)
+
+
+@torch.no_grad()
+def new_token_argmax_rate(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], *,
+                          device: torch.device, batch_size: int = 16, autocast_dtype=None,
+                          pad_id: int = 0) -> dict:
+    """How often a new token is the model's top prediction on (held-out) student text.
+
+    Every real position of every student sequence except the last predicts the next token over
+    the full extended vocabulary (new tokens' output rows included, as the saved model has them).
+
+    Returns:
+        dict with ``rate`` (share of positions whose argmax is a new token), ``expected_rate``
+        (share of positions whose true next token is a new token: what a perfect model would
+        show), ``correct`` (positions where the argmax new token is the true next token),
+        ``positions``, and ``per_token`` (``[num_new]`` count of positions where each new token
+        is the argmax).
+    """
+    hits = correct = expected = positions = 0
+    per_token = [0] * len(rows.token_ids)
+    for b in range(0, len(seqs), batch_size):
+        batch = collate(seqs[b: b + batch_size], token_index[b: b + batch_size], pad_id).to(device)
+        with autocast_context(device, autocast_dtype):
+            _, last = hidden_states(model, None, batch.student_attention,
+                                    inputs_embeds=rows.embed(model, batch.student_ids), need_last=True)
+            mask = torch.zeros_like(batch.student_attention)
+            mask[:, :-1] = batch.student_attention[:, 1:]
+            logits = output_logits(model, rows, last[mask], include_new=True)
+        pred = logits.argmax(dim=-1)
+        nxt = torch.zeros_like(batch.student_ids)
+        nxt[:, :-1] = batch.student_ids[:, 1:]
+        true_row = rows.id_to_row[nxt[mask]]
+        is_new = pred >= rows.num_original
+        positions += int(mask.sum())
+        hits += int(is_new.sum())
+        expected += int((true_row >= 0).sum())
+        correct += int((is_new & (pred - rows.num_original == true_row)).sum())
+        for j in (pred[is_new] - rows.num_original).tolist():
+            per_token[j] += 1
+    return {"rate": hits / positions if positions else None,
+            "expected_rate": expected / positions if positions else None,
+            "correct": correct, "positions": positions, "per_token": per_token}
 
 
 @torch.no_grad()
