@@ -14,6 +14,7 @@ import json
 import logging
 import platform
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from .models import (
     resolve_model_source,
 )
 from .snippets import SnippetSet, generate_snippets, mine_snippets
-from .targets import build_targets
+from .targets import build_targets, corpus_occurrences, coverage_table, log_summary, new_token_records, write_new_tokens
 from .tokenization import NewToken, add_new_tokens, bos_prefix
 from .train import NewRows, heldout_loss_per_token, resolve_layer, train
 
@@ -123,19 +124,29 @@ def run(cfg: RunConfig) -> RunResult:
 
     resolve_layer(load_config(source, cache_root), cfg.train.target_layer)
     tokenizer = load_tokenizer(source, cache_root)
-    targets = build_targets(cfg.targets, tokenizer)
+    targets = build_targets(cfg.targets, tokenizer, cfg.corpus, cache_root)
     tokens = targets.tokens
     bos = bos_prefix(tokenizer)
 
     model = None
     sc = cfg.snippets
+    occurrences = None
+    corpus = None
+    if not cfg.generated_snippets:
+        corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
+        occurrences, len_before, len_after = corpus_occurrences(corpus, tokens)
+        target_summary = log_summary(targets, len_before, len_after)
+    else:
+        target_summary = log_summary(targets)
+    records = new_token_records(targets, tokenizer, occurrences)
+    if cfg.output.dry_run:
+        return _dry_run(cfg, out, targets, records, corpus, tokenizer, target_summary, t0)
     if cfg.generated_snippets:
         model = load_model(source, cache_root, device, weights_dtype)
         snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                                   cfg.train.seed, sc.generation_temperature, sc.generation_top_p, device)
         corpus_info: dict[str, Any] = {"source": "generated"}
     else:
-        corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
         snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                               cfg.corpus.heldout_fraction, bos, cfg.train.seed)
         corpus_info = {"source": "corpus", "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
@@ -222,6 +233,7 @@ def run(cfg: RunConfig) -> RunResult:
             for i, t in enumerate(tokens)
         ],
         "skipped_tokens": skipped,
+        "targets": target_summary,
         "mean_heldout_loss_init": _mean(held_before),
         "mean_heldout_loss_final": _mean(held_after),
         "mean_new_row_norm": float(norms.mean()), "mean_original_row_norm": orig_norm,
@@ -234,12 +246,50 @@ def run(cfg: RunConfig) -> RunResult:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        _write_target_files(tmp, targets, records)
 
     atomic_write_dir(out, _write)
     report["total_seconds"] = time.perf_counter() - t0
     logger.info("saved extended model to %s (held-out loss %.5f -> %.5f) in %.1fs", out,
                 report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
                 report["total_seconds"])
+    return RunResult(out, report)
+
+
+def _write_target_files(tmp: Path, targets, records: list[dict]) -> None:
+    """``new_tokens.jsonl`` (every token built, before the snippet filter) and the method's extra files."""
+    write_new_tokens(tmp / "new_tokens.jsonl", records)
+    for name, path in targets.files.items():
+        shutil.copyfile(path, tmp / name)
+
+
+def _dry_run(cfg: RunConfig, out: Path, targets, records: list[dict], corpus, tokenizer,
+             target_summary: dict, t0: float) -> RunResult:
+    """``--dry_run``: mine snippets (corpus only), log the coverage table, write the files, no model."""
+    sc = cfg.snippets
+    train_counts = heldout_counts = None
+    if corpus is not None:
+        snips = mine_snippets(corpus, targets.tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+                              cfg.corpus.heldout_fraction, bos_prefix(tokenizer), cfg.train.seed)
+        train_counts, heldout_counts = snips.train_counts, snips.heldout_counts
+    table = coverage_table(records, train_counts, heldout_counts)
+    logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d)\n%s",
+                len(records), sc.snippet_num, table)
+    usable = sum(1 for c in train_counts or [] if c >= sc.min_snippets)
+    report = {"tool": "token-distillation", "version": __version__, "dry_run": True,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
+              "targets": target_summary, "skipped_tokens": targets.skipped,
+              "tokens_with_enough_snippets": usable if train_counts is not None else None,
+              "versions": _versions()}
+
+    def _write(tmp: Path) -> None:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / "coverage.tsv").write_text(table, encoding="utf-8")
+        _write_target_files(tmp, targets, records)
+
+    atomic_write_dir(out, _write)
+    report["total_seconds"] = time.perf_counter() - t0
+    logger.info("dry run: wrote new_tokens.jsonl, coverage.tsv and report.json to %s; model not loaded", out)
     return RunResult(out, report)
 
 
