@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
 from .config import ConfigError, LossMethod, StoppingCondition
+from .fastpath import teacher_student_hiddens
 from .losses import LOSSES, LossPlan, combine, mse_per_position
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,12 @@ def loss_terms(model, rows: NewRows, batch: AlignedBatch, layer: int, plan: Loss
                per_position: bool = False) -> dict[LossMethod, torch.Tensor]:
     """Each selected loss of one batch, as a scalar tensor (the hidden MSE per position with ``per_position``)."""
     device = batch.teacher_ids.device
+    if plan.needs_hiddens and not plan.needs_logits and not plan.needs_ce:
+        # hidden states only: shared-prefix KV cache and early stop at the target layer
+        with autocast_context(device, autocast_dtype):
+            s_h, t_h = teacher_student_hiddens(model, rows, batch, layer)
+        return {m: (mse_per_position(s_h, t_h) if per_position and m == LossMethod.MSE_ON_HIDDENS
+                    else LOSSES[m].fn(s_h, t_h)) for m in plan.methods}
     t_layer = layer if plan.needs_hiddens else None
     with autocast_context(device, autocast_dtype):
         teacher_h = teacher_z = None
