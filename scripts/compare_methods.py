@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Run several init methods on one model, one token list and one corpus, then evaluate them together.
+
+1. The corpus (a JSON Lines file) is split by document (seeded) into ``<out_dir>/data/train.jsonl``
+   and ``<out_dir>/data/heldout.jsonl``; documents without an ``id`` get their line number as id.
+2. ``apply_embedding_init.py``'s pipeline runs once per method on ``train.jsonl``
+   (``<out_dir>/runs/<label>``), timed.
+3. ``token_distillation.evaluate`` compares all runs with the original model on ``heldout.jsonl``
+   (training documents listed in each report are excluded again) and writes
+   ``<out_dir>/eval/evaluation.{json,md,png}``.
+4. With ``--docs_md``, a page with the date, model, corpus, exact command, runtimes, the tables and
+   the figure is written (the figure next to it as ``<stem>.png``).
+
+Methods are ``[label=]init_method`` entries; ``--method_flags`` adds flags per label and
+``--common_flags`` flags for every run, both as JSON objects, e.g.::
+
+    python scripts/compare_methods.py --new_tokens_source new_tokens/biomedical_pubmed60.txt \\
+        --dataset_path ../shared/data/pubmed_abstracts/abstracts.jsonl \\
+        --methods token_distillation,subtoken-mean,random,td-lr1e-3=token_distillation \\
+        --method_flags '{"td-lr1e-3": {"token_distillation_lr": 0.001}}' \\
+        --common_flags '{"snippet_num": 25}' --out_dir outputs/compare --docs_md docs/evaluation.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from token_distillation.cli import configure_logging  # noqa: E402
+from token_distillation.config import ConfigError, RunConfig  # noqa: E402
+from token_distillation.evaluate import EvalConfig, evaluate, markdown_tables  # noqa: E402
+
+logger = logging.getLogger("compare_methods")
+
+
+def split_corpus(src: Path, out: Path, heldout_fraction: float, seed: int, text_column: str,
+                 max_docs: int = 0) -> tuple[Path, Path, int, int]:
+    """Seeded document-level split of a JSON Lines corpus into train.jsonl and heldout.jsonl."""
+    rows = []
+    with open(src, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            obj.setdefault("id", str(n))
+            rows.append({"id": str(obj["id"]), text_column: obj.get(text_column) or ""})
+            if max_docs and len(rows) >= max_docs:
+                break
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_held = int(round(len(rows) * heldout_fraction))
+    held, train = sorted(order[:n_held]), sorted(order[n_held:])
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, idx in (("train.jsonl", train), ("heldout.jsonl", held)):
+        p = out / name
+        tmp = p.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i in idx:
+                f.write(json.dumps(rows[i], ensure_ascii=False) + "\n")
+        if p.is_file() and p.read_bytes() == tmp.read_bytes():
+            tmp.unlink()  # unchanged: keep the file (and its mtime, so the tokenized-corpus cache stays valid)
+        else:
+            os.replace(tmp, p)
+        paths.append(p)
+    assert not {rows[i]["id"] for i in train} & {rows[i]["id"] for i in held}
+    return paths[0], paths[1], len(train), len(held)
+
+
+def _parse_json(value, flag: str) -> dict:
+    if isinstance(value, dict):
+        return value
+    if not value:
+        return {}
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--{flag}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"--{flag}: expected a JSON object")
+    return obj
+
+
+def main(dataset_path: str, new_tokens_source: str = "new_tokens/biomedical_pubmed60.txt",
+         model_path: str = "smollm2-135m", methods: str = "token_distillation,subtoken-mean,random",
+         method_flags: str = "", common_flags: str = "", heldout_fraction: float = 0.1, max_docs: int = 0,
+         text_column: str = "text", seed: int = 42, out_dir: str = "outputs/compare_methods",
+         windows_per_token: int = 10, window_len: int = 50, definition_tokens: int = 24, device: str = "auto",
+         docs_md: str = "", reuse_runs: bool = False) -> str:
+    """Run every method, evaluate them together; returns the path of evaluation.json.
+
+    Args:
+        dataset_path: JSON Lines corpus with a text column (split here into training/held-out documents).
+        methods: comma-separated ``[label=]init_method`` entries (labels must be unique).
+        method_flags: JSON object ``{label: {flag: value}}`` of extra apply_embedding_init.py flags.
+        common_flags: JSON object ``{flag: value}`` passed to every run.
+        heldout_fraction: share of documents written to heldout.jsonl.
+        reuse_runs: keep a run directory that already has report.json instead of retraining.
+        docs_md: also write this markdown page (and ``<stem>.png`` beside it).
+    """
+    if isinstance(methods, (list, tuple)):
+        methods = ",".join(methods)
+    specs = []
+    for entry in [m.strip() for m in str(methods).split(",") if m.strip()]:
+        label, _, method = entry.rpartition("=")
+        specs.append((label or method, method))
+    if len({lab for lab, _ in specs}) != len(specs):
+        raise ConfigError("--methods: labels must be unique (use label=method)")
+    per_method = _parse_json(method_flags, "method_flags")
+    common = _parse_json(common_flags, "common_flags")
+    unknown = set(per_method) - {lab for lab, _ in specs}
+    if unknown:
+        raise ConfigError(f"--method_flags: labels {sorted(unknown)} are not in --methods")
+    src = Path(dataset_path).expanduser()
+    if not src.is_file() or src.suffix.lower() != ".jsonl":
+        raise ConfigError(f"--dataset_path {src}: pass an existing .jsonl file")
+    out = Path(out_dir).expanduser()
+    # validate every run's flags before doing any work
+    run_flags = {}
+    for label, method in specs:
+        flags = dict(model_path=model_path, new_tokens_source=new_tokens_source, dataset_path=str(src),
+                     text_column=text_column, seed=seed, init_method=method, device=device,
+                     out_path=str(out / "runs" / label), overwrite=True)
+        flags.update(common)
+        flags.update(per_method.get(label, {}))
+        RunConfig.from_flags(**flags)  # raises ConfigError naming the flag
+        run_flags[label] = flags
+
+    t0 = time.perf_counter()
+    train_path, held_path, n_train, n_held = split_corpus(src, out / "data", heldout_fraction, seed, text_column,
+                                                         max_docs)
+    logger.info("split %s: %d training / %d held-out documents", src, n_train, n_held)
+    from token_distillation.pipeline import run
+
+    runtimes = {}
+    for label, _ in specs:
+        flags = dict(run_flags[label], dataset_path=str(train_path))
+        cfg = RunConfig.from_flags(**flags)
+        if reuse_runs and (Path(flags["out_path"]) / "report.json").is_file():
+            logger.info("reusing %s", flags["out_path"])
+            runtimes[label] = json.loads((Path(flags["out_path"]) / "report.json").read_text()).get("compare_seconds")
+            continue
+        t = time.perf_counter()
+        res = run(cfg)
+        runtimes[label] = time.perf_counter() - t
+        rep_path = res.out_path / "report.json"
+        rep = json.loads(rep_path.read_text())
+        rep["compare_seconds"] = runtimes[label]
+        rep_path.write_text(json.dumps(rep, indent=2, ensure_ascii=False))
+        logger.info("%s: %.1f s", label, runtimes[label])
+
+    t = time.perf_counter()
+    ecfg = EvalConfig.from_flags(model_path=model_path, extended_paths=",".join(str(out / "runs" / lab) for lab, _ in specs),
+                                 labels=",".join(lab for lab, _ in specs), dataset_path=str(held_path),
+                                 text_column=text_column, windows_per_token=windows_per_token, window_len=window_len,
+                                 definition_tokens=definition_tokens, device=device, seed=seed,
+                                 out_path=str(out / "eval"))
+    results = evaluate(ecfg)
+    eval_seconds = time.perf_counter() - t
+    if docs_md:
+        write_docs(Path(docs_md), out, results, runtimes, eval_seconds, time.perf_counter() - t0,
+                   dict(model_path=model_path, dataset_path=dataset_path, new_tokens_source=new_tokens_source,
+                        n_train=n_train, n_held=n_held, run_flags=run_flags))
+    return str(out / "eval" / "evaluation.json")
+
+
+def verdict(results: dict, method: str = "token_distillation", baselines=("subtoken-mean", "random")) -> list[str]:
+    """Sentences comparing ``method`` with each baseline on held-out excess NLL (computed, not typed)."""
+    m = results["methods"]
+    lines = []
+    if method not in m:
+        return lines
+    for b in baselines:
+        if b not in m:
+            continue
+        for key, name in (("excess_nll_full", "full vocabulary"), ("excess_nll_orig", "original vocabulary")):
+            a, c = m[method][key], m[b][key]
+            word = "beats" if a < c else "does **not** beat"
+            lines.append(f"- `{method}` {word} `{b}` on held-out excess NLL ({name}): {a:.4f} vs {c:.4f} nats/token.")
+    return lines
+
+
+def write_docs(path: Path, out: Path, results: dict, runtimes: dict, eval_seconds: float, total: float,
+               info: dict) -> None:
+    """Write the comparison page with its figure (``<stem>.png`` beside it)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = path.with_suffix(".png")
+    shutil.copyfile(out / "eval" / "evaluation.png", fig)
+    s = results["setup"]
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    first = next(iter(info["run_flags"].values()))
+    rt = "\n".join(f"| {lab} | {v:.0f} s |" if isinstance(v, (int, float)) else f"| {lab} | (reused) |"
+                   for lab, v in runtimes.items())
+    flags_table = "\n".join(f"| {lab} | `{json.dumps({k: v for k, v in f.items() if k not in first or first[k] != v or k == 'init_method'})}` |"
+                            for lab, f in info["run_flags"].items())
+    defs = "\n".join(f"- `{w!r}`: {d!r}" for w, d in list(results.get("definitions", {}).items())[:5])
+    text = f"""# Comparison of init methods on held-out text
+
+Generated by `scripts/compare_methods.py` on {time.strftime('%Y-%m-%d %H:%M %Z')} (do not edit by hand; rerun the
+command below).
+
+- Model: `{info['model_path']}` ({s['num_layers']} layers, {s['original_vocab_rows']} vocabulary rows), evaluated in {s['dtype']} on {s['device']}.
+- Tokens: `{info['new_tokens_source']}` ({s['words']} words; {s['words_with_windows']} with held-out windows).
+- Corpus: `{info['dataset_path']}`, split by document (seed {s['seed']}) into {info['n_train']} training and
+  {info['n_held']} held-out documents; the evaluator excluded {s['excluded_training_docs']} documents listed as
+  training documents (expected 0: the split is disjoint) and mined {s['windows']} windows of {s['window_len']}
+  tokens (at most {s['windows_per_token']} per word); definitions of {s['definition_tokens']} tokens.
+- Machine: {platform.platform()}, {os.cpu_count()} CPU cores (torch threads {torch.get_num_threads()}), shared with other jobs.
+- Command:
+
+```bash
+{cmd}
+```
+
+Common run flags: `{json.dumps({k: v for k, v in first.items() if k not in ('init_method', 'out_path')})}`
+
+| method | flags that differ |
+|---|---|
+{flags_table}
+
+## Result
+
+{chr(10).join(verdict(results)) or '- (no token_distillation run to compare)'}
+
+Metrics (defined in `token_distillation/evaluate.py`): excess NLL is the mean NLL of the original tokens after the
+word with the new token minus that with the original subtokens (nats per token; per word pooled over its windows,
+then averaged over the {next(iter(results['methods'].values()))['aggregated_over_tokens']} words every method has);
+"full vocab" uses the softmax over the extended vocabulary, "orig. vocab" masks the new tokens out. Hidden-state
+metrics compare the student with the teacher at the aligned positions from the new token on, at each run's target
+layer and at the last layer. The definition NLL scores, under the extended model with the new token in the prompt,
+the greedy definition the original model writes for the original tokenization.
+
+{markdown_tables(results)}
+![comparison]({fig.name})
+
+## Runtimes (wall clock)
+
+| method | training run (incl. model loading, snippet mining) |
+|---|---|
+{rt}
+
+Evaluation of all methods: {eval_seconds:.0f} s (original model passes {s['original_model_seconds']:.0f} s). Total: {total:.0f} s.
+
+## Definitions by the original model (first five)
+
+{defs}
+"""
+    path.write_text(text, encoding="utf-8")
+    logger.info("wrote %s and %s", path, fig)
+
+
+if __name__ == "__main__":
+    import fire
+
+    configure_logging()
+    try:
+        fire.Fire(main)
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
