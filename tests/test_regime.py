@@ -58,3 +58,48 @@ def test_per_token_loss_is_sum_of_token_means():
 def test_relative_lr_scales_with_embedding_rms():
     w = torch.full((10, 4), 2.0)
     assert relative_lr(0.5, w, 10) == 1.0
+
+
+def _rows_after_training(token_ids, seed=0, recipe=None):
+    """Train on snippets of the given tokens (each snippet has one token); return the trained rows."""
+    from tests.conftest import make_llama
+    from token_distillation.alignment import PhraseMatcher, merge
+    from token_distillation.config import Recipe
+    from token_distillation.init_methods import subtoken_mean
+    from token_distillation.models import extend_embeddings
+    from token_distillation.tokenization import NewToken
+    from token_distillation.train import NewRows, resolve_layer, train
+
+    model = make_llama(64, seed=0)
+    model.requires_grad_(False)
+    all_toks = [NewToken(f" t{k}", (10 + 2 * k, 11 + 2 * k), 64 + k) for k in range(4)]
+    extend_embeddings(model, 68)
+    m = PhraseMatcher([t.subtoken_ids for t in all_toks])
+    seqs, tix = [], []
+    for pos, k in enumerate(token_ids):
+        gen = torch.Generator().manual_seed(1000 * k + 7)
+        for j in range(6):
+            body = torch.randint(30, 60, (10,), generator=gen).tolist()
+            ids = [1] + body[:3] + list(all_toks[k].subtoken_ids) + body[3:]
+            seqs.append(merge(ids, m, [t.token_id for t in all_toks]))
+            tix.append(pos)
+    toks = [all_toks[k] for k in token_ids]
+    emb = model.get_input_embeddings().weight
+    rows = NewRows(subtoken_mean(emb, toks), [t.token_id for t in toks], emb.shape[0])
+    train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=4, epochs=2, seed=seed,
+          device=torch.device("cpu"), recipe=recipe or Recipe.PER_TOKEN, snippets_per_update=1,
+          token_texts=[t.text for t in toks])
+    return {k: rows.rows[i].detach().clone() for i, k in enumerate(token_ids)}
+
+
+def test_per_token_result_independent_of_other_tokens():
+    """The defining property of the per-token recipe: a token trained alone or with three others
+    (in different snippets) ends with the same row; the paper recipe does not have it."""
+    from token_distillation.config import Recipe
+
+    alone = _rows_after_training([0])[0]
+    together = _rows_after_training([2, 0, 3, 1])[0]
+    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-6)
+    paper_alone = _rows_after_training([0], recipe=Recipe.PAPER)[0]
+    paper_together = _rows_after_training([2, 0, 3, 1], recipe=Recipe.PAPER)[0]
+    assert not torch.allclose(paper_alone, paper_together, rtol=1e-4, atol=1e-6)

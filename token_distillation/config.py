@@ -123,6 +123,18 @@ class StoppingCondition(str, enum.Enum):
     MAX_STEPS = "max_steps"
 
 
+class Recipe(str, enum.Enum):
+    """Training regime (``--recipe``); see :mod:`token_distillation.regime`.
+
+    ``per-token``: every token gets the same number of updates from its own snippets whatever the
+    number of tokens in the run (per-token batches, per-token loss, row-wise Adam, step size relative
+    to the embedding scale). ``paper``: the paper's loop (AdamW on shuffled batches, absolute lr).
+    """
+
+    PER_TOKEN = "per-token"
+    PAPER = "paper"
+
+
 class MixedPrecision(str, enum.Enum):
     """Autocast policy (``--mixed_precision``). ``auto``: bf16 on CUDA, fp32 elsewhere."""
 
@@ -391,7 +403,20 @@ class TrainConfig:
     target_layer: int = _flag(
         -1, "Layer whose hidden states are matched: 1..num_layers, or negative from the end (-1: last)."
     )
-    token_distillation_lr: float = _flag(1e-4, "AdamW learning rate (no weight decay).")
+    recipe: Recipe = _flag(
+        Recipe.PER_TOKEN,
+        "Training regime: per-token (default; each token's result does not depend on how many tokens are "
+        "trained together: per-token batches and loss, row-wise Adam, step size --token_distillation_lr_relative "
+        "x the RMS of the original embedding entries) or paper (the paper's exact loop: AdamW on shuffled "
+        "batches with --token_distillation_lr).",
+    )
+    token_distillation_lr_relative: float = _flag(
+        0.1, "per-token recipe: Adam step size relative to the RMS of the original embedding entries."
+    )
+    snippets_per_update: int = _flag(
+        1, "per-token recipe: snippets of one token per update of its row (25 snippets -> 25 updates per epoch)."
+    )
+    token_distillation_lr: float = _flag(1e-4, "paper recipe (and ntp): AdamW learning rate (no weight decay).")
     token_distillation_epochs: int = _flag(1, "Passes over the training snippets.")
     token_distillation_batch_size: int = _flag(16, "Snippets per optimizer step.")
     stopping_condition: StoppingCondition = _flag(
@@ -422,6 +447,11 @@ class TrainConfig:
         )
         if self.target_layer == 0:
             problems.append("--target_layer 0 is the embedding output (nothing to distil); use 1..N or -1..-N")
+        object.__setattr__(self, "recipe", _enum_value(Recipe, self.recipe, "recipe", problems))
+        if not self.token_distillation_lr_relative > 0:
+            problems.append("--token_distillation_lr_relative must be > 0")
+        if self.snippets_per_update < 1:
+            problems.append("--snippets_per_update must be >= 1")
         if not self.token_distillation_lr > 0:
             problems.append("--token_distillation_lr must be > 0")
         if self.token_distillation_epochs < 1:

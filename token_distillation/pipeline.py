@@ -25,9 +25,10 @@ import torch
 
 from . import __version__
 from .alignment import PhraseMatcher, merge
-from .config import ConfigError, InitMethod, MixedPrecision, OutputEmbeddings, RunConfig, SnippetSource
+from .config import ConfigError, InitMethod, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource
 from .corpus import tokenize_corpus
 from .firing import encode_probes, firing_report
+from .regime import relative_lr
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .models import (
     atomic_write_dir,
@@ -236,14 +237,22 @@ def run(cfg: RunConfig) -> RunResult:
     eval_kw = dict(device=device, autocast_dtype=autocast_dtype, pad_id=pad_id)
     held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer, **eval_kw)
     argmax_before = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
+    per_token_lr = relative_lr(tc.token_distillation_lr_relative, emb, n_orig)
+    if tc.recipe == Recipe.PER_TOKEN and tc.init_method in TRAINED:
+        logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries), "
+                    "%d snippet(s) per update", per_token_lr, tc.token_distillation_lr_relative, tc.snippets_per_update)
     loop_kw = dict(lr=tc.token_distillation_lr, batch_size=tc.token_distillation_batch_size,
                    epochs=tc.token_distillation_epochs, seed=tc.seed, device=device,
                    stopping_condition=tc.stopping_condition, max_steps=tc.max_steps, log_every=tc.log_every,
                    pad_id=pad_id)
     result = out_result = None
     if tc.init_method in TRAINED:
+        kw = dict(loop_kw)
+        if tc.recipe == Recipe.PER_TOKEN:
+            kw["lr"] = per_token_lr
         result = train(model, rows, train_seqs, train_tix, layer=layer, loss_method=tc.loss_method,
-                       autocast_dtype=autocast_dtype, **loop_kw)
+                       autocast_dtype=autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
+                       token_texts=[t.text for t in tokens], **kw)
     if out_policy == OutputEmbeddings.NTP:
         out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=layer,
                                        autocast_dtype=autocast_dtype, **loop_kw)
@@ -291,6 +300,8 @@ def run(cfg: RunConfig) -> RunResult:
         "mean_new_row_norm": float(norms.mean()), "mean_original_row_norm": orig_norm,
         "loss_curve": result.loss_curve if result else [],
         "train_steps": result.steps if result else 0,
+        "train_lr": ((per_token_lr if tc.recipe == Recipe.PER_TOKEN else tc.token_distillation_lr)
+                     if result else None),
         "train_seconds": result.seconds if result else 0.0,
         "output_rows_train_seconds": out_result.seconds if out_result else 0.0,
         "output_rows_loss_curve": out_result.loss_curve if out_result else [],

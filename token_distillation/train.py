@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
-from .config import ConfigError, LossMethod, StoppingCondition
+from .config import ConfigError, LossMethod, Recipe, StoppingCondition
 from .fastpath import teacher_student_hiddens
+from .regime import RowAdam, per_token_batches, per_token_loss
 from .losses import LOSSES, LossPlan, combine, mse_per_position
 
 logger = logging.getLogger(__name__)
@@ -267,7 +268,8 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
           stopping_condition: StoppingCondition = StoppingCondition.EPOCHS, max_steps: int = 0,
           loss_method: LossMethod | tuple[LossMethod, ...] = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
           log_every: int = 10, pad_id: int = 0, objective=None, params=None,
-          desc: str = "token distillation") -> TrainResult:
+          desc: str = "token distillation", recipe: Recipe = Recipe.PAPER, snippets_per_update: int = 1,
+          token_texts: list[str] | None = None) -> TrainResult:
     """Train ``rows`` with AdamW (no weight decay) on shuffled batches of snippets.
 
     Args:
@@ -277,23 +279,48 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         loss_method: one loss or a list (see :func:`distill_loss`).
         objective: optional ``objective(batch) -> scalar`` replacing :func:`distill_loss`.
         params: parameters to optimise (default: ``rows.trainable()``).
+        recipe: ``Recipe.PER_TOKEN`` uses :mod:`token_distillation.regime` (per-token batches of
+            ``snippets_per_update`` snippets, per-token hidden-state loss, :class:`RowAdam`) when only the
+            new input rows are trained; otherwise the paper's loop (AdamW, shuffled batches).
+        token_texts: token texts (seed the per-token shuffles); default ``str(index)``.
     """
     params = list(params) if params is not None else rows.trainable()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    methods = (loss_method,) if isinstance(loss_method, LossMethod) else tuple(loss_method)
+    per_token = (recipe == Recipe.PER_TOKEN and objective is None and len(params) == 1 and params[0] is rows.rows)
     gen = torch.Generator().manual_seed(seed)
-    per_epoch = math.ceil(len(seqs) / batch_size)
-    total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else per_epoch * epochs
+    if per_token:
+        opt = RowAdam(params, lr=lr)
+        texts = token_texts or [str(i) for i in range(max(token_index, default=-1) + 1)]
+        groups = max(1, batch_size // snippets_per_update)
+        one_epoch = per_token_batches(token_index, texts, snippets_per_update=snippets_per_update,
+                                      groups_per_batch=groups, epochs=1, seed=seed)
+        n_epochs = epochs if stopping_condition != StoppingCondition.MAX_STEPS else math.ceil(max_steps / max(1, len(one_epoch)))
+        schedule = per_token_batches(token_index, texts, snippets_per_update=snippets_per_update,
+                                     groups_per_batch=groups, epochs=n_epochs, seed=seed)
+        total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else len(schedule)
+        sum_per_token = methods == (LossMethod.MSE_ON_HIDDENS,)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        per_epoch = math.ceil(len(seqs) / batch_size)
+        total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else per_epoch * epochs
     result = TrainResult()
     start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="step")
     order: list[int] = []
     while result.steps < total:
-        if not order:
-            order = torch.randperm(len(seqs), generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
+        if per_token:
+            idx = schedule[result.steps]
+        else:
+            if not order:
+                order = torch.randperm(len(seqs), generator=gen).tolist()
+            idx, order = order[:batch_size], order[batch_size:]
         batch = collate([seqs[i] for i in idx], [token_index[i] for i in idx], pad_id).to(device)
         if objective is not None:
             loss = objective(batch)
+        elif per_token and sum_per_token:
+            per_pos = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, per_position=True)
+            row_of_pos = batch.student_loss_mask.nonzero()[:, 0]
+            loss = per_token_loss(per_pos, row_of_pos, batch.token_index, int(batch.token_index.max()) + 1)
         else:
             loss = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype)
         opt.zero_grad(set_to_none=True)
