@@ -24,8 +24,10 @@ import torch
 
 from . import __version__
 from .alignment import PhraseMatcher, merge
+from .checkpoint import CHECKPOINT_DIRNAME, Checkpointer, fingerprint, prepare_output, snippet_digest
 from .config import ConfigError, InitMethod, MixedPrecision, RunConfig
 from .corpus import tokenize_corpus
+from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .init_methods import INITIALISERS, TRAINED
 from .models import (
     atomic_write_dir,
@@ -35,7 +37,6 @@ from .models import (
     load_config,
     load_model,
     load_tokenizer,
-    prepare_out_path,
     resolve_model_source,
 )
 from .snippets import SnippetSet, generate_snippets, mine_snippets
@@ -113,16 +114,20 @@ def run(cfg: RunConfig) -> RunResult:
     """
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.model.device)
-    weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, device)
+    if cfg.train.init_method in TRAINED:
+        check_batch_divisible(cfg.train.token_distillation_batch_size, launched_world_size())
     cache_root = cfg.model.resolved_cache_dir
     source = resolve_model_source(cfg.model.model_path)
-    out = prepare_out_path(cfg.output.out_path, cfg.output.overwrite, source)
-    logger.info("model %s | device %s | weights %s | autocast %s | seed %d", source.spec, device,
-                weights_dtype, autocast_dtype, cfg.train.seed)
+    out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source)
+    dist = DistContext.create(cfg.model.device, resolve_device)
+    device = dist.device
+    weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, device)
+    logger.info("model %s | device %s | weights %s | autocast %s | seed %d | processes %d", source.spec, device,
+                weights_dtype, autocast_dtype, cfg.train.seed, dist.world_size)
 
-    resolve_layer(load_config(source, cache_root), cfg.train.target_layer)
-    tokenizer = load_tokenizer(source, cache_root)
+    with dist.main_process_first():  # the main process fills the model cache (GGUF conversion) first
+        resolve_layer(load_config(source, cache_root), cfg.train.target_layer)
+        tokenizer = load_tokenizer(source, cache_root)
     targets = build_targets(cfg.targets, tokenizer)
     tokens = targets.tokens
     bos = bos_prefix(tokenizer)
@@ -131,17 +136,22 @@ def run(cfg: RunConfig) -> RunResult:
     sc = cfg.snippets
     if cfg.generated_snippets:
         model = load_model(source, cache_root, device, weights_dtype)
-        snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
-                                  cfg.train.seed, sc.generation_temperature, sc.generation_top_p, device)
-        corpus_info: dict[str, Any] = {"source": "generated"}
-    else:
+
+    def _snippets() -> tuple[SnippetSet, dict[str, Any]]:
+        if cfg.generated_snippets:
+            gen = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+                                    cfg.train.seed, sc.generation_temperature, sc.generation_top_p, device)
+            return gen, {"source": "generated"}
         corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
-        snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+        mined = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                               cfg.corpus.heldout_fraction, bos, cfg.train.seed)
-        corpus_info = {"source": "corpus", "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
+        return mined, {"source": "corpus", "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
                        "num_tokens": int(len(corpus.ids)),
-                       "train_doc_ids": [corpus.doc_ids[d] for d in snips.train_docs],
-                       "heldout_doc_ids": [corpus.doc_ids[d] for d in snips.heldout_docs]}
+                       "train_doc_ids": [corpus.doc_ids[d] for d in mined.train_docs],
+                       "heldout_doc_ids": [corpus.doc_ids[d] for d in mined.heldout_docs]}
+
+    # Snippets are mined (or generated) once, by the main process, and sent to the others.
+    snips, corpus_info = dist.broadcast_from_main(_snippets)
 
     needs_snippets = cfg.train.init_method in TRAINED
     keep = [i for i, c in enumerate(snips.train_counts) if c >= sc.min_snippets or not needs_snippets]
@@ -174,20 +184,28 @@ def run(cfg: RunConfig) -> RunResult:
     init = INITIALISERS[cfg.train.init_method](emb.detach(), tokens, seed=cfg.train.seed,
                                                num_original=min(num_original, new_ids[0]))
     rows = NewRows(init.to(device), new_ids, emb.shape[0], scale).to(device)
+    dist.broadcast_tensor_(rows.rows)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_seqs, train_tix = _merge_all(snips.train, tokens)
     held_seqs, held_tix = _merge_all(snips.heldout, tokens)
     eval_kw = dict(layer=layer, device=device, autocast_dtype=autocast_dtype, pad_id=pad_id)
-    held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), **eval_kw)
+    held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), **eval_kw) if dist.is_main else []
     result = None
     if cfg.train.init_method in TRAINED:
         tc = cfg.train
+        fp = fingerprint(cfg.to_dict(), model_identity=source.identity, tokens=[t.text for t in tokens],
+                         new_ids=new_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(train_seqs))
+        ckpt = Checkpointer(out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
+                            dist=dist if dist.distributed else None)
         result = train(model, rows, train_seqs, train_tix, layer=layer, lr=tc.token_distillation_lr,
                        batch_size=tc.token_distillation_batch_size, epochs=tc.token_distillation_epochs,
                        seed=tc.seed, device=device, stopping_condition=tc.stopping_condition,
                        max_steps=tc.max_steps, loss_method=tc.loss_method, autocast_dtype=autocast_dtype,
-                       log_every=tc.log_every, pad_id=pad_id)
+                       log_every=tc.log_every, pad_id=pad_id, dist=dist if dist.distributed else None,
+                       checkpointer=ckpt)
+    if not dist.is_main:  # the rows are identical on every process; the main process evaluates and saves
+        return RunResult(out, {})
     held_after = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), **eval_kw)
 
     with torch.no_grad():
@@ -211,7 +229,7 @@ def run(cfg: RunConfig) -> RunResult:
                   "vocab_rows_before": num_original, "vocab_rows_after": int(emb.shape[0])},
         "versions": _versions(),
         "device": str(device), "weights_dtype": str(weights_dtype), "autocast_dtype": str(autocast_dtype),
-        "seed": cfg.train.seed,
+        "seed": cfg.train.seed, "processes": dist.world_size,
         "snippets": corpus_info,
         "tokens": [
             {"token": t.text, "id": t.token_id, "subtoken_ids": list(t.subtoken_ids),

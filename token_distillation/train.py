@@ -123,13 +123,18 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
           lr: float, batch_size: int, epochs: int, seed: int, device: torch.device,
           stopping_condition: StoppingCondition = StoppingCondition.EPOCHS, max_steps: int = 0,
           loss_method: LossMethod = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
-          log_every: int = 10, pad_id: int = 0) -> TrainResult:
+          log_every: int = 10, pad_id: int = 0, dist=None, checkpointer=None) -> TrainResult:
     """Train ``rows`` with AdamW (no weight decay) on shuffled batches of snippets.
 
     Args:
         seqs: merged teacher/student pairs, one per snippet.
         token_index: ``[len(seqs)]`` new-token index of each snippet.
         layer: resolved ``hidden_states`` index (see :func:`resolve_layer`).
+        batch_size: the global batch (snippets per optimizer step, summed over processes).
+        dist: a :class:`~token_distillation.distributed.DistContext` for data-parallel training
+            (each process computes its share of every batch; gradients are all-reduced), or None.
+        checkpointer: a :class:`~token_distillation.checkpoint.Checkpointer` (restores the newest
+            checkpoint at the start when resuming; saves every N steps), or None.
     """
     opt = torch.optim.AdamW([rows.rows], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -137,19 +142,33 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
     total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else per_epoch * epochs
     result = TrainResult()
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="token distillation", unit="step")
     order: list[int] = []
+    resumed = checkpointer.restore(rows, opt, gen) if checkpointer is not None else None
+    if resumed is not None:
+        result.steps, order, result.loss_curve = resumed
+    bar = tqdm(total=total, initial=result.steps, desc="token distillation", unit="step",
+               disable=dist is not None and not dist.is_main)
+
+    def local_loss(part: list[int]):
+        batch = collate([seqs[i] for i in part], [token_index[i] for i in part], pad_id).to(device)
+        return distill_loss(model, rows, batch, layer, loss_method, autocast_dtype), int(batch.student_loss_mask.sum())
+
     while result.steps < total:
         if not order:
             order = torch.randperm(len(seqs), generator=gen).tolist()
         idx, order = order[:batch_size], order[batch_size:]
-        batch = collate([seqs[i] for i in idx], [token_index[i] for i in idx], pad_id).to(device)
-        loss = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if dist is not None and dist.distributed:
+            step_loss = dist.shard_backward(idx, local_loss, [rows.rows])
+        else:
+            loss, _ = local_loss(idx)
+            loss.backward()
+            step_loss = float(loss.detach())
         opt.step()
         result.steps += 1
-        result.loss_curve.append(float(loss.detach()))
+        result.loss_curve.append(step_loss)
+        if checkpointer is not None:
+            checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve)
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss_curve[-1]:.4f}")
         if result.steps % log_every == 0 or result.steps == total:
