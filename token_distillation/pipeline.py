@@ -190,7 +190,8 @@ def run(cfg: RunConfig) -> RunResult:
     train_seqs, train_tix = _merge_all(snips.train, tokens)
     held_seqs, held_tix = _merge_all(snips.heldout, tokens)
     eval_kw = dict(layer=layer, device=device, autocast_dtype=autocast_dtype, pad_id=pad_id)
-    held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), **eval_kw) if dist.is_main else []
+    held_before = (heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), **eval_kw)
+                   if dist.is_main else [])
     result = None
     if cfg.train.init_method in TRAINED:
         tc = cfg.train
