@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 import textwrap
 
@@ -31,7 +32,13 @@ def _doc() -> str:
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Log to stderr with timestamps (the package itself never configures logging)."""
+    """Log to stderr with timestamps (the package itself never configures logging).
+
+    Under a multi-process launch (torchrun / accelerate launch set ``RANK``) only the main process
+    logs progress; the others log warnings and errors only.
+    """
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        level = max(level, logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
 

@@ -490,6 +490,16 @@ class OutputConfig:
         "on the snippets), tied (keep a tied model tied - the output row is the trained input row; can make "
         "the model over-predict new tokens). Untying stores a separate output matrix.",
     )
+    checkpoint_every: int = _flag(
+        0,
+        "Save a training checkpoint (new rows, optimizer, step, RNG state) every N optimizer steps "
+        "into <out_path>/checkpoints/ (0: never). A finished run replaces <out_path> and leaves none.",
+    )
+    resume: bool = _flag(
+        False,
+        "Continue an interrupted run from the newest checkpoint in <out_path>/checkpoints/ (same "
+        "flags; starts from step 0 when there is none). Without it, old checkpoints are discarded.",
+    )
 
     def validate(self, problems: list[str]) -> None:
         object.__setattr__(
@@ -503,6 +513,8 @@ class OutputConfig:
                             f"--output_embeddings is {self.output_embeddings.value}; pass only one of them")
         if not str(self.out_path).strip():
             problems.append("--out_path is empty; pass an output directory")
+        if self.checkpoint_every < 0:
+            problems.append("--checkpoint_every must be >= 0 (0 turns checkpoints off)")
 
 
 STAGES: tuple[type, ...] = (ModelConfig, TargetConfig, CorpusConfig, SnippetConfig, TrainConfig, OutputConfig)

@@ -25,8 +25,10 @@ import torch
 
 from . import __version__
 from .alignment import PhraseMatcher, merge
+from .checkpoint import CHECKPOINT_DIRNAME, Checkpointer, fingerprint, prepare_output, snippet_digest
 from .config import ConfigError, InitMethod, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource
 from .corpus import tokenize_corpus
+from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .firing import encode_probes, firing_report
 from .regime import relative_lr
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
@@ -39,7 +41,6 @@ from .models import (
     load_config,
     load_model,
     load_tokenizer,
-    prepare_out_path,
     resolve_model_source,
     untie_embeddings,
 )
@@ -118,21 +119,25 @@ def run(cfg: RunConfig) -> RunResult:
     """
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.model.device)
-    weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, device)
+    if cfg.train.init_method in TRAINED:
+        check_batch_divisible(cfg.train.token_distillation_batch_size, launched_world_size())
     cache_root = cfg.model.resolved_cache_dir
     source = resolve_model_source(cfg.model.model_path)
-    out = prepare_out_path(cfg.output.out_path, cfg.output.overwrite, source)
-    logger.info("model %s | device %s | weights %s | autocast %s | seed %d", source.spec, device,
-                weights_dtype, autocast_dtype, cfg.train.seed)
+    out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source)
+    dist = DistContext.create(cfg.model.device, resolve_device)
+    device = dist.device
+    weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, device)
+    logger.info("model %s | device %s | weights %s | autocast %s | seed %d | processes %d", source.spec, device,
+                weights_dtype, autocast_dtype, cfg.train.seed, dist.world_size)
 
-    model_config = load_config(source, cache_root)
-    resolve_layer(model_config, cfg.train.target_layer)
+    with dist.main_process_first():  # the main process fills the model cache (GGUF conversion) first
+        model_config = load_config(source, cache_root)
+        resolve_layer(model_config, cfg.train.target_layer)
+        tokenizer = load_tokenizer(source, cache_root)
     text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
         raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
                           "zero, subtoken-mean or ntp")
-    tokenizer = load_tokenizer(source, cache_root)
     check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
     targets = build_targets(cfg.targets, tokenizer, cfg.corpus, cache_root)
     tokens = targets.tokens
@@ -146,7 +151,8 @@ def run(cfg: RunConfig) -> RunResult:
     occurrences = None
     corpus = None
     if src != SnippetSource.GENERATED:
-        corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
+        with dist.main_process_first():  # tokenized once, shared through the cache
+            corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
         occurrences, len_before, len_after = corpus_occurrences(corpus, tokens)
         target_summary = log_summary(targets, len_before, len_after)
     else:
@@ -154,34 +160,43 @@ def run(cfg: RunConfig) -> RunResult:
     records = new_token_records(targets, tokenizer, occurrences)
     if cfg.output.dry_run:
         return _dry_run(cfg, out, targets, records, corpus, tokenizer, target_summary, t0)
+
+    def _snippets():
+        nonlocal model
+        if src == SnippetSource.GENERATED:
+            model = load_model(source, cache_root, device, weights_dtype)
+            snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+                                      device=device, **gen_kw)
+            corpus_info: dict[str, Any] = {"source": "generated"}
+            token_sources = ["generated"] * len(tokens)
+        else:
+            snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+                                  cfg.corpus.heldout_fraction, bos, cfg.train.seed)
+            corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
+                           "num_tokens": int(len(corpus.ids)),
+                           "train_doc_ids": [corpus.doc_ids[d] for d in snips.train_docs],
+                           "heldout_doc_ids": [corpus.doc_ids[d] for d in snips.heldout_docs]}
+            token_sources = ["corpus"] * len(tokens)
+            if src == SnippetSource.CORPUS_THEN_GENERATED:
+                want = [(sc.snippet_num - c, max(0, sc.heldout_snippet_num - h)) if c < sc.min_snippets else (0, 0)
+                        for c, h in zip(snips.train_counts, snips.heldout_counts)]
+                if any(w != (0, 0) for w in want):
+                    logger.info("topping up %d token(s) with fewer than %d corpus snippets with generated ones",
+                                sum(w != (0, 0) for w in want), sc.min_snippets)
+                    model = load_model(source, cache_root, device, weights_dtype)
+                    gen = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num,
+                                            sc.heldout_snippet_num, device=device, counts=want, **gen_kw)
+                    token_sources = [("corpus+generated" if c else "generated") if w != (0, 0) else "corpus"
+                                     for c, w in zip(snips.train_counts, want)]
+                    snips = top_up(snips, gen)
+        return snips, corpus_info, token_sources
+
+    # Snippets are mined (or generated) once, by the main process, and sent to the others.
+    snips, corpus_info, token_sources = dist.broadcast_from_main(_snippets)
     if src == SnippetSource.GENERATED:
-        model = load_model(source, cache_root, device, weights_dtype)
-        snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
-                                  device=device, **gen_kw)
-        corpus_info: dict[str, Any] = {"source": "generated"}
         scan_ids = [s.ids for s in snips.train + snips.heldout]
-        token_sources = ["generated"] * len(tokens)
     else:
-        snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
-                              cfg.corpus.heldout_fraction, bos, cfg.train.seed)
-        corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
-                       "num_tokens": int(len(corpus.ids)),
-                       "train_doc_ids": [corpus.doc_ids[d] for d in snips.train_docs],
-                       "heldout_doc_ids": [corpus.doc_ids[d] for d in snips.heldout_docs]}
         scan_ids = (corpus.doc(d) for d in range(corpus.num_docs))
-        token_sources = ["corpus"] * len(tokens)
-        if src == SnippetSource.CORPUS_THEN_GENERATED:
-            want = [(sc.snippet_num - c, max(0, sc.heldout_snippet_num - h)) if c < sc.min_snippets else (0, 0)
-                    for c, h in zip(snips.train_counts, snips.heldout_counts)]
-            if any(w != (0, 0) for w in want):
-                logger.info("topping up %d token(s) with fewer than %d corpus snippets with generated ones",
-                            sum(w != (0, 0) for w in want), sc.min_snippets)
-                model = load_model(source, cache_root, device, weights_dtype)
-                gen = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num,
-                                        sc.heldout_snippet_num, device=device, counts=want, **gen_kw)
-                token_sources = [("corpus+generated" if c else "generated") if w != (0, 0) else "corpus"
-                                 for c, w in zip(snips.train_counts, want)]
-                snips = top_up(snips, gen)
 
     needs_snippets = cfg.train.init_method in TRAINED
     keep = [i for i, c in enumerate(snips.train_counts) if c >= sc.min_snippets or not needs_snippets]
@@ -230,6 +245,7 @@ def run(cfg: RunConfig) -> RunResult:
                     else subtoken_mean(out_w, tokens)).to(device)
     rows = NewRows(init.to(device), new_ids, emb.shape[0], scale, num_original=n_orig, out_rows=out_init,
                    train_original=tc.train_original_embeddings, weight=emb.detach()).to(device)
+    dist.broadcast_tensor_(rows.rows)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_seqs, train_tix = _merge_all(snips.train, tokens)
@@ -250,12 +266,19 @@ def run(cfg: RunConfig) -> RunResult:
         kw = dict(loop_kw)
         if tc.recipe == Recipe.PER_TOKEN:
             kw["lr"] = per_token_lr
+        fp = fingerprint(cfg.to_dict(), model_identity=source.identity, tokens=[t.text for t in tokens],
+                         new_ids=new_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(train_seqs))
+        ckpt = Checkpointer(out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
+                            dist=dist if dist.distributed else None)
         result = train(model, rows, train_seqs, train_tix, layer=layer, loss_method=tc.loss_method,
                        autocast_dtype=autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
-                       token_texts=[t.text for t in tokens], **kw)
+                       token_texts=[t.text for t in tokens], dist=dist if dist.distributed else None,
+                       checkpointer=ckpt, **kw)
     if out_policy == OutputEmbeddings.NTP:
         out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=layer,
                                        autocast_dtype=autocast_dtype, **loop_kw)
+    if not dist.is_main:  # the rows are identical on every process; the main process evaluates and saves
+        return RunResult(out, {})
     held_after = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer, **eval_kw)
     argmax_after = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
     _warn_if_new_tokens_dominate(argmax_after, tied)
@@ -281,7 +304,7 @@ def run(cfg: RunConfig) -> RunResult:
                   "vocab_rows_before": num_original, "vocab_rows_after": int(emb.shape[0])},
         "versions": _versions(),
         "device": str(device), "weights_dtype": str(weights_dtype), "autocast_dtype": str(autocast_dtype),
-        "seed": cfg.train.seed,
+        "seed": cfg.train.seed, "processes": dist.world_size,
         "snippets": corpus_info,
         "tokens": [
             {"token": t.text, "id": t.token_id, "subtoken_ids": list(t.subtoken_ids),

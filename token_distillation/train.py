@@ -269,7 +269,7 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
           loss_method: LossMethod | tuple[LossMethod, ...] = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
           log_every: int = 10, pad_id: int = 0, objective=None, params=None,
           desc: str = "token distillation", recipe: Recipe = Recipe.PAPER, snippets_per_update: int = 1,
-          token_texts: list[str] | None = None) -> TrainResult:
+          token_texts: list[str] | None = None, dist=None, checkpointer=None) -> TrainResult:
     """Train ``rows`` with AdamW (no weight decay) on shuffled batches of snippets.
 
     Args:
@@ -283,6 +283,14 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
             ``snippets_per_update`` snippets, per-token hidden-state loss, :class:`RowAdam`) when only the
             new input rows are trained; otherwise the paper's loop (AdamW, shuffled batches).
         token_texts: token texts (seed the per-token shuffles); default ``str(index)``.
+        batch_size: the global batch (snippets per optimizer step, summed over processes).
+        dist: a :class:`~token_distillation.distributed.DistContext` for data-parallel training
+            (each process computes its share of every batch; gradients are all-reduced), or None.
+            With the per-token recipe the per-token loss is a sum over tokens, so the shards' losses
+            are summed (exact when a token's group is not split over processes, e.g. one snippet per
+            update); otherwise losses are weighted by their share of loss positions.
+        checkpointer: a :class:`~token_distillation.checkpoint.Checkpointer` (restores the newest
+            checkpoint at the start when resuming; saves every N steps), or None.
     """
     params = list(params) if params is not None else rows.trainable()
     methods = (loss_method,) if isinstance(loss_method, LossMethod) else tuple(loss_method)
@@ -305,8 +313,24 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else per_epoch * epochs
     result = TrainResult()
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, unit="step")
     order: list[int] = []
+    resumed = checkpointer.restore(rows, opt, gen) if checkpointer is not None else None
+    if resumed is not None:
+        result.steps, order, result.loss_curve = resumed
+    bar = tqdm(total=total, initial=result.steps, desc=desc, unit="step",
+               disable=dist is not None and not dist.is_main)
+
+    def local_loss(part: list[int]):
+        batch = collate([seqs[i] for i in part], [token_index[i] for i in part], pad_id).to(device)
+        n = int(batch.student_loss_mask.sum())
+        if objective is not None:
+            return objective(batch), n
+        if per_token and sum_per_token:
+            per_pos = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, per_position=True)
+            row_of_pos = batch.student_loss_mask.nonzero()[:, 0]
+            return per_token_loss(per_pos, row_of_pos, batch.token_index, int(batch.token_index.max()) + 1), n
+        return distill_loss(model, rows, batch, layer, loss_method, autocast_dtype), n
+
     while result.steps < total:
         if per_token:
             idx = schedule[result.steps]
@@ -314,20 +338,18 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
             if not order:
                 order = torch.randperm(len(seqs), generator=gen).tolist()
             idx, order = order[:batch_size], order[batch_size:]
-        batch = collate([seqs[i] for i in idx], [token_index[i] for i in idx], pad_id).to(device)
-        if objective is not None:
-            loss = objective(batch)
-        elif per_token and sum_per_token:
-            per_pos = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, per_position=True)
-            row_of_pos = batch.student_loss_mask.nonzero()[:, 0]
-            loss = per_token_loss(per_pos, row_of_pos, batch.token_index, int(batch.token_index.max()) + 1)
-        else:
-            loss = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if dist is not None and dist.distributed:
+            step_loss = dist.shard_backward(idx, local_loss, params, mean=not (per_token and sum_per_token))
+        else:
+            loss, _ = local_loss(idx)
+            loss.backward()
+            step_loss = float(loss.detach())
         opt.step()
         result.steps += 1
-        result.loss_curve.append(float(loss.detach()))
+        result.loss_curve.append(step_loss)
+        if checkpointer is not None:
+            checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve)
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss_curve[-1]:.4f}")
         if result.steps % log_every == 0 or result.steps == total:

@@ -1,0 +1,114 @@
+"""Resumable runs: an interrupted run resumed from its checkpoint ends with the same rows."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_pipeline import _toy_cfg
+from tests.test_train import _setup
+from token_distillation import checkpoint as ckpt_mod
+from token_distillation.checkpoint import CHECKPOINT_DIRNAME, Checkpointer
+from token_distillation.config import ConfigError
+from token_distillation.pipeline import run
+from token_distillation.train import resolve_layer, train
+
+CPU = torch.device("cpu")
+
+
+class Interrupted(Exception):
+    """Stands in for a pre-emption (SIGTERM/kill) right after a checkpoint was written."""
+
+
+def _interrupt_after(monkeypatch, step):
+    real = Checkpointer.save
+
+    def save(self, s, *a, **kw):
+        path = real(self, s, *a, **kw)
+        if s == step:
+            raise Interrupted(f"killed after step {s}")
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+
+
+def _train(rows, seqs, tix, model, ckpt=None):
+    # 24 snippets, batch 5 -> 5 steps per epoch with a short last batch; 3 epochs = 15 steps
+    return train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=5, epochs=3, seed=3,
+                 device=CPU, checkpointer=ckpt)
+
+
+def test_train_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    model, _, seqs, tix, rows_ref = _setup()
+    ref = _train(rows_ref, seqs, tix, model)
+
+    _, _, _, _, rows = _setup()
+    fp = {"run": "x"}
+    _interrupt_after(monkeypatch, 7)  # mid-epoch: the remaining order of epoch 2 must be restored
+    with pytest.raises(Interrupted):
+        _train(rows, seqs, tix, model, Checkpointer(tmp_path / "ck", 7, fp))
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step-00000007.pt"]
+    assert not torch.equal(rows.rows, rows_ref.rows)
+    monkeypatch.undo()
+
+    # a fresh process would start from the initial rows and unrelated global RNG state
+    _, _, _, _, rows2 = _setup()
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    res = _train(rows2, seqs, tix, model, Checkpointer(tmp_path / "ck", 7, fp, resume=True))
+    assert res.steps == ref.steps == 15
+    assert torch.equal(rows2.rows, rows_ref.rows)
+    assert res.loss_curve == ref.loss_curve
+
+
+def test_checkpoints_keep_newest_and_refuse_other_runs(tmp_path):
+    model, _, seqs, tix, rows = _setup()
+    _train(rows, seqs, tix, model, Checkpointer(tmp_path / "ck", 2, {"lr": 1}))
+    assert [p.name for p in Checkpointer(tmp_path / "ck", 2, {}).checkpoints()] == ["step-00000012.pt",
+                                                                                    "step-00000014.pt"]
+    _, _, _, _, rows2 = _setup()
+    with pytest.raises(ConfigError, match="different run.*lr"):
+        _train(rows2, seqs, tix, model, Checkpointer(tmp_path / "ck", 2, {"lr": 2}, resume=True))
+    # without --resume, stale checkpoints are discarded and training starts over
+    res = _train(rows2, seqs, tix, model, Checkpointer(tmp_path / "ck", 0, {"lr": 2}))
+    assert res.steps == 15 and not (tmp_path / "ck").exists()
+
+
+def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    kw = dict(token_distillation_epochs=3, checkpoint_every=2)
+    ref = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "ref"), **kw))
+    assert not (ref.out_path / CHECKPOINT_DIRNAME).exists()  # a finished run leaves no checkpoints
+    steps = ref.report["train_steps"]
+    assert steps >= 5
+
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, 4)
+    with pytest.raises(Interrupted):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
+    monkeypatch.undo()
+    assert [p.name for p in out.iterdir()] == [CHECKPOINT_DIRNAME]
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
+    with pytest.raises(ConfigError, match="different run"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True,
+                     token_distillation_lr=5e-3, **kw))
+
+    resumed_steps = []
+    real_restore = ckpt_mod.Checkpointer.restore
+
+    def restore(self, *a):
+        r = real_restore(self, *a)
+        resumed_steps.append(r[0] if r else 0)
+        return r
+
+    monkeypatch.setattr(ckpt_mod.Checkpointer, "restore", restore)
+    res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
+    assert resumed_steps == [4]
+    assert res.report["loss_curve"] == ref.report["loss_curve"]
+    assert not (out / CHECKPOINT_DIRNAME).exists()
+    a = load_file(str(ref.out_path / "model.safetensors"))["model.embed_tokens.weight"]
+    b = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(a, b)

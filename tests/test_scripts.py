@@ -1,0 +1,56 @@
+"""The SLURM batch scripts run unchanged without SLURM when started with bash."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bash(script, *args, env=None, timeout=600):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    e.update(PYTHON=sys.executable, **(env or {}))
+    return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_scripts_are_valid_bash():
+    for s in ("slurm_single_gpu.sh", "slurm_multi_gpu.sh", "slurm_grid.sh"):
+        r = subprocess.run(["bash", "-n", str(ROOT / "scripts" / s)], capture_output=True, text=True)
+        assert r.returncode == 0, (s, r.stderr)
+
+
+def test_grid_list_skips_lr_for_untrained_methods():
+    r = _bash("slurm_grid.sh", "list", env=dict(MODELS="m1 org/m2", INIT_METHODS="random token_distillation",
+                                                LRS="1e-4 1e-3", RESULTS_DIR="R"))
+    assert r.returncode == 0, r.stderr
+    lines = [ln.split("\t") for ln in r.stdout.strip().splitlines()]
+    assert [ln[:4] for ln in lines] == [
+        ["0", "m1", "random", "-"], ["1", "m1", "token_distillation", "1e-4"], ["2", "m1", "token_distillation", "1e-3"],
+        ["3", "org/m2", "random", "-"], ["4", "org/m2", "token_distillation", "1e-4"],
+        ["5", "org/m2", "token_distillation", "1e-3"]]
+    assert lines[5][4] == "R/runs/m2/token_distillation_lr1e-3"
+    assert _bash("slurm_grid.sh", "nonsense").returncode == 2
+
+
+def test_grid_runs_tasks_then_evaluation_without_slurm(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    words = tmp_path / "words.txt"
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n")
+    env = dict(MODELS=str(toy_model_dir), INIT_METHODS="subtoken-mean token_distillation", LRS="1e-2",
+               NEW_TOKENS=str(words), DATASET_PATH=str(toy_corpus), RESULTS_DIR=str(tmp_path / "grid"),
+               SNIPPET_NUM="4", SNIPPET_LEN="12", BATCH_SIZE="4", CHECKPOINT_EVERY="1",
+               EXTRA_ARGS=f"--min_snippets 2 --heldout_snippet_num 2 --device cpu --cache_dir {cache_dir}")
+    one = _bash("slurm_grid.sh", env={**env, "SLURM_ARRAY_TASK_ID": "1"})  # as one array task would
+    assert one.returncode == 0, one.stderr[-3000:]
+    r = _bash("slurm_grid.sh", env=env)  # no task id: all tasks in turn (task 1 is done), then evaluate
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "task 1: already done" in r.stdout
+    assert ("evaluation skipped" in r.stdout) or ("evaluate " in r.stdout)
+    runs = tmp_path / "grid" / "runs" / toy_model_dir.name
+    rep = json.loads((runs / "token_distillation_lr1e-2" / "report.json").read_text())
+    assert rep["train_steps"] == 2 and rep["config"]["token_distillation_lr"] == 1e-2
+    assert not (runs / "token_distillation_lr1e-2" / "checkpoints").exists()
+    summary = (tmp_path / "grid" / "summary.tsv").read_text().strip().splitlines()
+    assert len(summary) == 3 and summary[0].startswith("model\tinit_method\tlr")

@@ -1,0 +1,200 @@
+"""Resumable training: periodic checkpoints inside the output directory.
+
+Layout: ``<out_path>/checkpoints/step-00000010.pt`` (one file per checkpoint, the newest two are
+kept). Each file holds the new rows ``[num_new_tokens, hidden]``, the AdamW state, the step, the
+loss curve so far, the shuffling generator's state and the not-yet-used part of the current
+epoch's order, the global python/numpy/torch RNG states and a fingerprint of everything that
+determines the result (training flags, model, tokens, snippets). A file is written under a
+temporary name and renamed into place, so a checkpoint is either complete or absent.
+
+The final output is written at the end by :func:`token_distillation.models.atomic_write_dir`,
+which replaces ``<out_path>`` as a whole: a finished run therefore leaves no checkpoints behind.
+An interrupted run leaves ``<out_path>`` holding only ``checkpoints/``; rerunning with
+``--resume`` continues from the newest checkpoint and reaches the same rows as an uninterrupted run
+(same flags; the number of processes may change as long as it divides the global batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .models import prepare_out_path
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIRNAME = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+# Flags that may differ between an interrupted run and its resumption without changing the result.
+# Paths of inputs are exempt too: their content is fingerprinted instead (model identity, token list,
+# snippet digest), so a moved word list or corpus still resumes and a changed one does not.
+_RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "log_every", "device", "cache_dir", "num_proc",
+                      "out_path", "model_path", "new_tokens_source", "dataset_path"}
+
+
+def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=None) -> Path:
+    """:func:`~token_distillation.models.prepare_out_path`, also accepting an output directory that
+    holds only the checkpoints of an interrupted run when ``resume`` is set.
+
+    Raises:
+        ConfigError: checkpoints of an interrupted run without ``--resume``/``--overwrite``; the
+            errors of ``prepare_out_path``.
+    """
+    out = Path(out_path).expanduser().resolve()
+    only_ckpt = out.is_dir() and {p.name for p in out.iterdir()} == {CHECKPOINT_DIRNAME}
+    if only_ckpt and not (resume or overwrite):
+        raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run; pass --resume to "
+                          "continue it, or --overwrite to start over")
+    return prepare_out_path(out_path, overwrite or (resume and only_ckpt), model_source)
+
+
+def fingerprint(config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the flags (except those in
+    ``_RESUME_FREE_FLAGS``) plus ``extra`` items (e.g. model identity, token ids, a snippet hash)."""
+    fp = {k: v for k, v in config.items() if k not in _RESUME_FREE_FLAGS}
+    fp.update(extra)
+    return json.loads(json.dumps(fp, default=str))
+
+
+def snippet_digest(seqs) -> str:
+    """SHA-256 over the teacher ids of merged snippets (``MergedSequence``), in order."""
+    h = hashlib.sha256()
+    for s in seqs:
+        h.update(np.asarray(s.teacher_ids, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    v, internal, gauss = st["python"]
+    random.setstate((v, tuple(internal), gauss))
+    torch.set_rng_state(st["torch"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+class Checkpointer:
+    """Saves and restores the training loop's state (see the module docstring).
+
+    Args:
+        directory: where checkpoint files go (``<out_path>/checkpoints``).
+        every: save after every ``every`` optimizer steps (0: never save; ``resume`` still loads).
+        fingerprint: see :func:`fingerprint`; a checkpoint with a different one is refused.
+        resume: load the newest checkpoint (if any) at the start. Without it, old checkpoints in
+            ``directory`` are deleted at the start (they belong to a run being started over).
+        dist: a :class:`~token_distillation.distributed.DistContext` (only its main process
+            writes); None for one process.
+        keep: how many of the newest checkpoint files to keep.
+    """
+
+    def __init__(self, directory: Path, every: int, fingerprint: dict[str, Any], resume: bool = False,
+                 dist=None, keep: int = 2):
+        self.directory = Path(directory)
+        self.every = int(every)
+        self.fingerprint = fingerprint
+        self.resume = resume
+        self.dist = dist
+        self.keep = max(1, keep)
+        self.saved: list[Path] = []
+
+    @property
+    def _main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint files, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((p for p in self.directory.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
+
+    def restore(self, rows, optimizer, generator: torch.Generator) -> tuple[int, list[int], list[float]] | None:
+        """Load the newest checkpoint into ``rows`` (a ``NewRows``), ``optimizer`` and ``generator``.
+
+        Returns:
+            ``(step, remaining order of the current epoch, loss curve so far)``, or None when not
+            resuming or no checkpoint exists (then a fresh start: stale checkpoints are removed).
+
+        Raises:
+            ConfigError: the checkpoint was made with different flags, model, tokens or snippets.
+        """
+        def _pick() -> str:
+            if not self.resume:
+                if self.directory.is_dir():
+                    logger.info("starting over: removing old checkpoints in %s", self.directory)
+                    shutil.rmtree(self.directory)
+                return ""
+            found = self.checkpoints()
+            return str(found[-1]) if found else ""
+
+        path = self.dist.broadcast_from_main(_pick) if self.dist is not None else _pick()
+        if not path:
+            if self.resume:
+                logger.info("--resume: no checkpoint in %s; starting from step 0", self.directory)
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != self.fingerprint:
+            diff = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
+                          if state["fingerprint"].get(k) != self.fingerprint.get(k))
+            shown = ", ".join(f"{k}: {state['fingerprint'].get(k)!r} then, {self.fingerprint.get(k)!r} now"
+                              for k in diff[:5])
+            raise ConfigError(f"--resume: the checkpoint {path} belongs to a different run ({shown}); rerun with "
+                              "the same flags, or pass --overwrite without --resume to start over")
+        with torch.no_grad():
+            rows.rows.copy_(state["rows"].to(rows.rows.device))
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        _set_rng_state(state["rng"])
+        logger.info("resumed from %s (step %d)", path, state["step"])
+        return int(state["step"]), list(state["order"]), list(state["loss_curve"])
+
+    def step_done(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
+                  loss_curve: list[float]) -> Path | None:
+        """Save a checkpoint when ``step`` is a multiple of ``every``; returns its path (main
+        process) or None."""
+        if self.every <= 0 or step % self.every:
+            return None
+        path = self.save(step, rows, optimizer, generator, order, loss_curve) if self._main else None
+        if self.dist is not None:
+            self.dist.wait()
+        return path
+
+    def save(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
+             loss_curve: list[float]) -> Path:
+        """Write ``step-NNNNNNNN.pt`` atomically (temporary file, fsync, rename); prune old ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state = {"step": int(step), "rows": rows.rows.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
+                 "generator": generator.get_state(), "order": [int(i) for i in order],
+                 "loss_curve": [float(x) for x in loss_curve], "rng": _rng_state(), "fingerprint": self.fingerprint}
+        final = self.directory / f"step-{step:08d}.pt"
+        tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        for old in self.checkpoints()[: -self.keep]:
+            old.unlink()
+        logger.info("checkpoint: step %d -> %s", step, final)
+        return final
