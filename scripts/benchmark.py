@@ -217,11 +217,20 @@ def step_mode(args):
             hb += float(mse_on_hiddens(*teacher_student_hiddens(model, rows, b, layer)))
     res["heldout_loss"] = {"comparator": ha / len(held), "product": hb / len(held)}
 
-    # model FLOPs: 2*N per token forward, 4*N backward (student only); N = non-embedding params
+    # model FLOPs of the product's step (frozen weights: backward computes activation gradients only,
+    # ~2N per token): 2N x (teacher tokens + student tokens after the shared prefix) forward,
+    # + 2N x student tokens backward; N = non-embedding parameters of the layers actually run.
+    from token_distillation.fastpath import _prefix_len
+
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    frac = layer / n_layers
-    tokens = args.batch_size * (args.snippet_len + 1)
-    flops_b = tokens * n_params * frac * (2 + 2 + 4)  # teacher fwd + student fwd + student bwd
+    n_run = n_params * layer / n_layers
+    flops = []
+    for b in batches[1:]:
+        p = _prefix_len(b)
+        t_tok = int(b.teacher_attention.sum())
+        s_tok = int(b.student_attention[:, p:].sum())
+        flops.append(2 * n_run * (t_tok + s_tok) + 2 * n_run * s_tok)
+    flops_b = sum(flops) / len(flops)
     peak = matmul_peak(device, dtype)
     res["matmul_peak_tflops"] = peak / 1e12
     res["product"]["mfu"] = flops_b / (sec_b / args.steps) / peak
