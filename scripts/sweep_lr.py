@@ -38,6 +38,13 @@ def _words(token_list: Path, n: int) -> list[str]:
     return toks[:n]
 
 
+def _items(value) -> list[str]:
+    """Fire passes "a,b" as a tuple and "a" as a scalar; accept both and plain strings."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [x.strip() for x in str(value).split(",") if x.strip()]
+
+
 def gap_closed(excess: float | None, baseline: float | None) -> float | None:
     """1 - excess / baseline (None when undefined)."""
     if excess is None or not baseline:
@@ -58,8 +65,8 @@ def main(dataset_path: str, token_list: str = "new_tokens/pubmed_frequency_smoll
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = [int(x) for x in str(word_counts).split(",") if str(x).strip()]
-    lrs = [float(x) for x in str(lr_relative).split(",") if str(x).strip()]
+    counts = [int(x) for x in _items(word_counts)]
+    lrs = [float(x) for x in _items(lr_relative)]
     common = json.loads(common_flags) if isinstance(common_flags, str) and common_flags else (common_flags or {})
     rows = []
     t0 = time.time()
