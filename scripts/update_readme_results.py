@@ -57,7 +57,7 @@ def sweep_section() -> list[str]:
     s = json.loads(f.read_text())
     out = ["### Training recipe: share of the held-out gap closed (`scripts/sweep_lr.py`)", "",
            f"{s['created']}, model `{s['model_path']}`, corpus `{s['dataset_path']}`, tokens: the first N of "
-           f"`{s['token_list']}`. Command: `{s['command']}`. Gap closed: 0% = subtoken mean, 100% = original "
+           f"`{s['token_list']}`. Command: `{s['command']}` (its sweep.json/md/png copied to docs/sweep/). Gap closed: 0% = subtoken mean, 100% = original "
            "tokenization (excess NLL 0).", "",
            "| words | method | excess NLL orig. vocab | excess NLL full vocab | gap closed (orig.) | gap closed (full) "
            "| new-token argmax rate |", "|---|---|---|---|---|---|---|"]
