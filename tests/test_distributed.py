@@ -28,13 +28,16 @@ def test_global_batch_must_split_over_processes(tmp_path, toy_model_dir, toy_cor
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, token_distillation_batch_size=5))
 
 
-def test_two_cpu_processes_match_one(tmp_path, toy_model_dir, toy_corpus, cache_dir):
-    # 3 tokens x 7 snippets = 21 training snippets, global batch 10: batches of 10, 10, 1 per epoch,
-    # so shards differ in length and in positions, and in the last batch process 1 has nothing.
-    kw = dict(snippet_num=7, token_distillation_batch_size=10, token_distillation_epochs=2, device="cpu")
+@pytest.mark.parametrize("recipe, steps", [("paper", 6), ("per-token", 14)])
+def test_two_cpu_processes_match_one(tmp_path, toy_model_dir, toy_corpus, cache_dir, recipe, steps):
+    # paper: 3 tokens x 7 snippets = 21 training snippets, global batch 10: batches of 10, 10, 1 per
+    # epoch, so shards differ in length and in positions, and in the last batch process 1 has nothing.
+    # per-token: one snippet of each of the 3 tokens per batch (7 batches per epoch), shards of 2 and 1.
+    kw = dict(snippet_num=7, token_distillation_batch_size=10, token_distillation_epochs=2, device="cpu",
+              recipe=recipe)
     single = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "one"), **kw))
     assert [t["train_snippets"] for t in single.report["tokens"]] == [7, 7, 7]
-    assert single.report["train_steps"] == 6
+    assert single.report["train_steps"] == steps
 
     cfg = _toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "two"),
                    checkpoint_every=2, **kw)
@@ -48,7 +51,7 @@ def test_two_cpu_processes_match_one(tmp_path, toy_model_dir, toy_corpus, cache_
     assert r.stderr.count("saved extended model") == 1  # main process only
     two = tmp_path / "two"
     rep = json.loads((two / "report.json").read_text())
-    assert rep["processes"] == 2 and rep["train_steps"] == 6
+    assert rep["processes"] == 2 and rep["train_steps"] == steps
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in single.out_path.iterdir())
     a = load_file(str(single.out_path / "model.safetensors"))["model.embed_tokens.weight"]
     b = load_file(str(two / "model.safetensors"))["model.embed_tokens.weight"]

@@ -17,7 +17,7 @@ from typing import Any
 
 BUNDLED_MODEL_ALIAS = "smollm2-135m"
 GEMMA_MODEL_ALIAS = "gemma3-270m"
-DEFAULT_WORDLIST = str(Path(__file__).resolve().parent.parent / "new_tokens" / "biomedical_demo.txt")
+DEFAULT_WORDLIST = str(Path(__file__).resolve().parent.parent / "new_tokens" / "biomedical_demo_small.txt")
 
 
 class ConfigError(ValueError):
