@@ -11,8 +11,8 @@
 # Methods without training (UNTRAINED_METHODS) run once per model, not once per learning rate.
 # Each task passes --resume and --checkpoint_every, so a pre-empted task continues when requeued;
 # a task whose report.json exists is skipped. The evaluation step calls
-#   python -m token_distillation.evaluate --model_path ORIGINAL --extended_models DIR1,DIR2,...
-#          --dataset_path EVAL_DATASET_PATH --out_dir RESULTS_DIR/eval/<model>
+#   python -m token_distillation.evaluate --model_path ORIGINAL --extended_paths DIR1,DIR2,...
+#          --dataset_path EVAL_DATASET_PATH --out_path RESULTS_DIR/eval/<model>
 # once per model, and is skipped with a message when that module is not installed. A summary of the
 # runs' own reports (held-out distillation loss before/after, steps, seconds) is always written to
 # RESULTS_DIR/summary.tsv.
@@ -24,7 +24,9 @@
 #                     ("smollm2-135m gemma3-270m")
 #   INIT_METHODS      space-separated --init_method values ("random subtoken-mean token_distillation")
 #   UNTRAINED_METHODS methods that ignore the learning rate ("random subtoken-mean weighted-mean")
-#   LRS               space-separated learning rates for trained methods ("1e-4 1e-3")
+#   LRS               space-separated learning rates for trained methods ("1e-4 1e-3"): AdamW lr of
+#                     --recipe paper, or --token_distillation_lr_relative with RECIPE=per-token
+#   RECIPE            training recipe, paper (default here: the paper's comparison) or per-token
 #   NEW_TOKENS        word list (new_tokens/biomedical_demo.txt)
 #   DATASET_PATH      training corpus ($REPO_DIR/../shared/data/pubmed_abstracts/abstracts.jsonl when
 #                     present, else empty = generated snippets)
@@ -57,6 +59,7 @@ MODELS=${MODELS:-"smollm2-135m gemma3-270m"}
 INIT_METHODS=${INIT_METHODS:-"random subtoken-mean token_distillation"}
 UNTRAINED_METHODS=${UNTRAINED_METHODS:-"random subtoken-mean weighted-mean"}
 LRS=${LRS:-"1e-4 1e-3"}
+RECIPE=${RECIPE:-paper}
 NEW_TOKENS=${NEW_TOKENS:-new_tokens/biomedical_demo.txt}
 if [[ -z "${DATASET_PATH+x}" ]]; then
     DATASET_PATH=""
@@ -110,7 +113,11 @@ run_task() {
                 --token_distillation_batch_size "$BATCH_SIZE" --token_distillation_epochs "$EPOCHS"
                 --snippet_num "$SNIPPET_NUM" --snippet_len "$SNIPPET_LEN" "--target_layer=$TARGET_LAYER"
                 --seed "$SEED" --checkpoint_every "$CHECKPOINT_EVERY" --resume)
-    [[ "$lr" != "-" ]] && args+=(--token_distillation_lr "$lr")
+    args+=(--recipe "$RECIPE")
+    if [[ "$lr" != "-" ]]; then
+        if [[ "$RECIPE" == "per-token" ]]; then args+=(--token_distillation_lr_relative "$lr")
+        else args+=(--token_distillation_lr "$lr"); fi
+    fi
     [[ -n "$DATASET_PATH" ]] && args+=(--dataset_path "$DATASET_PATH")
     # shellcheck disable=SC2086  # EXTRA_ARGS is split into flags on purpose
     "$PYTHON" apply_embedding_init.py "${args[@]}" $EXTRA_ARGS
@@ -153,8 +160,8 @@ evaluate() {
             [[ -f "$d/report.json" ]] && echo "$d"; done | paste -sd, -)
         if [[ -z "$dirs" ]]; then echo "evaluation: no finished run for $model"; continue; fi
         echo "[$(date '+%F %T')] evaluate $model: $dirs"
-        "$PYTHON" -m token_distillation.evaluate --model_path "$model" --extended_models "$dirs" \
-            --dataset_path "$EVAL_DATASET_PATH" --out_dir "$RESULTS_DIR/eval/$(slug "$model")"
+        "$PYTHON" -m token_distillation.evaluate --model_path "$model" --extended_paths "$dirs" \
+            --dataset_path "$EVAL_DATASET_PATH" --out_path "$RESULTS_DIR/eval/$(slug "$model")"
     done
 }
 

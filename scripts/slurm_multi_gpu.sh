@@ -22,6 +22,7 @@
 #   DATASET_PATH      corpus ($REPO_DIR/../shared/data/pubmed_abstracts/abstracts_small.jsonl when present,
 #                     else empty = generated snippets)
 #   OUT_PATH          output directory (outputs/multi_gpu_<model>)
+#   RECIPE            --recipe: per-token (default) or paper (then LR is the AdamW lr)
 #   LR, BATCH_SIZE, EPOCHS, SNIPPET_NUM, SNIPPET_LEN, TARGET_LAYER, SEED
 #                     as in slurm_single_gpu.sh (1e-4, 16 = the global batch, 1, 25, 50, -1, 42)
 #   CHECKPOINT_EVERY  --checkpoint_every (20); --resume is always passed (requeue continues)
@@ -59,6 +60,7 @@ if [[ -z "${DATASET_PATH+x}" ]]; then
 fi
 OUT_PATH=${OUT_PATH:-outputs/multi_gpu_$(basename "${MODEL_PATH%/}" | tr -c 'A-Za-z0-9._\n-' '_')}
 LR=${LR:-1e-4}
+RECIPE=${RECIPE:-per-token}
 BATCH_SIZE=${BATCH_SIZE:-16}
 EPOCHS=${EPOCHS:-1}
 SNIPPET_NUM=${SNIPPET_NUM:-25}
@@ -81,7 +83,7 @@ fi
 
 ARGS=(--model_path "$MODEL_PATH" --new_tokens_source "$NEW_TOKENS" --out_path "$OUT_PATH"
       --init_method token_distillation --loss_method MSE-on-hiddens
-      --token_distillation_lr "$LR" --token_distillation_batch_size "$BATCH_SIZE"
+      --recipe "$RECIPE" --token_distillation_lr "$LR" --token_distillation_batch_size "$BATCH_SIZE"
       --token_distillation_epochs "$EPOCHS" --snippet_num "$SNIPPET_NUM" --snippet_len "$SNIPPET_LEN"
       "--target_layer=$TARGET_LAYER" --seed "$SEED" --checkpoint_every "$CHECKPOINT_EVERY" --resume)
 [[ -n "$DATASET_PATH" ]] && ARGS+=(--dataset_path "$DATASET_PATH")

@@ -91,7 +91,8 @@ def test_generated_snippets(tmp_path, toy_model_dir, cache_dir):
                                token_distillation_batch_size=2)
     res = run(cfg)
     assert res.report["snippets"]["source"] == "generated"
-    assert res.report["tokens"][0]["train_snippets"] == 4 and res.report["train_steps"] == 2
+    # per-token recipe (default): one token, one snippet per update -> 4 updates
+    assert res.report["tokens"][0]["train_snippets"] == 4 and res.report["train_steps"] == 4
 
 
 @pytest.mark.integration
