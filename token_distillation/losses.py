@@ -44,11 +44,20 @@ def mse_on_hiddens(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     Raises:
         ValueError: shapes differ.
     """
+    empty = _empty_or_mismatch(student, teacher)
+    if empty is not None:
+        return empty
+    return torch.mean((student.float() - teacher.float()) ** 2)
+
+
+def _empty_or_mismatch(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor | None:
+    """Shared check of the paired losses: ValueError on a shape mismatch, a zero (keeping the graph)
+    when there are no positions, else None."""
     if student.shape != teacher.shape:
         raise ValueError(f"shape mismatch: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
     if student.numel() == 0:
         return student.sum() * 0.0
-    return torch.mean((student.float() - teacher.float()) ** 2)
+    return None
 
 
 def mse_per_position(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -85,10 +94,9 @@ def kl_on_logits(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: shapes differ.
     """
-    if student.shape != teacher.shape:
-        raise ValueError(f"shape mismatch: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
-    if student.numel() == 0:
-        return student.sum() * 0.0
+    empty = _empty_or_mismatch(student, teacher)
+    if empty is not None:
+        return empty
     log_s = F.log_softmax(student.float(), dim=-1)
     log_t = F.log_softmax(teacher.float(), dim=-1)
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
