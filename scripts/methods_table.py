@@ -29,16 +29,18 @@ VARIANTS: list[tuple[str, dict]] = [
     ("ntp", {"init_method": "ntp"}),
     ("ntp --train_original_embeddings", {"init_method": "ntp", "train_original_embeddings": True}),
     ("token_distillation-randinit", {"init_method": "token_distillation-randinit"}),
-    ("token_distillation (MSE-on-hiddens)", {"init_method": "token_distillation", "loss_method": "MSE-on-hiddens"}),
+    ("token_distillation (default: MSE-on-hiddens)", {"init_method": "token_distillation"}),
+    ("token_distillation --recipe paper", {"init_method": "token_distillation", "recipe": "paper"}),
     ("token_distillation MSE-on-logits", {"init_method": "token_distillation", "loss_method": "MSE-on-logits"}),
     ("token_distillation KL-on-logits", {"init_method": "token_distillation", "loss_method": "KL-on-logits"}),
     ("token_distillation MSE-on-hiddens,CE", {"init_method": "token_distillation", "loss_method": "MSE-on-hiddens,CE"}),
     ("token_distillation MSE-on-hiddens,CE-auto-weighted",
      {"init_method": "token_distillation", "loss_method": "MSE-on-hiddens,CE-auto-weighted"}),
-    ("token_distillation --output_embeddings subtoken-mean (untied)",
-     {"init_method": "token_distillation", "loss_method": "MSE-on-hiddens", "output_embeddings": "subtoken-mean"}),
-    ("token_distillation --output_embeddings zero (untied)",
-     {"init_method": "token_distillation", "loss_method": "MSE-on-hiddens", "output_embeddings": "zero"}),
+    ("token_distillation --output_embeddings tied", {"init_method": "token_distillation", "output_embeddings": "tied"}),
+    ("token_distillation MSE-on-hiddens,CE-auto-weighted --output_embeddings tied",
+     {"init_method": "token_distillation", "loss_method": "MSE-on-hiddens,CE-auto-weighted", "output_embeddings": "tied"}),
+    ("token_distillation --output_embeddings zero", {"init_method": "token_distillation", "output_embeddings": "zero"}),
+    ("token_distillation --output_embeddings ntp", {"init_method": "token_distillation", "output_embeddings": "ntp"}),
 ]
 
 
@@ -60,8 +62,8 @@ def run_all(args) -> None:
     wl.write_text("".join(w + "\n" for w in words))
     common = dict(model_path=args.model_path, dataset_path=args.dataset_path, new_tokens_source=str(wl),
                   snippet_num=args.snippet_num, heldout_snippet_num=args.heldout_snippet_num,
-                  token_distillation_epochs=1, token_distillation_batch_size=16, token_distillation_lr=args.lr,
-                  seed=42, overwrite=True, log_every=100)
+                  token_distillation_batch_size=16, token_distillation_lr=args.lr,
+                  token_distillation_lr_relative=args.lr_relative, seed=42, overwrite=True, log_every=100)
     for name, flags in VARIANTS:
         if args.only and name not in args.only:
             continue
@@ -80,7 +82,7 @@ def table(args) -> str:
         r = json.loads(p.read_text())
         am = r["new_token_argmax"]["final"]
         rows.append(
-            f"| {name} | {r['train_seconds'] + r.get('output_rows_train_seconds', 0.0):.1f} | "
+            f"| {name} | {r['train_steps']} | {r['train_seconds'] + r.get('output_rows_train_seconds', 0.0):.1f} | "
             f"{r['mean_new_row_norm']:.2f} | {r['mean_heldout_loss_final']:.4f} | "
             f"{100 * am['rate']:.1f}% | {am['correct']} |"
         )
@@ -91,13 +93,18 @@ def table(args) -> str:
     head = (
         f"Model `{r0['config']['model_path']}` (tied: {r0['model']['tied_embeddings_source']}), corpus "
         f"`{Path(r0['config']['dataset_path']).name}`, {n_tok} tokens, {r0['config']['snippet_num']} training "
-        f"snippets of {r0['config']['snippet_len']} tokens each, 1 epoch, lr {r0['config']['token_distillation_lr']}, "
+        f"snippets of {r0['config']['snippet_len']} tokens each, each recipe's default epochs (per-token 2, paper 1). "
+        f"Trained rows: per-token recipe (the default) "
+        f"with step size {r0['config']['token_distillation_lr_relative']} x the embedding RMS, "
+        f"{r0['config'].get('lr_schedule', 'constant')} schedule; `--recipe paper` and the ntp output rows: AdamW lr "
+        f"{r0['config']['token_distillation_lr']}; "
         f"batch {r0['config']['token_distillation_batch_size']}, seed {r0['seed']}, device {r0['device']}. "
         f"Held-out: {sum(t['heldout_snippets'] for t in r0['tokens'])} snippets from held-out documents, "
         f"{pos} predicted positions; the true next token is a new token at {100 * exp:.1f}% of them. "
         f"Mean original-row norm: {r0['mean_original_row_norm']:.2f}.\n\n"
-        "| method | train s | mean new-row norm | held-out MSE (last layer) | new-token argmax rate | argmax = true next |\n"
-        "|---|---|---|---|---|---|\n"
+        "| method | steps | train s | mean new-row norm | held-out MSE (last layer) | new-token argmax rate "
+        "| argmax = true next |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
     md = head + "\n".join(rows) + "\n"
     if args.markdown:
@@ -114,7 +121,8 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=20)
     ap.add_argument("--snippet_num", type=int, default=25)
     ap.add_argument("--heldout_snippet_num", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="--token_distillation_lr (paper recipe, ntp output rows)")
+    ap.add_argument("--lr_relative", type=float, default=0.1, help="--token_distillation_lr_relative (per-token recipe)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variant names")
     ap.add_argument("--markdown", default="", help="also write the table to this file")
     args = ap.parse_args()

@@ -1,5 +1,7 @@
 """The fast path (shared prefix + early stop) gives the same loss and gradients as full forwards."""
 
+import re
+
 import pytest
 import torch
 
@@ -65,3 +67,71 @@ def test_fast_path_matches_full_forward(arch, target_layer):
     torch.testing.assert_close(loss_fast, loss_full, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(g_fast, g_full, rtol=1e-3, atol=1e-7)
     assert g_fast.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_teacher_cache_gives_same_loss_and_gradient(arch):
+    """A cached teacher (second epoch) gives the loss and gradient of a fresh teacher forward."""
+    from token_distillation.fastpath import TeacherCache
+
+    model = make_llama(64, layers=4) if arch == "llama" else _gemma(64)
+    rows, batch = _batch(model)
+    layer = resolve_layer(model, -1)
+    ids = list(range(batch.teacher_ids.shape[0]))
+    cache = TeacherCache(1 << 20)
+    assert cache.get(ids) is None
+    s1, t1 = teacher_student_hiddens(model, rows, batch, layer)
+    cache.put(ids, t1, batch.teacher_loss_mask.sum(1))
+    cached = cache.get(ids)
+    torch.testing.assert_close(cached, t1, rtol=0, atol=0)
+    s2, t2 = teacher_student_hiddens(model, rows, batch, layer, teacher=cached)
+    (g1,) = torch.autograd.grad(mse_on_hiddens(s1, t1), rows.rows)
+    (g2,) = torch.autograd.grad(mse_on_hiddens(s2, t2), rows.rows)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-8)
+    # a reordered subset comes back in the order asked for
+    sub = cache.get([2, 0])
+    counts = batch.teacher_loss_mask.sum(1).tolist()
+    parts = torch.split(t1, counts)
+    torch.testing.assert_close(sub, torch.cat([parts[2], parts[0]]), rtol=0, atol=0)
+
+
+def test_teacher_cache_respects_budget():
+    from token_distillation.fastpath import TeacherCache
+
+    cache = TeacherCache(max_bytes=3 * 4 * 4)  # room for 3 rows of hidden 4 (float32)
+    cache.put([0, 1], torch.ones(4, 4), torch.tensor([2, 2]))
+    cache.put([2], torch.ones(1, 4), torch.tensor([1]))
+    assert cache.get([0]) is not None and cache.get([1]) is None and cache.get([2]) is not None
+    assert cache.bytes <= cache.max_bytes
+
+
+def test_training_with_teacher_cache_matches_without(caplog):
+    """Two epochs: rows trained with the teacher cache equal rows trained without it, and the
+    second epoch reuses the cache (no teacher forward)."""
+    from token_distillation.config import Recipe
+    from token_distillation.train import train
+
+    import logging
+
+    caplog.set_level(logging.INFO, logger="token_distillation.train")
+    results = {}
+    for budget in (0, 1 << 24):
+        model = make_llama(64, layers=4)
+        rows, _ = _batch(model)
+        toks_ids = [(10, 11, 12), (20, 21)]
+        m = PhraseMatcher([list(t) for t in toks_ids])
+        gen = torch.Generator().manual_seed(5)
+        seqs, tix = [], []
+        for k in range(8):
+            body = torch.randint(3, 60, (10,), generator=gen).tolist()
+            seqs.append(merge([1] + body[:3] + list(toks_ids[k % 2]) + body[3:], m, [64, 65]))
+            tix.append(k % 2)
+        res = train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=4, epochs=2,
+                    seed=0, device=torch.device("cpu"), recipe=Recipe.PER_TOKEN, teacher_cache_bytes=budget)
+        results[budget] = (rows.rows.detach().clone(), res.loss_curve)
+    torch.testing.assert_close(results[1 << 24][0], results[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(results[1 << 24][1]), torch.tensor(results[0][1]), rtol=1e-5, atol=1e-7)
+    used = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache:")]
+    assert len(used) == 1  # only the run with a budget has a cache
+    reused, computed = (int(x) for x in re.findall(r"(\d+) batches reused, (\d+) computed", used[0])[0])
+    assert reused == computed > 0  # epoch 2 reuses every batch of epoch 1

@@ -115,3 +115,17 @@ def test_bundled_model_on_pubmed(tmp_path):
     AutoModelForCausalLM.from_pretrained(res.out_path)
     for t in rep["tokens"]:
         assert tok.encode("Severe" + t["token"] + " was seen", add_special_tokens=False)[1] == t["id"]
+
+
+def test_not_improved_tokens_are_named(caplog):
+    """The report lists trained tokens whose held-out distillation loss fell by less than 10%."""
+    import logging
+    from types import SimpleNamespace
+
+    from token_distillation.pipeline import _not_improved
+
+    toks = [SimpleNamespace(text=t) for t in (" good", " flat", " worse", " unseen")]
+    with caplog.at_level(logging.WARNING, logger="token_distillation.pipeline"):
+        bad = _not_improved(toks, [1.0, 1.0, 1.0, None], [0.5, 0.95, 1.2, None])
+    assert bad == [" flat", " worse"]
+    assert "' flat'" in caplog.text and "' good'" not in caplog.text

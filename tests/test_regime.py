@@ -29,6 +29,32 @@ def test_rowadam_leaves_rows_without_gradient_untouched():
     assert opt.state[p]["step"].tolist() == [1.0, 0.0, 2.0]
 
 
+def test_rowadam_linear_decay_is_per_row():
+    """With a constant gradient Adam's normalised update is 1 per coordinate, so each step moves a
+    row by its scheduled step size: lr * (1 - (t - 1) / T_r), counted over that row's own updates."""
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    opt = RowAdam([p], lr=1.0, eps=0.0, row_total_steps=torch.tensor([4.0, 2.0]))
+    moves = []
+    for step in range(5):
+        before = p.detach().clone()
+        p.grad = torch.tensor([[-1.0] * 3, [-1.0 if step % 2 == 0 else 0.0] * 3])  # row 1: every other step
+        opt.step()
+        moves.append((p.detach() - before)[:, 0].tolist())
+    torch.testing.assert_close(torch.tensor([m[0] for m in moves]), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.25]))
+    torch.testing.assert_close(torch.tensor([m[1] for m in moves]), torch.tensor([1.0, 0.0, 0.5, 0.0, 0.5]))
+
+
+def test_row_update_counts_and_bad_totals():
+    from token_distillation.regime import row_update_counts
+
+    batches = [[0, 1, 2], [3], [0, 4]]
+    assert row_update_counts(batches, [0, 0, 1, 1, 2], 4).tolist() == [2.0, 2.0, 1.0, 1.0]  # token 3: no snippet
+    import pytest
+
+    with pytest.raises(ValueError, match="positive"):
+        RowAdam([torch.nn.Parameter(torch.zeros(2, 2))], row_total_steps=torch.tensor([1.0, 0.0]))
+
+
 def test_per_token_batches_do_not_depend_on_other_tokens():
     alone = per_token_batches([0] * 7, [" alpha"], snippets_per_update=2, groups_per_batch=4, epochs=2, seed=3)
     mixed_index = [0] * 5 + [1] * 7 + [2] * 3
@@ -60,11 +86,11 @@ def test_relative_lr_scales_with_embedding_rms():
     assert relative_lr(0.5, w, 10) == 1.0
 
 
-def _rows_after_training(token_ids, seed=0, recipe=None):
+def _rows_after_training(token_ids, seed=0, recipe=None, lr_schedule=None):
     """Train on snippets of the given tokens (each snippet has one token); return the trained rows."""
     from tests.conftest import make_llama
     from token_distillation.alignment import PhraseMatcher, merge
-    from token_distillation.config import Recipe
+    from token_distillation.config import LrSchedule, Recipe
     from token_distillation.init_methods import subtoken_mean
     from token_distillation.models import extend_embeddings
     from token_distillation.tokenization import NewToken
@@ -88,18 +114,22 @@ def _rows_after_training(token_ids, seed=0, recipe=None):
     rows = NewRows(subtoken_mean(emb, toks), [t.token_id for t in toks], emb.shape[0])
     train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=4, epochs=2, seed=seed,
           device=torch.device("cpu"), recipe=recipe or Recipe.PER_TOKEN, snippets_per_update=1,
-          token_texts=[t.text for t in toks])
+          lr_schedule=lr_schedule or LrSchedule.LINEAR, token_texts=[t.text for t in toks])
     return {k: rows.rows[i].detach().clone() for i, k in enumerate(token_ids)}
 
 
 def test_per_token_result_independent_of_other_tokens():
     """The defining property of the per-token recipe: a token trained alone or with three others
-    (in different snippets) ends with the same row; the paper recipe does not have it."""
-    from token_distillation.config import Recipe
+    (in different snippets) ends with the same row, with either schedule; the paper recipe does not."""
+    from token_distillation.config import LrSchedule, Recipe
 
     alone = _rows_after_training([0])[0]
     together = _rows_after_training([2, 0, 3, 1])[0]
     torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-6)
+    const_alone = _rows_after_training([0], lr_schedule=LrSchedule.CONSTANT)[0]
+    torch.testing.assert_close(const_alone, _rows_after_training([2, 0, 3, 1], lr_schedule=LrSchedule.CONSTANT)[0],
+                               rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(const_alone, alone)  # the schedule is applied
     paper_alone = _rows_after_training([0], recipe=Recipe.PAPER)[0]
     paper_together = _rows_after_training([2, 0, 3, 1], recipe=Recipe.PAPER)[0]
     assert not torch.allclose(paper_alone, paper_together, rtol=1e-4, atol=1e-6)

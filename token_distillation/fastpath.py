@@ -11,6 +11,10 @@ tolerance, checked in tests/test_fastpath.py):
    right after that layer (a forward hook on the layer raises a private exception); no later
    layer, final norm or logits are computed. For the last layer, the model's final (normed) hidden
    state is used, as in ``hidden_states[-1]``.
+3. **Teacher cache** (:class:`TeacherCache`). The teacher's hidden states do not change during
+   training; when snippets are seen again (several epochs), their teacher states at the loss
+   positions are reused and the teacher's continuation after the shared prefix is not run again
+   (the prefix itself is still computed: the student needs its key/value cache).
 """
 
 from __future__ import annotations
@@ -90,31 +94,74 @@ def _prefix_len(batch: AlignedBatch) -> int:
     return max(p, 0)
 
 
-def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+class TeacherCache:
+    """Teacher hidden states at the loss positions, kept per snippet for later epochs.
+
+    Args:
+        max_bytes: memory budget; snippets beyond it are not cached (their teacher is recomputed).
+            Entries stay on the device they were computed on. 0 disables the cache.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self._store: dict[int, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, snippet_ids: list[int]) -> torch.Tensor | None:
+        """``[N, hidden]`` teacher states of these snippets in order, or None if any is missing."""
+        if not snippet_ids or any(i not in self._store for i in snippet_ids):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return torch.cat([self._store[i] for i in snippet_ids])
+
+    def put(self, snippet_ids: list[int], teacher: torch.Tensor, counts: torch.Tensor) -> None:
+        """Store ``teacher`` (``[N, hidden]``, rows of the snippets in order) split by ``counts`` ``[batch]``."""
+        for i, part in zip(snippet_ids, torch.split(teacher.detach(), counts.tolist())):
+            size = part.numel() * part.element_size()
+            if i in self._store or self.bytes + size > self.max_bytes:
+                continue
+            self._store[i] = part.clone()
+            self.bytes += size
+
+
+def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
+                            teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher hidden states at the aligned loss positions, ``([N, hidden], [N, hidden])``.
 
     The teacher part carries no grad; the student part depends on ``rows`` (a ``NewRows``).
+    ``teacher``: the teacher states ``[N, hidden]`` from a :class:`TeacherCache`; when given, only
+    the shared prefix (for the student's key/value cache) and the student are run.
     """
     p = _prefix_len(batch)
     dev = batch.teacher_ids.device
     if p == 0:
-        with torch.no_grad():
-            t_h = forward_to_layer(model, layer, batch.teacher_attention, input_ids=batch.teacher_ids)
+        if teacher is None:
+            with torch.no_grad():
+                teacher = forward_to_layer(model, layer, batch.teacher_attention,
+                                           input_ids=batch.teacher_ids)[batch.teacher_loss_mask]
         s_h = forward_to_layer(model, layer, batch.student_attention,
                                inputs_embeds=rows.embed(model, batch.student_ids))
-        return s_h[batch.student_loss_mask], t_h[batch.teacher_loss_mask]
+        return s_h[batch.student_loss_mask], teacher
     from transformers import DynamicCache
 
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         forward_to_layer(model, layer, batch.teacher_attention[:, :p], input_ids=batch.teacher_ids[:, :p],
                          cache=cache, position_ids=torch.arange(p, device=dev).expand(batch.teacher_ids.shape[0], -1))
-        student_cache = copy.deepcopy(cache)
-        tl = batch.teacher_ids.shape[1]
-        t_h = forward_to_layer(model, layer, batch.teacher_attention, input_ids=batch.teacher_ids[:, p:], cache=cache,
-                               position_ids=torch.arange(p, tl, device=dev).expand(batch.teacher_ids.shape[0], -1))
+        if teacher is None:
+            student_cache = copy.deepcopy(cache)
+            tl = batch.teacher_ids.shape[1]
+            t_h = forward_to_layer(model, layer, batch.teacher_attention, input_ids=batch.teacher_ids[:, p:],
+                                   cache=cache,
+                                   position_ids=torch.arange(p, tl, device=dev).expand(batch.teacher_ids.shape[0], -1))
+            teacher = t_h[batch.teacher_loss_mask[:, p:]]
+        else:
+            student_cache = cache
     sl = batch.student_ids.shape[1]
     s_h = forward_to_layer(model, layer, batch.student_attention,
                            inputs_embeds=rows.embed(model, batch.student_ids[:, p:]), cache=student_cache,
                            position_ids=torch.arange(p, sl, device=dev).expand(batch.student_ids.shape[0], -1))
-    return s_h[batch.student_loss_mask[:, p:]], t_h[batch.teacher_loss_mask[:, p:]]
+    return s_h[batch.student_loss_mask[:, p:]], teacher

@@ -34,7 +34,11 @@ def adaptivocab_weights(k: int, output: bool = False) -> torch.Tensor:
     ``w_i = exp(2 i) / sum_{j=1..k} exp(2 j)`` (later subtokens weigh more: the last subtoken's
     position is where the original model has read the whole word), and an output row uses the
     mirrored weights ``w_i = exp(-2 i) / sum_j exp(-2 j)`` (the first subtoken is what the model
-    predicts when it is about to produce the word).
+    predicts when it is about to produce the word). Positions are 1-based (the normalisation makes
+    the offset irrelevant). The paper's text was not reachable from the development machine; the
+    formula agrees with the paper's summaries ("exponentially weighted combination") and with an
+    independent public implementation of AdaptiVocab's initialisation (exponents ``+2i`` for input
+    and ``-2i`` for output rows, normalised to sum to 1).
     """
     i = torch.arange(1, k + 1, dtype=torch.float64)
     logits = (-2.0 if output else 2.0) * i

@@ -255,8 +255,9 @@ def run(cfg: RunConfig) -> RunResult:
     argmax_before = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
     per_token_lr = relative_lr(tc.token_distillation_lr_relative, emb, n_orig)
     if tc.recipe == Recipe.PER_TOKEN and tc.init_method in TRAINED:
-        logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries), "
-                    "%d snippet(s) per update", per_token_lr, tc.token_distillation_lr_relative, tc.snippets_per_update)
+        logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries, %s schedule), "
+                    "%d snippet(s) per update", per_token_lr, tc.token_distillation_lr_relative, tc.lr_schedule.value,
+                    tc.snippets_per_update)
     loop_kw = dict(lr=tc.token_distillation_lr, batch_size=tc.token_distillation_batch_size,
                    epochs=tc.token_distillation_epochs, seed=tc.seed, device=device,
                    stopping_condition=tc.stopping_condition, max_steps=tc.max_steps, log_every=tc.log_every,
@@ -272,7 +273,7 @@ def run(cfg: RunConfig) -> RunResult:
                             dist=dist if dist.distributed else None)
         result = train(model, rows, train_seqs, train_tix, layer=layer, loss_method=tc.loss_method,
                        autocast_dtype=autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
-                       token_texts=[t.text for t in tokens], dist=dist if dist.distributed else None,
+                       lr_schedule=tc.lr_schedule, teacher_cache_bytes=int(tc.teacher_cache_gib * 2**30), token_texts=[t.text for t in tokens], dist=dist if dist.distributed else None,
                        checkpointer=ckpt, **kw)
     if out_policy == OutputEmbeddings.NTP:
         out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=layer,
@@ -320,6 +321,7 @@ def run(cfg: RunConfig) -> RunResult:
         "targets": target_summary,
         "mean_heldout_loss_init": _mean(held_before),
         "mean_heldout_loss_final": _mean(held_after),
+        "not_improved_tokens": _not_improved(tokens, held_before, held_after) if result else [],
         "mean_new_row_norm": float(norms.mean()), "mean_original_row_norm": orig_norm,
         "loss_curve": result.loss_curve if result else [],
         "train_steps": result.steps if result else 0,
@@ -363,6 +365,23 @@ def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
 
 #: warn when new tokens are the argmax this much more often than they are the true next token
 ARGMAX_WARN_MARGIN = 0.05
+
+
+#: a trained token whose held-out distillation loss fell by less than this share is reported
+NOT_IMPROVED_SHARE = 0.10
+
+
+def _not_improved(tokens, before: list, after: list) -> list[str]:
+    """Tokens whose held-out loss fell by less than ``NOT_IMPROVED_SHARE`` of its initial value
+    (tokens without held-out snippets are not judged); logged as a warning."""
+    bad = [t.text for t, b, a in zip(tokens, before, after)
+           if b is not None and a is not None and a > (1 - NOT_IMPROVED_SHARE) * b]
+    if bad:
+        logger.warning("%d of %d tokens improved their held-out distillation loss by less than %d%% (see "
+                       "report.json tokens[].heldout_loss_init/final): %s%s", len(bad), len(tokens),
+                       round(100 * NOT_IMPROVED_SHARE), ", ".join(repr(t) for t in bad[:10]),
+                       " ..." if len(bad) > 10 else "")
+    return bad
 
 
 def _warn_if_new_tokens_dominate(stats: dict, tied: bool) -> None:

@@ -21,9 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
-from .config import ConfigError, LossMethod, Recipe, StoppingCondition
-from .fastpath import teacher_student_hiddens
-from .regime import RowAdam, per_token_batches, per_token_loss
+from .config import ConfigError, LossMethod, LrSchedule, Recipe, StoppingCondition
+from .fastpath import TeacherCache, teacher_student_hiddens
+from .regime import RowAdam, per_token_batches, per_token_loss, row_update_counts
 from .losses import LOSSES, LossPlan, combine, mse_per_position
 
 logger = logging.getLogger(__name__)
@@ -193,31 +193,39 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 def distill_loss(model, rows: NewRows, batch: AlignedBatch, layer: int,
                  loss_method: LossMethod | tuple[LossMethod, ...] = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
-                 per_position: bool = False):
+                 per_position: bool = False, teacher_cache: TeacherCache | None = None,
+                 snippet_ids: list[int] | None = None):
     """Training loss of one batch (scalar), or the hidden-state MSE ``[num_positions]`` with ``per_position``.
 
     ``loss_method``: one loss or a list (see :mod:`token_distillation.losses`). The teacher runs
     under ``no_grad`` on the original ids, and only when a distillation loss is selected; the
     student on the merged ids. Logits are computed only when a selected loss needs them, and only
-    at the positions it uses.
+    at the positions it uses. ``teacher_cache`` with ``snippet_ids`` (the batch's snippet indices):
+    reuse / store the teacher states (hidden-state-only losses).
     """
     methods = (loss_method,) if isinstance(loss_method, LossMethod) else tuple(loss_method)
     if per_position:
         methods = (LossMethod.MSE_ON_HIDDENS,)
-    terms = loss_terms(model, rows, batch, layer, LossPlan(methods), autocast_dtype, per_position=per_position)
+    terms = loss_terms(model, rows, batch, layer, LossPlan(methods), autocast_dtype, per_position=per_position,
+                       teacher_cache=teacher_cache, snippet_ids=snippet_ids)
     if per_position:
         return terms[LossMethod.MSE_ON_HIDDENS]
     return combine(terms)
 
 
 def loss_terms(model, rows: NewRows, batch: AlignedBatch, layer: int, plan: LossPlan, autocast_dtype=None,
-               per_position: bool = False) -> dict[LossMethod, torch.Tensor]:
+               per_position: bool = False, teacher_cache: TeacherCache | None = None,
+               snippet_ids: list[int] | None = None) -> dict[LossMethod, torch.Tensor]:
     """Each selected loss of one batch, as a scalar tensor (the hidden MSE per position with ``per_position``)."""
     device = batch.teacher_ids.device
     if plan.needs_hiddens and not plan.needs_logits and not plan.needs_ce:
-        # hidden states only: shared-prefix KV cache and early stop at the target layer
+        # hidden states only: shared-prefix KV cache, early stop at the target layer, teacher cache
+        use_cache = teacher_cache is not None and snippet_ids is not None
+        cached = teacher_cache.get(snippet_ids) if use_cache else None
         with autocast_context(device, autocast_dtype):
-            s_h, t_h = teacher_student_hiddens(model, rows, batch, layer)
+            s_h, t_h = teacher_student_hiddens(model, rows, batch, layer, teacher=cached)
+        if use_cache and cached is None:
+            teacher_cache.put(snippet_ids, t_h, batch.teacher_loss_mask.sum(1))
         return {m: (mse_per_position(s_h, t_h) if per_position and m == LossMethod.MSE_ON_HIDDENS
                     else LOSSES[m].fn(s_h, t_h)) for m in plan.methods}
     t_layer = layer if plan.needs_hiddens else None
@@ -269,7 +277,8 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
           loss_method: LossMethod | tuple[LossMethod, ...] = LossMethod.MSE_ON_HIDDENS, autocast_dtype=None,
           log_every: int = 10, pad_id: int = 0, objective=None, params=None,
           desc: str = "token distillation", recipe: Recipe = Recipe.PAPER, snippets_per_update: int = 1,
-          token_texts: list[str] | None = None, dist=None, checkpointer=None) -> TrainResult:
+          lr_schedule: LrSchedule = LrSchedule.CONSTANT, token_texts: list[str] | None = None, dist=None, checkpointer=None,
+          teacher_cache_bytes: int = 0) -> TrainResult:
     """Train ``rows`` with AdamW (no weight decay) on shuffled batches of snippets.
 
     Args:
@@ -282,6 +291,8 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         recipe: ``Recipe.PER_TOKEN`` uses :mod:`token_distillation.regime` (per-token batches of
             ``snippets_per_update`` snippets, per-token hidden-state loss, :class:`RowAdam`) when only the
             new input rows are trained; otherwise the paper's loop (AdamW, shuffled batches).
+        lr_schedule: per-token recipe only: ``LrSchedule.LINEAR`` decays each row's step size
+            linearly over the updates that row receives in this run (:class:`RowAdam`).
         token_texts: token texts (seed the per-token shuffles); default ``str(index)``.
         batch_size: the global batch (snippets per optimizer step, summed over processes).
         dist: a :class:`~token_distillation.distributed.DistContext` for data-parallel training
@@ -291,13 +302,14 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
             update); otherwise losses are weighted by their share of loss positions.
         checkpointer: a :class:`~token_distillation.checkpoint.Checkpointer` (restores the newest
             checkpoint at the start when resuming; saves every N steps), or None.
+        teacher_cache_bytes: budget of a :class:`~token_distillation.fastpath.TeacherCache` used when
+            snippets are revisited (more than one epoch) and the loss uses hidden states only; 0: off.
     """
     params = list(params) if params is not None else rows.trainable()
     methods = (loss_method,) if isinstance(loss_method, LossMethod) else tuple(loss_method)
     per_token = (recipe == Recipe.PER_TOKEN and objective is None and len(params) == 1 and params[0] is rows.rows)
     gen = torch.Generator().manual_seed(seed)
     if per_token:
-        opt = RowAdam(params, lr=lr)
         texts = token_texts or [str(i) for i in range(max(token_index, default=-1) + 1)]
         groups = max(1, batch_size // snippets_per_update)
         one_epoch = per_token_batches(token_index, texts, snippets_per_update=snippets_per_update,
@@ -306,11 +318,16 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         schedule = per_token_batches(token_index, texts, snippets_per_update=snippets_per_update,
                                      groups_per_batch=groups, epochs=n_epochs, seed=seed)
         total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else len(schedule)
+        planned = (row_update_counts(schedule[:total], token_index, rows.rows.shape[0])
+                   if lr_schedule == LrSchedule.LINEAR else None)
+        opt = RowAdam(params, lr=lr, row_total_steps=planned)
+        revisits = n_epochs > 1
         sum_per_token = methods == (LossMethod.MSE_ON_HIDDENS,)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         per_epoch = math.ceil(len(seqs) / batch_size)
         total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else per_epoch * epochs
+        revisits = total > per_epoch
     result = TrainResult()
     start = time.perf_counter()
     order: list[int] = []
@@ -320,16 +337,19 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
     bar = tqdm(total=total, initial=result.steps, desc=desc, unit="step",
                disable=dist is not None and not dist.is_main)
 
+    tcache = TeacherCache(teacher_cache_bytes) if (teacher_cache_bytes > 0 and revisits and objective is None) else None
+
     def local_loss(part: list[int]):
         batch = collate([seqs[i] for i in part], [token_index[i] for i in part], pad_id).to(device)
         n = int(batch.student_loss_mask.sum())
         if objective is not None:
             return objective(batch), n
+        cache_kw = dict(teacher_cache=tcache, snippet_ids=list(part))
         if per_token and sum_per_token:
-            per_pos = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, per_position=True)
+            per_pos = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, per_position=True, **cache_kw)
             row_of_pos = batch.student_loss_mask.nonzero()[:, 0]
             return per_token_loss(per_pos, row_of_pos, batch.token_index, int(batch.token_index.max()) + 1), n
-        return distill_loss(model, rows, batch, layer, loss_method, autocast_dtype), n
+        return distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, **cache_kw), n
 
     while result.steps < total:
         if per_token:
@@ -357,6 +377,9 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
             logger.info("%s step %d/%d loss %.5f (mean of last %d)", desc, result.steps, total,
                         sum(recent) / len(recent), len(recent))
     bar.close()
+    if tcache is not None:
+        logger.info("teacher cache: %d batches reused, %d computed, %.1f MiB", tcache.hits, tcache.misses,
+                    tcache.bytes / 2**20)
     result.seconds = time.perf_counter() - start
     return result
 
