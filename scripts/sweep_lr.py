@@ -4,16 +4,17 @@ numbers of words trained together.
 
 For every word count N (the first N tokens of ``--token_list``) this runs, through
 ``scripts/compare_methods.py`` (same corpus split, same snippets, one evaluation): subtoken-mean,
-the paper recipe (``--recipe paper``, AdamW lr 1e-4), and the per-token recipe at every
-``--lr_relative`` value. Gap closed = 1 - excess_NLL(method) / excess_NLL(subtoken-mean), where
+the paper recipe (``--recipe paper``, AdamW lr 1e-4, 1 epoch), and the per-token recipe at every
+``--lr_relative`` value and every number of passes in ``--epochs`` (the steps: each pass is 25
+updates per row with 25 snippets). Gap closed = 1 - excess_NLL(method) / excess_NLL(subtoken-mean), where
 the original tokenization has excess 0 (so 0% = subtoken mean, 100% = original tokenization);
 computed with the softmax over the original vocabulary and over the full extended vocabulary.
 
 Writes ``<out_dir>/sweep.json``, ``<out_dir>/sweep.md`` and ``<out_dir>/sweep.png``.
 
-Example (CPU, ~20 min):
+Example (CPU, ~40 min):
     python scripts/sweep_lr.py --dataset_path ../shared/data/pubmed_abstracts/abstracts.jsonl \\
-        --word_counts 24 --lr_relative 0.03,0.1,0.3 --out_dir outputs/sweep
+        --word_counts 24 --lr_relative 0.03,0.05,0.1 --epochs 1,2 --out_dir outputs/sweep
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def gap_closed(excess: float | None, baseline: float | None) -> float | None:
 
 
 def main(dataset_path: str, token_list: str = "new_tokens/pubmed_frequency_smollm2_top500.jsonl",
-         word_counts: str = "10,50,500", lr_relative: str = "0.03,0.1,0.3", model_path: str = "smollm2-135m",
+         word_counts: str = "10,50,500", lr_relative: str = "0.03,0.05,0.1", epochs: str = "1,2",
+         model_path: str = "smollm2-135m",
          out_dir: str = "outputs/sweep", windows_per_token: int = 4, common_flags: str = "",
          definition_tokens: int = 0, reuse_runs: bool = False, paper: bool = True) -> str:
     import compare_methods
@@ -67,6 +69,7 @@ def main(dataset_path: str, token_list: str = "new_tokens/pubmed_frequency_smoll
     out.mkdir(parents=True, exist_ok=True)
     counts = [int(x) for x in _items(word_counts)]
     lrs = [float(x) for x in _items(lr_relative)]
+    passes = [int(x) for x in _items(epochs)]
     common = json.loads(common_flags) if isinstance(common_flags, str) and common_flags else (common_flags or {})
     rows = []
     t0 = time.time()
@@ -78,9 +81,11 @@ def main(dataset_path: str, token_list: str = "new_tokens/pubmed_frequency_smoll
         if paper:
             methods.append("paper=token_distillation")
             flags["paper"] = {"recipe": "paper"}
-        for lr in lrs:
-            methods.append(f"per-token-{lr:g}=token_distillation")
-            flags[f"per-token-{lr:g}"] = {"recipe": "per-token", "token_distillation_lr_relative": lr}
+        for ep in passes:
+            for lr in lrs:
+                methods.append(f"per-token-{lr:g}-e{ep}=token_distillation")
+                flags[f"per-token-{lr:g}-e{ep}"] = {"recipe": "per-token", "token_distillation_lr_relative": lr,
+                                                    "token_distillation_epochs": ep}
         res_path = compare_methods.main(dataset_path=dataset_path, new_tokens_source=str(wl), model_path=model_path,
                                         methods=",".join(methods), method_flags=json.dumps(flags),
                                         common_flags=json.dumps(common), out_dir=str(out / f"n{n}"),
@@ -92,6 +97,7 @@ def main(dataset_path: str, token_list: str = "new_tokens/pubmed_frequency_smoll
             rows.append({
                 "words": n, "method": label,
                 "lr_relative": flags.get(label, {}).get("token_distillation_lr_relative"),
+                "epochs": flags.get(label, {}).get("token_distillation_epochs"),
                 "excess_nll_orig": m["excess_nll_orig"], "excess_nll_full": m["excess_nll_full"],
                 "gap_closed_orig": gap_closed(m["excess_nll_orig"], base["excess_nll_orig"]),
                 "gap_closed_full": gap_closed(m["excess_nll_full"], base["excess_nll_full"]),
@@ -119,9 +125,12 @@ def main(dataset_path: str, token_list: str = "new_tokens/pubmed_frequency_smoll
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for n in counts:
-        pts = sorted((r["lr_relative"], r) for r in rows if r["words"] == n and r["lr_relative"] is not None)
-        for ax, key in zip(axes, ("gap_closed_orig", "gap_closed_full")):
-            ax.plot([p[0] for p in pts], [100 * (p[1][key] or 0) for p in pts], marker="o", label=f"{n} words")
+        for ep in passes:
+            pts = sorted((r["lr_relative"], r) for r in rows
+                         if r["words"] == n and r["lr_relative"] is not None and r["epochs"] == ep)
+            for ax, key in zip(axes, ("gap_closed_orig", "gap_closed_full")):
+                ax.plot([p[0] for p in pts], [100 * (p[1][key] or 0) for p in pts], marker="o",
+                        label=f"{n} words, {ep} epoch{'s' if ep > 1 else ''}")
             paper_row = [r for r in rows if r["words"] == n and r["method"] == "paper"]
             if paper_row and paper_row[0][key] is not None:
                 ax.axhline(100 * paper_row[0][key], ls="--", lw=1, color=ax.lines[-1].get_color())

