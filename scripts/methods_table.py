@@ -63,7 +63,9 @@ def run_all(args) -> None:
     common = dict(model_path=args.model_path, dataset_path=args.dataset_path, new_tokens_source=str(wl),
                   snippet_num=args.snippet_num, heldout_snippet_num=args.heldout_snippet_num,
                   token_distillation_batch_size=16, token_distillation_lr=args.lr,
-                  token_distillation_lr_relative=args.lr_relative, seed=42, overwrite=True, log_every=100)
+                  seed=42, overwrite=True, log_every=100)
+    if args.lr_relative is not None:
+        common["token_distillation_lr_relative"] = args.lr_relative
     for name, flags in VARIANTS:
         if args.only and name not in args.only:
             continue
@@ -122,7 +124,8 @@ def main() -> None:
     ap.add_argument("--snippet_num", type=int, default=25)
     ap.add_argument("--heldout_snippet_num", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4, help="--token_distillation_lr (paper recipe, ntp output rows)")
-    ap.add_argument("--lr_relative", type=float, default=0.1, help="--token_distillation_lr_relative (per-token recipe)")
+    ap.add_argument("--lr_relative", type=float, default=None,
+                    help="--token_distillation_lr_relative (per-token recipe); default: the product's default")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variant names")
     ap.add_argument("--markdown", default="", help="also write the table to this file")
     args = ap.parse_args()
