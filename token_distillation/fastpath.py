@@ -41,8 +41,10 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
-def _num_layers(model) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def num_layers(model_or_config) -> int:
+    """Number of transformer layers of the (text) model; accepts a model or its config."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return int(cfg.num_hidden_layers)
 
 
@@ -56,7 +58,7 @@ def forward_to_layer(model, layer: int, attention_mask: torch.Tensor, *, input_i
         cache: a transformers ``Cache`` holding the prefix (updated in place), or None.
         position_ids: ``[batch, seq]`` positions of the new tokens (needed with a cache).
     """
-    n = _num_layers(model)
+    n = num_layers(model)
     kwargs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
                   position_ids=position_ids, use_cache=cache is not None, return_dict=True)
     if cache is not None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
 from .config import ConfigError, LossMethod, LrSchedule, Recipe, StoppingCondition
-from .fastpath import TeacherCache, teacher_student_hiddens
+from .fastpath import TeacherCache, num_layers, teacher_student_hiddens
 from .regime import RowAdam, per_token_batches, per_token_loss, row_update_counts
 from .losses import LOSSES, LossPlan, combine, mse_per_position
 
@@ -143,13 +143,6 @@ def ce_targets(rows: NewRows, batch: AlignedBatch) -> tuple[torch.Tensor, torch.
     tgt = nxt[mask]
     row = rows.id_to_row[tgt]
     return mask, torch.where(row >= 0, rows.num_original + row, tgt)
-
-
-def num_layers(model_or_config) -> int:
-    """Number of transformer layers of the (text) model; accepts a model or its config."""
-    cfg = getattr(model_or_config, "config", model_or_config)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(cfg.num_hidden_layers)
 
 
 def resolve_layer(model_or_config, target_layer: int) -> int:
