@@ -41,6 +41,7 @@ _NAME = re.compile(r"^step-(\d{8})\.pt$")
 # Paths of inputs are exempt too: their content is fingerprinted instead (model identity, token list,
 # snippet digest), so a moved word list or corpus still resumes and a changed one does not.
 _RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "log_every", "device", "cache_dir", "num_proc",
+                      "teacher_cache_gib",
                       "out_path", "model_path", "new_tokens_source", "dataset_path"}
 
 
