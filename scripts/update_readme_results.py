@@ -56,7 +56,7 @@ def benchmark_section() -> list[str]:
 def sweep_section() -> list[str]:
     """One table per ``docs/sweep/**/sweep.json`` (one per model)."""
     out: list[str] = []
-    for f in sorted((ROOT / "docs" / "sweep").rglob("sweep.json")):
+    for f in sorted((ROOT / "docs" / "sweep").rglob("sweep.json"), key=lambda p: (len(p.parts), p)):
         s = json.loads(f.read_text())
         rel = f.parent.relative_to(ROOT)
         out += [f"### Training recipe on `{s['model_path']}`: share of the held-out gap closed (`scripts/sweep_lr.py`)",
@@ -81,7 +81,9 @@ def main() -> None:
     parts += benchmark_section() + sweep_section()
     if (ROOT / "docs" / "evaluation.md").is_file():
         parts += ["### Method comparison (`scripts/compare_methods.py`)", "",
-                  "See [docs/evaluation.md](docs/evaluation.md) (generated, with its command and date) and "
+                  "See [docs/evaluation.md](docs/evaluation.md) (generated, with its command and date), "
+                  "[docs/methods_table.md](docs/methods_table.md) (every method on the same snippets: training "
+                  "time, new-row norm, held-out distillation loss, new-token argmax rate) and "
                   "[docs/methods.md](docs/methods.md).", ""]
     readme = (ROOT / "README.md").read_text()
     block = START + "\n" + "\n".join(parts) + "\n" + END
