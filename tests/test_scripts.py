@@ -54,3 +54,16 @@ def test_grid_runs_tasks_then_evaluation_without_slurm(tmp_path, toy_model_dir, 
     assert not (runs / "token_distillation_lr1e-2" / "checkpoints").exists()
     summary = (tmp_path / "grid" / "summary.tsv").read_text().strip().splitlines()
     assert len(summary) == 3 and summary[0].startswith("model\tinit_method\tlr")
+
+
+def test_readme_results_match_the_generated_files():
+    """The README's results block is what scripts/update_readme_results.py renders from the
+    committed benchmark and sweep files (no number typed by hand, none stale)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_readme_results", ROOT / "scripts" / "update_readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (ROOT / "README.md").read_text()
+    assert mod.START in readme and mod.END in readme
+    assert mod.render(readme) == readme, "run: python scripts/update_readme_results.py"
