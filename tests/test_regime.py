@@ -73,6 +73,23 @@ def test_per_token_batches_do_not_depend_on_other_tokens():
     assert sorted(i for b in mixed for i in b) == sorted(list(range(15)) * 2)
 
 
+def test_per_token_batches_are_full():
+    """Batches are packed across rounds: 50 tokens x 25 snippets at 16 per batch -> ceil(1250/16)
+    = 79 batches per epoch, every batch but the last full, no token twice in a batch."""
+    index = [t for t in range(50) for _ in range(25)]
+    batches = per_token_batches(index, [f" w{t}" for t in range(50)], snippets_per_update=1, groups_per_batch=16,
+                                epochs=2, seed=0)
+    assert len(batches) == 2 * 79
+    assert sorted(i for b in batches for i in b) == sorted(list(range(1250)) * 2)
+    for b in batches:
+        toks = [index[i] for i in b]
+        assert len(set(toks)) == len(toks)
+    assert sum(len(b) < 16 for b in batches) == 2  # the last batch of each epoch
+    few = per_token_batches([0] * 5 + [1] * 3, [" a", " b"], snippets_per_update=1, groups_per_batch=16, epochs=1,
+                            seed=0)
+    assert [len(b) for b in few] == [2, 2, 2, 1, 1]  # two tokens: at most two groups per batch
+
+
 def test_per_token_loss_is_sum_of_token_means():
     per_pos = torch.tensor([1.0, 3.0, 10.0, 2.0])
     row = torch.tensor([0, 0, 1, 2])

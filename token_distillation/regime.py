@@ -9,7 +9,8 @@ pieces make every run behave like the large-run regime, for any number of tokens
 
 1. **Per-token batches** (:func:`per_token_batches`): each token's snippets are shuffled with a
    generator seeded by the token's text and split into groups of ``snippets_per_update``; a batch
-   is a set of groups of different tokens. Every token therefore receives the same number of
+   is a set of groups of different tokens (batches are filled across rounds over the tokens: 50 tokens
+   with 25 snippets in batches of 16 take 79 steps per epoch instead of 100). Every token therefore receives the same number of
    updates, each from the same snippets, whatever the other tokens are.
 2. **Per-token loss** (:func:`per_token_loss`): the batch loss is the *sum over tokens* of each
    token's mean position loss, so a row's gradient is that of its own snippets only (it is not
@@ -31,6 +32,7 @@ the RMS of the original embedding entries (:func:`relative_lr`).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 
@@ -128,16 +130,41 @@ def per_token_batches(token_index: list[int], texts: list[str], *, snippets_per_
             snips = [by_token[t][j] for j in torch.randperm(len(by_token[t]), generator=g).tolist()]
             n_groups = math.ceil(len(snips) / snippets_per_update)
             queues.append([snips[k::n_groups] for k in range(n_groups)])  # near-equal groups
-        # round-robin over tokens in a seeded order: one group per token per batch
+        # rounds over the tokens in a seeded order (one group of every token with groups left per
+        # round), packed into full batches across rounds; a token never has two groups in a batch
+        stream: list[tuple[int, list[int]]] = []
         while any(queues):
-            live = [q for q in queues if q]
-            perm = torch.randperm(len(live), generator=order_gen).tolist()
-            for start in range(0, len(live), groups_per_batch):
-                batch: list[int] = []
-                for j in perm[start: start + groups_per_batch]:
-                    batch.extend(live[j].pop(0))
-                batches.append(batch)
+            live = [k for k, q in enumerate(queues) if q]
+            for j in torch.randperm(len(live), generator=order_gen).tolist():
+                stream.append((live[j], queues[live[j]].pop(0)))
+        batches.extend(_pack(stream, groups_per_batch))
     return batches
+
+
+def _pack(stream: list[tuple[int, list[int]]], groups_per_batch: int) -> list[list[int]]:
+    """Greedy packing of ``(token, group)`` entries into batches of up to ``groups_per_batch``
+    groups of distinct tokens, keeping each token's groups in stream order."""
+    remaining: dict[int, int] = {}
+    for t, _ in stream:
+        remaining[t] = remaining.get(t, 0) + 1
+    pending = collections.deque(stream)
+    out: list[list[int]] = []
+    while pending:
+        want = min(groups_per_batch, sum(1 for n in remaining.values() if n > 0))
+        seen: set[int] = set()
+        batch: list[int] = []
+        skipped: list[tuple[int, list[int]]] = []
+        while pending and len(seen) < want:
+            t, group = pending.popleft()
+            if t in seen:
+                skipped.append((t, group))
+                continue
+            seen.add(t)
+            batch.extend(group)
+            remaining[t] -= 1
+        pending.extendleft(reversed(skipped))
+        out.append(batch)
+    return out
 
 
 def row_update_counts(batches: list[list[int]], token_index: list[int], num_tokens: int) -> torch.Tensor:
