@@ -18,7 +18,7 @@
 #   LR                --token_distillation_lr (1e-4, the paper's; used with RECIPE=paper)
 #   RECIPE            --recipe: per-token (default) or paper
 #   BATCH_SIZE        --token_distillation_batch_size (16, the paper's)
-#   EPOCHS            --token_distillation_epochs (1)
+#   EPOCHS            --token_distillation_epochs (0: the recipe's default)
 #   SNIPPET_NUM       --snippet_num, training snippets per token (25, the paper's)
 #   SNIPPET_LEN       --snippet_len (50)
 #   TARGET_LAYER      --target_layer (-1)
@@ -57,7 +57,7 @@ OUT_PATH=${OUT_PATH:-outputs/single_gpu_$(basename "${MODEL_PATH%/}" | tr -c 'A-
 LR=${LR:-1e-4}
 RECIPE=${RECIPE:-per-token}
 BATCH_SIZE=${BATCH_SIZE:-16}
-EPOCHS=${EPOCHS:-1}
+EPOCHS=${EPOCHS:-0}  # 0: the recipe's default (per-token 2, paper 1)
 SNIPPET_NUM=${SNIPPET_NUM:-25}
 SNIPPET_LEN=${SNIPPET_LEN:-50}
 TARGET_LAYER=${TARGET_LAYER:-"-1"}
