@@ -77,7 +77,10 @@ def test_checkpoints_keep_newest_and_refuse_other_runs(tmp_path):
 def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
     from safetensors.torch import load_file
 
-    kw = dict(token_distillation_epochs=3, checkpoint_every=2)
+    # teacher cache off: a resumed process recomputes teacher states the uninterrupted run took from
+    # its cache, in other batches (other padding), which is equal only up to float rounding; the
+    # cache itself is checked in tests/test_fastpath.py. Resuming is bit-exact without it.
+    kw = dict(token_distillation_epochs=3, checkpoint_every=2, teacher_cache_gib=0)
     ref = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "ref"), **kw))
     assert not (ref.out_path / CHECKPOINT_DIRNAME).exists()  # a finished run leaves no checkpoints
     steps = ref.report["train_steps"]

@@ -91,8 +91,8 @@ def test_generated_snippets(tmp_path, toy_model_dir, cache_dir):
                                token_distillation_batch_size=2)
     res = run(cfg)
     assert res.report["snippets"]["source"] == "generated"
-    # per-token recipe (default): one token, one snippet per update -> 4 updates
-    assert res.report["tokens"][0]["train_snippets"] == 4 and res.report["train_steps"] == 4
+    # per-token recipe (default, 2 epochs): one token, one snippet per update -> 2 x 4 updates
+    assert res.report["tokens"][0]["train_snippets"] == 4 and res.report["train_steps"] == 8
 
 
 @pytest.mark.integration

@@ -136,7 +136,7 @@ def resolve_model_source(spec: str) -> ModelSource:
         return ModelSource(spec, str(p.resolve()), None, f"dir:{p.resolve()}:{file_identity(cfg)}")
     if spec.startswith((".", "/", "~")) or p.exists() or spec.count("/") > 1:
         raise ConfigError(f"--model_path: local path not found: {spec}; pass an existing directory, "
-                          f"a .gguf file, a hub id, or {BUNDLED_MODEL_ALIAS!r}")
+                          f"a .gguf file, a hub id, or a bundled model ({', '.join(map(repr, BUNDLED_MODELS))})")
     return ModelSource(spec, spec, None, f"hub:{spec}")
 
 
