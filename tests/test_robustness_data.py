@@ -200,3 +200,24 @@ def test_bundled_model_is_named_by_alias_or_package_name():
         assert (a.path, a.gguf_file, a.identity) == (b.path, b.gguf_file, b.identity)
         checked += 1
     assert checked >= 1  # the demo extra (the default model) is part of the test install
+
+
+def test_atomic_outputs_get_default_permissions(tmp_path):
+    """Outputs are readable like any file the user creates: not the 0700/0600 of temporary files."""
+    import os
+
+    from token_distillation.models import _current_umask, atomic_write_dir
+
+    def write(d):
+        (d / "sub").mkdir()
+        f = d / "sub" / "model.safetensors"
+        f.write_bytes(b"x")
+        f.chmod(0o600)
+
+    out = tmp_path / "out"
+    atomic_write_dir(out, write)
+    umask = _current_umask()
+    assert umask == os.umask(umask)  # read without changing it
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert (out / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -403,6 +403,31 @@ def recover_interrupted(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _default_permissions(root: Path) -> None:
+    """Give ``root`` and everything below it the permissions a plain ``mkdir``/``open`` would
+    (``0o777``/``0o666`` minus the umask): ``mkdtemp`` makes the directory private (0700) and some
+    writers create private files (0600), which would hide outputs from a user's group."""
+    umask = _current_umask()
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
     """Write a directory atomically: ``write_fn(tmp_dir)`` then rename over ``out``.
 
@@ -419,6 +444,7 @@ def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
     old: Path | None = None
     try:
         write_fn(tmp)
+        _default_permissions(tmp)
         if out.exists() and not replace:
             return
         if out.exists():
