@@ -129,3 +129,16 @@ def test_not_improved_tokens_are_named(caplog):
         bad = _not_improved(toks, [1.0, 1.0, 1.0, None], [0.5, 0.95, 1.2, None])
     assert bad == [" flat", " worse"]
     assert "' flat'" in caplog.text and "' good'" not in caplog.text
+
+
+def test_tokens_without_heldout_snippets_are_named(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from token_distillation.pipeline import _warn_missing_heldout
+
+    toks = [SimpleNamespace(text=t) for t in (" seen", " unseen")]
+    with caplog.at_level(logging.WARNING, logger="token_distillation.pipeline"):
+        assert _warn_missing_heldout(toks, [3, 0], wanted=5) == [" unseen"]
+        assert _warn_missing_heldout(toks, [3, 0], wanted=0) == []  # no held-out snippets asked for
+    assert caplog.text.count("' unseen'") == 1 and "' seen'" not in caplog.text

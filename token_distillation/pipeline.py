@@ -212,6 +212,7 @@ def run(cfg: RunConfig) -> RunResult:
                           "or use --use_generated_snippets")
     snips = _reindex(snips, keep)
     tokens = [tokens[i] for i in keep]
+    _warn_missing_heldout(tokens, snips.heldout_counts, sc.heldout_snippet_num)
     token_sources = [token_sources[i] for i in keep]
 
     logger.info("pre-flight: %d new tokens, %d skipped, %d training / %d held-out snippets, method %s",
@@ -367,6 +368,16 @@ def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
 ARGMAX_WARN_MARGIN = 0.05
 
 
+def _warn_missing_heldout(tokens, heldout_counts: list[int], wanted: int) -> list[str]:
+    """Warn about tokens without held-out snippets (their held-out loss cannot be judged)."""
+    missing = [t.text for t, n in zip(tokens, heldout_counts) if n == 0] if wanted > 0 else []
+    if missing:
+        logger.warning("%d token(s) have no held-out snippet, so their held-out loss cannot be judged: %s%s "
+                       "(a larger corpus or --heldout_fraction gives them some)", len(missing),
+                       ", ".join(repr(t) for t in missing[:10]), " ..." if len(missing) > 10 else "")
+    return missing
+
+
 #: a trained token whose held-out distillation loss fell by less than this share is reported
 NOT_IMPROVED_SHARE = 0.10
 
@@ -411,6 +422,7 @@ def _dry_run(cfg: RunConfig, out: Path, targets, records: list[dict], corpus, to
         snips = mine_snippets(corpus, targets.tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                               cfg.corpus.heldout_fraction, bos_prefix(tokenizer), cfg.train.seed)
         train_counts, heldout_counts = snips.train_counts, snips.heldout_counts
+        _warn_missing_heldout(targets.tokens, heldout_counts, sc.heldout_snippet_num)
     table = coverage_table(records, train_counts, heldout_counts)
     logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d)\n%s",
                 len(records), sc.snippet_num, table)
