@@ -274,7 +274,8 @@ def run(cfg: RunConfig) -> RunResult:
                             dist=dist if dist.distributed else None)
         result = train(model, rows, train_seqs, train_tix, layer=layer, loss_method=tc.loss_method,
                        autocast_dtype=autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
-                       lr_schedule=tc.lr_schedule, teacher_cache_bytes=int(tc.teacher_cache_gib * 2**30), token_texts=[t.text for t in tokens], dist=dist if dist.distributed else None,
+                       lr_schedule=tc.lr_schedule, teacher_cache_bytes=int(tc.teacher_cache_gib * 2**30),
+                       token_texts=[t.text for t in tokens], dist=dist if dist.distributed else None,
                        checkpointer=ckpt, **kw)
     if out_policy == OutputEmbeddings.NTP:
         out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=layer,
@@ -368,13 +369,17 @@ def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
 ARGMAX_WARN_MARGIN = 0.05
 
 
+def _some(names: list[str], most: int = 10) -> str:
+    """``'a', 'b', ...``: the first ``most`` names for a log line."""
+    return ", ".join(repr(t) for t in names[:most]) + (" ..." if len(names) > most else "")
+
+
 def _warn_missing_heldout(tokens, heldout_counts: list[int], wanted: int) -> list[str]:
     """Warn about tokens without held-out snippets (their held-out loss cannot be judged)."""
     missing = [t.text for t, n in zip(tokens, heldout_counts) if n == 0] if wanted > 0 else []
     if missing:
-        logger.warning("%d token(s) have no held-out snippet, so their held-out loss cannot be judged: %s%s "
-                       "(a larger corpus or --heldout_fraction gives them some)", len(missing),
-                       ", ".join(repr(t) for t in missing[:10]), " ..." if len(missing) > 10 else "")
+        logger.warning("%d token(s) have no held-out snippet, so their held-out loss cannot be judged: %s "
+                       "(a larger corpus or --heldout_fraction gives them some)", len(missing), _some(missing))
     return missing
 
 
@@ -389,9 +394,8 @@ def _not_improved(tokens, before: list, after: list) -> list[str]:
            if b is not None and a is not None and a > (1 - NOT_IMPROVED_SHARE) * b]
     if bad:
         logger.warning("%d of %d tokens improved their held-out distillation loss by less than %d%% (see "
-                       "report.json tokens[].heldout_loss_init/final): %s%s", len(bad), len(tokens),
-                       round(100 * NOT_IMPROVED_SHARE), ", ".join(repr(t) for t in bad[:10]),
-                       " ..." if len(bad) > 10 else "")
+                       "report.json tokens[].heldout_loss_init/final): %s", len(bad), len(tokens),
+                       round(100 * NOT_IMPROVED_SHARE), _some(bad))
     return bad
 
 

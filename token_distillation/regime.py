@@ -9,8 +9,9 @@ pieces make every run behave like the large-run regime, for any number of tokens
 
 1. **Per-token batches** (:func:`per_token_batches`): each token's snippets are shuffled with a
    generator seeded by the token's text and split into groups of ``snippets_per_update``; a batch
-   is a set of groups of different tokens (batches are filled across rounds over the tokens: 50 tokens
-   with 25 snippets in batches of 16 take 79 steps per epoch instead of 100). Every token therefore receives the same number of
+   is a set of groups of different tokens (batches are filled across rounds over the tokens: 50
+   tokens with 25 snippets in batches of 16 take 79 steps per epoch instead of 100). Every token
+   therefore receives the same number of
    updates, each from the same snippets, whatever the other tokens are.
 2. **Per-token loss** (:func:`per_token_loss`): the batch loss is the *sum over tokens* of each
    token's mean position loss, so a row's gradient is that of its own snippets only (it is not
@@ -57,12 +58,13 @@ class RowAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  row_total_steps: torch.Tensor | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         if row_total_steps is not None:
             row_total_steps = torch.as_tensor(row_total_steps, dtype=torch.float32)
             if row_total_steps.numel() and bool((row_total_steps <= 0).any()):
                 raise ValueError("row_total_steps must be positive")
+            row_total_steps = row_total_steps.to(self.param_groups[0]["params"][0].device)  # once, not per step
         self.row_total_steps = row_total_steps
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -96,7 +98,7 @@ class RowAdam(torch.optim.Optimizer):
                 update = (m / bc1) / ((v / bc2).sqrt() + group["eps"])
                 lr = group["lr"]
                 if self.row_total_steps is not None:
-                    total = self.row_total_steps.to(p.device)[idx]
+                    total = self.row_total_steps[idx]
                     lr = lr * (1 - (t - 1) / total).clamp_min(1 / total).unsqueeze(1)
                 p[idx] = (p[idx].float() - lr * update).to(p.dtype)
         return loss
@@ -144,13 +146,12 @@ def per_token_batches(token_index: list[int], texts: list[str], *, snippets_per_
 def _pack(stream: list[tuple[int, list[int]]], groups_per_batch: int) -> list[list[int]]:
     """Greedy packing of ``(token, group)`` entries into batches of up to ``groups_per_batch``
     groups of distinct tokens, keeping each token's groups in stream order."""
-    remaining: dict[int, int] = {}
-    for t, _ in stream:
-        remaining[t] = remaining.get(t, 0) + 1
+    remaining = collections.Counter(t for t, _ in stream)
+    live = len(remaining)  # tokens with groups left
     pending = collections.deque(stream)
     out: list[list[int]] = []
     while pending:
-        want = min(groups_per_batch, sum(1 for n in remaining.values() if n > 0))
+        want = min(groups_per_batch, live)
         seen: set[int] = set()
         batch: list[int] = []
         skipped: list[tuple[int, list[int]]] = []
@@ -162,6 +163,7 @@ def _pack(stream: list[tuple[int, list[int]]], groups_per_batch: int) -> list[li
             seen.add(t)
             batch.extend(group)
             remaining[t] -= 1
+            live -= remaining[t] == 0
         pending.extendleft(reversed(skipped))
         out.append(batch)
     return out
