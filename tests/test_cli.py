@@ -41,6 +41,26 @@ def test_all_problems_reported_together(tmp_path):
     assert "--snippet_num" in r.stderr and "--token_distillation_lr" in r.stderr
 
 
+@pytest.mark.parametrize("case", ["out_path", "model_path"])
+def test_path_errors_come_before_torch_is_imported(case, tmp_path):
+    """A non-empty --out_path or a missing --model_path is refused before the heavy imports (instant)."""
+    out = tmp_path / "o"
+    args = ["--out_path", str(out)]
+    if case == "out_path":
+        out.mkdir()
+        (out / "keep.txt").write_text("user data")
+    else:
+        args += ["--model_path", str(tmp_path / "missing")]
+    code = ("import sys\nfrom token_distillation.cli import fire_main\n"
+            "try:\n    fire_main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    print('torch' in sys.modules, e.code)\n")
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["False", "2"], (r.stdout, r.stderr)
+    assert f"--{case}" in r.stderr
+    if case == "out_path":
+        assert (out / "keep.txt").read_text() == "user data"
+
+
 def test_help_lists_every_flag():
     from token_distillation.config import all_flags
 

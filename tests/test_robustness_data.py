@@ -206,7 +206,7 @@ def test_atomic_outputs_get_default_permissions(tmp_path):
     """Outputs are readable like any file the user creates: not the 0700/0600 of temporary files."""
     import os
 
-    from token_distillation.models import _current_umask, atomic_write_dir
+    from token_distillation.paths import _current_umask, atomic_write_dir
 
     def write(d):
         (d / "sub").mkdir()

