@@ -63,3 +63,41 @@ def test_window_keeps_phrase_and_length():
             a, b = window(doc_len, start, start + 2, 8)
             assert a <= start and start + 2 <= b <= doc_len
             assert b - a == min(8, doc_len)
+
+
+def test_word_continuation_mask_on_real_tokenizers(smollm_tokenizer, gemma_tokenizer):
+    """Byte-level BPE (SmolLM2) and SentencePiece (Gemma 3): word pieces glue, spaces/punctuation do not."""
+    from token_distillation.snippets import word_continuation_mask
+
+    for tok in (smollm_tokenizer, gemma_tokenizer):
+        mask = word_continuation_mask(tok)
+        assert mask.shape == (len(tok),)
+        for piece in ("ing", "en", "ity"):
+            ids = tok.encode("nephrotox" + piece, add_special_tokens=False)
+            assert bool(mask[ids[-1]]), (tok.name_or_path, piece, tok.convert_ids_to_tokens(ids))
+        for text in (" the", ",", ".", "\n", " ("):
+            first = tok.encode(text, add_special_tokens=False)[0]
+            assert not bool(mask[first]), (tok.name_or_path, text)
+
+
+def test_generated_continuation_starts_a_new_word(toy_model_dir):
+    """The first sampled token after a space-prefixed word never extends it (a random model would
+    pick a word piece there about a third of the time)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from token_distillation.snippets import generate_snippets, word_continuation_mask
+
+    tok = AutoTokenizer.from_pretrained(toy_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir)
+    mask = word_continuation_mask(tok)
+    assert 0.1 < float(mask.float().mean()) < 0.9
+    word = NewToken(" token", tuple(tok.encode(" token", add_special_tokens=False)))
+    snips = generate_snippets(model, tok, [word], snippet_len=12, snippet_num=40, heldout_num=0, seed=0,
+                              use_chat_template=False)
+    k = len(word.subtoken_ids)
+    left = 12 // 4
+    assert len(snips.train) == 40
+    for s in snips.train:
+        body = s.ids[1:].tolist()
+        assert tuple(body[left:left + k]) == word.subtoken_ids
+        assert not bool(mask[body[left + k]]), tok.decode(body)

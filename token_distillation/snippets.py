@@ -157,6 +157,44 @@ def generation_prompt(tokenizer, word: str, use_chat_template: bool = True) -> l
     return bos + tokenizer.encode(f"A short passage that uses the word \"{w}\":\n\n", add_special_tokens=False)
 
 
+def word_continuation_mask(tokenizer) -> torch.Tensor:
+    """``[vocab]`` bool: tokens that would continue a word they follow (their text starts with a
+    letter or digit), e.g. ``en`` in ``nephrotoxicity`` + ``en`` -> ``nephrotoxicityen``.
+
+    Found by decoding each token after a fixed anchor word, so it works for byte-level BPE,
+    SentencePiece and WordPiece alike (a single-token decode may drop or keep a leading space
+    depending on the tokenizer's decoder).
+    """
+    anchor = tokenizer.encode(" the", add_special_tokens=False) or tokenizer.encode("the", add_special_tokens=False)
+    base = tokenizer.decode(anchor)
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([anchor + [t] for t in range(n)])
+    return torch.tensor([t.startswith(base) and t[len(base):len(base) + 1].isalnum() for t in texts],
+                        dtype=torch.bool)
+
+
+class _NoGlueFirstToken:
+    """Logits processor: at the first generated position, forbid tokens in ``mask`` (``[vocab]``),
+    so that a continuation starts a new word instead of extending the one before it."""
+
+    def __init__(self, mask: torch.Tensor, prompt_len: int):
+        self.mask = mask
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] != self.prompt_len:
+            return scores
+        v = scores.shape[-1]
+        m = torch.zeros(v, dtype=torch.bool)
+        m[: min(v, self.mask.shape[0])] = self.mask[:v]
+        return scores.masked_fill(m.to(scores.device), float("-inf"))
+
+
+def _ends_a_word(text: str) -> bool:
+    """True for a space-prefixed word ending in a letter or digit (its continuation must not glue)."""
+    return bool(text) and text[0].isspace() and text[-1].isalnum()
+
+
 @torch.no_grad()
 def generate_snippets(
     model,
@@ -179,7 +217,10 @@ def generate_snippets(
     samples the rest. A snippet is ``BOS + left + subtokens(word) + continuation`` with
     ``snippet_len`` original tokens after BOS (the prompt is dropped), matching the mined
     windows, which also keep up to a quarter of their length as left context. The first
-    ``snippet_num`` per token are for training, the next ``heldout_num`` are held out.
+    ``snippet_num`` per token are for training, the next ``heldout_num`` are held out. For a
+    space-prefixed word the first token after it may not continue the word (see
+    :func:`word_continuation_mask`): a sampled "nephrotoxicity" + "en" would teach the new token a
+    context in which the original text never has it.
 
     Args:
         counts: optional per-token ``(train, heldout)`` numbers to generate instead of
@@ -194,10 +235,16 @@ def generate_snippets(
     if pad is None:
         pad = 0
 
-    def sample(prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    glue: torch.Tensor | None = None
+
+    def sample(prompt: torch.Tensor, n_new: int, no_glue: bool = False) -> torch.Tensor:
+        from transformers import LogitsProcessorList
+
         cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=pad)
-        seqs = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg)
+        procs = LogitsProcessorList([_NoGlueFirstToken(glue, prompt.shape[1])] if no_glue else [])
+        seqs = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg,
+                              logits_processor=procs)
         return seqs[:, prompt.shape[1]:]
 
     for i, tok in enumerate(tqdm(tokens, desc="generating snippets", unit="token", leave=False)):
@@ -212,7 +259,10 @@ def generate_snippets(
         left = sample(prompt, left_len) if left_len > 0 else prompt[:, :0]
         word = torch.tensor([list(tok.subtoken_ids)] * n, device=device)
         rest_len = max(1, snippet_len - left_len - k)
-        rest = sample(torch.cat([prompt, left, word], dim=1), rest_len)
+        no_glue = _ends_a_word(tok.text)
+        if no_glue and glue is None:
+            glue = word_continuation_mask(tokenizer)
+        rest = sample(torch.cat([prompt, left, word], dim=1), rest_len, no_glue)
         body = torch.cat([left, word, rest], dim=1).cpu().numpy().astype(np.int64)
         for j, row in enumerate(body):
             snip = Snippet(ids=np.concatenate([np.asarray(bos, dtype=np.int64), row]), token_index=i, doc=-1,
