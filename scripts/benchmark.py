@@ -13,7 +13,8 @@ Step mode (default), on identical batches in one process:
   (c) the product's step in epochs after the first: teacher states from fastpath.TeacherCache.
 Reports snippets/s for both and their ratio, peak memory, trainable parameters, optimizer-state
 bytes, held-out loss after the same number of steps, model-FLOP utilisation against a matmul peak
-measured in the same run, and seconds per 1,000 new tokens at 25 snippets of 50 tokens.
+measured in the same run, the FLOP ratio (comparator FLOPs / product FLOPs: the speedup at equal
+MFU) and seconds per 1,000 new tokens at 25 snippets of 50 tokens.
 
 Examples:
   python scripts/benchmark.py                                  # bundled model, CPU, layer -1
@@ -47,6 +48,8 @@ SHAPES = {  # randomly initialised Llama shapes (no download)
                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=3,  # smoke test
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
 
 
@@ -143,13 +146,14 @@ def peak_mem(device) -> float:
 
 
 def run_steps(step_fn, batches, device):
-    step_fn(batches[0])  # warm-up
+    """Time ``step_fn(index, batch)`` over ``batches[1:]`` after one warm-up step on ``batches[0]``."""
+    step_fn(0, batches[0])  # warm-up
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for b in batches[1:]:
-        step_fn(b)
+    for i, b in enumerate(batches[1:], start=1):
+        step_fn(i, b)
     _sync(device)
     return time.perf_counter() - t
 
@@ -179,7 +183,7 @@ def step_mode(args):
         full[vocab:] = init
     opt_a = torch.optim.AdamW([full], lr=args.lr, weight_decay=0.0)
 
-    def step_a(b):
+    def step_a(_i, b):
         with autocast:
             loss = comparator_loss(model, full.to(dtype), b, layer)
         opt_a.zero_grad(set_to_none=True)
@@ -196,7 +200,7 @@ def step_mode(args):
     rows = NewRows(init.to(device), [t.token_id for t in toks], vocab + args.num_new, _scale(model)).to(device)
     opt_b = torch.optim.AdamW([rows.rows], lr=args.lr, weight_decay=0.0)
 
-    def step_b(b):
+    def step_b(_i, b):
         with autocast:
             s, t = teacher_student_hiddens(model, rows, b, layer)
             loss = mse_on_hiddens(s, t)
@@ -218,11 +222,11 @@ def step_mode(args):
             cache.put(ids, teacher_student_hiddens(model, rows, b, layer)[1], b.teacher_loss_mask.sum(1))
     rows_c = NewRows(init.to(device), [t.token_id for t in toks], vocab + args.num_new, _scale(model)).to(device)
     opt_c = torch.optim.AdamW([rows_c.rows], lr=args.lr, weight_decay=0.0)
-    batch_ids = {id(b): list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i, b in enumerate(batches)}
 
-    def step_c(b):
+    def step_c(i, b):
+        ids = list(range(i * args.batch_size, (i + 1) * args.batch_size))
         with autocast:
-            s, t = teacher_student_hiddens(model, rows_c, b, layer, teacher=cache.get(batch_ids[id(b)]))
+            s, t = teacher_student_hiddens(model, rows_c, b, layer, teacher=cache.get(ids))
             loss = mse_on_hiddens(s, t)
         opt_c.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,23 +246,37 @@ def step_mode(args):
             hb += float(mse_on_hiddens(*teacher_student_hiddens(model, rows, b, layer)))
     res["heldout_loss"] = {"comparator": ha / len(held), "product": hb / len(held)}
 
-    # model FLOPs of the product's step (frozen weights: backward computes activation gradients only,
-    # ~2N per token): 2N x (teacher tokens + student tokens after the shared prefix) forward,
-    # + 2N x student tokens backward; N = non-embedding parameters of the layers actually run.
+    # Model FLOPs per step (frozen weights: backward computes activation gradients only, ~2N per
+    # token; N = non-embedding parameters of the layers run; attention scores are left out, small
+    # at 50 tokens). Their ratio is the speedup the product would have at equal MFU: no exact
+    # implementation of the same loss can beat it without doing fewer FLOPs.
+    #   comparator: 2 N_all (teacher + student tokens) + logits 2 V H (teacher + student tokens)
+    #               + backward 2 N_layer x student tokens
+    #   product:    2 N_layer (teacher tokens + student tokens after the shared prefix) + backward 2 N_layer x those
+    #   cached:     2 N_layer (shared-prefix tokens + student tokens after it) + backward 2 N_layer x the latter
     from token_distillation.fastpath import _prefix_len
 
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     n_run = n_params * layer / n_layers
-    flops = []
+    hidden = base_w.shape[1]
+    fa, fb, fc = [], [], []
     for b in batches[1:]:
         p = _prefix_len(b)
-        t_tok = int(b.teacher_attention.sum())
+        t_all, s_all = int(b.teacher_attention.sum()), int(b.student_attention.sum())
         s_tok = int(b.student_attention[:, p:].sum())
-        flops.append(2 * n_run * (t_tok + s_tok) + 2 * n_run * s_tok)
-    flops_b = sum(flops) / len(flops)
+        pre_tok = int(b.teacher_attention[:, :p].sum())
+        fa.append(2 * n_params * (t_all + s_all) + 2 * (vocab + args.num_new) * hidden * (t_all + s_all)
+                  + 2 * n_run * s_all)
+        fb.append(2 * n_run * (t_all + s_tok) + 2 * n_run * s_tok)
+        fc.append(2 * n_run * (pre_tok + s_tok) + 2 * n_run * s_tok)
+    flops_a, flops_b, flops_c = (sum(f) / len(f) for f in (fa, fb, fc))
     peak = matmul_peak(device, dtype)
     res["matmul_peak_tflops"] = peak / 1e12
+    res["comparator"]["mfu"] = flops_a / (sec_a / args.steps) / peak
     res["product"]["mfu"] = flops_b / (sec_b / args.steps) / peak
+    res["product_teacher_cached"]["mfu"] = flops_c / (sec_c / args.steps) / peak
+    res["flop_ratio"] = flops_a / flops_b
+    res["flop_ratio_teacher_cached"] = flops_a / flops_c
     # 1,000 new tokens x 25 snippets / batch size steps
     steps_per_1000 = math.ceil(1000 * 25 / args.batch_size)
     res["product"]["seconds_per_1000_tokens"] = steps_per_1000 * sec_b / args.steps

@@ -67,3 +67,22 @@ def test_readme_results_match_the_generated_files():
     readme = (ROOT / "README.md").read_text()
     assert mod.START in readme and mod.END in readme
     assert mod.render(readme) == readme, "run: python scripts/update_readme_results.py"
+
+
+def test_benchmark_step_mode_smoke(tmp_path):
+    """The benchmark runs end to end on a tiny random shape and reports consistent figures."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    out = tmp_path / "bench.json"
+    benchmark.main(["--shape", "tiny", "--steps", "2", "--num_new", "8", "--batch_size", "4", "--target_layer", "2",
+                    "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["flop_ratio"] > 1 and res["flop_ratio_teacher_cached"] > res["flop_ratio"]
+    assert res["product"]["trainable_params"] == 8 * 64
+    assert res["comparator"]["trainable_params"] == (2048 + 8) * 64
+    assert res["product"]["optimizer_state_bytes"] < res["comparator"]["optimizer_state_bytes"]
+    held = res["heldout_loss"]
+    assert abs(held["product"] - held["comparator"]) <= 0.05 * held["comparator"]
+    for key in ("comparator", "product", "product_teacher_cached"):
+        assert res[key]["snippets_per_s"] > 0 and res[key]["mfu"] > 0
