@@ -221,3 +221,23 @@ def test_atomic_outputs_get_default_permissions(tmp_path):
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
     assert (out / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (out / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_file_identity_follows_content_not_location(tmp_path):
+    """Copies of the same weights (e.g. one per virtual environment) share a cache key; any changed
+    byte gives a new key."""
+    import os
+
+    from token_distillation.paths import file_identity
+
+    data = bytearray(os.urandom(3 << 20))
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    os.utime(b, (1_000_000, 1_000_000))
+    assert file_identity(a) == file_identity(b)
+    data[(3 << 20) // 2] ^= 1  # one byte in the middle
+    b.write_bytes(data)
+    os.utime(b, (2_000_000, 2_000_000))
+    assert file_identity(a) != file_identity(b)

@@ -3,7 +3,8 @@
 ``--model_path`` may be a Hugging Face hub id, a local checkpoint directory, a ``.gguf`` file, or
 the alias of a bundled model. GGUF checkpoints are dequantized by transformers once and the
 converted safetensors checkpoint is cached under ``<cache_dir>/gguf/<key>``, where the key is a
-hash of the file's identity (resolved path, size, modification time and first MiB of content).
+hash of the file's content (:func:`~token_distillation.paths.file_identity`): every installation
+of the same GGUF file shares one converted copy.
 """
 
 from __future__ import annotations
