@@ -77,11 +77,18 @@ def test_missing_text_column_and_empty_list(tmp_path, toy_model_dir, toy_corpus,
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, new_tokens_source=_words(tmp_path, ["", "   ", " ", "a"])))
 
 
-def test_subtoken_mean_and_random_need_no_training(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+def test_subtoken_mean_and_random_need_no_training(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
+    from token_distillation import pipeline
+
+    calls = []
+    for name in ("heldout_loss_per_token", "new_token_argmax_rate"):
+        real = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
     a = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method="subtoken-mean", out_path=str(tmp_path / "a")))
     b = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method="random", out_path=str(tmp_path / "b")))
     assert a.report["loss_curve"] == [] and b.report["loss_curve"] == []
     assert a.report["mean_heldout_loss_init"] == a.report["mean_heldout_loss_final"]
+    assert sorted(calls) == ["heldout_loss_per_token"] * 2 + ["new_token_argmax_rate"] * 2  # once per run: nothing trained
 
 
 def test_generated_snippets(tmp_path, toy_model_dir, cache_dir):

@@ -42,6 +42,28 @@ def test_loss_decreases_and_original_rows_bit_identical():
         assert torch.equal(v, before[k]), k  # the frozen model is untouched by training
 
 
+def test_heldout_loss_with_teacher_cache_equals_without():
+    """The held-out evaluation reuses the teacher's states after training: same numbers, no teacher rerun."""
+    from token_distillation.fastpath import TeacherCache
+
+    model, toks, seqs, tix, rows = _setup(n_snip=20)
+    layer = resolve_layer(model, -1)
+    cpu = torch.device("cpu")
+    cache = TeacherCache(1 << 30)
+    before = heldout_loss_per_token(model, rows, seqs, tix, 2, layer=layer, device=cpu, batch_size=8,
+                                    teacher_cache=cache)
+    assert before == heldout_loss_per_token(model, rows, seqs, tix, 2, layer=layer, device=cpu, batch_size=8)
+    assert cache.misses == 3 and cache.hits == 0
+    with torch.no_grad():
+        rows.rows.add_(0.1)
+    after = heldout_loss_per_token(model, rows, seqs, tix, 2, layer=layer, device=cpu, batch_size=8,
+                                   teacher_cache=cache)
+    assert cache.hits == 3
+    ref = heldout_loss_per_token(model, rows, seqs, tix, 2, layer=layer, device=cpu, batch_size=8)
+    assert after != before
+    assert all(abs(a - r) <= 1e-6 * max(1.0, abs(r)) for a, r in zip(after, ref))
+
+
 def test_only_new_rows_receive_gradient():
     model, toks, seqs, tix, rows = _setup()
     batch = collate(seqs[:4], tix[:4])

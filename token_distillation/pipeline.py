@@ -29,6 +29,7 @@ from .checkpoint import CHECKPOINT_DIRNAME, Checkpointer, fingerprint, prepare_o
 from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource
 from .corpus import tokenize_corpus
 from .distributed import DistContext, check_batch_divisible, launched_world_size
+from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
 from .regime import relative_lr
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
@@ -252,7 +253,9 @@ def run(cfg: RunConfig) -> RunResult:
     train_seqs, train_tix = _merge_all(snips.train, tokens)
     held_seqs, held_tix = _merge_all(snips.heldout, tokens)
     eval_kw = dict(device=device, autocast_dtype=autocast_dtype, pad_id=pad_id)
-    held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer, **eval_kw)
+    held_teacher = TeacherCache(int(tc.teacher_cache_gib * 2**30))  # teacher states shared by before/after
+    held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer,
+                                         teacher_cache=held_teacher, **eval_kw)
     argmax_before = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
     per_token_lr = relative_lr(tc.token_distillation_lr_relative, emb, n_orig)
     if tc.recipe == Recipe.PER_TOKEN and tc.init_method in TRAINED:
@@ -282,8 +285,14 @@ def run(cfg: RunConfig) -> RunResult:
                                        autocast_dtype=autocast_dtype, **loop_kw)
     if not dist.is_main:  # the rows are identical on every process; the main process evaluates and saves
         return RunResult(out, {})
-    held_after = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer, **eval_kw)
-    argmax_after = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
+    # the input rows (held-out distillation loss) change only when trained, the argmax rate also
+    # when the output rows are trained (ntp); otherwise "after" equals "before" and is not recomputed
+    input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
+    held_after = (heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer,
+                                         teacher_cache=held_teacher, **eval_kw) if input_trained else held_before)
+    argmax_after = (new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
+                    if input_trained or out_policy == OutputEmbeddings.NTP else argmax_before)
+    del held_teacher
     _warn_if_new_tokens_dominate(argmax_after, tied)
 
     with torch.no_grad():

@@ -455,10 +455,13 @@ def new_token_argmax_rate(model, rows: NewRows, seqs: list[MergedSequence], toke
 @torch.no_grad()
 def heldout_loss_per_token(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int],
                            num_tokens: int, *, layer: int, device: torch.device, batch_size: int = 16,
-                           autocast_dtype=None, pad_id: int = 0) -> list[float | None]:
+                           autocast_dtype=None, pad_id: int = 0,
+                           teacher_cache: TeacherCache | None = None) -> list[float | None]:
     """Mean distillation MSE per new token over its held-out snippets (None: no held-out snippet).
 
     Each snippet's positions are averaged first, then snippets are averaged per token.
+    ``teacher_cache``: pass the same cache to the evaluations before and after training; the
+    teacher's states (which training does not change) are then computed once (within its budget).
     """
     sums = [0.0] * num_tokens
     counts = [0] * num_tokens
@@ -466,7 +469,8 @@ def heldout_loss_per_token(model, rows: NewRows, seqs: list[MergedSequence], tok
         chunk = seqs[b: b + batch_size]
         tix = token_index[b: b + batch_size]
         batch = collate(chunk, tix, pad_id).to(device)
-        per_pos = distill_loss(model, rows, batch, layer, autocast_dtype=autocast_dtype, per_position=True)
+        per_pos = distill_loss(model, rows, batch, layer, autocast_dtype=autocast_dtype, per_position=True,
+                               teacher_cache=teacher_cache, snippet_ids=list(range(b, b + len(chunk))))
         n_pos = batch.student_loss_mask.sum(dim=1).tolist()
         pos = 0
         for r, n in enumerate(n_pos):
