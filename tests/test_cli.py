@@ -65,8 +65,10 @@ def test_help_lists_every_flag():
     from token_distillation.config import all_flags
 
     r = run_cli("--help")
+    assert r.returncode == 0 and r.stderr == ""  # on stdout, so that `--help | grep lr` works
+    assert r.stdout.startswith("NAME\n    apply_embedding_init.py")
     for name, _, _ in all_flags():
-        assert f"--{name}" in r.stdout + r.stderr, name
+        assert f"--{name}" in r.stdout, name
 
 
 def test_readme_documents_every_flag():

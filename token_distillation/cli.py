@@ -67,19 +67,29 @@ main.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
 )
 
 
-def fire_main(argv: list[str] | None = None) -> None:
-    """Entry used by ``apply_embedding_init.py``; rejects unknown flags with exit code 2."""
+def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
+    """Run ``fn`` under python-fire: unknown flags end with one ``error:`` line and exit code 2;
+    ``--help`` goes to stdout (pipeable) without Fire's "INFO: Showing help" line."""
     import fire
 
-    known = {name for name, _, _ in all_flags()}
     args = sys.argv[1:] if argv is None else argv
     unknown = []
     for a in args:
         if a.startswith("--") and a not in ("--help", "--"):
-            name = a[2:].split("=", 1)[0].replace("-", "_")
-            if name not in known and not (name.startswith("no") and name[2:] in known):
+            flag = a[2:].split("=", 1)[0].replace("-", "_")
+            if flag not in known and not (flag.startswith("no") and flag[2:] in known):
                 unknown.append(a.split("=", 1)[0])
     if unknown:
         sys.stderr.write(f"error: unknown flag(s) {', '.join(unknown)}; see --help for the list of flags\n")
         sys.exit(2)
-    fire.Fire(main, command=args, name="apply_embedding_init.py")
+    if "--help" in args or "-h" in args:
+        from fire import helptext, trace
+
+        sys.stdout.write(helptext.HelpText(fn, trace=trace.FireTrace(fn, name=name)) + "\n")
+        return
+    fire.Fire(fn, command=args, name=name)
+
+
+def fire_main(argv: list[str] | None = None) -> None:
+    """Entry used by ``apply_embedding_init.py``."""
+    run_fire(main, {name for name, _, _ in all_flags()}, argv, "apply_embedding_init.py")

@@ -787,16 +787,9 @@ _install_signature()
 
 def fire_main(argv: list[str] | None = None) -> None:
     """``python -m token_distillation.evaluate``: unknown flags end with exit code 2."""
-    import fire
+    from .cli import run_fire
 
-    known = {f.name for f in fields(EvalConfig)}
-    args = sys.argv[1:] if argv is None else argv
-    unknown = [a.split("=", 1)[0] for a in args if a.startswith("--") and a not in ("--help", "--")
-               and a[2:].split("=", 1)[0].replace("-", "_") not in known]
-    if unknown:
-        sys.stderr.write(f"error: unknown flag(s) {', '.join(unknown)}; see --help for the list of flags\n")
-        sys.exit(2)
-    fire.Fire(main, command=args, name="python -m token_distillation.evaluate")
+    run_fire(main, {f.name for f in fields(EvalConfig)}, argv, "python -m token_distillation.evaluate")
 
 
 if __name__ == "__main__":
