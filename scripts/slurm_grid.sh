@@ -33,7 +33,7 @@
 #   EVAL_DATASET_PATH corpus for the evaluation (DATASET_PATH)
 #   RESULTS_DIR       where runs, evaluation and summary go (outputs/grid)
 #   BATCH_SIZE, EPOCHS, SNIPPET_NUM, SNIPPET_LEN, TARGET_LAYER, SEED
-#                     as in slurm_single_gpu.sh (16, 1, 25, 50, -1, 42)
+#                     as in slurm_single_gpu.sh (16, 0 = the recipe's default, 25, 50, -1, 42)
 #   CHECKPOINT_EVERY  --checkpoint_every (20)
 #   EXTRA_ARGS        further flags for every run ("")
 #   TASK_ID           run only this task (${SLURM_ARRAY_TASK_ID}; unset: all tasks in turn)
@@ -51,32 +51,16 @@
 set -euo pipefail
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
-cd "$REPO_DIR"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+RECIPE=${RECIPE:-paper}  # this grid reproduces the paper's comparison
+DEFAULT_DATASET=../shared/data/pubmed_abstracts/abstracts.jsonl
+source "$REPO_DIR/scripts/common.sh"
 MODELS=${MODELS:-"smollm2-135m gemma3-270m"}
 INIT_METHODS=${INIT_METHODS:-"random subtoken-mean token_distillation"}
 UNTRAINED_METHODS=${UNTRAINED_METHODS:-"random subtoken-mean weighted-mean"}
 LRS=${LRS:-"1e-4 1e-3"}
-RECIPE=${RECIPE:-paper}
-NEW_TOKENS=${NEW_TOKENS:-new_tokens/biomedical_demo.txt}
-if [[ -z "${DATASET_PATH+x}" ]]; then
-    DATASET_PATH=""
-    [[ -f ../shared/data/pubmed_abstracts/abstracts.jsonl ]] && DATASET_PATH=../shared/data/pubmed_abstracts/abstracts.jsonl
-fi
 EVAL_DATASET_PATH=${EVAL_DATASET_PATH:-$DATASET_PATH}
 RESULTS_DIR=${RESULTS_DIR:-outputs/grid}
-BATCH_SIZE=${BATCH_SIZE:-16}
-EPOCHS=${EPOCHS:-0}  # 0: the recipe's default (per-token 2, paper 1)
-SNIPPET_NUM=${SNIPPET_NUM:-25}
-SNIPPET_LEN=${SNIPPET_LEN:-50}
-TARGET_LAYER=${TARGET_LAYER:-"-1"}
-SEED=${SEED:-42}
-CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-20}
-EXTRA_ARGS=${EXTRA_ARGS:-}
 TASK_ID=${TASK_ID:-${SLURM_ARRAY_TASK_ID:-}}
-export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
 slug() { basename "${1%/}" | tr -c 'A-Za-z0-9._\n-' '_'; }
 

@@ -24,7 +24,7 @@
 #   OUT_PATH          output directory (outputs/multi_gpu_<model>)
 #   RECIPE            --recipe: per-token (default) or paper (then LR is the AdamW lr)
 #   LR, BATCH_SIZE, EPOCHS, SNIPPET_NUM, SNIPPET_LEN, TARGET_LAYER, SEED
-#                     as in slurm_single_gpu.sh (1e-4, 16 = the global batch, 1, 25, 50, -1, 42)
+#                     as in slurm_single_gpu.sh (1e-4, 16 = the global batch, 0 = the recipe's default, 25, 50, -1, 42)
 #   CHECKPOINT_EVERY  --checkpoint_every (20); --resume is always passed (requeue continues)
 #   EXTRA_ARGS        further flags, passed as they are ("")
 #
@@ -41,10 +41,7 @@
 set -euo pipefail
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
-cd "$REPO_DIR"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source "$REPO_DIR/scripts/common.sh"
 LAUNCHER=${LAUNCHER:-torchrun}
 if [[ -z "${NPROC:-}" ]]; then
     NPROC=${SLURM_GPUS_ON_NODE:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')}
@@ -53,28 +50,9 @@ fi
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
 MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 MODEL_PATH=${MODEL_PATH:-smollm2-135m}
-NEW_TOKENS=${NEW_TOKENS:-new_tokens/biomedical_demo.txt}
-if [[ -z "${DATASET_PATH+x}" ]]; then
-    DATASET_PATH=""
-    [[ -f ../shared/data/pubmed_abstracts/abstracts_small.jsonl ]] && DATASET_PATH=../shared/data/pubmed_abstracts/abstracts_small.jsonl
-fi
 OUT_PATH=${OUT_PATH:-outputs/multi_gpu_$(basename "${MODEL_PATH%/}" | tr -c 'A-Za-z0-9._\n-' '_')}
-LR=${LR:-1e-4}
-RECIPE=${RECIPE:-per-token}
-BATCH_SIZE=${BATCH_SIZE:-16}
-EPOCHS=${EPOCHS:-0}  # 0: the recipe's default (per-token 2, paper 1)
-SNIPPET_NUM=${SNIPPET_NUM:-25}
-SNIPPET_LEN=${SNIPPET_LEN:-50}
-TARGET_LAYER=${TARGET_LAYER:-"-1"}
-SEED=${SEED:-42}
-CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-20}
-EXTRA_ARGS=${EXTRA_ARGS:-}
-export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
-if [[ -f "$OUT_PATH/report.json" ]]; then
-    echo "already done: $OUT_PATH/report.json exists (remove $OUT_PATH or set OUT_PATH to run again)"
-    exit 0
-fi
+exit_if_done "$OUT_PATH"
 WORLD=$((NPROC * NNODES))
 if ((BATCH_SIZE % WORLD)); then
     echo "error: BATCH_SIZE=$BATCH_SIZE (the global batch) must be a multiple of $WORLD processes" >&2

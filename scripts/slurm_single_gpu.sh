@@ -43,34 +43,12 @@
 set -euo pipefail
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
-cd "$REPO_DIR"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source "$REPO_DIR/scripts/common.sh"
 MODEL_PATH=${MODEL_PATH:-smollm2-135m}
-NEW_TOKENS=${NEW_TOKENS:-new_tokens/biomedical_demo.txt}
-if [[ -z "${DATASET_PATH+x}" ]]; then
-    DATASET_PATH=""
-    [[ -f ../shared/data/pubmed_abstracts/abstracts_small.jsonl ]] && DATASET_PATH=../shared/data/pubmed_abstracts/abstracts_small.jsonl
-fi
 OUT_PATH=${OUT_PATH:-outputs/single_gpu_$(basename "${MODEL_PATH%/}" | tr -c 'A-Za-z0-9._\n-' '_')}
-LR=${LR:-1e-4}
-RECIPE=${RECIPE:-per-token}
-BATCH_SIZE=${BATCH_SIZE:-16}
-EPOCHS=${EPOCHS:-0}  # 0: the recipe's default (per-token 2, paper 1)
-SNIPPET_NUM=${SNIPPET_NUM:-25}
-SNIPPET_LEN=${SNIPPET_LEN:-50}
-TARGET_LAYER=${TARGET_LAYER:-"-1"}
-SEED=${SEED:-42}
 DEVICE=${DEVICE:-auto}
-CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-20}
-EXTRA_ARGS=${EXTRA_ARGS:-}
-export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
-if [[ -f "$OUT_PATH/report.json" ]]; then
-    echo "already done: $OUT_PATH/report.json exists (remove $OUT_PATH or set OUT_PATH to run again)"
-    exit 0
-fi
+exit_if_done "$OUT_PATH"
 echo "[$(date '+%F %T')] job ${SLURM_JOB_ID:-local} on $(hostname): $MODEL_PATH -> $OUT_PATH"
 
 ARGS=(--model_path "$MODEL_PATH" --new_tokens_source "$NEW_TOKENS" --out_path "$OUT_PATH"
