@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 
 from token_distillation.corpus import TokenizedCorpus
 from token_distillation.snippets import mine_snippets, window
@@ -101,3 +102,32 @@ def test_generated_continuation_starts_a_new_word(toy_model_dir):
         body = s.ids[1:].tolist()
         assert tuple(body[left:left + k]) == word.subtoken_ids
         assert not bool(mask[body[left + k]]), tok.decode(body)
+
+
+def test_word_boundary_mask_applies_before_top_p(toy_model_dir):
+    """A model certain of a word piece after the word: top-p alone would keep only that piece, so
+    the mask must come first (otherwise nothing is left to sample)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from token_distillation.snippets import generate_snippets, word_continuation_mask
+
+    tok = AutoTokenizer.from_pretrained(toy_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir)
+    mask = word_continuation_mask(tok)
+    piece = int(mask.nonzero()[0])
+
+    class Certain(torch.nn.Module):  # logits: the word piece at +30, everything else at 0
+        def forward(self, h):
+            out = torch.zeros(*h.shape[:-1], len(tok))
+            out[..., piece] = 30.0
+            return out
+
+    model.lm_head = Certain()
+    word = NewToken(" token", tuple(tok.encode(" token", add_special_tokens=False)))
+    snips = generate_snippets(model, tok, [word], snippet_len=8, snippet_num=6, heldout_num=0, seed=0,
+                              top_p=0.95, use_chat_template=False)
+    k, left = len(word.subtoken_ids), 8 // 4
+    for s in snips.train:
+        body = s.ids[1:].tolist()
+        assert body[:left] == [piece] * left  # elsewhere the piece is sampled, as the model wants
+        assert not bool(mask[body[left + k]])
