@@ -147,8 +147,6 @@ def run(cfg: RunConfig) -> RunResult:
     model = None
     sc = cfg.snippets
     src = cfg.resolved_snippet_source
-    gen_kw = dict(seed=cfg.train.seed, temperature=sc.generation_temperature, top_p=sc.generation_top_p,
-                  use_chat_template=sc.generation_chat_template)
     occurrences = None
     corpus = None
     if src != SnippetSource.GENERATED:
@@ -164,32 +162,9 @@ def run(cfg: RunConfig) -> RunResult:
 
     def _snippets():
         nonlocal model
-        if src == SnippetSource.GENERATED:
-            model = load_model(source, cache_root, device, weights_dtype)
-            snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
-                                      device=device, **gen_kw)
-            corpus_info: dict[str, Any] = {"source": "generated"}
-            token_sources = ["generated"] * len(tokens)
-        else:
-            snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
-                                  cfg.corpus.heldout_fraction, bos, cfg.train.seed)
-            corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
-                           "num_tokens": int(len(corpus.ids)),
-                           "train_doc_ids": [corpus.doc_ids[d] for d in snips.train_docs],
-                           "heldout_doc_ids": [corpus.doc_ids[d] for d in snips.heldout_docs]}
-            token_sources = ["corpus"] * len(tokens)
-            if src == SnippetSource.CORPUS_THEN_GENERATED:
-                want = [(sc.snippet_num - c, max(0, sc.heldout_snippet_num - h)) if c < sc.min_snippets else (0, 0)
-                        for c, h in zip(snips.train_counts, snips.heldout_counts)]
-                if any(w != (0, 0) for w in want):
-                    logger.info("topping up %d token(s) with fewer than %d corpus snippets with generated ones",
-                                sum(w != (0, 0) for w in want), sc.min_snippets)
-                    model = load_model(source, cache_root, device, weights_dtype)
-                    gen = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num,
-                                            sc.heldout_snippet_num, device=device, counts=want, **gen_kw)
-                    token_sources = [("corpus+generated" if c else "generated") if w != (0, 0) else "corpus"
-                                     for c, w in zip(snips.train_counts, want)]
-                    snips = top_up(snips, gen)
+        snips, corpus_info, token_sources, model = collect_snippets(
+            cfg, src, tokens, corpus, tokenizer, bos, lambda: load_model(source, cache_root, device, weights_dtype),
+            device)
         return snips, corpus_info, token_sources
 
     # Snippets are mined (or generated) once, by the main process, and sent to the others.
@@ -199,22 +174,9 @@ def run(cfg: RunConfig) -> RunResult:
     else:
         scan_ids = (corpus.doc(d) for d in range(corpus.num_docs))
 
-    needs_snippets = cfg.train.init_method in TRAINED
-    keep = [i for i, c in enumerate(snips.train_counts) if c >= sc.min_snippets or not needs_snippets]
-    skipped = dict(targets.skipped)
-    for i, c in enumerate(snips.train_counts):
-        if i not in keep:
-            skipped[tokens[i].text] = (f"only {c} training snippets (< --min_snippets {sc.min_snippets}); "
-                                       "use a larger corpus, lower --min_snippets, or --use_generated_snippets")
-            logger.warning("skipping %r: %s", tokens[i].text, skipped[tokens[i].text])
-    if not keep:
-        raise ConfigError("no new token has enough snippets (--min_snippets "
-                          f"{sc.min_snippets}); pass a larger --dataset_path, lower --min_snippets, "
-                          "or use --use_generated_snippets")
-    snips = _reindex(snips, keep)
-    tokens = [tokens[i] for i in keep]
+    snips, tokens, token_sources, skipped = keep_tokens_with_snippets(cfg, snips, tokens, token_sources,
+                                                                      targets.skipped)
     _warn_missing_heldout(tokens, snips.heldout_counts, sc.heldout_snippet_num)
-    token_sources = [token_sources[i] for i in keep]
 
     logger.info("pre-flight: %d new tokens, %d skipped, %d training / %d held-out snippets, method %s",
                 len(tokens), len(skipped), len(snips.train), len(snips.heldout), cfg.train.init_method.value)
@@ -358,6 +320,74 @@ def run(cfg: RunConfig) -> RunResult:
                 report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
                 report["total_seconds"])
     return RunResult(out, report)
+
+
+def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken], corpus, tokenizer, bos: list[int],
+                     load, device: torch.device):
+    """Training and held-out snippets for ``tokens``: mined from ``corpus``, generated by the model
+    (``load()`` returns it; called only when snippets are generated), or mined then topped up.
+
+    Returns:
+        ``(snippets, corpus_info for the report, per-token snippet source, the loaded model or None)``.
+    """
+    sc = cfg.snippets
+    gen_kw = dict(seed=cfg.train.seed, temperature=sc.generation_temperature, top_p=sc.generation_top_p,
+                  use_chat_template=sc.generation_chat_template)
+    model = None
+    if src == SnippetSource.GENERATED:
+        model = load()
+        snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+                                  device=device, **gen_kw)
+        corpus_info: dict[str, Any] = {"source": "generated"}
+        token_sources = ["generated"] * len(tokens)
+    else:
+        snips = mine_snippets(corpus, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+                              cfg.corpus.heldout_fraction, bos, cfg.train.seed)
+        corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
+                       "num_tokens": int(len(corpus.ids)),
+                       "train_doc_ids": [corpus.doc_ids[d] for d in snips.train_docs],
+                       "heldout_doc_ids": [corpus.doc_ids[d] for d in snips.heldout_docs]}
+        token_sources = ["corpus"] * len(tokens)
+        if src == SnippetSource.CORPUS_THEN_GENERATED:
+            want = [(sc.snippet_num - c, max(0, sc.heldout_snippet_num - h)) if c < sc.min_snippets else (0, 0)
+                    for c, h in zip(snips.train_counts, snips.heldout_counts)]
+            if any(w != (0, 0) for w in want):
+                logger.info("topping up %d token(s) with fewer than %d corpus snippets with generated ones",
+                            sum(w != (0, 0) for w in want), sc.min_snippets)
+                model = load()
+                gen = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num,
+                                        sc.heldout_snippet_num, device=device, counts=want, **gen_kw)
+                token_sources = [("corpus+generated" if c else "generated") if w != (0, 0) else "corpus"
+                                 for c, w in zip(snips.train_counts, want)]
+                snips = top_up(snips, gen)
+    return snips, corpus_info, token_sources, model
+
+
+def keep_tokens_with_snippets(cfg: RunConfig, snips: SnippetSet, tokens: list[NewToken], token_sources: list[str],
+                              skipped: dict[str, str]):
+    """Drop tokens with fewer than ``--min_snippets`` training snippets (when the method trains).
+
+    Returns:
+        ``(snippets, tokens, token_sources, skipped)`` for the kept tokens; ``skipped`` adds the
+        dropped tokens with the reason.
+
+    Raises:
+        ConfigError: no token is left.
+    """
+    needs_snippets = cfg.train.init_method in TRAINED
+    keep = [i for i, c in enumerate(snips.train_counts) if c >= cfg.snippets.min_snippets or not needs_snippets]
+    kept = set(keep)
+    skipped = dict(skipped)
+    for i, c in enumerate(snips.train_counts):
+        if i not in kept:
+            skipped[tokens[i].text] = (f"only {c} training snippets (< --min_snippets {cfg.snippets.min_snippets}); "
+                                       "use a larger corpus, lower --min_snippets, or --use_generated_snippets")
+            logger.warning("skipping %r: %s", tokens[i].text, skipped[tokens[i].text])
+    if not keep:
+        raise ConfigError("no new token has enough snippets (--min_snippets "
+                          f"{cfg.snippets.min_snippets}); pass a larger --dataset_path, lower --min_snippets, "
+                          "or use --use_generated_snippets")
+    return _reindex(snips, keep), [tokens[i] for i in keep], [token_sources[i] for i in keep], skipped
 
 
 def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
