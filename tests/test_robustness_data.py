@@ -241,3 +241,31 @@ def test_file_identity_follows_content_not_location(tmp_path):
     b.write_bytes(data)
     os.utime(b, (2_000_000, 2_000_000))
     assert file_identity(a) != file_identity(b)
+
+
+def test_directory_identity_follows_weight_files(tmp_path):
+    """A model saved again into the same directory (same config) gets a new identity, so that a
+    checkpoint made against the old weights is not resumed against the new ones."""
+    import os
+
+    from token_distillation.paths import resolve_model_source
+
+    (tmp_path / "config.json").write_text("{}")
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(b"x" * 64)
+    a = resolve_model_source(str(tmp_path)).identity
+    assert resolve_model_source(str(tmp_path)).identity == a
+    w.write_bytes(b"y" * 64)
+    os.utime(w, ns=(w.stat().st_mtime_ns + 10**9,) * 2)
+    assert resolve_model_source(str(tmp_path)).identity != a
+
+
+def test_gguf_cache_shared_by_alias_and_path():
+    """The bundled model named by its alias or by its file path converts into the same cache entry."""
+    from token_distillation.models import _gguf_cache_dir
+    from token_distillation.paths import resolve_model_source
+
+    by_alias = resolve_model_source("smollm2-135m")
+    by_path = resolve_model_source(str(Path(by_alias.path) / by_alias.gguf_file))
+    assert by_alias.identity != by_path.identity  # the report says how the model was named
+    assert _gguf_cache_dir(by_alias, Path("/c")) == _gguf_cache_dir(by_path, Path("/c"))

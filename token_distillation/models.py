@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 
 def _gguf_cache_dir(source: ModelSource, cache_root: Path) -> Path:
-    key = hashlib.sha256(source.identity.encode()).hexdigest()[:20]
+    """``<cache_root>/gguf/<key>``; the key is the GGUF file's content hash (the end of a GGUF
+    source's identity), so an alias and a path to the same file share one converted copy."""
+    key = hashlib.sha256(source.identity.rsplit(":", 1)[-1].encode()).hexdigest()[:20]
     return cache_root / "gguf" / key
 
 

@@ -115,6 +115,17 @@ def file_identity(path: Path) -> str:
     return _IDENTITIES[key]
 
 
+def _dir_identity(p: Path) -> str:
+    """Hash of a checkpoint directory: config.json's content plus the name, size and modification
+    time of every weight file (a retrained model saved into the same directory gets a new identity
+    even when its config is unchanged; hashing gigabytes of weights on every run is avoided)."""
+    h = hashlib.sha256(file_identity(p / "config.json").encode())
+    for w in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + sorted(p.glob("*.index.json")):
+        st = w.stat()
+        h.update(f"|{w.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
 def resolve_model_source(spec: str) -> ModelSource:
     """Turn ``--model_path`` into a :class:`ModelSource` without loading anything.
 
@@ -140,8 +151,7 @@ def resolve_model_source(spec: str) -> ModelSource:
         if not (p / "config.json").is_file():
             raise ConfigError(f"--model_path: {p} is a directory without config.json; pass a Hugging "
                               "Face checkpoint directory, a .gguf file or a hub id")
-        cfg = p / "config.json"
-        return ModelSource(spec, str(p.resolve()), None, f"dir:{p.resolve()}:{file_identity(cfg)}")
+        return ModelSource(spec, str(p.resolve()), None, f"dir:{p.resolve()}:{_dir_identity(p)}")
     if spec.startswith((".", "/", "~")) or p.exists() or spec.count("/") > 1:
         raise ConfigError(f"--model_path: local path not found: {spec}; pass an existing directory, "
                           f"a .gguf file, a hub id, or a bundled model ({', '.join(map(repr, BUNDLED_MODELS))})")
@@ -292,4 +302,5 @@ def preflight(model_path: str, out_path: str, overwrite: bool, resume: bool) -> 
     Raises:
         ConfigError: the errors of :func:`resolve_model_source` and :func:`prepare_output`.
     """
+    prepare_output(out_path, overwrite, resume)  # first: instant, before a large GGUF file is hashed
     prepare_output(out_path, overwrite, resume, resolve_model_source(model_path))
