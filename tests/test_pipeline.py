@@ -91,6 +91,33 @@ def test_subtoken_mean_and_random_need_no_training(tmp_path, toy_model_dir, toy_
     assert sorted(calls) == ["heldout_loss_per_token"] * 2 + ["new_token_argmax_rate"] * 2  # once per run: nothing trained
 
 
+def test_teacher_cache_budget_shared_by_heldout_and_training(tmp_path, toy_model_dir, toy_corpus, cache_dir,
+                                                            monkeypatch):
+    """The held-out teacher states kept between the evaluations before and after training and the
+    training's teacher cache together stay within --teacher_cache_gib."""
+    from token_distillation import pipeline
+
+    seen = {}
+    real_train, real_held = pipeline.train, pipeline.heldout_loss_per_token
+
+    def train(*a, teacher_cache_bytes=0, **k):
+        seen["train_budget"] = teacher_cache_bytes
+        return real_train(*a, teacher_cache_bytes=teacher_cache_bytes, **k)
+
+    def held(*a, teacher_cache=None, **k):
+        out = real_held(*a, teacher_cache=teacher_cache, **k)
+        seen.setdefault("held", []).append((teacher_cache.bytes, teacher_cache.hits))
+        return out
+
+    monkeypatch.setattr(pipeline, "train", train)
+    monkeypatch.setattr(pipeline, "heldout_loss_per_token", held)
+    budget_gib = 1e-3
+    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, teacher_cache_gib=budget_gib))
+    (held_bytes, hits_before), (_, hits_after) = seen["held"]
+    assert held_bytes > 0 and hits_before == 0 and hits_after > 0  # "after" reused the teacher states
+    assert seen["train_budget"] == int(budget_gib * 2**30) - held_bytes
+
+
 def test_generated_snippets(tmp_path, toy_model_dir, cache_dir):
     cfg = RunConfig.from_flags(model_path=str(toy_model_dir), cache_dir=str(cache_dir),
                                new_tokens_source=_words(tmp_path, [" hepatotoxicity"]), out_path=str(tmp_path / "g"),

@@ -215,7 +215,13 @@ def run(cfg: RunConfig) -> RunResult:
     train_seqs, train_tix = _merge_all(snips.train, tokens)
     held_seqs, held_tix = _merge_all(snips.heldout, tokens)
     eval_kw = dict(device=device, autocast_dtype=autocast_dtype, pad_id=pad_id)
-    held_teacher = TeacherCache(int(tc.teacher_cache_gib * 2**30))  # teacher states shared by before/after
+    # The input rows (held-out distillation loss) change only when trained, the argmax rate also when
+    # the output rows are trained (ntp); otherwise "after" equals "before" and is not recomputed.
+    # When "after" is computed (main process), the teacher states of "before" are kept for it, within
+    # --teacher_cache_gib (training's own teacher cache gets the rest of the budget).
+    input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
+    cache_budget = int(tc.teacher_cache_gib * 2**30)
+    held_teacher = TeacherCache(cache_budget) if input_trained and dist.is_main else None
     held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer,
                                          teacher_cache=held_teacher, **eval_kw)
     argmax_before = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
@@ -239,7 +245,8 @@ def run(cfg: RunConfig) -> RunResult:
                             dist=dist if dist.distributed else None)
         result = train(model, rows, train_seqs, train_tix, layer=layer, loss_method=tc.loss_method,
                        autocast_dtype=autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
-                       lr_schedule=tc.lr_schedule, teacher_cache_bytes=int(tc.teacher_cache_gib * 2**30),
+                       lr_schedule=tc.lr_schedule,
+                       teacher_cache_bytes=cache_budget - (held_teacher.bytes if held_teacher else 0),
                        token_texts=[t.text for t in tokens], dist=dist if dist.distributed else None,
                        checkpointer=ckpt, **kw)
     if out_policy == OutputEmbeddings.NTP:
@@ -247,9 +254,6 @@ def run(cfg: RunConfig) -> RunResult:
                                        autocast_dtype=autocast_dtype, **loop_kw)
     if not dist.is_main:  # the rows are identical on every process; the main process evaluates and saves
         return RunResult(out, {})
-    # the input rows (held-out distillation loss) change only when trained, the argmax rate also
-    # when the output rows are trained (ntp); otherwise "after" equals "before" and is not recomputed
-    input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
     held_after = (heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer,
                                          teacher_cache=held_teacher, **eval_kw) if input_trained else held_before)
     argmax_after = (new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
