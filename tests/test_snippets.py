@@ -79,6 +79,10 @@ def test_word_continuation_mask_on_real_tokenizers(smollm_tokenizer, gemma_token
         for text in (" the", ",", ".", "\n", " ("):
             first = tok.encode(text, add_special_tokens=False)[0]
             assert not bool(mask[first]), (tok.name_or_path, text)
+        # a rare CJK character is split into byte pieces by both tokenizers; its first piece continues the word
+        ids = tok.encode("nephrotoxicity龘", add_special_tokens=False)
+        start = next(j for j in range(len(ids)) if tok.decode(ids[j:j + 1]) == "\ufffd")
+        assert bool(mask[ids[start]]), (tok.name_or_path, tok.convert_ids_to_tokens(ids))
 
 
 def test_generated_continuation_starts_a_new_word(toy_model_dir):

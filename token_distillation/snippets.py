@@ -7,6 +7,7 @@ Mined from a tokenized corpus with a multi-pattern matcher over token ids (see
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,17 +160,25 @@ def generation_prompt(tokenizer, word: str, use_chat_template: bool = True) -> l
 
 def word_continuation_mask(tokenizer) -> torch.Tensor:
     """``[vocab]`` bool: tokens that would continue a word they follow (their text starts with a
-    letter or digit), e.g. ``en`` in ``nephrotoxicity`` + ``en`` -> ``nephrotoxicityen``.
+    letter, digit or combining mark, or is part of a multi-byte character), e.g. ``en`` in
+    ``nephrotoxicity`` + ``en`` -> ``nephrotoxicityen``.
 
     Found by decoding each token after a fixed anchor word, so it works for byte-level BPE,
     SentencePiece and WordPiece alike (a single-token decode may drop or keep a leading space
     depending on the tokenizer's decoder).
     """
     anchor = tokenizer.encode(" the", add_special_tokens=False) or tokenizer.encode("the", add_special_tokens=False)
-    base = tokenizer.decode(anchor)
+    kw = dict(clean_up_tokenization_spaces=False)
+    base = tokenizer.decode(anchor, **kw)
     n = len(tokenizer)
-    texts = tokenizer.batch_decode([anchor + [t] for t in range(n)])
-    return torch.tensor([t.startswith(base) and t[len(base):len(base) + 1].isalnum() for t in texts],
+    texts = tokenizer.batch_decode([anchor + [t] for t in range(n)], **kw)
+
+    def continues(c: str) -> bool:
+        # a letter or digit, a combining mark (accents), or U+FFFD: part of a multi-byte character
+        # (byte-level BPE), which is most often a letter of a non-Latin script
+        return c.isalnum() or c == "\ufffd" or unicodedata.category(c).startswith("M")
+
+    return torch.tensor([t.startswith(base) and len(t) > len(base) and continues(t[len(base)]) for t in texts],
                         dtype=torch.bool)
 
 
