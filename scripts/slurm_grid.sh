@@ -52,7 +52,7 @@ set -euo pipefail
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 RECIPE=${RECIPE:-paper}  # this grid reproduces the paper's comparison
-DEFAULT_DATASET=../shared/data/pubmed_abstracts/abstracts.jsonl
+DEFAULT_DATASET=${DEFAULT_DATASET:-../shared/data/pubmed_abstracts/abstracts.jsonl}
 source "$REPO_DIR/scripts/common.sh"
 MODELS=${MODELS:-"smollm2-135m gemma3-270m"}
 INIT_METHODS=${INIT_METHODS:-"random subtoken-mean token_distillation"}

@@ -51,10 +51,13 @@ def benchmark_section() -> list[str]:
     out += ["", f"Optimizer state for 1,000 new tokens at hidden 4096 (8B-class shape, vocabulary 128,256): "
             f"{o['product_measured'] / 1e6:.1f} MB measured for the product's AdamW state; the comparator's "
             f"full-vocabulary AdamW state is {o['comparator_formula'] / 1e9:.1f} GB (2 x 4 bytes x 128,256 x 4,096).",
-            "FLOP ratio: the comparator's model FLOPs per step divided by the product's, i.e. the speed-up at equal "
-            "MFU. An exact implementation of the same loss cannot beat it without computing fewer FLOPs; the "
-            "positions before the word (the shared prefix, a quarter of a 50-token snippet) are the only ones the "
-            "product skips, and the student's backward costs about one forward.",
+            "FLOP ratio: the comparator's model FLOPs per step divided by the product's; speed-up = FLOP ratio x "
+            "(product MFU / comparator MFU). The product saves FLOPs by skipping the logits, the layers above the "
+            "target layer and, for the positions before the word (the shared prefix, about a quarter of a 50-token "
+            "snippet), the second forward and the backward; the positions after the word, where the loss is "
+            "non-zero, still need a teacher forward, a student forward and a student backward (about one forward "
+            "each). At about equal MFU a first-epoch speed-up above the FLOP ratio needs fewer FLOPs, which "
+            "exact distillation on the same snippets does not allow.",
             "Commands: " + "; ".join(f"`{json.loads(f.read_text())['command']}`" for f in files), ""]
     return out
 

@@ -7,7 +7,7 @@ epoch's order, the global python/numpy/torch RNG states and a fingerprint of eve
 determines the result (training flags, model, tokens, snippets). A file is written under a
 temporary name and renamed into place, so a checkpoint is either complete or absent.
 
-The final output is written at the end by :func:`token_distillation.models.atomic_write_dir`,
+The final output is written at the end by :func:`token_distillation.paths.atomic_write_dir`,
 which replaces ``<out_path>`` as a whole: a finished run therefore leaves no checkpoints behind.
 An interrupted run leaves ``<out_path>`` holding only ``checkpoints/``; rerunning with
 ``--resume`` continues from the newest checkpoint and reaches the same rows as an uninterrupted run
