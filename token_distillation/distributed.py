@@ -100,6 +100,18 @@ class DistContext:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
+    def close(self) -> None:
+        """End of a run: wait for every process, then tear the process group down (no-op with one
+        process). A process that exited while the group was still alive could be aborted by its
+        communication threads at interpreter exit ("terminate called without an active exception")."""
+        if self.accelerator is None:
+            return
+        self.accelerator.wait_for_everyone()
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[None]:
         """The main process runs the block first (e.g. to fill a cache), then the others."""

@@ -253,6 +253,7 @@ def run(cfg: RunConfig) -> RunResult:
         out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=layer,
                                        autocast_dtype=autocast_dtype, **loop_kw)
     if not dist.is_main:  # the rows are identical on every process; the main process evaluates and saves
+        dist.close()
         return RunResult(out, {})
     held_after = (heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer,
                                          teacher_cache=held_teacher, **eval_kw) if input_trained else held_before)
@@ -319,6 +320,7 @@ def run(cfg: RunConfig) -> RunResult:
         _write_target_files(tmp, targets, records)
 
     atomic_write_dir(out, _write)
+    dist.close()
     report["total_seconds"] = time.perf_counter() - t0
     logger.info("saved extended model to %s (held-out loss %.5f -> %.5f) in %.1fs", out,
                 report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
