@@ -9,9 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args, cwd=ROOT):
+def run_cli(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, str(ROOT / "apply_embedding_init.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +59,20 @@ def test_path_errors_come_before_torch_is_imported(case, tmp_path):
     assert f"--{case}" in r.stderr
     if case == "out_path":
         assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_unreachable_hub_id_is_a_one_line_error(tmp_path):
+    """A hub id that cannot be fetched (here: offline mode, as on a compute node without network)
+    ends with one ``error:`` line naming --model_path, not a transformers traceback."""
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    r = run_cli("--model_path", "someorg/no-such-model", "--out_path", str(tmp_path / "o"), env=env)
+    assert r.returncode == 2, r.stderr
+    err_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err_lines) == 1 and "--model_path someorg/no-such-model" in err_lines[0], r.stderr
+    assert "Hugging Face Hub" in err_lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_help_lists_every_flag():

@@ -9,6 +9,7 @@ of the same GGUF file shares one converted copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -117,6 +118,30 @@ def _usable_cache(directory: Path, required: str) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def hub_errors(source: ModelSource):
+    """Turn a failed hub download into a ConfigError naming ``--model_path``.
+
+    Only for hub ids (local directories and GGUF files keep their own errors). transformers raises
+    ``OSError`` for an unknown or gated repository and for an unreachable hub (after its retries).
+
+    Raises:
+        ConfigError: the hub id could not be loaded; the message says what to check.
+    """
+    if not source.identity.startswith("hub:"):
+        yield
+        return
+    try:
+        yield
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"--model_path {source.spec}: could not load it from the Hugging Face Hub ({first[:300]}); "
+            "check the id, the network (or HF_HUB_OFFLINE), and HF_TOKEN for gated models, or pass a local "
+            "checkpoint directory, a .gguf file or a bundled model name"
+        ) from e
+
+
 def load_tokenizer(source: ModelSource, cache_root: Path):
     """Load the tokenizer (from the converted GGUF cache when present; caches are verified)."""
     from transformers import AutoTokenizer
@@ -136,7 +161,8 @@ def load_tokenizer(source: ModelSource, cache_root: Path):
 
         atomic_write_dir(tok_cache, _write, replace=False)
         return tok
-    return AutoTokenizer.from_pretrained(source.path)
+    with hub_errors(source):
+        return AutoTokenizer.from_pretrained(source.path)
 
 
 def load_config(source: ModelSource, cache_root: Path):
@@ -148,7 +174,8 @@ def load_config(source: ModelSource, cache_root: Path):
         if _usable_cache(cached, "config.json"):
             return AutoConfig.from_pretrained(cached)
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
-    return AutoConfig.from_pretrained(source.path)
+    with hub_errors(source):
+        return AutoConfig.from_pretrained(source.path)
 
 
 def _convert_gguf(source: ModelSource, target: Path, cache_root: Path) -> None:
@@ -185,7 +212,8 @@ def load_model(source: ModelSource, cache_root: Path, device: torch.device, dtyp
         if not _usable_cache(cached, "config.json"):
             _convert_gguf(source, cached, cache_root)
         path = str(cached)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with hub_errors(source):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
