@@ -81,14 +81,20 @@ def test_subtoken_mean_and_random_need_no_training(tmp_path, toy_model_dir, toy_
     from token_distillation import pipeline
 
     calls = []
-    for name in ("heldout_loss_per_token", "new_token_argmax_rate"):
-        real = getattr(pipeline, name)
-        monkeypatch.setattr(pipeline, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    real = pipeline.heldout_eval
+
+    def spy(*a, loss=True, argmax=True, **k):
+        if loss or argmax:
+            calls.append((loss, argmax))
+        return real(*a, loss=loss, argmax=argmax, **k)
+
+    monkeypatch.setattr(pipeline, "heldout_eval", spy)
     a = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method="subtoken-mean", out_path=str(tmp_path / "a")))
     b = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method="random", out_path=str(tmp_path / "b")))
     assert a.report["loss_curve"] == [] and b.report["loss_curve"] == []
     assert a.report["mean_heldout_loss_init"] == a.report["mean_heldout_loss_final"]
-    assert sorted(calls) == ["heldout_loss_per_token"] * 2 + ["new_token_argmax_rate"] * 2  # once per run: nothing trained
+    assert a.report["new_token_argmax_rate_init"] == a.report["new_token_argmax_rate_final"]
+    assert calls == [(True, True)] * 2  # one held-out pass per run (before training): nothing trained
 
 
 def test_teacher_cache_budget_shared_by_heldout_and_training(tmp_path, toy_model_dir, toy_corpus, cache_dir,
@@ -98,7 +104,7 @@ def test_teacher_cache_budget_shared_by_heldout_and_training(tmp_path, toy_model
     from token_distillation import pipeline
 
     seen = {}
-    real_train, real_held = pipeline.train, pipeline.heldout_loss_per_token
+    real_train, real_held = pipeline.train, pipeline.heldout_eval
 
     def train(*a, teacher_cache_bytes=0, **k):
         seen["train_budget"] = teacher_cache_bytes
@@ -110,7 +116,7 @@ def test_teacher_cache_budget_shared_by_heldout_and_training(tmp_path, toy_model
         return out
 
     monkeypatch.setattr(pipeline, "train", train)
-    monkeypatch.setattr(pipeline, "heldout_loss_per_token", held)
+    monkeypatch.setattr(pipeline, "heldout_eval", held)
     budget_gib = 1e-3
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, teacher_cache_gib=budget_gib))
     (held_bytes, hits_before), (_, hits_after) = seen["held"]

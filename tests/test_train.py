@@ -113,3 +113,33 @@ def test_resolve_layer_range():
         resolve_layer(model, 4)
     with pytest.raises(ValueError, match="target_layer"):
         resolve_layer(model, -4)
+
+
+def test_one_pass_heldout_eval_matches_separate_passes():
+    """heldout_eval (one student forward for both numbers) gives the per-token loss of the training
+    loss path (shared prefix, stop at the layer) and the same argmax statistics as the argmax-only pass,
+    at the last layer and at an inner layer."""
+    from token_distillation.train import heldout_eval, new_token_argmax_rate
+
+    model, toks, seqs, tix, rows = _setup(n_snip=20)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        rows.rows.add_(torch.randn(rows.rows.shape, generator=torch.Generator().manual_seed(1)))
+    for target in (-1, 1):
+        layer = resolve_layer(model, target)
+        res = heldout_eval(model, rows, seqs, tix, 2, layer=layer, device=cpu, batch_size=8)
+        sums, counts = [0.0, 0.0], [0, 0]
+        with torch.no_grad():
+            for b in range(0, len(seqs), 8):
+                batch = collate(seqs[b:b + 8], tix[b:b + 8])
+                per_pos = distill_loss(model, rows, batch, layer, per_position=True)
+                pos = 0
+                for r, n in enumerate(batch.student_loss_mask.sum(1).tolist()):
+                    sums[tix[b + r]] += float(per_pos[pos:pos + n].mean())
+                    counts[tix[b + r]] += 1
+                    pos += n
+        ref = [s / c for s, c in zip(sums, counts)]
+        assert all(abs(a - r) <= 1e-5 * max(1.0, abs(r)) for a, r in zip(res.loss_per_token, ref)), (res, ref)
+        assert res.argmax == new_token_argmax_rate(model, rows, seqs, tix, device=cpu, batch_size=8)
+        assert res.argmax["positions"] == sum(len(s.student_ids) - 1 for s in seqs)
+    assert heldout_eval(model, rows, seqs, tix, 2, layer=layer, device=cpu, loss=False, argmax=False).argmax is None

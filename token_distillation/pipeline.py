@@ -48,7 +48,7 @@ from .models import (
 from .snippets import SnippetSet, generate_snippets, mine_snippets, top_up
 from .targets import build_targets, corpus_occurrences, coverage_table, log_summary, new_token_records, write_new_tokens
 from .tokenization import NewToken, add_new_tokens, bos_prefix
-from .train import NewRows, heldout_loss_per_token, new_token_argmax_rate, resolve_layer, train, train_output_rows
+from .train import NewRows, heldout_eval, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +222,9 @@ def run(cfg: RunConfig) -> RunResult:
     input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
     cache_budget = int(tc.teacher_cache_gib * 2**30)
     held_teacher = TeacherCache(cache_budget) if input_trained and dist.is_main else None
-    held_before = heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer,
-                                         teacher_cache=held_teacher, **eval_kw)
-    argmax_before = new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
+    before = heldout_eval(model, rows, held_seqs, held_tix, len(tokens), layer=layer, teacher_cache=held_teacher,
+                          **eval_kw)
+    held_before, argmax_before = before.loss_per_token, before.argmax
     per_token_lr = relative_lr(tc.token_distillation_lr_relative, emb, n_orig)
     if tc.recipe == Recipe.PER_TOKEN and tc.init_method in TRAINED:
         logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries, %s schedule), "
@@ -255,10 +255,10 @@ def run(cfg: RunConfig) -> RunResult:
     if not dist.is_main:  # the rows are identical on every process; the main process evaluates and saves
         dist.close()
         return RunResult(out, {})
-    held_after = (heldout_loss_per_token(model, rows, held_seqs, held_tix, len(tokens), layer=layer,
-                                         teacher_cache=held_teacher, **eval_kw) if input_trained else held_before)
-    argmax_after = (new_token_argmax_rate(model, rows, held_seqs, held_tix, **eval_kw)
-                    if input_trained or out_policy == OutputEmbeddings.NTP else argmax_before)
+    after = heldout_eval(model, rows, held_seqs, held_tix, len(tokens), layer=layer, teacher_cache=held_teacher,
+                         loss=input_trained, argmax=input_trained or out_policy == OutputEmbeddings.NTP, **eval_kw)
+    held_after = after.loss_per_token if after.loss_per_token is not None else held_before
+    argmax_after = after.argmax if after.argmax is not None else argmax_before
     del held_teacher
     _warn_if_new_tokens_dominate(argmax_after, tied)
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
 from .config import ConfigError, LossMethod, LrSchedule, Recipe, StoppingCondition
-from .fastpath import TeacherCache, num_layers, teacher_student_hiddens
+from .fastpath import TeacherCache, forward_to_layer, num_layers, teacher_student_hiddens
 from .regime import RowAdam, per_token_batches, per_token_loss, row_update_counts
 from .losses import LOSSES, LossPlan, combine, mse_per_position
 
@@ -410,7 +410,93 @@ def train_output_rows(model, rows: NewRows, seqs: list[MergedSequence], token_in
         rows.out_rows.requires_grad_(False)
 
 
+@dataclass
+class HeldoutResult:
+    """What :func:`heldout_eval` measured on the held-out snippets.
+
+    Attributes:
+        loss_per_token: ``[num_new]`` mean distillation MSE per new token (None: no held-out
+            snippet), or None when the loss was not asked for.
+        argmax: the new-token argmax statistics (see :func:`new_token_argmax_rate`), or None when
+            they were not asked for.
+    """
+
+    loss_per_token: list[float | None] | None
+    argmax: dict | None
+
+
 @torch.no_grad()
+def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], num_tokens: int, *,
+                 layer: int, device: torch.device, batch_size: int = 16, autocast_dtype=None, pad_id: int = 0,
+                 teacher_cache: TeacherCache | None = None, loss: bool = True, argmax: bool = True) -> HeldoutResult:
+    """Held-out distillation loss per token and new-token argmax rate, with one student forward per batch.
+
+    Per batch of ``batch_size`` snippets the student runs once over its whole merged sequence
+    (``[batch, student_len]``), giving both its hidden states at ``layer`` (the loss) and its final
+    hidden state (the argmax); the teacher runs only up to ``layer`` and only for snippets whose
+    states are not in ``teacher_cache`` (pass the same cache to the evaluations before and after
+    training: the teacher, which training does not change, is then computed once within its budget).
+
+    Loss: hidden-state MSE at the aligned positions (as in training), averaged over each snippet's
+    positions, then over each token's snippets. Argmax: every real student position except the last
+    predicts the next token over the full extended vocabulary (new tokens' output rows included, as
+    the saved model has them).
+    """
+    if not (loss or argmax):
+        return HeldoutResult(None, None)
+    sums = [0.0] * num_tokens
+    counts = [0] * num_tokens
+    hits = correct = expected = positions = 0
+    per_token = [0] * len(rows.token_ids)
+    for b in range(0, len(seqs), batch_size):
+        chunk = seqs[b: b + batch_size]
+        tix = token_index[b: b + batch_size]
+        batch = collate(chunk, tix, pad_id).to(device)
+        ids = list(range(b, b + len(chunk)))
+        with autocast_context(device, autocast_dtype):
+            embeds = rows.embed(model, batch.student_ids)
+            if argmax:
+                s_h, last = hidden_states(model, layer if loss else None, batch.student_attention,
+                                          inputs_embeds=embeds, need_last=True)
+            else:  # loss only: stop at the target layer
+                s_h = forward_to_layer(model, layer, batch.student_attention, inputs_embeds=embeds)
+            if loss:
+                teacher = teacher_cache.get(ids) if teacher_cache is not None else None
+                if teacher is None:
+                    teacher = forward_to_layer(model, layer, batch.teacher_attention,
+                                               input_ids=batch.teacher_ids)[batch.teacher_loss_mask]
+                    if teacher_cache is not None:
+                        teacher_cache.put(ids, teacher, batch.teacher_loss_mask.sum(1))
+                per_pos = mse_per_position(s_h[batch.student_loss_mask], teacher)
+            if argmax:
+                mask = torch.zeros_like(batch.student_attention)
+                mask[:, :-1] = batch.student_attention[:, 1:]
+                pred = output_logits(model, rows, last[mask], include_new=True).argmax(dim=-1)
+        if loss:
+            pos = 0
+            for r, n in enumerate(batch.student_loss_mask.sum(dim=1).tolist()):
+                if n:
+                    sums[tix[r]] += float(per_pos[pos: pos + n].mean())
+                    counts[tix[r]] += 1
+                pos += n
+        if argmax:
+            nxt = torch.zeros_like(batch.student_ids)
+            nxt[:, :-1] = batch.student_ids[:, 1:]
+            true_row = rows.id_to_row[nxt[mask]]
+            is_new = pred >= rows.num_original
+            positions += int(mask.sum())
+            hits += int(is_new.sum())
+            expected += int((true_row >= 0).sum())
+            correct += int((is_new & (pred - rows.num_original == true_row)).sum())
+            for j in (pred[is_new] - rows.num_original).tolist():
+                per_token[j] += 1
+    return HeldoutResult(
+        loss_per_token=[s / c if c else None for s, c in zip(sums, counts)] if loss else None,
+        argmax={"rate": hits / positions if positions else None,
+                "expected_rate": expected / positions if positions else None,
+                "correct": correct, "positions": positions, "per_token": per_token} if argmax else None)
+
+
 def new_token_argmax_rate(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], *,
                           device: torch.device, batch_size: int = 16, autocast_dtype=None,
                           pad_id: int = 0) -> dict:
@@ -426,33 +512,10 @@ def new_token_argmax_rate(model, rows: NewRows, seqs: list[MergedSequence], toke
         ``positions``, and ``per_token`` (``[num_new]`` count of positions where each new token
         is the argmax).
     """
-    hits = correct = expected = positions = 0
-    per_token = [0] * len(rows.token_ids)
-    for b in range(0, len(seqs), batch_size):
-        batch = collate(seqs[b: b + batch_size], token_index[b: b + batch_size], pad_id).to(device)
-        with autocast_context(device, autocast_dtype):
-            _, last = hidden_states(model, None, batch.student_attention,
-                                    inputs_embeds=rows.embed(model, batch.student_ids), need_last=True)
-            mask = torch.zeros_like(batch.student_attention)
-            mask[:, :-1] = batch.student_attention[:, 1:]
-            logits = output_logits(model, rows, last[mask], include_new=True)
-        pred = logits.argmax(dim=-1)
-        nxt = torch.zeros_like(batch.student_ids)
-        nxt[:, :-1] = batch.student_ids[:, 1:]
-        true_row = rows.id_to_row[nxt[mask]]
-        is_new = pred >= rows.num_original
-        positions += int(mask.sum())
-        hits += int(is_new.sum())
-        expected += int((true_row >= 0).sum())
-        correct += int((is_new & (pred - rows.num_original == true_row)).sum())
-        for j in (pred[is_new] - rows.num_original).tolist():
-            per_token[j] += 1
-    return {"rate": hits / positions if positions else None,
-            "expected_rate": expected / positions if positions else None,
-            "correct": correct, "positions": positions, "per_token": per_token}
+    return heldout_eval(model, rows, seqs, token_index, len(rows.token_ids), layer=num_layers(model), device=device,
+                        batch_size=batch_size, autocast_dtype=autocast_dtype, pad_id=pad_id, loss=False).argmax
 
 
-@torch.no_grad()
 def heldout_loss_per_token(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int],
                            num_tokens: int, *, layer: int, device: torch.device, batch_size: int = 16,
                            autocast_dtype=None, pad_id: int = 0,
@@ -463,19 +526,6 @@ def heldout_loss_per_token(model, rows: NewRows, seqs: list[MergedSequence], tok
     ``teacher_cache``: pass the same cache to the evaluations before and after training; the
     teacher's states (which training does not change) are then computed once (within its budget).
     """
-    sums = [0.0] * num_tokens
-    counts = [0] * num_tokens
-    for b in range(0, len(seqs), batch_size):
-        chunk = seqs[b: b + batch_size]
-        tix = token_index[b: b + batch_size]
-        batch = collate(chunk, tix, pad_id).to(device)
-        per_pos = distill_loss(model, rows, batch, layer, autocast_dtype=autocast_dtype, per_position=True,
-                               teacher_cache=teacher_cache, snippet_ids=list(range(b, b + len(chunk))))
-        n_pos = batch.student_loss_mask.sum(dim=1).tolist()
-        pos = 0
-        for r, n in enumerate(n_pos):
-            if n:
-                sums[tix[r]] += float(per_pos[pos: pos + n].mean())
-                counts[tix[r]] += 1
-            pos += n
-    return [s / c if c else None for s, c in zip(sums, counts)]
+    return heldout_eval(model, rows, seqs, token_index, num_tokens, layer=layer, device=device, batch_size=batch_size,
+                        autocast_dtype=autocast_dtype, pad_id=pad_id, teacher_cache=teacher_cache,
+                        argmax=False).loss_per_token
