@@ -91,3 +91,26 @@ def test_readme_documents_every_flag():
 
     for name, _, _ in all_flags():
         assert f"`--{name}`" in readme, name
+
+
+def test_hub_errors_keeps_local_file_system_errors():
+    """Only hub failures become a --model_path error; a local OSError with an errno (disk full while
+    downloading) and any error for a local model stay as they are."""
+    import errno
+
+    from token_distillation.config import ConfigError
+    from token_distillation.models import hub_errors
+    from token_distillation.paths import ModelSource
+
+    hub = ModelSource("org/model", "org/model", None, "hub:org/model")
+    with pytest.raises(ConfigError, match="--model_path org/model"):
+        with hub_errors(hub):
+            raise OSError("org/model is not a local folder and is not a valid model identifier")
+    with pytest.raises(OSError, match="No space") as e:
+        with hub_errors(hub):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not isinstance(e.value, ConfigError)
+    with pytest.raises(OSError) as e:
+        with hub_errors(ModelSource("/m", "/m", None, "dir:/m:x")):
+            raise OSError("broken local checkpoint")
+    assert not isinstance(e.value, ConfigError)

@@ -135,3 +135,23 @@ def test_training_with_teacher_cache_matches_without(caplog):
     assert len(used) == 1  # only the run with a budget has a cache
     reused, computed = (int(x) for x in re.findall(r"(\d+) batches reused, (\d+) computed", used[0])[0])
     assert reused == computed > 0  # epoch 2 reuses every batch of epoch 1
+
+
+def test_trained_original_rows_are_not_shared_with_the_teacher():
+    """With --train_original_embeddings the student's prefix reads the trained copy of the original
+    rows: the fast path must then run the student over the whole snippet, and the prefix rows get a gradient."""
+    model = make_llama(64, layers=4)
+    rows, batch = _batch(model)
+    emb = model.get_input_embeddings().weight
+    rows = NewRows(rows.rows.detach().clone(), [64, 65], emb.shape[0], embedding_scale(model),
+                   train_original=True, weight=emb)
+    with torch.no_grad():
+        rows.original.add_(0.5 * torch.randn(rows.original.shape, generator=torch.Generator().manual_seed(0)))
+    layer = resolve_layer(model, -1)
+    s_full = hidden_at(model, layer, batch.student_attention,
+                       inputs_embeds=rows.embed(model, batch.student_ids))[batch.student_loss_mask]
+    s_fast, _ = teacher_student_hiddens(model, rows, batch, layer)
+    assert torch.allclose(s_fast, s_full, atol=1e-5)
+    (g,) = torch.autograd.grad(s_fast.square().sum(), rows.original)
+    prefix_ids = batch.student_ids[0, :2]  # tokens before the first new token of row 0
+    assert bool((g[prefix_ids].abs().sum(dim=-1) > 0).all())

@@ -95,6 +95,11 @@ def test_subtoken_mean_and_random_need_no_training(tmp_path, toy_model_dir, toy_
     assert a.report["mean_heldout_loss_init"] == a.report["mean_heldout_loss_final"]
     assert a.report["new_token_argmax_rate_init"] == a.report["new_token_argmax_rate_final"]
     assert calls == [(True, True)] * 2  # one held-out pass per run (before training): nothing trained
+    calls.clear()
+    c = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method="subtoken-mean",
+                     output_embeddings="ntp", out_path=str(tmp_path / "c")))
+    assert calls == [(True, True), (False, True)]  # only the output rows trained: the argmax is measured again
+    assert c.report["mean_heldout_loss_init"] == c.report["mean_heldout_loss_final"]
 
 
 def test_teacher_cache_budget_shared_by_heldout_and_training(tmp_path, toy_model_dir, toy_corpus, cache_dir,

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from token_distillation.config import CorpusConfig
 from token_distillation.corpus import tokenize_corpus

@@ -117,17 +117,34 @@ def test_resolve_layer_range():
 
 def test_one_pass_heldout_eval_matches_separate_passes():
     """heldout_eval (one student forward for both numbers) gives the per-token loss of the training
-    loss path (shared prefix, stop at the layer) and the same argmax statistics as the argmax-only pass,
-    at the last layer and at an inner layer."""
-    from token_distillation.train import heldout_eval, new_token_argmax_rate
+    loss path (shared prefix, stop at the layer) and the argmax statistics of the extended model's own
+    logits, at the last and at an inner layer, on padded snippets of different lengths."""
+    from token_distillation.train import heldout_eval
 
     model, toks, seqs, tix, rows = _setup(n_snip=20)
+    seqs = [merge(s.teacher_ids[: 8 + i % 7], PhraseMatcher([t.subtoken_ids for t in toks]), [64, 65])
+            for i, s in enumerate(seqs)]  # lengths 8..14 (the word is kept): padding in every batch
     cpu = torch.device("cpu")
     with torch.no_grad():
-        rows.rows.add_(torch.randn(rows.rows.shape, generator=torch.Generator().manual_seed(1)))
+        rows.rows.copy_(3 * torch.randn(rows.rows.shape, generator=torch.Generator().manual_seed(1)))
+    # reference argmax: the extended model itself (tied, so the new rows are also its output rows)
+    ref_model, *_ = _setup(n_snip=0)
+    with torch.no_grad():
+        ref_model.get_input_embeddings().weight[64:66] = rows.rows
+    hits = positions = 0
+    per_token = [0, 0]
+    with torch.no_grad():
+        for s in seqs:
+            pred = ref_model(input_ids=torch.as_tensor(s.student_ids)[None]).logits[0, :-1].argmax(-1)
+            positions += len(pred)
+            hits += int((pred >= 64).sum())
+            for j in (pred[pred >= 64] - 64).tolist():
+                per_token[j] += 1
+    assert hits > 0  # the check below is not vacuous
     for target in (-1, 1):
         layer = resolve_layer(model, target)
         res = heldout_eval(model, rows, seqs, tix, 2, layer=layer, device=cpu, batch_size=8)
+        loss_only = heldout_eval(model, rows, seqs, tix, 2, layer=layer, device=cpu, batch_size=8, argmax=False)
         sums, counts = [0.0, 0.0], [0, 0]
         with torch.no_grad():
             for b in range(0, len(seqs), 8):
@@ -139,7 +156,9 @@ def test_one_pass_heldout_eval_matches_separate_passes():
                     counts[tix[b + r]] += 1
                     pos += n
         ref = [s / c for s, c in zip(sums, counts)]
-        assert all(abs(a - r) <= 1e-5 * max(1.0, abs(r)) for a, r in zip(res.loss_per_token, ref)), (res, ref)
-        assert res.argmax == new_token_argmax_rate(model, rows, seqs, tix, device=cpu, batch_size=8)
-        assert res.argmax["positions"] == sum(len(s.student_ids) - 1 for s in seqs)
+        for got in (res.loss_per_token, loss_only.loss_per_token):
+            assert all(abs(a - r) <= 1e-5 * max(1.0, abs(r)) for a, r in zip(got, ref)), (got, ref)
+        assert loss_only.argmax is None
+        assert res.argmax["positions"] == positions and res.argmax["per_token"] == per_token
+        assert res.argmax["rate"] == hits / positions
     assert heldout_eval(model, rows, seqs, tix, 2, layer=layer, device=cpu, loss=False, argmax=False).argmax is None

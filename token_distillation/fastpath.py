@@ -133,11 +133,14 @@ def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
                             teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher hidden states at the aligned loss positions, ``([N, hidden], [N, hidden])``.
 
-    The teacher part carries no grad; the student part depends on ``rows`` (a ``NewRows``).
+    The teacher part carries no grad; the student part depends on ``rows`` (a ``NewRows``). When
+    ``rows`` also trains the original embedding rows, the prefix is not shared (see above).
     ``teacher``: the teacher states ``[N, hidden]`` from a :class:`TeacherCache`; when given, only
     the shared prefix (for the student's key/value cache) and the student are run.
     """
-    p = _prefix_len(batch)
+    # With trained original rows (``--train_original_embeddings``) the student's prefix is no longer
+    # the teacher's: no shared prefix then (full forwards, gradients reach the prefix rows).
+    p = _prefix_len(batch) if getattr(rows, "original", None) is None else 0
     dev = batch.teacher_ids.device
     if p == 0:
         if teacher is None:

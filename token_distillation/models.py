@@ -134,6 +134,8 @@ def hub_errors(source: ModelSource):
     try:
         yield
     except OSError as e:
+        if e.errno is not None:  # a local file-system error (e.g. disk full while downloading): not the hub's
+            raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(
             f"--model_path {source.spec}: could not load it from the Hugging Face Hub ({first[:300]}); "
