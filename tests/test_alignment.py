@@ -62,3 +62,15 @@ def test_collate_masks_select_same_number_and_align():
     # pad positions are never in a loss mask
     assert not (b.teacher_loss_mask & ~b.teacher_attention).any()
     assert not (b.student_loss_mask & ~b.student_attention).any()
+
+
+def test_collate_from_start_covers_the_prefix():
+    """With trained original rows (from_start) the positions before the first new token are loss
+    positions too, paired one-to-one with the teacher's; rows without a new token still get none."""
+    m = PhraseMatcher([(10, 11, 12)])
+    seqs = [merge([1, 5, 10, 11, 12, 6, 7], m, [64]), merge([1, 5, 6], m, [64])]
+    a, b = collate(seqs, [0, 0]), collate(seqs, [0, 0], from_start=True)
+    assert a.student_loss_mask[0].tolist() == [False, False, True, True, True]
+    assert b.student_loss_mask[0].tolist() == [True] * 5 and not b.student_loss_mask[1].any()
+    assert b.teacher_loss_mask[0].tolist() == [True, True, False, False, True, True, True]
+    assert int(b.teacher_loss_mask.sum()) == int(b.student_loss_mask.sum())

@@ -88,12 +88,17 @@ def test_each_method_runs_and_keeps_original_rows(tmp_path, toy_model_dir, untie
     AutoModelForCausalLM.from_pretrained(res.out_path)
 
 
-def test_train_original_embeddings_changes_original_rows(tmp_path, toy_model_dir, toy_corpus, cache_dir):
-    res = run(_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method="ntp", train_original_embeddings=True))
+@pytest.mark.parametrize("method", ["ntp", "token_distillation"])
+def test_train_original_embeddings_changes_original_rows(method, tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    from transformers import AutoTokenizer
+
+    res = run(_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, init_method=method, train_original_embeddings=True))
     emb0, _ = _weights(toy_model_dir)
     emb1, _ = _weights(res.out_path)
     changed = (emb1[: emb0.shape[0]] != emb0).any(dim=1)
     assert changed.sum() > 10  # the tokens of the snippets moved
+    bos = AutoTokenizer.from_pretrained(toy_model_dir).bos_token_id
+    assert bos is not None and bool(changed[bos])  # only ever before the new token: the prefix is trained too
 
 
 def test_output_embeddings_tied_keeps_one_matrix(tmp_path, toy_model_dir, untied_model_dir, toy_corpus, cache_dir):

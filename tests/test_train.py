@@ -5,7 +5,7 @@ from token_distillation.alignment import PhraseMatcher, collate, merge
 from token_distillation.init_methods import subtoken_mean
 from token_distillation.models import embedding_scale, extend_embeddings
 from token_distillation.tokenization import NewToken
-from token_distillation.train import NewRows, distill_loss, heldout_loss_per_token, resolve_layer, train
+from token_distillation.train import NewRows, distill_loss, heldout_loss_per_token, hidden_at, resolve_layer, train
 
 
 def _setup(tied=True, seed=0, n_snip=24):
@@ -162,3 +162,30 @@ def test_one_pass_heldout_eval_matches_separate_passes():
         assert res.argmax["positions"] == positions and res.argmax["per_token"] == per_token
         assert res.argmax["rate"] == hits / positions
     assert heldout_eval(model, rows, seqs, tix, 2, layer=layer, device=cpu, loss=False, argmax=False).argmax is None
+
+
+def test_trained_original_rows_put_the_prefix_into_the_loss():
+    """With trained original rows the positions before the new token differ from the teacher's, so the
+    held-out (and training) loss covers every student position of a snippet."""
+    from token_distillation.train import heldout_eval
+
+    model, toks, seqs, tix, rows = _setup(n_snip=4)
+    emb = model.get_input_embeddings().weight
+    rows = NewRows(rows.rows.detach().clone(), [64, 65], emb.shape[0], embedding_scale(model), train_original=True,
+                   weight=emb)
+    with torch.no_grad():
+        rows.original.add_(0.3 * torch.randn(rows.original.shape, generator=torch.Generator().manual_seed(2)))
+    layer = resolve_layer(model, -1)
+    got = heldout_eval(model, rows, seqs, tix, 2, layer=layer, device=torch.device("cpu"), argmax=False).loss_per_token
+    ref = [[], []]
+    with torch.no_grad():
+        for s, k in zip(seqs, tix):
+            t = hidden_at(model, layer, torch.ones(1, len(s.teacher_ids)), input_ids=torch.as_tensor(s.teacher_ids)[None])[0]
+            st = hidden_at(model, layer, torch.ones(1, len(s.student_ids)),
+                           inputs_embeds=rows.embed(model, torch.as_tensor(s.student_ids)[None]))[0]
+            t = t[torch.as_tensor(s.student_to_teacher)]  # every student position, paired with its teacher position
+            ref[k].append(float(((st - t) ** 2).mean(dim=-1).mean()))
+    assert all(abs(g - sum(r) / len(r)) < 1e-5 for g, r in zip(got, ref)), (got, ref)
+    loss = distill_loss(model, rows, collate(seqs, tix, from_start=True), layer)
+    loss.backward()
+    assert rows.original.grad[1].abs().sum() > 0  # the first token (always before the new one) is trained

@@ -132,12 +132,15 @@ class AlignedBatch:
         return AlignedBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
-def collate(seqs: list[MergedSequence], token_index: list[int], pad_id: int = 0) -> AlignedBatch:
+def collate(seqs: list[MergedSequence], token_index: list[int], pad_id: int = 0,
+            from_start: bool = False) -> AlignedBatch:
     """Pad merged sequences on the right and build the alignment masks.
 
     Loss positions are the student positions from the first new token on (earlier positions are
     identical in teacher and student under causal attention and contribute exactly zero), each
     paired with its teacher position. Sequences without a new token get no loss positions.
+    ``from_start``: every student position of a sequence with a new token is a loss position (for
+    ``--train_original_embeddings``, where the earlier positions change as well).
     """
     b = len(seqs)
     tl = max(len(s.teacher_ids) for s in seqs)
@@ -154,6 +157,7 @@ def collate(seqs: list[MergedSequence], token_index: list[int], pad_id: int = 0)
         t_att[r, : len(s.teacher_ids)] = True
         s_att[r, : len(s.student_ids)] = True
         if s.first_new >= 0:
-            s_loss[r, s.first_new: len(s.student_ids)] = True
-            t_loss[r, torch.from_numpy(s.student_to_teacher[s.first_new:])] = True
+            start = 0 if from_start else s.first_new
+            s_loss[r, start: len(s.student_ids)] = True
+            t_loss[r, torch.from_numpy(s.student_to_teacher[start:])] = True
     return AlignedBatch(t_ids, t_att, s_ids, s_att, t_loss, s_loss, torch.tensor(token_index, dtype=torch.long))

@@ -333,7 +333,8 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
     tcache = TeacherCache(teacher_cache_bytes) if (teacher_cache_bytes > 0 and revisits and objective is None) else None
 
     def local_loss(part: list[int]):
-        batch = collate([seqs[i] for i in part], [token_index[i] for i in part], pad_id).to(device)
+        batch = collate([seqs[i] for i in part], [token_index[i] for i in part], pad_id,
+                        from_start=rows.original is not None).to(device)
         n = int(batch.student_loss_mask.sum())
         if objective is not None:
             return objective(batch), n
@@ -451,7 +452,7 @@ def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: 
     for b in range(0, len(seqs), batch_size):
         chunk = seqs[b: b + batch_size]
         tix = token_index[b: b + batch_size]
-        batch = collate(chunk, tix, pad_id).to(device)
+        batch = collate(chunk, tix, pad_id, from_start=rows.original is not None).to(device)
         ids = list(range(b, b + len(chunk)))
         with autocast_context(device, autocast_dtype):
             embeds = rows.embed(model, batch.student_ids)
