@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pubmed_abstracts"
+#: the shared PubMed corpus: ../shared/data/pubmed_abstracts next to the clone, or the directory
+#: named by TOKEN_DISTILLATION_SHARED_DATA (a folder holding pubmed_abstracts/)
+SHARED = (Path(os.environ["TOKEN_DISTILLATION_SHARED_DATA"]) if os.environ.get("TOKEN_DISTILLATION_SHARED_DATA")
+          else Path(__file__).resolve().parents[2] / "shared" / "data") / "pubmed_abstracts"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 TOY_TEXT = [
@@ -28,7 +31,8 @@ def require_shared() -> Path:
     if not SHARED.is_dir():
         if IN_CI:
             pytest.fail(f"shared corpus missing in CI: {SHARED}")
-        pytest.skip(f"shared corpus not available at {SHARED}")
+        pytest.skip(f"shared corpus not available at {SHARED} (set TOKEN_DISTILLATION_SHARED_DATA to the folder "
+                    "that holds pubmed_abstracts/)")
     return SHARED
 
 
