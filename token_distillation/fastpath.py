@@ -129,6 +129,11 @@ class TeacherCache:
             self.bytes += size
 
 
+def teacher_hiddens(model, batch: AlignedBatch, layer: int) -> torch.Tensor:
+    """Teacher hidden states ``[N, hidden]`` at the batch's aligned loss positions (call under no_grad)."""
+    return forward_to_layer(model, layer, batch.teacher_attention, input_ids=batch.teacher_ids)[batch.teacher_loss_mask]
+
+
 def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
                             teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher hidden states at the aligned loss positions, ``([N, hidden], [N, hidden])``.
@@ -145,8 +150,7 @@ def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
     if p == 0:
         if teacher is None:
             with torch.no_grad():
-                teacher = forward_to_layer(model, layer, batch.teacher_attention,
-                                           input_ids=batch.teacher_ids)[batch.teacher_loss_mask]
+                teacher = teacher_hiddens(model, batch, layer)
         s_h = forward_to_layer(model, layer, batch.student_attention,
                                inputs_embeds=rows.embed(model, batch.student_ids))
         return s_h[batch.student_loss_mask], teacher

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
 from .config import ConfigError, LossMethod, LrSchedule, Recipe, StoppingCondition
-from .fastpath import TeacherCache, forward_to_layer, num_layers, teacher_student_hiddens
+from .fastpath import TeacherCache, num_layers, teacher_hiddens, teacher_student_hiddens
 from .regime import RowAdam, per_token_batches, per_token_loss, row_update_counts
 from .losses import LOSSES, LossPlan, combine, mse_per_position
 
@@ -171,9 +171,11 @@ def hidden_states(model, layer: int | None, attention_mask: torch.Tensor, input_
     The final hidden state (after the model's final norm) is what the output layer reads; it is
     returned only with ``need_last``. No logits are computed here.
     """
+    last_layer = layer is not None and layer == num_layers(model)  # hidden_states[N] is the final (normed) state
     out = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
-                           output_hidden_states=layer is not None, use_cache=False, return_dict=True)
-    h = out.hidden_states[layer] if layer is not None else None
+                           output_hidden_states=layer is not None and not last_layer, use_cache=False,
+                           return_dict=True)
+    h = out.last_hidden_state if last_layer else (out.hidden_states[layer] if layer is not None else None)
     return h, (out.last_hidden_state if need_last else None)
 
 
@@ -418,8 +420,11 @@ class HeldoutResult:
     Attributes:
         loss_per_token: ``[num_new]`` mean distillation MSE per new token (None: no held-out
             snippet), or None when the loss was not asked for.
-        argmax: the new-token argmax statistics (see :func:`new_token_argmax_rate`), or None when
-            they were not asked for.
+        argmax: how often a new token is the model's top prediction, or None when not asked for:
+            ``rate`` (share of predicting positions whose argmax is a new token), ``expected_rate``
+            (share whose true next token is a new token: what a perfect model would show),
+            ``correct`` (positions where the argmax new token is the true next token),
+            ``positions``, and ``per_token`` (``[num_new]`` positions where each new token is the argmax).
     """
 
     loss_per_token: list[float | None] | None
@@ -455,17 +460,12 @@ def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: 
         batch = collate(chunk, tix, pad_id, from_start=rows.original is not None).to(device)
         ids = list(range(b, b + len(chunk)))
         with autocast_context(device, autocast_dtype):
-            embeds = rows.embed(model, batch.student_ids)
-            if argmax:
-                s_h, last = hidden_states(model, layer if loss else None, batch.student_attention,
-                                          inputs_embeds=embeds, need_last=True)
-            else:  # loss only: stop at the target layer
-                s_h = forward_to_layer(model, layer, batch.student_attention, inputs_embeds=embeds)
+            s_h, last = hidden_states(model, layer if loss else None, batch.student_attention,
+                                      inputs_embeds=rows.embed(model, batch.student_ids), need_last=argmax)
             if loss:
                 teacher = teacher_cache.get(ids) if teacher_cache is not None else None
                 if teacher is None:
-                    teacher = forward_to_layer(model, layer, batch.teacher_attention,
-                                               input_ids=batch.teacher_ids)[batch.teacher_loss_mask]
+                    teacher = teacher_hiddens(model, batch, layer)
                     if teacher_cache is not None:
                         teacher_cache.put(ids, teacher, batch.teacher_loss_mask.sum(1))
                 per_pos = mse_per_position(s_h[batch.student_loss_mask], teacher)
@@ -496,25 +496,6 @@ def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: 
         argmax={"rate": hits / positions if positions else None,
                 "expected_rate": expected / positions if positions else None,
                 "correct": correct, "positions": positions, "per_token": per_token} if argmax else None)
-
-
-def new_token_argmax_rate(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], *,
-                          device: torch.device, batch_size: int = 16, autocast_dtype=None,
-                          pad_id: int = 0) -> dict:
-    """How often a new token is the model's top prediction on (held-out) student text.
-
-    Every real position of every student sequence except the last predicts the next token over
-    the full extended vocabulary (new tokens' output rows included, as the saved model has them).
-
-    Returns:
-        dict with ``rate`` (share of positions whose argmax is a new token), ``expected_rate``
-        (share of positions whose true next token is a new token: what a perfect model would
-        show), ``correct`` (positions where the argmax new token is the true next token),
-        ``positions``, and ``per_token`` (``[num_new]`` count of positions where each new token
-        is the argmax).
-    """
-    return heldout_eval(model, rows, seqs, token_index, len(rows.token_ids), layer=num_layers(model), device=device,
-                        batch_size=batch_size, autocast_dtype=autocast_dtype, pad_id=pad_id, loss=False).argmax
 
 
 def heldout_loss_per_token(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int],
