@@ -145,7 +145,7 @@ def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
     """
     # With trained original rows (``--train_original_embeddings``) the student's prefix is no longer
     # the teacher's: no shared prefix then (full forwards, gradients reach the prefix rows).
-    p = _prefix_len(batch) if getattr(rows, "original", None) is None else 0
+    p = 0 if getattr(rows, "trains_original", False) else _prefix_len(batch)
     dev = batch.teacher_ids.device
     if p == 0:
         if teacher is None:

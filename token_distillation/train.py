@@ -98,6 +98,17 @@ class NewRows(torch.nn.Module):
         """Parameters the distillation / NTP optimizer updates (new rows, plus ``original``)."""
         return [self.rows] + ([self.original] if self.original is not None else [])
 
+    @property
+    def trains_original(self) -> bool:
+        """True when the original rows train too: the student's positions before the new token
+        then differ from the teacher's, so they are loss positions and no prefix is shared."""
+        return self.original is not None
+
+    def collate(self, seqs: list[MergedSequence], token_index: list[int], pad_id: int) -> AlignedBatch:
+        """:func:`~token_distillation.alignment.collate` with the loss positions these rows need
+        (from the sequence start when :attr:`trains_original`)."""
+        return collate(seqs, token_index, pad_id, from_start=self.trains_original)
+
 
 def output_logits(model, rows: NewRows, h: torch.Tensor, include_new: bool, frozen: bool = False) -> torch.Tensor:
     """Logits ``[n, num_original (+ num_new)]`` for final hidden states ``h [n, hidden]``.
@@ -335,8 +346,7 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
     tcache = TeacherCache(teacher_cache_bytes) if (teacher_cache_bytes > 0 and revisits and objective is None) else None
 
     def local_loss(part: list[int]):
-        batch = collate([seqs[i] for i in part], [token_index[i] for i in part], pad_id,
-                        from_start=rows.original is not None).to(device)
+        batch = rows.collate([seqs[i] for i in part], [token_index[i] for i in part], pad_id).to(device)
         n = int(batch.student_loss_mask.sum())
         if objective is not None:
             return objective(batch), n
@@ -457,7 +467,7 @@ def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: 
     for b in range(0, len(seqs), batch_size):
         chunk = seqs[b: b + batch_size]
         tix = token_index[b: b + batch_size]
-        batch = collate(chunk, tix, pad_id, from_start=rows.original is not None).to(device)
+        batch = rows.collate(chunk, tix, pad_id).to(device)
         ids = list(range(b, b + len(chunk)))
         with autocast_context(device, autocast_dtype):
             s_h, last = hidden_states(model, layer if loss else None, batch.student_attention,
