@@ -69,6 +69,30 @@ def test_readme_results_match_the_generated_files():
     assert mod.render(readme) == readme, "run: python scripts/update_readme_results.py"
 
 
+def _readme_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_readme_results", ROOT / "scripts" / "update_readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_summary_keeps_the_newest_sweep_per_model_and_word_count():
+    mod = _readme_script()
+
+    def sweep(created, gap, source, words=24, model="m"):
+        rows = [{"words": words, "method": "d", "gap_closed_orig": gap},
+                {"words": words, "method": "paper", "gap_closed_orig": gap / 2}]
+        return {"model_path": model, "created": created, "rows": rows, "source": source}
+
+    rows = mod.summary_rows([sweep("2026-11-29 20:00 UTC", 0.9, "new"), sweep("2026-11-29 10:00 UTC", 0.5, "old"),
+                             sweep("2026-11-29 09:00 UTC", 0.7, "other", words=500)], "d")
+    assert [(r[0], r[1], r[4]) for r in rows] == [("m", 24, "new"), ("m", 500, "other")]
+    assert rows[0][2]["gap_closed_orig"] == 0.9 and rows[0][3]["gap_closed_orig"] == 0.45
+    assert mod.summary_rows([sweep("x", 0.9, "new")], "other-label") == []
+
+
 def test_benchmark_step_mode_smoke(tmp_path):
     """The benchmark runs end to end on a tiny random shape and reports consistent figures."""
     sys.path.insert(0, str(ROOT / "scripts"))
