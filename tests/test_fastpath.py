@@ -133,8 +133,80 @@ def test_training_with_teacher_cache_matches_without(caplog):
     torch.testing.assert_close(torch.tensor(results[1 << 24][1]), torch.tensor(results[0][1]), rtol=1e-5, atol=1e-7)
     used = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache:")]
     assert len(used) == 1  # only the run with a budget has a cache
-    reused, computed = (int(x) for x in re.findall(r"(\d+) batches reused, (\d+) computed", used[0])[0])
+    reused, computed = (int(x) for x in re.findall(r"(\d+) batches reused whole, (\d+) not", used[0])[0])
     assert reused == computed > 0  # epoch 2 reuses every batch of epoch 1
+    s_reused, s_computed = (int(x) for x in re.findall(r"(\d+) snippets reused, (\d+) computed", used[0])[0])
+    assert s_reused == s_computed == 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_partly_cached_teacher_gives_same_loss_and_gradient(arch, shared_prefix):
+    """A batch with some snippets cached runs the teacher for the others only, and gives the
+    teacher states, loss and gradient of an uncached batch (with and without a shared prefix)."""
+    from token_distillation.fastpath import TeacherCache, _prefix_len
+
+    model = make_llama(64, layers=4) if arch == "llama" else _gemma(64)
+    rows, batch = _batch(model)
+    if not shared_prefix:  # trained original rows: the path without a shared prefix (full forwards)
+        emb = model.get_input_embeddings().weight
+        rows = NewRows(rows.rows, [64, 65], emb.shape[0], embedding_scale(model), train_original=True, weight=emb)
+    else:
+        assert _prefix_len(batch) > 0
+    layer = resolve_layer(model, -1)
+    ids = list(range(batch.teacher_ids.shape[0]))
+    s_ref, t_ref = teacher_student_hiddens(model, rows, batch, layer)
+    (g_ref,) = torch.autograd.grad(mse_on_hiddens(s_ref, t_ref), rows.rows)
+
+    cache = TeacherCache(1 << 20)
+    cache.put([1, 4], torch.cat(torch.split(t_ref, batch.teacher_loss_mask.sum(1).tolist())[1:5:3]),
+              batch.teacher_loss_mask.sum(1)[[1, 4]])
+    known = cache.lookup(ids)
+    assert [k is not None for k in known] == [False, True, False, False, True, False]
+    assert (cache.snippet_hits, cache.snippet_misses, cache.hits, cache.misses) == (2, 4, 0, 1)
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        s, t = teacher_student_hiddens(model, rows, batch, layer, teacher=known)
+    finally:
+        hook.remove()
+    n = batch.teacher_ids.shape[0]
+    # the teacher's continuation ran on the 4 rows not cached (plus the prefix / student on all rows)
+    assert 4 in calls and calls.count(n) == (2 if shared_prefix else 1)
+    torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(mse_on_hiddens(s, t), rows.rows)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-8)
+    cache.put(ids, t, batch.teacher_loss_mask.sum(1))  # fills the others, keeps the two it had
+    torch.testing.assert_close(cache.get(ids), t_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_training_with_a_partial_teacher_cache_matches_without(caplog):
+    """A budget that holds only some snippets: every later batch is partly cached (batches are
+    reshuffled per epoch), the kept snippets are reused, and the rows equal those trained without a cache."""
+    from token_distillation.config import Recipe
+    from token_distillation.train import train
+
+    import logging
+
+    caplog.set_level(logging.INFO, logger="token_distillation.train")
+    results = {}
+    for budget in (0, 4 * 12 * 64 * 4):  # room for ~4 snippets' states (<= 12 loss positions, hidden 64, float32)
+        model = make_llama(64, layers=4)
+        rows, _ = _batch(model)
+        m = PhraseMatcher([[10, 11, 12], [20, 21]])
+        gen = torch.Generator().manual_seed(7)
+        seqs, tix = [], []
+        for k in range(16):
+            body = torch.randint(3, 60, (10,), generator=gen).tolist()
+            seqs.append(merge([1] + body[:3] + ([10, 11, 12] if k % 2 == 0 else [20, 21]) + body[3:], m, [64, 65]))
+            tix.append(k % 2)
+        train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=4, epochs=3,
+              seed=0, device=torch.device("cpu"), recipe=Recipe.PER_TOKEN, teacher_cache_bytes=budget)
+        results[budget] = rows.rows.detach().clone()
+    torch.testing.assert_close(results[4 * 12 * 64 * 4], results[0], rtol=1e-5, atol=1e-7)
+    used = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache:")]
+    s_reused, s_computed = (int(x) for x in re.findall(r"(\d+) snippets reused, (\d+) computed", used[0])[0])
+    assert s_reused + s_computed == 48 and 0 < s_reused < 32
 
 
 def test_trained_original_rows_are_not_shared_with_the_teacher():

@@ -99,9 +99,17 @@ def _prefix_len(batch: AlignedBatch) -> int:
 class TeacherCache:
     """Teacher hidden states at the loss positions, kept per snippet for later epochs.
 
+    A batch reuses the states of the snippets it finds and runs the teacher only for the others,
+    so a cache that holds part of the training snippets (budget reached, or a resumed run whose
+    earlier steps were not seen by this process) still saves their share, although batches are
+    reshuffled every epoch.
+
     Args:
         max_bytes: memory budget; snippets beyond it are not cached (their teacher is recomputed).
             Entries stay on the device they were computed on. 0 disables the cache.
+
+    Counters: ``hits`` / ``misses`` count batches found whole / not whole; ``snippet_hits`` /
+    ``snippet_misses`` count snippets.
     """
 
     def __init__(self, max_bytes: int):
@@ -110,17 +118,33 @@ class TeacherCache:
         self._store: dict[int, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
+        self.snippet_hits = 0
+        self.snippet_misses = 0
+
+    def lookup(self, snippet_ids: list[int]) -> list[torch.Tensor | None]:
+        """Per snippet, its ``[n_i, hidden]`` teacher states, or None when not cached."""
+        parts = [self._store.get(i) for i in snippet_ids]
+        found = sum(t is not None for t in parts)
+        self.snippet_hits += found
+        self.snippet_misses += len(parts) - found
+        if parts and found == len(parts):
+            self.hits += 1
+        else:
+            self.misses += 1
+        return parts
 
     def get(self, snippet_ids: list[int]) -> torch.Tensor | None:
         """``[N, hidden]`` teacher states of these snippets in order, or None if any is missing."""
-        if not snippet_ids or any(i not in self._store for i in snippet_ids):
-            self.misses += 1
+        parts = self.lookup(snippet_ids)
+        if not parts or any(t is None for t in parts):
             return None
-        self.hits += 1
-        return torch.cat([self._store[i] for i in snippet_ids])
+        return torch.cat(parts)
 
     def put(self, snippet_ids: list[int], teacher: torch.Tensor, counts: torch.Tensor) -> None:
-        """Store ``teacher`` (``[N, hidden]``, rows of the snippets in order) split by ``counts`` ``[batch]``."""
+        """Store ``teacher`` (``[N, hidden]``, rows of the snippets in order) split by ``counts`` ``[batch]``.
+
+        Snippets already cached are skipped (so a batch can be put back whole after a partial hit).
+        """
         for i, part in zip(snippet_ids, torch.split(teacher.detach(), counts.tolist())):
             size = part.numel() * part.element_size()
             if i in self._store or self.bytes + size > self.max_bytes:
@@ -129,46 +153,87 @@ class TeacherCache:
             self.bytes += size
 
 
-def teacher_hiddens(model, batch: AlignedBatch, layer: int) -> torch.Tensor:
-    """Teacher hidden states ``[N, hidden]`` at the batch's aligned loss positions (call under no_grad)."""
-    return forward_to_layer(model, layer, batch.teacher_attention, input_ids=batch.teacher_ids)[batch.teacher_loss_mask]
+
+def _missing(known) -> list[int] | None:
+    """Rows whose teacher states must be computed (None: all of them, [] none)."""
+    if known is None:
+        return None
+    if isinstance(known, torch.Tensor):
+        return []
+    miss = [r for r, t in enumerate(known) if t is None]
+    return None if len(miss) == len(known) else miss
+
+
+def _fill(known: list[torch.Tensor | None], miss: list[int], computed: torch.Tensor,
+          batch: AlignedBatch) -> torch.Tensor:
+    """``[N, hidden]``: the cached rows of ``known`` with the ``miss`` rows taken from ``computed``."""
+    counts = batch.teacher_loss_mask[miss].sum(1).tolist()
+    parts = list(known)
+    for r, t in zip(miss, torch.split(computed, counts)):
+        parts[r] = t
+    return torch.cat([t.to(computed.dtype) for t in parts])
+
+
+def teacher_hiddens(model, batch: AlignedBatch, layer: int, known=None) -> torch.Tensor:
+    """Teacher hidden states ``[N, hidden]`` at the batch's aligned loss positions (call under no_grad).
+
+    ``known``: per batch row, cached states ``[n_i, hidden]`` or None (from
+    :meth:`TeacherCache.lookup`); only the rows without states are run.
+    """
+    miss = _missing(known)
+    if miss == []:
+        return known if isinstance(known, torch.Tensor) else torch.cat(known)
+    if miss is None:
+        return forward_to_layer(model, layer, batch.teacher_attention,
+                                input_ids=batch.teacher_ids)[batch.teacher_loss_mask]
+    idx = torch.tensor(miss, device=batch.teacher_ids.device)
+    computed = forward_to_layer(model, layer, batch.teacher_attention[idx],
+                                input_ids=batch.teacher_ids[idx])[batch.teacher_loss_mask[idx]]
+    return _fill(known, miss, computed, batch)
 
 
 def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
-                            teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            teacher=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher hidden states at the aligned loss positions, ``([N, hidden], [N, hidden])``.
 
     The teacher part carries no grad; the student part depends on ``rows`` (a ``NewRows``). When
     ``rows`` also trains the original embedding rows, the prefix is not shared (see above).
-    ``teacher``: the teacher states ``[N, hidden]`` from a :class:`TeacherCache`; when given, only
-    the shared prefix (for the student's key/value cache) and the student are run.
+    ``teacher``: cached teacher states, either ``[N, hidden]`` for the whole batch (from
+    :meth:`TeacherCache.get`) or a per-row list with None for rows not cached (from
+    :meth:`TeacherCache.lookup`). The teacher's continuation runs only for the rows without states;
+    the shared prefix is still computed (the student needs its key/value cache).
     """
     # With trained original rows (``--train_original_embeddings``) the student's prefix is no longer
     # the teacher's: no shared prefix then (full forwards, gradients reach the prefix rows).
     p = 0 if getattr(rows, "trains_original", False) else _prefix_len(batch)
     dev = batch.teacher_ids.device
     if p == 0:
-        if teacher is None:
-            with torch.no_grad():
-                teacher = teacher_hiddens(model, batch, layer)
+        with torch.no_grad():
+            teacher = teacher_hiddens(model, batch, layer, teacher)
         s_h = forward_to_layer(model, layer, batch.student_attention,
                                inputs_embeds=rows.embed(model, batch.student_ids))
         return s_h[batch.student_loss_mask], teacher
     from transformers import DynamicCache
 
+    miss = _missing(teacher)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         forward_to_layer(model, layer, batch.teacher_attention[:, :p], input_ids=batch.teacher_ids[:, :p],
                          cache=cache, position_ids=torch.arange(p, device=dev).expand(batch.teacher_ids.shape[0], -1))
-        if teacher is None:
+        if miss == []:
+            student_cache = cache
+            teacher = teacher if isinstance(teacher, torch.Tensor) else torch.cat(teacher)
+        else:
             student_cache = copy.deepcopy(cache)
             tl = batch.teacher_ids.shape[1]
-            t_h = forward_to_layer(model, layer, batch.teacher_attention, input_ids=batch.teacher_ids[:, p:],
-                                   cache=cache,
-                                   position_ids=torch.arange(p, tl, device=dev).expand(batch.teacher_ids.shape[0], -1))
-            teacher = t_h[batch.teacher_loss_mask[:, p:]]
-        else:
-            student_cache = cache
+            sel = slice(None) if miss is None else torch.tensor(miss, device=dev)
+            if miss is not None:
+                cache.batch_select_indices(sel)  # the teacher continues only the rows not cached
+            t_ids = batch.teacher_ids[sel]
+            t_h = forward_to_layer(model, layer, batch.teacher_attention[sel], input_ids=t_ids[:, p:], cache=cache,
+                                   position_ids=torch.arange(p, tl, device=dev).expand(t_ids.shape[0], -1))
+            computed = t_h[batch.teacher_loss_mask[sel][:, p:]]
+            teacher = computed if miss is None else _fill(teacher, miss, computed, batch)
     sl = batch.student_ids.shape[1]
     s_h = forward_to_layer(model, layer, batch.student_attention,
                            inputs_embeds=rows.embed(model, batch.student_ids[:, p:]), cache=student_cache,

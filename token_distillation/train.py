@@ -227,11 +227,11 @@ def loss_terms(model, rows: NewRows, batch: AlignedBatch, layer: int, plan: Loss
     if plan.needs_hiddens and not plan.needs_logits and not plan.needs_ce:
         # hidden states only: shared-prefix KV cache, early stop at the target layer, teacher cache
         use_cache = teacher_cache is not None and snippet_ids is not None
-        cached = teacher_cache.get(snippet_ids) if use_cache else None
+        known = teacher_cache.lookup(snippet_ids) if use_cache else None
         with autocast_context(device, autocast_dtype):
-            s_h, t_h = teacher_student_hiddens(model, rows, batch, layer, teacher=cached)
-        if use_cache and cached is None:
-            teacher_cache.put(snippet_ids, t_h, batch.teacher_loss_mask.sum(1))
+            s_h, t_h = teacher_student_hiddens(model, rows, batch, layer, teacher=known)
+        if use_cache:
+            teacher_cache.put(snippet_ids, t_h, batch.teacher_loss_mask.sum(1))  # skips those already kept
         return {m: (mse_per_position(s_h, t_h) if per_position and m == LossMethod.MSE_ON_HIDDENS
                     else LOSSES[m].fn(s_h, t_h)) for m in plan.methods}
     t_layer = layer if plan.needs_hiddens else None
@@ -384,8 +384,8 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
                         sum(recent) / len(recent), len(recent))
     bar.close()
     if tcache is not None:
-        logger.info("teacher cache: %d batches reused, %d computed, %.1f MiB", tcache.hits, tcache.misses,
-                    tcache.bytes / 2**20)
+        logger.info("teacher cache: %d batches reused whole, %d not; %d snippets reused, %d computed; %.1f MiB",
+                    tcache.hits, tcache.misses, tcache.snippet_hits, tcache.snippet_misses, tcache.bytes / 2**20)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -473,11 +473,10 @@ def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: 
             s_h, last = hidden_states(model, layer if loss else None, batch.student_attention,
                                       inputs_embeds=rows.embed(model, batch.student_ids), need_last=argmax)
             if loss:
-                teacher = teacher_cache.get(ids) if teacher_cache is not None else None
-                if teacher is None:
-                    teacher = teacher_hiddens(model, batch, layer)
-                    if teacher_cache is not None:
-                        teacher_cache.put(ids, teacher, batch.teacher_loss_mask.sum(1))
+                known = teacher_cache.lookup(ids) if teacher_cache is not None else None
+                teacher = teacher_hiddens(model, batch, layer, known)
+                if teacher_cache is not None:
+                    teacher_cache.put(ids, teacher, batch.teacher_loss_mask.sum(1))  # skips those already kept
                 per_pos = mse_per_position(s_h[batch.student_loss_mask], teacher)
             if argmax:
                 mask = torch.zeros_like(batch.student_attention)
