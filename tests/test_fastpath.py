@@ -189,10 +189,12 @@ def test_training_with_a_partial_teacher_cache_matches_without(caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="token_distillation.train")
-    results = {}
+    results, rows_run = {}, {}
     for budget in (0, 4 * 12 * 64 * 4):  # room for ~4 snippets' states (<= 12 loss positions, hidden 64, float32)
         model = make_llama(64, layers=4)
         rows, _ = _batch(model)
+        seen = rows_run.setdefault(budget, [])
+        model.model.layers[0].register_forward_hook(lambda m, a, o, seen=seen: seen.append(a[0].shape[0]))
         m = PhraseMatcher([[10, 11, 12], [20, 21]])
         gen = torch.Generator().manual_seed(7)
         seqs, tix = [], []
@@ -207,6 +209,8 @@ def test_training_with_a_partial_teacher_cache_matches_without(caplog):
     used = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher cache:")]
     s_reused, s_computed = (int(x) for x in re.findall(r"(\d+) snippets reused, (\d+) computed", used[0])[0])
     assert s_reused + s_computed == 48 and 0 < s_reused < 32
+    # the reused snippets really skip the teacher: fewer rows went through the model than without a cache
+    assert sum(rows_run[0]) - sum(rows_run[4 * 12 * 64 * 4]) == s_reused
 
 
 def test_trained_original_rows_are_not_shared_with_the_teacher():
