@@ -164,6 +164,16 @@ def _missing(known) -> list[int] | None:
     return None if len(miss) == len(known) else miss
 
 
+def _whole(known) -> torch.Tensor:
+    """``[N, hidden]`` from fully cached states (one tensor, or a per-row list without None)."""
+    return known if isinstance(known, torch.Tensor) else torch.cat(known)
+
+
+def _rows(miss: list[int] | None, batch: AlignedBatch):
+    """Index of the batch rows to run the teacher on (all rows when ``miss`` is None)."""
+    return slice(None) if miss is None else torch.tensor(miss, device=batch.teacher_ids.device)
+
+
 def _fill(known: list[torch.Tensor | None], miss: list[int], computed: torch.Tensor,
           batch: AlignedBatch) -> torch.Tensor:
     """``[N, hidden]``: the cached rows of ``known`` with the ``miss`` rows taken from ``computed``."""
@@ -182,14 +192,11 @@ def teacher_hiddens(model, batch: AlignedBatch, layer: int, known=None) -> torch
     """
     miss = _missing(known)
     if miss == []:
-        return known if isinstance(known, torch.Tensor) else torch.cat(known)
-    if miss is None:
-        return forward_to_layer(model, layer, batch.teacher_attention,
-                                input_ids=batch.teacher_ids)[batch.teacher_loss_mask]
-    idx = torch.tensor(miss, device=batch.teacher_ids.device)
-    computed = forward_to_layer(model, layer, batch.teacher_attention[idx],
-                                input_ids=batch.teacher_ids[idx])[batch.teacher_loss_mask[idx]]
-    return _fill(known, miss, computed, batch)
+        return _whole(known)
+    sel = _rows(miss, batch)
+    computed = forward_to_layer(model, layer, batch.teacher_attention[sel],
+                                input_ids=batch.teacher_ids[sel])[batch.teacher_loss_mask[sel]]
+    return computed if miss is None else _fill(known, miss, computed, batch)
 
 
 def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
@@ -222,11 +229,11 @@ def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
                          cache=cache, position_ids=torch.arange(p, device=dev).expand(batch.teacher_ids.shape[0], -1))
         if miss == []:
             student_cache = cache
-            teacher = teacher if isinstance(teacher, torch.Tensor) else torch.cat(teacher)
+            teacher = _whole(teacher)
         else:
             student_cache = copy.deepcopy(cache)
             tl = batch.teacher_ids.shape[1]
-            sel = slice(None) if miss is None else torch.tensor(miss, device=dev)
+            sel = _rows(miss, batch)
             if miss is not None:
                 cache.batch_select_indices(sel)  # the teacher continues only the rows not cached
             t_ids = batch.teacher_ids[sel]
