@@ -61,6 +61,27 @@ def test_train_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatc
     assert res.loss_curve == ref.loss_curve
 
 
+def test_resumed_run_counts_the_training_time_before_the_resume(tmp_path, monkeypatch):
+    model, _, seqs, tix, rows = _setup()
+    fp = {"run": "x"}
+    _interrupt_after(monkeypatch, 7)
+    with pytest.raises(Interrupted):
+        _train(rows, seqs, tix, model, Checkpointer(tmp_path / "ck", 7, fp))
+    monkeypatch.undo()
+    path = tmp_path / "ck" / "step-00000007.pt"
+    state = torch.load(path, weights_only=True)
+    assert 0 < state["seconds"] < 600
+    state["seconds"] = 1000.0  # as if the first process had trained for 1000 s
+    torch.save(state, path)
+    res = _train(_setup()[4], seqs, tix, model, Checkpointer(tmp_path / "ck", 0, fp, resume=True))
+    assert 1000.0 < res.seconds < 1600.0 and res.seconds_from_step == 0
+
+    del state["seconds"]  # a checkpoint written before the time was recorded
+    torch.save(state, path)
+    res = _train(_setup()[4], seqs, tix, model, Checkpointer(tmp_path / "ck", 0, fp, resume=True))
+    assert 0 < res.seconds < 600 and res.seconds_from_step == 7
+
+
 def test_checkpoints_keep_newest_and_refuse_other_runs(tmp_path):
     model, _, seqs, tix, rows = _setup()
     _train(rows, seqs, tix, model, Checkpointer(tmp_path / "ck", 2, {"lr": 1}))
@@ -110,6 +131,7 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     monkeypatch.setattr(ckpt_mod.Checkpointer, "restore", restore)
     res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
     assert resumed_steps == [4]
+    assert res.report["train_seconds_from_step"] == 0  # the time before the interruption is counted
     assert res.report["loss_curve"] == ref.report["loss_curve"]
     assert not (out / CHECKPOINT_DIRNAME).exists()
     a = load_file(str(ref.out_path / "model.safetensors"))["model.embed_tokens.weight"]

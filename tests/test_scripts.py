@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,3 +112,38 @@ def test_benchmark_step_mode_smoke(tmp_path):
     assert abs(held["product"] - held["comparator"]) <= 0.05 * held["comparator"]
     for key in ("comparator", "product", "product_teacher_cached"):
         assert res[key]["snippets_per_s"] > 0 and res[key]["mfu"] > 0
+
+
+def test_sweep_render_draws_the_paper_recipe_on_both_panels(tmp_path):
+    """sweep.md marks a run whose time counts only the steps after a resume; sweep.png has one
+    dashed paper-recipe line per word count on each panel, in that word count's colour."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import sweep_lr
+
+    def row(words, method, lr, ep, gap, seconds=10.0, from_step=0):
+        return {"words": words, "method": method, "lr_relative": lr, "epochs": ep, "excess_nll_orig": 1 - gap,
+                "excess_nll_full": 1 - gap, "gap_closed_orig": gap, "gap_closed_full": gap - 0.01,
+                "new_token_argmax_rate": 0.0, "train_seconds": seconds, "train_seconds_from_step": from_step}
+
+    rows = [row(n, m, lr, ep, g) for n in (10, 50) for m, lr, ep, g in
+            (("subtoken-mean", None, None, 0.0), ("per-token-0.05-e1", 0.05, 1, 0.7),
+             ("per-token-0.1-e1", 0.1, 1, 0.8), ("per-token-0.05-e2", 0.05, 2, 0.85))]
+    rows.append(row(10, "paper", None, None, 0.3, seconds=412.4, from_step=650))
+    rows.append(row(50, "paper", None, None, 0.4))
+    (tmp_path / "sweep.json").write_text(json.dumps({"command": "c", "created": "t", "model_path": "m",
+                                                     "dataset_path": "d", "rows": rows}))
+    assert sweep_lr.main(out_dir=str(tmp_path), render_only=True) == str(tmp_path / "sweep.json")
+    fig = sweep_lr.render(tmp_path)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| 10 | paper |" in md and "| 412 (from step 650) |" in md and "| 10.0000 |" not in md
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    for ax, key in zip(fig.axes, ("gap_closed_orig", "gap_closed_full")):
+        dashed = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+        assert sorted(round(ln.get_ydata()[0], 6) for ln in dashed) == sorted(
+            round(100 * r[key], 6) for r in rows if r["method"] == "paper")
+        for n in (10, 50):
+            solid = {ln.get_color() for ln in ax.lines if ln.get_label().startswith(f"{n} words, ") and ln.get_linestyle() != "--"}
+            paper = {ln.get_color() for ln in dashed if ln.get_label() == f"{n} words, paper recipe"}
+            assert len(solid) == 1 and paper == solid
+    with pytest.raises(SystemExit, match="--dataset_path"):
+        sweep_lr.main(out_dir=str(tmp_path / "new"))

@@ -2,7 +2,7 @@
 
 Layout: ``<out_path>/checkpoints/step-00000010.pt`` (one file per checkpoint, the newest two are
 kept). Each file holds the new rows ``[num_new_tokens, hidden]``, the AdamW state, the step, the
-loss curve so far, the shuffling generator's state and the not-yet-used part of the current
+loss curve so far, the training seconds spent so far (summed over the processes that ran in turn), the shuffling generator's state and the not-yet-used part of the current
 epoch's order, the global python/numpy/torch RNG states and a fingerprint of everything that
 determines the result (training flags, model, tokens, snippets). A file is written under a
 temporary name and renamed into place, so a checkpoint is either complete or absent.
@@ -109,12 +109,15 @@ class Checkpointer:
             return []
         return sorted((p for p in self.directory.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
 
-    def restore(self, rows, optimizer, generator: torch.Generator) -> tuple[int, list[int], list[float]] | None:
+    def restore(self, rows, optimizer, generator: torch.Generator
+                ) -> tuple[int, list[int], list[float], float | None] | None:
         """Load the newest checkpoint into ``rows`` (a ``NewRows``), ``optimizer`` and ``generator``.
 
         Returns:
-            ``(step, remaining order of the current epoch, loss curve so far)``, or None when not
-            resuming or no checkpoint exists (then a fresh start: stale checkpoints are removed).
+            ``(step, remaining order of the current epoch, loss curve so far, training seconds so
+            far)``, or None when not resuming or no checkpoint exists (then a fresh start: stale
+            checkpoints are removed). The seconds are None for a checkpoint written before they
+            were recorded.
 
         Raises:
             ConfigError: the checkpoint was made with different flags, model, tokens or snippets.
@@ -147,26 +150,29 @@ class Checkpointer:
         generator.set_state(state["generator"])
         _set_rng_state(state["rng"])
         logger.info("resumed from %s (step %d)", path, state["step"])
-        return int(state["step"]), list(state["order"]), list(state["loss_curve"])
+        seconds = state.get("seconds")
+        return (int(state["step"]), list(state["order"]), list(state["loss_curve"]),
+                None if seconds is None else float(seconds))
 
     def step_done(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
-                  loss_curve: list[float]) -> Path | None:
+                  loss_curve: list[float], seconds: float = 0.0) -> Path | None:
         """Save a checkpoint when ``step`` is a multiple of ``every``; returns its path (main
-        process) or None."""
+        process) or None. ``seconds``: training time so far (s), restored on resume."""
         if self.every <= 0 or step % self.every:
             return None
-        path = self.save(step, rows, optimizer, generator, order, loss_curve) if self._main else None
+        path = self.save(step, rows, optimizer, generator, order, loss_curve, seconds) if self._main else None
         if self.dist is not None:
             self.dist.wait()
         return path
 
     def save(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
-             loss_curve: list[float]) -> Path:
+             loss_curve: list[float], seconds: float = 0.0) -> Path:
         """Write ``step-NNNNNNNN.pt`` atomically (temporary file, fsync, rename); prune old ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
         state = {"step": int(step), "rows": rows.rows.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state(), "order": [int(i) for i in order],
-                 "loss_curve": [float(x) for x in loss_curve], "rng": _rng_state(), "fingerprint": self.fingerprint}
+                 "loss_curve": [float(x) for x in loss_curve], "seconds": float(seconds), "rng": _rng_state(),
+                 "fingerprint": self.fingerprint}
         final = self.directory / f"step-{step:08d}.pt"
         tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
         try:

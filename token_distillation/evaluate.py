@@ -638,7 +638,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "target_layer": targets[e.label], "num_tokens": len(e.tokens),
             "tokens_per_doc_before": tokens_per_doc_before, "tokens_per_doc_after": float(after.mean()),
             "compression_ratio": float(after.sum() / doc_lens.sum()),
-            "train_seconds": e.report.get("train_seconds"), "eval_seconds": time.perf_counter() - t_start,
+            "train_seconds": e.report.get("train_seconds"),
+            "train_seconds_from_step": e.report.get("train_seconds_from_step", 0),
+            "eval_seconds": time.perf_counter() - t_start,
         }
         del ext_model
 

@@ -306,6 +306,7 @@ def run(cfg: RunConfig) -> RunResult:
         "train_lr": ((per_token_lr if tc.recipe == Recipe.PER_TOKEN else tc.token_distillation_lr)
                      if result else None),
         "train_seconds": result.seconds if result else 0.0,
+        "train_seconds_from_step": result.seconds_from_step if result else 0,
         "output_rows_train_seconds": out_result.seconds if out_result else 0.0,
         "output_rows_loss_curve": out_result.loss_curve if out_result else [],
         "new_token_argmax_rate_init": argmax_before["rate"],

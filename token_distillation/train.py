@@ -270,11 +270,18 @@ def loss_terms(model, rows: NewRows, batch: AlignedBatch, layer: int, plan: Loss
 
 @dataclass
 class TrainResult:
-    """What the loop did: ``loss_curve`` (one value per optimizer step), steps, seconds."""
+    """What the loop did: ``loss_curve`` (one value per optimizer step), steps, seconds.
+
+    ``seconds`` is the training time of the whole run, including the processes that ran before a
+    resume; ``seconds_from_step`` is 0 then. After resuming from a checkpoint that did not record
+    its time (older format), ``seconds`` counts only this process and ``seconds_from_step`` is the
+    step it resumed from.
+    """
 
     loss_curve: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    seconds_from_step: int = 0
 
 
 def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], *, layer: int,
@@ -337,9 +344,12 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
     result = TrainResult()
     start = time.perf_counter()
     order: list[int] = []
+    earlier = 0.0  # training seconds of the processes before a resume
     resumed = checkpointer.restore(rows, opt, gen) if checkpointer is not None else None
     if resumed is not None:
-        result.steps, order, result.loss_curve = resumed
+        result.steps, order, result.loss_curve, earlier = resumed
+        if earlier is None:
+            earlier, result.seconds_from_step = 0.0, result.steps
     bar = tqdm(total=total, initial=result.steps, desc=desc, unit="step",
                disable=dist is not None and not dist.is_main)
 
@@ -375,7 +385,8 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         result.steps += 1
         result.loss_curve.append(step_loss)
         if checkpointer is not None:
-            checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve)
+            checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve,
+                                   earlier + time.perf_counter() - start)
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss_curve[-1]:.4f}")
         if result.steps % log_every == 0 or result.steps == total:
@@ -386,7 +397,7 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
     if tcache is not None:
         logger.info("teacher cache: %d batches reused whole, %d not; %d snippets reused, %d computed; %.1f MiB",
                     tcache.hits, tcache.misses, tcache.snippet_hits, tcache.snippet_misses, tcache.bytes / 2**20)
-    result.seconds = time.perf_counter() - start
+    result.seconds = earlier + time.perf_counter() - start
     return result
 
 
