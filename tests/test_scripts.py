@@ -112,6 +112,7 @@ def test_benchmark_step_mode_smoke(tmp_path):
     assert abs(held["product"] - held["comparator"]) <= 0.05 * held["comparator"]
     for key in ("comparator", "product", "product_teacher_cached"):
         assert res[key]["snippets_per_s"] > 0 and res[key]["mfu"] > 0
+    assert res["product_half_cached"]["snippets_per_s"] > 0 and res["speedup_half_cached"] > 0
 
 
 def test_sweep_render_draws_the_paper_recipe_on_both_panels(tmp_path):
