@@ -53,14 +53,6 @@ def gap_closed(excess: float | None, baseline: float | None) -> float | None:
     return 1.0 - excess / baseline
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
-
-
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
 def _secs(r: dict) -> str:
     """Training seconds; a run resumed from a checkpoint without its time counts the later steps only."""
     s = "-" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
@@ -72,6 +64,7 @@ def render(out_dir):
     per word count and number of passes; the paper recipe dashed, in the same colour, on both
     panels) from ``<out_dir>/sweep.json``; returns the matplotlib figure."""
     from matplotlib.figure import Figure
+    from update_readme_results import _num, _pct
 
     out = Path(out_dir)
     summary = json.loads((out / "sweep.json").read_text())
@@ -89,15 +82,14 @@ def render(out_dir):
     keys = ("gap_closed_orig", "gap_closed_full")
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
-    for n in sorted({r["words"] for r in rows}):
-        colour = None
+    for i, n in enumerate(sorted({r["words"] for r in rows})):
+        colour = f"C{i % 10}"  # one colour per word count, the same on both panels
         for k, ep in enumerate(sorted({r["epochs"] for r in rows if r["words"] == n and r["epochs"] is not None})):
             pts = sorted((r["lr_relative"], r) for r in rows
                          if r["words"] == n and r["lr_relative"] is not None and r["epochs"] == ep)
             for ax, key in zip(axes, keys):
-                (line,) = ax.plot([p[0] for p in pts], [100 * (p[1][key] or 0) for p in pts], marker="os^Dv"[k % 5],
-                                  color=colour, label=f"{n} words, {ep} epoch{'s' if ep > 1 else ''}")
-                colour = line.get_color()
+                ax.plot([p[0] for p in pts], [100 * (p[1][key] or 0) for p in pts], marker="os^Dv"[k % 5],
+                        color=colour, label=f"{n} words, {ep} epoch{'s' if ep > 1 else ''}")
         for r in (r for r in rows if r["words"] == n and r["method"] == "paper"):
             for ax, key in zip(axes, keys):
                 if r[key] is not None:

@@ -76,10 +76,25 @@ def test_resumed_run_counts_the_training_time_before_the_resume(tmp_path, monkey
     res = _train(_setup()[4], seqs, tix, model, Checkpointer(tmp_path / "ck", 0, fp, resume=True))
     assert 1000.0 < res.seconds < 1600.0 and res.seconds_from_step == 0
 
+    del state["seconds_from_step"]  # an earlier format: the seconds count from the start
+    torch.save(state, path)
+    res = _train(_setup()[4], seqs, tix, model, Checkpointer(tmp_path / "ck", 0, fp, resume=True))
+    assert 1000.0 < res.seconds < 1600.0 and res.seconds_from_step == 0
+
     del state["seconds"]  # a checkpoint written before the time was recorded
     torch.save(state, path)
     res = _train(_setup()[4], seqs, tix, model, Checkpointer(tmp_path / "ck", 0, fp, resume=True))
     assert 0 < res.seconds < 600 and res.seconds_from_step == 7
+
+    # resumed from it, interrupted again and resumed from a newer checkpoint: still counted from step 7
+    torch.save(state, path)
+    _interrupt_after(monkeypatch, 10)
+    with pytest.raises(Interrupted):
+        _train(_setup()[4], seqs, tix, model, Checkpointer(tmp_path / "ck", 10, fp, resume=True))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "ck" / "step-00000010.pt", weights_only=True)["seconds_from_step"] == 7
+    res = _train(_setup()[4], seqs, tix, model, Checkpointer(tmp_path / "ck", 0, fp, resume=True))
+    assert res.steps == 15 and res.seconds_from_step == 7
 
 
 def test_checkpoints_keep_newest_and_refuse_other_runs(tmp_path):
@@ -123,15 +138,20 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     resumed_steps = []
     real_restore = ckpt_mod.Checkpointer.restore
 
+    earlier = []
+
     def restore(self, *a):
         r = real_restore(self, *a)
         resumed_steps.append(r[0] if r else 0)
+        earlier.append(r[3] if r else None)
         return r
 
     monkeypatch.setattr(ckpt_mod.Checkpointer, "restore", restore)
     res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
     assert resumed_steps == [4]
-    assert res.report["train_seconds_from_step"] == 0  # the time before the interruption is counted
+    # the time before the interruption is counted
+    assert earlier[0][1] == 0 and 0 < earlier[0][0] < res.report["train_seconds"]
+    assert res.report["train_seconds_from_step"] == 0
     assert res.report["loss_curve"] == ref.report["loss_curve"]
     assert not (out / CHECKPOINT_DIRNAME).exists()
     a = load_file(str(ref.out_path / "model.safetensors"))["model.embed_tokens.weight"]

@@ -2,8 +2,9 @@
 
 Layout: ``<out_path>/checkpoints/step-00000010.pt`` (one file per checkpoint, the newest two are
 kept). Each file holds the new rows ``[num_new_tokens, hidden]``, the AdamW state, the step, the
-loss curve so far, the training seconds spent so far (summed over the processes that ran in turn), the shuffling generator's state and the not-yet-used part of the current
-epoch's order, the global python/numpy/torch RNG states and a fingerprint of everything that
+loss curve so far, the training seconds so far (summed over the processes that ran in turn) with
+the step from which they count, the shuffling generator's state and the not-yet-used part of the
+current epoch's order, the global python/numpy/torch RNG states and a fingerprint of everything that
 determines the result (training flags, model, tokens, snippets). A file is written under a
 temporary name and renamed into place, so a checkpoint is either complete or absent.
 
@@ -110,14 +111,14 @@ class Checkpointer:
         return sorted((p for p in self.directory.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
 
     def restore(self, rows, optimizer, generator: torch.Generator
-                ) -> tuple[int, list[int], list[float], float | None] | None:
+                ) -> tuple[int, list[int], list[float], tuple[float, int]] | None:
         """Load the newest checkpoint into ``rows`` (a ``NewRows``), ``optimizer`` and ``generator``.
 
         Returns:
-            ``(step, remaining order of the current epoch, loss curve so far, training seconds so
-            far)``, or None when not resuming or no checkpoint exists (then a fresh start: stale
-            checkpoints are removed). The seconds are None for a checkpoint written before they
-            were recorded.
+            ``(step, remaining order of the current epoch, loss curve so far, timing)``, or None
+            when not resuming or no checkpoint exists (then a fresh start: stale checkpoints are
+            removed). ``timing`` is ``(training seconds so far, step from which they count)``; a
+            checkpoint written before the time was recorded gives ``(0.0, step)``.
 
         Raises:
             ConfigError: the checkpoint was made with different flags, model, tokens or snippets.
@@ -150,28 +151,30 @@ class Checkpointer:
         generator.set_state(state["generator"])
         _set_rng_state(state["rng"])
         logger.info("resumed from %s (step %d)", path, state["step"])
-        seconds = state.get("seconds")
-        return (int(state["step"]), list(state["order"]), list(state["loss_curve"]),
-                None if seconds is None else float(seconds))
+        step = int(state["step"])
+        timing = (float(state["seconds"]), int(state.get("seconds_from_step", 0))) if "seconds" in state else (0.0, step)
+        return step, list(state["order"]), list(state["loss_curve"]), timing
 
     def step_done(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
-                  loss_curve: list[float], seconds: float = 0.0) -> Path | None:
+                  loss_curve: list[float], timing: tuple[float, int]) -> Path | None:
         """Save a checkpoint when ``step`` is a multiple of ``every``; returns its path (main
-        process) or None. ``seconds``: training time so far (s), restored on resume."""
+        process) or None. ``timing``: (training seconds so far, step from which they count),
+        restored on resume."""
         if self.every <= 0 or step % self.every:
             return None
-        path = self.save(step, rows, optimizer, generator, order, loss_curve, seconds) if self._main else None
+        path = self.save(step, rows, optimizer, generator, order, loss_curve, timing) if self._main else None
         if self.dist is not None:
             self.dist.wait()
         return path
 
     def save(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
-             loss_curve: list[float], seconds: float = 0.0) -> Path:
+             loss_curve: list[float], timing: tuple[float, int]) -> Path:
         """Write ``step-NNNNNNNN.pt`` atomically (temporary file, fsync, rename); prune old ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
         state = {"step": int(step), "rows": rows.rows.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state(), "order": [int(i) for i in order],
-                 "loss_curve": [float(x) for x in loss_curve], "seconds": float(seconds), "rng": _rng_state(),
+                 "loss_curve": [float(x) for x in loss_curve], "seconds": float(timing[0]),
+                 "seconds_from_step": int(timing[1]), "rng": _rng_state(),
                  "fingerprint": self.fingerprint}
         final = self.directory / f"step-{step:08d}.pt"
         tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"

@@ -273,9 +273,11 @@ class TrainResult:
     """What the loop did: ``loss_curve`` (one value per optimizer step), steps, seconds.
 
     ``seconds`` is the training time of the whole run, including the processes that ran before a
-    resume; ``seconds_from_step`` is 0 then. After resuming from a checkpoint that did not record
-    its time (older format), ``seconds`` counts only this process and ``seconds_from_step`` is the
-    step it resumed from.
+    resume; ``seconds_from_step`` is 0 then. A run resumed (at any point) from a checkpoint that did
+    not record its time (older format) counts from the step of that checkpoint, given by
+    ``seconds_from_step``. Not counted: model loading and snippet mining, and the steps after the
+    last checkpoint that a resumed run does again. A resumed multi-epoch run starts with an empty
+    teacher cache, so it can take longer than an uninterrupted one.
     """
 
     loss_curve: list[float] = field(default_factory=list)
@@ -347,9 +349,7 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
     earlier = 0.0  # training seconds of the processes before a resume
     resumed = checkpointer.restore(rows, opt, gen) if checkpointer is not None else None
     if resumed is not None:
-        result.steps, order, result.loss_curve, earlier = resumed
-        if earlier is None:
-            earlier, result.seconds_from_step = 0.0, result.steps
+        result.steps, order, result.loss_curve, (earlier, result.seconds_from_step) = resumed
     bar = tqdm(total=total, initial=result.steps, desc=desc, unit="step",
                disable=dist is not None and not dist.is_main)
 
@@ -386,7 +386,7 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         result.loss_curve.append(step_loss)
         if checkpointer is not None:
             checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve,
-                                   earlier + time.perf_counter() - start)
+                                   (earlier + time.perf_counter() - start, result.seconds_from_step))
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss_curve[-1]:.4f}")
         if result.steps % log_every == 0 or result.steps == total:
