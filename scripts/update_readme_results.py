@@ -60,6 +60,9 @@ def benchmark_section() -> list[str]:
             "non-zero, still need a teacher forward, a student forward and a student backward (about one forward "
             "each). At about equal MFU a first-epoch speed-up above the FLOP ratio needs fewer FLOPs, which "
             "exact distillation on the same snippets does not allow.",
+            "Half of each batch cached: the epochs after the first when the teacher cache holds only part of the "
+            "snippets (over its budget, `--teacher_cache_gib`, or after a resume); the teacher then runs for the "
+            "snippets it lacks only.",
             "Commands: " + "; ".join(f"`{json.loads(f.read_text())['command']}`" for f in files), ""]
     return out
 
