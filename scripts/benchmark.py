@@ -197,19 +197,25 @@ def step_mode(args):
                          "trainable_params": full.numel(), "optimizer_state_bytes": opt_state_bytes(opt_a)}
     del opt_a
 
+    def time_product(tcache):
+        """Time the product's steps on fresh new rows; teacher states from ``tcache`` (a
+        TeacherCache; None: computed). Returns (seconds, rows, optimizer)."""
+        r = NewRows(init.to(device), [t.token_id for t in toks], vocab + args.num_new, _scale(model)).to(device)
+        o = torch.optim.AdamW([r.rows], lr=args.lr, weight_decay=0.0)
+
+        def step(i, b):
+            ids = list(range(i * args.batch_size, (i + 1) * args.batch_size))
+            with autocast:
+                s, t = teacher_student_hiddens(model, r, b, layer, teacher=tcache.lookup(ids) if tcache else None)
+                loss = mse_on_hiddens(s, t)
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+
+        return run_steps(step, batches, device), r, o
+
     # (b) product
-    rows = NewRows(init.to(device), [t.token_id for t in toks], vocab + args.num_new, _scale(model)).to(device)
-    opt_b = torch.optim.AdamW([rows.rows], lr=args.lr, weight_decay=0.0)
-
-    def step_b(_i, b):
-        with autocast:
-            s, t = teacher_student_hiddens(model, rows, b, layer)
-            loss = mse_on_hiddens(s, t)
-        opt_b.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_b.step()
-
-    sec_b = run_steps(step_b, batches, device)
+    sec_b, rows, opt_b = time_product(None)
     res["product"] = {"snippets_per_s": args.steps * args.batch_size / sec_b, "peak_mem_mib": peak_mem(device),
                       "trainable_params": rows.rows.numel(), "optimizer_state_bytes": opt_state_bytes(opt_b)}
     res["speedup"] = res["product"]["snippets_per_s"] / res["comparator"]["snippets_per_s"]
@@ -221,19 +227,7 @@ def step_mode(args):
         for i, b in enumerate(batches):
             ids = list(range(i * args.batch_size, (i + 1) * args.batch_size))
             cache.put(ids, teacher_student_hiddens(model, rows, b, layer)[1], b.teacher_loss_mask.sum(1))
-    rows_c = NewRows(init.to(device), [t.token_id for t in toks], vocab + args.num_new, _scale(model)).to(device)
-    opt_c = torch.optim.AdamW([rows_c.rows], lr=args.lr, weight_decay=0.0)
-
-    def step_c(i, b):
-        ids = list(range(i * args.batch_size, (i + 1) * args.batch_size))
-        with autocast:
-            s, t = teacher_student_hiddens(model, rows_c, b, layer, teacher=cache.get(ids))
-            loss = mse_on_hiddens(s, t)
-        opt_c.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_c.step()
-
-    sec_c = run_steps(step_c, batches, device)
+    sec_c = time_product(cache)[0]
     res["product_teacher_cached"] = {"snippets_per_s": args.steps * args.batch_size / sec_c,
                                      "teacher_cache_mib": cache.bytes / 2**20}
     res["speedup_teacher_cached"] = res["product_teacher_cached"]["snippets_per_s"] / res["comparator"]["snippets_per_s"]
@@ -247,19 +241,7 @@ def step_mode(args):
         for r in range(0, len(ids), 2):
             half.put([ids[r]], found[r], torch.tensor([found[r].shape[0]]))
     del cache, found
-    rows_d = NewRows(init.to(device), [t.token_id for t in toks], vocab + args.num_new, _scale(model)).to(device)
-    opt_d = torch.optim.AdamW([rows_d.rows], lr=args.lr, weight_decay=0.0)
-
-    def step_d(i, b):
-        ids = list(range(i * args.batch_size, (i + 1) * args.batch_size))
-        with autocast:
-            s, t = teacher_student_hiddens(model, rows_d, b, layer, teacher=half.lookup(ids))
-            loss = mse_on_hiddens(s, t)
-        opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_d.step()
-
-    sec_d = run_steps(step_d, batches, device)
+    sec_d = time_product(half)[0]
     res["product_half_cached"] = {"snippets_per_s": args.steps * args.batch_size / sec_d,
                                   "cached_fraction": math.ceil(args.batch_size / 2) / args.batch_size}
     res["speedup_half_cached"] = res["product_half_cached"]["snippets_per_s"] / res["comparator"]["snippets_per_s"]
