@@ -172,9 +172,9 @@ def main(dataset_path: str = "", token_list: str = "new_tokens/pubmed_frequency_
 
 
 if __name__ == "__main__":
-    import fire
+    import inspect
 
-    from token_distillation.cli import configure_logging
+    from token_distillation.cli import configure_logging, run_fire
 
     configure_logging()
-    fire.Fire(main)
+    run_fire(main, set(inspect.signature(main).parameters), None, "sweep_lr.py")  # unknown flags: one error line

@@ -26,6 +26,9 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--target_layer", "0"], "--target_layer"),
         (["--target_layer", "99"], "--target_layer"),
         (["--snippet_num", "0", "--token_distillation_lr", "-1"], "--snippet_num"),
+        (["--dataset_path"], "--dataset_path needs a value"),  # Fire would pass True
+        (["--token_distillation_epochs"], "--token_distillation_epochs needs a value"),
+        (["stray_word", "--dry_run"], "unexpected argument(s) stray_word"),  # Fire would report it after the run
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, needle, tmp_path):
@@ -114,3 +117,12 @@ def test_hub_errors_keeps_local_file_system_errors():
         with hub_errors(ModelSource("/m", "/m", None, "dir:/m:x")):
             raise OSError("broken local checkpoint")
     assert not isinstance(e.value, ConfigError)
+
+
+def test_overwrite_of_the_current_directory_is_refused(tmp_path):
+    """``--out_path . --overwrite`` from inside a project must not delete the project."""
+    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "mine.txt").write_text("user data")
+    r = run_cli("--out_path", ".", "--overwrite", "--dry_run", cwd=tmp_path)
+    assert r.returncode == 2 and "current, a parent or the home directory" in r.stderr, r.stderr
+    assert (tmp_path / "mine.txt").read_text() == "user data"

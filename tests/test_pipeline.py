@@ -60,9 +60,36 @@ def test_out_path_not_clobbered(tmp_path, toy_model_dir, toy_corpus, cache_dir):
     (out / "precious.txt").write_text("user data")
     with pytest.raises(ConfigError, match="--out_path .* not empty"):
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir))
+    # --overwrite replaces only an earlier output of this tool, not a directory of user files
+    with pytest.raises(ConfigError, match="not an earlier output of this tool"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, overwrite=True))
     assert (out / "precious.txt").read_text() == "user data"
+    (out / "precious.txt").unlink()
+    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir))
+    first = (out / "report.json").read_text()
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, overwrite=True))
-    assert (out / "report.json").is_file() and not (out / "precious.txt").exists()
+    assert (out / "report.json").read_text() != first  # replaced (a new report: other timings)
+
+
+def test_overwrite_refuses_the_current_directory_and_git_trees(tmp_path, monkeypatch):
+    from token_distillation.paths import prepare_out_path
+
+    work = tmp_path / "project" / "sub"
+    work.mkdir(parents=True)
+    (work / "report.json").write_text("{}")  # looks like an output, but it is where the user stands
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        with pytest.raises(ConfigError, match="current, a parent or the home directory"):
+            prepare_out_path(out, overwrite=True)
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "report.json").write_text("{}")
+    with pytest.raises(ConfigError, match="git working tree"):
+        prepare_out_path(str(repo), overwrite=True)
+    assert (repo / ".git").is_dir() and (work / "report.json").is_file()
+    ckpt_only = tmp_path / "interrupted" / "checkpoints"
+    ckpt_only.mkdir(parents=True)
+    assert prepare_out_path(str(ckpt_only.parent), overwrite=True) == ckpt_only.parent
 
 
 def test_out_path_inside_model_dir_refused(tmp_path, toy_model_dir, toy_corpus, cache_dir):

@@ -73,14 +73,25 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
     import fire
 
     args = sys.argv[1:] if argv is None else argv
-    unknown = []
+    unknown, stray, wants_value = [], [], False
     for a in args:
-        if a.startswith("--") and a not in ("--help", "--"):
+        if a == "--":  # Fire's own flags follow
+            break
+        if a.startswith("--"):
+            wants_value = "=" not in a and a != "--help"
             flag = a[2:].split("=", 1)[0].replace("-", "_")
-            if flag not in known and not (flag.startswith("no") and flag[2:] in known):
+            if a != "--help" and flag not in known and not (flag.startswith("no") and flag[2:] in known):
                 unknown.append(a.split("=", 1)[0])
+        elif wants_value:  # the value of the flag before it
+            wants_value = False
+        elif a != "-h":
+            stray.append(a)
     if unknown:
         sys.stderr.write(f"error: unknown flag(s) {', '.join(unknown)}; see --help for the list of flags\n")
+        sys.exit(2)
+    if stray:  # Fire would report them only after the run
+        sys.stderr.write(f"error: unexpected argument(s) {' '.join(stray)}; every input is a flag (--name VALUE), "
+                         "see --help\n")
         sys.exit(2)
     if "--help" in args or "-h" in args:
         from fire import helptext, trace

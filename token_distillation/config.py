@@ -502,7 +502,9 @@ class OutputConfig:
 
     out_path: str = _flag("outputs/token_distillation_demo", "Output directory for the extended model, "
                           "tokenizer and report.json. Must be empty or absent unless --overwrite.")
-    overwrite: bool = _flag(False, "Replace a non-empty --out_path (the old content is replaced atomically).")
+    overwrite: bool = _flag(False, "Replace an earlier output in --out_path (one holding report.json, or the "
+                                   "checkpoints of an interrupted run), atomically. Other non-empty directories, "
+                                   "git working trees and the current directory are never replaced.")
     dry_run: bool = _flag(
         False,
         "Build the token list, mine snippets, log the coverage table and write new_tokens.jsonl, "
@@ -689,6 +691,10 @@ def _check_losses(init: InitMethod, losses: tuple[LossMethod, ...], problems: li
 def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
     """Convert a value from Fire (which guesses types) to the field's type."""
     default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(value, bool) and not isinstance(default, bool) and "bool" not in str(f.type):
+        # Fire turns a flag written without a value (``--out_path`` at the end of a line) into True
+        problems.append(f"--{f.name} needs a value (write --{f.name} VALUE or --{f.name}=VALUE)")
+        return default
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -158,24 +158,48 @@ def resolve_model_source(spec: str) -> ModelSource:
     return ModelSource(spec, spec, None, f"hub:{spec}")
 
 
+def _check_replaceable(out: Path) -> None:
+    """What ``--overwrite`` may replace: an earlier output of this tool (it holds ``report.json``,
+    or only the checkpoints of an interrupted run), never the current directory or one above it,
+    the home directory, or a git working tree.
+
+    Raises:
+        ConfigError: ``out`` is none of those.
+    """
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents or out == Path.home().resolve():
+        raise ConfigError(f"--out_path {out} is the current, a parent or the home directory; --overwrite would "
+                          "delete it: choose a new directory for the output")
+    names = {p.name for p in out.iterdir()}
+    if ".git" in names:
+        raise ConfigError(f"--out_path {out} is a git working tree; --overwrite would delete it: choose a new "
+                          "directory for the output")
+    if "report.json" not in names and names != {CHECKPOINT_DIRNAME}:
+        raise ConfigError(f"--out_path {out} is not an earlier output of this tool (no report.json); --overwrite "
+                          "replaces only earlier outputs: choose a new directory, or empty it yourself")
+
+
 def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource | None = None) -> Path:
     """Check that ``out_path`` may be written; never deletes anything.
 
     Raises:
-        ConfigError: non-empty directory without ``--overwrite``; a path that is a file; a path
-            inside the input model directory.
+        ConfigError: non-empty directory without ``--overwrite``, or with ``--overwrite`` one that
+            is not an earlier output (see :func:`_check_replaceable`); a path that is a file; a
+            path inside the input model directory.
     """
     out = Path(out_path).expanduser().resolve()
     recover_interrupted(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out_path {out} is a file; pass a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out_path {out} is not empty; choose a new directory or pass --overwrite")
     if model_source is not None and Path(model_source.path).is_dir():
         src = Path(model_source.path).resolve()
         if out == src or src in out.parents:
             raise ConfigError(f"--out_path {out} is inside the input model directory {src}; "
                               "choose a directory outside it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out_path {out} is not empty; choose a new directory or pass --overwrite")
+        _check_replaceable(out)
     return out
 
 
