@@ -691,7 +691,7 @@ def _check_losses(init: InitMethod, losses: tuple[LossMethod, ...], problems: li
 def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
     """Convert a value from Fire (which guesses types) to the field's type."""
     default = f.default if f.default is not dataclasses.MISSING else None
-    if isinstance(value, bool) and not isinstance(default, bool) and "bool" not in str(f.type):
+    if isinstance(value, bool) and not isinstance(default, bool):
         # Fire turns a flag written without a value (``--out_path`` at the end of a line) into True
         problems.append(f"--{f.name} needs a value (write --{f.name} VALUE or --{f.name}=VALUE)")
         return default

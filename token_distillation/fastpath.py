@@ -158,15 +158,8 @@ def _missing(known) -> list[int] | None:
     """Rows whose teacher states must be computed (None: all of them, [] none)."""
     if known is None:
         return None
-    if isinstance(known, torch.Tensor):
-        return []
     miss = [r for r, t in enumerate(known) if t is None]
     return None if len(miss) == len(known) else miss
-
-
-def _whole(known) -> torch.Tensor:
-    """``[N, hidden]`` from fully cached states (one tensor, or a per-row list without None)."""
-    return known if isinstance(known, torch.Tensor) else torch.cat(known)
 
 
 def _rows(miss: list[int] | None, batch: AlignedBatch):
@@ -192,7 +185,7 @@ def teacher_hiddens(model, batch: AlignedBatch, layer: int, known=None) -> torch
     """
     miss = _missing(known)
     if miss == []:
-        return _whole(known)
+        return torch.cat(known)
     sel = _rows(miss, batch)
     computed = forward_to_layer(model, layer, batch.teacher_attention[sel],
                                 input_ids=batch.teacher_ids[sel])[batch.teacher_loss_mask[sel]]
@@ -205,9 +198,8 @@ def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
 
     The teacher part carries no grad; the student part depends on ``rows`` (a ``NewRows``). When
     ``rows`` also trains the original embedding rows, the prefix is not shared (see above).
-    ``teacher``: cached teacher states, either ``[N, hidden]`` for the whole batch (from
-    :meth:`TeacherCache.get`) or a per-row list with None for rows not cached (from
-    :meth:`TeacherCache.lookup`). The teacher's continuation runs only for the rows without states;
+    ``teacher``: cached teacher states per batch row, ``[n_i, hidden]`` or None for rows not cached
+    (from :meth:`TeacherCache.lookup`). The teacher's continuation runs only for the rows without states;
     the shared prefix is still computed (the student needs its key/value cache).
     """
     # With trained original rows (``--train_original_embeddings``) the student's prefix is no longer
@@ -229,7 +221,7 @@ def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
                          cache=cache, position_ids=torch.arange(p, device=dev).expand(batch.teacher_ids.shape[0], -1))
         if miss == []:
             student_cache = cache
-            teacher = _whole(teacher)
+            teacher = torch.cat(teacher)
         else:
             student_cache = copy.deepcopy(cache)
             tl = batch.teacher_ids.shape[1]

@@ -158,6 +158,11 @@ def resolve_model_source(spec: str) -> ModelSource:
     return ModelSource(spec, spec, None, f"hub:{spec}")
 
 
+def _only_checkpoints(out: Path) -> bool:
+    """``out`` holds nothing but the checkpoints of an interrupted run."""
+    return out.is_dir() and {p.name for p in out.iterdir()} == {CHECKPOINT_DIRNAME}
+
+
 def _check_replaceable(out: Path) -> None:
     """What ``--overwrite`` may replace: an earlier output of this tool (it holds ``report.json``,
     or only the checkpoints of an interrupted run), never the current directory or one above it,
@@ -170,11 +175,10 @@ def _check_replaceable(out: Path) -> None:
     if out == cwd or out in cwd.parents or out == Path.home().resolve():
         raise ConfigError(f"--out_path {out} is the current, a parent or the home directory; --overwrite would "
                           "delete it: choose a new directory for the output")
-    names = {p.name for p in out.iterdir()}
-    if ".git" in names:
+    if (out / ".git").exists():
         raise ConfigError(f"--out_path {out} is a git working tree; --overwrite would delete it: choose a new "
                           "directory for the output")
-    if "report.json" not in names and names != {CHECKPOINT_DIRNAME}:
+    if not (out / "report.json").is_file() and not _only_checkpoints(out):
         raise ConfigError(f"--out_path {out} is not an earlier output of this tool (no report.json); --overwrite "
                           "replaces only earlier outputs: choose a new directory, or empty it yourself")
 
@@ -312,7 +316,7 @@ def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=No
             errors of ``prepare_out_path``.
     """
     out = Path(out_path).expanduser().resolve()
-    only_ckpt = out.is_dir() and {p.name for p in out.iterdir()} == {CHECKPOINT_DIRNAME}
+    only_ckpt = _only_checkpoints(out)
     if only_ckpt and not (resume or overwrite):
         raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run; pass --resume to "
                           "continue it, or --overwrite to start over")
