@@ -35,8 +35,8 @@ def benchmark_section() -> list[str]:
            "| FLOP ratio (first / later epochs) | MFU comparator / product "
            "| held-out loss comparator / product | optimizer state comparator / product | trainable params comparator / product |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for f in files:
-        r = json.loads(f.read_text())
+    runs = [(f, json.loads(f.read_text())) for f in files]
+    for f, r in runs:
         c, p = r["comparator"], r["product"]
         out.append(f"| `{f.relative_to(ROOT)}` | {r['date']} | {r['device']} {r['dtype']} | {r['model']} | "
                    f"{r['target_layer']} of {r['layers']} | {c['snippets_per_s']:.2f} | {p['snippets_per_s']:.2f} | "
@@ -48,8 +48,7 @@ def benchmark_section() -> list[str]:
                    + f" | {r['heldout_loss']['comparator']:.5f} / {r['heldout_loss']['product']:.5f} | "
                    f"{c['optimizer_state_bytes'] / 2**20:.1f} MiB / {p['optimizer_state_bytes'] / 2**20:.2f} MiB | "
                    f"{c['trainable_params']:,} / {p['trainable_params']:,} |")
-    r = json.loads(files[0].read_text())
-    o = r["optimizer_state_bytes_1000_tokens_hidden4096"]
+    o = runs[0][1]["optimizer_state_bytes_1000_tokens_hidden4096"]
     out += ["", f"Optimizer state for 1,000 new tokens at hidden 4096 (8B-class shape, vocabulary 128,256): "
             f"{o['product_measured'] / 1e6:.1f} MB measured for the product's AdamW state; the comparator's "
             f"full-vocabulary AdamW state is {o['comparator_formula'] / 1e9:.1f} GB (2 x 4 bytes x 128,256 x 4,096).",
@@ -63,7 +62,7 @@ def benchmark_section() -> list[str]:
             "Half of each batch cached: the epochs after the first when the teacher cache holds only part of the "
             "snippets (over its budget, `--teacher_cache_gib`, or after a resume); the teacher then runs for the "
             "snippets it lacks only.",
-            "Commands: " + "; ".join(f"`{json.loads(f.read_text())['command']}`" for f in files), ""]
+            "Commands: " + "; ".join(f"`{r['command']}`" for _, r in runs), ""]
     return out
 
 
