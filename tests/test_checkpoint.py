@@ -9,7 +9,7 @@ import torch
 from tests.test_pipeline import _toy_cfg
 from tests.test_train import _setup
 from token_distillation import checkpoint as ckpt_mod
-from token_distillation.checkpoint import CHECKPOINT_DIRNAME, Checkpointer
+from token_distillation.checkpoint import CHECKPOINT_DIRNAME, CHECKPOINT_MARKER, Checkpointer
 from token_distillation.config import ConfigError
 from token_distillation.pipeline import run
 from token_distillation.train import resolve_layer, train
@@ -48,7 +48,7 @@ def test_train_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatc
     _interrupt_after(monkeypatch, 7)  # mid-epoch: the remaining order of epoch 2 must be restored
     with pytest.raises(Interrupted):
         _train(rows, seqs, tix, model, Checkpointer(tmp_path / "ck", 7, fp))
-    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step-00000007.pt"]
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name != CHECKPOINT_MARKER] == ["step-00000007.pt"]
     assert not torch.equal(rows.rows, rows_ref.rows)
     monkeypatch.undo()
 
@@ -100,8 +100,9 @@ def test_resumed_run_counts_the_training_time_before_the_resume(tmp_path, monkey
 def test_checkpoints_keep_newest_and_refuse_other_runs(tmp_path):
     model, _, seqs, tix, rows = _setup()
     _train(rows, seqs, tix, model, Checkpointer(tmp_path / "ck", 2, {"lr": 1}))
-    assert [p.name for p in Checkpointer(tmp_path / "ck", 2, {}).checkpoints()] == ["step-00000012.pt",
-                                                                                    "step-00000014.pt"]
+    # every 2 steps, and the last step (15) when training ends; the newest two are kept
+    assert [p.name for p in Checkpointer(tmp_path / "ck", 2, {}).checkpoints()] == ["step-00000014.pt",
+                                                                                    "step-00000015.pt"]
     _, _, _, _, rows2 = _setup()
     with pytest.raises(ConfigError, match="different run.*lr"):
         _train(rows2, seqs, tix, model, Checkpointer(tmp_path / "ck", 2, {"lr": 2}, resume=True))

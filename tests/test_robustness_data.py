@@ -21,13 +21,14 @@ from token_distillation.models import (
     resolve_model_source,
     write_manifest,
 )
+from token_distillation.paths import OUTPUT_MANIFEST, write_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from token_distillation.models import atomic_write_dir
+    from token_distillation.paths import write_output_dir
 
     def slow(tmp):
         (tmp / "model.safetensors").write_bytes(b"x" * 1_000_000)
@@ -35,7 +36,7 @@ _KILLED_WRITER = textwrap.dedent("""
         time.sleep(60)
         (tmp / "report.json").write_text("{}")
 
-    atomic_write_dir(Path(sys.argv[1]), slow)
+    write_output_dir(Path(sys.argv[1]), slow, kind="model")
 """)
 
 
@@ -60,9 +61,9 @@ def test_kill_during_save_leaves_nothing_or_previous_output(tmp_path):
         (tmp / "model.safetensors").write_bytes(b"old")
         (tmp / "report.json").write_text('{"v": 1}')
 
-    atomic_write_dir(out, complete)
+    write_output_dir(out, complete, kind="model")
     _kill_mid_save(out, tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", OUTPUT_MANIFEST]
     assert (out / "model.safetensors").read_bytes() == b"old"
     # the dead writer's temporary sibling is cleaned up by the next check of the same path
     assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
@@ -76,6 +77,7 @@ def test_kill_between_renames_restores_previous_output(tmp_path):
     old = tmp_path / ".out.old-999999999-abc"  # pid that cannot be alive
     old.mkdir()
     (old / "report.json").write_text('{"v": 1}')
+    (old / OUTPUT_MANIFEST).write_text(json.dumps({"tool": "token-distillation", "files": ["report.json"]}))
     prepare_out_path(str(out), overwrite=True)
     assert json.loads((out / "report.json").read_text()) == {"v": 1} and not old.exists()
 

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,19 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .paths import CHECKPOINT_DIRNAME, prepare_output  # noqa: F401  (re-exported)
+from .interrupts import STOP, Interrupted
+from .paths import CHECKPOINT_DIRNAME, CHECKPOINT_MARKER, TOOL_ID, prepare_output  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+#: with several processes, time-based saves and stop signals are agreed on every this many steps
+DIST_SYNC_EVERY = 10
 
 # Flags that may differ between an interrupted run and its resumption without changing the result.
 # Paths of inputs are exempt too: their content is fingerprinted instead (model identity, token list,
 # snippet digest), so a moved word list or corpus still resumes and a changed one does not.
-_RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "log_every", "device", "cache_dir", "num_proc",
+_RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "checkpoint_minutes", "log_every", "device", "cache_dir", "num_proc",
                       "teacher_cache_gib",
                       "out_path", "model_path", "new_tokens_source", "dataset_path"}
 
@@ -81,24 +85,34 @@ class Checkpointer:
 
     Args:
         directory: where checkpoint files go (``<out_path>/checkpoints``).
-        every: save after every ``every`` optimizer steps (0: never save; ``resume`` still loads).
+        every: save after every ``every`` optimizer steps (0: not by step count).
         fingerprint: see :func:`fingerprint`; a checkpoint with a different one is refused.
         resume: load the newest checkpoint (if any) at the start. Without it, old checkpoints in
             ``directory`` are deleted at the start (they belong to a run being started over).
         dist: a :class:`~token_distillation.distributed.DistContext` (only its main process
             writes); None for one process.
         keep: how many of the newest checkpoint files to keep.
+        minutes: also save when this many minutes of training passed since the last save (0: not
+            by time), and once when training ends, so that a kill (``kill -9``, a preemption) loses
+            at most that much training. With several processes the main process's clock decides,
+            checked every :data:`DIST_SYNC_EVERY` steps.
+
+    A stop signal (see :mod:`token_distillation.interrupts`) always saves the current step and
+    raises :class:`~token_distillation.interrupts.Interrupted`.
     """
 
     def __init__(self, directory: Path, every: int, fingerprint: dict[str, Any], resume: bool = False,
-                 dist=None, keep: int = 2):
+                 dist=None, keep: int = 2, minutes: float = 0.0):
         self.directory = Path(directory)
         self.every = int(every)
+        self.minutes = float(minutes)
         self.fingerprint = fingerprint
         self.resume = resume
         self.dist = dist
         self.keep = max(1, keep)
         self.saved: list[Path] = []
+        self._last_time = time.monotonic()
+        self._last_step = -1
 
     @property
     def _main(self) -> bool:
@@ -152,25 +166,53 @@ class Checkpointer:
         _set_rng_state(state["rng"])
         logger.info("resumed from %s (step %d)", path, state["step"])
         step = int(state["step"])
+        self._last_time, self._last_step = time.monotonic(), step
         timing = (float(state["seconds"]), int(state.get("seconds_from_step", 0))) if "seconds" in state else (0.0, step)
         return step, list(state["order"]), list(state["loss_curve"]), timing
 
     def step_done(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
-                  loss_curve: list[float], timing: tuple[float, int]) -> Path | None:
-        """Save a checkpoint when ``step`` is a multiple of ``every``; returns its path (main
-        process) or None. ``timing``: (training seconds so far, step from which they count),
-        restored on resume."""
-        if self.every <= 0 or step % self.every:
-            return None
-        path = self.save(step, rows, optimizer, generator, order, loss_curve, timing) if self._main else None
-        if self.dist is not None:
-            self.dist.wait()
+                  loss_curve: list[float], timing: tuple[float, int], final: bool = False) -> Path | None:
+        """Save a checkpoint when one is due after ``step``: every ``every`` steps, after ``minutes``
+        of training, at the ``final`` step (when periodic saving is on), or on a stop signal.
+        ``timing``: (training seconds so far, step from which they count), restored on resume.
+
+        Returns:
+            the checkpoint's path (main process) or None.
+
+        Raises:
+            Interrupted: a stop signal was received (after the checkpoint is written).
+        """
+        by_steps = self.every > 0 and step % self.every == 0
+        by_time = self.minutes > 0 and time.monotonic() - self._last_time >= 60.0 * self.minutes
+        stop = STOP.signum
+        if self.dist is not None and self.dist.distributed:  # every process must take the same decision
+            if step % DIST_SYNC_EVERY == 0 or final or by_steps:
+                by_time, stop = self.dist.broadcast_from_main(lambda: (by_time, stop))
+            else:
+                by_time, stop = False, None
+        periodic = self.every > 0 or self.minutes > 0
+        due = by_steps or by_time or stop is not None or (final and periodic)
+        path = None
+        if due and step != self._last_step:
+            path = self.save(step, rows, optimizer, generator, order, loss_curve, timing) if self._main else None
+            if self.dist is not None:
+                self.dist.wait()
+            self._last_time, self._last_step = time.monotonic(), step
+        elif due and self._main and self.checkpoints():
+            path = self.checkpoints()[-1]
+        if stop is not None:
+            raise Interrupted(stop, step=step, checkpoint=path)
         return path
 
     def save(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
              loss_curve: list[float], timing: tuple[float, int]) -> Path:
         """Write ``step-NNNNNNNN.pt`` atomically (temporary file, fsync, rename); prune old ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        marker = self.directory / CHECKPOINT_MARKER
+        if not marker.is_file():  # marks the directory as this tool's (what --overwrite may replace)
+            tmp_marker = self.directory / f".{CHECKPOINT_MARKER}.tmp-{os.getpid()}"
+            tmp_marker.write_text(json.dumps({"tool": TOOL_ID}), encoding="utf-8")
+            os.replace(tmp_marker, marker)
         state = {"step": int(step), "rows": rows.rows.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state(), "order": [int(i) for i in order],
                  "loss_curve": [float(x) for x in loss_curve], "seconds": float(timing[0]),

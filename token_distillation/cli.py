@@ -43,20 +43,41 @@ def configure_logging(level: int = logging.INFO) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
+def _raise_interrupted(signum, frame):
+    from .interrupts import Interrupted
+
+    raise Interrupted(signum)
+
+
 def main(**flags):
-    """Run the pipeline; user errors end with one line on stderr and exit code 2."""
+    """Run the pipeline; user errors end with one line on stderr and exit code 2, a stop signal
+    with one line and exit code 128 + the signal number (see :mod:`token_distillation.interrupts`)."""
+    import signal
+
+    from .interrupts import Interrupted
+
     configure_logging()
+    for name in ("SIGTERM", "SIGUSR1"):  # before training: stop with one line (training defers them)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_interrupted)
     try:
         cfg = RunConfig.from_flags(**flags)
         from .paths import preflight
 
-        preflight(cfg.model.model_path, cfg.output.out_path, cfg.output.overwrite, cfg.output.resume)
+        preflight(cfg.model.model_path, cfg.output.out_path, cfg.output.overwrite, cfg.output.resume,
+                  cfg.output.dry_run)
         from .pipeline import run  # imports torch and transformers (seconds)
 
         result = run(cfg)
     except ConfigError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
+    except Interrupted as e:
+        sys.stderr.write(f"{e.message()}\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{Interrupted(signal.SIGINT).message()}\n")
+        sys.exit(128 + signal.SIGINT)
     return str(result.out_path)
 
 

@@ -385,6 +385,10 @@ class SnippetConfig:
             problems.append("--snippet_num must be >= 1")
         if self.min_snippets < 1:
             problems.append("--min_snippets must be >= 1")
+        if 1 <= self.snippet_num < self.min_snippets:
+            problems.append(f"--snippet_num {self.snippet_num} is below --min_snippets {self.min_snippets}, so every "
+                            f"token would be skipped; pass --min_snippets {self.snippet_num} (or less) or a larger "
+                            "--snippet_num")
         if self.heldout_snippet_num < 0:
             problems.append("--heldout_snippet_num must be >= 0")
         if self.generation_temperature <= 0:
@@ -529,6 +533,12 @@ class OutputConfig:
         "Save a training checkpoint (new rows, optimizer, step, RNG state) every N optimizer steps "
         "into <out_path>/checkpoints/ (0: never). A finished run replaces <out_path> and leaves none.",
     )
+    checkpoint_minutes: float = _flag(
+        10.0,
+        "Also save a training checkpoint after every this many minutes of training, and once when training ends, "
+        "so that a kill or a preemption loses at most that much (0: not by time). Ctrl-C, SIGTERM and SIGUSR1 "
+        "(SLURM's --signal=USR1@60) always save the current step and stop; --resume continues.",
+    )
     resume: bool = _flag(
         False,
         "Continue an interrupted run from the newest checkpoint in <out_path>/checkpoints/ (same "
@@ -547,6 +557,8 @@ class OutputConfig:
                             f"--output_embeddings is {self.output_embeddings.value}; pass only one of them")
         if not str(self.out_path).strip():
             problems.append("--out_path is empty; pass an output directory")
+        if not self.checkpoint_minutes >= 0:
+            problems.append("--checkpoint_minutes must be >= 0 (0: no time-based checkpoints)")
         if self.checkpoint_every < 0:
             problems.append("--checkpoint_every must be >= 0 (0 turns checkpoints off)")
 

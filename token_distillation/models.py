@@ -177,7 +177,55 @@ def load_config(source: ModelSource, cache_root: Path):
             return AutoConfig.from_pretrained(cached)
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     with hub_errors(source):
-        return AutoConfig.from_pretrained(source.path)
+        config = AutoConfig.from_pretrained(source.path)
+    _drop_stale_gguf_quantization(config, source)
+    return config
+
+
+def _drop_stale_gguf_quantization(config, source: ModelSource) -> bool:
+    """Remove ``quantization_config: {quant_method: gguf}`` from a checkpoint's config.
+
+    transformers keeps that entry when a GGUF-loaded model is rebuilt and saved, although the saved
+    weights are plain (dequantized) tensors; loading such a directory then attaches a GGUF
+    quantizer that refuses ``save_pretrained`` (after training). Returns True when it was removed.
+    """
+    q = getattr(config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    if q is None or str(getattr(method, "value", method)).lower() != "gguf":
+        return False
+    del config.quantization_config
+    logger.info("%s: its config.json says quant_method gguf over plain weights (a checkpoint converted from GGUF); "
+                "ignoring that entry so that the extended model can be saved", source.spec)
+    return True
+
+
+def _has_stale_gguf_entry(directory: Path) -> bool:
+    """A local checkpoint whose config.json declares GGUF quantization (see :func:`_drop_stale_gguf_quantization`)."""
+    try:
+        q = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(q, dict) and str(q.get("quant_method", "")).lower() == "gguf"
+
+
+def check_saveable(model) -> None:
+    """Refuse, before any training, a model that ``save_pretrained`` would refuse after it.
+
+    Raises:
+        ConfigError: the model carries a quantizer whose weights cannot be serialized.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    try:
+        ok = quantizer.is_serializable(safe_serialization=True)
+    except TypeError:
+        ok = quantizer.is_serializable()
+    if not ok:
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "?")
+        raise ConfigError(f"--model_path: the model is quantized ({getattr(method, 'value', method)}) in a form "
+                          "transformers cannot save, so the extended model could not be written; pass an "
+                          "unquantized checkpoint (or the .gguf file itself)")
 
 
 def _convert_gguf(source: ModelSource, target: Path, cache_root: Path) -> None:
@@ -214,8 +262,11 @@ def load_model(source: ModelSource, cache_root: Path, device: torch.device, dtyp
         if not _usable_cache(cached, "config.json"):
             _convert_gguf(source, cached, cache_root)
         path = str(cached)
+    kw = {}
+    if not source.gguf_file and _has_stale_gguf_entry(Path(path)):
+        kw["config"] = load_config(source, cache_root)  # without the stale entry
     with hub_errors(source):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
+import re
 import os
 import shutil
 import tempfile
@@ -158,52 +160,165 @@ def resolve_model_source(spec: str) -> ModelSource:
     return ModelSource(spec, spec, None, f"hub:{spec}")
 
 
-def _only_checkpoints(out: Path) -> bool:
-    """``out`` holds nothing but the checkpoints of an interrupted run."""
-    return out.is_dir() and {p.name for p in out.iterdir()} == {CHECKPOINT_DIRNAME}
+#: file that marks a directory as written by this tool: its kind and every file it wrote
+OUTPUT_MANIFEST = "token_distillation_output.json"
+#: file that marks ``<out_path>/checkpoints`` as this tool's (see :mod:`token_distillation.checkpoint`)
+CHECKPOINT_MARKER = "token_distillation_checkpoints.json"
+TOOL_ID = "token-distillation"
+_STEP_FILE = re.compile(r"^step-\d{8}\.pt$")
+_STEP_TMP = re.compile(r"^\.step-\d{8}\.pt\.tmp-\d+$")  # a checkpoint being written (or killed mid-write)
 
 
-def _check_replaceable(out: Path) -> None:
-    """What ``--overwrite`` may replace: an earlier output of this tool (it holds ``report.json``,
-    or only the checkpoints of an interrupted run), never the current directory or one above it,
-    the home directory, or a git working tree.
+def read_manifest(out: Path) -> dict | None:
+    """The manifest of an output directory written by this tool (None: absent, unreadable or another tool's)."""
+    try:
+        m = json.loads((out / OUTPUT_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(m, dict) or m.get("tool") != TOOL_ID or not isinstance(m.get("files"), list):
+        return None
+    return m
 
-    Raises:
-        ConfigError: ``out`` is none of those.
+
+def write_output_dir(out: Path, write_fn, kind: str) -> None:
+    """:func:`atomic_write_dir` for a tool output: after ``write_fn(tmp)`` a manifest
+    (:data:`OUTPUT_MANIFEST`: tool id, ``kind``, every file written) is added, so that a later
+    ``--overwrite`` can tell this output from a user's files (:func:`foreign_entries`).
+
+    Args:
+        kind: what the directory holds: ``"model"`` (a trained or initialised model), ``"dry-run"``,
+            ``"rows"`` (trained rows rescued after a failed save) or a script's name.
     """
+    def _write(tmp: Path) -> None:
+        write_fn(tmp)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
+        (tmp / OUTPUT_MANIFEST).write_text(json.dumps({"tool": TOOL_ID, "kind": kind, "files": files}, indent=1),
+                                           encoding="utf-8")
+
+    atomic_write_dir(out, _write)
+
+
+def checkpoint_dir_problems(ckpt: Path) -> list[str]:
+    """Entries of a ``checkpoints/`` directory that are not this tool's checkpoints (relative to its
+    parent). This tool's: ``step-NNNNNNNN.pt`` files (and ones being written) beside
+    :data:`CHECKPOINT_MARKER`; an empty directory holds nothing to lose."""
+    entries = list(ckpt.iterdir())
+    bad = [e for e in entries if not (e.is_file() and (e.name == CHECKPOINT_MARKER or _STEP_FILE.match(e.name)
+                                                       or _STEP_TMP.match(e.name)))]
+    steps = [e for e in entries if _STEP_FILE.match(e.name) or _STEP_TMP.match(e.name)]
+    if steps and not (ckpt / CHECKPOINT_MARKER).is_file():
+        bad += steps  # step files that this tool did not mark as its own
+    return sorted(f"{ckpt.name}/{e.name}" for e in bad)
+
+
+def foreign_entries(out: Path, limit: int = 10) -> list[str]:
+    """Entries of ``out`` that this tool did not write (relative paths; at most ``limit`` + 1).
+
+    This tool's entries: the files listed in :data:`OUTPUT_MANIFEST` (and the directories that hold
+    them), the manifest itself, and a ``checkpoints/`` directory of this tool's checkpoints
+    (:func:`checkpoint_dir_problems`). A directory without a manifest (a user's, another tool's,
+    or an output of a version before manifests) holds only foreign entries, except checkpoints.
+    """
+    manifest = read_manifest(out)
+    listed = set(manifest["files"]) if manifest else set()
+    dirs = {Path(f).parent.as_posix() for f in listed} | {
+        p.as_posix() for f in listed for p in Path(f).parents}
+    bad: list[str] = []
+    for root, subdirs, files in os.walk(out):
+        rel = Path(root).relative_to(out)
+        if rel == Path("."):
+            if CHECKPOINT_DIRNAME in subdirs and (out / CHECKPOINT_DIRNAME).is_dir() \
+                    and CHECKPOINT_DIRNAME not in dirs:
+                subdirs.remove(CHECKPOINT_DIRNAME)
+                bad += checkpoint_dir_problems(out / CHECKPOINT_DIRNAME)
+        for d in list(subdirs):
+            r = (rel / d).as_posix()
+            if r not in dirs or (Path(root) / d).is_symlink():
+                bad.append(r + "/")
+                subdirs.remove(d)  # do not descend into foreign directories
+        for f in files:
+            r = (rel / f).as_posix()
+            if r not in listed and not (rel == Path(".") and f == OUTPUT_MANIFEST and manifest):
+                bad.append(r)
+        if len(bad) > limit:
+            break
+    return sorted(bad)[: limit + 1]
+
+
+def _some_entries(entries: list[str], limit: int = 10) -> str:
+    shown = ", ".join(entries[:limit])
+    return shown + (", ..." if len(entries) > limit else "")
+
+
+def _only_checkpoints(out: Path) -> bool:
+    """``out`` holds nothing but this tool's checkpoints of an interrupted run."""
+    return (out.is_dir() and {p.name for p in out.iterdir()} == {CHECKPOINT_DIRNAME}
+            and (out / CHECKPOINT_DIRNAME).is_dir() and not checkpoint_dir_problems(out / CHECKPOINT_DIRNAME))
+
+
+def _check_not_home_or_cwd(out: Path, flag: str) -> None:
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents or out == Path.home().resolve():
-        raise ConfigError(f"--out_path {out} is the current, a parent or the home directory; --overwrite would "
+        raise ConfigError(f"{flag} {out} is the current, a parent or the home directory; replacing it would "
                           "delete it: choose a new directory for the output")
     if (out / ".git").exists():
-        raise ConfigError(f"--out_path {out} is a git working tree; --overwrite would delete it: choose a new "
+        raise ConfigError(f"{flag} {out} is a git working tree; replacing it would delete it: choose a new "
                           "directory for the output")
-    if not (out / "report.json").is_file() and not _only_checkpoints(out):
-        raise ConfigError(f"--out_path {out} is not an earlier output of this tool (no report.json); --overwrite "
-                          "replaces only earlier outputs: choose a new directory, or empty it yourself")
 
 
-def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource | None = None) -> Path:
-    """Check that ``out_path`` may be written; never deletes anything.
+def _check_replaceable(out: Path, flag: str = "--out_path") -> None:
+    """What ``--overwrite`` may replace: a directory every entry of which this tool wrote (see
+    :func:`foreign_entries`), never the current directory or one above it, the home directory, or
+    a git working tree.
 
     Raises:
-        ConfigError: non-empty directory without ``--overwrite``, or with ``--overwrite`` one that
-            is not an earlier output (see :func:`_check_replaceable`); a path that is a file; a
-            path inside the input model directory.
+        ConfigError: ``out`` is none of those; the message names the unexpected entries.
+    """
+    _check_not_home_or_cwd(out, flag)
+    foreign = foreign_entries(out)
+    if foreign:
+        raise ConfigError(f"{flag} {out} holds entries this tool did not write ({_some_entries(foreign)}); it is "
+                          "not an earlier output of this tool, and --overwrite replaces only those: choose a new "
+                          "directory, or move those entries out yourself")
+
+
+def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource | None = None,
+                     dry_run: bool = False, flag: str = "--out_path") -> Path:
+    """Check that ``out_path`` may be written; never deletes anything.
+
+    Args:
+        dry_run: the run writes a dry run's output: replacing a trained model with it is logged
+            as a warning.
+        flag: the flag named in errors (scripts call their output flag ``--out_dir``).
+
+    Raises:
+        ConfigError: non-empty directory without ``--overwrite`` (the message suggests
+            ``--overwrite`` only when it would be allowed), or with ``--overwrite`` one that holds
+            entries this tool did not write (see :func:`_check_replaceable`); a path that is a
+            file; a path inside the input model directory.
     """
     out = Path(out_path).expanduser().resolve()
     recover_interrupted(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out_path {out} is a file; pass a directory")
+        raise ConfigError(f"{flag} {out} is a file; pass a directory")
     if model_source is not None and Path(model_source.path).is_dir():
         src = Path(model_source.path).resolve()
         if out == src or src in out.parents:
-            raise ConfigError(f"--out_path {out} is inside the input model directory {src}; "
+            raise ConfigError(f"{flag} {out} is inside the input model directory {src}; "
                               "choose a directory outside it")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ConfigError(f"--out_path {out} is not empty; choose a new directory or pass --overwrite")
-        _check_replaceable(out)
+            foreign = foreign_entries(out)
+            if foreign:
+                raise ConfigError(f"{flag} {out} is not empty and holds files this tool did not write "
+                                  f"({_some_entries(foreign)}); choose a new directory")
+            raise ConfigError(f"{flag} {out} is not empty (an earlier output of this tool); choose a new "
+                              "directory or pass --overwrite to replace it")
+        _check_replaceable(out, flag)
+        manifest = read_manifest(out)
+        if dry_run and manifest and manifest.get("kind") == "model":
+            logger.warning("%s %s holds a trained model; this dry run replaces it with the dry run's files "
+                           "(interrupt now to keep it)", flag, out)
     return out
 
 
@@ -307,28 +422,29 @@ def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=None) -> Path:
-    """:func:`prepare_out_path`, also accepting an output directory that
-    holds only the checkpoints of an interrupted run when ``resume`` is set.
+def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=None, dry_run: bool = False) -> Path:
+    """:func:`prepare_out_path`, also accepting with ``resume`` an output directory of this tool
+    that holds the checkpoints of an interrupted run.
 
     Raises:
         ConfigError: checkpoints of an interrupted run without ``--resume``/``--overwrite``; the
             errors of ``prepare_out_path``.
     """
     out = Path(out_path).expanduser().resolve()
+    has_ckpt = (out / CHECKPOINT_DIRNAME).is_dir() and any((out / CHECKPOINT_DIRNAME).iterdir())
     only_ckpt = _only_checkpoints(out)
     if only_ckpt and not (resume or overwrite):
         raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run; pass --resume to "
                           "continue it, or --overwrite to start over")
-    return prepare_out_path(out_path, overwrite or (resume and only_ckpt), model_source)
+    return prepare_out_path(out_path, overwrite or (resume and has_ckpt), model_source, dry_run=dry_run)
 
 
-def preflight(model_path: str, out_path: str, overwrite: bool, resume: bool) -> None:
+def preflight(model_path: str, out_path: str, overwrite: bool, resume: bool, dry_run: bool = False) -> None:
     """The start-up checks of ``--model_path`` and ``--out_path`` (no model, tokenizer or torch
     import), run by the command line before the pipeline is imported so that bad paths fail fast.
 
     Raises:
         ConfigError: the errors of :func:`resolve_model_source` and :func:`prepare_output`.
     """
-    prepare_output(out_path, overwrite, resume)  # first: instant, before a large GGUF file is hashed
+    prepare_output(out_path, overwrite, resume, dry_run=dry_run)  # first: instant, before a GGUF file is hashed
     prepare_output(out_path, overwrite, resume, resolve_model_source(model_path))

@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +32,12 @@ from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunCo
 from .corpus import tokenize_corpus
 from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .fastpath import TeacherCache
+from .interrupts import Interrupted, deferred_signals
 from .firing import encode_probes, firing_report
 from .regime import relative_lr
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .models import (
-    atomic_write_dir,
+    check_saveable,
     check_context_length,
     embedding_scale,
     extend_embeddings,
@@ -45,6 +48,8 @@ from .models import (
     resolve_model_source,
     untie_embeddings,
 )
+from .paths import foreign_entries, read_manifest, write_output_dir
+from .rescue import recovery_command, write_rows
 from .snippets import SnippetSet, generate_snippets, mine_snippets, top_up
 from .targets import build_targets, corpus_occurrences, coverage_table, log_summary, new_token_records, write_new_tokens
 from .tokenization import NewToken, add_new_tokens, bos_prefix
@@ -115,16 +120,27 @@ def _reindex(snips: SnippetSet, keep: list[int]) -> SnippetSet:
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline for a validated config.
 
+    From the start of training until the output is saved, stop signals are deferred (see
+    :mod:`token_distillation.interrupts`): the current step is checkpointed before stopping.
+
     Raises:
-        ConfigError: bad input found after start-up checks (e.g. no usable tokens, no snippets).
+        ConfigError: bad input found after start-up checks (e.g. no usable tokens, no snippets),
+            or a failed save (the trained rows are kept; the message says how to recover).
+        Interrupted: a stop signal during training or after it (a checkpoint was written).
     """
+    with contextlib.ExitStack() as stack:
+        return _run(cfg, stack)
+
+
+def _run(cfg: RunConfig, stack: contextlib.ExitStack) -> RunResult:
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     if cfg.train.init_method in TRAINED:
         check_batch_divisible(cfg.train.token_distillation_batch_size, launched_world_size())
     cache_root = cfg.model.resolved_cache_dir
     source = resolve_model_source(cfg.model.model_path)
-    out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source)
+    out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
+                         dry_run=cfg.output.dry_run)
     dist = DistContext.create(cfg.model.device, resolve_device)
     device = dist.device
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, device)
@@ -183,6 +199,7 @@ def run(cfg: RunConfig) -> RunResult:
 
     if model is None:
         model = load_model(source, cache_root, device, weights_dtype)
+    check_saveable(model)
     layer = resolve_layer(model, cfg.train.target_layer)
     num_original = model.get_input_embeddings().weight.shape[0]
     probes = encode_probes(tokenizer, tokens)
@@ -223,7 +240,7 @@ def run(cfg: RunConfig) -> RunResult:
     cache_budget = int(tc.teacher_cache_gib * 2**30)
     held_teacher = TeacherCache(cache_budget) if input_trained and dist.is_main else None
     before = heldout_eval(model, rows, held_seqs, held_tix, len(tokens), layer=layer, teacher_cache=held_teacher,
-                          **eval_kw)
+                          desc="held-out evaluation before training", **eval_kw)
     held_before, argmax_before = before.loss_per_token, before.argmax
     per_token_lr = relative_lr(tc.token_distillation_lr_relative, emb, n_orig)
     if tc.recipe == Recipe.PER_TOKEN and tc.init_method in TRAINED:
@@ -235,6 +252,7 @@ def run(cfg: RunConfig) -> RunResult:
                    stopping_condition=tc.stopping_condition, max_steps=tc.max_steps, log_every=tc.log_every,
                    pad_id=pad_id)
     result = out_result = None
+    stack.enter_context(deferred_signals())  # from here on a stop signal checkpoints instead of losing work
     if tc.init_method in TRAINED:
         kw = dict(loop_kw)
         if tc.recipe == Recipe.PER_TOKEN:
@@ -242,7 +260,7 @@ def run(cfg: RunConfig) -> RunResult:
         fp = fingerprint(cfg.to_dict(), model_identity=source.identity, tokens=[t.text for t in tokens],
                          new_ids=new_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(train_seqs))
         ckpt = Checkpointer(out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
-                            dist=dist if dist.distributed else None)
+                            dist=dist if dist.distributed else None, minutes=cfg.output.checkpoint_minutes)
         result = train(model, rows, train_seqs, train_tix, layer=layer, loss_method=tc.loss_method,
                        autocast_dtype=autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
                        lr_schedule=tc.lr_schedule,
@@ -255,8 +273,12 @@ def run(cfg: RunConfig) -> RunResult:
     if not dist.is_main:  # the rows are identical on every process; the main process evaluates and saves
         dist.close()
         return RunResult(out, {})
-    after = heldout_eval(model, rows, held_seqs, held_tix, len(tokens), layer=layer, teacher_cache=held_teacher,
-                         loss=input_trained, argmax=input_trained or out_policy == OutputEmbeddings.NTP, **eval_kw)
+    try:
+        after = heldout_eval(model, rows, held_seqs, held_tix, len(tokens), layer=layer, teacher_cache=held_teacher,
+                             loss=input_trained, argmax=input_trained or out_policy == OutputEmbeddings.NTP,
+                             desc="held-out evaluation after training", **eval_kw)
+    except Interrupted as e:  # training is done and checkpointed (when it trained): --resume skips to here
+        raise Interrupted(e.signum, step=result.steps if result else None, where="after training") from None
     held_after = after.loss_per_token if after.loss_per_token is not None else held_before
     argmax_after = after.argmax if after.argmax is not None else argmax_before
     del held_teacher
@@ -320,13 +342,56 @@ def run(cfg: RunConfig) -> RunResult:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
         _write_target_files(tmp, targets, records)
 
-    atomic_write_dir(out, _write)
+    out = save_output(out, _write, cfg, rows, tokenizer, report, source.spec, untie=tied_source and not tied)
     dist.close()
     report["total_seconds"] = time.perf_counter() - t0
     logger.info("saved extended model to %s (held-out loss %.5f -> %.5f) in %.1fs", out,
                 report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
                 report["total_seconds"])
     return RunResult(out, report)
+
+
+def final_destination(out: Path, replace_allowed: bool) -> Path:
+    """Where the finished output goes: ``out``, unless entries appeared there during the run that
+    the start-up check did not allow replacing (a user's files, or another run's output without
+    ``--overwrite``); then a new sibling ``<out>-<date>-<time>``, with a warning."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    foreign = foreign_entries(out)
+    if not foreign and (read_manifest(out) is None or replace_allowed):
+        return out
+    alt = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    logger.warning("%s changed during the run (%s); writing the output to %s instead", out,
+                   ", ".join(foreign[:5]) or "another output of this tool appeared", alt)
+    return alt
+
+
+def save_output(out: Path, write, cfg: RunConfig, rows: NewRows, tokenizer, report: dict, model_spec: str,
+                untie: bool) -> Path:
+    """Write the extended model atomically (``write(tmp_dir)``); returns the directory written.
+
+    A finished training is never lost: if the save fails, the trained rows, tokenizer and report are
+    written instead (:func:`token_distillation.rescue.write_rows`, into the output directory or,
+    failing that, a new temporary directory).
+
+    Raises:
+        ConfigError: the save failed; the one-line message names the rows directory and the command
+            that builds the model from it.
+    """
+    dest = final_destination(out, cfg.output.overwrite or cfg.output.resume)
+    try:
+        write_output_dir(dest, write, kind="model")
+        return dest
+    except Exception as e:  # noqa: BLE001 - any failure here must not lose the training
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+        logger.debug("save failed", exc_info=True)
+    try:
+        rows_dir = write_rows(dest, rows, tokenizer, report, model_spec, untie)
+    except Exception:  # noqa: BLE001 - e.g. the output's disk is full: try the temporary directory
+        rows_dir = write_rows(Path(tempfile.mkdtemp(prefix="token_distillation_rows-")) / "rows", rows, tokenizer,
+                              report, model_spec, untie)
+    raise ConfigError(f"saving the extended model to {dest} failed ({reason}); the trained rows were saved in "
+                      f"{rows_dir}; build the model from them with: {recovery_command(rows_dir)}")
 
 
 def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken], corpus, tokenizer, bos: list[int],
@@ -488,7 +553,7 @@ def _dry_run(cfg: RunConfig, out: Path, targets, records: list[dict], corpus, to
         (tmp / "coverage.tsv").write_text(table, encoding="utf-8")
         _write_target_files(tmp, targets, records)
 
-    atomic_write_dir(out, _write)
+    write_output_dir(out, _write, kind="dry-run")
     report["total_seconds"] = time.perf_counter() - t0
     logger.info("dry run: wrote new_tokens.jsonl, coverage.tsv and report.json to %s; model not loaded", out)
     return RunResult(out, report)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
 from .config import ConfigError, LossMethod, LrSchedule, Recipe, StoppingCondition
+from .interrupts import check_stop
 from .fastpath import TeacherCache, num_layers, teacher_hiddens, teacher_student_hiddens
 from .regime import RowAdam, per_token_batches, per_token_loss, row_update_counts
 from .losses import LOSSES, LossPlan, combine, mse_per_position
@@ -386,9 +387,14 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         result.loss_curve.append(step_loss)
         if checkpointer is not None:
             checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve,
-                                   (earlier + time.perf_counter() - start, result.seconds_from_step))
+                                   (earlier + time.perf_counter() - start, result.seconds_from_step),
+                                   final=result.steps >= total)
+        else:
+            check_stop("during training", result.steps)
         bar.update(1)
-        bar.set_postfix(loss=f"{result.loss_curve[-1]:.4f}")
+        # the per-token loss is a sum over the batch's tokens: the bar shows the mean per token
+        shown = step_loss / len({token_index[i] for i in idx}) if per_token and sum_per_token else step_loss
+        bar.set_postfix(loss=f"{shown:.4f}")
         if result.steps % log_every == 0 or result.steps == total:
             recent = result.loss_curve[-log_every:]
             logger.info("%s step %d/%d loss %.5f (mean of last %d)", desc, result.steps, total,
@@ -455,7 +461,8 @@ class HeldoutResult:
 @torch.no_grad()
 def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], num_tokens: int, *,
                  layer: int, device: torch.device, batch_size: int = 16, autocast_dtype=None, pad_id: int = 0,
-                 teacher_cache: TeacherCache | None = None, loss: bool = True, argmax: bool = True) -> HeldoutResult:
+                 teacher_cache: TeacherCache | None = None, loss: bool = True, argmax: bool = True,
+                 desc: str = "held-out evaluation", show_progress: bool = True) -> HeldoutResult:
     """Held-out distillation loss per token and new-token argmax rate, with one student forward per batch.
 
     Per batch of ``batch_size`` snippets the student runs once over its whole merged sequence
@@ -475,7 +482,8 @@ def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: 
     counts = [0] * num_tokens
     hits = correct = expected = positions = 0
     per_token = [0] * len(rows.token_ids)
-    for b in range(0, len(seqs), batch_size):
+    for b in tqdm(range(0, len(seqs), batch_size), desc=desc, unit="batch", disable=not show_progress):
+        check_stop(desc)
         chunk = seqs[b: b + batch_size]
         tix = token_index[b: b + batch_size]
         batch = rows.collate(chunk, tix, pad_id).to(device)

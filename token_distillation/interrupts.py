@@ -1,0 +1,103 @@
+"""Stop requests (Ctrl-C, ``kill``, SLURM's pre-termination signal) that lose no training.
+
+While :func:`deferred_signals` is active (from the start of training until the output is saved),
+SIGINT, SIGTERM and SIGUSR1 only record a request; the training loop checks it after every step,
+writes a checkpoint of that step and raises :class:`Interrupted`, which the command line turns
+into one line ("interrupted at step N; rerun the same command with --resume to continue") and exit
+code 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1). A second Ctrl-C
+stops at once (KeyboardInterrupt). Outside that window the signals keep their usual meaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+#: signals that request a stop (SIGUSR1: SLURM's ``--signal=USR1@60`` before the time limit)
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGUSR1")) if s)
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal.
+
+    Attributes:
+        signum: the signal number (exit code ``128 + signum``).
+        step: the last optimizer step done (None before training).
+        checkpoint: the checkpoint written for it, or None.
+    """
+
+    def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None, where: str = ""):
+        self.signum, self.step, self.checkpoint, self.where = int(signum), step, checkpoint, where
+        super().__init__(self.message())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def message(self) -> str:
+        name = signal.Signals(self.signum).name if self.signum in set(signal.Signals) else str(self.signum)
+        at = f"at step {self.step}" if self.step is not None else (self.where or "before training")
+        if self.checkpoint is not None or self.step is not None:
+            return f"interrupted ({name}) {at}; rerun the same command with --resume to continue"
+        return f"interrupted ({name}) {at}; nothing was written, rerun the same command to start again"
+
+
+class StopRequest:
+    """The first stop signal received while deferred (None: none)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+STOP = StopRequest()
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[StopRequest]:
+    """Record stop signals in :data:`STOP` instead of acting on them (see the module docstring).
+
+    A no-op outside the main thread (Python delivers signals to the main thread only). Nested use
+    keeps the outer handlers. Yields :data:`STOP`.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield STOP
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    if any(getattr(h, "_td_deferred", False) for h in previous.values()):
+        yield STOP  # already deferred by an outer block
+        return
+
+    def handler(signum, frame):
+        if STOP.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if not STOP.requested:
+            logger.warning("received %s: stopping after the current step (a checkpoint is written); press Ctrl-C "
+                           "again to stop at once", signal.Signals(signum).name)
+        STOP.signum = STOP.signum or signum
+
+    handler._td_deferred = True  # type: ignore[attr-defined]
+    STOP.signum = None
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield STOP
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        STOP.signum = None
+
+
+def check_stop(where: str, step: int | None = None) -> None:
+    """Raise :class:`Interrupted` if a stop was requested (called between units of work)."""
+    if STOP.requested:
+        raise Interrupted(STOP.signum, step=step, where=where)
