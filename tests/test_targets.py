@@ -242,7 +242,7 @@ def test_dry_run_writes_files_without_loading_the_model(tmp_path, toy_model_dir,
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("dry run loaded the model"))
     res = pipeline.run(_dry_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir))
     out = res.out_path
-    assert sorted(p.name for p in out.iterdir()) == ["coverage.tsv", "new_tokens.jsonl", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["coverage.tsv", "new_tokens.jsonl", "report.json", "token_distillation_output.json"]
     recs = [json.loads(x) for x in (out / "new_tokens.jsonl").read_text().splitlines()]
     assert recs and all(r["count"] >= 5 and len(r["subtoken_ids"]) >= 2 for r in recs)
     for r in recs:

@@ -66,6 +66,9 @@ def main(**flags):
 
         preflight(cfg.model.model_path, cfg.output.out_path, cfg.output.overwrite, cfg.output.resume,
                   cfg.output.dry_run)
+        from .corpus import check_text_column
+
+        check_text_column(cfg.corpus)  # a wrong --text_column fails before torch is imported
         from .pipeline import run  # imports torch and transformers (seconds)
 
         result = run(cfg)
@@ -108,7 +111,13 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
         elif a != "-h":
             stray.append(a)
     if unknown:
-        sys.stderr.write(f"error: unknown flag(s) {', '.join(unknown)}; see --help for the list of flags\n")
+        import difflib
+
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u[2:].replace("-", "_"), sorted(known), n=1, cutoff=0.6)
+            hints.append(f"{u} (did you mean --{close[0]}?)" if close else u)
+        sys.stderr.write(f"error: unknown flag(s) {', '.join(hints)}; see --help for the list of flags\n")
         sys.exit(2)
     if stray:  # Fire would report them only after the run
         sys.stderr.write(f"error: unexpected argument(s) {' '.join(stray)}; every input is a flag (--name VALUE), "

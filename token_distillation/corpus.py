@@ -106,6 +106,45 @@ def load_texts(cfg: CorpusConfig):
     return ds
 
 
+def check_text_column(cfg: CorpusConfig) -> None:
+    """Check that a local corpus has ``--text_column`` by reading its first record only (the first
+    line of a JSON Lines file, a CSV header, a Parquet schema), so that a wrong column fails in a
+    fraction of a second instead of after the tokenizer and the whole corpus are loaded. Hub
+    datasets and other formats are checked when loaded (:func:`load_texts`).
+
+    Raises:
+        ConfigError: the column is missing (the message lists the columns found).
+    """
+    import csv
+
+    path = Path(cfg.dataset_path).expanduser()
+    if not cfg.dataset_path or not path.exists():
+        return
+    builder, files = _local_files(path)
+    first = files[0]
+    columns: list[str] | None = None
+    if builder == "text":
+        columns = ["text"]
+    elif builder == "json" and first.endswith(".jsonl"):
+        with open(first, encoding="utf-8") as fh:
+            line = next((ln for ln in fh if ln.strip()), None)
+        try:
+            record = json.loads(line) if line else None
+        except ValueError:
+            return  # reported with its line number by _check_json_lines
+        columns = list(record) if isinstance(record, dict) else None
+    elif builder == "csv" and not first.endswith(".gz"):
+        with open(first, encoding="utf-8", newline="") as fh:
+            columns = next(csv.reader(fh), None)
+    elif builder == "parquet":
+        import pyarrow.parquet as pq
+
+        columns = list(pq.read_schema(first).names)
+    if columns is not None and cfg.text_column not in columns:
+        raise ConfigError(f"--text_column {cfg.text_column!r} not found in {cfg.dataset_path} (first file {first}); "
+                          f"available columns: {columns}")
+
+
 def _check_json_lines(builder: str, files: list[str]) -> None:
     """Validate JSON Lines files up front so a bad line is reported with file and line number."""
     if builder != "json":

@@ -26,6 +26,7 @@ from .paths import (  # noqa: F401  (re-exported: the path helpers lived here be
     atomic_write_dir,
     default_cache_root,
     file_identity,
+    nearest_alias,
     prepare_out_path,
     recover_interrupted,
     resolve_model_source,
@@ -140,7 +141,7 @@ def hub_errors(source: ModelSource):
         raise ConfigError(
             f"--model_path {source.spec}: could not load it from the Hugging Face Hub ({first[:300]}); "
             "check the id, the network (or HF_HUB_OFFLINE), and HF_TOKEN for gated models, or pass a local "
-            "checkpoint directory, a .gguf file or a bundled model name"
+            f"checkpoint directory, a .gguf file or a bundled model name{nearest_alias(source.spec)}"
         ) from e
 
 

@@ -157,7 +157,70 @@ def resolve_model_source(spec: str) -> ModelSource:
     if spec.startswith((".", "/", "~")) or p.exists() or spec.count("/") > 1:
         raise ConfigError(f"--model_path: local path not found: {spec}; pass an existing directory, "
                           f"a .gguf file, a hub id, or a bundled model ({', '.join(map(repr, BUNDLED_MODELS))})")
+    check_hub_reachable(spec)
     return ModelSource(spec, spec, None, f"hub:{spec}")
+
+
+def nearest_alias(spec: str) -> str:
+    """`` (did you mean 'alias'?)`` for a name close to a bundled alias or its package, else ``""``."""
+    import difflib
+
+    names = list(BUNDLED_MODELS) + [dist for dist, _, _ in BUNDLED_MODELS.values()]
+    close = difflib.get_close_matches(spec.lower(), names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _hub_host() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id, an old huggingface_hub: not cached
+        return False
+
+
+_HUB_CHECKED: set[str] = set()
+
+
+def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail in one line, within ``timeout`` seconds, for a hub id that cannot be loaded: not in the
+    local Hugging Face cache while offline (``HF_HUB_OFFLINE`` set, or the hub's host unreachable).
+    Without it, transformers retries for about half a minute and prints a screen of warnings.
+    A cached model on a machine without network is loaded from the cache (``HF_HUB_OFFLINE`` is
+    set for this process).
+
+    Raises:
+        ConfigError: the model is not cached and the hub cannot be reached.
+    """
+    import socket
+
+    if repo_id in _HUB_CHECKED:
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    reason = "HF_HUB_OFFLINE is set"
+    if not offline:
+        host, port = _hub_host()
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _HUB_CHECKED.add(repo_id)
+            return
+        except OSError as e:
+            offline, reason = True, f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+    if _in_hub_cache(repo_id):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # load from the cache without retrying the network
+        _HUB_CHECKED.add(repo_id)
+        logger.info("--model_path %s: offline (%s); loading it from the local Hugging Face cache", repo_id, reason)
+        return
+    raise ConfigError(f"--model_path {repo_id}: not in the local Hugging Face Hub cache and {reason}; pass a "
+                      f"local checkpoint directory, a .gguf file or a bundled model ({', '.join(map(repr, BUNDLED_MODELS))})"
+                      f"{nearest_alias(repo_id)}, or download it on a machine with network first")
 
 
 #: file that marks a directory as written by this tool: its kind and every file it wrote

@@ -29,7 +29,7 @@ from . import __version__
 from .alignment import PhraseMatcher, merge
 from .checkpoint import CHECKPOINT_DIRNAME, Checkpointer, fingerprint, prepare_output, snippet_digest
 from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource
-from .corpus import tokenize_corpus
+from .corpus import check_text_column, tokenize_corpus
 from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .fastpath import TeacherCache
 from .interrupts import Interrupted, deferred_signals
@@ -141,6 +141,8 @@ def _run(cfg: RunConfig, stack: contextlib.ExitStack) -> RunResult:
     source = resolve_model_source(cfg.model.model_path)
     out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
                          dry_run=cfg.output.dry_run)
+    if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
+        check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
     dist = DistContext.create(cfg.model.device, resolve_device)
     device = dist.device
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, device)
@@ -446,20 +448,29 @@ def keep_tokens_with_snippets(cfg: RunConfig, snips: SnippetSet, tokens: list[Ne
     Raises:
         ConfigError: no token is left.
     """
-    needs_snippets = cfg.train.init_method in TRAINED
-    keep = [i for i, c in enumerate(snips.train_counts) if c >= cfg.snippets.min_snippets or not needs_snippets]
-    kept = set(keep)
-    skipped = dict(skipped)
-    for i, c in enumerate(snips.train_counts):
-        if i not in kept:
-            skipped[tokens[i].text] = (f"only {c} training snippets (< --min_snippets {cfg.snippets.min_snippets}); "
-                                       "use a larger corpus, lower --min_snippets, or --use_generated_snippets")
-            logger.warning("skipping %r: %s", tokens[i].text, skipped[tokens[i].text])
+    too_few = too_few_snippets(cfg, snips.train_counts, tokens)
+    keep = [i for i, t in enumerate(tokens) if t.text not in too_few]
+    skipped = {**skipped, **too_few}
     if not keep:
         raise ConfigError("no new token has enough snippets (--min_snippets "
                           f"{cfg.snippets.min_snippets}); pass a larger --dataset_path, lower --min_snippets, "
                           "or use --use_generated_snippets")
     return _reindex(snips, keep), [tokens[i] for i in keep], [token_sources[i] for i in keep], skipped
+
+
+def too_few_snippets(cfg: RunConfig, train_counts: list[int], tokens: list[NewToken],
+                     verb: str = "skipping") -> dict[str, str]:
+    """Tokens with fewer than ``--min_snippets`` training snippets (when the method trains), each
+    with the reason, logged as warnings; a dry run reports them the same way ("a real run would skip")."""
+    if cfg.train.init_method not in TRAINED:
+        return {}
+    out = {}
+    for t, c in zip(tokens, train_counts):
+        if c < cfg.snippets.min_snippets:
+            out[t.text] = (f"only {c} training snippets (< --min_snippets {cfg.snippets.min_snippets}); "
+                           "use a larger corpus, lower --min_snippets, or --use_generated_snippets")
+            logger.warning("%s %r: %s", verb, t.text, out[t.text])
+    return out
 
 
 def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
@@ -539,12 +550,17 @@ def _dry_run(cfg: RunConfig, out: Path, targets, records: list[dict], corpus, to
         train_counts, heldout_counts = snips.train_counts, snips.heldout_counts
         _warn_missing_heldout(targets.tokens, heldout_counts, sc.heldout_snippet_num)
     table = coverage_table(records, train_counts, heldout_counts)
+    if corpus is None:
+        logger.info("dry run: no corpus, so a real run would generate %d training and %d held-out snippets per token "
+                    "with the model (not done in a dry run)", sc.snippet_num, sc.heldout_snippet_num)
     logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d)\n%s",
                 len(records), sc.snippet_num, table)
     usable = sum(1 for c in train_counts or [] if c >= sc.min_snippets)
+    would_skip = (too_few_snippets(cfg, train_counts, targets.tokens, verb="a real run would skip")
+                  if train_counts is not None else {})
     report = {"tool": "token-distillation", "version": __version__, "dry_run": True,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
-              "targets": target_summary, "skipped_tokens": targets.skipped,
+              "targets": target_summary, "skipped_tokens": {**targets.skipped, **would_skip},
               "tokens_with_enough_snippets": usable if train_counts is not None else None,
               "versions": _versions()}
 

@@ -251,14 +251,20 @@ def generate_snippets(
 
         cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=pad)
-        procs = LogitsProcessorList([_NoGlueFirstToken(glue, prompt.shape[1])] if no_glue else [])
+        procs = LogitsProcessorList(([_NoGlueFirstToken(glue, prompt.shape[1])] if no_glue else [])
+                                    + [_Progress(bar, prompt.shape[0])])
         seqs = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg,
                               logits_processor=procs)
         return seqs[:, prompt.shape[1]:]
 
-    for i, tok in enumerate(tqdm(tokens, desc="generating snippets", unit="token", leave=False)):
-        n_train, n_held = counts[i] if counts is not None else (snippet_num, heldout_num)
+    wanted = [counts[i] if counts is not None else (snippet_num, heldout_num) for i in range(len(tokens))]
+    # progress in generated tokens (one update per decoding step), so it moves within a word
+    bar = tqdm(total=sum(a + b for a, b in wanted) * snippet_len, desc="generating snippets", unit="tok",
+               leave=False)
+    for i, tok in enumerate(tokens):
+        n_train, n_held = wanted[i]
         n = n_train + n_held
+        bar.set_postfix_str(f"word {i + 1}/{len(tokens)}")
         if n == 0:
             continue
         k = len(tok.subtoken_ids)
@@ -282,7 +288,20 @@ def generate_snippets(
             else:
                 out.heldout.append(snip)
                 out.heldout_counts[i] += 1
+    bar.close()
     return out
+
+
+class _Progress:
+    """A logits processor that leaves the scores alone and advances ``bar`` by ``rows`` generated
+    tokens per decoding step (it is called once per step)."""
+
+    def __init__(self, bar, rows: int):
+        self.bar, self.rows = bar, rows
+
+    def __call__(self, input_ids, scores):
+        self.bar.update(self.rows)
+        return scores
 
 
 def top_up(mined: SnippetSet, generated: SnippetSet) -> SnippetSet:

@@ -80,7 +80,9 @@ class TargetList:
 def read_wordlist(path: str | Path) -> list[str]:
     """Read candidate tokens from a text file or a JSON object of category -> list of words.
 
-    Lines are kept verbatim except for the trailing newline (a leading space is meaningful).
+    Lines are kept verbatim except for the trailing newline and trailing whitespace (a leading
+    space is meaningful: " word" and "word" are different tokens; a trailing one would make a token
+    whose last subtoken is a bare space marker, so it is stripped, with a logged note).
 
     Raises:
         ConfigError: unreadable file or JSON of the wrong shape.
@@ -102,14 +104,25 @@ def read_wordlist(path: str | Path) -> list[str]:
                 if not isinstance(items, list) or not all(isinstance(w, str) for w in items):
                     raise ConfigError(f"--new_tokens_source: category {cat!r} in {p} must be a list of strings")
                 words.extend(items)
-            return words
+            return _strip_trailing(words, p, "entry")
         if isinstance(data, list) and all(isinstance(w, str) for w in data):
-            return list(data)
+            return _strip_trailing(list(data), p, "entry")
         raise ConfigError(f"--new_tokens_source: {p} must hold a JSON object of categories -> lists of words")
     lines = [line.rstrip("\r") for line in raw.split("\n")]
     if lines and lines[-1] == "":
         lines.pop()  # the file's final newline ends the last line; it is not an empty candidate
-    return lines
+    return _strip_trailing(lines, p, "line")
+
+
+def _strip_trailing(words: list[str], path: Path, unit: str) -> list[str]:
+    """Strip trailing whitespace from every word, logging which ones (1-based ``unit`` numbers)."""
+    out = [w.rstrip() for w in words]
+    changed = [i + 1 for i, (a, b) in enumerate(zip(words, out)) if a != b and b.strip()]
+    if changed:
+        logger.info("--new_tokens_source %s: stripped trailing whitespace from %d %s(s) (%s %s); a trailing space "
+                    "would become a token of its own", path.name, len(changed), unit,
+                    unit, ", ".join(map(str, changed[:10])) + (" ..." if len(changed) > 10 else ""))
+    return out
 
 
 def filter_candidates(tokenizer, candidates: list[str], add_leading_space: bool = False) -> TargetList:
