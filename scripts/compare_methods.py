@@ -11,6 +11,11 @@
 4. With ``--docs_md``, a page with the date, model, corpus, exact command, runtimes, the tables and
    the figure is written (the figure next to it as ``<stem>.png``).
 
+Every flag is checked before anything is written or loaded (bad input: one ``error:`` line, exit
+code 2). ``--out_dir`` must be new, empty or an earlier output of this script (recognised by the
+marker file ``token_distillation_script.json`` it writes there); a directory holding other files is
+refused.
+
 Methods are ``[label=]init_method`` entries; ``--method_flags`` adds flags per label and
 ``--common_flags`` flags for every run, both as JSON objects, e.g.::
 
@@ -38,9 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from token_distillation.cli import configure_logging  # noqa: E402
 from token_distillation.config import ConfigError, RunConfig  # noqa: E402
-from token_distillation.evaluate import EvalConfig, evaluate, markdown_tables  # noqa: E402
+from token_distillation.paths import claim_script_dir, replace_file  # noqa: E402
 
 logger = logging.getLogger("compare_methods")
+
+#: what this script writes at the top level of --out_dir
+OUT_ENTRIES = ("data/", "runs/", "eval/")
+#: run flags that this script sets itself (not allowed in --common_flags / --method_flags)
+RESERVED_FLAGS = ("out_path", "dataset_path")
 
 
 def split_corpus(src: Path, out: Path, heldout_fraction: float, seed: int, text_column: str,
@@ -51,14 +61,25 @@ def split_corpus(src: Path, out: Path, heldout_fraction: float, seed: int, text_
         for n, line in enumerate(f):
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"--dataset_path {src}: line {n + 1} is not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise ConfigError(f"--dataset_path {src}: line {n + 1} is not a JSON object")
             obj.setdefault("id", str(n))
             rows.append({"id": str(obj["id"]), text_column: obj.get(text_column) or ""})
             if max_docs and len(rows) >= max_docs:
                 break
+    if not rows:
+        raise ConfigError(f"--dataset_path {src}: no documents")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_held = int(round(len(rows) * heldout_fraction))
+    if not 0 < n_held < len(rows):
+        raise ConfigError(f"--heldout_fraction {heldout_fraction} of {len(rows)} documents leaves no "
+                          f"{'held-out' if n_held == 0 else 'training'} document; pass a larger corpus or another "
+                          "fraction")
     held, train = sorted(order[:n_held]), sorted(order[n_held:])
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -91,7 +112,113 @@ def _parse_json(value, flag: str) -> dict:
     return obj
 
 
-def main(dataset_path: str, new_tokens_source: str = "new_tokens/biomedical_pubmed60.txt",
+def parse_methods(methods) -> list[tuple[str, str]]:
+    """``[label=]init_method`` entries as ``(label, method)`` pairs (Fire passes "a,b" as a tuple).
+
+    Raises:
+        ConfigError: no entry, an entry without a method, a label that is not a plain directory
+            name (it names ``<out_dir>/runs/<label>``), or a repeated label.
+    """
+    if isinstance(methods, (list, tuple)):
+        methods = ",".join(str(m) for m in methods)
+    specs = []
+    for entry in [m.strip() for m in str(methods).split(",") if m.strip()]:
+        label, _, method = entry.rpartition("=")
+        label, method = (label or method).strip(), method.strip()
+        if not method:
+            raise ConfigError(f"--methods: {entry!r} names no init method (use label=init_method)")
+        if label in (".", "..") or label.startswith(".") or "/" in label or "\\" in label:
+            raise ConfigError(f"--methods: label {label!r} is not a plain directory name (it names "
+                              "<out_dir>/runs/<label>); use letters, digits, '-' and '_'")
+        specs.append((label, method))
+    if not specs:
+        raise ConfigError("--methods is empty; pass comma-separated [label=]init_method entries")
+    if len({lab for lab, _ in specs}) != len(specs):
+        raise ConfigError("--methods: labels must be unique (use label=method)")
+    return specs
+
+
+def check_file_output(path: str, flag: str) -> Path:
+    """``path`` as a file to write: not a directory, and no file where a parent folder must be.
+
+    Raises:
+        ConfigError: either of those.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {p} is a directory; pass a file name")
+    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"{flag} {p}: {blocked} is a file, not a folder")
+    return p
+
+
+def check_inputs(*, dataset_path, new_tokens_source, model_path, methods, method_flags, common_flags,
+                 heldout_fraction, max_docs, text_column, seed, out_dir, windows_per_token, window_len,
+                 definition_tokens, device, docs_md) -> tuple[list[tuple[str, str]], dict[str, dict], Path]:
+    """Check every flag of :func:`main` without writing or loading anything (the model source is
+    resolved, the corpus's first record read).
+
+    Returns:
+        ``(specs, run_flags, corpus)``: the ``(label, method)`` pairs, each label's
+        apply_embedding_init.py flags (before ``dataset_path`` is set to the training split), and the
+        corpus path.
+
+    Raises:
+        ConfigError: the first problem found, naming its flag.
+    """
+    from token_distillation.config import CorpusConfig
+    from token_distillation.corpus import check_text_column
+    from token_distillation.paths import resolve_model_source
+
+    if not str(dataset_path).strip():
+        raise ConfigError("--dataset_path is required (a JSON Lines corpus, e.g. "
+                          "../shared/data/pubmed_abstracts/abstracts.jsonl)")
+    specs = parse_methods(methods)
+    per_method = _parse_json(method_flags, "method_flags")
+    common = _parse_json(common_flags, "common_flags")
+    unknown = set(per_method) - {lab for lab, _ in specs}
+    if unknown:
+        raise ConfigError(f"--method_flags: labels {sorted(unknown)} are not in --methods")
+    for label, extra in per_method.items():
+        if not isinstance(extra, dict):
+            raise ConfigError(f"--method_flags: the value of {label!r} must be a JSON object of flags")
+    for name, given in [("common_flags", common)] + [("method_flags", f) for f in per_method.values()]:
+        reserved = sorted(set(given) & set(RESERVED_FLAGS))
+        if reserved:
+            raise ConfigError(f"--{name}: {', '.join('--' + r for r in reserved)} are set by compare_methods.py "
+                              "(--dataset_path is split, each run writes <out_dir>/runs/<label>)")
+    src = Path(str(dataset_path)).expanduser()
+    if not src.is_file() or src.suffix.lower() != ".jsonl":
+        raise ConfigError(f"--dataset_path {src}: pass an existing .jsonl file")
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ConfigError(f"--heldout_fraction must be between 0 and 1 (exclusive), not {heldout_fraction}")
+    for flag, value, low in (("max_docs", max_docs, 0), ("windows_per_token", windows_per_token, 1),
+                             ("window_len", window_len, 4), ("definition_tokens", definition_tokens, 0)):
+        if value < low:
+            raise ConfigError(f"--{flag} must be >= {low}, not {value}")
+    if docs_md:
+        if check_file_output(docs_md, "--docs_md").suffix.lower() == ".png":
+            raise ConfigError(f"--docs_md {docs_md}: the figure is written beside it as <stem>.png; pass a .md file")
+    out = Path(str(out_dir)).expanduser()
+    if not str(out_dir).strip():
+        raise ConfigError("--out_dir is empty; pass an output directory")
+    check_text_column(CorpusConfig(dataset_path=str(src), text_column=text_column))
+    # every run's flags, before any work
+    run_flags = {}
+    for label, method in specs:
+        flags = dict(model_path=model_path, new_tokens_source=new_tokens_source, dataset_path=str(src),
+                     text_column=text_column, seed=seed, init_method=method, device=device,
+                     out_path=str(out / "runs" / label), overwrite=True)
+        flags.update(common)
+        flags.update(per_method.get(label, {}))
+        RunConfig.from_flags(**flags)  # raises ConfigError naming the flag
+        run_flags[label] = flags
+    resolve_model_source(str(model_path))  # a missing local model, an uncached hub id offline
+    return specs, run_flags, src
+
+
+def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical_pubmed60.txt",
          model_path: str = "smollm2-135m", methods: str = "token_distillation,subtoken-mean,random",
          method_flags: str = "", common_flags: str = "", heldout_fraction: float = 0.1, max_docs: int = 0,
          text_column: str = "text", seed: int = 42, out_dir: str = "outputs/compare_methods",
@@ -105,41 +232,27 @@ def main(dataset_path: str, new_tokens_source: str = "new_tokens/biomedical_pubm
         method_flags: JSON object ``{label: {flag: value}}`` of extra apply_embedding_init.py flags.
         common_flags: JSON object ``{flag: value}`` passed to every run.
         heldout_fraction: share of documents written to heldout.jsonl.
+        out_dir: new, empty, or an earlier output of this script (other files there are refused).
         reuse_runs: keep a run directory that already has report.json instead of retraining.
         docs_md: also write this markdown page (and ``<stem>.png`` beside it).
+
+    Raises:
+        ConfigError: bad input (see :func:`check_inputs` and
+            :func:`token_distillation.paths.claim_script_dir`), before anything is written.
     """
-    if isinstance(methods, (list, tuple)):
-        methods = ",".join(methods)
-    specs = []
-    for entry in [m.strip() for m in str(methods).split(",") if m.strip()]:
-        label, _, method = entry.rpartition("=")
-        specs.append((label or method, method))
-    if len({lab for lab, _ in specs}) != len(specs):
-        raise ConfigError("--methods: labels must be unique (use label=method)")
-    per_method = _parse_json(method_flags, "method_flags")
-    common = _parse_json(common_flags, "common_flags")
-    unknown = set(per_method) - {lab for lab, _ in specs}
-    if unknown:
-        raise ConfigError(f"--method_flags: labels {sorted(unknown)} are not in --methods")
-    src = Path(dataset_path).expanduser()
-    if not src.is_file() or src.suffix.lower() != ".jsonl":
-        raise ConfigError(f"--dataset_path {src}: pass an existing .jsonl file")
-    out = Path(out_dir).expanduser()
-    # validate every run's flags before doing any work
-    run_flags = {}
-    for label, method in specs:
-        flags = dict(model_path=model_path, new_tokens_source=new_tokens_source, dataset_path=str(src),
-                     text_column=text_column, seed=seed, init_method=method, device=device,
-                     out_path=str(out / "runs" / label), overwrite=True)
-        flags.update(common)
-        flags.update(per_method.get(label, {}))
-        RunConfig.from_flags(**flags)  # raises ConfigError naming the flag
-        run_flags[label] = flags
+    specs, run_flags, src = check_inputs(
+        dataset_path=dataset_path, new_tokens_source=new_tokens_source, model_path=model_path, methods=methods,
+        method_flags=method_flags, common_flags=common_flags, heldout_fraction=heldout_fraction, max_docs=max_docs,
+        text_column=text_column, seed=seed, out_dir=out_dir, windows_per_token=windows_per_token,
+        window_len=window_len, definition_tokens=definition_tokens, device=device, docs_md=docs_md)
+    out = Path(str(out_dir)).expanduser()
+    claim_script_dir(out, "compare_methods.py", OUT_ENTRIES)
 
     t0 = time.perf_counter()
     train_path, held_path, n_train, n_held = split_corpus(src, out / "data", heldout_fraction, seed, text_column,
                                                          max_docs)
     logger.info("split %s: %d training / %d held-out documents", src, n_train, n_held)
+    from token_distillation.evaluate import EvalConfig, evaluate
     from token_distillation.pipeline import run
 
     runtimes = {}
@@ -156,7 +269,7 @@ def main(dataset_path: str, new_tokens_source: str = "new_tokens/biomedical_pubm
         rep_path = res.out_path / "report.json"
         rep = json.loads(rep_path.read_text())
         rep["compare_seconds"] = runtimes[label]
-        rep_path.write_text(json.dumps(rep, indent=2, ensure_ascii=False))
+        replace_file(rep_path, lambda tmp: tmp.write_text(json.dumps(rep, indent=2, ensure_ascii=False)))
         logger.info("%s: %.1f s", label, runtimes[label])
 
     t = time.perf_counter()
@@ -192,12 +305,14 @@ def verdict(results: dict, method: str = "token_distillation", baselines=("subto
 
 def write_docs(path: Path, out: Path, results: dict, runtimes: dict, eval_seconds: float, total: float,
                info: dict) -> None:
-    """Write the comparison page with its figure (``<stem>.png`` beside it)."""
+    """Write the comparison page with its figure (``<stem>.png`` beside it); each file is replaced
+    whole (written to a temporary file first), never left half-written."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from token_distillation.evaluate import markdown_tables
+
     fig = path.with_suffix(".png")
-    shutil.copyfile(out / "eval" / "evaluation.png", fig)
+    replace_file(fig, lambda tmp: shutil.copyfile(out / "eval" / "evaluation.png", tmp))
     s = results["setup"]
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     first = next(iter(info["run_flags"].values()))
@@ -257,16 +372,14 @@ Evaluation of all methods: {eval_seconds:.0f} s (original model passes {s['origi
 
 {defs}
 """
-    path.write_text(text, encoding="utf-8")
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     logger.info("wrote %s and %s", path, fig)
 
 
 if __name__ == "__main__":
-    import fire
+    import inspect
+
+    from token_distillation.cli import exit_on_user_error, run_fire
 
     configure_logging()
-    try:
-        fire.Fire(main)
-    except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    run_fire(exit_on_user_error(main), set(inspect.signature(main).parameters), None, "compare_methods.py")

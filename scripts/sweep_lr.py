@@ -10,7 +10,12 @@ updates per row with 25 snippets). Gap closed = 1 - excess_NLL(method) / excess_
 the original tokenization has excess 0 (so 0% = subtoken mean, 100% = original tokenization);
 computed with the softmax over the original vocabulary and over the full extended vocabulary.
 
-Writes ``<out_dir>/sweep.json``, ``<out_dir>/sweep.md`` and ``<out_dir>/sweep.png``.
+Writes ``<out_dir>/sweep.json``, ``<out_dir>/sweep.md`` and ``<out_dir>/sweep.png`` (and, per word
+count N, ``words<N>.txt`` and compare_methods.py's output ``n<N>/``). Every flag is checked before
+anything is written or loaded (bad input: one ``error:`` line, exit code 2). ``--out_dir`` must be
+new, empty or an earlier output of this script (recognised by the marker file
+``token_distillation_script.json`` it writes there; rerun on it with ``--reuse_runs`` to keep the
+finished runs); a directory holding other files is refused.
 
 Example (CPU, ~40 min):
     python scripts/sweep_lr.py --dataset_path ../shared/data/pubmed_abstracts/abstracts.jsonl \\
@@ -28,14 +33,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from token_distillation.config import ConfigError  # noqa: E402
+from token_distillation.paths import claim_script_dir, replace_file  # noqa: E402
 
-def _words(token_list: Path, n: int) -> list[str]:
+
+def _tokens(token_list: Path, n: int) -> list[str]:
+    """The first ``n`` tokens of ``--token_list`` (a .jsonl file of {"token": ...} records, or one
+    token per line).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, a record is not valid, or it holds fewer
+            than ``n`` tokens.
+    """
+    if not token_list.is_file():
+        raise ConfigError(f"--token_list {token_list}: file not found")
+    try:
+        text = token_list.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--token_list {token_list}: cannot read it ({e})") from None
     if token_list.suffix == ".jsonl":
-        toks = [json.loads(line)["token"] for line in token_list.read_text().splitlines() if line.strip()]
+        toks = []
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict) or not isinstance(rec.get("token"), str):
+                raise ConfigError(f"--token_list {token_list}: line {i} is not a JSON object with a \"token\" string")
+            toks.append(rec["token"])
     else:
-        toks = [line for line in token_list.read_text().split("\n") if line.strip()]
+        toks = [line for line in text.split("\n") if line.strip()]
     if len(toks) < n:
-        raise SystemExit(f"--token_list {token_list} has only {len(toks)} tokens, fewer than {n}")
+        raise ConfigError(f"--token_list {token_list} has only {len(toks)} tokens, fewer than {n} (--word_counts)")
     return toks[:n]
 
 
@@ -44,6 +75,28 @@ def _items(value) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return [x.strip() for x in str(value).split(",") if x.strip()]
+
+
+def _positive(value, flag: str, kind=int) -> list:
+    """The comma-separated list ``value`` as positive numbers of type ``kind`` (int or float).
+
+    Raises:
+        ConfigError: an empty list, or an entry that is not a positive ``kind``.
+    """
+    items = _items(value)
+    if not items:
+        raise ConfigError(f"{flag} is empty; pass comma-separated positive numbers")
+    out = []
+    for x in items:
+        try:
+            v = kind(x)
+        except ValueError:
+            v = None
+        if v is None or not v > 0 or v != v or v == float("inf"):
+            what = "positive integers" if kind is int else "positive numbers"
+            raise ConfigError(f"{flag}: {x!r} is not allowed; pass comma-separated {what}")
+        out.append(v)
+    return out
 
 
 def gap_closed(excess: float | None, baseline: float | None) -> float | None:

@@ -134,3 +134,82 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
 def fire_main(argv: list[str] | None = None) -> None:
     """Entry used by ``apply_embedding_init.py``."""
     run_fire(main, {name for name, _, _ in all_flags()}, argv, "apply_embedding_init.py")
+
+
+def exit_on_user_error(fn):
+    """Wrap a script's entry point so that bad input ends as in the main tool: one ``error:`` line
+    on stderr and exit code 2 (no traceback), Ctrl-C one line and exit code 130.
+
+    The wrapper turns a :class:`~token_distillation.config.ConfigError` (raised by the script's
+    own checks) into that line. Before calling ``fn`` it checks every argument against the type of
+    the parameter's default (or its annotation when it has none), which python-fire does not do:
+    a flag given without a value (Fire passes ``True``), a word or a fraction for an integer flag,
+    a word for a number flag and anything but true/false for a switch are refused; numbers (and
+    ``None``) given to a text flag are passed as text. Values of other parameters pass unchanged.
+
+    Use: ``run_fire(exit_on_user_error(main), known_flags, None, name)`` for Fire scripts,
+    ``exit_on_user_error(main)(argv)`` for argparse scripts (argparse reports its own errors).
+    """
+    import functools
+    import signal
+
+    from .interrupts import Interrupted
+
+    sig = inspect.signature(fn)
+    by_name = {"str": str, "int": int, "float": float, "bool": bool}
+    kinds = {}
+    for p in sig.parameters.values():
+        if p.default is not inspect.Parameter.empty and p.default is not None:
+            kinds[p.name] = type(p.default)
+        else:
+            kinds[p.name] = by_name.get(p.annotation) if isinstance(p.annotation, str) else p.annotation
+
+    def checked(name, value, problems):
+        kind, flag = kinds.get(name), f"--{name}"
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            word = str(value).strip().lower()
+            if word in {"true", "yes", "1"}:
+                return True
+            if word in {"false", "no", "0"}:
+                return False
+            problems.append(f"{flag} is a switch: pass {flag} or --no{name}, not {value!r}")
+        elif kind in (int, float, str) and isinstance(value, bool):
+            problems.append(f"{flag} needs a value ({flag} VALUE)")
+        elif kind is int:
+            if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+            problems.append(f"{flag} expects an integer, not {value!r}")
+        elif kind is float:
+            if isinstance(value, (int, float)):
+                return float(value)
+            problems.append(f"{flag} expects a number, not {value!r}")
+        elif kind is str and (value is None or isinstance(value, (int, float))):
+            return str(value)
+        return value
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as e:  # a missing required argument, one too many
+                raise ConfigError(str(e)) from None
+            problems: list[str] = []
+            for name, value in list(bound.arguments.items()):
+                bound.arguments[name] = checked(name, value, problems)
+            if problems:
+                raise ConfigError(problems)
+            return fn(*bound.args, **bound.kwargs)
+        except ConfigError as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(2)
+        except Interrupted as e:
+            sys.stderr.write(f"{e.message()}\n")
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted (SIGINT)\n")
+            sys.exit(128 + signal.SIGINT)
+
+    return wrapper

@@ -511,3 +511,103 @@ def preflight(model_path: str, out_path: str, overwrite: bool, resume: bool, dry
     """
     prepare_output(out_path, overwrite, resume, dry_run=dry_run)  # first: instant, before a GGUF file is hashed
     prepare_output(out_path, overwrite, resume, resolve_model_source(model_path))
+
+
+#: file at the top of a directory that a script fills over one or several runs (see :func:`claim_script_dir`)
+SCRIPT_MARKER = "token_distillation_script.json"
+
+
+def claim_script_dir(out, script: str, entries, flag: str = "--out_dir") -> Path:
+    """Make ``out`` the output directory of ``script``, which fills it entry by entry (and may
+    rerun on it) instead of writing it as a whole like :func:`write_output_dir`.
+
+    ``out`` is accepted when it is missing, empty, or an earlier output of the same script: its top
+    level holds only :data:`SCRIPT_MARKER` (written by an earlier claim, naming ``script``) and the
+    entries that marker or ``entries`` list, plus temporary siblings ``.<entry>.tmp-<pid>...`` /
+    ``.<entry>.old-<pid>...`` of those entries left by an interrupted write. The directory is
+    created and the marker (tool id, script, the entries of this and the earlier claims) written
+    before the script writes anything else; nothing is deleted.
+
+    Args:
+        out: the directory (``~`` is expanded).
+        script: the script's name, e.g. ``"compare_methods.py"``.
+        entries: the names the script writes at the top level of ``out``; a directory's name ends
+            with ``/`` (e.g. ``["data/", "runs/", "sweep.json"]``).
+        flag: the flag named in errors.
+
+    Returns:
+        the resolved directory.
+
+    Raises:
+        ConfigError: an empty ``out``, a path that is a file or cannot be created, a directory of
+            another script, or one that holds entries this script did not write (named in the
+            message, at most ten).
+    """
+    if not str(out).strip():
+        raise ConfigError(f"{flag} is empty; pass an output directory")
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; pass a directory")
+    wanted = {str(e) for e in entries}
+    mine = set(wanted)
+    foreign: list[str] = []
+    if path.is_dir():
+        marker = path / SCRIPT_MARKER
+        claimed = None
+        if marker.is_file() and not marker.is_symlink():
+            try:
+                claimed = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError, UnicodeDecodeError):
+                claimed = None
+            if not (isinstance(claimed, dict) and claimed.get("tool") == TOOL_ID
+                    and isinstance(claimed.get("entries"), list)):
+                claimed = None
+        if claimed is not None and claimed.get("script") != script:
+            raise ConfigError(f"{flag} {path} is the output directory of {claimed.get('script')}, not of {script}; "
+                              "choose a new directory")
+        if claimed is not None:
+            mine |= {str(e) for e in claimed["entries"]}
+        names = {e.rstrip("/") for e in mine} | {SCRIPT_MARKER}
+        leftover = re.compile(r"^\.(.+)\.(?:tmp|old)-\d+")
+        for p in path.iterdir():
+            if p.name == SCRIPT_MARKER and claimed is not None:
+                continue
+            key = p.name + "/" if p.is_dir() and not p.is_symlink() else p.name
+            m = leftover.match(p.name)
+            if key in mine or (m and m.group(1) in names):
+                continue
+            foreign.append(key)
+    if foreign:
+        raise ConfigError(f"{flag} {path} is not empty and holds entries that {script} did not write "
+                          f"({_some_entries(sorted(foreign))}); choose a new or empty directory, or move those "
+                          "entries out yourself")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".{SCRIPT_MARKER}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps({"tool": TOOL_ID, "script": script, "entries": sorted(mine)}, indent=1) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path / SCRIPT_MARKER)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create it or write into it ({e.strerror or e})") from None
+    return path
+
+
+def replace_file(path, write_fn) -> Path:
+    """Write one file so that it is never seen half-written: ``write_fn(tmp)`` fills a hidden
+    sibling ``.<name>.tmp-<pid>``, which is then renamed over ``path`` (the parent is created).
+    For outputs that are single files in a folder that holds other files (a figure in assets/,
+    README.md, a --markdown page); the temporary file is removed when ``write_fn`` fails.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

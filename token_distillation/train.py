@@ -368,38 +368,40 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
             return per_token_loss(per_pos, row_of_pos, batch.token_index, int(batch.token_index.max()) + 1), n
         return distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, **cache_kw), n
 
-    while result.steps < total:
-        if per_token:
-            idx = schedule[result.steps]
-        else:
-            if not order:
-                order = torch.randperm(len(seqs), generator=gen).tolist()
-            idx, order = order[:batch_size], order[batch_size:]
-        opt.zero_grad(set_to_none=True)
-        if dist is not None and dist.distributed:
-            step_loss = dist.shard_backward(idx, local_loss, params, mean=not (per_token and sum_per_token))
-        else:
-            loss, _ = local_loss(idx)
-            loss.backward()
-            step_loss = float(loss.detach())
-        opt.step()
-        result.steps += 1
-        result.loss_curve.append(step_loss)
-        if checkpointer is not None:
-            checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve,
-                                   (earlier + time.perf_counter() - start, result.seconds_from_step),
-                                   final=result.steps >= total)
-        else:
-            check_stop("during training", result.steps)
-        bar.update(1)
-        # the per-token loss is a sum over the batch's tokens: the bar shows the mean per token
-        shown = step_loss / len({token_index[i] for i in idx}) if per_token and sum_per_token else step_loss
-        bar.set_postfix(loss=f"{shown:.4f}")
-        if result.steps % log_every == 0 or result.steps == total:
-            recent = result.loss_curve[-log_every:]
-            logger.info("%s step %d/%d loss %.5f (mean of last %d)", desc, result.steps, total,
-                        sum(recent) / len(recent), len(recent))
-    bar.close()
+    try:
+        while result.steps < total:
+            if per_token:
+                idx = schedule[result.steps]
+            else:
+                if not order:
+                    order = torch.randperm(len(seqs), generator=gen).tolist()
+                idx, order = order[:batch_size], order[batch_size:]
+            opt.zero_grad(set_to_none=True)
+            if dist is not None and dist.distributed:
+                step_loss = dist.shard_backward(idx, local_loss, params, mean=not (per_token and sum_per_token))
+            else:
+                loss, _ = local_loss(idx)
+                loss.backward()
+                step_loss = float(loss.detach())
+            opt.step()
+            result.steps += 1
+            result.loss_curve.append(step_loss)
+            if checkpointer is not None:
+                checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve,
+                                       (earlier + time.perf_counter() - start, result.seconds_from_step),
+                                       final=result.steps >= total)
+            else:
+                check_stop("during training", result.steps)
+            bar.update(1)
+            # the per-token loss is a sum over the batch's tokens: the bar shows the mean per token
+            shown = step_loss / len({token_index[i] for i in idx}) if per_token and sum_per_token else step_loss
+            bar.set_postfix(loss=f"{shown:.4f}")
+            if result.steps % log_every == 0 or result.steps == total:
+                recent = result.loss_curve[-log_every:]
+                logger.info("%s step %d/%d loss %.5f (mean of last %d)", desc, result.steps, total,
+                            sum(recent) / len(recent), len(recent))
+    finally:
+        bar.close()  # also on a stop signal, so that the last line is not glued to the bar
     if tcache is not None:
         logger.info("teacher cache: %d batches reused whole, %d not; %d snippets reused, %d computed; %.1f MiB",
                     tcache.hits, tcache.misses, tcache.snippet_hits, tcache.snippet_misses, tcache.bytes / 2**20)

@@ -1,0 +1,338 @@
+"""No user data lost (issue 20): the --overwrite guard, saves that cannot lose training, stop
+signals, and bad input refused before anything heavy loads."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_pipeline import _toy_cfg, _words
+from token_distillation import cli
+from token_distillation.config import ConfigError, RunConfig
+from token_distillation.paths import (
+    CHECKPOINT_MARKER,
+    OUTPUT_MANIFEST,
+    foreign_entries,
+    prepare_out_path,
+    write_output_dir,
+)
+from token_distillation.pipeline import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _no_heavy_loads(monkeypatch):
+    """Make every heavy stage fail loudly: a refusal must come before any of them."""
+    import token_distillation.corpus as corpus
+    import token_distillation.models as models
+    import token_distillation.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("a heavy stage ran before the refusal")
+
+    for mod, names in ((models, ("load_model", "load_tokenizer")), (corpus, ("tokenize_corpus", "load_texts")),
+                       (pipeline, ("load_model", "load_tokenizer", "tokenize_corpus"))):
+        for n in names:
+            monkeypatch.setattr(mod, n, boom)
+
+
+def _cli(capsys, *args) -> tuple[int, list[str], float]:
+    """Run the CLI in-process; returns (exit code, error lines, seconds)."""
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        cli.fire_main(list(args))
+    err = capsys.readouterr().err
+    return e.value.code, [ln for ln in err.splitlines() if ln.startswith("error:")], time.perf_counter() - t0
+
+
+def _earlier_output(out: Path, kind: str = "model") -> None:
+    def write(tmp):
+        (tmp / "report.json").write_text('{"tool": "token-distillation"}')
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    write_output_dir(out, write, kind=kind)
+
+
+# ----------------------------------------------------------------------------- the --overwrite guard
+
+
+@pytest.mark.parametrize("case", ["own_report_json", "foreign_checkpoints", "user_file_in_earlier_output",
+                                  "foreign_file_in_checkpoints"])
+def test_overwrite_dry_run_keeps_user_files(case, tmp_path, capsys, monkeypatch, toy_corpus):
+    """The three directories that `--overwrite --dry_run` used to wipe (and a fourth) are refused in
+    one line naming what is unexpected, within 5 s and before anything loads."""
+    _no_heavy_loads(monkeypatch)
+    out = tmp_path / "out"
+    if case == "own_report_json":
+        out.mkdir()
+        keep = out / "report.json"
+        keep.write_text('{"my": "experiment"}')
+    elif case == "foreign_checkpoints":
+        (out / "checkpoints").mkdir(parents=True)
+        keep = out / "checkpoints" / "epoch_3.ckpt"
+        keep.write_bytes(b"another tool's weights")
+    elif case == "user_file_in_earlier_output":
+        _earlier_output(out)
+        keep = out / "notes.md"
+        keep.write_text("my notes")
+    else:  # our checkpoint directory, with a user's file inside
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / CHECKPOINT_MARKER).write_text('{"tool": "token-distillation"}')
+        (out / "checkpoints" / "step-00000002.pt").write_bytes(b"ckpt")
+        keep = out / "checkpoints" / "mine.txt"
+        keep.write_text("mine")
+    before = keep.read_bytes()
+    code, errs, secs = _cli(capsys, "--overwrite", "--dry_run", "--out_path", str(out), "--dataset_path",
+                            str(toy_corpus), "--model_path", str(tmp_path))
+    assert code == 2 and len(errs) == 1, errs
+    assert keep.relative_to(out).as_posix().split("/")[-1] in errs[0] and "did not write" in errs[0]
+    assert keep.read_bytes() == before and secs < 5
+    # without --overwrite the first error must not suggest a flag that would then be refused
+    code, errs, _ = _cli(capsys, "--dry_run", "--out_path", str(out), "--model_path", str(tmp_path))
+    assert code == 2 and "--overwrite" not in errs[0] and "new directory" in errs[0]
+
+
+def test_earlier_output_is_replaced_and_suggested(tmp_path, toy_model_dir, toy_corpus, cache_dir, capsys):
+    out = tmp_path / "out"
+    _earlier_output(out, kind="dry-run")
+    code, errs, _ = _cli(capsys, "--dry_run", "--out_path", str(out), "--model_path", str(toy_model_dir))
+    assert code == 2 and "pass --overwrite" in errs[0]
+    cfg = _toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, overwrite=True)
+    run(cfg)
+    assert json.loads((out / "report.json").read_text())["dry_run"] is True
+    assert foreign_entries(out) == []  # the new output lists every file it wrote
+
+
+def test_dry_run_over_a_trained_model_warns(tmp_path, caplog):
+    out = tmp_path / "out"
+    _earlier_output(out, kind="model")
+    with caplog.at_level(logging.WARNING):
+        prepare_out_path(str(out), overwrite=True, dry_run=True)
+    assert any("holds a trained model" in r.message for r in caplog.records)
+
+
+def test_foreign_entries_lists_unlisted_files_and_dirs(tmp_path):
+    out = tmp_path / "out"
+    _earlier_output(out)
+    assert foreign_entries(out) == []
+    (out / "sub").mkdir()
+    (out / "sub" / "x").write_text("x")
+    (out / "extra.txt").write_text("x")
+    assert foreign_entries(out) == ["extra.txt", "sub/"]
+    (out / OUTPUT_MANIFEST).write_text("not json")  # a damaged manifest vouches for nothing
+    assert "report.json" in foreign_entries(out)
+
+
+def test_output_changed_during_the_run_goes_to_a_new_directory(tmp_path, toy_model_dir, toy_corpus, cache_dir,
+                                                                monkeypatch):
+    """A user file put into --out_path while the run trained is neither deleted nor overwritten."""
+    import token_distillation.pipeline as pipeline
+
+    out = tmp_path / "out"
+    real = pipeline.heldout_eval
+
+    def eval_and_meddle(*a, **k):
+        out.mkdir(exist_ok=True)
+        (out / "meanwhile.txt").write_text("mine")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "heldout_eval", eval_and_meddle)
+    res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, max_steps=2, stopping_condition="max_steps"))
+    assert (out / "meanwhile.txt").read_text() == "mine"
+    assert res.out_path != out and (res.out_path / "report.json").is_file()
+
+
+# ----------------------------------------------------------------------------- saves never lose training
+
+
+def test_gguf_converted_directory_trains_and_saves(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
+    """A checkpoint saved from a GGUF-loaded model keeps `quantization_config: {quant_method: gguf}` over
+    plain weights; it used to train and then fail in save_pretrained."""
+    import shutil
+
+    src = tmp_path / "converted"
+    shutil.copytree(toy_model_dir, src)
+    conf = json.loads((src / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "gguf"}
+    (src / "config.json").write_text(json.dumps(conf))
+    with caplog.at_level(logging.INFO):
+        res = run(_toy_cfg(tmp_path, src, toy_corpus, cache_dir, max_steps=2, stopping_condition="max_steps"))
+    assert "quantization_config" not in json.loads((res.out_path / "config.json").read_text())
+    assert any("quant_method gguf" in r.message for r in caplog.records)
+
+
+def test_failed_save_keeps_the_trained_rows(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
+    """save_pretrained failing after training: the rows, tokenizer and report are written, the error
+    names the recovery command, and that command rebuilds the same model as an uninterrupted run."""
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    from token_distillation import rescue
+
+    flags = dict(max_steps=3, stopping_condition="max_steps")
+    ref = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "ref"), **flags))
+    real_save = PreTrainedModel.save_pretrained
+
+    def failing_save(self, *a, **k):
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save)
+    with pytest.raises(ConfigError) as e:
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, **flags))
+    out = tmp_path / "out"
+    msg = str(e.value)
+    assert "No space left" in msg and "token_distillation.rescue" in msg and str(out) in msg
+    assert (out / rescue.ROWS_FILE).is_file() and (out / "report.json").is_file() and foreign_entries(out) == []
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
+    rebuilt = Path(rescue.main(rows_dir=str(out), out_path=str(tmp_path / "rebuilt")))
+    a, b = load_file(str(ref.out_path / "model.safetensors")), load_file(str(rebuilt / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unsaveable_model_refused_before_training():
+    from token_distillation.models import check_saveable
+
+    class Quantizer:
+        quantization_config = type("C", (), {"quant_method": "fancy"})()
+
+        def is_serializable(self, safe_serialization=None):
+            return False
+
+    model = torch.nn.Linear(1, 1)
+    check_saveable(model)  # no quantizer: fine
+    model.hf_quantizer = Quantizer()
+    with pytest.raises(ConfigError, match="cannot save"):
+        check_saveable(model)
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+def _toy_cli_args(tmp_path, toy_model_dir, toy_corpus, cache_dir, out, *extra):
+    words = _words(tmp_path, [" hepatotoxicity", " nephrotoxicity", " angiogenesis"])
+    return [sys.executable, str(ROOT / "apply_embedding_init.py"), "--model_path", str(toy_model_dir),
+            "--dataset_path", str(toy_corpus), "--cache_dir", str(cache_dir), "--new_tokens_source", words,
+            "--out_path", str(out), "--snippet_num", "8", "--min_snippets", "2", "--heldout_snippet_num", "2",
+            "--heldout_fraction", "0.25", "--token_distillation_batch_size", "4", "--snippet_len", "12",
+            "--log_every", "1", *extra]
+
+
+def _wait_for(proc, pattern: str, timeout: float = 120) -> str:
+    """Read the process's stderr until ``pattern`` appears (returns what was read)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    seen, deadline = "", time.time() + timeout
+    while pattern not in seen:
+        assert time.time() < deadline and proc.poll() is None, seen[-3000:]
+        if sel.select(timeout=1):
+            chunk = os.read(proc.stderr.fileno(), 65536).decode(errors="replace")
+            seen += chunk
+    return seen
+
+
+def _interrupt(args, sig, after: str = "step 3/") -> tuple[int, str]:
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    seen = _wait_for(proc, after)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, seen + err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_training_checkpoints_and_resumes(sig, code, tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    """Ctrl-C / SIGTERM with checkpoints off: the current step is saved, one line says how to go on,
+    and --resume continues from exactly that step."""
+    out = tmp_path / "out"
+    args = _toy_cli_args(tmp_path, toy_model_dir, toy_corpus, cache_dir, out, "--token_distillation_epochs", "5000",
+                         "--checkpoint_minutes", "0")
+    rc, err = _interrupt(args, sig)
+    assert rc == code, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted") and "--resume" in last and "Traceback" not in err
+    step = int(last.split("at step ")[1].split(";")[0])
+    ckpts = sorted((out / "checkpoints").glob("step-*.pt"))
+    assert [p.name for p in ckpts] == [f"step-{step:08d}.pt"]
+    rc, err = _interrupt(args + ["--resume"], signal.SIGTERM, after=f"step {step + 2}/")
+    assert f"(step {step})" in err and rc == 143  # resumed from the saved step, then stopped again
+    assert int(err.strip().splitlines()[-1].split("at step ")[1].split(";")[0]) >= step + 2
+
+
+def test_interrupt_before_training_is_one_line(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    out = tmp_path / "out"
+    args = _toy_cli_args(tmp_path, toy_model_dir, toy_corpus, cache_dir, out)
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    _wait_for(proc, "model ")  # the first log line: start-up done, nothing written yet
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGTERM)")
+    assert not out.exists() or not any(p.name != "checkpoints" for p in out.iterdir())
+
+
+# ----------------------------------------------------------------------------- refused at once
+
+
+def test_refusals_before_anything_heavy(tmp_path, capsys, monkeypatch, toy_model_dir, toy_corpus):
+    _no_heavy_loads(monkeypatch)
+    base = ["--model_path", str(toy_model_dir), "--dataset_path", str(toy_corpus), "--out_path", str(tmp_path / "o")]
+    cases = [
+        (["--snippet_num", "4"], "--min_snippets 4"),
+        (["--text_column", "body"], "--text_column"),
+        (["--snipet_num", "4"], "did you mean --snippet_num"),
+    ]
+    for extra, needle in cases:
+        code, errs, secs = _cli(capsys, *base, *extra)
+        assert code == 2 and len(errs) == 1 and needle in errs[0], (extra, errs)
+        assert secs < 5, (extra, secs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_layer_refused_from_the_config(tmp_path, monkeypatch, toy_model_dir, toy_corpus, cache_dir):
+    _no_heavy_loads(monkeypatch)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="--target_layer 999"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, target_layer=999))
+    assert time.perf_counter() - t0 < 5
+
+
+def test_offline_hub_id_fails_fast_with_nearest_alias(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, errs, secs = _cli(capsys, "--model_path", "smolm2-135m", "--out_path", str(tmp_path / "o"))
+    assert code == 2 and len(errs) == 1 and "did you mean 'smollm2-135m'" in errs[0] and secs < 5
+
+
+def test_wordlist_trailing_whitespace_is_stripped(tmp_path, caplog):
+    from token_distillation.targets import read_wordlist
+
+    p = tmp_path / "w.txt"
+    p.write_text(" hepatotoxicity \n angiogenesis\t\n  \n nephrotoxicity\n")
+    with caplog.at_level(logging.INFO):
+        words = read_wordlist(p)
+    assert words == [" hepatotoxicity", " angiogenesis", "", " nephrotoxicity"]  # the leading space stays
+    assert any("line(s) (line 1, 2)" in r.message for r in caplog.records)
+
+
+def test_dry_run_reports_tokens_a_real_run_would_skip(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, min_snippets=6))
+    rep = json.loads((res.out_path / "report.json").read_text())
+    skipped = {k for k, v in rep["skipped_tokens"].items() if "--min_snippets 6" in v}
+    assert " zzqqxx" in skipped and len(skipped) < 4
+    assert any("a real run would skip" in r.message for r in caplog.records)
+
+
+def test_snippet_num_below_min_snippets_is_a_flag_error():
+    with pytest.raises(ConfigError, match="--snippet_num 4 is below --min_snippets 5"):
+        RunConfig.from_flags(snippet_num=4)
+    RunConfig.from_flags(snippet_num=4, min_snippets=4)
