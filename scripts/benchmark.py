@@ -22,6 +22,10 @@ Examples:
   python scripts/benchmark.py --target_layer 10                # one third deep
   python scripts/benchmark.py --shape llama8b --device cuda --dtype bf16 --steps 20
   python scripts/benchmark.py --mode mining                    # tokens/s over the shared corpus
+
+Every flag is checked before a model is built or loaded (bad input: one ``error:`` line, exit code
+2; argparse reports its own errors with a usage line). ``--out`` is replaced whole, never left
+half-written.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from token_distillation.alignment import PhraseMatcher, collate, merge  # noqa: E402
+from token_distillation.config import ConfigError  # noqa: E402
 from token_distillation.fastpath import TeacherCache, teacher_student_hiddens  # noqa: E402
 from token_distillation.losses import mse_on_hiddens  # noqa: E402
 from token_distillation.tokenization import NewToken  # noqa: E402
@@ -339,6 +344,46 @@ class _null:
         return False
 
 
+def check_args(args) -> None:
+    """Check the flags before any model is built or loaded.
+
+    Raises:
+        ConfigError: a count or size below its minimum, a device torch does not know or that is not
+            available, missing input files, a model that cannot be found, a bad ``--out``.
+    """
+    from token_distillation.paths import replace_file, resolve_model_source
+
+    for flag, value, low in (("steps", args.steps, 1), ("batch_size", args.batch_size, 1),
+                             ("num_new", args.num_new, 1), ("snippet_len", args.snippet_len, 8),
+                             ("num_proc", args.num_proc, 1)):
+        if value < low:
+            raise ConfigError(f"--{flag} must be >= {low}, not {value}")
+    if not args.lr > 0:
+        raise ConfigError(f"--lr must be > 0, not {args.lr}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {args.device}: MPS is not available here; pass --device cpu")
+    if args.out:
+        replace_file(args.out, flag="--out")
+    if args.mode == "step" and args.shape:
+        n = SHAPES[args.shape]["num_hidden_layers"]
+        if not (1 <= args.target_layer <= n or -n <= args.target_layer <= -1):
+            raise ConfigError(f"--target_layer {args.target_layer} out of range for --shape {args.shape} ({n} "
+                              f"layers); use 1..{n} or -1..-{n}")
+    if args.mode == "mining":
+        if not Path(args.dataset_path).expanduser().is_file():
+            raise ConfigError(f"--dataset_path {args.dataset_path}: file not found")
+        if args.words and not Path(args.words).expanduser().is_file():
+            raise ConfigError(f"--words {args.words}: file not found")
+    if args.mode == "mining" or not args.shape:
+        resolve_model_source(args.model_path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["step", "mining"], default="step")
@@ -357,15 +402,19 @@ def main(argv=None):
     ap.add_argument("--num_proc", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)
+    check_args(args)
     res = step_mode(args) if args.mode == "step" else mining_mode(args)
     res["date"] = time.strftime("%Y-%m-%d")
     res["command"] = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        from token_distillation.paths import replace_file
+
+        replace_file(args.out, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"), flag="--out")
 
 
 if __name__ == "__main__":
-    main()
+    from token_distillation.cli import exit_on_user_error
+
+    exit_on_user_error(main)()

@@ -138,21 +138,6 @@ def parse_methods(methods) -> list[tuple[str, str]]:
     return specs
 
 
-def check_file_output(path: str, flag: str) -> Path:
-    """``path`` as a file to write: not a directory, and no file where a parent folder must be.
-
-    Raises:
-        ConfigError: either of those.
-    """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise ConfigError(f"{flag} {p} is a directory; pass a file name")
-    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
-    if blocked is not None:
-        raise ConfigError(f"{flag} {p}: {blocked} is a file, not a folder")
-    return p
-
-
 def check_inputs(*, dataset_path, new_tokens_source, model_path, methods, method_flags, common_flags,
                  heldout_fraction, max_docs, text_column, seed, out_dir, windows_per_token, window_len,
                  definition_tokens, device, docs_md) -> tuple[list[tuple[str, str]], dict[str, dict], Path]:
@@ -186,7 +171,8 @@ def check_inputs(*, dataset_path, new_tokens_source, model_path, methods, method
     for name, given in [("common_flags", common)] + [("method_flags", f) for f in per_method.values()]:
         reserved = sorted(set(given) & set(RESERVED_FLAGS))
         if reserved:
-            raise ConfigError(f"--{name}: {', '.join('--' + r for r in reserved)} are set by compare_methods.py "
+            raise ConfigError(f"--{name}: {', '.join('--' + r for r in reserved)} "
+                              f"{'is' if len(reserved) == 1 else 'are'} set by compare_methods.py "
                               "(--dataset_path is split, each run writes <out_dir>/runs/<label>)")
     src = Path(str(dataset_path)).expanduser()
     if not src.is_file() or src.suffix.lower() != ".jsonl":
@@ -198,7 +184,7 @@ def check_inputs(*, dataset_path, new_tokens_source, model_path, methods, method
         if value < low:
             raise ConfigError(f"--{flag} must be >= {low}, not {value}")
     if docs_md:
-        if check_file_output(docs_md, "--docs_md").suffix.lower() == ".png":
+        if replace_file(docs_md, flag="--docs_md").suffix.lower() == ".png":
             raise ConfigError(f"--docs_md {docs_md}: the figure is written beside it as <stem>.png; pass a .md file")
     out = Path(str(out_dir)).expanduser()
     if not str(out_dir).strip():
@@ -212,7 +198,10 @@ def check_inputs(*, dataset_path, new_tokens_source, model_path, methods, method
                      out_path=str(out / "runs" / label), overwrite=True)
         flags.update(common)
         flags.update(per_method.get(label, {}))
-        RunConfig.from_flags(**flags)  # raises ConfigError naming the flag
+        try:
+            RunConfig.from_flags(**flags)
+        except ConfigError as e:  # name the run whose flags (common or its own) are wrong
+            raise ConfigError(f"run {label!r}: {e}") from None
         run_flags[label] = flags
     resolve_model_source(str(model_path))  # a missing local model, an uncached hub id offline
     return specs, run_flags, src

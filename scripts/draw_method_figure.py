@@ -435,13 +435,17 @@ def render(out_dir: Path, example: Example | None = None, stem: str = STEM) -> d
     """Render the figure into ``out_dir`` as ``{stem}.png``, ``{stem}.svg`` and ``{stem}.json``.
 
     The JSON records the example, the matplotlib and FreeType versions and the SHA-256 of the
-    two images, so a later run can tell whether a byte-for-byte comparison is meaningful.
+    two images, so a later run can tell whether a byte-for-byte comparison is meaningful. Each file
+    is written to a temporary file and renamed over the old one (never left half-written); other
+    files in ``out_dir`` are left alone.
 
     Returns:
         ``{"png": path, "svg": path, "json": path}``.
     """
     import matplotlib
     from matplotlib import ft2font
+
+    from token_distillation.paths import replace_file
 
     ex = example if example is not None else build_example()
     out_dir = Path(out_dir)
@@ -452,9 +456,10 @@ def render(out_dir: Path, example: Example | None = None, stem: str = STEM) -> d
         matplotlib.rcdefaults()
         matplotlib.rcParams.update(_rc())
         fig = draw(ex)
-        fig.savefig(paths["png"], format="png", dpi=DPI, metadata={"Software": software})
-        fig.savefig(paths["svg"], format="svg", dpi=DPI,
-                    metadata={"Date": None, "Creator": software, "Title": "Token Distillation"})
+        replace_file(paths["png"], lambda tmp: fig.savefig(tmp, format="png", dpi=DPI,
+                                                           metadata={"Software": software}))
+        replace_file(paths["svg"], lambda tmp: fig.savefig(tmp, format="svg", dpi=DPI, metadata={
+            "Date": None, "Creator": software, "Title": "Token Distillation"}))
     record = {
         "script": "scripts/draw_method_figure.py",
         "command": "python scripts/draw_method_figure.py",
@@ -464,7 +469,8 @@ def render(out_dir: Path, example: Example | None = None, stem: str = STEM) -> d
         "example": asdict(ex),
         "sha256": {k: hashlib.sha256(paths[k].read_bytes()).hexdigest() for k in ("png", "svg")},
     }
-    paths["json"].write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    replace_file(paths["json"], lambda tmp: tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n",
+                                                           encoding="utf-8"))
     logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
 
@@ -475,14 +481,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recorded", action="store_true",
                         help="use the recorded tokenization even if the bundled tokenizer is installed")
     args = parser.parse_args(argv)
+    from token_distillation.config import ConfigError
+
+    out_dir = Path(args.out_dir).expanduser()
+    if not str(args.out_dir).strip():
+        raise ConfigError("--out_dir is empty; pass a folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out_dir {out_dir} is a file; pass a folder")
+    blocked = next((a for a in out_dir.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"--out_dir {out_dir}: {blocked} is a file, not a folder")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("transformers", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    paths = render(Path(args.out_dir), build_example(use_tokenizer=not args.recorded))
+    paths = render(out_dir, build_example(use_tokenizer=not args.recorded))
     for p in paths.values():
         print(p)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from token_distillation.cli import exit_on_user_error
+
+    raise SystemExit(exit_on_user_error(main)())

@@ -10,6 +10,9 @@ A candidate is a lower-case alphabetic word of at least ``min_chars`` letters, p
 in running text (the token is stored with its leading space), that the tokenizer splits into at
 least ``min_subtokens`` subtokens. Candidates are ranked by the number of documents they occur in;
 the ``num_words`` most widespread are written, one per line.
+
+Every flag is checked before the tokenizer is loaded or the corpus read (bad input: one ``error:``
+line, exit code 2); ``--out`` is replaced whole, never left half-written.
 """
 
 from __future__ import annotations
@@ -22,32 +25,67 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from token_distillation.models import default_cache_root, load_tokenizer, resolve_model_source  # noqa: E402
-from token_distillation.tokenization import subtoken_ids  # noqa: E402
+from token_distillation.config import ConfigError, CorpusConfig  # noqa: E402
+from token_distillation.paths import default_cache_root, replace_file, resolve_model_source  # noqa: E402
 
 _WORD = re.compile(r"(?<= )[a-z]+(?=[\s.,;:)])")
 
 
-def main(dataset_path: str, out: str, model_path: str = "smollm2-135m", num_words: int = 60,
+def main(dataset_path: str = "", out: str = "", model_path: str = "smollm2-135m", num_words: int = 60,
          min_chars: int = 8, min_subtokens: int = 2, text_column: str = "text") -> None:
-    tok = load_tokenizer(resolve_model_source(model_path), default_cache_root())
+    """Write the ``num_words`` most widespread multi-subtoken words of ``dataset_path`` to ``out``.
+
+    Raises:
+        ConfigError: bad input (checked before the tokenizer is loaded): a missing corpus or
+            ``--out``, a count below 1, a missing text column, a model that cannot be found; a
+            corpus line that is not a JSON object (found while reading).
+    """
+    from token_distillation.corpus import check_text_column
+
+    if not str(dataset_path).strip():
+        raise ConfigError("--dataset_path is required (a JSON Lines corpus)")
+    if not Path(dataset_path).expanduser().is_file():
+        raise ConfigError(f"--dataset_path {dataset_path}: file not found")
+    if not str(out).strip():
+        raise ConfigError("--out is required (the word-list file to write)")
+    replace_file(out, flag="--out")
+    for flag, value in (("num_words", num_words), ("min_chars", min_chars), ("min_subtokens", min_subtokens)):
+        if value < 1:
+            raise ConfigError(f"--{flag} must be >= 1, not {value}")
+    check_text_column(CorpusConfig(dataset_path=str(Path(dataset_path).expanduser()), text_column=text_column))
+    source = resolve_model_source(model_path)
+    from token_distillation.models import load_tokenizer
+    from token_distillation.tokenization import subtoken_ids
+
+    tok = load_tokenizer(source, default_cache_root())
     df: collections.Counter[str] = collections.Counter()
-    with open(dataset_path, encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line).get(text_column) or ""
-            df.update({w for w in _WORD.findall(text) if len(w) >= min_chars})
+    with open(Path(dataset_path).expanduser(), encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"--dataset_path {dataset_path}: line {n} is not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"--dataset_path {dataset_path}: line {n} is not a JSON object")
+            text = record.get(text_column) or ""
+            df.update({w for w in _WORD.findall(str(text)) if len(w) >= min_chars})
     chosen = []
     for word, n in df.most_common():
         if len(subtoken_ids(tok, " " + word)) >= min_subtokens:
             chosen.append((word, n))
         if len(chosen) == num_words:
             break
-    Path(out).write_text("".join(f" {w}\n" for w, _ in chosen), encoding="utf-8")
+    replace_file(out, lambda tmp: tmp.write_text("".join(f" {w}\n" for w, _ in chosen), encoding="utf-8"),
+                 flag="--out")
     for w, n in chosen:
         print(f"{n:6d} docs  {w!r}  {tok.convert_ids_to_tokens(subtoken_ids(tok, ' ' + w))}")
 
 
 if __name__ == "__main__":
-    import fire
+    import inspect
 
-    fire.Fire(main)
+    from token_distillation.cli import exit_on_user_error, run_fire
+
+    run_fire(exit_on_user_error(main), set(inspect.signature(main).parameters), None, "mine_wordlist.py")

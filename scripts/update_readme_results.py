@@ -6,15 +6,39 @@ Reads ``docs/benchmarks/*.json`` (scripts/benchmark.py), ``docs/sweep/sweep.json
 text between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md.
 
     python scripts/update_readme_results.py
+
+It takes no flags. A results file it cannot read, or a README whose results markers are broken,
+ends with one ``error:`` line naming it and exit code 2, and README.md is left unchanged; README.md
+is replaced whole (written to a temporary file first), never left half-written.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(path: Path) -> dict:
+    """A results file written by a script.
+
+    Raises:
+        ConfigError: unreadable, not valid JSON, or not a JSON object.
+    """
+    from token_distillation.config import ConfigError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} ({e}); regenerate it with the script that wrote it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object; regenerate it with the script that wrote it")
+    return data
 
 
 def _pct(v):
@@ -35,7 +59,7 @@ def benchmark_section() -> list[str]:
            "| FLOP ratio (first / later epochs) | MFU comparator / product "
            "| held-out loss comparator / product | optimizer state comparator / product | trainable params comparator / product |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    runs = [(f, json.loads(f.read_text())) for f in files]
+    runs = [(f, _load(f)) for f in files]
     for f, r in runs:
         c, p = r["comparator"], r["product"]
         out.append(f"| `{f.relative_to(ROOT)}` | {r['date']} | {r['device']} {r['dtype']} | {r['model']} | "
@@ -68,9 +92,6 @@ def benchmark_section() -> list[str]:
 
 def default_label() -> str:
     """The sweep label of the product's default recipe (per-token, default step size and epochs)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     from token_distillation.config import RECIPE_EPOCHS, Recipe, TrainConfig
 
     return f"per-token-{TrainConfig().token_distillation_lr_relative:g}-e{RECIPE_EPOCHS[Recipe.PER_TOKEN]}"
@@ -105,7 +126,7 @@ def summary_rows(sweeps: list[dict], label: str) -> list[tuple]:
 def summary_section() -> list[str]:
     """One row per (model, number of words) measured: the default recipe beside the paper recipe."""
     label = default_label()
-    sweeps = [dict(json.loads(f.read_text()), source=f.parent.relative_to(ROOT)) for f in _sweeps()]
+    sweeps = [dict(_load(f), source=f.parent.relative_to(ROOT)) for f in _sweeps()]
     if not sweeps:
         return []
     rows = summary_rows(sweeps, label)
@@ -132,7 +153,7 @@ def sweep_section() -> list[str]:
     """One table per ``docs/sweep/**/sweep.json`` (one per model)."""
     out: list[str] = []
     for f in _sweeps():
-        s = json.loads(f.read_text())
+        s = _load(f)
         rel = f.parent.relative_to(ROOT)
         out += [f"### Training recipe on `{s['model_path']}`: share of the held-out gap closed (`scripts/sweep_lr.py`)",
                 "", f"{s['created']}, model `{s['model_path']}`, corpus `{s['dataset_path']}`, tokens: the first N of "
@@ -164,14 +185,35 @@ def render(readme: str) -> str:
     block = START + "\n" + "\n".join(parts) + "\n" + END
     if START in readme:
         pre, rest = readme.split(START, 1)
+        if END not in rest:
+            from token_distillation.config import ConfigError
+
+            raise ConfigError(f"README.md has {START} but no {END} after it; add it where the results block ends")
         post = rest.split(END, 1)[1]
         return pre + block + post
     return readme.rstrip("\n") + "\n\n" + block + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Rewrite README.md's results block (``argv``: no flags; ``--help`` prints the docstring)."""
+    import argparse
+
+    from token_distillation.config import ConfigError
+    from token_distillation.paths import replace_file
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     path = ROOT / "README.md"
-    path.write_text(render(path.read_text()))
+    if not path.is_file():
+        raise ConfigError(f"{path} not found")
+    try:
+        text = render(path.read_text(encoding="utf-8"))
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ConfigError(f"a results file under docs/ lacks a field the README shows ({e!r}); regenerate it with "
+                          "the script that wrote it") from None
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
 
 if __name__ == "__main__":
-    main()
+    from token_distillation.cli import exit_on_user_error
+
+    exit_on_user_error(main)()

@@ -4,11 +4,9 @@ end with one ``error:`` line; ``kill -9`` at random moments never loses data."""
 import json
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -146,5 +146,227 @@ def test_sweep_render_draws_the_paper_recipe_on_both_panels(tmp_path):
             solid = {ln.get_color() for ln in ax.lines if ln.get_label().startswith(f"{n} words, ") and ln.get_linestyle() != "--"}
             paper = {ln.get_color() for ln in dashed if ln.get_label() == f"{n} words, paper recipe"}
             assert len(solid) == 1 and paper == solid
-    with pytest.raises(SystemExit, match="--dataset_path"):
+    from token_distillation.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--dataset_path"):
         sweep_lr.main(out_dir=str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input to the scripts ends like the main tool: exit code 2 and one "error:" line on stderr,
+# before any model is loaded or any output directory is created.
+
+
+def _py(script, *args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error(r, *needles):
+    """Exit code 2, stderr exactly one line starting with "error:" (which contains ``needles``)."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _argparse_error(r):
+    """argparse's own errors: exit code 2, a usage line and one "error:" line, no traceback."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.startswith("usage:") and sum("error:" in ln for ln in r.stderr.splitlines()) == 1, r.stderr
+
+
+@pytest.fixture
+def fake_model(tmp_path):
+    """A directory that passes the --model_path check (config.json) but holds no weights: a test that
+    got past the input checks would fail loading it."""
+    d = tmp_path / "fake_model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+@pytest.fixture
+def words(tmp_path):
+    p = tmp_path / "words.txt"
+    p.write_text(" hepatotoxicity\n nephrotoxicity\n angiogenesis\n")
+    return p
+
+
+@pytest.fixture
+def user_dir(tmp_path):
+    """A non-empty directory of a user's files."""
+    d = tmp_path / "mine"
+    (d / "sub").mkdir(parents=True)
+    (d / "notes.txt").write_text("keep me")
+    (d / "sub" / "data.csv").write_text("1,2")
+    return d
+
+
+def _unchanged(user_dir):
+    assert sorted(p.relative_to(user_dir).as_posix() for p in user_dir.rglob("*")) == ["notes.txt", "sub",
+                                                                                     "sub/data.csv"]
+    assert (user_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_sweep_lr_bad_input(tmp_path, toy_corpus, words, fake_model, user_dir):
+    ok = ["--dataset_path", toy_corpus, "--token_list", words, "--model_path", fake_model, "--word_counts", "2"]
+    _one_error(_py("sweep_lr.py", "--out_dir"), "--out_dir", "needs a value")
+    _one_error(_py("sweep_lr.py", *ok, "--word_counts", "abc", "--out_dir", tmp_path / "a"), "--word_counts", "'abc'")
+    _one_error(_py("sweep_lr.py", *ok, "--word_counts", "0", "--out_dir", tmp_path / "a"), "--word_counts")
+    _one_error(_py("sweep_lr.py", *ok, "--word_counts", "10", "--out_dir", tmp_path / "a"), "--token_list", "fewer")
+    _one_error(_py("sweep_lr.py", *ok, "--lr_relative", "0.1,fast", "--out_dir", tmp_path / "a"), "--lr_relative")
+    _one_error(_py("sweep_lr.py", *ok, "--windows_per_token", "1.5", "--out_dir", tmp_path / "a"),
+               "--windows_per_token", "integer")
+    _one_error(_py("sweep_lr.py", *ok, "--common_flags", "{nope", "--out_dir", tmp_path / "a"), "--common_flags")
+    _one_error(_py("sweep_lr.py", *ok, "--common_flags", '{"snipet_num": 3}', "--out_dir", tmp_path / "a"),
+               "--snipet_num")
+    _one_error(_py("sweep_lr.py", *ok, "--out_dri", tmp_path / "a"), "--out_dri", "did you mean --out_dir")
+    _one_error(_py("sweep_lr.py", *ok, "--model_path", tmp_path / "no_model", "--out_dir", tmp_path / "a"),
+               "--model_path")
+    _one_error(_py("sweep_lr.py", "--dataset_path", tmp_path / "missing.jsonl", "--token_list", words,
+                   "--out_dir", tmp_path / "a"), "--dataset_path", "missing.jsonl")
+    _one_error(_py("sweep_lr.py", "--render_only", "--out_dir", tmp_path / "a"), "sweep.json")
+    assert not (tmp_path / "a").exists()  # no input error creates the output directory
+    _one_error(_py("sweep_lr.py", *ok, "--out_dir", user_dir), "notes.txt", "sub/")
+    _unchanged(user_dir)
+    assert "--overwrite" not in _py("sweep_lr.py", *ok, "--out_dir", user_dir).stderr
+
+
+def test_compare_methods_bad_input(tmp_path, toy_corpus, words, fake_model, user_dir):
+    ok = ["--dataset_path", toy_corpus, "--new_tokens_source", words, "--model_path", fake_model]
+    _one_error(_py("compare_methods.py"), "--dataset_path", "required")
+    _one_error(_py("compare_methods.py", "--dataset_path"), "--dataset_path", "needs a value")
+    _one_error(_py("compare_methods.py", *ok, "--out_dir"), "--out_dir", "needs a value")
+    _one_error(_py("compare_methods.py", *ok, "--heldout_fraction", "abc", "--out_dir", tmp_path / "a"),
+               "--heldout_fraction")
+    _one_error(_py("compare_methods.py", *ok, "--heldout_fraction", "1.5", "--out_dir", tmp_path / "a"),
+               "--heldout_fraction")
+    _one_error(_py("compare_methods.py", *ok, "--windows_per_token", "0", "--out_dir", tmp_path / "a"),
+               "--windows_per_token")
+    _one_error(_py("compare_methods.py", *ok, "--methods", "../up=random", "--out_dir", tmp_path / "a"), "label")
+    _one_error(_py("compare_methods.py", *ok, "--common_flags", '{"out_path": "x"}', "--out_dir", tmp_path / "a"),
+               "--common_flags", "--out_path")
+    _one_error(_py("compare_methods.py", *ok, "--text_column", "body", "--out_dir", tmp_path / "a"), "--text_column")
+    _one_error(_py("compare_methods.py", *ok, "--docs_md", tmp_path, "--out_dir", tmp_path / "a"), "--docs_md")
+    _one_error(_py("compare_methods.py", *ok, "--mehtods", "random"), "--mehtods", "did you mean --methods")
+    _one_error(_py("compare_methods.py", *ok, "--reuse_runs", "maybe", "--out_dir", tmp_path / "a"), "--reuse_runs")
+    _one_error(_py("compare_methods.py", "--dataset_path", tmp_path / "missing.jsonl", "--out_dir", tmp_path / "a"),
+               "--dataset_path", "missing.jsonl")
+    assert not (tmp_path / "a").exists()
+    r = _py("compare_methods.py", *ok, "--out_dir", user_dir)
+    _one_error(r, "--out_dir", "notes.txt", "sub/")
+    assert "--overwrite" not in r.stderr
+    _unchanged(user_dir)
+
+
+def test_methods_table_bad_input(tmp_path, toy_corpus, fake_model, user_dir):
+    ok = ["run", "--dataset_path", toy_corpus, "--model_path", fake_model]
+    _argparse_error(_py("methods_table.py", "run", "--out_dir"))
+    _argparse_error(_py("methods_table.py", "run", "--words", "abc"))
+    _argparse_error(_py("methods_table.py", "run", "--wrods", "3"))
+    _one_error(_py("methods_table.py", *ok, "--words", "0", "--out_dir", tmp_path / "a"), "--words")
+    _one_error(_py("methods_table.py", *ok, "--words", "1000", "--out_dir", tmp_path / "a"), "--words")
+    _one_error(_py("methods_table.py", *ok, "--snippet_num", "0", "--out_dir", tmp_path / "a"), "--snippet_num")
+    _one_error(_py("methods_table.py", *ok, "--only", "nope", "--out_dir", tmp_path / "a"), "--only", "nope")
+    _one_error(_py("methods_table.py", *ok, "--markdown", tmp_path, "--out_dir", tmp_path / "a"), "--markdown")
+    _one_error(_py("methods_table.py", "run", "--dataset_path", tmp_path / "missing.jsonl", "--model_path", fake_model,
+                   "--out_dir", tmp_path / "a"), "--dataset_path", "missing.jsonl")
+    _one_error(_py("methods_table.py", *ok, "--model_path", tmp_path / "no_model", "--out_dir", tmp_path / "a"),
+               "--model_path")
+    assert not (tmp_path / "a").exists()
+    r = _py("methods_table.py", *ok, "--out_dir", user_dir)
+    _one_error(r, "--out_dir", "notes.txt", "sub/")
+    assert "--overwrite" not in r.stderr
+    _unchanged(user_dir)
+    _one_error(_py("methods_table.py", "table", "--out_dir", tmp_path / "a"), "report.json")
+    (user_dir / "random").mkdir()
+    (user_dir / "random" / "report.json").write_text("{broken")
+    _one_error(_py("methods_table.py", "table", "--out_dir", user_dir), "report.json")
+
+
+def test_other_scripts_bad_input(tmp_path, toy_corpus, fake_model):
+    _one_error(_py("mine_wordlist.py", "--out", tmp_path / "w.txt"), "--dataset_path")
+    _one_error(_py("mine_wordlist.py", "--dataset_path", tmp_path / "missing.jsonl", "--out", tmp_path / "w.txt"),
+               "missing.jsonl")
+    _one_error(_py("mine_wordlist.py", "--dataset_path", toy_corpus, "--out"), "--out", "needs a value")
+    _one_error(_py("mine_wordlist.py", "--dataset_path", toy_corpus, "--out", tmp_path), "--out", "directory")
+    _one_error(_py("mine_wordlist.py", "--dataset_path", toy_corpus, "--out", tmp_path / "w.txt", "--num_words", "x"),
+               "--num_words")
+    _one_error(_py("mine_wordlist.py", "--dataset_pth", toy_corpus), "did you mean --dataset_path")
+    assert not (tmp_path / "w.txt").exists()
+    _one_error(_py("benchmark.py", "--shape", "tiny", "--steps", "0"), "--steps")
+    _one_error(_py("benchmark.py", "--shape", "tiny", "--out", tmp_path), "--out")  # (each run imports torch)
+    _one_error(_py("benchmark.py", "--mode", "mining", "--dataset_path", tmp_path / "missing.jsonl"), "missing.jsonl")
+    _one_error(_py("draw_method_figure.py", "--out_dir", toy_corpus), "--out_dir", "is a file")
+    _argparse_error(_py("draw_method_figure.py", "--out_dir"))
+    _argparse_error(_py("update_readme_results.py", "--out", "x"))  # takes no flags; README.md untouched
+
+
+def test_claim_script_dir(tmp_path):
+    """A script's output directory: new, empty or its own earlier output (marker); nothing else."""
+    from token_distillation.config import ConfigError
+    from token_distillation.paths import SCRIPT_MARKER, claim_script_dir
+
+    out = tmp_path / "out"
+    assert claim_script_dir(out, "a.py", ["runs/", "x.json"]) == out.resolve()
+    marker = json.loads((out / SCRIPT_MARKER).read_text())
+    assert marker["script"] == "a.py" and marker["entries"] == ["runs/", "x.json"]
+    (out / "runs").mkdir()
+    (out / "x.json").write_text("{}")
+    (out / ".x.json.tmp-123").write_text("")  # left by an interrupted write
+    claim_script_dir(out, "a.py", ["y.txt"])  # a rerun with other entries keeps the earlier ones
+    assert json.loads((out / SCRIPT_MARKER).read_text())["entries"] == ["runs/", "x.json", "y.txt"]
+    with pytest.raises(ConfigError, match="b.py"):
+        claim_script_dir(out, "b.py", ["runs/"])
+    (out / "x.json").unlink()
+    (out / "x.json").mkdir()  # a directory where the script writes a file is not its own
+    with pytest.raises(ConfigError, match=r"x\.json/"):
+        claim_script_dir(out, "a.py", ["runs/", "x.json"])
+    (out / "x.json").rmdir()
+    (out / "z.txt").write_text("u")  # a user's file where a rerun would write: not the script's
+    with pytest.raises(ConfigError, match="z.txt"):
+        claim_script_dir(out, "a.py", ["z.txt"])
+    (out / "z.txt").unlink()
+    (out / "user.txt").write_text("u")
+    with pytest.raises(ConfigError, match="user.txt") as e:
+        claim_script_dir(out, "a.py", ["runs/"])
+    assert "--overwrite" not in str(e.value)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "runs").mkdir()  # same names, but no marker: a user's directory
+    with pytest.raises(ConfigError, match="runs/"):
+        claim_script_dir(tmp_path / "plain", "a.py", ["runs/"])
+    assert not (tmp_path / "plain" / SCRIPT_MARKER).exists()
+    with pytest.raises(ConfigError, match="is a file"):
+        claim_script_dir(out / "user.txt", "a.py", [])
+    with pytest.raises(ConfigError, match="empty"):
+        claim_script_dir("", "a.py", [])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    claim_script_dir(empty, "a.py", ["runs/"])
+    assert (empty / SCRIPT_MARKER).is_file()
+
+
+def test_replace_file_leaves_no_partial_file(tmp_path):
+    from token_distillation.config import ConfigError
+    from token_distillation.paths import replace_file
+
+    p = tmp_path / "README.md"
+    p.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        replace_file(p, fail)
+    assert p.read_text() == "old" and sorted(x.name for x in tmp_path.iterdir()) == ["README.md"]
+    replace_file(p, lambda tmp: tmp.write_text("new"))
+    assert p.read_text() == "new" and sorted(x.name for x in tmp_path.iterdir()) == ["README.md"]
+    with pytest.raises(ConfigError, match="--markdown"):
+        replace_file(tmp_path, flag="--markdown")
+    with pytest.raises(ConfigError, match="is a file"):
+        replace_file(p / "x.md")

@@ -144,8 +144,9 @@ def exit_on_user_error(fn):
     own checks) into that line. Before calling ``fn`` it checks every argument against the type of
     the parameter's default (or its annotation when it has none), which python-fire does not do:
     a flag given without a value (Fire passes ``True``), a word or a fraction for an integer flag,
-    a word for a number flag and anything but true/false for a switch are refused; numbers (and
-    ``None``) given to a text flag are passed as text. Values of other parameters pass unchanged.
+    a word for a number flag and anything but true/false for a switch are refused; whatever else
+    Fire made of a text flag's value is passed as text (a number as typed, a comma list as "a,b",
+    a JSON object as JSON). Values of other parameters pass unchanged.
 
     Use: ``run_fire(exit_on_user_error(main), known_flags, None, name)`` for Fire scripts,
     ``exit_on_user_error(main)(argv)`` for argparse scripts (argparse reports its own errors).
@@ -185,7 +186,13 @@ def exit_on_user_error(fn):
             if isinstance(value, (int, float)):
                 return float(value)
             problems.append(f"{flag} expects a number, not {value!r}")
-        elif kind is str and (value is None or isinstance(value, (int, float))):
+        elif kind is str and not isinstance(value, str):
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            if isinstance(value, dict):
+                import json
+
+                return json.dumps(value)
             return str(value)
         return value
 

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGUSR1")) if s)
 
 
-class Interrupted(Exception):
-    """The run stopped on a signal.
+class Interrupted(BaseException):
+    """The run stopped on a signal. A ``BaseException`` (like ``KeyboardInterrupt``), so that
+    libraries' ``except Exception`` fallbacks cannot swallow it.
 
     Attributes:
         signum: the signal number (exit code ``128 + signum``).

@@ -523,10 +523,12 @@ def claim_script_dir(out, script: str, entries, flag: str = "--out_dir") -> Path
 
     ``out`` is accepted when it is missing, empty, or an earlier output of the same script: its top
     level holds only :data:`SCRIPT_MARKER` (written by an earlier claim, naming ``script``) and the
-    entries that marker or ``entries`` list, plus temporary siblings ``.<entry>.tmp-<pid>...`` /
-    ``.<entry>.old-<pid>...`` of those entries left by an interrupted write. The directory is
-    created and the marker (tool id, script, the entries of this and the earlier claims) written
-    before the script writes anything else; nothing is deleted.
+    entries that marker lists, plus temporary siblings ``.<entry>.tmp-<pid>...`` /
+    ``.<entry>.old-<pid>...`` of those left by an interrupted write. Names in ``entries`` that exist
+    but are not in the marker are not the script's (a user's file where the script would write).
+    The directory is created and the marker (tool id, script, the entries of this and the earlier
+    claims) written before the script writes anything else, so every entry it writes is listed;
+    nothing is deleted.
 
     Args:
         out: the directory (``~`` is expanded).
@@ -549,7 +551,7 @@ def claim_script_dir(out, script: str, entries, flag: str = "--out_dir") -> Path
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path} is a file; pass a directory")
     wanted = {str(e) for e in entries}
-    mine = set(wanted)
+    mine: set[str] = set()  # what earlier claims of this script listed
     foreign: list[str] = []
     if path.is_dir():
         marker = path / SCRIPT_MARKER
@@ -584,24 +586,41 @@ def claim_script_dir(out, script: str, entries, flag: str = "--out_dir") -> Path
     try:
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / f".{SCRIPT_MARKER}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"tool": TOOL_ID, "script": script, "entries": sorted(mine)}, indent=1) + "\n",
-                       encoding="utf-8")
+        tmp.write_text(json.dumps({"tool": TOOL_ID, "script": script, "entries": sorted(mine | wanted)},
+                                  indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path / SCRIPT_MARKER)
     except OSError as e:
         raise ConfigError(f"{flag} {path}: cannot create it or write into it ({e.strerror or e})") from None
     return path
 
 
-def replace_file(path, write_fn) -> Path:
-    """Write one file so that it is never seen half-written: ``write_fn(tmp)`` fills a hidden
-    sibling ``.<name>.tmp-<pid>``, which is then renamed over ``path`` (the parent is created).
-    For outputs that are single files in a folder that holds other files (a figure in assets/,
-    README.md, a --markdown page); the temporary file is removed when ``write_fn`` fails.
+def replace_file(path, write_fn=None, flag: str = "--out") -> Path:
+    """Check that ``path`` can be written as a file and, with ``write_fn``, write it so that it is
+    never seen half-written: ``write_fn(tmp)`` fills a hidden sibling ``.<name>.tmp-<pid>``, which
+    is then renamed over ``path`` (the parent folders are created; the temporary file is removed
+    when ``write_fn`` fails). For outputs that are single files in a folder that holds other files
+    (a figure in assets/, README.md, a ``--markdown`` page); call it without ``write_fn`` to check
+    such a flag before any work.
+
+    Args:
+        flag: the flag named in errors.
 
     Returns:
-        ``path`` as a :class:`~pathlib.Path`.
+        ``path`` as a :class:`~pathlib.Path` (``~`` expanded).
+
+    Raises:
+        ConfigError: an empty ``path``, a directory, or a path below a file.
     """
-    path = Path(path)
+    if not str(path).strip():
+        raise ConfigError(f"{flag} is empty; pass a file name")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; pass a file name")
+    blocked = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"{flag} {path}: {blocked} is a file, not a folder")
+    if write_fn is None:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:

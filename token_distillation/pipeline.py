@@ -10,13 +10,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
+import functools
 import logging
-import platform
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
 from .alignment import PhraseMatcher, merge
 from .checkpoint import CHECKPOINT_DIRNAME, Checkpointer, fingerprint, prepare_output, snippet_digest
 from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource
-from .corpus import check_text_column, tokenize_corpus
+from .corpus import TokenizedCorpus, check_text_column, tokenize_corpus
 from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .fastpath import TeacherCache
-from .interrupts import Interrupted, deferred_signals
 from .firing import encode_probes, firing_report
-from .regime import relative_lr
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
+from .interrupts import Interrupted, deferred_signals
 from .models import (
-    check_saveable,
     check_context_length,
+    check_saveable,
     embedding_scale,
     extend_embeddings,
     is_tied,
@@ -48,12 +42,20 @@ from .models import (
     resolve_model_source,
     untie_embeddings,
 )
-from .paths import foreign_entries, read_manifest, write_output_dir
-from .rescue import recovery_command, write_rows
+from .paths import ModelSource, write_output_dir
+from .regime import relative_lr
+from .report import (
+    build_report,
+    dry_run_report,
+    gap_closed_estimate,
+    save_output,
+    write_json,
+    write_target_files,
+)
 from .snippets import SnippetSet, generate_snippets, mine_snippets, top_up
-from .targets import build_targets, corpus_occurrences, coverage_table, log_summary, new_token_records, write_new_tokens
+from .targets import TargetList, build_targets, corpus_occurrences, coverage_table, log_summary, new_token_records
 from .tokenization import NewToken, add_new_tokens, bos_prefix
-from .train import NewRows, heldout_eval, resolve_layer, train, train_output_rows
+from .train import NewRows, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
 
@@ -117,97 +119,184 @@ def _reindex(snips: SnippetSet, keep: list[int]) -> SnippetSet:
     return out
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Run the whole pipeline for a validated config.
+@dataclass
+class Setup:
+    """Stage 1: what the run is and where it runs (nothing loaded yet)."""
 
-    From the start of training until the output is saved, stop signals are deferred (see
-    :mod:`token_distillation.interrupts`): the current step is checkpointed before stopping.
+    cfg: RunConfig
+    source: ModelSource
+    out: Path
+    dist: DistContext
+    device: torch.device
+    weights_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    cache_root: Path
+    started: float
+
+
+@dataclass
+class Targets:
+    """Stage 2: the tokenizer, the new-token list (before the snippet filter) and the corpus."""
+
+    tokenizer: Any
+    targets: TargetList
+    records: list[dict]
+    summary: dict
+    corpus: TokenizedCorpus | None
+
+
+@dataclass
+class Snippets:
+    """Stage 3: training / held-out snippets of the kept tokens (those with enough of them)."""
+
+    snips: SnippetSet
+    tokens: list[NewToken]
+    sources: list[str]
+    skipped: dict[str, str]
+    corpus_info: dict
+    scan_ids: Any
+    model: Any = None  # loaded already when snippets were generated
+
+
+@dataclass
+class Extended:
+    """Stage 4: the model and tokenizer with the new tokens, and the new rows to train."""
+
+    model: Any
+    tokenizer: Any
+    tokens: list[NewToken]
+    rows: NewRows
+    layer: int
+    num_original: int
+    n_orig: int
+    tied_source: bool
+    tied: bool
+    out_policy: OutputEmbeddings | None
+    scale: float
+    firing: dict
+
+
+@dataclass
+class Trained:
+    """Stage 5: training results and the held-out measures before and after."""
+
+    result: TrainResult | None
+    out_result: TrainResult | None
+    lr: float | None
+    held_before: list
+    held_after: list
+    argmax_before: dict
+    argmax_after: dict
+    not_improved: list[str]
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Run the whole pipeline for a validated config: the six stages of the module docstring.
+
+    From the new rows' creation until the output is saved, stop signals are deferred (see
+    :mod:`token_distillation.interrupts`): training checkpoints the current step before stopping.
 
     Raises:
         ConfigError: bad input found after start-up checks (e.g. no usable tokens, no snippets),
             or a failed save (the trained rows are kept; the message says how to recover).
-        Interrupted: a stop signal during training or after it (a checkpoint was written).
+        Interrupted: a stop signal (a checkpoint was written when training had started).
     """
-    with contextlib.ExitStack() as stack:
-        return _run(cfg, stack)
+    setup = start(cfg)
+    targets = build_target_list(setup)
+    if cfg.output.dry_run:
+        return dry_run(setup, targets)
+    snippets = gather_snippets(setup, targets)
+    extended = extend_model(setup, targets, snippets)
+    with deferred_signals():
+        trained = train_new_rows(setup, snippets, extended)
+        if not setup.dist.is_main:  # the rows are identical on every process; the main process saves
+            setup.dist.close()
+            return RunResult(setup.out, {})
+        return write_output(setup, targets, snippets, extended, trained)
 
 
-def _run(cfg: RunConfig, stack: contextlib.ExitStack) -> RunResult:
+def start(cfg: RunConfig) -> Setup:
+    """Stage 1: seed, device and dtype; check the model source, the output path and the corpus's
+    text column (nothing heavy is loaded)."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     if cfg.train.init_method in TRAINED:
         check_batch_divisible(cfg.train.token_distillation_batch_size, launched_world_size())
-    cache_root = cfg.model.resolved_cache_dir
     source = resolve_model_source(cfg.model.model_path)
     out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
                          dry_run=cfg.output.dry_run)
     if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
     dist = DistContext.create(cfg.model.device, resolve_device)
-    device = dist.device
-    weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, device)
-    logger.info("model %s | device %s | weights %s | autocast %s | seed %d | processes %d", source.spec, device,
+    weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, dist.device)
+    logger.info("model %s | device %s | weights %s | autocast %s | seed %d | processes %d", source.spec, dist.device,
                 weights_dtype, autocast_dtype, cfg.train.seed, dist.world_size)
+    return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0)
 
+
+def build_target_list(setup: Setup) -> Targets:
+    """Stage 2: model config checks (target layer, context, tied output), the tokenizer, the
+    new-token list, and the tokenized corpus (when snippets are mined)."""
+    cfg, dist = setup.cfg, setup.dist
     with dist.main_process_first():  # the main process fills the model cache (GGUF conversion) first
-        model_config = load_config(source, cache_root)
+        model_config = load_config(setup.source, setup.cache_root)
         resolve_layer(model_config, cfg.train.target_layer)
-        tokenizer = load_tokenizer(source, cache_root)
+        tokenizer = load_tokenizer(setup.source, setup.cache_root)
     text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
         raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
                           "zero, subtoken-mean or ntp")
     check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
-    targets = build_targets(cfg.targets, tokenizer, cfg.corpus, cache_root)
-    tokens = targets.tokens
-    bos = bos_prefix(tokenizer)
-
-    model = None
-    sc = cfg.snippets
-    src = cfg.resolved_snippet_source
-    occurrences = None
-    corpus = None
-    if src != SnippetSource.GENERATED:
+    targets = build_targets(cfg.targets, tokenizer, cfg.corpus, setup.cache_root)
+    corpus = occurrences = None
+    if cfg.resolved_snippet_source != SnippetSource.GENERATED:
         with dist.main_process_first():  # tokenized once, shared through the cache
-            corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
-        occurrences, len_before, len_after = corpus_occurrences(corpus, tokens)
-        target_summary = log_summary(targets, len_before, len_after)
+            corpus = tokenize_corpus(cfg.corpus, tokenizer, setup.cache_root)
+        occurrences, len_before, len_after = corpus_occurrences(corpus, targets.tokens)
+        summary = log_summary(targets, len_before, len_after)
     else:
-        target_summary = log_summary(targets)
+        summary = log_summary(targets)
     records = new_token_records(targets, tokenizer, occurrences)
-    if cfg.output.dry_run:
-        return _dry_run(cfg, out, targets, records, corpus, tokenizer, target_summary, t0)
+    return Targets(tokenizer, targets, records, summary, corpus)
 
-    def _snippets():
+
+def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
+    """Stage 3: mine (or generate) snippets once, on the main process, send them to the others,
+    and keep the tokens with at least ``--min_snippets`` of them."""
+    cfg, src, model = setup.cfg, setup.cfg.resolved_snippet_source, None
+
+    def _collect():
         nonlocal model
-        snips, corpus_info, token_sources, model = collect_snippets(
-            cfg, src, tokens, corpus, tokenizer, bos, lambda: load_model(source, cache_root, device, weights_dtype),
-            device)
-        return snips, corpus_info, token_sources
+        load = lambda: load_model(setup.source, setup.cache_root, setup.device, setup.weights_dtype)  # noqa: E731
+        snips, info, sources, model = collect_snippets(cfg, src, tg.targets.tokens, tg.corpus, tg.tokenizer,
+                                                       bos_prefix(tg.tokenizer), load, setup.device)
+        return snips, info, sources
 
-    # Snippets are mined (or generated) once, by the main process, and sent to the others.
-    snips, corpus_info, token_sources = dist.broadcast_from_main(_snippets)
+    snips, corpus_info, sources = setup.dist.broadcast_from_main(_collect)
     if src == SnippetSource.GENERATED:
         scan_ids = [s.ids for s in snips.train + snips.heldout]
     else:
-        scan_ids = (corpus.doc(d) for d in range(corpus.num_docs))
-
-    snips, tokens, token_sources, skipped = keep_tokens_with_snippets(cfg, snips, tokens, token_sources,
-                                                                      targets.skipped)
-    _warn_missing_heldout(tokens, snips.heldout_counts, sc.heldout_snippet_num)
-
+        scan_ids = (tg.corpus.doc(d) for d in range(tg.corpus.num_docs))
+    snips, tokens, sources, skipped = keep_tokens_with_snippets(cfg, snips, tg.targets.tokens, sources,
+                                                                tg.targets.skipped)
+    _warn_missing_heldout(tokens, snips.heldout_counts, cfg.snippets.heldout_snippet_num)
     logger.info("pre-flight: %d new tokens, %d skipped, %d training / %d held-out snippets, method %s",
                 len(tokens), len(skipped), len(snips.train), len(snips.heldout), cfg.train.init_method.value)
+    return Snippets(snips, tokens, sources, skipped, corpus_info, scan_ids, model)
 
-    if model is None:
-        model = load_model(source, cache_root, device, weights_dtype)
+
+def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
+    """Stage 4: load the model, add the new tokens to tokenizer and embedding matrices (untying a
+    tied model when asked), and initialise the new input (and output) rows."""
+    cfg, tc, device, tokenizer = setup.cfg, setup.cfg.train, setup.device, tg.tokenizer
+    model = sn.model or load_model(setup.source, setup.cache_root, device, setup.weights_dtype)
     check_saveable(model)
-    layer = resolve_layer(model, cfg.train.target_layer)
+    layer = resolve_layer(model, tc.target_layer)
     num_original = model.get_input_embeddings().weight.shape[0]
-    probes = encode_probes(tokenizer, tokens)
-    new_ids = add_new_tokens(tokenizer, [t.text for t in tokens])
-    tokens = [NewToken(t.text, t.subtoken_ids, i) for t, i in zip(tokens, new_ids)]
-    firing = firing_report(tokenizer, tokens, probes, scan_ids)
+    probes = encode_probes(tokenizer, sn.tokens)
+    new_ids = add_new_tokens(tokenizer, [t.text for t in sn.tokens])
+    tokens = [NewToken(t.text, t.subtoken_ids, i) for t, i in zip(sn.tokens, new_ids)]
+    firing = firing_report(tokenizer, tokens, probes, sn.scan_ids)
     extend_embeddings(model, len(tokenizer))
     n_orig = min(num_original, new_ids[0])
     tied_source = is_tied(model)
@@ -219,7 +308,6 @@ def _run(cfg: RunConfig, stack: contextlib.ExitStack) -> RunResult:
     tied = is_tied(model)
     scale = embedding_scale(model)
     emb = model.get_input_embeddings().weight
-    tc = cfg.train
     init = INITIALISERS[tc.init_method](emb.detach(), tokens, seed=tc.seed, num_original=n_orig)
     out_init = None
     if not tied:
@@ -228,172 +316,103 @@ def _run(cfg: RunConfig, stack: contextlib.ExitStack) -> RunResult:
                     else subtoken_mean(out_w, tokens)).to(device)
     rows = NewRows(init.to(device), new_ids, emb.shape[0], scale, num_original=n_orig, out_rows=out_init,
                    train_original=tc.train_original_embeddings, weight=emb.detach()).to(device)
-    dist.broadcast_tensor_(rows.rows)
+    setup.dist.broadcast_tensor_(rows.rows)
+    return Extended(model, tokenizer, tokens, rows, layer, num_original, n_orig, tied_source, tied, out_policy, scale,
+                    firing)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_seqs, train_tix = _merge_all(snips.train, tokens)
-    held_seqs, held_tix = _merge_all(snips.heldout, tokens)
-    eval_kw = dict(device=device, autocast_dtype=autocast_dtype, pad_id=pad_id)
-    # The input rows (held-out distillation loss) change only when trained, the argmax rate also when
-    # the output rows are trained (ntp); otherwise "after" equals "before" and is not recomputed.
-    # When "after" is computed (main process), the teacher states of "before" are kept for it, within
-    # --teacher_cache_gib (training's own teacher cache gets the rest of the budget).
+
+def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
+    """Stage 5: held-out measures before training, training of the new rows (and of the output
+    rows with ``--output_embeddings ntp``), held-out measures after.
+
+    The input rows (held-out distillation loss) change only when trained, the argmax rate also when
+    the output rows are trained (ntp); otherwise "after" equals "before" and is not recomputed. The
+    teacher states of "before" are kept for "after" within ``--teacher_cache_gib`` (training's own
+    teacher cache gets the rest of the budget).
+    """
+    cfg, tc, model, rows, tokens = setup.cfg, setup.cfg.train, ext.model, ext.rows, ext.tokens
+    pad_id = ext.tokenizer.pad_token_id if ext.tokenizer.pad_token_id is not None else 0
+    train_seqs, train_tix = _merge_all(sn.snips.train, tokens)
+    held_seqs, held_tix = _merge_all(sn.snips.heldout, tokens)
+    held = functools.partial(heldout_eval, model, rows, held_seqs, held_tix, len(tokens), layer=ext.layer,
+                             device=setup.device, autocast_dtype=setup.autocast_dtype, pad_id=pad_id)
     input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
-    cache_budget = int(tc.teacher_cache_gib * 2**30)
-    held_teacher = TeacherCache(cache_budget) if input_trained and dist.is_main else None
-    before = heldout_eval(model, rows, held_seqs, held_tix, len(tokens), layer=layer, teacher_cache=held_teacher,
-                          desc="held-out evaluation before training", **eval_kw)
-    held_before, argmax_before = before.loss_per_token, before.argmax
-    per_token_lr = relative_lr(tc.token_distillation_lr_relative, emb, n_orig)
-    if tc.recipe == Recipe.PER_TOKEN and tc.init_method in TRAINED:
-        logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries, %s schedule), "
-                    "%d snippet(s) per update", per_token_lr, tc.token_distillation_lr_relative, tc.lr_schedule.value,
-                    tc.snippets_per_update)
+    budget = int(tc.teacher_cache_gib * 2**30)
+    held_teacher = TeacherCache(budget) if input_trained and setup.dist.is_main else None
+    before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
+    lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
     loop_kw = dict(lr=tc.token_distillation_lr, batch_size=tc.token_distillation_batch_size,
-                   epochs=tc.token_distillation_epochs, seed=tc.seed, device=device,
+                   epochs=tc.token_distillation_epochs, seed=tc.seed, device=setup.device,
                    stopping_condition=tc.stopping_condition, max_steps=tc.max_steps, log_every=tc.log_every,
                    pad_id=pad_id)
     result = out_result = None
-    stack.enter_context(deferred_signals())  # from here on a stop signal checkpoints instead of losing work
     if tc.init_method in TRAINED:
-        kw = dict(loop_kw)
         if tc.recipe == Recipe.PER_TOKEN:
-            kw["lr"] = per_token_lr
-        fp = fingerprint(cfg.to_dict(), model_identity=source.identity, tokens=[t.text for t in tokens],
-                         new_ids=new_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(train_seqs))
-        ckpt = Checkpointer(out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
-                            dist=dist if dist.distributed else None, minutes=cfg.output.checkpoint_minutes)
-        result = train(model, rows, train_seqs, train_tix, layer=layer, loss_method=tc.loss_method,
-                       autocast_dtype=autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
-                       lr_schedule=tc.lr_schedule,
-                       teacher_cache_bytes=cache_budget - (held_teacher.bytes if held_teacher else 0),
-                       token_texts=[t.text for t in tokens], dist=dist if dist.distributed else None,
-                       checkpointer=ckpt, **kw)
-    if out_policy == OutputEmbeddings.NTP:
-        out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=layer,
-                                       autocast_dtype=autocast_dtype, **loop_kw)
-    if not dist.is_main:  # the rows are identical on every process; the main process evaluates and saves
-        dist.close()
-        return RunResult(out, {})
+            logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries, %s "
+                        "schedule), %d snippet(s) per update", lr, tc.token_distillation_lr_relative,
+                        tc.lr_schedule.value, tc.snippets_per_update)
+            loop_kw["lr"] = lr
+        dist = setup.dist if setup.dist.distributed else None
+        fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in tokens],
+                         new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(train_seqs))
+        ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
+                            dist=dist, minutes=cfg.output.checkpoint_minutes)
+        result = train(model, rows, train_seqs, train_tix, layer=ext.layer, loss_method=tc.loss_method,
+                       autocast_dtype=setup.autocast_dtype, recipe=tc.recipe,
+                       snippets_per_update=tc.snippets_per_update, lr_schedule=tc.lr_schedule,
+                       teacher_cache_bytes=budget - (held_teacher.bytes if held_teacher else 0),
+                       token_texts=[t.text for t in tokens], dist=dist, checkpointer=ckpt, **loop_kw)
+    if ext.out_policy == OutputEmbeddings.NTP:
+        loop_kw["lr"] = tc.token_distillation_lr
+        out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
+                                       autocast_dtype=setup.autocast_dtype, **loop_kw)
+    if not setup.dist.is_main:
+        return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
+                       before.argmax, [])
     try:
-        after = heldout_eval(model, rows, held_seqs, held_tix, len(tokens), layer=layer, teacher_cache=held_teacher,
-                             loss=input_trained, argmax=input_trained or out_policy == OutputEmbeddings.NTP,
-                             desc="held-out evaluation after training", **eval_kw)
+        after = held(teacher_cache=held_teacher, loss=input_trained,
+                     argmax=input_trained or ext.out_policy == OutputEmbeddings.NTP,
+                     desc="held-out evaluation after training")
     except Interrupted as e:  # training is done and checkpointed (when it trained): --resume skips to here
         raise Interrupted(e.signum, step=result.steps if result else None, where="after training") from None
-    held_after = after.loss_per_token if after.loss_per_token is not None else held_before
-    argmax_after = after.argmax if after.argmax is not None else argmax_before
-    del held_teacher
-    _warn_if_new_tokens_dominate(argmax_after, tied)
+    held_after = after.loss_per_token if after.loss_per_token is not None else before.loss_per_token
+    argmax_after = after.argmax if after.argmax is not None else before.argmax
+    _warn_if_new_tokens_dominate(argmax_after, ext.tied)
+    not_improved = _not_improved(tokens, before.loss_per_token, held_after) if result else []
+    return Trained(result, out_result, lr, before.loss_per_token, held_after, before.argmax, argmax_after,
+                   not_improved)
 
+
+def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Trained) -> RunResult:
+    """Stage 6: write the trained rows into the embedding matrices, then save model, tokenizer,
+    report.json and the token files atomically (never losing the training, see
+    :func:`token_distillation.report.save_output`)."""
+    model, rows, emb = ext.model, ext.rows, ext.model.get_input_embeddings().weight
     with torch.no_grad():
-        ids_t = torch.tensor(new_ids, device=emb.device)
+        ids_t = torch.tensor(rows.token_ids, device=emb.device)
         if rows.original is not None:
             emb.copy_(rows.original.detach().to(emb.dtype))
         emb[ids_t] = rows.rows.detach().to(emb.dtype)
-        if not tied:
+        if not ext.tied:
             model.get_output_embeddings().weight[ids_t] = rows.out_rows.detach().to(emb.dtype)
-
-    norms = rows.rows.detach().float().norm(dim=-1).cpu()
-    orig_norm = emb[:n_orig].detach().float().norm(dim=-1).mean().item()
-    report = {
-        "tool": "token-distillation", "version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": cfg.to_dict(),
-        "model": {"source": source.spec, "identity": source.identity, "tied_embeddings": tied,
-                  "tied_embeddings_source": tied_source, "untied_by_run": tied_source and not tied,
-                  "output_embeddings": out_policy.value if out_policy else "tied",
-                  "embedding_scale": scale, "num_layers_target_index": layer,
-                  "vocab_rows_before": num_original, "vocab_rows_after": int(emb.shape[0])},
-        "versions": _versions(),
-        "device": str(device), "weights_dtype": str(weights_dtype), "autocast_dtype": str(autocast_dtype),
-        "seed": cfg.train.seed, "processes": dist.world_size,
-        "snippets": corpus_info,
-        "tokens": [
-            {"token": t.text, "id": t.token_id, "subtoken_ids": list(t.subtoken_ids),
-             "subtokens": tokenizer.convert_ids_to_tokens(list(t.subtoken_ids)),
-             "snippet_source": token_sources[i],
-             "train_snippets": snips.train_counts[i], "heldout_snippets": snips.heldout_counts[i],
-             "heldout_loss_init": held_before[i], "heldout_loss_final": held_after[i],
-             "row_norm": float(norms[i]), "heldout_argmax_positions": argmax_after["per_token"][i]}
-            for i, t in enumerate(tokens)
-        ],
-        "skipped_tokens": skipped,
-        "firing": firing,
-        "targets": target_summary,
-        "mean_heldout_loss_init": _mean(held_before),
-        "mean_heldout_loss_final": _mean(held_after),
-        "not_improved_tokens": _not_improved(tokens, held_before, held_after) if result else [],
-        "mean_new_row_norm": float(norms.mean()), "mean_original_row_norm": orig_norm,
-        "loss_curve": result.loss_curve if result else [],
-        "train_steps": result.steps if result else 0,
-        "train_lr": ((per_token_lr if tc.recipe == Recipe.PER_TOKEN else tc.token_distillation_lr)
-                     if result else None),
-        "train_seconds": result.seconds if result else 0.0,
-        "train_seconds_from_step": result.seconds_from_step if result else 0,
-        "output_rows_train_seconds": out_result.seconds if out_result else 0.0,
-        "output_rows_loss_curve": out_result.loss_curve if out_result else [],
-        "new_token_argmax_rate_init": argmax_before["rate"],
-        "new_token_argmax_rate_final": argmax_after["rate"],
-        "new_token_argmax": {"init": argmax_before, "final": argmax_after},
-    }
+    report = build_report(setup, tg, sn, ext, tr)
 
     def _write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-        _write_target_files(tmp, targets, records)
+        ext.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "report.json", report)
+        write_target_files(tmp, tg.targets, tg.records)
 
-    out = save_output(out, _write, cfg, rows, tokenizer, report, source.spec, untie=tied_source and not tied)
-    dist.close()
-    report["total_seconds"] = time.perf_counter() - t0
-    logger.info("saved extended model to %s (held-out loss %.5f -> %.5f) in %.1fs", out,
+    out = save_output(setup.out, _write, setup.cfg, rows, ext.tokenizer, report, setup.source.spec,
+                      untie=ext.tied_source and not ext.tied)
+    setup.dist.close()
+    report["total_seconds"] = time.perf_counter() - setup.started
+    closed = gap_closed_estimate(report["mean_heldout_loss_init"], report["mean_heldout_loss_final"])
+    logger.info("saved extended model to %s (held-out loss %.5f -> %.5f%s) in %.1fs", out,
                 report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
+                f", {100 * closed:.0f}% of the distillation gap closed" if closed is not None and tr.result else "",
                 report["total_seconds"])
     return RunResult(out, report)
-
-
-def final_destination(out: Path, replace_allowed: bool) -> Path:
-    """Where the finished output goes: ``out``, unless entries appeared there during the run that
-    the start-up check did not allow replacing (a user's files, or another run's output without
-    ``--overwrite``); then a new sibling ``<out>-<date>-<time>``, with a warning."""
-    if not out.is_dir() or not any(out.iterdir()):
-        return out
-    foreign = foreign_entries(out)
-    if not foreign and (read_manifest(out) is None or replace_allowed):
-        return out
-    alt = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    logger.warning("%s changed during the run (%s); writing the output to %s instead", out,
-                   ", ".join(foreign[:5]) or "another output of this tool appeared", alt)
-    return alt
-
-
-def save_output(out: Path, write, cfg: RunConfig, rows: NewRows, tokenizer, report: dict, model_spec: str,
-                untie: bool) -> Path:
-    """Write the extended model atomically (``write(tmp_dir)``); returns the directory written.
-
-    A finished training is never lost: if the save fails, the trained rows, tokenizer and report are
-    written instead (:func:`token_distillation.rescue.write_rows`, into the output directory or,
-    failing that, a new temporary directory).
-
-    Raises:
-        ConfigError: the save failed; the one-line message names the rows directory and the command
-            that builds the model from it.
-    """
-    dest = final_destination(out, cfg.output.overwrite or cfg.output.resume)
-    try:
-        write_output_dir(dest, write, kind="model")
-        return dest
-    except Exception as e:  # noqa: BLE001 - any failure here must not lose the training
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-        logger.debug("save failed", exc_info=True)
-    try:
-        rows_dir = write_rows(dest, rows, tokenizer, report, model_spec, untie)
-    except Exception:  # noqa: BLE001 - e.g. the output's disk is full: try the temporary directory
-        rows_dir = write_rows(Path(tempfile.mkdtemp(prefix="token_distillation_rows-")) / "rows", rows, tokenizer,
-                              report, model_spec, untie)
-    raise ConfigError(f"saving the extended model to {dest} failed ({reason}); the trained rows were saved in "
-                      f"{rows_dir}; build the model from them with: {recovery_command(rows_dir)}")
 
 
 def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken], corpus, tokenizer, bos: list[int],
@@ -532,61 +551,35 @@ def _warn_if_new_tokens_dominate(stats: dict, tied: bool) -> None:
                    "Check --output_embeddings.")
 
 
-def _write_target_files(tmp: Path, targets, records: list[dict]) -> None:
-    """``new_tokens.jsonl`` (every token built, before the snippet filter) and the method's extra files."""
-    write_new_tokens(tmp / "new_tokens.jsonl", records)
-    for name, path in targets.files.items():
-        shutil.copyfile(path, tmp / name)
 
 
-def _dry_run(cfg: RunConfig, out: Path, targets, records: list[dict], corpus, tokenizer,
-             target_summary: dict, t0: float) -> RunResult:
-    """``--dry_run``: mine snippets (corpus only), log the coverage table, write the files, no model."""
-    sc = cfg.snippets
+def dry_run(setup: Setup, tg: Targets) -> RunResult:
+    """``--dry_run``: mine snippets (corpus only), log the coverage table and the tokens a real run
+    would skip, write new_tokens.jsonl, coverage.tsv and report.json; no model is loaded."""
+    cfg, sc, targets = setup.cfg, setup.cfg.snippets, tg.targets
     train_counts = heldout_counts = None
-    if corpus is not None:
-        snips = mine_snippets(corpus, targets.tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
-                              cfg.corpus.heldout_fraction, bos_prefix(tokenizer), cfg.train.seed)
+    if tg.corpus is not None:
+        snips = mine_snippets(tg.corpus, targets.tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
+                              cfg.corpus.heldout_fraction, bos_prefix(tg.tokenizer), cfg.train.seed)
         train_counts, heldout_counts = snips.train_counts, snips.heldout_counts
         _warn_missing_heldout(targets.tokens, heldout_counts, sc.heldout_snippet_num)
-    table = coverage_table(records, train_counts, heldout_counts)
-    if corpus is None:
+    else:
         logger.info("dry run: no corpus, so a real run would generate %d training and %d held-out snippets per token "
                     "with the model (not done in a dry run)", sc.snippet_num, sc.heldout_snippet_num)
+    table = coverage_table(tg.records, train_counts, heldout_counts)
     logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d)\n%s",
-                len(records), sc.snippet_num, table)
-    usable = sum(1 for c in train_counts or [] if c >= sc.min_snippets)
+                len(tg.records), sc.snippet_num, table)
+    usable = sum(1 for c in train_counts or [] if c >= sc.min_snippets) if train_counts is not None else None
     would_skip = (too_few_snippets(cfg, train_counts, targets.tokens, verb="a real run would skip")
                   if train_counts is not None else {})
-    report = {"tool": "token-distillation", "version": __version__, "dry_run": True,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
-              "targets": target_summary, "skipped_tokens": {**targets.skipped, **would_skip},
-              "tokens_with_enough_snippets": usable if train_counts is not None else None,
-              "versions": _versions()}
+    report = dry_run_report(cfg, tg.summary, {**targets.skipped, **would_skip}, usable)
 
     def _write(tmp: Path) -> None:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_json(tmp / "report.json", report)
         (tmp / "coverage.tsv").write_text(table, encoding="utf-8")
-        _write_target_files(tmp, targets, records)
+        write_target_files(tmp, targets, tg.records)
 
-    write_output_dir(out, _write, kind="dry-run")
-    report["total_seconds"] = time.perf_counter() - t0
-    logger.info("dry run: wrote new_tokens.jsonl, coverage.tsv and report.json to %s; model not loaded", out)
-    return RunResult(out, report)
-
-
-def _mean(xs: list[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "datasets", "tokenizers", "ahocorasick-rs", "gguf", "accelerate"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    write_output_dir(setup.out, _write, kind="dry-run")
+    report["total_seconds"] = time.perf_counter() - setup.started
+    logger.info("dry run: wrote new_tokens.jsonl, coverage.tsv and report.json to %s; model not loaded", setup.out)
+    return RunResult(setup.out, report)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from .alignment import AlignedBatch, MergedSequence, collate
 from .config import ConfigError, LossMethod, LrSchedule, Recipe, StoppingCondition
 from .interrupts import check_stop
 from .fastpath import TeacherCache, num_layers, teacher_hiddens, teacher_student_hiddens
-from .regime import RowAdam, per_token_batches, per_token_loss, row_update_counts
+from .recipes import BatchState, DistillObjective, FnObjective, PaperRecipe, PerTokenRecipe
 from .losses import LOSSES, LossPlan, combine, mse_per_position
 
 logger = logging.getLogger(__name__)
@@ -323,90 +322,97 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
     """
     params = list(params) if params is not None else rows.trainable()
     methods = (loss_method,) if isinstance(loss_method, LossMethod) else tuple(loss_method)
-    per_token = (recipe == Recipe.PER_TOKEN and objective is None and len(params) == 1 and params[0] is rows.rows)
-    gen = torch.Generator().manual_seed(seed)
-    if per_token:
+    only_new_rows = len(params) == 1 and params[0] is rows.rows
+    if recipe == Recipe.PER_TOKEN and objective is None and only_new_rows:
         texts = token_texts or [str(i) for i in range(max(token_index, default=-1) + 1)]
-        groups = max(1, batch_size // snippets_per_update)
-        one_epoch = per_token_batches(token_index, texts, snippets_per_update=snippets_per_update,
-                                      groups_per_batch=groups, epochs=1, seed=seed)
-        n_epochs = epochs if stopping_condition != StoppingCondition.MAX_STEPS else math.ceil(max_steps / max(1, len(one_epoch)))
-        schedule = per_token_batches(token_index, texts, snippets_per_update=snippets_per_update,
-                                     groups_per_batch=groups, epochs=n_epochs, seed=seed)
-        total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else len(schedule)
-        planned = (row_update_counts(schedule[:total], token_index, rows.rows.shape[0])
-                   if lr_schedule == LrSchedule.LINEAR else None)
-        opt = RowAdam(params, lr=lr, row_total_steps=planned)
-        revisits = n_epochs > 1
-        sum_per_token = methods == (LossMethod.MSE_ON_HIDDENS,)
+        plan = PerTokenRecipe(token_index, texts, num_rows=rows.rows.shape[0], batch_size=batch_size,
+                              snippets_per_update=snippets_per_update, epochs=epochs, lr=lr, seed=seed,
+                              lr_schedule=lr_schedule, stopping=stopping_condition, max_steps=max_steps,
+                              sum_over_tokens=methods == (LossMethod.MSE_ON_HIDDENS,))
     else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        per_epoch = math.ceil(len(seqs) / batch_size)
-        total = max_steps if stopping_condition == StoppingCondition.MAX_STEPS else per_epoch * epochs
-        revisits = total > per_epoch
-    result = TrainResult()
-    start = time.perf_counter()
-    order: list[int] = []
-    earlier = 0.0  # training seconds of the processes before a resume
-    resumed = checkpointer.restore(rows, opt, gen) if checkpointer is not None else None
-    if resumed is not None:
-        result.steps, order, result.loss_curve, (earlier, result.seconds_from_step) = resumed
-    bar = tqdm(total=total, initial=result.steps, desc=desc, unit="step",
-               disable=dist is not None and not dist.is_main)
+        plan = PaperRecipe(len(seqs), batch_size=batch_size, epochs=epochs, lr=lr, stopping=stopping_condition,
+                           max_steps=max_steps)
+    if objective is not None:
+        obj = FnObjective(objective)
+    else:
+        cache = TeacherCache(teacher_cache_bytes) if teacher_cache_bytes > 0 and plan.revisits else None
+        obj = DistillObjective(model, rows, layer, methods, autocast_dtype, teacher_cache=cache)
+    data = SnippetData(seqs, token_index, pad_id)
+    return train_loop(rows, params, data, plan, obj, seed=seed, device=device, dist=dist, checkpointer=checkpointer,
+                      log_every=log_every, desc=desc)
 
-    tcache = TeacherCache(teacher_cache_bytes) if (teacher_cache_bytes > 0 and revisits and objective is None) else None
+
+@dataclass
+class SnippetData:
+    """The training snippets: merged teacher/student pairs, the token of each, the pad id."""
+
+    seqs: list[MergedSequence]
+    token_index: list[int]
+    pad_id: int = 0
+
+
+def train_loop(rows: NewRows, params: list[torch.nn.Parameter], data: SnippetData, recipe, objective, *, seed: int,
+               device: torch.device, dist=None, checkpointer=None, log_every: int = 10,
+               desc: str = "token distillation") -> TrainResult:
+    """The training loop: ``recipe`` (:mod:`token_distillation.recipes`) gives each step's batch, the
+    optimizer and the loss reduction; ``objective`` the batch loss. Resumes from ``checkpointer``
+    and saves into it (a stop signal saves the current step and raises ``Interrupted``); with
+    ``dist``, each process back-propagates its share of every batch and gradients are summed.
+    """
+    opt = recipe.optimizer(params)
+    state = BatchState(torch.Generator().manual_seed(seed))
+    result, earlier, start = TrainResult(), 0.0, time.perf_counter()
+    resumed = checkpointer.restore(rows, opt, state.generator) if checkpointer is not None else None
+    if resumed is not None:
+        result.steps, state.order, result.loss_curve, (earlier, result.seconds_from_step) = resumed
 
     def local_loss(part: list[int]):
-        batch = rows.collate([seqs[i] for i in part], [token_index[i] for i in part], pad_id).to(device)
-        n = int(batch.student_loss_mask.sum())
-        if objective is not None:
-            return objective(batch), n
-        cache_kw = dict(teacher_cache=tcache, snippet_ids=list(part))
-        if per_token and sum_per_token:
-            per_pos = distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, per_position=True, **cache_kw)
-            row_of_pos = batch.student_loss_mask.nonzero()[:, 0]
-            return per_token_loss(per_pos, row_of_pos, batch.token_index, int(batch.token_index.max()) + 1), n
-        return distill_loss(model, rows, batch, layer, loss_method, autocast_dtype, **cache_kw), n
+        batch = rows.collate([data.seqs[i] for i in part], [data.token_index[i] for i in part], data.pad_id)
+        batch = batch.to(device)
+        return recipe.loss(objective, batch, list(part)), int(batch.student_loss_mask.sum())
 
-    try:
+    total = recipe.total_steps
+    with tqdm(total=total, initial=result.steps, desc=desc, unit="step",
+              disable=dist is not None and not dist.is_main) as bar:
         while result.steps < total:
-            if per_token:
-                idx = schedule[result.steps]
-            else:
-                if not order:
-                    order = torch.randperm(len(seqs), generator=gen).tolist()
-                idx, order = order[:batch_size], order[batch_size:]
+            idx = recipe.batch(result.steps, state)
             opt.zero_grad(set_to_none=True)
-            if dist is not None and dist.distributed:
-                step_loss = dist.shard_backward(idx, local_loss, params, mean=not (per_token and sum_per_token))
-            else:
-                loss, _ = local_loss(idx)
-                loss.backward()
-                step_loss = float(loss.detach())
+            step_loss = _backward(idx, local_loss, params, dist, mean=not recipe.sums_over_tokens)
             opt.step()
             result.steps += 1
             result.loss_curve.append(step_loss)
             if checkpointer is not None:
-                checkpointer.step_done(result.steps, rows, opt, gen, order, result.loss_curve,
+                checkpointer.step_done(result.steps, rows, opt, state.generator, state.order, result.loss_curve,
                                        (earlier + time.perf_counter() - start, result.seconds_from_step),
                                        final=result.steps >= total)
             else:
                 check_stop("during training", result.steps)
+            # a summed loss (per-token recipe) is shown as the mean per token of the batch
+            shown = step_loss / len({data.token_index[i] for i in idx}) if recipe.sums_over_tokens else step_loss
             bar.update(1)
-            # the per-token loss is a sum over the batch's tokens: the bar shows the mean per token
-            shown = step_loss / len({token_index[i] for i in idx}) if per_token and sum_per_token else step_loss
             bar.set_postfix(loss=f"{shown:.4f}")
             if result.steps % log_every == 0 or result.steps == total:
                 recent = result.loss_curve[-log_every:]
                 logger.info("%s step %d/%d loss %.5f (mean of last %d)", desc, result.steps, total,
                             sum(recent) / len(recent), len(recent))
-    finally:
-        bar.close()  # also on a stop signal, so that the last line is not glued to the bar
+    _log_cache(objective.teacher_cache)
+    result.seconds = earlier + time.perf_counter() - start
+    return result
+
+
+def _backward(idx: list[int], local_loss, params, dist, mean: bool) -> float:
+    """Backward pass of one batch (split over the processes with ``dist``); returns its loss."""
+    if dist is not None and dist.distributed:
+        return dist.shard_backward(idx, local_loss, params, mean=mean)
+    loss, _ = local_loss(idx)
+    loss.backward()
+    return float(loss.detach())
+
+
+def _log_cache(tcache: TeacherCache | None) -> None:
     if tcache is not None:
         logger.info("teacher cache: %d batches reused whole, %d not; %d snippets reused, %d computed; %.1f MiB",
                     tcache.hits, tcache.misses, tcache.snippet_hits, tcache.snippet_misses, tcache.bytes / 2**20)
-    result.seconds = earlier + time.perf_counter() - start
-    return result
 
 
 def train_output_rows(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], *,
