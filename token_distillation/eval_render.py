@@ -1,0 +1,97 @@
+"""Rendering of evaluation results (:func:`token_distillation.evaluate.evaluate`): markdown tables,
+the figure, and the output files ``evaluation.{json,md,png}``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from .metrics import METRICS
+
+logger = logging.getLogger(__name__)
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_tables(results: dict[str, Any], per_token_rows: int = 0) -> str:
+    """The method table and the per-token table (sorted by the first method's excess NLL, worst first).
+
+    Args:
+        per_token_rows: show at most this many per-token rows (0: all).
+    """
+    methods = results["methods"]
+    labels = list(methods)
+    lines = ["| method | " + " | ".join(t for _, t, _ in METRICS) + " | tokens/doc before -> after | new-row norm |",
+             "|---|" + "---|" * (len(METRICS) + 2)]
+    for lab in labels:
+        m = methods[lab]
+        lines.append(f"| {lab} | " + " | ".join(_fmt(m[k]) for k, _, _ in METRICS)
+                     + f" | {m['tokens_per_doc_before']:.1f} -> {m['tokens_per_doc_after']:.1f} "
+                       f"({100 * (1 - m['compression_ratio']):.2f}% fewer) | {_fmt(m['mean_new_row_norm'], 3)} |")
+    lines.append("")
+    first = labels[0]
+    per = results["per_token"]
+    toks = sorted(per[first], key=lambda t: -(per[first][t]["excess_nll_full"] if per[first][t]["excess_nll_full"] is not None else -1e9))
+    if per_token_rows:
+        toks = toks[:per_token_rows]
+    lines.append("| token | subtokens | windows | " + " | ".join(f"excess NLL full: {lab}" for lab in labels)
+                 + " | " + " | ".join(f"excess NLL orig: {lab}" for lab in labels) + " |")
+    lines.append("|---|---|---|" + "---|" * (2 * len(labels)))
+    for t in toks:
+        row = per[first][t]
+        cells = [_fmt(per[lab].get(t, {}).get("excess_nll_full")) for lab in labels]
+        cells += [_fmt(per[lab].get(t, {}).get("excess_nll_orig")) for lab in labels]
+        lines.append(f"| `{t!r}` | {' '.join(row['subtokens'])} | {row['windows']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Bar charts of the aggregated metrics, one bar per method (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results["methods"])
+    keys = [(k, t, b) for k, t, b in METRICS if any(results["methods"][lab][k] is not None for lab in labels)]
+    cols = 3
+    rowsn = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rowsn, cols, figsize=(4.2 * cols, 3.2 * rowsn), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (k, title, better) in zip(axes.flat, keys):
+        vals = [results["methods"][lab][k] or 0.0 for lab in labels]
+        ax.bar(range(len(labels)), vals, color=[colors[i % len(colors)] for i in range(len(labels))])
+        ax.set_title(f"{title}\n({better} is better)", fontsize=9)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.6)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    s = results["setup"]
+    fig.suptitle(f"{s['model_path']}: {s['words_with_windows']} new tokens, {s['windows']} held-out windows", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    """Write evaluation.json, evaluation.md and evaluation.png into ``out`` (created if needed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    s = results["setup"]
+    md = (f"# Evaluation of new tokens\n\nModel `{s['model_path']}`; held-out corpus `{s['dataset_path']}` "
+          f"({s['heldout_docs']} documents, {s['excluded_training_docs']} training documents excluded); "
+          f"{s['windows']} windows of {s['window_len']} tokens for {s['words_with_windows']} words; "
+          f"created {s['created']}.\n\n" + markdown_tables(results) + "\n![metrics](evaluation.png)\n")
+    (out / "evaluation.md").write_text(md, encoding="utf-8")
+    plot(results, out / "evaluation.png")
+    logger.info("wrote %s/evaluation.{json,md,png}", out)
