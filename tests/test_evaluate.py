@@ -164,9 +164,9 @@ def test_cli_errors_exit_2(tmp_path):
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_readme_documents_every_evaluate_flag():
+def test_docs_document_every_evaluate_flag():
     from dataclasses import fields
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "flags.md").read_text()
     for f in fields(EvalConfig):
         assert f"`--{f.name}`" in readme, f.name

@@ -71,6 +71,27 @@ def test_readme_results_match_the_generated_files():
     assert mod.render(readme) == readme, "run: python scripts/update_readme_results.py"
 
 
+def test_generated_docs_are_fresh():
+    """docs/results.md and docs/flags.md are what scripts/update_readme_results.py renders from the
+    committed results files and the flag definitions (a new or changed flag makes this fail)."""
+    mod = _readme_script()
+    assert (ROOT / "docs" / "results.md").read_text() == mod.results_page(), "run: python scripts/update_readme_results.py"
+    assert (ROOT / "docs" / "flags.md").read_text() == mod.flags_page(), "run: python scripts/update_readme_results.py"
+
+
+def test_readme_is_short_and_links_resolve():
+    """The README stays under 200 lines, and every relative link in it and in docs/ points at a file."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 200
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
 def _readme_script():
     import importlib.util
 
