@@ -26,10 +26,34 @@ CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-20}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
-# exit 0 with a message when the run in $1 has already finished (its report.json exists)
+# exit 0 with a message when the run in $1 has already finished (the tool's manifest says it holds a
+# model: a run whose save failed holds only its trained rows, see token_distillation/rescue.py)
 exit_if_done() {
-    if [[ -f "$1/report.json" ]]; then
-        echo "already done: $1/report.json exists (remove $1 or set OUT_PATH to run again)"
+    if [[ -f "$1/report.json" ]] && grep -q '"kind": "model"' "$1/token_distillation_output.json" 2>/dev/null; then
+        echo "already done: $1 holds a finished model (remove $1 or set OUT_PATH to run again)"
         exit 0
     fi
+}
+
+# Run a command so that a stop reaches it: SLURM's pre-termination signal (#SBATCH --signal=B:USR1@60
+# signals this batch shell only) and SIGTERM are forwarded to the command, as USR1 / TERM, or both
+# as $FORWARD_AS when set (TERM for launchers such as torchrun, which pass SIGTERM on to their
+# workers). The tool then checkpoints its current step and exits 128 + the signal number. With
+# REQUEUE_ON_USR1=1 under SLURM, a run stopped by USR1 (exit 138: the time limit is near) requeues
+# the job, which resumes from the checkpoint (the scripts pass --resume). Returns the command's code.
+run_with_signals() {
+    "$@" &
+    local pid=$! rc=0
+    trap 'kill -"${FORWARD_AS:-USR1}" "$pid" 2>/dev/null || true' USR1
+    trap 'kill -"${FORWARD_AS:-TERM}" "$pid" 2>/dev/null || true' TERM
+    while :; do
+        wait "$pid" && rc=0 || rc=$?
+        kill -0 "$pid" 2>/dev/null || break  # still running: wait was cut short by a forwarded signal
+    done
+    trap - USR1 TERM
+    if [[ "$rc" == 138 && "${REQUEUE_ON_USR1:-1}" == 1 && -n "${SLURM_JOB_ID:-}" ]]; then
+        echo "[$(date '+%F %T')] stopped before the time limit with a checkpoint; requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID" || true
+    fi
+    return "$rc"
 }

@@ -46,6 +46,7 @@
 #SBATCH --mem=64G
 #SBATCH --time=04:00:00
 #SBATCH --requeue
+#SBATCH --signal=B:USR1@60
 #SBATCH --open-mode=append
 #SBATCH --output=tokdist-grid-%A_%a.out
 set -euo pipefail
@@ -104,7 +105,7 @@ run_task() {
     fi
     [[ -n "$DATASET_PATH" ]] && args+=(--dataset_path "$DATASET_PATH")
     # shellcheck disable=SC2086  # EXTRA_ARGS is split into flags on purpose
-    "$PYTHON" apply_embedding_init.py "${args[@]}" $EXTRA_ARGS
+    run_with_signals "$PYTHON" apply_embedding_init.py "${args[@]}" $EXTRA_ARGS
 }
 
 summarize() {

@@ -36,6 +36,7 @@
 #SBATCH --mem=256G
 #SBATCH --time=04:00:00
 #SBATCH --requeue
+#SBATCH --signal=B:USR1@60
 #SBATCH --open-mode=append
 #SBATCH --output=tokdist-multigpu-%j.out
 set -euo pipefail
@@ -72,16 +73,16 @@ echo "[$(date '+%F %T')] job ${SLURM_JOB_ID:-local}: $MODEL_PATH -> $OUT_PATH, $
 if [[ "$LAUNCHER" == accelerate ]]; then
     if ((NNODES > 1)); then echo "error: LAUNCHER=accelerate is single-node in this script; use torchrun" >&2; exit 2; fi
     # --multi_gpu also covers several CPU processes (gloo) when no GPU is visible
-    "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$NPROC" --num_machines 1 \
+    FORWARD_AS=TERM run_with_signals "$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$NPROC" --num_machines 1 \
         --main_process_port "$MASTER_PORT" --mixed_precision no --dynamo_backend no \
         apply_embedding_init.py "${ARGS[@]}"
 elif ((NNODES > 1)); then
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    srun --ntasks-per-node=1 --ntasks="$NNODES" "$PYTHON" -m torch.distributed.run \
+    FORWARD_AS=TERM run_with_signals srun --ntasks-per-node=1 --ntasks="$NNODES" "$PYTHON" -m torch.distributed.run \
         --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_id "${SLURM_JOB_ID:-0}" \
         --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \
         apply_embedding_init.py "${ARGS[@]}"
 else
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" apply_embedding_init.py "${ARGS[@]}"
+    FORWARD_AS=TERM run_with_signals "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" apply_embedding_init.py "${ARGS[@]}"
 fi
 echo "[$(date '+%F %T')] done: $OUT_PATH"

@@ -38,6 +38,7 @@
 #SBATCH --mem=64G
 #SBATCH --time=04:00:00
 #SBATCH --requeue
+#SBATCH --signal=B:USR1@60
 #SBATCH --open-mode=append
 #SBATCH --output=tokdist-1gpu-%j.out
 set -euo pipefail
@@ -59,6 +60,6 @@ ARGS=(--model_path "$MODEL_PATH" --new_tokens_source "$NEW_TOKENS" --out_path "$
       --checkpoint_every "$CHECKPOINT_EVERY" --resume)
 [[ -n "$DATASET_PATH" ]] && ARGS+=(--dataset_path "$DATASET_PATH")
 # shellcheck disable=SC2086  # EXTRA_ARGS is split into flags on purpose
-"$PYTHON" apply_embedding_init.py "${ARGS[@]}" $EXTRA_ARGS
+run_with_signals "$PYTHON" apply_embedding_init.py "${ARGS[@]}" $EXTRA_ARGS
 
 echo "[$(date '+%F %T')] done: $OUT_PATH"

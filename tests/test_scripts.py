@@ -391,3 +391,33 @@ def test_replace_file_leaves_no_partial_file(tmp_path):
         replace_file(tmp_path, flag="--markdown")
     with pytest.raises(ConfigError, match="is a file"):
         replace_file(p / "x.md")
+
+
+@pytest.mark.parametrize("sig, forward, code", [("USR1", "", 138), ("TERM", "", 143), ("USR1", "TERM", 143)])
+def test_slurm_shell_forwards_stop_signals(sig, forward, code, tmp_path):
+    """scripts/common.sh run_with_signals: SLURM's --signal=B:USR1@60 reaches only the batch shell;
+    the shell passes it (or SIGTERM) on to the tool, whose exit code it returns."""
+    import signal as sg
+    import time
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import signal, sys, time, pathlib\n"
+        "def stop(signum, frame):\n"
+        "    pathlib.Path(sys.argv[1]).write_text(signal.Signals(signum).name)\n"
+        "    sys.exit(128 + signum)\n"
+        "signal.signal(signal.SIGUSR1, stop); signal.signal(signal.SIGTERM, stop)\n"
+        "pathlib.Path(sys.argv[1] + '.ready').write_text('ready')\n"
+        "time.sleep(60)\n")
+    got = tmp_path / "got"
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    env.update(REPO_DIR=str(ROOT), FORWARD_AS=forward) if forward else env.update(REPO_DIR=str(ROOT))
+    script = f'source scripts/common.sh; run_with_signals {sys.executable} {child} {got}; echo "rc=$?"'
+    p = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not Path(str(got) + ".ready").exists():
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(getattr(sg, "SIG" + sig))
+    out, _ = p.communicate(timeout=30)
+    assert f"rc={code}" in out and got.read_text() == "SIG" + (forward or sig)
