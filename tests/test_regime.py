@@ -150,3 +150,40 @@ def test_per_token_result_independent_of_other_tokens():
     paper_alone = _rows_after_training([0], recipe=Recipe.PAPER)[0]
     paper_together = _rows_after_training([2, 0, 3, 1], recipe=Recipe.PAPER)[0]
     assert not torch.allclose(paper_alone, paper_together, rtol=1e-4, atol=1e-6)
+
+
+def _cooccurrence_rows(a_snippets_contain_b: bool):
+    """Tokens A and B, per-token recipe; B occurs in A's snippets or not. Returns B's trained row."""
+    from tests.conftest import make_llama
+    from token_distillation.alignment import PhraseMatcher, merge
+    from token_distillation.config import Recipe
+    from token_distillation.init_methods import subtoken_mean
+    from token_distillation.models import extend_embeddings
+    from token_distillation.tokenization import NewToken
+    from token_distillation.train import NewRows, resolve_layer, train
+
+    model = make_llama(64, seed=0)
+    model.requires_grad_(False)
+    extend_embeddings(model, 66)
+    a, b = NewToken(" a", (10, 11), 64), NewToken(" b", (12, 13), 65)
+    m = PhraseMatcher([a.subtoken_ids, b.subtoken_ids])
+    seqs, tix = [], []
+    gen = torch.Generator().manual_seed(5)
+    for k, tok in enumerate((a, b)):
+        for _ in range(6):
+            body = torch.randint(30, 60, (10,), generator=gen).tolist()
+            other = list(b.subtoken_ids) if (k == 0 and a_snippets_contain_b) else body[8:10]
+            ids = [1] + body[:3] + list(tok.subtoken_ids) + body[3:5] + other + body[5:8]
+            seqs.append(merge(ids, m, [64, 65]))
+            tix.append(k)
+    emb = model.get_input_embeddings().weight
+    rows = NewRows(subtoken_mean(emb, [a, b]), [64, 65], emb.shape[0])
+    train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=4, epochs=2, seed=0,
+          device=torch.device("cpu"), recipe=Recipe.PER_TOKEN, token_texts=[" a", " b"])
+    return rows.rows[1].detach().clone()
+
+
+def test_per_token_rows_exact_when_new_tokens_cooccur():
+    """B's row is trained by B's own snippets only: whether B also occurs in A's snippets (where it is
+    embedded with its current row, without gradient) does not change B's trained row."""
+    torch.testing.assert_close(_cooccurrence_rows(True), _cooccurrence_rows(False), rtol=0, atol=1e-6)

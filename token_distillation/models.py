@@ -334,6 +334,21 @@ def check_context_length(model_config, snippet_len: int, bos_len: int = 1) -> No
                           f"tokens; use --snippet_len {ctx - bos_len} or less")
 
 
+def set_new_output_bias(model, token_ids: list[int], subtoken_ids: list[tuple[int, ...]]) -> bool:
+    """Give the new tokens the mean of their subtokens' output bias, for models whose output layer
+    has a bias (after :func:`extend_embeddings`, the new entries hold whatever the resize left).
+    Returns False when the output layer has no bias.
+    """
+    out = model.get_output_embeddings()
+    bias = getattr(out, "bias", None) if out is not None else None
+    if bias is None:
+        return False
+    with torch.no_grad():
+        for new_id, subs in zip(token_ids, subtoken_ids):
+            bias[new_id] = bias[torch.tensor(list(subs), device=bias.device)].float().mean().to(bias.dtype)
+    return True
+
+
 def untie_embeddings(model) -> None:
     """Give a tied model its own output layer: a frozen copy of the shared matrix.
 

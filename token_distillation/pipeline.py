@@ -40,6 +40,7 @@ from .models import (
     load_model,
     load_tokenizer,
     resolve_model_source,
+    set_new_output_bias,
     untie_embeddings,
 )
 from .paths import ModelSource, write_output_dir
@@ -82,15 +83,39 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def resolve_precision(mp: MixedPrecision, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """(weights dtype, autocast dtype or None). bf16 autocast on CUDA by default, fp32 on CPU."""
+def resolve_precision(mp: MixedPrecision, device: torch.device,
+                      source_dtype: torch.dtype = torch.float32) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights dtype, autocast dtype or None).
+
+    Weights: on CUDA in the source checkpoint's dtype (``source_dtype``: bf16/fp16 checkpoints stay
+    16-bit, so an 8B model takes ~16 GB, and the originals are never re-rounded); on CPU in fp32
+    (16-bit CPU kernels are slow), cast back to the source dtype when saved. Autocast: bf16 on CUDA
+    by default, none on CPU. Only the trainable rows and their optimizer state are fp32 everywhere.
+
+    Raises:
+        ConfigError: ``--mixed_precision fp16`` (training the new rows under fp16 autocast would need a
+            gradient scaler, which this tool does not use).
+    """
+    if mp == MixedPrecision.FP16:
+        raise ConfigError("--mixed_precision fp16: training under fp16 autocast needs a gradient scaler, which this "
+                          "tool does not use; pass bf16 (GPUs since Ampere) or no (fp32). An fp16 checkpoint is fine: "
+                          "it is loaded and saved in fp16 either way")
     if mp == MixedPrecision.AUTO:
         mp = MixedPrecision.BF16 if device.type == "cuda" else MixedPrecision.NO
-    if mp == MixedPrecision.NO:
-        return torch.float32, None
-    dt = torch.bfloat16 if mp == MixedPrecision.BF16 else torch.float16
-    weights = dt if device.type == "cuda" else torch.float32
-    return weights, dt
+    weights = source_dtype if device.type == "cuda" else torch.float32
+    return weights, (torch.bfloat16 if mp == MixedPrecision.BF16 else None)
+
+
+def source_dtype(model_config) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (its config's ``dtype`` / ``torch_dtype``;
+    float32 when the config does not say, as for a dequantized GGUF file)."""
+    for cfg in (model_config, model_config.get_text_config() if hasattr(model_config, "get_text_config") else None):
+        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) if cfg is not None else None
+        if isinstance(value, str):
+            value = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return torch.float32
 
 
 def seed_everything(seed: int) -> None:
@@ -132,6 +157,7 @@ class Setup:
     autocast_dtype: torch.dtype | None
     cache_root: Path
     started: float
+    save_dtype: torch.dtype = torch.float32  # the source checkpoint's dtype (known once its config is read)
 
 
 @dataclass
@@ -229,8 +255,8 @@ def start(cfg: RunConfig) -> Setup:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
     dist = DistContext.create(cfg.model.device, resolve_device)
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, dist.device)
-    logger.info("model %s | device %s | weights %s | autocast %s | seed %d | processes %d", source.spec, dist.device,
-                weights_dtype, autocast_dtype, cfg.train.seed, dist.world_size)
+    logger.info("model %s | device %s | autocast %s | seed %d | processes %d", source.spec, dist.device,
+                autocast_dtype, cfg.train.seed, dist.world_size)
     return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0)
 
 
@@ -242,6 +268,10 @@ def build_target_list(setup: Setup) -> Targets:
         model_config = load_config(setup.source, setup.cache_root)
         resolve_layer(model_config, cfg.train.target_layer)
         tokenizer = load_tokenizer(setup.source, setup.cache_root)
+    setup.save_dtype = source_dtype(model_config)
+    setup.weights_dtype, _ = resolve_precision(cfg.model.mixed_precision, setup.device, setup.save_dtype)
+    logger.info("weights: stored in %s, loaded in %s, saved in %s", setup.save_dtype, setup.weights_dtype,
+                setup.save_dtype)
     text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
         raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
@@ -306,6 +336,8 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
                     out_policy.value)
         untie_embeddings(model)
     tied = is_tied(model)
+    if set_new_output_bias(model, new_ids, [t.subtoken_ids for t in tokens]):
+        logger.info("output layer has a bias: new tokens get the mean of their subtokens' bias")
     scale = embedding_scale(model)
     emb = model.get_input_embeddings().weight
     init = INITIALISERS[tc.init_method](emb.detach(), tokens, seed=tc.seed, num_original=n_orig)
@@ -395,6 +427,8 @@ def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Tra
         emb[ids_t] = rows.rows.detach().to(emb.dtype)
         if not ext.tied:
             model.get_output_embeddings().weight[ids_t] = rows.out_rows.detach().to(emb.dtype)
+    if emb.dtype != setup.save_dtype:  # saved as the source was stored (originals round-trip exactly)
+        model.to(setup.save_dtype)
     report = build_report(setup, tg, sn, ext, tr)
 
     def _write(tmp: Path) -> None:
@@ -404,7 +438,7 @@ def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Tra
         write_target_files(tmp, tg.targets, tg.records)
 
     out = save_output(setup.out, _write, setup.cfg, rows, ext.tokenizer, report, setup.source.spec,
-                      untie=ext.tied_source and not ext.tied)
+                      untie=ext.tied_source and not ext.tied, save_dtype=setup.save_dtype)
     setup.dist.close()
     report["total_seconds"] = time.perf_counter() - setup.started
     closed = gap_closed_estimate(report["mean_heldout_loss_init"], report["mean_heldout_loss_final"])

@@ -72,8 +72,8 @@ class FnObjective:
     per_position_ok = False
     teacher_cache = None
 
-    def __init__(self, fn: Callable[[AlignedBatch], torch.Tensor]):
-        self.fn = fn
+    def __init__(self, fn: Callable[[AlignedBatch], torch.Tensor], rows=None):
+        self.fn, self.rows = fn, rows
 
     def mean(self, batch: AlignedBatch, snippet_ids: list[int]) -> torch.Tensor:
         return self.fn(batch)
@@ -154,8 +154,11 @@ class PerTokenRecipe:
         return self.schedule[step]
 
     def loss(self, objective, batch: AlignedBatch, snippet_ids: list[int]) -> torch.Tensor:
-        if not self.sums_over_tokens:
-            return objective.mean(batch, snippet_ids)
-        per_pos = objective.per_position(batch, snippet_ids)
+        """The batch loss; each snippet's loss reaches only its own token's row (other new tokens in
+        it keep their current rows, without gradient: :meth:`NewRows.gradient_only_to`)."""
+        with objective.rows.gradient_only_to(batch.token_index):
+            if not self.sums_over_tokens:
+                return objective.mean(batch, snippet_ids)
+            per_pos = objective.per_position(batch, snippet_ids)
         row_of_pos = batch.student_loss_mask.nonzero()[:, 0]
         return per_token_loss(per_pos, row_of_pos, batch.token_index, int(batch.token_index.max()) + 1)

@@ -41,7 +41,7 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
                   "embedding_scale": ext.scale, "num_layers_target_index": ext.layer,
                   "vocab_rows_before": ext.num_original, "vocab_rows_after": int(emb.shape[0])},
         "versions": versions(),
-        "device": str(setup.device), "weights_dtype": str(setup.weights_dtype),
+        "device": str(setup.device), "weights_dtype": str(setup.weights_dtype), "saved_dtype": str(setup.save_dtype),
         "autocast_dtype": str(setup.autocast_dtype),
         "seed": tc.seed, "processes": setup.dist.world_size,
         "snippets": sn.corpus_info,
@@ -110,7 +110,7 @@ def final_destination(out: Path, replace_allowed: bool) -> Path:
 
 
 def save_output(out: Path, write, cfg: RunConfig, rows, tokenizer, report: dict, model_spec: str,
-                untie: bool) -> Path:
+                untie: bool, save_dtype=None) -> Path:
     """Write the extended model atomically (``write(tmp_dir)``); returns the directory written.
 
     A finished training is never lost: if the save fails, the trained rows, tokenizer and report are
@@ -129,10 +129,10 @@ def save_output(out: Path, write, cfg: RunConfig, rows, tokenizer, report: dict,
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
         logger.debug("save failed", exc_info=True)
     try:
-        rows_dir = write_rows(dest, rows, tokenizer, report, model_spec, untie)
+        rows_dir = write_rows(dest, rows, tokenizer, report, model_spec, untie, save_dtype)
     except Exception:  # noqa: BLE001 - e.g. the output's disk is full: try the temporary directory
         rows_dir = write_rows(Path(tempfile.mkdtemp(prefix="token_distillation_rows-")) / "rows", rows, tokenizer,
-                              report, model_spec, untie)
+                              report, model_spec, untie, save_dtype)
     raise ConfigError(f"saving the extended model to {dest} failed ({reason}); the trained rows were saved in "
                       f"{rows_dir}; build the model from them with: {recovery_command(rows_dir)}")
 

@@ -31,13 +31,14 @@ ROWS_FILE = "new_rows.safetensors"
 ROWS_META = "rows.json"
 
 
-def write_rows(out: Path, rows, tokenizer, report: dict, model_spec: str, untie: bool) -> Path:
+def write_rows(out: Path, rows, tokenizer, report: dict, model_spec: str, untie: bool, save_dtype=None) -> Path:
     """Write the trained rows of a run whose model could not be saved (see the module docstring).
 
     Args:
         rows: the run's :class:`~token_distillation.train.NewRows`.
         model_spec: ``--model_path`` of the run (recorded so that the rows can be applied).
         untie: the run untied a tied model (the output layer becomes a separate copy).
+        save_dtype: the dtype the model is to be saved in (the source checkpoint's).
 
     Returns:
         The directory written (``out``).
@@ -49,7 +50,10 @@ def write_rows(out: Path, rows, tokenizer, report: dict, model_spec: str, untie:
         tensors["output_rows"] = rows.out_rows.detach().float().cpu().contiguous()
     if rows.original is not None:
         tensors["input_matrix"] = rows.original.detach().float().cpu().contiguous()
-    meta = {"token_ids": list(rows.token_ids), "model_path": model_spec, "untie": bool(untie)}
+    sub_ids = [list(t["subtoken_ids"]) for t in report.get("tokens", [])]
+    meta = {"token_ids": list(rows.token_ids), "subtoken_ids": sub_ids, "model_path": model_spec,
+            "untie": bool(untie),
+            "save_dtype": str(save_dtype or torch.float32).removeprefix("torch.")}
 
     def _write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ROWS_FILE))
@@ -79,7 +83,7 @@ def apply_rows(model, tokenizer_len: int, rows_dir: Path) -> None:
     """
     from safetensors.torch import load_file
 
-    from .models import extend_embeddings, is_tied, untie_embeddings
+    from .models import extend_embeddings, is_tied, set_new_output_bias, untie_embeddings
 
     meta = json.loads((rows_dir / ROWS_META).read_text(encoding="utf-8"))
     tensors = load_file(str(rows_dir / ROWS_FILE))
@@ -90,6 +94,8 @@ def apply_rows(model, tokenizer_len: int, rows_dir: Path) -> None:
     extend_embeddings(model, tokenizer_len)
     if meta["untie"] and is_tied(model):
         untie_embeddings(model)
+    if meta.get("subtoken_ids"):
+        set_new_output_bias(model, meta["token_ids"], meta["subtoken_ids"])
     emb = model.get_input_embeddings().weight
     ids = torch.tensor(meta["token_ids"], device=emb.device)
     with torch.no_grad():
@@ -127,6 +133,7 @@ def main(rows_dir: str = "", out_path: str = "", model_path: str = "", overwrite
     model = load_model(source, default_cache_root(), torch.device("cpu"), torch.float32)
     check_saveable(model)
     apply_rows(model, len(tokenizer), src)
+    model.to(getattr(torch, meta.get("save_dtype", "float32")))
     report = json.loads((src / "report.json").read_text(encoding="utf-8"))
 
     def _write(tmp: Path) -> None:

@@ -67,6 +67,7 @@ class NewRows(torch.nn.Module):
         self.out_rows = (torch.nn.Parameter(out_rows.detach().float().clone(), requires_grad=False)
                          if out_rows is not None else None)
         self.original = None
+        self.grad_owner: torch.Tensor | None = None  # see gradient_only_to
         if train_original:
             assert weight is not None, "train_original needs the embedding matrix"
             self.original = torch.nn.Parameter(weight.detach().float().clone())
@@ -82,7 +83,22 @@ class NewRows(torch.nn.Module):
         else:
             base = model.get_input_embeddings()(safe)
         new = self.rows[row.clamp(min=0)] * self.scale
+        if self.grad_owner is not None:  # other new tokens in a snippet: their current rows, no gradient
+            own = row == self.grad_owner.to(row.device).unsqueeze(1)
+            new = torch.where(own.unsqueeze(-1), new, new.detach())
         return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
+
+    @contextlib.contextmanager
+    def gradient_only_to(self, owner: torch.Tensor):
+        """Within the block, a snippet's loss reaches only the row of the token it was mined for:
+        ``owner [batch]`` is that token's row index per batch row. Other new tokens occurring in the
+        snippet are embedded with their current rows, detached, so that each row is trained by its
+        own snippets only (the per-token recipe's independence, exact under co-occurrence)."""
+        previous, self.grad_owner = self.grad_owner, owner
+        try:
+            yield
+        finally:
+            self.grad_owner = previous
 
     def output_original(self, model) -> torch.Tensor:
         """``[num_original, hidden]`` output rows of the original vocabulary."""
@@ -333,7 +349,7 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         plan = PaperRecipe(len(seqs), batch_size=batch_size, epochs=epochs, lr=lr, stopping=stopping_condition,
                            max_steps=max_steps)
     if objective is not None:
-        obj = FnObjective(objective)
+        obj = FnObjective(objective, rows)
     else:
         cache = TeacherCache(teacher_cache_bytes) if teacher_cache_bytes > 0 and plan.revisits else None
         obj = DistillObjective(model, rows, layer, methods, autocast_dtype, teacher_cache=cache)
