@@ -214,3 +214,28 @@ def test_tokens_without_heldout_snippets_are_named(caplog):
         assert _warn_missing_heldout(toks, [3, 0], wanted=5) == [" unseen"]
         assert _warn_missing_heldout(toks, [3, 0], wanted=0) == []  # no held-out snippets asked for
     assert caplog.text.count("' unseen'") == 1 and "' seen'" not in caplog.text
+
+
+def test_training_teacher_cache_is_sized_first(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
+    """With a budget that fits exactly the training snippets' teacher states, training gets all of it
+    and the held-out pass keeps none (it saves one forward per held-out snippet, training one per
+    snippet and epoch)."""
+    from token_distillation import pipeline
+
+    seen = {}
+    real_train, real_need = pipeline.train, pipeline.teacher_state_bytes
+
+    def need(*a, **k):
+        seen["need"] = real_need(*a, **k)
+        return seen["need"]
+
+    def train(*a, teacher_cache_bytes=0, **k):
+        seen["train_budget"] = teacher_cache_bytes
+        return real_train(*a, teacher_cache_bytes=teacher_cache_bytes, **k)
+
+    monkeypatch.setattr(pipeline, "teacher_state_bytes", need)
+    probe = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "probe")))
+    assert seen["need"] > 0 and probe.report["train_steps"] > 0
+    monkeypatch.setattr(pipeline, "train", train)
+    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, teacher_cache_gib=seen["need"] / 2**30))
+    assert abs(seen["train_budget"] - seen["need"]) <= 1  # nothing went to the held-out cache

@@ -187,3 +187,18 @@ def test_per_token_rows_exact_when_new_tokens_cooccur():
     """B's row is trained by B's own snippets only: whether B also occurs in A's snippets (where it is
     embedded with its current row, without gradient) does not change B's trained row."""
     torch.testing.assert_close(_cooccurrence_rows(True), _cooccurrence_rows(False), rtol=0, atol=1e-6)
+
+
+def test_embedding_statistics_in_blocks_equal_the_whole_matrix():
+    """relative_lr and random init read the matrix in row blocks (no float copy of a vocab x hidden
+    matrix); the statistics equal those of the whole matrix."""
+    from token_distillation.init_methods import random_init
+    from token_distillation.tokenization import NewToken
+
+    w = torch.randn(1000, 16, dtype=torch.bfloat16)
+    whole = float(0.1 * w[:900].float().pow(2).mean().sqrt())
+    assert abs(relative_lr(0.1, w, 900, chunk_rows=7) - whole) < 1e-6 * whole
+    toks = [NewToken(f"t{i}", (1, 2), 1000 + i) for i in range(20000)]
+    rows = random_init(w, toks, seed=0, num_original=900)
+    ref = w[:900].float()
+    assert torch.allclose(rows.mean(0), ref.mean(0), atol=0.05) and torch.allclose(rows.std(0), ref.std(0), atol=0.05)

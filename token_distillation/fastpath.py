@@ -106,7 +106,9 @@ class TeacherCache:
 
     Args:
         max_bytes: memory budget; snippets beyond it are not cached (their teacher is recomputed).
-            Entries stay on the device they were computed on. 0 disables the cache.
+            0 disables the cache. Entries are kept in host memory (pinned when computed on CUDA,
+            so that they return to the device asynchronously) and handed back on the device they
+            were computed on: the accelerator's memory holds the model and activations only.
 
     Counters: ``hits`` / ``misses`` count batches found whole / not whole; ``snippet_hits`` /
     ``snippet_misses`` count snippets.
@@ -116,14 +118,21 @@ class TeacherCache:
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self._store: dict[int, torch.Tensor] = {}
+        self._device: torch.device | None = None  # where the states were computed (and are returned)
         self.hits = 0
         self.misses = 0
         self.snippet_hits = 0
         self.snippet_misses = 0
 
+    def __len__(self) -> int:
+        """Number of snippets cached."""
+        return len(self._store)
+
     def lookup(self, snippet_ids: list[int]) -> list[torch.Tensor | None]:
         """Per snippet, its ``[n_i, hidden]`` teacher states, or None when not cached."""
         parts = [self._store.get(i) for i in snippet_ids]
+        if self._device is not None and self._device.type != "cpu":
+            parts = [t.to(self._device, non_blocking=True) if t is not None else None for t in parts]
         found = sum(t is not None for t in parts)
         self.snippet_hits += found
         self.snippet_misses += len(parts) - found
@@ -149,7 +158,13 @@ class TeacherCache:
             size = part.numel() * part.element_size()
             if i in self._store or self.bytes + size > self.max_bytes:
                 continue
-            self._store[i] = part.clone()
+            self._device = part.device
+            if part.device.type == "cuda":
+                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+                host.copy_(part, non_blocking=False)
+            else:
+                host = part.to("cpu", copy=True)
+            self._store[i] = host
             self.bytes += size
 
 

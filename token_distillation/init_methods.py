@@ -70,11 +70,18 @@ def random_init(weight: torch.Tensor, tokens: list[NewToken], seed: int = 0, num
     Returns:
         ``[num_new, hidden]`` float32.
     """
-    w = weight[: num_original or weight.shape[0]].float()
-    mean, std = w.mean(dim=0), w.std(dim=0)
+    n = num_original or weight.shape[0]
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    squares = torch.zeros_like(total)
+    for start in range(0, n, 8192):  # in blocks: no float copy of the whole matrix
+        block = weight[start: min(start + 8192, n)].detach().double()
+        total += block.sum(dim=0)
+        squares += block.pow(2).sum(dim=0)
+    mean = total / n
+    std = ((squares - n * mean.pow(2)) / max(n - 1, 1)).clamp_min(0).sqrt()
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(tokens), w.shape[1]), generator=gen).to(w.device)
-    return mean + noise * std
+    noise = torch.randn((len(tokens), weight.shape[1]), generator=gen).to(weight.device)
+    return (mean + noise * std).float()
 
 
 INITIALISERS: dict[InitMethod, Callable[..., torch.Tensor]] = {

@@ -23,7 +23,7 @@ import torch
 
 from .alignment import PhraseMatcher, merge
 from .checkpoint import CHECKPOINT_DIRNAME, Checkpointer, fingerprint, prepare_output, snippet_digest
-from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource
+from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource, StoppingCondition
 from .corpus import TokenizedCorpus, check_text_column, tokenize_corpus
 from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .fastpath import TeacherCache
@@ -358,9 +358,9 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     rows with ``--output_embeddings ntp``), held-out measures after.
 
     The input rows (held-out distillation loss) change only when trained, the argmax rate also when
-    the output rows are trained (ntp); otherwise "after" equals "before" and is not recomputed. The
-    teacher states of "before" are kept for "after" within ``--teacher_cache_gib`` (training's own
-    teacher cache gets the rest of the budget).
+    the output rows are trained (ntp); otherwise "after" equals "before" and is not recomputed.
+    ``--teacher_cache_gib`` is shared: training's teacher cache (used when snippets are seen again)
+    is sized first, and the held-out teacher states of "before" are kept for "after" in what is left.
     """
     cfg, tc, model, rows, tokens = setup.cfg, setup.cfg.train, ext.model, ext.rows, ext.tokens
     pad_id = ext.tokenizer.pad_token_id if ext.tokenizer.pad_token_id is not None else 0
@@ -370,7 +370,12 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
                              device=setup.device, autocast_dtype=setup.autocast_dtype, pad_id=pad_id)
     input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
     budget = int(tc.teacher_cache_gib * 2**30)
-    held_teacher = TeacherCache(budget) if input_trained and setup.dist.is_main else None
+    # training's cache is sized first (it saves a teacher forward per snippet and epoch); the held-out
+    # pass keeps what is left (it saves one forward per held-out snippet)
+    revisits = tc.token_distillation_epochs > 1 or tc.stopping_condition == StoppingCondition.MAX_STEPS
+    train_need = teacher_state_bytes(train_seqs, model, setup) if tc.init_method in TRAINED and revisits else 0
+    held_budget = max(0, budget - train_need)
+    held_teacher = TeacherCache(held_budget) if input_trained and setup.dist.is_main else None
     before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
     lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
     loop_kw = dict(lr=tc.token_distillation_lr, batch_size=tc.token_distillation_batch_size,
@@ -407,12 +412,25 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
                      desc="held-out evaluation after training")
     except Interrupted as e:  # training is done and checkpointed (when it trained): --resume skips to here
         raise Interrupted(e.signum, step=result.steps if result else None, where="after training") from None
+    if held_teacher is not None:
+        logger.info("held-out teacher cache: %d of %d snippets kept for the second pass (%.1f MiB of %.1f MiB left "
+                    "by training's cache)", len(held_teacher), len(held_seqs), held_teacher.bytes / 2**20,
+                    held_budget / 2**20)
     held_after = after.loss_per_token if after.loss_per_token is not None else before.loss_per_token
     argmax_after = after.argmax if after.argmax is not None else before.argmax
     _warn_if_new_tokens_dominate(argmax_after, ext.tied)
     not_improved = _not_improved(tokens, before.loss_per_token, held_after) if result else []
     return Trained(result, out_result, lr, before.loss_per_token, held_after, before.argmax, argmax_after,
                    not_improved)
+
+
+def teacher_state_bytes(seqs, model, setup: Setup) -> int:
+    """Bytes of the teacher hidden states of ``seqs`` at their loss positions (from the first new
+    token on), as the teacher cache stores them (autocast dtype, else the weights' dtype)."""
+    positions = sum(len(s.student_ids) - max(s.first_new, 0) for s in seqs)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    item = torch.empty((), dtype=setup.autocast_dtype or setup.weights_dtype).element_size()
+    return positions * hidden * item
 
 
 def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Trained) -> RunResult:

@@ -201,7 +201,16 @@ def per_token_loss(per_position: torch.Tensor, row_of_position: torch.Tensor, to
     return (sums[present] / counts[present]).sum()
 
 
-def relative_lr(lr_relative: float, weight: torch.Tensor, num_original: int) -> float:
-    """Absolute Adam step size: ``lr_relative * RMS(original embedding entries)``."""
-    w = weight[:num_original].detach().float()
-    return float(lr_relative * w.pow(2).mean().sqrt())
+def relative_lr(lr_relative: float, weight: torch.Tensor, num_original: int, chunk_rows: int = 8192) -> float:
+    """Absolute Adam step size: ``lr_relative * RMS(original embedding entries)``.
+
+    Computed over blocks of ``chunk_rows`` rows, so that no float32 copy of the whole
+    ``[vocab, hidden]`` matrix is made (4.2 GB for a 128k x 4096 bf16 matrix on the GPU).
+    """
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, num_original, chunk_rows):
+            block = weight[start: min(start + chunk_rows, num_original)].detach().float()
+            total += float(block.pow(2).sum(dtype=torch.float64))
+            count += block.numel()
+    return float(lr_relative * (total / max(count, 1)) ** 0.5)
