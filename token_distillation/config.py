@@ -446,9 +446,9 @@ class TrainConfig:
         0, "Passes over the training snippets; 0: the recipe's default (per-token: 2, paper: 1, as in the paper).")
     token_distillation_batch_size: int = _flag(16, "Snippets per optimizer step.")
     teacher_cache_gib: float = _flag(
-        2.0, "Keep up to this many GiB of teacher hidden states (on the training device) so that snippets seen "
-        "again skip the teacher forward: the held-out snippets evaluated before and after training, and with more "
-        "than one epoch (hidden-state losses) the training snippets. 0: recompute every time.",
+        2.0, "Keep up to this many GiB of teacher hidden states in host memory so that snippets seen again skip "
+        "the teacher forward: first the training snippets (with more than one epoch, hidden-state losses), then "
+        "the held-out snippets evaluated before and after training. 0: recompute every time.",
     )
     stopping_condition: StoppingCondition = _flag(
         StoppingCondition.EPOCHS, "epochs (stop after --token_distillation_epochs) or max_steps."
