@@ -30,6 +30,7 @@ from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .interrupts import Interrupted, deferred_signals
+from .memory import check_fits, plan_memory
 from .models import (
     check_context_length,
     check_saveable,
@@ -169,6 +170,7 @@ class Targets:
     records: list[dict]
     summary: dict
     corpus: TokenizedCorpus | None
+    model_config: Any = None
 
 
 @dataclass
@@ -287,7 +289,7 @@ def build_target_list(setup: Setup) -> Targets:
     else:
         summary = log_summary(targets)
     records = new_token_records(targets, tokenizer, occurrences)
-    return Targets(tokenizer, targets, records, summary, corpus)
+    return Targets(tokenizer, targets, records, summary, corpus, model_config)
 
 
 def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
@@ -319,6 +321,14 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     """Stage 4: load the model, add the new tokens to tokenizer and embedding matrices (untying a
     tied model when asked), and initialise the new input (and output) rows."""
     cfg, tc, device, tokenizer = setup.cfg, setup.cfg.train, setup.device, tg.tokenizer
+    text_cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
+    plan = plan_memory(tg.model_config, weights_dtype=setup.weights_dtype, autocast_dtype=setup.autocast_dtype,
+                       batch_size=tc.token_distillation_batch_size,
+                       seq_len=cfg.snippets.snippet_len + len(bos_prefix(tokenizer)),
+                       layers_to_target=resolve_layer(tg.model_config, tc.target_layer), num_new=len(sn.tokens),
+                       untie=bool(getattr(text_cfg, "tie_word_embeddings", False))
+                       and _output_policy(cfg, True) is not None)
+    check_fits(plan, device, tc.token_distillation_batch_size)
     model = sn.model or load_model(setup.source, setup.cache_root, device, setup.weights_dtype)
     check_saveable(model)
     layer = resolve_layer(model, tc.target_layer)
