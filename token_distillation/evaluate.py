@@ -178,6 +178,28 @@ def _split_list(value: str) -> list[str]:
     return [s.strip() for s in str(value).split(",") if s.strip()]
 
 
+@dataclass
+class _Original:
+    """What the original model gives every extended model: held-out windows and their teacher pass."""
+
+    tokenizer: Any
+    words: list[NewToken]
+    index: dict[str, int]
+    corpus: Any
+    docs: np.ndarray
+    windows: list
+    win_counts: list[int]
+    teacher: Any
+    num_layers: int
+    num_original: int
+    targets: dict[str, int]
+    all_new: list[int]
+    pad_id: int
+    definitions: list[list[int]]
+    def_orig: list[float | None]
+    seconds: float
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation and write ``evaluation.{json,md,png}`` into ``cfg.out_path``.
 
@@ -188,26 +210,41 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         ConfigError: bad flags, extended models not made from ``--model_path``, no held-out document
             left after excluding training documents, no window found.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import load_model, load_tokenizer, resolve_model_source
+    from .models import default_cache_root, resolve_model_source
     from .pipeline import resolve_device
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
-    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
-    if cache_root is None:
-        from .models import default_cache_root
-        cache_root = default_cache_root()
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
     labels = cfg.label_list or [""] * len(cfg.paths)
     exts = [read_extended(p, lab) for p, lab in zip(cfg.paths, labels)]
     if not cfg.labels:
         _unique_labels(exts)
     source = resolve_model_source(cfg.model_path)
-    tokenizer = load_tokenizer(source, cache_root)
+    orig = _original_pass(cfg, source, exts, cache_root, device)
+    results: dict[str, Any] = {"methods": {}, "per_token": {}}
+    for e in exts:
+        results["per_token"][e.label], results["methods"][e.label] = _score_extended(cfg, e, orig, cache_root, device)
+    _aggregate(results, orig, exts)
+    docs, corpus, words = orig.docs, orig.corpus, orig.words
+    results["definitions"] = ({w.text: orig.tokenizer.decode(orig.definitions[i]) for i, w in enumerate(words)}
+                              if orig.definitions else {})
+    results["setup"] = {
+        "model_path": cfg.model_path, "model_identity": source.identity, "dataset_path": cfg.dataset_path,
+        "heldout_docs": int(len(docs)), "excluded_training_docs": int(corpus.num_docs - len(docs)),
+        "windows": len(orig.windows), "window_len": cfg.window_len, "windows_per_token": cfg.windows_per_token,
+        "words": len(words), "words_with_windows": int(sum(c > 0 for c in orig.win_counts)),
+        "definition_tokens": cfg.definition_tokens, "device": str(device), "dtype": cfg.dtype,
+        "original_vocab_rows": orig.num_original, "num_layers": orig.num_layers, "seed": cfg.seed,
+        "original_model_seconds": orig.seconds, "total_seconds": time.perf_counter() - t0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": dataclasses.asdict(cfg),
+    }
+    write_outputs(results, Path(cfg.out_path).expanduser())
+    return results
 
-    # the evaluated words: union over models, keyed by surface text; subtokens must match --model_path
+
+def _evaluated_words(cfg: EvalConfig, exts: list[ExtendedModel], tokenizer) -> tuple[list[NewToken], dict[str, int]]:
+    """The union of the models' words, keyed by surface text; their subtokens must match --model_path."""
     words: list[NewToken] = []
     index: dict[str, int] = {}
     problems = []
@@ -223,14 +260,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 words.append(NewToken(t.text, t.subtoken_ids))
     if problems:
         raise ConfigError(problems[:5])
-    excluded_docs = set().union(*(e.train_doc_ids for e in exts))
+    return words, index
 
+
+def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_root: Path, device) -> _Original:
+    """Held-out windows (training documents excluded), the original model's teacher pass over them
+    and, when asked, its definitions of the words and their NLL."""
+    from .models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(source, cache_root)
+    words, index = _evaluated_words(cfg, exts, tokenizer)
+    excluded_docs = set().union(*(e.train_doc_ids for e in exts))
     corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
     docs = heldout_documents(corpus, excluded_docs)
     assert not {corpus.doc_ids[d] for d in docs.tolist()} & excluded_docs
-    bos = bos_prefix(tokenizer)
     windows = mine_windows(corpus, [w.subtoken_ids for w in words], docs, cfg.window_len, cfg.windows_per_token,
-                           bos, cfg.seed)
+                           bos_prefix(tokenizer), cfg.seed)
     if not windows:
         raise ConfigError(f"--dataset_path {cfg.dataset_path}: none of the {len(words)} words occurs in the "
                           f"{len(docs)} held-out documents; pass a larger held-out corpus")
@@ -239,8 +284,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         win_counts[w.word] += 1
     logger.info("held-out: %d documents, %d windows for %d of %d words", len(docs), len(windows),
                 sum(c > 0 for c in win_counts), len(words))
-
-    model = load_model(source, cache_root, device, dtype)
+    model = load_model(source, cache_root, device, DTYPES[cfg.dtype])
     num_layers = resolve_layer(model, -1)
     num_original = model.get_output_embeddings().weight.shape[0]
     targets = {e.label: resolve_layer(model, cfg.target_layer or e.target_layer) for e in exts}
@@ -255,68 +299,72 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         definitions = generate_definitions(model, tokenizer, words, cfg.definition_tokens, device)
         prompts = [definition_prompt(tokenizer, w.text, list(w.subtoken_ids)) for w in words]
         def_orig = continuation_nll(model, prompts, definitions, num_original, all_new, device, pad_id, cfg.batch_size)
-    teacher_seconds = time.perf_counter() - t_start
-    del model
+    return _Original(tokenizer, words, index, corpus, docs, windows, win_counts, teacher, num_layers, num_original,
+                     targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start)
 
-    doc_lens = (corpus.offsets[docs + 1] - corpus.offsets[docs]).astype(np.float64)
-    tokens_per_doc_before = float(doc_lens.mean())
-    results: dict[str, Any] = {"methods": {}, "per_token": {}}
-    for e in exts:
-        t_start = time.perf_counter()
-        ext_model = AutoModelForCausalLM.from_pretrained(e.path, dtype=dtype).to(device).eval()
-        ext_tok = AutoTokenizer.from_pretrained(e.path)
-        for t in e.tokens:
-            got = ext_tok.convert_tokens_to_ids(t.text)
-            if got != t.token_id:
-                raise ConfigError(f"--extended_paths {e.path}: tokenizer maps {t.text!r} to {got}, report.json "
-                                  f"says {t.token_id}; the directory is inconsistent")
-        w2t = {index[t.text]: k for k, t in enumerate(e.tokens)}
-        acc = student_pass(ext_model, e, w2t, windows, teacher, {"target": targets[e.label], "last": num_layers},
-                           num_original, all_new, len(words), cfg.batch_size, device, pad_id)
-        def_ext: list[float | None] = [None] * len(words)
-        if cfg.definition_tokens:
-            ws = sorted(w2t)
-            prompts = [definition_prompt(tokenizer, words[i].text, [e.tokens[w2t[i]].token_id]) for i in ws]
-            vals = continuation_nll(ext_model, prompts, [definitions[i] for i in ws], None, [], device, pad_id,
-                                    cfg.batch_size)
-            for i, v in zip(ws, vals):
-                def_ext[i] = v
-        ext_corpus = tokenize_corpus(cfg.corpus, ext_tok, cache_root)
-        assert ext_corpus.doc_ids == corpus.doc_ids
-        after = (ext_corpus.offsets[docs + 1] - ext_corpus.offsets[docs]).astype(np.float64)
-        rows = {}
-        for i in sorted(w2t):
-            tnll, so, sf = acc["t_nll"].mean(i), acc["s_nll_orig"].mean(i), acc["s_nll_full"].mean(i)
-            den = acc["argmax_den"].sum[i]
-            tok = e.tokens[w2t[i]]
-            rows[words[i].text] = {
-                "token_id": tok.token_id,
-                "subtokens": tokenizer.convert_ids_to_tokens(list(tok.subtoken_ids)),
-                "windows": win_counts[i], "positions": acc["t_nll"].count[i],
-                "nll_original": tnll, "nll_orig_vocab": so, "nll_full_vocab": sf,
-                "excess_nll_orig": None if tnll is None else so - tnll,
-                "excess_nll_full": None if tnll is None else sf - tnll,
-                "new_token_argmax_rate": acc["argmax_hits"].sum[i] / den if den else None,
-                "mse_target": acc["mse_target"].mean(i), "cos_target": acc["cos_target"].mean(i),
-                "mse_last": acc["mse_last"].mean(i), "cos_last": acc["cos_last"].mean(i),
-                "definition_nll": def_ext[i], "definition_nll_original": def_orig[i],
-                "definition_excess_nll": None if def_ext[i] is None or def_orig[i] is None else def_ext[i] - def_orig[i],
-                "row_norm": float(ext_model.get_input_embeddings().weight[tok.token_id].detach().float().norm()),
-            }
-        results["per_token"][e.label] = rows
-        results["methods"][e.label] = {
-            "path": str(e.path), "init_method": e.report.get("config", {}).get("init_method"),
-            "target_layer": targets[e.label], "num_tokens": len(e.tokens),
-            "tokens_per_doc_before": tokens_per_doc_before, "tokens_per_doc_after": float(after.mean()),
-            "compression_ratio": float(after.sum() / doc_lens.sum()),
-            "train_seconds": e.report.get("train_seconds"),
-            "train_seconds_from_step": e.report.get("train_seconds_from_step", 0),
-            "eval_seconds": time.perf_counter() - t_start,
+
+def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root: Path, device) -> tuple[dict, dict]:
+    """Per-token metrics and the method's summary for one extended model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.perf_counter()
+    ext_model = AutoModelForCausalLM.from_pretrained(e.path, dtype=DTYPES[cfg.dtype]).to(device).eval()
+    ext_tok = AutoTokenizer.from_pretrained(e.path)
+    for t in e.tokens:
+        got = ext_tok.convert_tokens_to_ids(t.text)
+        if got != t.token_id:
+            raise ConfigError(f"--extended_paths {e.path}: tokenizer maps {t.text!r} to {got}, report.json "
+                              f"says {t.token_id}; the directory is inconsistent")
+    w2t = {o.index[t.text]: k for k, t in enumerate(e.tokens)}
+    acc = student_pass(ext_model, e, w2t, o.windows, o.teacher, {"target": o.targets[e.label], "last": o.num_layers},
+                       o.num_original, o.all_new, len(o.words), cfg.batch_size, device, o.pad_id)
+    def_ext: list[float | None] = [None] * len(o.words)
+    if cfg.definition_tokens:
+        ws = sorted(w2t)
+        prompts = [definition_prompt(o.tokenizer, o.words[i].text, [e.tokens[w2t[i]].token_id]) for i in ws]
+        vals = continuation_nll(ext_model, prompts, [o.definitions[i] for i in ws], None, [], device, o.pad_id,
+                                cfg.batch_size)
+        for i, v in zip(ws, vals):
+            def_ext[i] = v
+    ext_corpus = tokenize_corpus(cfg.corpus, ext_tok, cache_root)
+    assert ext_corpus.doc_ids == o.corpus.doc_ids
+    doc_lens = (o.corpus.offsets[o.docs + 1] - o.corpus.offsets[o.docs]).astype(np.float64)
+    after = (ext_corpus.offsets[o.docs + 1] - ext_corpus.offsets[o.docs]).astype(np.float64)
+    rows = {}
+    for i in sorted(w2t):
+        tnll, so, sf = acc["t_nll"].mean(i), acc["s_nll_orig"].mean(i), acc["s_nll_full"].mean(i)
+        den = acc["argmax_den"].sum[i]
+        tok = e.tokens[w2t[i]]
+        d_orig = o.def_orig[i]
+        rows[o.words[i].text] = {
+            "token_id": tok.token_id,
+            "subtokens": o.tokenizer.convert_ids_to_tokens(list(tok.subtoken_ids)),
+            "windows": o.win_counts[i], "positions": acc["t_nll"].count[i],
+            "nll_original": tnll, "nll_orig_vocab": so, "nll_full_vocab": sf,
+            "excess_nll_orig": None if tnll is None else so - tnll,
+            "excess_nll_full": None if tnll is None else sf - tnll,
+            "new_token_argmax_rate": acc["argmax_hits"].sum[i] / den if den else None,
+            "mse_target": acc["mse_target"].mean(i), "cos_target": acc["cos_target"].mean(i),
+            "mse_last": acc["mse_last"].mean(i), "cos_last": acc["cos_last"].mean(i),
+            "definition_nll": def_ext[i], "definition_nll_original": d_orig,
+            "definition_excess_nll": None if def_ext[i] is None or d_orig is None else def_ext[i] - d_orig,
+            "row_norm": float(ext_model.get_input_embeddings().weight[tok.token_id].detach().float().norm()),
         }
-        del ext_model
+    method = {
+        "path": str(e.path), "init_method": e.report.get("config", {}).get("init_method"),
+        "target_layer": o.targets[e.label], "num_tokens": len(e.tokens),
+        "tokens_per_doc_before": float(doc_lens.mean()), "tokens_per_doc_after": float(after.mean()),
+        "compression_ratio": float(after.sum() / doc_lens.sum()),
+        "train_seconds": e.report.get("train_seconds"),
+        "train_seconds_from_step": e.report.get("train_seconds_from_step", 0),
+        "eval_seconds": time.perf_counter() - t_start,
+    }
+    return rows, method
 
-    # aggregate over the words every model has and that have windows
-    common = [w.text for i, w in enumerate(words) if win_counts[i] > 0
+
+def _aggregate(results: dict[str, Any], o: _Original, exts: list[ExtendedModel]) -> None:
+    """Method means over the words every model has and that have windows."""
+    common = [w.text for i, w in enumerate(o.words) if o.win_counts[i] > 0
               and all(w.text in results["per_token"][e.label] for e in exts)]
     for e in exts:
         m = results["methods"][e.label]
@@ -324,19 +372,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         for key, _, _ in METRICS:
             m[key] = _mean([results["per_token"][e.label][t][key] for t in common])
         m["mean_new_row_norm"] = _mean([results["per_token"][e.label][t]["row_norm"] for t in common])
-    results["definitions"] = {w.text: tokenizer.decode(definitions[i]) for i, w in enumerate(words)} if definitions else {}
-    results["setup"] = {
-        "model_path": cfg.model_path, "model_identity": source.identity, "dataset_path": cfg.dataset_path,
-        "heldout_docs": int(len(docs)), "excluded_training_docs": int(corpus.num_docs - len(docs)),
-        "windows": len(windows), "window_len": cfg.window_len, "windows_per_token": cfg.windows_per_token,
-        "words": len(words), "words_with_windows": int(sum(c > 0 for c in win_counts)),
-        "definition_tokens": cfg.definition_tokens, "device": str(device), "dtype": cfg.dtype,
-        "original_vocab_rows": num_original, "num_layers": num_layers, "seed": cfg.seed,
-        "original_model_seconds": teacher_seconds, "total_seconds": time.perf_counter() - t0,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": dataclasses.asdict(cfg),
-    }
-    write_outputs(results, Path(cfg.out_path).expanduser())
-    return results
 
 
 # --------------------------------------------------------------------------------------------

@@ -372,7 +372,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     ``--teacher_cache_gib`` is shared: training's teacher cache (used when snippets are seen again)
     is sized first, and the held-out teacher states of "before" are kept for "after" in what is left.
     """
-    cfg, tc, model, rows, tokens = setup.cfg, setup.cfg.train, ext.model, ext.rows, ext.tokens
+    tc, model, rows, tokens = setup.cfg.train, ext.model, ext.rows, ext.tokens
     pad_id = ext.tokenizer.pad_token_id if ext.tokenizer.pad_token_id is not None else 0
     train_seqs, train_tix = _merge_all(sn.snips.train, tokens)
     held_seqs, held_tix = _merge_all(sn.snips.heldout, tokens)
@@ -395,20 +395,9 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     result = out_result = None
     if tc.init_method in TRAINED:
         if tc.recipe == Recipe.PER_TOKEN:
-            logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries, %s "
-                        "schedule), %d snippet(s) per update", lr, tc.token_distillation_lr_relative,
-                        tc.lr_schedule.value, tc.snippets_per_update)
             loop_kw["lr"] = lr
-        dist = setup.dist if setup.dist.distributed else None
-        fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in tokens],
-                         new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(train_seqs))
-        ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
-                            dist=dist, minutes=cfg.output.checkpoint_minutes)
-        result = train(model, rows, train_seqs, train_tix, layer=ext.layer, loss_method=tc.loss_method,
-                       autocast_dtype=setup.autocast_dtype, recipe=tc.recipe,
-                       snippets_per_update=tc.snippets_per_update, lr_schedule=tc.lr_schedule,
-                       teacher_cache_bytes=budget - (held_teacher.bytes if held_teacher else 0),
-                       token_texts=[t.text for t in tokens], dist=dist, checkpointer=ckpt, **loop_kw)
+        result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
+                                   budget - (held_teacher.bytes if held_teacher else 0))
     if ext.out_policy == OutputEmbeddings.NTP:
         loop_kw["lr"] = tc.token_distillation_lr
         out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
@@ -432,6 +421,24 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     not_improved = _not_improved(tokens, before.loss_per_token, held_after) if result else []
     return Trained(result, out_result, lr, before.loss_per_token, held_after, before.argmax, argmax_after,
                    not_improved)
+
+
+def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dict, cache_bytes: int):
+    """Token Distillation of the new input rows, resumable from the output's checkpoints."""
+    cfg, tc, rows = setup.cfg, setup.cfg.train, ext.rows
+    if tc.recipe == Recipe.PER_TOKEN:
+        logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries, %s "
+                    "schedule), %d snippet(s) per update", loop_kw["lr"], tc.token_distillation_lr_relative,
+                    tc.lr_schedule.value, tc.snippets_per_update)
+    dist = setup.dist if setup.dist.distributed else None
+    fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in ext.tokens],
+                     new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs))
+    ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
+                        dist=dist, minutes=cfg.output.checkpoint_minutes)
+    return train(ext.model, rows, seqs, tix, layer=ext.layer, loss_method=tc.loss_method,
+                 autocast_dtype=setup.autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
+                 lr_schedule=tc.lr_schedule, teacher_cache_bytes=cache_bytes,
+                 token_texts=[t.text for t in ext.tokens], dist=dist, checkpointer=ckpt, **loop_kw)
 
 
 def teacher_state_bytes(seqs, model, setup: Setup) -> int:
