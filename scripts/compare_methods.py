@@ -56,21 +56,14 @@ RESERVED_FLAGS = ("out_path", "dataset_path")
 def split_corpus(src: Path, out: Path, heldout_fraction: float, seed: int, text_column: str,
                  max_docs: int = 0) -> tuple[Path, Path, int, int]:
     """Seeded document-level split of a JSON Lines corpus into train.jsonl and heldout.jsonl."""
+    from token_distillation.corpus import iter_jsonl
+
     rows = []
-    with open(src, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"--dataset_path {src}: line {n + 1} is not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"--dataset_path {src}: line {n + 1} is not a JSON object")
-            obj.setdefault("id", str(n))
-            rows.append({"id": str(obj["id"]), text_column: obj.get(text_column) or ""})
-            if max_docs and len(rows) >= max_docs:
-                break
+    for n, obj in iter_jsonl(src):
+        obj.setdefault("id", str(n - 1))  # 0-based line number, as before
+        rows.append({"id": str(obj["id"]), text_column: obj.get(text_column) or ""})
+        if max_docs and len(rows) >= max_docs:
+            break
     if not rows:
         raise ConfigError(f"--dataset_path {src}: no documents")
     order = list(range(len(rows)))

@@ -18,7 +18,6 @@ line, exit code 2); ``--out`` is replaced whole, never left half-written.
 from __future__ import annotations
 
 import collections
-import json
 import re
 import sys
 from pathlib import Path
@@ -54,23 +53,15 @@ def main(dataset_path: str = "", out: str = "", model_path: str = "smollm2-135m"
             raise ConfigError(f"--{flag} must be >= 1, not {value}")
     check_text_column(CorpusConfig(dataset_path=str(Path(dataset_path).expanduser()), text_column=text_column))
     source = resolve_model_source(model_path)
+    from token_distillation.corpus import iter_jsonl
     from token_distillation.models import load_tokenizer
     from token_distillation.tokenization import subtoken_ids
 
     tok = load_tokenizer(source, default_cache_root())
     df: collections.Counter[str] = collections.Counter()
-    with open(Path(dataset_path).expanduser(), encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"--dataset_path {dataset_path}: line {n} is not valid JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"--dataset_path {dataset_path}: line {n} is not a JSON object")
-            text = record.get(text_column) or ""
-            df.update({w for w in _WORD.findall(str(text)) if len(w) >= min_chars})
+    for _, record in iter_jsonl(dataset_path):
+        text = record.get(text_column) or ""
+        df.update({w for w in _WORD.findall(str(text)) if len(w) >= min_chars})
     chosen = []
     for word, n in df.most_common():
         if len(subtoken_ids(tok, " " + word)) >= min_subtokens:

@@ -6,6 +6,7 @@ every flag's default and documentation live in :mod:`token_distillation.config` 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -49,18 +50,38 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+@contextlib.contextmanager
+def user_errors():
+    """End the process the command-line way: a :class:`ConfigError` as one ``error:`` line and exit
+    code 2; a stop signal (:class:`~token_distillation.interrupts.Interrupted`, Ctrl-C) as one line
+    and exit code 128 + the signal number."""
+    import signal
+
+    from .interrupts import Interrupted
+
+    try:
+        yield
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except Interrupted as e:
+        sys.stderr.write(f"{e.message()}\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{Interrupted(signal.SIGINT).message()}\n")
+        sys.exit(128 + signal.SIGINT)
+
+
 def main(**flags):
     """Run the pipeline; user errors end with one line on stderr and exit code 2, a stop signal
     with one line and exit code 128 + the signal number (see :mod:`token_distillation.interrupts`)."""
     import signal
 
-    from .interrupts import Interrupted
-
     configure_logging()
     for name in ("SIGTERM", "SIGUSR1"):  # before training: stop with one line (training defers them)
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _raise_interrupted)
-    try:
+    with user_errors():
         cfg = RunConfig.from_flags(**flags)
         from .paths import preflight
 
@@ -72,15 +93,6 @@ def main(**flags):
         from .pipeline import run  # imports torch and transformers (seconds)
 
         result = run(cfg)
-    except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
-    except Interrupted as e:
-        sys.stderr.write(f"{e.message()}\n")
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{Interrupted(signal.SIGINT).message()}\n")
-        sys.exit(128 + signal.SIGINT)
     return str(result.out_path)
 
 
@@ -152,9 +164,6 @@ def exit_on_user_error(fn):
     ``exit_on_user_error(main)(argv)`` for argparse scripts (argparse reports its own errors).
     """
     import functools
-    import signal
-
-    from .interrupts import Interrupted
 
     sig = inspect.signature(fn)
     by_name = {"str": str, "int": int, "float": float, "bool": bool}
@@ -198,7 +207,7 @@ def exit_on_user_error(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with user_errors():
             try:
                 bound = sig.bind(*args, **kwargs)
             except TypeError as e:  # a missing required argument, one too many
@@ -209,14 +218,5 @@ def exit_on_user_error(fn):
             if problems:
                 raise ConfigError(problems)
             return fn(*bound.args, **bound.kwargs)
-        except ConfigError as e:
-            sys.stderr.write(f"error: {e}\n")
-            sys.exit(2)
-        except Interrupted as e:
-            sys.stderr.write(f"{e.message()}\n")
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            sys.stderr.write("interrupted (SIGINT)\n")
-            sys.exit(128 + signal.SIGINT)
 
     return wrapper

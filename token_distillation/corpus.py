@@ -106,6 +106,25 @@ def load_texts(cfg: CorpusConfig):
     return ds
 
 
+def iter_jsonl(path: str | Path, flag: str = "--dataset_path"):
+    """``(line number, record)`` for every non-empty line of a JSON Lines file (1-based numbers).
+
+    Raises:
+        ConfigError: a line that is not valid JSON or not a JSON object (named with its number).
+    """
+    with open(Path(path).expanduser(), encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"{flag} {path}: line {n} is not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{flag} {path}: line {n} is not a JSON object")
+            yield n, record
+
+
 def check_text_column(cfg: CorpusConfig) -> None:
     """Check that a local corpus has ``--text_column`` by reading its first record only (the first
     line of a JSON Lines file, a CSV header, a Parquet schema), so that a wrong column fails in a
