@@ -139,7 +139,9 @@ def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> lis
     out = head + [
            f"From the sweeps {where} (same corpus split, snippets and evaluation per row). Gap closed: 0% = subtoken "
            f"mean, 100% = original tokenization; softmax over the original / the full extended vocabulary. "
-           f"Default: `{label}` (per-token recipe); paper: AdamW lr 1e-4, 1 epoch.", "",
+           f"Default: `{label}` (per-token recipe); paper: AdamW lr 1e-4, 1 epoch. Measured (dates in the sweeps) "
+           f"before the per-token recipe stopped passing gradient to other new tokens that occur in a token's "
+           f"snippets (2026-12-03); runs where new tokens co-occur (more so at 500 words) may change when re-measured.", "",
            "| model | words trained together | default: gap closed (orig. / full) | default: new-token argmax rate "
            "| paper: gap closed (orig. / full) | paper: new-token argmax rate | source |",
            "|---|---|---|---|---|---|---|"]
