@@ -29,6 +29,7 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--dataset_path"], "--dataset_path needs a value"),  # Fire would pass True
         (["--token_distillation_epochs"], "--token_distillation_epochs needs a value"),
         (["stray_word", "--dry_run"], "unexpected argument(s) stray_word"),  # Fire would report it after the run
+        (["--snippet_num", "4", "--snippet_num", "5"], "--snippet_num given more than once"),  # Fire keeps the last
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, needle, tmp_path):

@@ -191,7 +191,12 @@ def test_failed_save_keeps_the_trained_rows(tmp_path, toy_model_dir, toy_corpus,
     assert "No space left" in msg and "token_distillation.rescue" in msg and str(out) in msg
     assert (out / rescue.ROWS_FILE).is_file() and (out / "report.json").is_file() and foreign_entries(out) == []
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
-    rebuilt = Path(rescue.main(rows_dir=str(out), out_path=str(tmp_path / "rebuilt")))
+    import shlex
+
+    command = shlex.split(msg.split("build the model from them with: ", 1)[1])  # the command the error names
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rebuilt = Path(str(out) + "-model")
     a, b = load_file(str(ref.out_path / "model.safetensors")), load_file(str(rebuilt / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -336,3 +341,36 @@ def test_snippet_num_below_min_snippets_is_a_flag_error():
     with pytest.raises(ConfigError, match="--snippet_num 4 is below --min_snippets 5"):
         RunConfig.from_flags(snippet_num=4)
     RunConfig.from_flags(snippet_num=4, min_snippets=4)
+
+
+def test_dry_run_never_deletes_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / CHECKPOINT_MARKER).write_text('{"tool": "token-distillation"}')
+    (out / "checkpoints" / "step-00000004.pt").write_bytes(b"ckpt")
+    with pytest.raises(ConfigError, match="a dry run would delete"):
+        prepare_out_path(str(out), overwrite=True, dry_run=True)
+    assert (out / "checkpoints" / "step-00000004.pt").is_file()
+
+
+def test_resume_with_other_flags_fails_before_the_model_loads(tmp_path, toy_model_dir, toy_corpus, cache_dir,
+                                                             monkeypatch, caplog):
+    """A changed training flag under --resume is refused at start-up (it used to load the model and run
+    the held-out pass first); no checkpoint at all gives a warning and a fresh start."""
+    import token_distillation.pipeline as pipeline
+
+    first = _toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, checkpoint_every=1, max_steps=2,
+                     stopping_condition="max_steps")
+    monkeypatch.setattr(pipeline, "save_output", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # stop after training: the checkpoints stay
+        run(first)
+    monkeypatch.undo()
+    _no_heavy_loads(monkeypatch)
+    with pytest.raises(ConfigError, match="different run.*token_distillation_lr"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, checkpoint_every=1, max_steps=2,
+                     stopping_condition="max_steps", resume=True, token_distillation_lr=0.5))
+    from token_distillation.checkpoint import check_resumable
+
+    with caplog.at_level(logging.WARNING):
+        check_resumable(tmp_path / "nothing", {}, "x")
+    assert any("no checkpoint" in r.message for r in caplog.records)

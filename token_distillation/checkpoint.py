@@ -80,6 +80,27 @@ def _set_rng_state(st: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def check_resumable(directory: Path, config: dict[str, Any], model_identity: str) -> None:
+    """Before anything heavy: with ``--resume``, compare the newest checkpoint's flags and model with
+    this run's (tokens and snippets are compared when training starts); warn when there is nothing
+    to resume.
+
+    Raises:
+        ConfigError: the checkpoint was made with other flags or another model.
+    """
+    found = sorted((p for p in Path(directory).glob("step-*.pt") if _NAME.match(p.name)), key=lambda p: p.name)
+    if not found:
+        logger.warning("--resume: no checkpoint in %s; starting a new run from step 0", directory)
+        return
+    saved = torch.load(found[-1], map_location="cpu", weights_only=True)["fingerprint"]
+    now = fingerprint(config, model_identity=model_identity)
+    diff = sorted(k for k in now if saved.get(k) != now[k])
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in diff[:5])
+        raise ConfigError(f"--resume: the checkpoint {found[-1]} belongs to a different run ({shown}); rerun with "
+                          "the same flags, or pass --overwrite without --resume to start over")
+
+
 class Checkpointer:
     """Saves and restores the training loop's state (see the module docstring).
 

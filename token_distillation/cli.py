@@ -109,13 +109,17 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
     import fire
 
     args = sys.argv[1:] if argv is None else argv
-    unknown, stray, wants_value = [], [], False
+    unknown, stray, wants_value, seen, repeated = [], [], False, set(), []
     for a in args:
         if a == "--":  # Fire's own flags follow
             break
         if a.startswith("--"):
             wants_value = "=" not in a and a != "--help"
             flag = a[2:].split("=", 1)[0].replace("-", "_")
+            base = flag[2:] if flag.startswith("no") and flag[2:] in known else flag
+            if base in seen and base in known:
+                repeated.append(f"--{base}")
+            seen.add(base)
             if a != "--help" and flag not in known and not (flag.startswith("no") and flag[2:] in known):
                 unknown.append(a.split("=", 1)[0])
         elif wants_value:  # the value of the flag before it
@@ -130,6 +134,9 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
             close = difflib.get_close_matches(u[2:].replace("-", "_"), sorted(known), n=1, cutoff=0.6)
             hints.append(f"{u} (did you mean --{close[0]}?)" if close else u)
         sys.stderr.write(f"error: unknown flag(s) {', '.join(hints)}; see --help for the list of flags\n")
+        sys.exit(2)
+    if repeated:  # Fire would silently keep the last value
+        sys.stderr.write(f"error: {', '.join(sorted(set(repeated)))} given more than once; pass each flag once\n")
         sys.exit(2)
     if stray:  # Fire would report them only after the run
         sys.stderr.write(f"error: unexpected argument(s) {' '.join(stray)}; every input is a flag (--name VALUE), "

@@ -378,6 +378,10 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
             raise ConfigError(f"{flag} {out} is not empty (an earlier output of this tool); choose a new "
                               "directory or pass --overwrite to replace it")
         _check_replaceable(out, flag)
+        ckpt = out / CHECKPOINT_DIRNAME
+        if dry_run and ckpt.is_dir() and any(_STEP_FILE.match(p.name) for p in ckpt.iterdir()):
+            raise ConfigError(f"{flag} {out} holds the checkpoints of an interrupted run, which a dry run would "
+                              "delete; choose another directory for the dry run (or --resume the run)")
         manifest = read_manifest(out)
         if dry_run and manifest and manifest.get("kind") == "model":
             logger.warning("%s %s holds a trained model; this dry run replaces it with the dry run's files "

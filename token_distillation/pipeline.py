@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from .alignment import PhraseMatcher, merge
-from .checkpoint import CHECKPOINT_DIRNAME, Checkpointer, fingerprint, prepare_output, snippet_digest
+from .checkpoint import (
+    CHECKPOINT_DIRNAME,
+    Checkpointer,
+    check_resumable,
+    fingerprint,
+    prepare_output,
+    snippet_digest,
+)
 from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource, StoppingCondition
 from .corpus import TokenizedCorpus, check_text_column, tokenize_corpus
 from .distributed import DistContext, check_batch_divisible, launched_world_size
@@ -255,6 +262,8 @@ def start(cfg: RunConfig) -> Setup:
                          dry_run=cfg.output.dry_run)
     if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
+    if cfg.output.resume and cfg.train.init_method in TRAINED:
+        check_resumable(out / CHECKPOINT_DIRNAME, cfg.to_dict(), source.identity)
     dist = DistContext.create(cfg.model.device, resolve_device)
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, dist.device)
     logger.info("model %s | device %s | autocast %s | seed %d | processes %d", source.spec, dist.device,

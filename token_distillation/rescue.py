@@ -146,20 +146,14 @@ def main(rows_dir: str = "", out_path: str = "", model_path: str = "", overwrite
     return str(out)
 
 
-if __name__ == "__main__":
-    from .cli import configure_logging, run_fire
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m token_distillation.rescue``: bad input ends with one ``error:`` line, exit code 2."""
+    from .cli import configure_logging, exit_on_user_error, run_fire
 
     configure_logging()
+    run_fire(exit_on_user_error(main), {"rows_dir", "out_path", "model_path", "overwrite"}, argv,
+             "python -m token_distillation.rescue")
 
-    def _main(**kw):
-        try:
-            return main(**kw)
-        except ConfigError as e:
-            sys.stderr.write(f"error: {e}\n")
-            sys.exit(2)
 
-    import inspect
-
-    _main.__signature__ = inspect.signature(main)  # type: ignore[attr-defined]
-    _main.__doc__ = main.__doc__
-    run_fire(_main, {"rows_dir", "out_path", "model_path", "overwrite"}, None, "python -m token_distillation.rescue")
+if __name__ == "__main__":
+    cli()

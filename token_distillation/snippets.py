@@ -261,34 +261,36 @@ def generate_snippets(
     # progress in generated tokens (one update per decoding step), so it moves within a word
     bar = tqdm(total=sum(a + b for a, b in wanted) * snippet_len, desc="generating snippets", unit="tok",
                leave=False)
-    for i, tok in enumerate(tokens):
-        n_train, n_held = wanted[i]
-        n = n_train + n_held
-        bar.set_postfix_str(f"word {i + 1}/{len(tokens)}")
-        if n == 0:
-            continue
-        k = len(tok.subtoken_ids)
-        left_len = min(snippet_len // 4, max(0, snippet_len - k - 1))
-        torch.manual_seed(seed * 1_000_003 + i)
-        prompt = torch.tensor([generation_prompt(tokenizer, tok.text, use_chat_template)] * n, device=device)
-        left = sample(prompt, left_len) if left_len > 0 else prompt[:, :0]
-        word = torch.tensor([list(tok.subtoken_ids)] * n, device=device)
-        rest_len = max(1, snippet_len - left_len - k)
-        no_glue = _ends_a_word(tok.text)
-        if no_glue and glue is None:
-            glue = word_continuation_mask(tokenizer)
-        rest = sample(torch.cat([prompt, left, word], dim=1), rest_len, no_glue)
-        body = torch.cat([left, word, rest], dim=1).cpu().numpy().astype(np.int64)
-        for j, row in enumerate(body):
-            snip = Snippet(ids=np.concatenate([np.asarray(bos, dtype=np.int64), row]), token_index=i, doc=-1,
-                           source="generated")
-            if j < n_train:
-                out.train.append(snip)
-                out.train_counts[i] += 1
-            else:
-                out.heldout.append(snip)
-                out.heldout_counts[i] += 1
-    bar.close()
+    try:
+        for i, tok in enumerate(tokens):
+            n_train, n_held = wanted[i]
+            n = n_train + n_held
+            bar.set_postfix_str(f"word {i + 1}/{len(tokens)}")
+            if n == 0:
+                continue
+            k = len(tok.subtoken_ids)
+            left_len = min(snippet_len // 4, max(0, snippet_len - k - 1))
+            torch.manual_seed(seed * 1_000_003 + i)
+            prompt = torch.tensor([generation_prompt(tokenizer, tok.text, use_chat_template)] * n, device=device)
+            left = sample(prompt, left_len) if left_len > 0 else prompt[:, :0]
+            word = torch.tensor([list(tok.subtoken_ids)] * n, device=device)
+            rest_len = max(1, snippet_len - left_len - k)
+            no_glue = _ends_a_word(tok.text)
+            if no_glue and glue is None:
+                glue = word_continuation_mask(tokenizer)
+            rest = sample(torch.cat([prompt, left, word], dim=1), rest_len, no_glue)
+            body = torch.cat([left, word, rest], dim=1).cpu().numpy().astype(np.int64)
+            for j, row in enumerate(body):
+                snip = Snippet(ids=np.concatenate([np.asarray(bos, dtype=np.int64), row]), token_index=i, doc=-1,
+                               source="generated")
+                if j < n_train:
+                    out.train.append(snip)
+                    out.train_counts[i] += 1
+                else:
+                    out.heldout.append(snip)
+                    out.heldout_counts[i] += 1
+    finally:
+        bar.close()  # also on a stop, so that the last message starts its own line
     return out
 
 
