@@ -374,3 +374,25 @@ def test_resume_with_other_flags_fails_before_the_model_loads(tmp_path, toy_mode
     with caplog.at_level(logging.WARNING):
         check_resumable(tmp_path / "nothing", {}, "x")
     assert any("no checkpoint" in r.message for r in caplog.records)
+
+
+def test_corpus_without_the_words_and_empty_word_list_fail_before_loading(tmp_path, monkeypatch, toy_model_dir,
+                                                                         toy_corpus, cache_dir):
+    _no_heavy_loads(monkeypatch)
+    for words, needle in (([" zzqqxx", " wwvvyy"], "none of the 2 new tokens occurs"), (["", "  "], "no words in it")):
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match=needle):
+            run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, new_tokens_source=_words(tmp_path, words)))
+        assert time.perf_counter() - t0 < 5
+
+
+def test_word_scan_finds_a_word_split_across_read_blocks(tmp_path, monkeypatch):
+    from token_distillation import corpus
+    from token_distillation.config import CorpusConfig
+
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "' + "x" * 100 + ' hepatotoxicity"}\n')
+    monkeypatch.setattr(corpus, "_SCAN_BLOCK", 105)  # the word straddles the first block's end
+    corpus.check_words_occur(CorpusConfig(dataset_path=str(p)), [" hepatotoxicity", " absent"])  # no error
+    with pytest.raises(ConfigError):
+        corpus.check_words_occur(CorpusConfig(dataset_path=str(p)), [" absent"])

@@ -125,6 +125,40 @@ def iter_jsonl(path: str | Path, flag: str = "--dataset_path"):
             yield n, record
 
 
+#: local corpora up to this size are scanned for the words before anything loads
+WORD_SCAN_MAX_BYTES = 2 << 30
+_SCAN_BLOCK = 16 << 20  # bytes read at a time
+
+
+def check_words_occur(cfg: CorpusConfig, words: list[str]) -> None:
+    """Refuse, before the tokenizer and the corpus load, a local corpus in which none of ``words``
+    occurs: a raw byte search of the files (no parsing; words with non-ASCII characters, which JSON
+    may store escaped, and corpora over :data:`WORD_SCAN_MAX_BYTES` are not checked). The search
+    stops at the first word found, so a corpus that has the words costs only the bytes read until then.
+
+    Raises:
+        ConfigError: no word occurs anywhere in the files.
+    """
+    path = Path(cfg.dataset_path).expanduser()
+    needles = sorted({w.strip().encode() for w in words if w.strip() and w.strip().isascii()})
+    if not cfg.dataset_path or not path.exists() or not needles or len(needles) < len([w for w in words if w.strip()]):
+        return
+    _, files = _local_files(path)
+    if any(f.endswith((".gz", ".parquet")) for f in files) or sum(os.path.getsize(f) for f in files) > WORD_SCAN_MAX_BYTES:
+        return
+    longest = max(map(len, needles))
+    for f in files:
+        with open(f, "rb") as fh:
+            tail = b""
+            while chunk := fh.read(_SCAN_BLOCK):
+                block = tail + chunk
+                if any(n in block for n in needles):
+                    return
+                tail = block[-longest:]
+    raise ConfigError(f"--dataset_path {cfg.dataset_path}: none of the {len(needles)} new tokens occurs in it, so no "
+                      "snippet can be mined; pass a corpus that contains them, or --use_generated_snippets")
+
+
 def check_text_column(cfg: CorpusConfig) -> None:
     """Check that a local corpus has ``--text_column`` by reading its first record only (the first
     line of a JSON Lines file, a CSV header, a Parquet schema), so that a wrong column fails in a

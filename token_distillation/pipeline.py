@@ -30,8 +30,17 @@ from .checkpoint import (
     prepare_output,
     snippet_digest,
 )
-from .config import ConfigError, MixedPrecision, OutputEmbeddings, Recipe, RunConfig, SnippetSource, StoppingCondition
-from .corpus import TokenizedCorpus, check_text_column, tokenize_corpus
+from .config import (
+    BuildTargetMethod,
+    ConfigError,
+    MixedPrecision,
+    OutputEmbeddings,
+    Recipe,
+    RunConfig,
+    SnippetSource,
+    StoppingCondition,
+)
+from .corpus import TokenizedCorpus, check_text_column, check_words_occur, tokenize_corpus
 from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
@@ -62,7 +71,15 @@ from .report import (
     write_target_files,
 )
 from .snippets import SnippetSet, generate_snippets, mine_snippets, top_up
-from .targets import TargetList, build_targets, corpus_occurrences, coverage_table, log_summary, new_token_records
+from .targets import (
+    TargetList,
+    build_targets,
+    corpus_occurrences,
+    coverage_table,
+    log_summary,
+    new_token_records,
+    read_wordlist,
+)
 from .tokenization import NewToken, add_new_tokens, bos_prefix
 from .train import NewRows, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
 
@@ -262,6 +279,13 @@ def start(cfg: RunConfig) -> Setup:
                          dry_run=cfg.output.dry_run)
     if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
+    if cfg.targets.build_target_method == BuildTargetMethod.WORDLIST:
+        words = read_wordlist(cfg.targets.wordlist_path)  # a malformed list fails before the tokenizer loads
+        if not any(w.strip() for w in words):
+            raise ConfigError(f"--new_tokens_source {cfg.targets.wordlist_path}: no words in it (only empty lines); "
+                              "write one token per line")
+        if cfg.resolved_snippet_source == SnippetSource.CORPUS and not cfg.output.dry_run:
+            check_words_occur(cfg.corpus, words)
     if cfg.output.resume and cfg.train.init_method in TRAINED:
         check_resumable(out / CHECKPOINT_DIRNAME, cfg.to_dict(), source.identity)
     dist = DistContext.create(cfg.model.device, resolve_device)
