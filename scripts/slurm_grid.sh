@@ -35,7 +35,8 @@
 #   BATCH_SIZE, EPOCHS, SNIPPET_NUM, SNIPPET_LEN, TARGET_LAYER, SEED
 #                     as in slurm_single_gpu.sh (16, 0 = the recipe's default, 25, 50, -1, 42)
 #   CHECKPOINT_EVERY  --checkpoint_every (20)
-#   EXTRA_ARGS        further flags for every run ("")
+#   EXTRA_ARGS        further flags for every run ("": set the flags above through their variables; a flag
+#                     given twice is refused)
 #   TASK_ID           run only this task (${SLURM_ARRAY_TASK_ID}; unset: all tasks in turn)
 #
 #SBATCH --job-name=tokdist-grid

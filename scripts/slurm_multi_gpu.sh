@@ -26,7 +26,8 @@
 #   LR, BATCH_SIZE, EPOCHS, SNIPPET_NUM, SNIPPET_LEN, TARGET_LAYER, SEED
 #                     as in slurm_single_gpu.sh (1e-4, 16 = the global batch, 0 = the recipe's default, 25, 50, -1, 42)
 #   CHECKPOINT_EVERY  --checkpoint_every (20); --resume is always passed (requeue continues)
-#   EXTRA_ARGS        further flags, passed as they are ("")
+#   EXTRA_ARGS        further flags, passed as they are ("": set the flags above through their variables;
+#                     a flag given twice is refused)
 #
 #SBATCH --job-name=tokdist-multigpu
 #SBATCH --nodes=1

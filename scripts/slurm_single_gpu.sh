@@ -26,7 +26,8 @@
 #   DEVICE            --device (auto: cuda if visible, else cpu)
 #   CHECKPOINT_EVERY  --checkpoint_every N steps (20); the run always passes --resume, so a
 #                     pre-empted and requeued job continues from its newest checkpoint
-#   EXTRA_ARGS        further flags, passed as they are ("")
+#   EXTRA_ARGS        further flags, passed as they are ("": set the flags above through their variables;
+#                     a flag given twice is refused)
 #
 # A finished run (OUT_PATH/report.json exists) is not repeated: the script says so and exits 0.
 #

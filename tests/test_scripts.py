@@ -234,11 +234,16 @@ def _unchanged(user_dir):
 
 
 def test_sweep_lr_bad_input(tmp_path, toy_corpus, words, fake_model, user_dir):
-    ok = ["--dataset_path", toy_corpus, "--token_list", words, "--model_path", fake_model, "--word_counts", "2"]
+    base = {"--dataset_path": toy_corpus, "--token_list": words, "--model_path": fake_model, "--word_counts": "2"}
+
+    def with_(**kw):  # the base flags, some replaced (a flag given twice is refused)
+        return [x for kv in {**base, **{f"--{k}": v for k, v in kw.items()}}.items() for x in kv]
+
+    ok = with_()
     _one_error(_py("sweep_lr.py", "--out_dir"), "--out_dir", "needs a value")
-    _one_error(_py("sweep_lr.py", *ok, "--word_counts", "abc", "--out_dir", tmp_path / "a"), "--word_counts", "'abc'")
-    _one_error(_py("sweep_lr.py", *ok, "--word_counts", "0", "--out_dir", tmp_path / "a"), "--word_counts")
-    _one_error(_py("sweep_lr.py", *ok, "--word_counts", "10", "--out_dir", tmp_path / "a"), "--token_list", "fewer")
+    _one_error(_py("sweep_lr.py", *with_(word_counts="abc"), "--out_dir", tmp_path / "a"), "--word_counts", "'abc'")
+    _one_error(_py("sweep_lr.py", *with_(word_counts="0"), "--out_dir", tmp_path / "a"), "--word_counts")
+    _one_error(_py("sweep_lr.py", *with_(word_counts="10"), "--out_dir", tmp_path / "a"), "--token_list", "fewer")
     _one_error(_py("sweep_lr.py", *ok, "--lr_relative", "0.1,fast", "--out_dir", tmp_path / "a"), "--lr_relative")
     _one_error(_py("sweep_lr.py", *ok, "--windows_per_token", "1.5", "--out_dir", tmp_path / "a"),
                "--windows_per_token", "integer")
@@ -246,7 +251,7 @@ def test_sweep_lr_bad_input(tmp_path, toy_corpus, words, fake_model, user_dir):
     _one_error(_py("sweep_lr.py", *ok, "--common_flags", '{"snipet_num": 3}', "--out_dir", tmp_path / "a"),
                "--snipet_num")
     _one_error(_py("sweep_lr.py", *ok, "--out_dri", tmp_path / "a"), "--out_dri", "did you mean --out_dir")
-    _one_error(_py("sweep_lr.py", *ok, "--model_path", tmp_path / "no_model", "--out_dir", tmp_path / "a"),
+    _one_error(_py("sweep_lr.py", *with_(model_path=tmp_path / "no_model"), "--out_dir", tmp_path / "a"),
                "--model_path")
     _one_error(_py("sweep_lr.py", "--dataset_path", tmp_path / "missing.jsonl", "--token_list", words,
                    "--out_dir", tmp_path / "a"), "--dataset_path", "missing.jsonl")
