@@ -143,7 +143,7 @@ def check_words_occur(cfg: CorpusConfig, words: list[str]) -> None:
     needles = sorted({w.strip().encode() for w in words if w.strip() and w.strip().isascii()})
     if not cfg.dataset_path or not path.exists() or not needles or len(needles) < len([w for w in words if w.strip()]):
         return
-    _, files = _local_files(path)
+    builder, files = _local_files(path)
     if any(f.endswith((".gz", ".parquet")) for f in files) or sum(os.path.getsize(f) for f in files) > WORD_SCAN_MAX_BYTES:
         return
     longest = max(map(len, needles))
@@ -155,6 +155,7 @@ def check_words_occur(cfg: CorpusConfig, words: list[str]) -> None:
                 if any(n in block for n in needles):
                     return
                 tail = block[-longest:]
+    _check_json_lines(builder, files)  # a malformed line is the more useful error
     raise ConfigError(f"--dataset_path {cfg.dataset_path}: none of the {len(needles)} new tokens occurs in it, so no "
                       "snippet can be mined; pass a corpus that contains them, or --use_generated_snippets")
 
