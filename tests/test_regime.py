@@ -202,3 +202,39 @@ def test_embedding_statistics_in_blocks_equal_the_whole_matrix():
     rows = random_init(w, toks, seed=0, num_original=900)
     ref = w[:900].float()
     assert torch.allclose(rows.mean(0), ref.mean(0), atol=0.05) and torch.allclose(rows.std(0), ref.std(0), atol=0.05)
+
+
+def test_per_token_rows_do_not_depend_on_the_batch_size():
+    """Per-token recipe: a token's updates come from its own snippet groups whatever the batch size, so
+    the trained rows are the same at batch 2, 4 and 8 (the batch size only sets how many tokens share
+    a forward pass)."""
+    rows = {}
+    for bs in (2, 4, 8):
+        from tests.conftest import make_llama
+        from token_distillation.alignment import PhraseMatcher, merge
+        from token_distillation.config import LrSchedule, Recipe
+        from token_distillation.init_methods import subtoken_mean
+        from token_distillation.models import extend_embeddings
+        from token_distillation.tokenization import NewToken
+        from token_distillation.train import NewRows, resolve_layer, train
+
+        model = make_llama(64, seed=0)
+        model.requires_grad_(False)
+        toks = [NewToken(f" t{k}", (10 + 2 * k, 11 + 2 * k), 64 + k) for k in range(4)]
+        extend_embeddings(model, 68)
+        m = PhraseMatcher([t.subtoken_ids for t in toks])
+        seqs, tix = [], []
+        gen = torch.Generator().manual_seed(3)
+        for k in range(4):
+            for _ in range(5):
+                body = torch.randint(30, 60, (10,), generator=gen).tolist()
+                seqs.append(merge([1] + body[:3] + list(toks[k].subtoken_ids) + body[3:], m, [t.token_id for t in toks]))
+                tix.append(k)
+        emb = model.get_input_embeddings().weight
+        r = NewRows(subtoken_mean(emb, toks), [t.token_id for t in toks], emb.shape[0])
+        train(model, r, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=bs, epochs=2, seed=0,
+              device=torch.device("cpu"), recipe=Recipe.PER_TOKEN, lr_schedule=LrSchedule.CONSTANT,
+              token_texts=[t.text for t in toks])
+        rows[bs] = r.rows.detach().clone()
+    torch.testing.assert_close(rows[2], rows[4], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rows[4], rows[8], rtol=1e-4, atol=1e-6)
