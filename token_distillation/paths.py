@@ -500,6 +500,9 @@ def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=No
     out = Path(out_path).expanduser().resolve()
     has_ckpt = (out / CHECKPOINT_DIRNAME).is_dir() and any((out / CHECKPOINT_DIRNAME).iterdir())
     only_ckpt = _only_checkpoints(out)
+    if only_ckpt and dry_run:
+        raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run, which a dry run would "
+                          "replace; choose another directory for the dry run (or --resume the run)")
     if only_ckpt and not (resume or overwrite):
         raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run; pass --resume to "
                           "continue it, or --overwrite to start over")
