@@ -103,7 +103,7 @@ def test_relative_lr_scales_with_embedding_rms():
     assert relative_lr(0.5, w, 10) == 1.0
 
 
-def _rows_after_training(token_ids, seed=0, recipe=None, lr_schedule=None):
+def _rows_after_training(token_ids, seed=0, recipe=None, lr_schedule=None, batch_size=4):
     """Train on snippets of the given tokens (each snippet has one token); return the trained rows."""
     from tests.conftest import make_llama
     from token_distillation.alignment import PhraseMatcher, merge
@@ -129,7 +129,7 @@ def _rows_after_training(token_ids, seed=0, recipe=None, lr_schedule=None):
     toks = [all_toks[k] for k in token_ids]
     emb = model.get_input_embeddings().weight
     rows = NewRows(subtoken_mean(emb, toks), [t.token_id for t in toks], emb.shape[0])
-    train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=4, epochs=2, seed=seed,
+    train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=batch_size, epochs=2, seed=seed,
           device=torch.device("cpu"), recipe=recipe or Recipe.PER_TOKEN, snippets_per_update=1,
           lr_schedule=lr_schedule or LrSchedule.LINEAR, token_texts=[t.text for t in toks])
     return {k: rows.rows[i].detach().clone() for i, k in enumerate(token_ids)}
@@ -208,33 +208,9 @@ def test_per_token_rows_do_not_depend_on_the_batch_size():
     """Per-token recipe: a token's updates come from its own snippet groups whatever the batch size, so
     the trained rows are the same at batch 2, 4 and 8 (the batch size only sets how many tokens share
     a forward pass)."""
-    rows = {}
-    for bs in (2, 4, 8):
-        from tests.conftest import make_llama
-        from token_distillation.alignment import PhraseMatcher, merge
-        from token_distillation.config import LrSchedule, Recipe
-        from token_distillation.init_methods import subtoken_mean
-        from token_distillation.models import extend_embeddings
-        from token_distillation.tokenization import NewToken
-        from token_distillation.train import NewRows, resolve_layer, train
+    from token_distillation.config import LrSchedule
 
-        model = make_llama(64, seed=0)
-        model.requires_grad_(False)
-        toks = [NewToken(f" t{k}", (10 + 2 * k, 11 + 2 * k), 64 + k) for k in range(4)]
-        extend_embeddings(model, 68)
-        m = PhraseMatcher([t.subtoken_ids for t in toks])
-        seqs, tix = [], []
-        gen = torch.Generator().manual_seed(3)
-        for k in range(4):
-            for _ in range(5):
-                body = torch.randint(30, 60, (10,), generator=gen).tolist()
-                seqs.append(merge([1] + body[:3] + list(toks[k].subtoken_ids) + body[3:], m, [t.token_id for t in toks]))
-                tix.append(k)
-        emb = model.get_input_embeddings().weight
-        r = NewRows(subtoken_mean(emb, toks), [t.token_id for t in toks], emb.shape[0])
-        train(model, r, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=bs, epochs=2, seed=0,
-              device=torch.device("cpu"), recipe=Recipe.PER_TOKEN, lr_schedule=LrSchedule.CONSTANT,
-              token_texts=[t.text for t in toks])
-        rows[bs] = r.rows.detach().clone()
+    rows = {bs: torch.stack(list(_rows_after_training([0, 1, 2, 3], lr_schedule=LrSchedule.CONSTANT,
+                                                      batch_size=bs).values())) for bs in (2, 4, 8)}
     torch.testing.assert_close(rows[2], rows[4], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(rows[4], rows[8], rtol=1e-4, atol=1e-6)
