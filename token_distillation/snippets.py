@@ -279,19 +279,24 @@ def generate_snippets(
             if no_glue and glue is None:
                 glue = word_continuation_mask(tokenizer)
             rest = sample(torch.cat([prompt, left, word], dim=1), rest_len, no_glue)
-            body = torch.cat([left, word, rest], dim=1).cpu().numpy().astype(np.int64)
-            for j, row in enumerate(body):
-                snip = Snippet(ids=np.concatenate([np.asarray(bos, dtype=np.int64), row]), token_index=i, doc=-1,
-                               source="generated")
-                if j < n_train:
-                    out.train.append(snip)
-                    out.train_counts[i] += 1
-                else:
-                    out.heldout.append(snip)
-                    out.heldout_counts[i] += 1
+            _add_generated(out, torch.cat([left, word, rest], dim=1).cpu().numpy().astype(np.int64), bos, i, n_train)
     finally:
         bar.close()  # also on a stop, so that the last message starts its own line
     return out
+
+
+def _add_generated(out: SnippetSet, body: np.ndarray, bos: list[int], token: int, n_train: int) -> None:
+    """Add generated snippets ``body [n, snippet_len]`` of one token, BOS-prefixed: the first
+    ``n_train`` to training, the rest held out."""
+    for j, row in enumerate(body):
+        snip = Snippet(ids=np.concatenate([np.asarray(bos, dtype=np.int64), row]), token_index=token, doc=-1,
+                       source="generated")
+        if j < n_train:
+            out.train.append(snip)
+            out.train_counts[token] += 1
+        else:
+            out.heldout.append(snip)
+            out.heldout_counts[token] += 1
 
 
 class _Progress:
