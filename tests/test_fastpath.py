@@ -15,6 +15,12 @@ from token_distillation.tokenization import NewToken
 from token_distillation.train import NewRows, hidden_at, resolve_layer
 
 
+@pytest.fixture(autouse=True)
+def _share_short_prefixes(monkeypatch):
+    """The toy batches below have prefixes of 3-4 tokens: share them, so the prefix path is tested."""
+    monkeypatch.setattr("token_distillation.fastpath.MIN_SHARED_PREFIX", 1)
+
+
 def _gemma(vocab):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -231,3 +237,31 @@ def test_trained_original_rows_are_not_shared_with_the_teacher():
     (g,) = torch.autograd.grad(s_fast.square().sum(), rows.original)
     prefix_ids = batch.student_ids[0, :2]  # tokens before the first new token of row 0
     assert bool((g[prefix_ids].abs().sum(dim=-1) > 0).all())
+
+
+def test_short_shared_prefix_runs_whole_sequences(monkeypatch):
+    """A prefix shorter than MIN_SHARED_PREFIX gets no pass of its own: teacher and student run
+    whole (two forwards, no prefix forward), with the same loss and gradient as the shared path."""
+    from token_distillation import fastpath
+
+    model = make_llama(64, layers=4)
+    rows, batch = _batch(model)
+    layer = resolve_layer(model, -1)
+    p = fastpath._prefix_len(batch)
+    assert p > 1
+    results = {}
+    for minimum in (1, p + 1):
+        monkeypatch.setattr(fastpath, "MIN_SHARED_PREFIX", minimum)
+        assert fastpath.shared_prefix_len(batch) == (p if minimum <= p else 0)
+        calls = []
+        hook = model.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
+        try:
+            s, t = teacher_student_hiddens(model, rows, batch, layer)
+        finally:
+            hook.remove()
+        assert len(calls) == (3 if minimum <= p else 2)  # prefix + teacher + student, or teacher + student
+        loss = mse_on_hiddens(s, t)
+        results[minimum] = (loss, torch.autograd.grad(loss, rows.rows)[0])
+    (l1, g1), (l2, g2) = results.values()
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)

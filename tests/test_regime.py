@@ -90,6 +90,32 @@ def test_per_token_batches_are_full():
     assert [len(b) for b in few] == [2, 2, 2, 1, 1]  # two tokens: at most two groups per batch
 
 
+def test_per_token_batches_grouped_by_position_keep_each_tokens_order():
+    """With first-new-token positions, a batch holds snippets at similar positions (its minimum, the
+    prefix the batch shares, is close to its mean), while every token keeps the same groups in the
+    same order (its updates do not change) and each snippet still comes once per epoch."""
+    gen = torch.Generator().manual_seed(0)
+    index = [t for t in range(300) for _ in range(25)]
+    positions = torch.randint(1, 40, (len(index),), generator=gen).tolist()
+    texts = [f" w{t}" for t in range(300)]
+    kw = dict(snippets_per_update=1, groups_per_batch=16, epochs=2, seed=0)
+    plain = per_token_batches(index, texts, **kw)
+    grouped = per_token_batches(index, texts, positions=positions, **kw)
+    assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)
+    assert len(grouped) == len(plain)
+    for t in (0, 17, 299):
+        assert [i for b in grouped for i in b if index[i] == t] == [i for b in plain for i in b if index[i] == t]
+    for b in grouped:
+        assert len({index[i] for i in b}) == len(b)
+
+    def mean_shared(batches):
+        return sum(min(positions[i] for i in b) for b in batches) / len(batches)
+
+    mean_pos = sum(positions) / len(positions)
+    assert mean_shared(plain) < 0.25 * mean_pos  # the minimum of 16 random positions is near the start
+    assert mean_shared(grouped) > 0.85 * mean_pos
+
+
 def test_per_token_loss_is_sum_of_token_means():
     per_pos = torch.tensor([1.0, 3.0, 10.0, 2.0])
     row = torch.tensor([0, 0, 1, 2])

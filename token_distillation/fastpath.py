@@ -6,7 +6,10 @@ tolerance, checked in tests/test_fastpath.py):
 1. **Shared prefix.** Under causal attention the positions before the first new token are
    identical for teacher and student. They are computed once, without grad, for the batch's
    common prefix (``P`` = the smallest first-new-token position in the batch), and their key/value
-   cache is reused by both continuations.
+   cache is reused by both continuations. The per-token recipe groups each batch by that position
+   (:func:`token_distillation.regime.per_token_batches`), so that ``P`` is close to the batch's
+   positions rather than their minimum; a prefix shorter than :data:`MIN_SHARED_PREFIX` is not
+   worth its own pass and is not shared.
 2. **Stop at the target layer.** When ``target_layer`` is not the last layer, the forward stops
    right after that layer (a forward hook on the layer raises a private exception); no later
    layer, final norm or logits are computed. For the last layer, the model's final (normed) hidden
@@ -83,6 +86,20 @@ def forward_to_layer(model, layer: int, attention_mask: torch.Tensor, *, input_i
     finally:
         handle.remove()
     return captured["h"]
+
+
+MIN_SHARED_PREFIX = 4
+"""Shortest shared prefix (tokens, BOS included) worth its own forward pass. Below it the prefix pass,
+the copy of its key/value cache and the extra kernel launches cost about what they save (the
+student's forward and backward over ``P`` of ~51 positions), so both sequences run whole."""
+
+
+def shared_prefix_len(batch: AlignedBatch, trains_original: bool = False) -> int:
+    """The prefix length the fast path shares for ``batch``: :func:`_prefix_len`, or 0 when it is
+    shorter than :data:`MIN_SHARED_PREFIX` or the original rows are trained (the student's prefix
+    then differs from the teacher's)."""
+    p = 0 if trains_original else _prefix_len(batch)
+    return p if p >= MIN_SHARED_PREFIX else 0
 
 
 def _prefix_len(batch: AlignedBatch) -> int:
@@ -217,9 +234,7 @@ def teacher_student_hiddens(model, rows, batch: AlignedBatch, layer: int,
     (from :meth:`TeacherCache.lookup`). The teacher's continuation runs only for the rows without states;
     the shared prefix is still computed (the student needs its key/value cache).
     """
-    # With trained original rows (``--train_original_embeddings``) the student's prefix is no longer
-    # the teacher's: no shared prefix then (full forwards, gradients reach the prefix rows).
-    p = 0 if getattr(rows, "trains_original", False) else _prefix_len(batch)
+    p = shared_prefix_len(batch, getattr(rows, "trains_original", False))
     dev = batch.teacher_ids.device
     if p == 0:
         with torch.no_grad():

@@ -128,15 +128,18 @@ class PerTokenRecipe:
         texts: token texts (seed each token's shuffle, so that it does not depend on the others).
         num_rows: rows of the trained parameter (for the per-row schedule).
         sum_over_tokens: use the per-token sum (the objective must have ``per_position_ok``).
+        positions: optional ``[num_snippets]`` student position of each snippet's first new token:
+            batches are then grouped by it (see :func:`~token_distillation.regime.per_token_batches`),
+            which lengthens the prefix a batch shares; a token's updates do not change.
     """
 
     def __init__(self, token_index: list[int], texts: list[str], *, num_rows: int, batch_size: int,
                  snippets_per_update: int, epochs: int, lr: float, seed: int,
                  lr_schedule: LrSchedule = LrSchedule.CONSTANT,
                  stopping: StoppingCondition = StoppingCondition.EPOCHS, max_steps: int = 0,
-                 sum_over_tokens: bool = True):
+                 sum_over_tokens: bool = True, positions: list[int] | None = None):
         groups = max(1, batch_size // snippets_per_update)
-        kw = dict(snippets_per_update=snippets_per_update, groups_per_batch=groups, seed=seed)
+        kw = dict(snippets_per_update=snippets_per_update, groups_per_batch=groups, seed=seed, positions=positions)
         per_epoch = len(per_token_batches(token_index, texts, epochs=1, **kw))
         n_epochs = epochs if stopping != StoppingCondition.MAX_STEPS else math.ceil(max_steps / max(1, per_epoch))
         self.schedule = per_token_batches(token_index, texts, epochs=n_epochs, **kw)

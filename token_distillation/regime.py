@@ -109,7 +109,7 @@ def _token_seed(seed: int, text: str) -> int:
 
 
 def per_token_batches(token_index: list[int], texts: list[str], *, snippets_per_update: int, groups_per_batch: int,
-                      epochs: int, seed: int) -> list[list[int]]:
+                      epochs: int, seed: int, positions: list[int] | None = None) -> list[list[int]]:
     """Batches of snippet indices in which every token's snippets come in fixed per-token groups.
 
     Args:
@@ -117,6 +117,13 @@ def per_token_batches(token_index: list[int], texts: list[str], *, snippets_per_
         texts: token texts (seed each token's shuffle, so it does not depend on the other tokens).
         snippets_per_update: snippets of one token per group (one update of that row).
         groups_per_batch: groups (of different tokens) per batch.
+        positions: optional ``[num_snippets]`` student position of each snippet's first new token.
+            When given, the groups of each round (one group of every token with groups left) are
+            ordered by their smallest position (ascending and descending in turn; stable, so ties
+            keep the seeded order), so that a
+            batch holds snippets whose first new token sits at about the same position and the
+            prefix they share before it (computed once, :mod:`token_distillation.fastpath`) is
+            long. A token's own groups keep their order, so its updates are unchanged.
     Returns:
         list of batches (lists of snippet indices); each token appears at most once per batch.
     """
@@ -135,10 +142,14 @@ def per_token_batches(token_index: list[int], texts: list[str], *, snippets_per_
         # rounds over the tokens in a seeded order (one group of every token with groups left per
         # round), packed into full batches across rounds; a token never has two groups in a batch
         stream: list[tuple[int, list[int]]] = []
+        descending = False
         while any(queues):
             live = [k for k, q in enumerate(queues) if q]
-            for j in torch.randperm(len(live), generator=order_gen).tolist():
-                stream.append((live[j], queues[live[j]].pop(0)))
+            one_round = [(live[j], queues[live[j]].pop(0)) for j in torch.randperm(len(live), generator=order_gen).tolist()]
+            if positions is not None:  # alternate up and down, so a batch spanning two rounds is grouped too
+                one_round.sort(key=lambda entry: min(positions[i] for i in entry[1]), reverse=descending)
+                descending = not descending
+            stream.extend(one_round)
         batches.extend(_pack(stream, groups_per_batch))
     return batches
 

@@ -344,7 +344,8 @@ def train(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[in
         plan = PerTokenRecipe(token_index, texts, num_rows=rows.rows.shape[0], batch_size=batch_size,
                               snippets_per_update=snippets_per_update, epochs=epochs, lr=lr, seed=seed,
                               lr_schedule=lr_schedule, stopping=stopping_condition, max_steps=max_steps,
-                              sum_over_tokens=methods == (LossMethod.MSE_ON_HIDDENS,))
+                              sum_over_tokens=methods == (LossMethod.MSE_ON_HIDDENS,),
+                              positions=[s.first_new for s in seqs])
     else:
         plan = PaperRecipe(len(seqs), batch_size=batch_size, epochs=epochs, lr=lr, stopping=stopping_condition,
                            max_steps=max_steps)
