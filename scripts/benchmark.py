@@ -3,24 +3,30 @@
 
 A benchmark, not a test. Prints a JSON summary (and writes it with ``--out``).
 
-Step mode (default), on identical batches in one process:
-  (a) comparator written here: the whole input-embedding matrix is an AdamW parameter (original
-      rows' gradients zeroed after backward), full forwards with logits computed and all hidden
-      states returned, loss over all aligned positions;
-  (b) the product: a ``[num_new, hidden]`` parameter (train.NewRows), shared-prefix KV cache and
-      early stop at the target layer (fastpath.teacher_student_hiddens), loss on aligned positions
-      after the new token only;
-  (c) the product's step in epochs after the first: teacher states from fastpath.TeacherCache;
-  (d) the same with half of every batch's snippets cached (a cache over budget, a resumed run).
-Reports snippets/s for each and the ratios to the comparator, peak memory, trainable parameters, optimizer-state
-bytes, held-out loss after the same number of steps, model-FLOP utilisation against a matmul peak
-measured in the same run, the FLOP ratio (comparator FLOPs / product FLOPs: the speedup at equal
-MFU) and seconds per 1,000 new tokens at 25 snippets of 50 tokens.
+Step mode (default), on snippets mined from a real corpus (``--dataset_path``, the first
+``--num_words`` words of ``--words``, 25 training snippets each, every new token merged, so the
+first-new-token positions and the co-occurring new tokens are those of a real run), in one process:
+  (a) comparator written here: the product's loss (per-token sum of per-token means, gradient only
+      to each snippet's own token, row-wise Adam) computed the straightforward way: the whole
+      input-embedding matrix as the parameter, full forwards with logits and all hidden states;
+  (b) the product: ``[num_new, hidden]`` rows (train.NewRows), its per-token recipe and objective
+      (recipes.PerTokenRecipe / DistillObjective): early stop at the target layer, a shared-prefix
+      key/value cache, batches grouped by first-new-token position as the product schedules them;
+  (b') the product on the same snippets in random batches (what grouping buys);
+  (c) the product's step in epochs after the first: teacher states from fastpath.TeacherCache.
+The timed batches are ``--steps`` batches sampled evenly from the product's epoch schedule (plus
+one warm-up); all variants train fresh rows on the same snippets, at every layer of
+``--target_layers`` (default: the last, and one third deep). Reported per layer: snippets/s, the
+speed-up over the comparator beside the FLOP ratio of the same batches (comparator FLOPs /
+variant FLOPs: the speed-up at equal MFU) and their quotient, MFU against a matmul peak measured in
+the same run, held-out loss of the comparator's and the product's rows after the same steps, and
+seconds per 1,000 new tokens at 25 snippets; plus what the snippets look like (mean position of the
+first new token, share with another new token, mean shared prefix grouped / at random).
 
 Examples:
-  python scripts/benchmark.py                                  # bundled model, CPU, layer -1
-  python scripts/benchmark.py --target_layer 10                # one third deep
+  python scripts/benchmark.py                                  # bundled model, CPU, layers -1 and L/3
   python scripts/benchmark.py --shape llama8b --device cuda --dtype bf16 --steps 20
+  python scripts/benchmark.py --target_layers=-1,10             # a list starting with "-": use "="
   python scripts/benchmark.py --mode mining                    # tokens/s over the shared corpus
 
 Every flag is checked before a model is built or loaded (bad input: one ``error:`` line, exit code
@@ -59,11 +65,15 @@ SHAPES = {  # randomly initialised Llama shapes (no download)
 }
 
 
-def load(args, device, dtype):
+def load(args, device, dtype, min_vocab: int = 0):
+    """The bundled model, or a random Llama of ``--shape`` (vocabulary at least ``min_vocab``, so
+    that the bundled tokenizer's ids fit)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.shape:
-        cfg = LlamaConfig(max_position_embeddings=2048, **SHAPES[args.shape])
+        shape = dict(SHAPES[args.shape])
+        shape["vocab_size"] = max(shape["vocab_size"], min_vocab)
+        cfg = LlamaConfig(max_position_embeddings=2048, **shape)
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(dtype)
@@ -75,45 +85,65 @@ def load(args, device, dtype):
     return model
 
 
-def make_batches(vocab: int, num_new: int, n_batches: int, batch: int, snippet_len: int, seed: int):
-    """Synthetic snippets shaped like mined ones: BOS, 12 tokens of left context, the phrase, the rest."""
-    g = torch.Generator().manual_seed(seed)
-    toks = []
-    for j in range(num_new):
-        k = int(torch.randint(2, 5, (1,), generator=g))
-        toks.append(NewToken(f"w{j}", tuple(int(x) for x in torch.randint(1000, vocab - 1, (k,), generator=g)),
-                             vocab + j))
+def read_words(path: str) -> list[str]:
+    """Words of a word list (one per line) or of a counts file (``.jsonl``, a ``"token"`` per line)."""
+    from token_distillation.targets import read_wordlist
+
+    p = Path(path).expanduser()
+    if p.suffix == ".jsonl":
+        return [json.loads(line)["token"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_wordlist(p)
+
+
+def mined_snippets(args, tok, vocab: int):
+    """Real snippets: the first ``--num_words`` words of ``--words`` that the tokenizer splits, 25
+    training and 5 held-out snippets each mined from ``--dataset_path`` (the product's miner and
+    split), merged with *every* new token (so co-occurring new tokens are merged too, as in a run).
+
+    Returns:
+        (tokens, train seqs, train token index, held-out seqs, held-out token index)
+    """
+    from token_distillation.config import CorpusConfig
+    from token_distillation.corpus import tokenize_corpus
+    from token_distillation.paths import default_cache_root
+    from token_distillation.snippets import mine_snippets
+    from token_distillation.tokenization import bos_prefix, in_vocabulary, subtoken_ids
+
+    toks: list[NewToken] = []
+    for w in read_words(args.words):
+        ids = subtoken_ids(tok, w)
+        if len(ids) > 1 and not in_vocabulary(tok, w) and w not in {t.text for t in toks}:
+            toks.append(NewToken(w, tuple(ids), vocab + len(toks)))
+        if len(toks) == args.num_words:
+            break
+    corpus = tokenize_corpus(CorpusConfig(dataset_path=args.dataset_path), tok, default_cache_root())
+    snips = mine_snippets(corpus, toks, args.snippet_len, 25, 5, 0.1, bos_prefix(tok), 0)
     m = PhraseMatcher([t.subtoken_ids for t in toks])
-    batches = []
-    for _ in range(n_batches):
-        seqs = []
-        for _ in range(batch):
-            j = int(torch.randint(0, num_new, (1,), generator=g))
-            body = torch.randint(1000, vocab - 1, (snippet_len,), generator=g).tolist()
-            left = min(12, snippet_len // 4)
-            ids = [1] + body[:left] + list(toks[j].subtoken_ids) + body[left: snippet_len - len(toks[j].subtoken_ids)]
-            seqs.append(merge(ids, m, [t.token_id for t in toks]))
-        batches.append(collate(seqs, [0] * batch, pad_id=0))
-    return toks, batches
+    new_ids = [t.token_id for t in toks]
+    train = [merge(s.ids, m, new_ids) for s in snips.train]
+    held = [merge(s.ids, m, new_ids) for s in snips.heldout]
+    return (toks, train, [s.token_index for s in snips.train], held, [s.token_index for s in snips.heldout])
 
 
-def comparator_loss(model, weight, batch, layer):
-    """Full forwards with logits and all hidden states; loss over every aligned position."""
+def comparator_loss(model, weight, batch, layer, first_new_id: int, num_tokens: int):
+    """The product's loss written the straightforward way: full forwards (logits computed, all
+    hidden states returned), the whole input-embedding matrix as the parameter (gradient blocked
+    for every position but the snippet's own new token), the per-token sum of per-token means
+    (:func:`token_distillation.regime.per_token_loss`) over the same aligned positions."""
+    from token_distillation.regime import per_token_loss
+
     with torch.no_grad():
         t = model(input_ids=batch.teacher_ids, attention_mask=batch.teacher_attention.long(),
                   output_hidden_states=True, use_cache=False)
-    s = model(inputs_embeds=torch.nn.functional.embedding(batch.student_ids, weight) * _scale(model),
-              attention_mask=batch.student_attention.long(), output_hidden_states=True, use_cache=False)
+    emb = torch.nn.functional.embedding(batch.student_ids, weight) * _scale(model)
+    own = batch.student_ids == (first_new_id + batch.token_index)[:, None]
+    emb = torch.where(own[..., None], emb, emb.detach())
+    s = model(inputs_embeds=emb, attention_mask=batch.student_attention.long(), output_hidden_states=True,
+              use_cache=False)
     _ = s.logits  # computed by the full forward, as a naive loop does
-    # all aligned positions: one-to-one before the word, then the product's aligned positions
-    t_mask = batch.teacher_attention.clone()
-    s_mask = batch.student_attention.clone()
-    for r in range(batch.teacher_ids.shape[0]):
-        sl = batch.student_loss_mask[r]
-        if sl.any():
-            first_s = int(sl.float().argmax())
-            t_mask[r, first_s:] = batch.teacher_loss_mask[r, first_s:]
-    return mse_on_hiddens(s.hidden_states[layer][s_mask], t.hidden_states[layer][t_mask])
+    diff = s.hidden_states[layer][batch.student_loss_mask].float() - t.hidden_states[layer][batch.teacher_loss_mask].float()
+    per_pos = diff.pow(2).mean(-1)
+    return per_token_loss(per_pos, batch.student_loss_mask.nonzero()[:, 0], batch.token_index, num_tokens)
 
 
 def _scale(model):
@@ -152,156 +182,209 @@ def peak_mem(device) -> float:
 
 
 def run_steps(step_fn, batches, device):
-    """Time ``step_fn(index, batch)`` over ``batches[1:]`` after one warm-up step on ``batches[0]``."""
-    step_fn(0, batches[0])  # warm-up
+    """Time ``step_fn(ids, batch)`` over ``batches[1:]`` after one warm-up step on ``batches[0]``
+    (``batches``: ``(snippet ids, AlignedBatch)`` pairs)."""
+    step_fn(*batches[0])  # warm-up
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for i, b in enumerate(batches[1:], start=1):
-        step_fn(i, b)
+    for ids, b in batches[1:]:
+        step_fn(ids, b)
     _sync(device)
     return time.perf_counter() - t
 
 
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """``--target_layers``: comma-separated layers; ``L/3`` is one third of the depth (rounded)."""
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        out.append(max(1, round(n_layers / 3)) if part.upper() == "L/3" else int(part))
+    return out
+
+
+def batch_flops(b, p: int, n_all: int, n_run: int, vocab_hidden: int) -> tuple[int, int, int]:
+    """Model FLOPs of one step on batch ``b`` with shared prefix ``p``: (comparator, product, product
+    with the teacher cached). Frozen weights: a backward pass computes activation gradients only,
+    ~2N per token; N = non-embedding parameters of the layers run (``n_run``; ``n_all`` for the whole
+    model); attention scores are left out (small at 50 tokens).
+
+    - comparator: forwards of all layers over teacher and student tokens, logits (2 V H per token),
+      backward from the target layer over the student tokens;
+    - product: teacher tokens once (the prefix shared with the student), student tokens after the
+      prefix forward and backward, up to the target layer;
+    - cached: the prefix tokens (the student needs their key/value cache) and the student after it.
+    """
+    t_all, s_all = int(b.teacher_attention.sum()), int(b.student_attention.sum())
+    s_tok = int(b.student_attention[:, p:].sum())
+    pre_tok = int(b.teacher_attention[:, :p].sum())
+    comparator = 2 * n_all * (t_all + s_all) + 2 * vocab_hidden * (t_all + s_all) + 2 * n_run * s_all
+    product = 2 * n_run * (t_all + s_tok) + 2 * n_run * s_tok
+    cached = 2 * n_run * (pre_tok + s_tok) + 2 * n_run * s_tok
+    return comparator, product, cached
+
+
 def step_mode(args):
+    """Time the comparator and the product on the same mined snippets at each target layer."""
+    from token_distillation.models import default_cache_root, load_tokenizer, resolve_model_source
+    from token_distillation.recipes import PerTokenRecipe
+    from token_distillation.regime import RowAdam
+
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = load(args, device, dtype)
+    tok = load_tokenizer(resolve_model_source(args.model_path), default_cache_root())
+    model = load(args, device, dtype, min_vocab=len(tok))
     vocab = model.get_input_embeddings().weight.shape[0]
-    layer = resolve_layer(model, args.target_layer)
     n_layers = model.config.num_hidden_layers
-    toks, batches = make_batches(vocab, args.num_new, args.steps + 1, args.batch_size, args.snippet_len, 0)
-    _, held = make_batches(vocab, args.num_new, 2, args.batch_size, args.snippet_len, 0)
-    batches = [b.to(device) for b in batches]
-    held = [b.to(device) for b in held]
-    model.resize_token_embeddings(vocab + args.num_new, mean_resizing=False)
+    toks, train, t_idx, held, h_idx = mined_snippets(args, tok, vocab)
+    num_new = len(toks)
+    model.resize_token_embeddings(vocab + num_new, mean_resizing=False)
     base_w = model.get_input_embeddings().weight
     init = torch.stack([base_w[list(t.subtoken_ids)].float().mean(0) for t in toks])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else _null()
-    res = {"device": str(device), "dtype": args.dtype, "model": args.shape or args.model_path,
-           "target_layer": args.target_layer, "layers": n_layers, "batch_size": args.batch_size,
-           "snippet_len": args.snippet_len, "steps_timed": args.steps, "num_new_tokens": args.num_new}
+    scale = _scale(model)
 
-    # (a) comparator
-    full = torch.nn.Parameter(base_w.detach().float().clone())
-    with torch.no_grad():
-        full[vocab:] = init
-    opt_a = torch.optim.AdamW([full], lr=args.lr, weight_decay=0.0)
+    # The product's schedule (per-token batches grouped by first-new-token position), sampled
+    # evenly over the epoch; the same snippets regrouped at random show what grouping buys.
+    recipe = PerTokenRecipe(t_idx, [t.text for t in toks], num_rows=num_new, batch_size=args.batch_size,
+                            snippets_per_update=1, epochs=1, lr=args.lr, seed=0, positions=[s.first_new for s in train])
+    sched = recipe.schedule
+    n = min(args.steps + 1, len(sched))
+    picked = [sched[round(k * (len(sched) - 1) / max(1, n - 1))] for k in range(n)]
+    flat = [i for b in picked for i in b]
+    perm = torch.randperm(len(flat), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled, k = [], 0
+    for b in picked:
+        shuffled.append([flat[j] for j in perm[k: k + len(b)]])
+        k += len(b)
 
-    def step_a(_i, b):
-        with autocast:
-            loss = comparator_loss(model, full.to(dtype), b, layer)
-        opt_a.zero_grad(set_to_none=True)
-        loss.backward()
-        full.grad[:vocab] = 0
-        opt_a.step()
-
-    sec_a = run_steps(step_a, batches, device)
-    res["comparator"] = {"snippets_per_s": args.steps * args.batch_size / sec_a, "peak_mem_mib": peak_mem(device),
-                         "trainable_params": full.numel(), "optimizer_state_bytes": opt_state_bytes(opt_a)}
-    del opt_a
-
-    def time_product(tcache):
-        """Time the product's steps on fresh new rows; teacher states from ``tcache`` (a
-        TeacherCache; None: computed). Returns (seconds, rows, optimizer)."""
-        r = NewRows(init.to(device), [t.token_id for t in toks], vocab + args.num_new, _scale(model)).to(device)
-        o = torch.optim.AdamW([r.rows], lr=args.lr, weight_decay=0.0)
-
-        def step(i, b):
-            ids = list(range(i * args.batch_size, (i + 1) * args.batch_size))
-            with autocast:
-                s, t = teacher_student_hiddens(model, r, b, layer, teacher=tcache.lookup(ids) if tcache else None)
-                loss = mse_on_hiddens(s, t)
-            o.zero_grad(set_to_none=True)
-            loss.backward()
-            o.step()
-
-        return run_steps(step, batches, device), r, o
-
-    # (b) product
-    sec_b, rows, opt_b = time_product(None)
-    res["product"] = {"snippets_per_s": args.steps * args.batch_size / sec_b, "peak_mem_mib": peak_mem(device),
-                      "trainable_params": rows.rows.numel(), "optimizer_state_bytes": opt_state_bytes(opt_b)}
-    res["speedup"] = res["product"]["snippets_per_s"] / res["comparator"]["snippets_per_s"]
-
-    # (c) the product's step in later epochs: teacher states from the TeacherCache (filled here
-    # the way the first epoch fills it), only the shared prefix and the student are run
-    cache = TeacherCache(1 << 40)
-    with torch.no_grad(), autocast:
-        for i, b in enumerate(batches):
-            ids = list(range(i * args.batch_size, (i + 1) * args.batch_size))
-            cache.put(ids, teacher_student_hiddens(model, rows, b, layer)[1], b.teacher_loss_mask.sum(1))
-    sec_c = time_product(cache)[0]
-    res["product_teacher_cached"] = {"snippets_per_s": args.steps * args.batch_size / sec_c,
-                                     "teacher_cache_mib": cache.bytes / 2**20}
-    res["speedup_teacher_cached"] = res["product_teacher_cached"]["snippets_per_s"] / res["comparator"]["snippets_per_s"]
-
-    # (d) half of every batch cached (a cache over its budget, or a resumed run whose earlier
-    # epochs this process did not see): the teacher's continuation runs for the other half only
-    half = TeacherCache(1 << 40)
-    for i in range(len(batches)):
-        ids = list(range(i * args.batch_size, (i + 1) * args.batch_size))
-        found = cache.lookup(ids)
-        for r in range(0, len(ids), 2):
-            half.put([ids[r]], found[r], torch.tensor([found[r].shape[0]]))
-    del cache, found
-    sec_d = time_product(half)[0]
-    res["product_half_cached"] = {"snippets_per_s": args.steps * args.batch_size / sec_d,
-                                  "cached_fraction": math.ceil(args.batch_size / 2) / args.batch_size}
-    res["speedup_half_cached"] = res["product_half_cached"]["snippets_per_s"] / res["comparator"]["snippets_per_s"]
-
-    # held-out loss after the same number of steps (both on the product's loss positions)
-    with torch.no_grad(), autocast:
-        ha = hb = 0.0
-        rows_a = NewRows(full[vocab:].detach(), [t.token_id for t in toks], vocab + args.num_new, _scale(model)).to(device)
-        for b in held:
-            ha += float(mse_on_hiddens(*teacher_student_hiddens(model, rows_a, b, layer)))
-            hb += float(mse_on_hiddens(*teacher_student_hiddens(model, rows, b, layer)))
-    res["heldout_loss"] = {"comparator": ha / len(held), "product": hb / len(held)}
-
-    # Model FLOPs per step (frozen weights: backward computes activation gradients only, ~2N per
-    # token; N = non-embedding parameters of the layers run; attention scores are left out, small
-    # at 50 tokens). Their ratio is the speedup the product would have at equal MFU: no exact
-    # implementation of the same loss can beat it without doing fewer FLOPs.
-    #   comparator: 2 N_all (teacher + student tokens) + logits 2 V H (teacher + student tokens)
-    #               + backward 2 N_layer x student tokens
-    #   product:    2 N_layer (teacher tokens + student tokens after the shared prefix) + backward 2 N_layer x those
-    #   cached:     2 N_layer (shared-prefix tokens + student tokens after it) + backward 2 N_layer x the latter
-    from token_distillation.fastpath import _prefix_len
-
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    n_run = n_params * layer / n_layers
-    hidden = base_w.shape[1]
-    fa, fb, fc = [], [], []
-    for b in batches[1:]:
-        p = _prefix_len(b)
-        t_all, s_all = int(b.teacher_attention.sum()), int(b.student_attention.sum())
-        s_tok = int(b.student_attention[:, p:].sum())
-        pre_tok = int(b.teacher_attention[:, :p].sum())
-        fa.append(2 * n_params * (t_all + s_all) + 2 * (vocab + args.num_new) * hidden * (t_all + s_all)
-                  + 2 * n_run * s_all)
-        fb.append(2 * n_run * (t_all + s_tok) + 2 * n_run * s_tok)
-        fc.append(2 * n_run * (pre_tok + s_tok) + 2 * n_run * s_tok)
-    flops_a, flops_b, flops_c = (sum(f) / len(f) for f in (fa, fb, fc))
+    grouped = _batches(picked, train, t_idx, device)
+    ungrouped = _batches(shuffled, train, t_idx, device)
+    held_b = [b for _, b in _batches([list(range(i, min(i + args.batch_size, len(held))))
+                                     for i in range(0, len(held), args.batch_size)], held, h_idx, device)]
+    res = {"device": str(device), "dtype": args.dtype, "model": args.shape or args.model_path, "layers": n_layers,
+           "batch_size": args.batch_size, "snippet_len": args.snippet_len, "steps_timed": n - 1,
+           "snippets": _snippet_stats(args, toks, train, t_idx, sched, grouped, ungrouped)}
+    n_all = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name)
     peak = matmul_peak(device, dtype)
     res["matmul_peak_tflops"] = peak / 1e12
-    res["comparator"]["mfu"] = flops_a / (sec_a / args.steps) / peak
-    res["product"]["mfu"] = flops_b / (sec_b / args.steps) / peak
-    res["product_teacher_cached"]["mfu"] = flops_c / (sec_c / args.steps) / peak
-    res["flop_ratio"] = flops_a / flops_b
-    res["flop_ratio_teacher_cached"] = flops_a / flops_c
-    # 1,000 new tokens x 25 snippets / batch size steps
+    ctx = dict(model=model, grouped=grouped, ungrouped=ungrouped, held=held_b, init=init, toks=toks, vocab=vocab,
+               scale=scale, recipe=recipe, dtype=dtype, device=device, n_all=n_all, peak=peak, lr=args.lr,
+               bf16=args.dtype == "bf16")
+    res["by_layer"] = [_one_layer(ctx, target) for target in parse_layers(args.target_layers, n_layers)]
     steps_per_1000 = math.ceil(1000 * 25 / args.batch_size)
-    res["product"]["seconds_per_1000_tokens"] = steps_per_1000 * sec_b / args.steps
-    # optimizer state for 1,000 new tokens at an 8B-class shape (AdamW: exp_avg + exp_avg_sq, fp32)
+    for r in res["by_layer"]:
+        r["product"]["seconds_per_1000_tokens"] = steps_per_1000 / r["product"]["steps_per_s"]
+    res["peak_mem_mib"] = peak_mem(device)
+    # optimizer state for 1,000 new tokens at an 8B-class shape (Adam: exp_avg + exp_avg_sq, fp32)
     p = torch.nn.Parameter(torch.zeros(1000, 4096))
-    o = torch.optim.AdamW([p], lr=1e-4)
-    p.grad = torch.zeros_like(p)
+    o = RowAdam([p], lr=1e-4)
+    p.grad = torch.ones_like(p)
     o.step()
     res["optimizer_state_bytes_1000_tokens_hidden4096"] = {
         "product_measured": opt_state_bytes(o), "comparator_formula": 2 * 4 * 128256 * 4096}
+    res["trainable_params"] = {"comparator": (vocab + num_new) * base_w.shape[1], "product": num_new * base_w.shape[1]}
     return res
+
+
+def _batches(groups: list[list[int]], seqs, token_index, device) -> list[tuple[list[int], object]]:
+    """``(snippet ids, AlignedBatch)`` for each group of snippet indices."""
+    return [(ids, collate([seqs[i] for i in ids], [token_index[i] for i in ids], pad_id=0).to(device))
+            for ids in groups]
+
+
+def _snippet_stats(args, toks, train, t_idx, sched, grouped, ungrouped) -> dict:
+    """What the mined snippets look like: positions, co-occurring new tokens, shared prefixes."""
+    from token_distillation.fastpath import _prefix_len
+
+    first_id = toks[0].token_id
+    other = sum(bool(((s.student_ids >= first_id) & (s.student_ids != first_id + t)).any()) for s, t in zip(train, t_idx))
+    return {"corpus": Path(args.dataset_path).name, "words": len(toks), "train_snippets": len(train),
+            "batches_per_epoch": len(sched),
+            "first_new_token_position_mean": sum(s.first_new for s in train) / len(train),
+            "with_another_new_token": other / len(train),
+            "shared_prefix_mean": {"grouped": sum(_prefix_len(b) for _, b in grouped[1:]) / max(1, len(grouped) - 1),
+                                   "ungrouped": sum(_prefix_len(b) for _, b in ungrouped[1:]) / max(1, len(ungrouped) - 1)}}
+
+
+def _one_layer(ctx: dict, target_layer: int) -> dict:
+    """Comparator, product (grouped and ungrouped batches) and product with the teacher cached, at
+    one target layer; each trains fresh rows over the same timed snippets."""
+    from token_distillation.config import LossMethod
+    from token_distillation.fastpath import shared_prefix_len
+    from token_distillation.recipes import DistillObjective
+    from token_distillation.regime import RowAdam
+
+    model, device, recipe, toks, vocab = ctx["model"], ctx["device"], ctx["recipe"], ctx["toks"], ctx["vocab"]
+    layer = resolve_layer(model, target_layer)
+    n_layers = model.config.num_hidden_layers
+    n_run = ctx["n_all"] * min(layer, n_layers) / n_layers
+    num_new, new_ids = len(toks), [t.token_id for t in toks]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if ctx["bf16"] else _null()
+    vh = (vocab + num_new) * ctx["init"].shape[1]
+
+    full = torch.nn.Parameter(model.get_input_embeddings().weight.detach().float().clone())
+    with torch.no_grad():
+        full[vocab:] = ctx["init"]
+    opt_a = RowAdam([full], lr=ctx["lr"])
+
+    def step_a(_ids, b):
+        with autocast:
+            loss = comparator_loss(model, full.to(ctx["dtype"]), b, layer, vocab, num_new)
+        opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_a.step()
+
+    def product(batches, tcache=None):
+        rows = NewRows(ctx["init"].clone(), new_ids, vocab + num_new, ctx["scale"]).to(device)
+        opt = RowAdam([rows.rows], lr=ctx["lr"])
+        obj = DistillObjective(model, rows, layer, (LossMethod.MSE_ON_HIDDENS,),
+                               torch.bfloat16 if ctx["bf16"] else None, teacher_cache=tcache)
+
+        def step(ids, b):
+            loss = recipe.loss(obj, b, ids)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run_steps(step, batches, device), rows
+
+    out = {"target_layer": target_layer, "layer": layer}
+    timed = ctx["grouped"][1:]
+    snippets = sum(len(ids) for ids, _ in timed)
+    flops = {"comparator": [], "product": [], "product_teacher_cached": [], "product_ungrouped": []}
+    for (_, b), (_, u) in zip(timed, ctx["ungrouped"][1:]):
+        a, pr, c = batch_flops(b, shared_prefix_len(b), ctx["n_all"], n_run, vh)
+        flops["comparator"].append(a)
+        flops["product"].append(pr)
+        flops["product_teacher_cached"].append(c)
+        flops["product_ungrouped"].append(batch_flops(u, shared_prefix_len(u), ctx["n_all"], n_run, vh)[1])
+
+    def record(name, sec):
+        f = sum(flops[name]) / len(timed)
+        out[name] = {"steps_per_s": len(timed) / sec, "snippets_per_s": snippets / sec,
+                     "mfu": f / (sec / len(timed)) / ctx["peak"], "flops_per_step": f}
+
+    record("comparator", run_steps(step_a, ctx["grouped"], device))
+    sec, rows = product(ctx["grouped"])
+    record("product", sec)
+    record("product_ungrouped", product(ctx["ungrouped"])[0])
+    cache = TeacherCache(1 << 40)  # filled the way the first epoch fills it
+    with torch.no_grad(), autocast:
+        for ids, b in ctx["grouped"]:
+            cache.put(ids, teacher_student_hiddens(model, rows, b, layer)[1], b.teacher_loss_mask.sum(1))
+    record("product_teacher_cached", product(ctx["grouped"], cache)[0])
+    out["teacher_cache_mib"] = cache.bytes / 2**20
+    for name in ("product", "product_ungrouped", "product_teacher_cached"):
+        speedup = out[name]["snippets_per_s"] / out["comparator"]["snippets_per_s"]
+        ratio = sum(flops["comparator"]) / sum(flops[name])
+        out[name].update(speedup=speedup, flop_ratio=ratio, speedup_over_flop_ratio=speedup / ratio)
+    rows_a = NewRows(full[vocab:].detach(), new_ids, vocab + num_new, ctx["scale"]).to(device)
+    with torch.no_grad(), autocast:
+        ha = sum(float(mse_on_hiddens(*teacher_student_hiddens(model, rows_a, b, layer))) for b in ctx["held"])
+        hb = sum(float(mse_on_hiddens(*teacher_student_hiddens(model, rows, b, layer))) for b in ctx["held"])
+    out["heldout_loss"] = {"comparator": ha / len(ctx["held"]), "product": hb / len(ctx["held"])}
+    return out
 
 
 def mining_mode(args):
@@ -326,7 +409,7 @@ def mining_mode(args):
     np.cumsum([len(x) for x in lists], out=offsets[1:])
     ids = np.fromiter((i for x in lists for i in x), dtype=np.int32, count=int(offsets[-1]))
     corpus = TokenizedCorpus(ids, offsets, [str(i) for i in range(len(lists))])
-    words = [w.rstrip("\n") for w in open(args.words)] if args.words else [" hepatotoxicity", " cisplatin"]
+    words = read_words(args.words)
     toks = [NewToken(w, tuple(subtoken_ids(tok, w))) for w in words if len(subtoken_ids(tok, w)) > 1]
     t = time.perf_counter()
     snips = mine_snippets(corpus, toks, 50, 10**9, 0, 0.0, [1], 0)  # no early stop: full scan
@@ -354,7 +437,7 @@ def check_args(args) -> None:
     from token_distillation.paths import replace_file, resolve_model_source
 
     for flag, value, low in (("steps", args.steps, 1), ("batch_size", args.batch_size, 1),
-                             ("num_new", args.num_new, 1), ("snippet_len", args.snippet_len, 8),
+                             ("num_words", args.num_words, 1), ("snippet_len", args.snippet_len, 8),
                              ("num_proc", args.num_proc, 1)):
         if value < low:
             raise ConfigError(f"--{flag} must be >= {low}, not {value}")
@@ -370,18 +453,36 @@ def check_args(args) -> None:
         raise ConfigError(f"--device {args.device}: MPS is not available here; pass --device cpu")
     if args.out:
         replace_file(args.out, flag="--out")
-    if args.mode == "step" and args.shape:
-        n = SHAPES[args.shape]["num_hidden_layers"]
-        if not (1 <= args.target_layer <= n or -n <= args.target_layer <= -1):
-            raise ConfigError(f"--target_layer {args.target_layer} out of range for --shape {args.shape} ({n} "
-                              f"layers); use 1..{n} or -1..-{n}")
+    if args.mode == "step":
+        if args.shape:
+            _check_layers(args.target_layers, SHAPES[args.shape]["num_hidden_layers"], f"--shape {args.shape}")
+        else:
+            try:
+                parse_layers(args.target_layers, 3)
+            except ValueError:
+                raise ConfigError(f"--target_layers {args.target_layers!r}: give comma-separated layers "
+                                  "(integers, or L/3 for one third deep), e.g. -1,L/3") from None
+        if not Path(args.dataset_path).expanduser().is_file():
+            raise ConfigError(f"--dataset_path {args.dataset_path}: file not found")
+        if not Path(args.words).expanduser().is_file():
+            raise ConfigError(f"--words {args.words}: file not found")
     if args.mode == "mining":
         if not Path(args.dataset_path).expanduser().is_file():
             raise ConfigError(f"--dataset_path {args.dataset_path}: file not found")
         if args.words and not Path(args.words).expanduser().is_file():
             raise ConfigError(f"--words {args.words}: file not found")
-    if args.mode == "mining" or not args.shape:
-        resolve_model_source(args.model_path)
+    resolve_model_source(args.model_path)  # the model, or the tokenizer of a --shape run
+
+
+def _check_layers(spec: str, n: int, what: str) -> None:
+    try:
+        layers = parse_layers(spec, n)
+    except ValueError:
+        raise ConfigError(f"--target_layers {spec!r}: give comma-separated layers (integers, or L/3 for one "
+                          "third deep), e.g. -1,L/3") from None
+    for layer in layers:
+        if not (1 <= layer <= n or -n <= layer <= -1):
+            raise ConfigError(f"--target_layers: {layer} out of range for {what} ({n} layers); use 1..{n} or -1..-{n}")
 
 
 def main(argv=None):
@@ -391,14 +492,15 @@ def main(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-init Llama shape instead of --model_path")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--target_layer", type=int, default=-1)
+    ap.add_argument("--target_layers", default="-1,L/3", help="comma-separated target layers; L/3 = one third deep")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--snippet_len", type=int, default=50)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--num_new", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=12, help="timed batches, sampled evenly from the epoch")
+    ap.add_argument("--num_words", type=int, default=500, help="new tokens (the first words of --words that split)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dataset_path", default=str(Path(__file__).resolve().parents[2] / "shared/data/pubmed_abstracts/abstracts.jsonl"))
-    ap.add_argument("--words", default=None, help="word list for mining mode")
+    ap.add_argument("--words", default=str(Path(__file__).resolve().parents[1] / "new_tokens/pubmed_frequency_smollm2_top500.jsonl"),
+                    help="word list (.txt) or counts file (.jsonl)")
     ap.add_argument("--num_proc", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)

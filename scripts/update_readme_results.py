@@ -55,39 +55,51 @@ def benchmark_section() -> list[str]:
     files = sorted((ROOT / "docs" / "benchmarks").glob("*.json"))
     if not files:
         return []
-    out = ["### Speed and memory (`scripts/benchmark.py`)", "",
-           "| file | date | device | model | target layer | comparator snippets/s | product snippets/s | speed-up "
-           "| speed-up, later epochs (teacher cached) | speed-up, half of each batch cached "
-           "| FLOP ratio (first / later epochs) | MFU comparator / product "
-           "| held-out loss comparator / product | optimizer state comparator / product | trainable params comparator / product |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["### Speed on mined snippets (`scripts/benchmark.py`)", "",
+           "| file | date | device | model | words (train snippets) | target layer | comparator snippets/s "
+           "| product snippets/s | speed-up / FLOP ratio (quotient) | same snippets in random batches "
+           "| later epochs, teacher cached | MFU comparator / product | held-out loss comparator / product "
+           "| s per 1,000 tokens (25 snippets) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     runs = [(f, _load(f)) for f in files]
+
+    def ratio(v):
+        return f"{v['speedup']:.2f}x / {v['flop_ratio']:.2f}x ({v['speedup_over_flop_ratio']:.2f})"
+
     for f, r in runs:
-        c, p = r["comparator"], r["product"]
-        out.append(f"| `{f.relative_to(ROOT)}` | {r['date']} | {r['device']} {r['dtype']} | {r['model']} | "
-                   f"{r['target_layer']} of {r['layers']} | {c['snippets_per_s']:.2f} | {p['snippets_per_s']:.2f} | "
-                   f"{r['speedup']:.2f}x | "
-                   + (f"{r['speedup_teacher_cached']:.2f}x" if "speedup_teacher_cached" in r else "-")
-                   + (f" | {r['speedup_half_cached']:.2f}x" if "speedup_half_cached" in r else " | -")
-                   + (f" | {r['flop_ratio']:.2f}x / {r['flop_ratio_teacher_cached']:.2f}x" if "flop_ratio" in r else " | -")
-                   + (f" | {c['mfu']:.2f} / {p['mfu']:.2f}" if "mfu" in c else " | -")
-                   + f" | {r['heldout_loss']['comparator']:.5f} / {r['heldout_loss']['product']:.5f} | "
-                   f"{c['optimizer_state_bytes'] / 2**20:.1f} MiB / {p['optimizer_state_bytes'] / 2**20:.2f} MiB | "
-                   f"{c['trainable_params']:,} / {p['trainable_params']:,} |")
+        sn = r["snippets"]
+        for lay in r["by_layer"]:
+            c, p = lay["comparator"], lay["product"]
+            out.append(f"| `{f.relative_to(ROOT)}` | {r['date']} | {r['device']} {r['dtype']} | {r['model']} | "
+                       f"{sn['words']} ({sn['train_snippets']:,}) | {lay['target_layer']} (= {lay['layer']} of "
+                       f"{r['layers']}) | {c['snippets_per_s']:.2f} | {p['snippets_per_s']:.2f} | {ratio(p)} | "
+                       f"{ratio(lay['product_ungrouped'])} | {ratio(lay['product_teacher_cached'])} | "
+                       f"{c['mfu']:.2f} / {p['mfu']:.2f} | {lay['heldout_loss']['comparator']:.5f} / "
+                       f"{lay['heldout_loss']['product']:.5f} | {p['seconds_per_1000_tokens']:,.0f} |")
+    out.append("")
+    for f, r in runs:
+        sn = r["snippets"]
+        out.append(f"`{f.name}`: {sn['words']} words, {sn['train_snippets']:,} training snippets mined from "
+                   f"`{sn['corpus']}`, {r['steps_timed']} timed batches of {r['batch_size']} sampled evenly from "
+                   f"the product's epoch of {sn['batches_per_epoch']} batches; first new token at position "
+                   f"{sn['first_new_token_position_mean']:.1f} on average (BOS = 0); "
+                   f"{100 * sn['with_another_new_token']:.0f}% of the snippets hold another new token; mean prefix "
+                   f"shared by a batch {sn['shared_prefix_mean']['grouped']:.1f} tokens grouped by position, "
+                   f"{sn['shared_prefix_mean']['ungrouped']:.1f} in random batches.")
     o = runs[0][1]["optimizer_state_bytes_1000_tokens_hidden4096"]
     out += ["", f"Optimizer state for 1,000 new tokens at hidden 4096 (8B-class shape, vocabulary 128,256): "
-            f"{o['product_measured'] / 1e6:.1f} MB measured for the product's AdamW state; the comparator's "
-            f"full-vocabulary AdamW state is {o['comparator_formula'] / 1e9:.1f} GB (2 x 4 bytes x 128,256 x 4,096).",
-            "FLOP ratio: the comparator's model FLOPs per step divided by the product's; speed-up = FLOP ratio x "
-            "(product MFU / comparator MFU). The product saves FLOPs by skipping the logits, the layers above the "
-            "target layer and, for the positions before the word (the shared prefix, about a quarter of a 50-token "
-            "snippet), the second forward and the backward; the positions after the word, where the loss is "
-            "non-zero, still need a teacher forward, a student forward and a student backward (about one forward "
-            "each). At about equal MFU a first-epoch speed-up above the FLOP ratio needs fewer FLOPs, which "
-            "exact distillation on the same snippets does not allow.",
-            "Half of each batch cached: the epochs after the first when the teacher cache holds only part of the "
-            "snippets (over its budget, `--teacher_cache_gib`, or after a resume); the teacher then runs for the "
-            "snippets it lacks only.",
+            f"{o['product_measured'] / 1e6:.1f} MB measured for the product's row-wise Adam state; a "
+            f"full-vocabulary Adam state is {o['comparator_formula'] / 1e9:.1f} GB (2 x 4 bytes x 128,256 x 4,096).",
+            "The comparator computes the product's loss (per-token recipe) the straightforward way: full "
+            "forwards with logits and all hidden states, the whole embedding matrix as the parameter. FLOP "
+            "ratio: the comparator's model FLOPs divided by the variant's on the same batches, i.e. the speed-up "
+            "at equal MFU; the quotient speed-up / FLOP ratio is 1 when the variant runs its FLOPs as efficiently "
+            "as the comparator. The product saves FLOPs by skipping the logits, the layers above the target "
+            "layer and, for the prefix a batch shares before its first new token, the student's forward and "
+            "backward; the positions from the new token on still need a teacher forward, a student forward and "
+            "a student backward. Grouping batches by first-new-token position (the per-token recipe allows any "
+            "grouping: a token's updates do not change) makes the shared prefix close to the mean position "
+            "instead of the batch minimum. Later epochs reuse the teacher's states (`--teacher_cache_gib`).",
             "Commands: " + "; ".join(f"`{r['command']}`" for _, r in runs), ""]
     return out
 
