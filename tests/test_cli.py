@@ -129,3 +129,28 @@ def test_overwrite_of_the_current_directory_is_refused(tmp_path):
     r = run_cli("--out_path", ".", "--overwrite", "--dry_run", cwd=tmp_path)
     assert r.returncode == 2 and "current, a parent or the home directory" in r.stderr, r.stderr
     assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_a_wrapped_ctrl_c_ends_with_the_stop_line(capsys):
+    """Ctrl-C that a library re-raises wrapped in another exception (transformers' lazy import turns it
+    into an ImportError) ends like a plain Ctrl-C: one line, exit code 130, no traceback; any other
+    exception still propagates."""
+    import pytest
+
+    from token_distillation.cli import user_errors
+
+    def wrapped():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ModuleNotFoundError("Could not import module 'LlamaForCausalLM'") from e
+
+    with pytest.raises(SystemExit) as exit_info:
+        with user_errors():
+            wrapped()
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0].lower()
+    with pytest.raises(ValueError):
+        with user_errors():
+            raise ValueError("a bug, not a stop")

@@ -70,6 +70,28 @@ def user_errors():
     except KeyboardInterrupt:
         sys.stderr.write(f"{Interrupted(signal.SIGINT).message()}\n")
         sys.exit(128 + signal.SIGINT)
+    except Exception as e:  # a library that wraps the stop (e.g. an import interrupted by Ctrl-C)
+        stop = _stop_in_chain(e)
+        if stop is None:
+            raise
+        stop = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
+        sys.stderr.write(f"{stop.message()}\n")
+        sys.exit(stop.exit_code)
+
+
+def _stop_in_chain(e: BaseException) -> BaseException | None:
+    """The stop signal (``Interrupted`` or ``KeyboardInterrupt``) that caused ``e``, if any: some
+    libraries re-raise it wrapped in another exception (transformers' lazy imports as an ImportError)."""
+    from .interrupts import Interrupted
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (Interrupted, KeyboardInterrupt)):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def main(**flags):
