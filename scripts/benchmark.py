@@ -181,18 +181,24 @@ def peak_mem(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (MiB)
 
 
-def run_steps(step_fn, batches, device):
-    """Time ``step_fn(ids, batch)`` over ``batches[1:]`` after one warm-up step on ``batches[0]``
-    (``batches``: ``(snippet ids, AlignedBatch)`` pairs)."""
-    step_fn(*batches[0])  # warm-up
+def time_interleaved(variants: dict, device) -> dict[str, float]:
+    """Seconds each variant spends on its timed batches. ``variants``: name -> (``step(ids, batch)``,
+    ``[(snippet ids, AlignedBatch)]``). One warm-up step each on the first batch, then the variants
+    take turns batch by batch, so that a change in the machine's load during the run (other jobs)
+    falls on all of them alike."""
+    for step, batches in variants.values():
+        step(*batches[0])
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for ids, b in batches[1:]:
-        step_fn(ids, b)
-    _sync(device)
-    return time.perf_counter() - t
+    seconds = dict.fromkeys(variants, 0.0)
+    for i in range(1, min(len(b) for _, b in variants.values())):
+        for name, (step, batches) in variants.items():
+            t = time.perf_counter()
+            step(*batches[i])
+            _sync(device)
+            seconds[name] += time.perf_counter() - t
+    return seconds
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
@@ -335,7 +341,8 @@ def _one_layer(ctx: dict, target_layer: int) -> dict:
         loss.backward()
         opt_a.step()
 
-    def product(batches, tcache=None):
+    def product(tcache=None):
+        """A fresh copy of the product's trainable rows and its step function."""
         rows = NewRows(ctx["init"].clone(), new_ids, vocab + num_new, ctx["scale"]).to(device)
         opt = RowAdam([rows.rows], lr=ctx["lr"])
         obj = DistillObjective(model, rows, layer, (LossMethod.MSE_ON_HIDDENS,),
@@ -347,7 +354,7 @@ def _one_layer(ctx: dict, target_layer: int) -> dict:
             loss.backward()
             opt.step()
 
-        return run_steps(step, batches, device), rows
+        return step, rows
 
     out = {"target_layer": target_layer, "layer": layer}
     timed = ctx["grouped"][1:]
@@ -360,20 +367,18 @@ def _one_layer(ctx: dict, target_layer: int) -> dict:
         flops["product_teacher_cached"].append(c)
         flops["product_ungrouped"].append(batch_flops(u, shared_prefix_len(u), ctx["n_all"], n_run, vh)[1])
 
-    def record(name, sec):
-        f = sum(flops[name]) / len(timed)
-        out[name] = {"steps_per_s": len(timed) / sec, "snippets_per_s": snippets / sec,
-                     "mfu": f / (sec / len(timed)) / ctx["peak"], "flops_per_step": f}
-
-    record("comparator", run_steps(step_a, ctx["grouped"], device))
-    sec, rows = product(ctx["grouped"])
-    record("product", sec)
-    record("product_ungrouped", product(ctx["ungrouped"])[0])
     cache = TeacherCache(1 << 40)  # filled the way the first epoch fills it
+    step_b, rows = product()
     with torch.no_grad(), autocast:
         for ids, b in ctx["grouped"]:
             cache.put(ids, teacher_student_hiddens(model, rows, b, layer)[1], b.teacher_loss_mask.sum(1))
-    record("product_teacher_cached", product(ctx["grouped"], cache)[0])
+    variants = {"comparator": (step_a, ctx["grouped"]), "product": (step_b, ctx["grouped"]),
+                "product_ungrouped": (product()[0], ctx["ungrouped"]),
+                "product_teacher_cached": (product(cache)[0], ctx["grouped"])}
+    for name, sec in time_interleaved(variants, device).items():
+        f = sum(flops[name]) / len(timed)
+        out[name] = {"steps_per_s": len(timed) / sec, "snippets_per_s": snippets / sec,
+                     "mfu": f / (sec / len(timed)) / ctx["peak"], "flops_per_step": f}
     out["teacher_cache_mib"] = cache.bytes / 2**20
     for name in ("product", "product_ungrouped", "product_teacher_cached"):
         speedup = out[name]["snippets_per_s"] / out["comparator"]["snippets_per_s"]
