@@ -500,6 +500,10 @@ class TrainConfig:
             problems.append("--log_every must be >= 1")
 
 
+#: what ``--export`` can write: the full checkpoint, a PEFT trainable-tokens adapter
+EXPORTS = ("hf", "peft")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Where and how results are written."""
@@ -513,6 +517,12 @@ class OutputConfig:
         False,
         "Build the token list, mine snippets, log the coverage table and write new_tokens.jsonl, "
         "coverage.tsv and report.json to --out_path; stop before loading the model.",
+    )
+    export: str = _flag(
+        "hf",
+        "What to write, comma-separated: hf (the full Hugging Face checkpoint), peft (a PEFT trainable-tokens "
+        "adapter holding only the new tokens' input and untied output rows, in <out_path>/peft/, with the "
+        "extended tokenizer; load it with token_distillation.load_adapter). E.g. hf,peft for both.",
     )
     set_output_to_zero_if_untied: bool = _flag(
         True,
@@ -557,6 +567,19 @@ class OutputConfig:
                             f"--output_embeddings is {self.output_embeddings.value}; pass only one of them")
         if not str(self.out_path).strip():
             problems.append("--out_path is empty; pass an output directory")
+        parts = list(self.export) if isinstance(self.export, (list, tuple)) else str(self.export).split(",")
+        parts = [str(p).strip().lower() for p in parts if str(p).strip()]
+        unknown = [p for p in parts if p not in EXPORTS]
+        if unknown or not parts:
+            problems.append(f"--export {self.export!r}: choose one or more of {', '.join(EXPORTS)}, comma-separated "
+                            "(e.g. --export hf,peft)")
+        else:
+            object.__setattr__(self, "export", ",".join(dict.fromkeys(parts)))
+
+    @property
+    def exports(self) -> tuple[str, ...]:
+        """The validated ``--export`` targets, e.g. ``("hf", "peft")``."""
+        return tuple(str(self.export).split(","))
         if not self.checkpoint_minutes >= 0:
             problems.append("--checkpoint_minutes must be >= 0 (0: no time-based checkpoints)")
         if self.checkpoint_every < 0:

@@ -45,6 +45,7 @@ from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
+from .export import ADAPTER_DIRNAME, check_adapter_possible, check_peft_available, write_peft_adapter
 from .interrupts import Interrupted, deferred_signals
 from .memory import check_fits, plan_memory
 from .models import (
@@ -286,6 +287,10 @@ def start(cfg: RunConfig) -> Setup:
                               "write one token per line")
         if cfg.resolved_snippet_source == SnippetSource.CORPUS and not cfg.output.dry_run:
             check_words_occur(cfg.corpus, words)
+    check_peft_available(cfg.output.exports)
+    if "peft" in cfg.output.exports and cfg.train.train_original_embeddings:
+        raise ConfigError("--export peft holds the new tokens' rows only, but --train_original_embeddings changes "
+                          "the original rows too; use --export hf")
     if cfg.output.resume and cfg.train.init_method in TRAINED:
         check_resumable(out / CHECKPOINT_DIRNAME, cfg.to_dict(), source.identity)
     dist = DistContext.create(cfg.model.device, resolve_device)
@@ -364,6 +369,7 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     check_fits(plan, device, tc.token_distillation_batch_size)
     model = sn.model or load_model(setup.source, setup.cache_root, device, setup.weights_dtype)
     check_saveable(model)
+    check_adapter_possible(model, cfg.output.exports)
     layer = resolve_layer(model, tc.target_layer)
     num_original = model.get_input_embeddings().weight.shape[0]
     probes = encode_probes(tokenizer, sn.tokens)
@@ -499,9 +505,15 @@ def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Tra
         model.to(setup.save_dtype)
     report = build_report(setup, tg, sn, ext, tr)
 
+    exports = setup.cfg.output.exports
+
     def _write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        ext.tokenizer.save_pretrained(tmp)
+        if "hf" in exports:
+            model.save_pretrained(tmp, safe_serialization=True)
+            ext.tokenizer.save_pretrained(tmp)
+        if "peft" in exports:
+            write_peft_adapter(model, ext.tokenizer, rows.token_ids, tmp / ADAPTER_DIRNAME, setup.source.spec,
+                               untied_by_run=ext.tied_source and not ext.tied)
         write_json(tmp / "report.json", report)
         write_target_files(tmp, tg.targets, tg.records)
 
