@@ -178,8 +178,9 @@ def test_per_token_result_independent_of_other_tokens():
     assert not torch.allclose(paper_alone, paper_together, rtol=1e-4, atol=1e-6)
 
 
-def _cooccurrence_rows(a_snippets_contain_b: bool):
-    """Tokens A and B, per-token recipe; B occurs in A's snippets or not. Returns B's trained row."""
+def _cooccurrence_rows(a_snippets_contain_b: bool, b_trained: bool = True, which: int = 1):
+    """Tokens A and B, per-token recipe; B occurs in A's snippets or not; B has snippets of its own
+    (is trained) or not. Returns the trained row of A (``which=0``) or B (``which=1``)."""
     from tests.conftest import make_llama
     from token_distillation.alignment import PhraseMatcher, merge
     from token_distillation.config import Recipe
@@ -195,7 +196,7 @@ def _cooccurrence_rows(a_snippets_contain_b: bool):
     m = PhraseMatcher([a.subtoken_ids, b.subtoken_ids])
     seqs, tix = [], []
     gen = torch.Generator().manual_seed(5)
-    for k, tok in enumerate((a, b)):
+    for k, tok in enumerate((a, b) if b_trained else (a,)):
         for _ in range(6):
             body = torch.randint(30, 60, (10,), generator=gen).tolist()
             other = list(b.subtoken_ids) if (k == 0 and a_snippets_contain_b) else body[8:10]
@@ -206,7 +207,17 @@ def _cooccurrence_rows(a_snippets_contain_b: bool):
     rows = NewRows(subtoken_mean(emb, [a, b]), [64, 65], emb.shape[0])
     train(model, rows, seqs, tix, layer=resolve_layer(model, -1), lr=1e-2, batch_size=4, epochs=2, seed=0,
           device=torch.device("cpu"), recipe=Recipe.PER_TOKEN, token_texts=[" a", " b"])
-    return rows.rows[1].detach().clone()
+    return rows.rows[which].detach().clone()
+
+
+def test_cooccurring_tokens_are_read_with_their_initial_rows():
+    """A's snippets contain B: A's trained row is the same whether B is trained in the same run or
+    not (B is read with its initial row), so a token's result does not depend on the others'
+    training, their order or how tokens are split over processes."""
+    with_b = _cooccurrence_rows(True, b_trained=True, which=0)
+    without_b = _cooccurrence_rows(True, b_trained=False, which=0)
+    torch.testing.assert_close(with_b, without_b, rtol=0, atol=1e-6)
+    assert not torch.allclose(with_b, _cooccurrence_rows(False, which=0))  # B's presence does change the context
 
 
 def test_per_token_rows_exact_when_new_tokens_cooccur():

@@ -398,6 +398,8 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     rows = NewRows(init.to(device), new_ids, emb.shape[0], scale, num_original=n_orig, out_rows=out_init,
                    train_original=tc.train_original_embeddings, weight=emb.detach()).to(device)
     setup.dist.broadcast_tensor_(rows.rows)
+    with torch.no_grad():
+        rows.fixed_rows.copy_(rows.rows)  # co-occurring tokens are read with the (broadcast) initial rows
     return Extended(model, tokenizer, tokens, rows, layer, num_original, n_orig, tied_source, tied, out_policy, scale,
                     firing)
 

@@ -158,7 +158,7 @@ class PerTokenRecipe:
 
     def loss(self, objective, batch: AlignedBatch, snippet_ids: list[int]) -> torch.Tensor:
         """The batch loss; each snippet's loss reaches only its own token's row (other new tokens in
-        it keep their current rows, without gradient: :meth:`NewRows.gradient_only_to`)."""
+        it are read with their initial rows, fixed: :meth:`NewRows.gradient_only_to`)."""
         with objective.rows.gradient_only_to(batch.token_index):
             if not self.sums_over_tokens:
                 return objective.mean(batch, snippet_ids)

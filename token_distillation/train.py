@@ -57,6 +57,8 @@ class NewRows(torch.nn.Module):
                  train_original: bool = False, weight: torch.Tensor | None = None):
         super().__init__()
         self.rows = torch.nn.Parameter(init.detach().float().clone())
+        # the rows other new tokens are read with where they occur in a snippet (see gradient_only_to)
+        self.register_buffer("fixed_rows", init.detach().float().clone(), persistent=False)
         table = torch.full((vocab_rows,), -1, dtype=torch.long)
         table[torch.tensor(token_ids, dtype=torch.long)] = torch.arange(len(token_ids))
         self.register_buffer("id_to_row", table, persistent=False)
@@ -83,17 +85,20 @@ class NewRows(torch.nn.Module):
         else:
             base = model.get_input_embeddings()(safe)
         new = self.rows[row.clamp(min=0)] * self.scale
-        if self.grad_owner is not None:  # other new tokens in a snippet: their current rows, no gradient
+        if self.grad_owner is not None:  # other new tokens in a snippet: their initial rows, fixed
             own = row == self.grad_owner.to(row.device).unsqueeze(1)
-            new = torch.where(own.unsqueeze(-1), new, new.detach())
+            fixed = self.fixed_rows[row.clamp(min=0)] * self.scale
+            new = torch.where(own.unsqueeze(-1), new, fixed)
         return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
 
     @contextlib.contextmanager
     def gradient_only_to(self, owner: torch.Tensor):
         """Within the block, a snippet's loss reaches only the row of the token it was mined for:
         ``owner [batch]`` is that token's row index per batch row. Other new tokens occurring in the
-        snippet are embedded with their current rows, detached, so that each row is trained by its
-        own snippets only (the per-token recipe's independence, exact under co-occurrence)."""
+        snippet are embedded with their *initial* rows (fixed, no gradient), so that a token's trained
+        row depends on its own snippets and the initial rows only: not on the other tokens' training,
+        their order, the batch size or how the tokens are split over processes (the per-token recipe's
+        independence, exact under co-occurrence)."""
         previous, self.grad_owner = self.grad_owner, owner
         try:
             yield
