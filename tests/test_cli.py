@@ -154,3 +154,15 @@ def test_a_wrapped_ctrl_c_ends_with_the_stop_line(capsys):
     with pytest.raises(ValueError):
         with user_errors():
             raise ValueError("a bug, not a stop")
+
+
+def test_output_flags_are_all_checked():
+    """Every output flag is validated in one pass (one error naming each bad flag)."""
+    import pytest
+
+    from token_distillation.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flags(export="zip", checkpoint_minutes=-1, checkpoint_every=-2)
+    msg = str(info.value)
+    assert "--export 'zip'" in msg and "--checkpoint_minutes" in msg and "--checkpoint_every" in msg

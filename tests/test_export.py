@@ -2,6 +2,7 @@
 the full extended checkpoint; bad --export input refused before any model loads."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,8 +84,8 @@ def test_bad_export_refused_before_loading(tmp_path, toy_model_dir, toy_corpus, 
     import token_distillation.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(ConfigError, match="--export 'gguf'"):
-        _cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, export="gguf")
+    with pytest.raises(ConfigError, match="--export 'zip'"):
+        _cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, export="zip")
     with pytest.raises(ConfigError, match="--export"):
         _cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, export=",")
     with pytest.raises(ConfigError, match="--train_original_embeddings"):
@@ -122,3 +123,90 @@ def test_bundled_model_adapter_is_small_and_exact(tmp_path):
     peft_model, tok2 = load_adapter(base, out / ADAPTER_DIRNAME)
     got, _ = _logits(peft_model.eval(), tok2, text)
     torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=1e-4)
+
+
+TEXT = "Severe hepatotoxicity and thrombocytopenia were linked to one haplotype."
+
+
+def _gguf_run(tmp_path, alias):
+    data = require_shared() / "abstracts_small.jsonl"
+    words = tmp_path / "words.txt"
+    words.write_text(" hepatotoxicity\n haplotype\n thrombocytopenia\n")
+    return run(RunConfig.from_flags(model_path=alias, new_tokens_source=str(words), dataset_path=str(data),
+                                    out_path=str(tmp_path / "out"), init_method="subtoken-mean", export="hf,gguf",
+                                    snippet_num=4, heldout_snippet_num=2, min_snippets=1))
+
+
+@pytest.fixture(scope="module")
+def smollm_gguf(tmp_path_factory):
+    return _gguf_run(tmp_path_factory.mktemp("gguf_smollm"), "smollm2-135m")
+
+
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_gguf_export_patches_the_source_file(request, tmp_path, alias):
+    """--export gguf on a bundled (GGUF) model: the vocabulary gains the new tokens as user-defined
+    tokens, token_embd (and the output matrix a tied source gets when untied) gain the new rows in
+    the tensor's type, every other tensor and the original rows keep their exact bytes; transformers
+    reads the file back, tokenizes the new words into the new ids, and gives the full checkpoint's
+    logits up to the new rows' quantisation (the original tokens' logits before the first new token
+    exactly)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from token_distillation.paths import resolve_model_source
+
+    res = request.getfixturevalue("smollm_gguf") if alias == "smollm2-135m" else _gguf_run(tmp_path, alias)
+    out = res.out_path
+    src = resolve_model_source(alias)
+    before, after = GGUFReader(str(Path(src.path) / src.gguf_file)), GGUFReader(str(out / "model.gguf"))
+    n = len(before.fields["tokenizer.ggml.tokens"].contents())
+    new_ids = [t["id"] for t in res.report["tokens"]]
+    assert new_ids == list(range(n, n + len(new_ids))) and new_ids
+    assert after.fields["tokenizer.ggml.tokens"].contents()[n:] == [t["token"] for t in res.report["tokens"]]
+    assert list(after.fields["tokenizer.ggml.token_type"].contents()[n:]) == [4] * len(new_ids)
+    old = {t.name: t for t in before.tensors}
+    full = AutoModelForCausalLM.from_pretrained(out).eval()
+    for t in after.tensors:
+        if t.name not in ("token_embd.weight", "output.weight"):
+            assert t.tensor_type == old[t.name].tensor_type and np.array_equal(t.data, old[t.name].data), t.name
+            continue
+        src_t = old["token_embd.weight" if t.name not in old else t.name]
+        rows = dequantize(t.data, t.tensor_type).reshape(n + len(new_ids), -1)
+        if t.tensor_type == src_t.tensor_type:  # original rows: the source's bytes
+            assert np.array_equal(np.asarray(t.data)[:n], np.asarray(src_t.data).reshape(n, -1))
+        module = full.get_input_embeddings() if t.name == "token_embd.weight" else full.get_output_embeddings()
+        want = module.weight.detach()[new_ids].float().numpy()
+        assert np.abs(rows[n:] - want).max() <= 0.02 * np.abs(want).max()  # Q8_0 / F16 rounding of the new rows
+    gguf_model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf").eval()
+    gguf_tok = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert gguf_tok.encode(TEXT, add_special_tokens=False) == ids and set(new_ids) <= set(ids)
+    with torch.no_grad():
+        a, b = full(torch.tensor([ids])).logits, gguf_model(torch.tensor([ids])).logits
+    first = ids.index(new_ids[0])
+    torch.testing.assert_close(b[:, :first, :n], a[:, :first, :n], rtol=1e-4, atol=1e-4)  # original tokens
+    assert (a - b).abs().max() < 0.15 * a.std()
+
+
+def test_gguf_export_needs_a_gguf_source(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
+    import token_distillation.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="convert_hf_to_gguf"):
+        run(_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, export="hf,gguf"))
+
+
+def test_llama_cpp_reads_the_export(smollm_gguf):
+    """llama.cpp's own loader reads the exported vocabulary and splits the new words into the new ids."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed here (it builds "
+                                                        "llama.cpp from source); the file is checked with gguf and "
+                                                        "transformers in test_gguf_export_patches_the_source_file")
+    from transformers import AutoTokenizer
+
+    out = smollm_gguf.out_path
+    ids = AutoTokenizer.from_pretrained(out).encode(TEXT, add_special_tokens=False)
+    llm = llama_cpp.Llama(str(out / "model.gguf"), vocab_only=True, verbose=False)
+    assert llm.tokenize(TEXT.encode(), add_bos=False) == ids

@@ -500,8 +500,8 @@ class TrainConfig:
             problems.append("--log_every must be >= 1")
 
 
-#: what ``--export`` can write: the full checkpoint, a PEFT trainable-tokens adapter
-EXPORTS = ("hf", "peft")
+#: what ``--export`` can write: the full checkpoint, a PEFT trainable-tokens adapter, a patched .gguf
+EXPORTS = ("hf", "peft", "gguf")
 
 
 @dataclass(frozen=True)
@@ -522,7 +522,9 @@ class OutputConfig:
         "hf",
         "What to write, comma-separated: hf (the full Hugging Face checkpoint), peft (a PEFT trainable-tokens "
         "adapter holding only the new tokens' input and untied output rows, in <out_path>/peft/, with the "
-        "extended tokenizer; load it with token_distillation.load_adapter). E.g. hf,peft for both.",
+        "extended tokenizer; load it with token_distillation.load_adapter), gguf (<out_path>/model.gguf: the "
+        "source .gguf with the new tokens appended, for llama.cpp; needs a .gguf or bundled --model_path). "
+        "E.g. hf,peft,gguf for all three.",
     )
     set_output_to_zero_if_untied: bool = _flag(
         True,
@@ -575,15 +577,15 @@ class OutputConfig:
                             "(e.g. --export hf,peft)")
         else:
             object.__setattr__(self, "export", ",".join(dict.fromkeys(parts)))
+        if not self.checkpoint_minutes >= 0:
+            problems.append("--checkpoint_minutes must be >= 0 (0: no time-based checkpoints)")
+        if self.checkpoint_every < 0:
+            problems.append("--checkpoint_every must be >= 0 (0 turns checkpoints off)")
 
     @property
     def exports(self) -> tuple[str, ...]:
         """The validated ``--export`` targets, e.g. ``("hf", "peft")``."""
         return tuple(str(self.export).split(","))
-        if not self.checkpoint_minutes >= 0:
-            problems.append("--checkpoint_minutes must be >= 0 (0: no time-based checkpoints)")
-        if self.checkpoint_every < 0:
-            problems.append("--checkpoint_every must be >= 0 (0 turns checkpoints off)")
 
 
 STAGES: tuple[type, ...] = (ModelConfig, TargetConfig, CorpusConfig, SnippetConfig, TrainConfig, OutputConfig)

@@ -22,6 +22,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -129,3 +131,152 @@ def load_adapter(base_model, adapter_dir: str | Path):
     if info["untie_output_embeddings"] and is_tied(base_model):
         untie_embeddings(base_model)
     return PeftModel.from_pretrained(base_model, adapter_dir), tokenizer
+
+
+GGUF_NAME = "model.gguf"
+_USER_DEFINED = 4  # gguf TokenType.USER_DEFINED: matched as whole text before the BPE / SentencePiece model
+
+
+def check_gguf_possible(source, exports: tuple[str, ...]) -> None:
+    """Before anything loads: ``--export gguf`` patches the source ``.gguf`` file, so the source must
+    be one (``--model_path`` a ``.gguf`` file or a bundled model).
+
+    Raises:
+        ConfigError: gguf export from a Hugging Face checkpoint (the message names the converter).
+    """
+    if "gguf" in exports and not source.gguf_file:
+        raise ConfigError(f"--export gguf patches a .gguf source, but --model_path {source.spec} is a Hugging Face "
+                          "checkpoint: drop gguf from --export and convert the saved checkpoint with llama.cpp's "
+                          "convert_hf_to_gguf.py, or start from the model's .gguf file")
+
+
+def _rows_in_type(rows, qtype):
+    """``rows [n, hidden]`` (float32 numpy) encoded in GGML type ``qtype`` (bytes for quantized
+    types, floats for F32/F16/BF16), and the type actually used (F16 when gguf cannot encode
+    ``qtype``, in which case the whole tensor is re-encoded as F16)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if qtype == Q.F32:
+        return rows.astype(np.float32), qtype
+    if qtype == Q.F16:
+        return rows.astype(np.float16), qtype
+    try:
+        return quantize(rows.astype(np.float32), qtype), qtype
+    except NotImplementedError:
+        return None, Q.F16
+
+
+def _extended_tensor(tensor, new_rows):
+    """The reader tensor ``tensor`` (``[vocab, hidden]`` in GGML order ``(hidden, vocab)``) with
+    ``new_rows [n, hidden]`` appended, in its own type where gguf can encode it, else F16.
+    Returns ``(array, raw_dtype or None)``."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    encoded, qtype = _rows_in_type(new_rows, tensor.tensor_type)
+    if encoded is None:  # re-encode the whole matrix as F16
+        whole = dequantize(tensor.data, tensor.tensor_type).reshape(-1, new_rows.shape[1])
+        return np.concatenate([whole.astype(np.float16), new_rows.astype(np.float16)]), None
+    old = np.asarray(tensor.data)
+    if qtype in (Q.F32, Q.F16):
+        return np.concatenate([old.reshape(-1, new_rows.shape[1]), encoded]), None
+    return np.concatenate([old.reshape(-1, encoded.shape[1]), encoded]), qtype
+
+
+def _float_type(arr):
+    from gguf import GGMLQuantizationType as Q
+
+    return Q.F16 if arr.dtype.itemsize == 2 else Q.F32
+
+
+def _type_name(arr, raw) -> str:
+    return (raw or _float_type(arr)).name
+
+
+def write_gguf(source_file: Path, model, tokenizer, token_ids: list[int], dest: Path, untied_by_run: bool) -> dict:
+    """Write ``dest``: the source ``.gguf`` with the new tokens appended (llama.cpp reads it).
+
+    What changes: ``token_embd.weight`` gets the new input rows and, when the extended model has its
+    own output layer, ``output.weight`` gets the new output rows (a tied source untied by the run gets
+    an ``output.weight``: the original rows' exact bytes plus the new rows). New rows are encoded in
+    the tensor's own type where the ``gguf`` package can encode it (e.g. Q8_0, Q4_0/1, Q5_0/1, F16,
+    F32); otherwise that one tensor is re-encoded as F16. The vocabulary gains the new tokens as
+    user-defined tokens (type 4, their plain text: llama.cpp matches them before the BPE /
+    SentencePiece model, as the extended Hugging Face tokenizer matches its added tokens), score 0
+    where the vocabulary has scores; merges are unchanged. Every other key and tensor is copied byte
+    for byte, so the original tensors keep their quantisation.
+
+    Args:
+        model: the extended model with the new rows written in, ``[vocab + n, hidden]`` embeddings.
+        token_ids: ``[n]`` new ids, consecutive after the source vocabulary.
+    Returns:
+        a summary: tensors extended, their types, whether ``output.weight`` was added.
+    Raises:
+        ValueError: the new ids do not follow the source vocabulary, or a tensor is missing.
+    """
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(source_file))
+    arch = reader.fields["general.architecture"].contents()
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    n_vocab = len(tokens)
+    if list(token_ids) != list(range(n_vocab, n_vocab + len(token_ids))):
+        raise ValueError(f"new ids {token_ids[:3]}... do not follow the source vocabulary of {n_vocab} tokens")
+    texts = [tokenizer.convert_ids_to_tokens(i) for i in token_ids]
+    idx = torch.tensor(token_ids)
+    inp_new = model.get_input_embeddings().weight.detach()[idx].float().cpu().numpy()
+    out_layer = model.get_output_embeddings()
+    from .models import is_tied
+
+    out_new = None if out_layer is None or is_tied(model) else out_layer.weight.detach()[idx].float().cpu().numpy()
+    by_name = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in by_name:
+        raise ValueError(f"{source_file} has no token_embd.weight")
+
+    writer = GGUFWriter(str(dest), arch)
+    new_values = {"tokenizer.ggml.tokens": list(tokens) + texts}
+    if "tokenizer.ggml.token_type" in reader.fields:
+        new_values["tokenizer.ggml.token_type"] = list(reader.fields["tokenizer.ggml.token_type"].contents()) + \
+            [_USER_DEFINED] * len(texts)
+    if "tokenizer.ggml.scores" in reader.fields:
+        new_values["tokenizer.ggml.scores"] = list(reader.fields["tokenizer.ggml.scores"].contents()) + [0.0] * len(texts)
+    vocab_key = f"{arch}.vocab_size"
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        main = field.types[0]
+        sub = field.types[-1] if main == GGUFValueType.ARRAY else None
+        value = new_values.get(field.name, field.contents())
+        if field.name == vocab_key:
+            value = n_vocab + len(texts)
+        writer.add_key_value(field.name, value, main, sub_type=sub)
+
+    summary = {"file": dest.name, "new_tokens": len(texts), "extended": {}, "output_added": False}
+    arrays = []  # (name, array, GGML type)
+    for t in reader.tensors:
+        if t.name == "token_embd.weight" or (t.name == "output.weight" and out_new is not None):
+            arr, raw = _extended_tensor(t, inp_new if t.name == "token_embd.weight" else out_new)
+            summary["extended"][t.name] = _type_name(arr, raw)
+        else:
+            arr, raw = np.asarray(t.data), t.tensor_type
+        arrays.append((t.name, arr, raw))
+    if out_new is not None and "output.weight" not in by_name:  # untied by the run: the output matrix is new
+        arr, raw = _extended_tensor(by_name["token_embd.weight"], out_new)
+        arrays.append(("output.weight", arr, raw))
+        summary["output_added"] = True
+        summary["extended"]["output.weight"] = _type_name(arr, raw)
+    for name, arr, raw in arrays:
+        writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes, raw_dtype=raw or _float_type(arr))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, arr, _ in arrays:
+        writer.write_tensor_data(arr)
+    writer.close()
+    if untied_by_run:
+        summary["note"] = "the source was tied; the run untied it, so the file has its own output.weight"
+    return summary

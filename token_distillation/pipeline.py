@@ -45,7 +45,8 @@ from .distributed import DistContext, check_batch_divisible, launched_world_size
 from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
-from .export import ADAPTER_DIRNAME, check_adapter_possible, check_peft_available, write_peft_adapter
+from .export import (ADAPTER_DIRNAME, GGUF_NAME, check_adapter_possible, check_gguf_possible, check_peft_available,
+                     write_gguf, write_peft_adapter)
 from .interrupts import Interrupted, deferred_signals
 from .memory import check_fits, plan_memory
 from .models import (
@@ -288,6 +289,7 @@ def start(cfg: RunConfig) -> Setup:
         if cfg.resolved_snippet_source == SnippetSource.CORPUS and not cfg.output.dry_run:
             check_words_occur(cfg.corpus, words)
     check_peft_available(cfg.output.exports)
+    check_gguf_possible(source, cfg.output.exports)
     if "peft" in cfg.output.exports and cfg.train.train_original_embeddings:
         raise ConfigError("--export peft holds the new tokens' rows only, but --train_original_embeddings changes "
                           "the original rows too; use --export hf")
@@ -516,6 +518,10 @@ def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Tra
         if "peft" in exports:
             write_peft_adapter(model, ext.tokenizer, rows.token_ids, tmp / ADAPTER_DIRNAME, setup.source.spec,
                                untied_by_run=ext.tied_source and not ext.tied)
+        if "gguf" in exports:
+            report["gguf_export"] = write_gguf(Path(setup.source.path) / setup.source.gguf_file, model, ext.tokenizer,
+                                               rows.token_ids, tmp / GGUF_NAME,
+                                               untied_by_run=ext.tied_source and not ext.tied)
         write_json(tmp / "report.json", report)
         write_target_files(tmp, tg.targets, tg.records)
 
