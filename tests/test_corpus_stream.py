@@ -1,0 +1,141 @@
+"""The corpus stage at scale: nested (ncbi/pubmed) records, streamed shards, the num_docs stop,
+the progressive scan with early stop, and its bad-input refusals (before any model loads)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from token_distillation.config import ConfigError, CorpusConfig, RunConfig
+from token_distillation.corpus import (
+    PUBMED_TEXT,
+    STOP_END,
+    STOP_ENOUGH,
+    STOP_LIMIT,
+    check_text_column,
+    iter_texts,
+    scan_corpus,
+)
+from token_distillation.snippets import SnippetMiner
+from token_distillation.tokenization import NewToken, subtoken_ids
+
+from .conftest import TOY_TEXT
+from .test_data_safety import _cli, _no_heavy_loads
+
+
+def pubmed_rows(texts, start=0, title=True):
+    """Records in ncbi/pubmed's nested schema (a subset of its fields)."""
+    return [{"MedlineCitation": {"PMID": start + i, "Article": {
+                "ArticleTitle": f"Title {start + i}" if title else None, "Abstract": {"AbstractText": t}}},
+             "PubmedData": {"PublicationStatus": "ppublish"}} for i, t in enumerate(texts)]
+
+
+def write_shards(d, texts, per_shard):
+    d.mkdir(parents=True, exist_ok=True)
+    for s in range(0, len(texts), per_shard):
+        pq.write_table(pa.Table.from_pylist(pubmed_rows(texts[s: s + per_shard], s)), d / f"part-{s // per_shard:03d}.parquet")
+    return d
+
+
+@pytest.fixture
+def pubmed_dir(tmp_path):
+    return write_shards(tmp_path / "pubmed", TOY_TEXT * 2, per_shard=20)
+
+
+def test_pubmed_schema_read_without_flags_and_with_dotted_path(pubmed_dir):
+    auto = check_text_column(CorpusConfig(dataset_path=str(pubmed_dir)))
+    assert auto.text == (PUBMED_TEXT,) and auto.doc_id == "MedlineCitation.PMID" and "pubmed" in auto.note
+    texts = list(iter_texts(CorpusConfig(dataset_path=str(pubmed_dir))))
+    assert texts == TOY_TEXT * 2
+    dotted = list(iter_texts(CorpusConfig(dataset_path=str(pubmed_dir), text_column=PUBMED_TEXT)))
+    assert dotted == texts
+    titled = list(iter_texts(CorpusConfig(dataset_path=str(pubmed_dir), prepend_title=True)))
+    assert titled[3] == f"Title 3 {TOY_TEXT[3]}"
+
+
+def test_list_of_strings_is_joined_with_a_space(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    p.write_text("\n".join(json.dumps({"doc": {"sections": ["Background: a.", "Results: b."]}}) for _ in range(3)))
+    cfg = CorpusConfig(dataset_path=str(p), text_column="doc.sections")
+    assert check_text_column(cfg).text == ("doc.sections",)
+    assert list(iter_texts(cfg)) == ["Background: a. Results: b."] * 3
+
+
+def test_num_docs_stop_counts_documents_read(pubmed_dir, toy_tokenizer, tmp_path):
+    cfg = RunConfig.from_flags(dataset_path=str(pubmed_dir), stopping_condition="num_docs:25").corpus
+    assert cfg.max_docs == 25
+    res = scan_corpus(cfg, toy_tokenizer, tmp_path / "cache")
+    assert res.docs_read == res.corpus.num_docs == 25 and res.stop_reason == STOP_LIMIT
+    assert "read 25 documents" in res.describe() and "num_docs:25" in res.describe()
+    full = scan_corpus(CorpusConfig(dataset_path=str(pubmed_dir)), toy_tokenizer, tmp_path / "cache")
+    assert full.docs_read == len(TOY_TEXT) * 2 and full.stop_reason == STOP_END
+    assert full.docs_from_cache == 25  # the longer scan extends the earlier one
+    assert np.array_equal(full.corpus.doc(3), res.corpus.doc(3))
+    again = scan_corpus(CorpusConfig(dataset_path=str(pubmed_dir)), toy_tokenizer, tmp_path / "cache")
+    assert again.docs_from_cache == again.docs_read and again.stop_reason == STOP_END
+
+
+def _miner(tok, heldout_fraction=0.3):
+    words = [" hepatotoxicity", " nephrotoxicity"]
+    toks = [NewToken(w, tuple(subtoken_ids(tok, w))) for w in words]
+    return SnippetMiner(toks, 8, 3, 1, heldout_fraction, [1], seed=7)
+
+
+def test_shards_are_read_lazily_and_the_scan_stops_early(tmp_path, toy_tokenizer):
+    d = write_shards(tmp_path / "shards", TOY_TEXT * 150, per_shard=1200)  # 4800 documents, 4 shards
+    for bad in sorted(d.glob("*.parquet"))[2:]:
+        bad.write_bytes(b"not a parquet file")  # unreadable later shards
+    cfg = CorpusConfig(dataset_path=str(d))
+    miner = _miner(toy_tokenizer)
+    res = scan_corpus(cfg, toy_tokenizer, tmp_path / "cache", consumer=miner)
+    assert res.stop_reason == STOP_ENOUGH and miner.done and res.docs_read < 2400
+    limited = scan_corpus(CorpusConfig(dataset_path=str(d), max_docs=2400), toy_tokenizer, tmp_path / "c2")
+    assert limited.docs_read == 2400 and limited.stop_reason == STOP_LIMIT
+    with pytest.raises(ConfigError, match="--dataset_path"):
+        scan_corpus(cfg, toy_tokenizer, tmp_path / "c3")  # reading on into a bad shard is one clear error
+
+
+def test_heldout_split_same_for_any_num_proc(tmp_path, toy_tokenizer):
+    p = tmp_path / "docs.jsonl"
+    p.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TOY_TEXT * 30)))
+    got = []
+    for n in (1, 2):
+        miner = _miner(toy_tokenizer)
+        res = scan_corpus(CorpusConfig(dataset_path=str(p), num_proc=n), toy_tokenizer, tmp_path / f"c{n}",
+                          consumer=miner)
+        r = miner.result()
+        got.append((r.heldout_docs, r.train_docs, [(s.doc, s.token_index, s.ids.tolist()) for s in r.train + r.heldout],
+                    res.corpus.ids.tolist()))
+    assert got[0] == got[1] and got[0][0]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--text_column", "MedlineCitation.Article.Abstract.Text"],
+     "no field 'Text' under 'MedlineCitation.Article.Abstract'"),
+    (["--text_column", "MedlineCitation.PMID"], "not text"),
+    (["--stopping_condition", "num_docs:lots"], "num_docs:N with N >= 1"),
+    (["--stopping_condition", "num_docs:0"], "num_docs:N with N >= 1"),
+])
+def test_bad_corpus_input_is_one_line_before_any_model(extra, needle, pubmed_dir, tmp_path, capsys, monkeypatch,
+                                                        toy_model_dir):
+    _no_heavy_loads(monkeypatch)
+    code, errs, secs = _cli(capsys, "--model_path", str(toy_model_dir), "--dataset_path", str(pubmed_dir),
+                            "--out_path", str(tmp_path / "o"), *extra)
+    assert code == 2 and len(errs) == 1 and needle in errs[0], errs
+    assert errs[0].split()[1].startswith("--"), errs  # names the flag
+    if "Text" in extra[-1]:
+        assert "MedlineCitation.Article.Abstract.AbstractText" in errs[0]  # lists the nested fields
+
+
+def test_empty_corpus_is_refused_before_any_model(tmp_path, capsys, monkeypatch, toy_model_dir):
+    _no_heavy_loads(monkeypatch)
+    d = tmp_path / "empty"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist(pubmed_rows(["x"]))[:0], d / "part-000.parquet")
+    code, errs, _ = _cli(capsys, "--model_path", str(toy_model_dir), "--dataset_path", str(d),
+                         "--out_path", str(tmp_path / "o"))
+    assert code == 2 and len(errs) == 1 and "--dataset_path" in errs[0] and "empty" in errs[0], errs
