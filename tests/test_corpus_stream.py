@@ -139,3 +139,43 @@ def test_empty_corpus_is_refused_before_any_model(tmp_path, capsys, monkeypatch,
     code, errs, _ = _cli(capsys, "--model_path", str(toy_model_dir), "--dataset_path", str(d),
                          "--out_path", str(tmp_path / "o"))
     assert code == 2 and len(errs) == 1 and "--dataset_path" in errs[0] and "empty" in errs[0], errs
+
+
+def test_hub_ids_are_streamed(tmp_path, monkeypatch, pubmed_dir):
+    """A hub id goes to datasets.load_dataset with streaming=True (served here from local shards)."""
+    import datasets
+
+    real = datasets.load_dataset
+    calls = []
+
+    def fake(path, *args, **kw):
+        calls.append((path, kw))
+        if path == "ncbi/pubmed":
+            assert kw.get("streaming") is True
+            return real("parquet", data_files=sorted(map(str, pubmed_dir.glob("*.parquet"))), split="train",
+                        streaming=True)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    cfg = CorpusConfig(dataset_path="ncbi/pubmed", max_docs=5)
+    assert check_text_column(cfg).text == (PUBMED_TEXT,)  # the schema is known before anything loads
+    assert list(iter_texts(cfg)) == TOY_TEXT[:5]
+    assert calls and all(kw.get("streaming") for p, kw in calls if p == "ncbi/pubmed")
+
+
+def test_benchmark_corpus_writes_the_pubmed_schema(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("benchmark_corpus", root / "scripts" / "benchmark_corpus.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": t + " " + t}) + "\n" for t in TOY_TEXT))
+    shards = mod.write_corpus(tmp_path / "bench", 120, src, seed=1)
+    assert len(shards) == 1 and mod.write_corpus(tmp_path / "bench", 120, src, seed=1) == shards
+    cfg = CorpusConfig(dataset_path=str(tmp_path / "bench"))
+    assert check_text_column(cfg).text == (PUBMED_TEXT,)
+    texts = list(iter_texts(cfg))
+    assert len(texts) == 120 and all(t.endswith(".") for t in texts)

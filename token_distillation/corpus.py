@@ -587,11 +587,17 @@ def resolved_num_proc(num_proc: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: documents encoded per tokenizer call: bounds the Python lists alive at a time, whatever the batch size
+TOKENIZE_CHUNK = 2_048
+
+
 def tokenize_batch(tokenizer, texts: list[str], num_proc: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of ``texts`` (no special tokens), flattened.
 
-    The texts are cut into ``num_proc`` contiguous slices encoded by as many threads (the Rust
-    tokenizer releases the GIL), so the result is the same for any ``num_proc``.
+    The texts are encoded in chunks of :data:`TOKENIZE_CHUNK` by ``num_proc`` threads (the Rust
+    tokenizer releases the GIL while it encodes); each chunk becomes numpy arrays at once, so the
+    Python lists alive at a time do not grow with the batch, and the result is the same for any
+    ``num_proc``.
 
     Returns:
         ``(ids [total] int32, offsets [len(texts) + 1] int64)``.
@@ -599,24 +605,24 @@ def tokenize_batch(tokenizer, texts: list[str], num_proc: int = 1) -> tuple[np.n
     backend = getattr(tokenizer, "_tokenizer", None)
     encode_fast = getattr(backend, "encode_batch_fast", None)
 
-    def enc(chunk: list[str]) -> list[list[int]]:
-        if not chunk:
-            return []
+    def enc(chunk: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if encode_fast is not None:
-            return [e.ids for e in encode_fast(chunk, add_special_tokens=False)]
-        return tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            lists = [e.ids for e in encode_fast(chunk, add_special_tokens=False)]
+        else:
+            lists = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        return np.fromiter((t for x in lists for t in x), dtype=np.int32, count=int(lengths.sum())), lengths
 
-    n = max(1, min(num_proc, len(texts) // 64 or 1))
-    if n == 1:
-        lists = enc(texts)
+    chunks = [texts[i: i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
+    if num_proc <= 1 or len(chunks) <= 1:
+        parts = [enc(c) for c in chunks]
     else:
-        step = -(-len(texts) // n)
-        with ThreadPoolExecutor(n) as ex:
-            lists = [x for part in ex.map(enc, [texts[i: i + step] for i in range(0, len(texts), step)]) for x in part]
-    lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((t for x in lists for t in x), dtype=np.int32, count=int(offsets[-1]))
+        with ThreadPoolExecutor(min(num_proc, len(chunks))) as ex:
+            parts = list(ex.map(enc, chunks))
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    if parts:
+        np.cumsum(np.concatenate([p[1] for p in parts]), out=offsets[1:])
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype=np.int32)
     return ids, offsets
 
 
