@@ -129,7 +129,7 @@ def phase_scan(args, early_stop: bool) -> dict:
         seconds = time.perf_counter() - t0
     r = miner.result()
     return {"seconds": seconds, "docs_read": res.docs_read, "tokens": res.corpus.num_tokens,
-            "stop_reason": res.stop_reason, "tokens_with_25_train_snippets": sum(c >= 25 for c in r.train_counts),
+            "stop_reason": res.stop_reason, "docs_needed_by_rarest_token": miner.docs_needed, "tokens_with_25_train_snippets": sum(c >= 25 for c in r.train_counts),
             "tokens_with_5_heldout_snippets": sum(c >= 5 for c in r.heldout_counts)}
 
 
@@ -182,7 +182,9 @@ def main(argv=None) -> None:
         r["ratio_to_tokenize"] = r["seconds"] / base
         print(f"{name:11s} {r['seconds']:8.1f} s  {r['docs_per_s']:9.0f} docs/s  {r['docs_read']:9d} docs read  "
               f"peak RSS {r['peak_rss_mib']:7.0f} MiB  ratio to (a) {r['ratio_to_tokenize']:.2f}"
-              + (f"  stop: {r['stop_reason']}" if "stop_reason" in r else ""), file=sys.stderr)
+              + (f"  stop: {r['stop_reason']}" if "stop_reason" in r else "")
+              + (f" (rarest token done at document {r['docs_needed_by_rarest_token']})"
+                 if r.get("docs_needed_by_rarest_token") else ""), file=sys.stderr)
     text = json.dumps(summary, indent=1)
     print(text)
     if args.out:

@@ -179,3 +179,13 @@ def test_benchmark_corpus_writes_the_pubmed_schema(tmp_path):
     assert check_text_column(cfg).text == (PUBMED_TEXT,)
     texts = list(iter_texts(cfg))
     assert len(texts) == 120 and all(t.endswith(".") for t in texts)
+
+
+def test_early_stop_reports_what_the_rarest_token_needed(tmp_path, toy_tokenizer):
+    texts = ["plain words only here."] * 2500 + TOY_TEXT * 40
+    p = tmp_path / "docs.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    miner = _miner(toy_tokenizer, heldout_fraction=0.0)
+    res = scan_corpus(CorpusConfig(dataset_path=str(p)), toy_tokenizer, tmp_path / "c", consumer=miner)
+    assert res.stop_reason == STOP_ENOUGH and 2500 < res.docs_needed <= 2500 + len(TOY_TEXT)
+    assert res.docs_needed <= res.docs_read < len(texts) and f"after document {res.docs_needed}" in res.describe()

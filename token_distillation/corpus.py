@@ -330,9 +330,13 @@ def check_text_column(cfg: CorpusConfig) -> TextSpec | None:
             raise ConfigError(f"--dataset_path {cfg.dataset_path}: the corpus is empty (no document in "
                               f"{len(files)} file(s)); pass a corpus with documents")
         return resolve_text_spec(tree, cfg, cfg.dataset_path) if tree is not None else None
-    ds = open_stream(cfg, None)
-    tree = _stream_tree(ds, cfg)
-    return resolve_text_spec(tree, cfg, cfg.dataset_path)
+    key = (cfg.dataset_path, cfg.dataset_name, cfg.dataset_split)
+    if key not in _HUB_TREES:  # asked once per process: the CLI, the pipeline and the scan all check
+        _HUB_TREES[key] = _stream_tree(open_stream(cfg, None), cfg)
+    return resolve_text_spec(_HUB_TREES[key], cfg, cfg.dataset_path)
+
+
+_HUB_TREES: dict[tuple[str, str, str], dict] = {}
 
 
 def _stream_tree(ds, cfg: CorpusConfig) -> dict:
@@ -821,6 +825,8 @@ class ScanResult:
         corpus: the documents read, tokenized (memory-mapped from the cache).
         docs_read: documents read (from the cache or the corpus).
         docs_from_cache: how many of them came from the cache.
+        docs_needed: with an early stop, the documents the consumer needed (the rarest token's last
+            snippet); the scan reads on to the end of that batch.
         stop_reason: one of :data:`STOP_ENOUGH`, :data:`STOP_LIMIT`, :data:`STOP_END`.
         seconds: wall time of the scan.
     """
@@ -831,11 +837,14 @@ class ScanResult:
     stop_reason: str
     seconds: float
     limit: int = 0
+    docs_needed: int | None = None
 
     def describe(self) -> str:
         """One line for the log: documents read and why the scan stopped."""
         why = self.stop_reason + (f" (--max_docs / --stopping_condition num_docs:{self.limit})"
                                   if self.stop_reason == STOP_LIMIT else "")
+        if self.stop_reason == STOP_ENOUGH and self.docs_needed is not None:
+            why += f" after document {self.docs_needed} (the rest of the last batch was read with it)"
         return (f"read {self.docs_read} documents ({self.corpus.num_tokens} tokens; {self.docs_from_cache} from the "
                 f"cache) in {self.seconds:.1f}s; stopped: {why}")
 
@@ -893,7 +902,8 @@ def scan_corpus(cfg: CorpusConfig, tokenizer, cache_root: Path, consumer: BatchC
     if corpus.num_tokens == 0:
         raise ConfigError(f"--text_column {spec.text[-1] if spec else cfg.text_column!r}: the {corpus.num_docs} "
                           f"documents read have no text in that field; pass the field that holds the text")
-    res = ScanResult(corpus, corpus.num_docs, cached, reason, time.perf_counter() - t0, cfg.max_docs)
+    res = ScanResult(corpus, corpus.num_docs, cached, reason, time.perf_counter() - t0, cfg.max_docs,
+                     getattr(consumer, "docs_needed", None))
     logger.info("corpus scan: %s", res.describe())
     return res
 

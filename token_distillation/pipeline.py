@@ -326,7 +326,7 @@ def build_target_list(setup: Setup) -> Targets:
         len_before = corpus.num_tokens
         len_after = len_before - sum(o * (len(t.subtoken_ids) - 1) for o, t in zip(occurrences, targets.tokens))
         summary = log_summary(targets, len_before, len_after)
-        summary.update(docs_read=scan.docs_read, scan_stop_reason=scan.stop_reason)
+        summary.update(docs_read=scan.docs_read, scan_stop_reason=scan.stop_reason, docs_needed=scan.docs_needed)
     else:
         summary = log_summary(targets)
     records = new_token_records(targets, tokenizer, occurrences)
@@ -552,6 +552,7 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
                        "num_tokens": int(corpus.num_tokens),
                        "docs_read": scan.docs_read if scan else corpus.num_docs,
                        "scan_stop_reason": scan.stop_reason if scan else None,
+                       "docs_needed": scan.docs_needed if scan else None,
                        "train_doc_ids": [corpus.doc_id(d) for d in snips.train_docs],
                        "heldout_doc_ids": [corpus.doc_id(d) for d in snips.heldout_docs]}
         token_sources = ["corpus"] * len(tokens)

@@ -179,6 +179,7 @@ class SnippetMiner:
         self.want = np.array([snippet_num, heldout_num], dtype=np.int64)
         self.fraction = heldout_fraction if heldout_num else 0.0
         self.counts = np.zeros((len(tokens), 2), dtype=np.int64)  # [token, train/held-out]
+        self._filled_at = np.zeros((len(tokens), 2), dtype=np.int64)  # doc index + 1 that completed each
         self.occurrences = np.zeros(len(tokens), dtype=np.int64)
         self.out = SnippetSet()
         self._train_docs: set[int] = set()
@@ -190,6 +191,15 @@ class SnippetMiner:
         """True when every token has all the snippets it wants."""
         need = self.want if self.fraction > 0 else self.want * np.array([1, 0])
         return bool((self.counts >= need).all())
+
+    @property
+    def docs_needed(self) -> int | None:
+        """Once :attr:`done`: how many documents (from the corpus start) gave every token its snippets,
+        i.e. what the rarest token needed; None before."""
+        if not self.done:
+            return None
+        side = 2 if self.fraction > 0 else 1
+        return int(self._filled_at[:, :side].max()) if len(self._filled_at) else 0
 
     def feed(self, start: int, ids: np.ndarray, offsets: np.ndarray, doc_ids=None) -> None:
         """Search documents ``start .. start + len(offsets) - 2`` (``ids [tokens]``, ``offsets [docs + 1]``
@@ -234,6 +244,8 @@ class SnippetMiner:
                            doc=start + d, source="corpus")
             (self.out.heldout if s else self.out.train).append(snip)
             self.counts[p, s] += 1
+            if self.counts[p, s] == self.want[s]:
+                self._filled_at[p, s] = start + d + 1
             if not s:
                 self._train_docs.add(start + d)
 
