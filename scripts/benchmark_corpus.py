@@ -101,7 +101,7 @@ def phase_tokenize(args) -> dict:
     t0 = time.perf_counter()
     docs = tokens = 0
     for shard in sorted(Path(args.corpus_dir).glob("part-*.parquet")):
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=32_768, columns=["MedlineCitation"]):
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=16_384, columns=["MedlineCitation"]):
             col = batch.column(0)
             for p in ("Article", "Abstract", "AbstractText"):
                 col = pc.struct_field(col, p)

@@ -41,9 +41,10 @@ PUBMED_TEXT = "MedlineCitation.Article.Abstract.AbstractText"
 PUBMED_TITLE = "MedlineCitation.Article.ArticleTitle"
 PUBMED_ID = "MedlineCitation.PMID"
 
-#: documents in the first tokenized batch of a scan; each next batch is twice as large, up to the maximum
+#: documents in the first tokenized batch of a scan; the next ones grow with the documents read so far
+#: (a quarter of them, so an early stop reads at most ~25% past the document it needed), up to the maximum
 FIRST_BATCH_DOCS = 1_000
-MAX_BATCH_DOCS = 32_768
+MAX_BATCH_DOCS = 16_384
 #: rows asked from ``datasets`` at a time
 READ_ROWS = 1_000
 
@@ -861,8 +862,8 @@ def scan_corpus(cfg: CorpusConfig, tokenizer, cache_root: Path, consumer: BatchC
     """Tokenize the corpus progressively and feed it to ``consumer``.
 
     Documents are read in corpus order, from the cache where an earlier scan stored them, then from
-    the stream in batches of :data:`FIRST_BATCH_DOCS` documents doubling up to
-    :data:`MAX_BATCH_DOCS`; each batch is tokenized (``--num_proc`` threads), stored as a cache
+    the stream in growing batches (:data:`FIRST_BATCH_DOCS` documents, then a quarter of the
+    documents read so far, up to :data:`MAX_BATCH_DOCS`); each batch is tokenized (``--num_proc`` threads), stored as a cache
     segment and fed to ``consumer``. The scan stops when ``consumer.done`` (with ``early_stop``),
     after ``--max_docs`` documents, or at the end of the corpus. Memory is bounded by one batch.
 
@@ -928,7 +929,8 @@ def _scan_stream(cfg, spec, tokenizer, root, pos, limit, consumer, early_stop, p
         if consumer is not None:
             consumer.feed(pos, ids, off, dids)
         bar.update(len(texts))
-        pos, texts, dids, size = seg.end, [], [], min(2 * size, MAX_BATCH_DOCS)
+        pos, texts, dids = seg.end, [], []
+        size = min(MAX_BATCH_DOCS, max(FIRST_BATCH_DOCS, pos // 4))
 
     try:
         for batch, ids_ in iter_text_batches(cfg, spec, pos, limit or 0):

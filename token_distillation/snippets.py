@@ -213,8 +213,11 @@ class SnippetMiner:
         # one string for the batch: document k's tokens shifted by k, a space between documents
         # (the space is below the private-use code points of the ids, so never part of a match)
         hay = np.full(len(ids) + n, 0x20, dtype=np.uint32)
-        doc_of_token = np.repeat(np.arange(n), np.diff(offsets))
-        hay[np.arange(len(ids)) + doc_of_token] = ids.astype(np.uint32) + _CODEPOINT_OFFSET
+        is_token = np.ones(len(hay), dtype=bool)
+        is_token[offsets[1:] + np.arange(n)] = False  # the space after document k
+        hay[is_token] = ids
+        hay[is_token] += _CODEPOINT_OFFSET
+        del is_token
         matches = self.matcher.find_in_str(hay.tobytes().decode("utf-32-le"))
         if not matches:
             return
