@@ -189,3 +189,41 @@ def test_early_stop_reports_what_the_rarest_token_needed(tmp_path, toy_tokenizer
     res = scan_corpus(CorpusConfig(dataset_path=str(p)), toy_tokenizer, tmp_path / "c", consumer=miner)
     assert res.stop_reason == STOP_ENOUGH and 2500 < res.docs_needed <= 2500 + len(TOY_TEXT)
     assert res.docs_needed <= res.docs_read < len(texts) and f"after document {res.docs_needed}" in res.describe()
+
+
+def test_stopping_condition_forms():
+    base = dict(dataset_path=str(__import__("pathlib").Path(__file__)))  # any existing path
+    old = RunConfig.from_flags(stopping_condition="max_steps", max_steps=7, **base).train
+    assert old.stopping_condition.value == "max_steps" and old.max_steps == 7
+    assert RunConfig.from_flags(**base).train.stopping_condition.value == "epochs"
+    new = RunConfig.from_flags(stopping_condition="num_docs:760_000,max_steps:500", **base)
+    assert (new.corpus.max_docs, new.train.max_steps, new.train.stopping_condition.value) == (760_000, 500, "max_steps")
+    assert RunConfig.from_flags(stopping_condition="epochs:3", **base).train.token_distillation_epochs == 3
+    for bad, needle in (("num_docs:5,num_docs:6", "given twice"), ("max_steps:5,epochs:2", "alternatives"),
+                        ("steps:5", "unknown kind"), ("num_docs", "unknown value 'num_docs'")):
+        with pytest.raises(ConfigError, match=needle) as e:
+            RunConfig.from_flags(stopping_condition=bad, **base)
+        assert "num_docs:N" in str(e.value) or "given twice" in needle or "alternatives" in needle
+    with pytest.raises(ConfigError, match="conflicts with --max_docs 10"):
+        RunConfig.from_flags(stopping_condition="num_docs:20", max_docs=10, **base)
+
+
+def test_dry_run_reports_documents_read_and_why(tmp_path, toy_model_dir, cache_dir):
+    from token_distillation.pipeline import run
+
+    d = write_shards(tmp_path / "pubmed", TOY_TEXT * 2, per_shard=20)
+    words = tmp_path / "w.txt"
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n")
+    cfg = RunConfig.from_flags(model_path=str(toy_model_dir), dataset_path=str(d), cache_dir=str(cache_dir),
+                               new_tokens_source=str(words), out_path=str(tmp_path / "out"), dry_run=True,
+                               snippet_num=10, min_snippets=1, heldout_snippet_num=1, snippet_len=12,
+                               stopping_condition="num_docs:40")
+    rep = json.loads((run(cfg).out_path / "report.json").read_text())
+    assert rep["targets"]["docs_read"] == 40 and rep["targets"]["scan_stop_reason"] == STOP_LIMIT
+
+
+def test_prepend_title_without_a_title_field_is_refused(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    p.write_text(json.dumps({"text": "a b c"}) + "\n")
+    with pytest.raises(ConfigError, match="--prepend_title"):
+        check_text_column(CorpusConfig(dataset_path=str(p), prepend_title=True))
