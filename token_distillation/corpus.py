@@ -69,6 +69,7 @@ class TokenizedCorpus:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens in all documents."""
         return int(self.offsets[-1])
 
     def doc(self, d: int) -> np.ndarray:
@@ -747,6 +748,7 @@ class ShardedCorpus:
 
     @property
     def num_docs(self) -> int:
+        """Documents held (those the scan read)."""
         return int(self._starts[-1])
 
     def _locate(self, d: int) -> tuple[int, int]:
