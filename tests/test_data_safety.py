@@ -37,8 +37,9 @@ def _no_heavy_loads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a heavy stage ran before the refusal")
 
-    for mod, names in ((models, ("load_model", "load_tokenizer")), (corpus, ("tokenize_corpus", "load_texts")),
-                       (pipeline, ("load_model", "load_tokenizer", "tokenize_corpus"))):
+    for mod, names in ((models, ("load_model", "load_tokenizer")),
+                       (corpus, ("tokenize_corpus", "load_texts", "scan_corpus")),
+                       (pipeline, ("load_model", "load_tokenizer", "scan_corpus"))):
         for n in names:
             monkeypatch.setattr(mod, n, boom)
 

@@ -312,9 +312,21 @@ class CorpusConfig:
     )
     dataset_name: str = _flag("", "Dataset configuration name (hub datasets with several configs).")
     dataset_split: str = _flag("train", "Dataset split to read.")
-    text_column: str = _flag("text", "Column that holds the document text.")
-    max_docs: int = _flag(0, "Read at most this many documents (0: all).")
-    num_proc: int = _flag(1, "Processes for corpus tokenization (datasets.map num_proc).")
+    text_column: str = _flag(
+        "text",
+        "Field that holds the document text: a column name or a dotted path into nested records "
+        "(e.g. MedlineCitation.Article.Abstract.AbstractText); a list of strings is joined with a space. "
+        "Records in ncbi/pubmed's schema are recognised without it (the abstract).",
+    )
+    prepend_title: bool = _flag(
+        False,
+        "Put the document's title before its text (ncbi/pubmed schema: MedlineCitation.Article.ArticleTitle; "
+        "other corpora: a top-level title column).",
+    )
+    max_docs: int = _flag(
+        0, "Read at most this many documents (0: all); the same as --stopping_condition num_docs:N.")
+    num_proc: int = _flag(0, "Threads for corpus tokenization (0: every core this process may use); the "
+                             "result and the held-out split do not depend on it.")
     heldout_fraction: float = _flag(
         0.1,
         "Share of documents held out from training snippets (used for the held-out distillation "
@@ -324,8 +336,8 @@ class CorpusConfig:
     def validate(self, problems: list[str]) -> None:
         if self.max_docs < 0:
             problems.append("--max_docs must be >= 0 (0 means all documents)")
-        if self.num_proc < 1:
-            problems.append("--num_proc must be >= 1")
+        if self.num_proc < 0:
+            problems.append("--num_proc must be >= 0 (0: every core)")
         if not 0.0 <= self.heldout_fraction < 1.0:
             problems.append("--heldout_fraction must be in [0, 1)")
         path = str(self.dataset_path)
@@ -397,6 +409,69 @@ class SnippetConfig:
             problems.append("--generation_top_p must be in (0, 1]")
 
 
+def _parse_stopping_condition(tc: Any, problems: list[str]) -> None:
+    """Parse ``--stopping_condition`` on ``tc`` (a TrainConfig) in place.
+
+    Accepted: the words ``epochs`` / ``max_steps`` (training stop, as before), or comma-separated
+    ``KIND:N`` items: ``num_docs:N`` (the corpus scan stops after N documents; stored as
+    ``tc.scan_num_docs`` and moved to ``--max_docs`` by :class:`RunConfig`), ``max_steps:N`` (sets
+    ``--max_steps``), ``epochs:N`` (sets ``--token_distillation_epochs``). N may use ``_`` separators.
+    Problems (unknown kind, N not a positive integer, a kind twice, a conflicting flag) are appended
+    to ``problems`` with the accepted forms.
+    """
+    value = tc.stopping_condition
+    object.__setattr__(tc, "scan_num_docs", 0)
+    if isinstance(value, StoppingCondition):
+        return
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    text = str(value).strip()
+    forms = "num_docs:N, max_steps:N or epochs:N (comma-separated; e.g. num_docs:760_000,max_steps:500)"
+    if ":" not in text:
+        try:
+            object.__setattr__(tc, "stopping_condition", StoppingCondition(text))
+        except ValueError:
+            problems.append(f"--stopping_condition: unknown value {text!r}; use {forms}, or the words epochs / "
+                            "max_steps")
+            object.__setattr__(tc, "stopping_condition", None)
+        return
+    train_stop, seen = StoppingCondition.EPOCHS, set()
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        kind, _, raw = item.partition(":")
+        kind = kind.strip()
+        try:
+            n = int(raw.strip())
+        except ValueError:
+            n = 0
+        if kind not in ("num_docs", "max_steps", "epochs"):
+            problems.append(f"--stopping_condition: unknown kind {kind!r} in {item!r}; use {forms}")
+            continue
+        if n < 1:
+            problems.append(f"--stopping_condition {item}: {raw.strip()!r} is not a positive integer; write "
+                            f"{kind}:N with N >= 1 (e.g. {kind}:{'760_000' if kind == 'num_docs' else 500})")
+            continue
+        if kind in seen:
+            problems.append(f"--stopping_condition: {kind} is given twice; give it once")
+            continue
+        seen.add(kind)
+        if kind == "num_docs":
+            object.__setattr__(tc, "scan_num_docs", n)
+        elif kind == "max_steps":
+            if tc.max_steps and tc.max_steps != n:
+                problems.append(f"--stopping_condition max_steps:{n} conflicts with --max_steps {tc.max_steps}; "
+                                "pass only one")
+            object.__setattr__(tc, "max_steps", n)
+            train_stop = StoppingCondition.MAX_STEPS
+        else:
+            if tc.token_distillation_epochs and tc.token_distillation_epochs != n:
+                problems.append(f"--stopping_condition epochs:{n} conflicts with --token_distillation_epochs "
+                                f"{tc.token_distillation_epochs}; pass only one")
+            object.__setattr__(tc, "token_distillation_epochs", n)
+    if "max_steps" in seen and "epochs" in seen:
+        problems.append("--stopping_condition: max_steps and epochs are alternatives for training; give one")
+    object.__setattr__(tc, "stopping_condition", train_stop)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The initialisation method and its training loop."""
@@ -451,7 +526,11 @@ class TrainConfig:
         "the held-out snippets evaluated before and after training. 0: recompute every time.",
     )
     stopping_condition: StoppingCondition = _flag(
-        StoppingCondition.EPOCHS, "epochs (stop after --token_distillation_epochs) or max_steps."
+        StoppingCondition.EPOCHS,
+        "When the corpus scan and training stop, comma-separated KIND:N items: num_docs:N (read at most N "
+        "documents, as the paper's script; the same as --max_docs N), max_steps:N (train N optimizer steps) or "
+        "epochs:N (train N passes, the same as --token_distillation_epochs N); e.g. num_docs:760_000,max_steps:500. "
+        "The bare words epochs (the default) and max_steps (with --max_steps) still work.",
     )
     max_steps: int = _flag(0, "Optimizer steps when --stopping_condition max_steps.")
     log_every: int = _flag(10, "Log the running loss every N optimizer steps.")
@@ -471,11 +550,7 @@ class TrainConfig:
         if self.train_original_embeddings and self.init_method not in TRAINED_METHODS | {None}:
             problems.append(f"--train_original_embeddings needs a trained --init_method (token_distillation, "
                             f"token_distillation-randinit or ntp), not {self.init_method.value}")
-        object.__setattr__(
-            self,
-            "stopping_condition",
-            _enum_value(StoppingCondition, self.stopping_condition, "stopping_condition", problems),
-        )
+        _parse_stopping_condition(self, problems)
         if self.target_layer == 0:
             problems.append("--target_layer 0 is the embedding output (nothing to distil); use 1..N or -1..-N")
         object.__setattr__(self, "recipe", _enum_value(Recipe, self.recipe, "recipe", problems))
@@ -611,6 +686,15 @@ class RunConfig:
             problems.append(f"--snippet_source {src.value} needs --dataset_path (a corpus to mine)")
         if self.snippets.use_generated_snippets and src not in (SnippetSource.AUTO, SnippetSource.GENERATED, None):
             problems.append(f"--use_generated_snippets contradicts --snippet_source {src.value}; pass only one")
+        scan_docs = getattr(self.train, "scan_num_docs", 0)
+        if scan_docs:
+            if self.corpus.max_docs and self.corpus.max_docs != scan_docs:
+                problems.append(f"--stopping_condition num_docs:{scan_docs} conflicts with --max_docs "
+                                f"{self.corpus.max_docs}; pass only one")
+            elif not self.corpus.dataset_path:
+                problems.append(f"--stopping_condition num_docs:{scan_docs} limits the corpus scan, but no "
+                                "--dataset_path is given; pass a corpus or drop num_docs")
+            object.__setattr__(self.corpus, "max_docs", scan_docs)
         method = self.targets.build_target_method
         needs_corpus = method == BuildTargetMethod.FREQUENCY or (
             method == BuildTargetMethod.NER and not self.targets.new_tokens_source)

@@ -130,7 +130,7 @@ def ner_counts_for_corpus(corpus_cfg: CorpusConfig, model: str, n_process: int, 
     Returns:
         ``({entity: count}, path of the counts file)``.
     """
-    from .corpus import corpus_identity, load_texts
+    from .corpus import corpus_identity, iter_texts
 
     nlp = load_ner_pipeline(model)
     ident = f"{corpus_identity(corpus_cfg)}|ner={model}|{nlp.meta.get('lang')}_{nlp.meta.get('name')}:{nlp.meta.get('version')}"
@@ -143,9 +143,16 @@ def ner_counts_for_corpus(corpus_cfg: CorpusConfig, model: str, n_process: int, 
             return counts, path
         except ConfigError as e:
             logger.warning("ignoring unreadable entity-counts cache %s (%s); recomputing", path, e)
-    ds = load_texts(corpus_cfg)
-    counts = count_entities(nlp, ds[corpus_cfg.text_column], total=len(ds), n_process=n_process, batch_size=batch_size)
+    seen = [0]
+
+    def texts():  # streamed, counted as they pass
+        for t in iter_texts(corpus_cfg):
+            seen[0] += 1
+            yield t
+
+    counts = count_entities(nlp, texts(), total=corpus_cfg.max_docs or None, n_process=n_process,
+                            batch_size=batch_size)
     write_counts(path, counts)
     logger.info("entity counts of %d documents: %d distinct entities, written to %s (pass it as "
-                "--new_tokens_source to reuse it)", len(ds), len(counts), path)
+                "--new_tokens_source to reuse it)", seen[0], len(counts), path)
     return counts, path

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import PhraseMatcher, ids_to_str
+from .alignment import _CODEPOINT_OFFSET, PhraseMatcher, ids_to_str
 from .corpus import TokenizedCorpus
 from .tokenization import NewToken
 
@@ -138,6 +138,128 @@ def mine_snippets(
     out.train_docs = sorted(train_docs)
     out.heldout_docs = sorted(int(d) for d in held_order)
     return out
+
+
+def heldout_mask(doc_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``[n]`` bool: which documents (by their position in the corpus, ``doc_index [n]`` int) are
+    held out. A seeded hash of the position (splitmix64), so the split does not depend on batch
+    sizes, ``--num_proc`` or how far the corpus is read; about ``fraction`` of the documents."""
+    if fraction <= 0:
+        return np.zeros(len(doc_index), dtype=bool)
+    with np.errstate(over="ignore"):
+        z = np.asarray(doc_index, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+class SnippetMiner:
+    """Mines snippets from tokenized batches as a corpus scan reads them (see
+    :func:`token_distillation.corpus.scan_corpus`), and counts every token's occurrences.
+
+    Each document is a training or a held-out document (:func:`heldout_mask`); a token stops
+    collecting (is pruned) once it has ``snippet_num`` training and ``heldout_num`` held-out
+    snippets, and :attr:`done` turns True when every token has. Matches are leftmost-longest and
+    non-overlapping over all tokens, pruned or not, as the extended tokenizer merges them.
+
+    Args:
+        tokens: the new tokens (their subtoken ids are searched).
+        snippet_len: window length in tokens (BOS not counted).
+        snippet_num, heldout_num: snippets wanted per token from training / held-out documents.
+        heldout_fraction: share of documents held out (0 or ``heldout_num == 0``: none).
+        bos: ids put before every snippet (``[]`` or ``[bos_id]``).
+        seed: seed of the held-out split.
+    """
+
+    def __init__(self, tokens: list[NewToken], snippet_len: int, snippet_num: int, heldout_num: int,
+                 heldout_fraction: float, bos: list[int], seed: int):
+        self.matcher = PhraseMatcher([t.subtoken_ids for t in tokens])
+        self.snippet_len, self.bos, self.seed = snippet_len, np.asarray(bos, dtype=np.int64), seed
+        self.want = np.array([snippet_num, heldout_num], dtype=np.int64)
+        self.fraction = heldout_fraction if heldout_num else 0.0
+        self.counts = np.zeros((len(tokens), 2), dtype=np.int64)  # [token, train/held-out]
+        self._filled_at = np.zeros((len(tokens), 2), dtype=np.int64)  # doc index + 1 that completed each
+        self.occurrences = np.zeros(len(tokens), dtype=np.int64)
+        self.out = SnippetSet()
+        self._train_docs: set[int] = set()
+        self._held_docs: list[np.ndarray] = []
+        self.docs_read = 0
+
+    @property
+    def done(self) -> bool:
+        """True when every token has all the snippets it wants."""
+        need = self.want if self.fraction > 0 else self.want * np.array([1, 0])
+        return bool((self.counts >= need).all())
+
+    @property
+    def docs_needed(self) -> int | None:
+        """Once :attr:`done`: how many documents (from the corpus start) gave every token its snippets,
+        i.e. what the rarest token needed; None before."""
+        if not self.done:
+            return None
+        side = 2 if self.fraction > 0 else 1
+        return int(self._filled_at[:, :side].max()) if len(self._filled_at) else 0
+
+    def feed(self, start: int, ids: np.ndarray, offsets: np.ndarray, doc_ids=None) -> None:
+        """Search documents ``start .. start + len(offsets) - 2`` (``ids [tokens]``, ``offsets [docs + 1]``
+        from 0) and keep the snippets still wanted."""
+        n = len(offsets) - 1
+        if n <= 0:
+            return
+        held = heldout_mask(np.arange(start, start + n), self.fraction, self.seed)
+        self._held_docs.append(np.flatnonzero(held) + start)
+        self.docs_read = max(self.docs_read, start + n)
+        # one string for the batch: document k's tokens shifted by k, a space between documents
+        # (the space is below the private-use code points of the ids, so never part of a match)
+        hay = np.full(len(ids) + n, 0x20, dtype=np.uint32)
+        is_token = np.ones(len(hay), dtype=bool)
+        is_token[offsets[1:] + np.arange(n)] = False  # the space after document k
+        hay[is_token] = ids
+        hay[is_token] += _CODEPOINT_OFFSET
+        del is_token
+        matches = self.matcher.find_in_str(hay.tobytes().decode("utf-32-le"))
+        if not matches:
+            return
+        m = np.asarray(matches, dtype=np.int64)
+        pat = m[:, 0]
+        np.add.at(self.occurrences, pat, 1)
+        starts = offsets[:-1] + np.arange(n)  # where each document begins in the string
+        k = np.searchsorted(starts, m[:, 1], side="right") - 1
+        side = held[k].astype(np.int64)
+        missing = self.want[side] - self.counts[pat, side]
+        cand = np.flatnonzero(missing > 0)
+        if not len(cand):
+            return
+        # keep the first `missing` matches of each (token, side), in corpus order
+        key = pat[cand] * 2 + side[cand]
+        order = np.argsort(key, kind="stable")
+        sk = key[order]
+        first = np.searchsorted(sk, sk, side="left")
+        rank = np.arange(len(sk)) - first
+        take = cand[order[rank < missing[cand[order]]]]
+        for j in np.sort(take):
+            p, d, s = int(pat[j]), int(k[j]), int(side[j])
+            ds, de = int(m[j, 1] - starts[d]), int(m[j, 2] - starts[d])
+            doc = ids[offsets[d]: offsets[d + 1]]
+            a, b = window(len(doc), ds, de, self.snippet_len)
+            snip = Snippet(ids=np.concatenate([self.bos, doc[a:b].astype(np.int64)]), token_index=p,
+                           doc=start + d, source="corpus")
+            (self.out.heldout if s else self.out.train).append(snip)
+            self.counts[p, s] += 1
+            if self.counts[p, s] == self.want[s]:
+                self._filled_at[p, s] = start + d + 1
+            if not s:
+                self._train_docs.add(start + d)
+
+    def result(self) -> SnippetSet:
+        """The snippets found so far, with per-token counts and the documents they came from."""
+        out = self.out
+        out.train_counts = [int(x) for x in self.counts[:, 0]]
+        out.heldout_counts = [int(x) for x in self.counts[:, 1]]
+        out.train_docs = sorted(self._train_docs)
+        out.heldout_docs = [int(x) for x in np.concatenate(self._held_docs)] if self._held_docs else []
+        return out
 
 
 def generation_prompt(tokenizer, word: str, use_chat_template: bool = True) -> list[int]:

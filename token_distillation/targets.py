@@ -476,10 +476,10 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
             targets.tokens = targets.tokens[: cfg.num_new_tokens]
         hint = "add words that the tokenizer splits into several subtokens"
     elif method == BuildTargetMethod.FREQUENCY:
-        from .corpus import load_texts
+        from .corpus import iter_texts
 
-        ds = load_texts(corpus_cfg)
-        targets = frequency_targets(cfg, tokenizer, ds[corpus_cfg.text_column], source=corpus_cfg.dataset_path)
+        # streamed: the counters grow with the vocabulary, not with the corpus
+        targets = frequency_targets(cfg, tokenizer, iter_texts(corpus_cfg), source=corpus_cfg.dataset_path)
         hint = ("the corpus has no word that occurs --min_count times and is split into several subtokens; "
                 "pass a larger --dataset_path or lower --min_count")
     elif method == BuildTargetMethod.NER:
