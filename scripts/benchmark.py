@@ -97,16 +97,16 @@ def read_words(path: str) -> list[str]:
 
 def mined_snippets(args, tok, vocab: int):
     """Real snippets: the first ``--num_words`` words of ``--words`` that the tokenizer splits, 25
-    training and 5 held-out snippets each mined from ``--dataset_path`` (the product's miner and
-    split), merged with *every* new token (so co-occurring new tokens are merged too, as in a run).
+    training and 5 held-out snippets each mined from ``--dataset_path`` (the product's corpus scan,
+    miner and held-out split), merged with *every* new token (so co-occurring new tokens are merged too, as in a run).
 
     Returns:
         (tokens, train seqs, train token index, held-out seqs, held-out token index)
     """
     from token_distillation.config import CorpusConfig
-    from token_distillation.corpus import tokenize_corpus
+    from token_distillation.corpus import scan_corpus
     from token_distillation.paths import default_cache_root
-    from token_distillation.snippets import mine_snippets
+    from token_distillation.snippets import SnippetMiner
     from token_distillation.tokenization import bos_prefix, in_vocabulary, subtoken_ids
 
     toks: list[NewToken] = []
@@ -116,8 +116,10 @@ def mined_snippets(args, tok, vocab: int):
             toks.append(NewToken(w, tuple(ids), vocab + len(toks)))
         if len(toks) == args.num_words:
             break
-    corpus = tokenize_corpus(CorpusConfig(dataset_path=args.dataset_path), tok, default_cache_root())
-    snips = mine_snippets(corpus, toks, args.snippet_len, 25, 5, 0.1, bos_prefix(tok), 0)
+    ccfg = CorpusConfig(dataset_path=args.dataset_path)
+    miner = SnippetMiner(toks, args.snippet_len, 25, 5, ccfg.heldout_fraction, bos_prefix(tok), 0)
+    scan_corpus(ccfg, tok, default_cache_root(), consumer=miner)  # the product's corpus stage
+    snips = miner.result()
     m = PhraseMatcher([t.subtoken_ids for t in toks])
     new_ids = [t.token_id for t in toks]
     train = [merge(s.ids, m, new_ids) for s in snips.train]

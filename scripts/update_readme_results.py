@@ -115,30 +115,55 @@ def _sweeps() -> list[Path]:
     return sorted((ROOT / "docs" / "sweep").rglob("sweep.json"), key=lambda p: (len(p.parts), p))
 
 
+#: the per-token recipe stopped passing gradient to other new tokens in a token's snippets on this date;
+#: sweeps created before it are marked in the summary
+COOCCURRENCE_FIX = "2026-12-03"
+
+
 def summary_rows(sweeps: list[dict], label: str) -> list[tuple]:
-    """``(model, words, default row, paper row or None, source, created)`` per (model, words).
+    """``(model, words, default row, paper row or None, source, created, one-epoch row or None)`` per
+    (model, words).
 
     ``sweeps``: parsed sweep.json files, each with a ``source`` key (its folder). When several sweeps
     measured the default ``label`` for the same model and number of words, the newest (``created``)
-    is shown, so a rerun replaces an older measurement instead of adding a second row.
+    is shown, so a rerun replaces an older measurement instead of adding a second row. The paper
+    recipe's row comes from the same sweep, or else from the newest sweep of that model and number of
+    words that ran it (the paper recipe did not change); the one-epoch row (``label`` with ``-e1``)
+    from the default's own sweep only.
     """
     best: dict[tuple, tuple] = {}
+    papers: dict[tuple, tuple[str, dict]] = {}
+    one_epoch = label.rsplit("-e", 1)[0] + "-e1"
     for s in sweeps:
         by: dict[int, dict] = {}
         for r in s["rows"]:
             by.setdefault(r["words"], {})[r["method"]] = r
         for words, methods in by.items():
+            key = (s["model_path"], words)
+            if "paper" in methods and (key not in papers or s["created"] > papers[key][0]):
+                papers[key] = (s["created"], methods["paper"])
             if label not in methods:
                 continue
-            key = (s["model_path"], words)
-            row = (s["model_path"], words, methods[label], methods.get("paper"), s["source"], s["created"])
+            row = (s["model_path"], words, methods[label], methods.get("paper"), s["source"], s["created"],
+                   methods.get(one_epoch) if one_epoch != label else None)
             if key not in best or row[5] > best[key][5]:
                 best[key] = row
-    return [best[k] for k in sorted(best)]
+    out = []
+    for k in sorted(best):
+        row = best[k]
+        if row[3] is None and k in papers:
+            row = row[:3] + (papers[k][1],) + row[4:]
+        out.append(row)
+    return out
+
+
+def _minutes(r) -> str:
+    return "-" if not r or r.get("train_seconds") is None else f"{r['train_seconds'] / 60:.1f} min"
 
 
 def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> list[str]:
-    """One row per (model, number of words) measured: the default recipe beside the paper recipe."""
+    """One row per (model, number of words) measured: the default recipe beside the paper recipe
+    and, where measured, the default's step size for one epoch (time to quality)."""
     label = default_label()
     sweeps = [dict(_load(f), source=f.parent.relative_to(ROOT)) for f in _sweeps()]
     if not sweeps:
@@ -151,17 +176,22 @@ def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> lis
     out = head + [
            f"From the sweeps {where} (same corpus split, snippets and evaluation per row). Gap closed: 0% = subtoken "
            f"mean, 100% = original tokenization; softmax over the original / the full extended vocabulary. "
-           f"Default: `{label}` (per-token recipe); paper: AdamW lr 1e-4, 1 epoch. Measured (dates in the sweeps) "
-           f"before the per-token recipe stopped passing gradient to other new tokens that occur in a token's "
-           f"snippets (2026-12-03); runs where new tokens co-occur (more so at 500 words) may change when re-measured.", "",
-           "| model | words trained together | default: gap closed (orig. / full) | default: new-token argmax rate "
-           "| paper: gap closed (orig. / full) | paper: new-token argmax rate | source |",
-           "|---|---|---|---|---|---|---|"]
-    for model, words, d, p, src, _ in rows:
-        paper = (f"{_pct(p['gap_closed_orig'])} / {_pct(p['gap_closed_full'])} | {_num(p['new_token_argmax_rate'])}"
-                 if p else "not measured | -")
-        out.append(f"| `{model}` | {words} | {_pct(d['gap_closed_orig'])} / {_pct(d['gap_closed_full'])} | "
-                   f"{_num(d['new_token_argmax_rate'])} | {paper} | `{src}/` |")
+           f"Default: `{label}` (per-token recipe); 1 epoch: the same step size for one epoch; paper: AdamW lr "
+           f"1e-4, 1 epoch. Training time: wall time of the training stage on the 2-core CPU of the sweep (other "
+           f"jobs may have shared it; compare times within a row). Rows marked * were measured before the "
+           f"per-token recipe stopped passing gradient to other new tokens in a token's snippets ({COOCCURRENCE_FIX}).",
+           "",
+           "| model | words trained together | default: gap closed (orig. / full) | default: training time "
+           "| 1 epoch: gap closed (orig.), training time | default: new-token argmax rate "
+           "| paper: gap closed (orig. / full) | paper: training time | source |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for model, words, d, p, src, created, e1 in rows:
+        paper = (f"{_pct(p['gap_closed_orig'])} / {_pct(p['gap_closed_full'])} | {_minutes(p)}" if p
+                 else "not measured | -")
+        one = f"{_pct(e1['gap_closed_orig'])}, {_minutes(e1)}" if e1 else "not measured"
+        mark = "*" if created < COOCCURRENCE_FIX else ""
+        out.append(f"| `{model}` | {words}{mark} | {_pct(d['gap_closed_orig'])} / {_pct(d['gap_closed_full'])} | "
+                   f"{_minutes(d)} | {one} | {_num(d['new_token_argmax_rate'])} | {paper} | `{src}/` |")
     return out + [""]
 
 

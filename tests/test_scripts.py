@@ -114,6 +114,16 @@ def test_summary_keeps_the_newest_sweep_per_model_and_word_count():
     assert [(r[0], r[1], r[4]) for r in rows] == [("m", 24, "new"), ("m", 500, "other")]
     assert rows[0][2]["gap_closed_orig"] == 0.9 and rows[0][3]["gap_closed_orig"] == 0.45
     assert mod.summary_rows([sweep("x", 0.9, "new")], "other-label") == []
+    # a newer sweep without the paper recipe borrows the paper row of an older sweep of the same words;
+    # the one-epoch row comes from the default's own sweep
+    newer = {"model_path": "m", "created": "2026-12-03 05:00 UTC", "source": "newest",
+             "rows": [{"words": 24, "method": "per-token-0.05-e2", "gap_closed_orig": 0.8},
+                      {"words": 24, "method": "per-token-0.05-e1", "gap_closed_orig": 0.7}]}
+    older = dict(sweep("2026-11-29 20:00 UTC", 0.9, "new"))
+    older["rows"] = older["rows"] + [{"words": 24, "method": "per-token-0.05-e2", "gap_closed_orig": 0.6}]
+    (row,) = mod.summary_rows([older, newer], "per-token-0.05-e2")
+    assert row[4] == "newest" and row[2]["gap_closed_orig"] == 0.8 and row[3]["gap_closed_orig"] == 0.45
+    assert row[6]["gap_closed_orig"] == 0.7
 
 
 def test_benchmark_step_mode_smoke(tmp_path):
