@@ -40,3 +40,44 @@ def test_plan_that_does_not_fit_is_refused_with_the_flag(monkeypatch):
         check_fits(big, torch.device("cuda"), 16)
     check_fits(MemoryPlan(8 * GIB, 0, GIB, GIB), torch.device("cuda"), 16)  # fits: no error
     check_fits(big, torch.device("cpu"), 16)  # CPU: logged only
+
+
+def _llama(layers=2, tied=False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=tied)
+
+
+def test_host_plan_of_a_16bit_checkpoint_peaks_while_loading():
+    """CPU runs compute in fp32: loading a bf16 checkpoint holds the fp32 weights and the mapped
+    bf16 file at once (measured: tests/test_scale_shape.py); the baseline is added to every phase."""
+    cfg = _llama()
+    n = count_parameters(cfg)
+    kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=2,
+              num_new=3, untie=False, added_rows=0)
+    plan = plan_memory(cfg, host=True, stored_dtype=torch.bfloat16, baseline=GIB // 2, **kw)
+    assert plan.loading == n * 4 + n * 2 and plan.peak_phase == "loading"
+    assert plan.total == GIB // 2 + n * 6
+    assert plan.transient == 128256 * 4096 * 2  # saving casts the embedding matrix back to bf16
+    assert "host memory at peak, while loading" in plan.describe()
+    fp32 = plan_memory(cfg, host=True, stored_dtype=torch.float32, baseline=GIB // 2, **kw)
+    assert fp32.loading == n * 4 and fp32.transient == 0 and fp32.peak_phase == "training"
+    # on the host the held-out logits come on top of training's activations (memory kept by the allocator)
+    assert fp32.training == fp32.weights + fp32.trainable + fp32.activations + fp32.logits
+    device = plan_memory(cfg, **kw)  # a device plan: training only, no baseline
+    assert device.total == device.weights + device.trainable + max(device.activations, device.logits)
+
+
+def test_plan_counts_the_rows_the_matrices_grow_by():
+    """A pre-padded vocabulary that holds the new ids grows by nothing; otherwise each untied matrix
+    grows (a tied one once, before it is untied), and growing it copies the matrix once."""
+    kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=1,
+              num_new=10, host=True)
+    untied, tied = _llama(1), _llama(1, tied=True)
+    base = plan_memory(untied, untie=False, added_rows=0, **kw)
+    assert plan_memory(untied, untie=False, added_rows=10, **kw).weights - base.weights == 2 * 10 * 4096 * 4
+    assert plan_memory(untied, untie=False, added_rows=10, **kw).transient == (128256 + 10) * 4096 * 4
+    t0 = plan_memory(tied, untie=False, added_rows=0, **kw)
+    assert plan_memory(tied, untie=False, added_rows=10, **kw).weights - t0.weights == 10 * 4096 * 4
+    assert plan_memory(tied, untie=True, added_rows=10, **kw).weights - t0.weights == (10 + 128266) * 4096 * 4

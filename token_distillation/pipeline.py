@@ -46,7 +46,7 @@ from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .interrupts import Interrupted, deferred_signals
-from .memory import check_fits, plan_memory
+from .memory import MemoryPlan, check_fits, count_parameters, plan_memory, resident_bytes
 from .models import (
     check_context_length,
     check_saveable,
@@ -226,6 +226,7 @@ class Extended:
     out_policy: OutputEmbeddings | None
     scale: float
     firing: dict
+    plan: MemoryPlan | None = None
 
 
 @dataclass
@@ -354,14 +355,7 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     """Stage 4: load the model, add the new tokens to tokenizer and embedding matrices (untying a
     tied model when asked), and initialise the new input (and output) rows."""
     cfg, tc, device, tokenizer = setup.cfg, setup.cfg.train, setup.device, tg.tokenizer
-    text_cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
-    plan = plan_memory(tg.model_config, weights_dtype=setup.weights_dtype, autocast_dtype=setup.autocast_dtype,
-                       batch_size=tc.token_distillation_batch_size,
-                       seq_len=cfg.snippets.snippet_len + len(bos_prefix(tokenizer)),
-                       layers_to_target=resolve_layer(tg.model_config, tc.target_layer), num_new=len(sn.tokens),
-                       untie=bool(getattr(text_cfg, "tie_word_embeddings", False))
-                       and _output_policy(cfg, True) is not None)
-    check_fits(plan, device, tc.token_distillation_batch_size)
+    plan = plan_run_memory(setup, tg, sn)
     model = sn.model or load_model(setup.source, setup.cache_root, device, setup.weights_dtype)
     check_saveable(model)
     layer = resolve_layer(model, tc.target_layer)
@@ -393,7 +387,57 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
                    train_original=tc.train_original_embeddings, weight=emb.detach()).to(device)
     setup.dist.broadcast_tensor_(rows.rows)
     return Extended(model, tokenizer, tokens, rows, layer, num_original, n_orig, tied_source, tied, out_policy, scale,
-                    firing)
+                    firing, plan)
+
+
+def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
+    """The memory plan of the run (see :mod:`token_distillation.memory`): logs the plan, and on CUDA
+    refuses a run that will not fit.
+
+    Raises:
+        ConfigError: the plan exceeds 90% of the CUDA device's memory.
+    """
+    cfg, tc, tokenizer = setup.cfg, setup.cfg.train, tg.tokenizer
+    text_cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
+    hidden, vocab = int(text_cfg.hidden_size), int(text_cfg.vocab_size)
+    seq_len = cfg.snippets.snippet_len + len(bos_prefix(tokenizer))
+    host = setup.device.type != "cuda"
+    params = count_parameters(tg.model_config)
+    weight_bytes = params * torch.empty((), dtype=setup.weights_dtype).element_size()
+    baseline = max(0, resident_bytes() - (weight_bytes if sn.model is not None else 0)) if host else 0
+    kw = dict(weights_dtype=setup.weights_dtype, autocast_dtype=setup.autocast_dtype, seq_len=seq_len,
+              layers_to_target=resolve_layer(tg.model_config, tc.target_layer), num_new=len(sn.tokens),
+              untie=bool(getattr(text_cfg, "tie_word_embeddings", False)) and _output_policy(cfg, True) is not None,
+              added_rows=max(0, len(tokenizer) + len(sn.tokens) - vocab), host=host, stored_dtype=setup.save_dtype,
+              baseline=baseline, teacher_cache=_host_teacher_cache(setup, sn, seq_len, hidden) if host else 0,
+              num_params=params)
+    world = setup.dist.world_size
+
+    # the per-token recipe puts at most one group of --snippets_per_update snippets per token in a batch;
+    # untrained methods back-propagate nothing
+    per_token = tc.recipe == Recipe.PER_TOKEN and not tc.train_original_embeddings
+    fill = (max(1, len(sn.tokens)) * tc.snippets_per_update if per_token else None) if tc.init_method in TRAINED else 0
+
+    def plan_at(per_process: int) -> MemoryPlan:
+        batch = per_process if fill is None else min(per_process, -(-fill // world))
+        return plan_memory(tg.model_config, batch_size=batch, **kw)
+
+    batch = tc.token_distillation_batch_size
+    plan = plan_at(-(-batch // world))
+    check_fits(plan, setup.device, batch)
+    return plan
+
+
+def _host_teacher_cache(setup: Setup, sn: Snippets, seq_len: int, hidden: int) -> int:
+    """Upper bound of the teacher hidden states kept in host memory: every position of the snippets
+    that would be cached (training's when they are revisited, the held-out ones), within the budget."""
+    tc = setup.cfg.train
+    if tc.init_method not in TRAINED and not tc.train_original_embeddings:
+        return 0
+    revisits = tc.token_distillation_epochs > 1 or tc.stopping_condition == StoppingCondition.MAX_STEPS
+    snippets = len(sn.snips.heldout) + (len(sn.snips.train) if revisits else 0)
+    item = torch.empty((), dtype=setup.autocast_dtype or setup.weights_dtype).element_size()
+    return min(int(tc.teacher_cache_gib * 2**30), snippets * seq_len * hidden * item)
 
 
 def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
