@@ -1,6 +1,6 @@
 """A memory plan: the peak memory of a run, estimated from the model's config alone (no weights
-downloaded or loaded), logged before the model loads, and a refusal naming the flag to change when it
-will not fit a CUDA device.
+downloaded or loaded), logged before the model loads, a refusal naming the flag to change when it
+will not fit a CUDA device, and the batch that ``--token_distillation_batch_size auto`` picks.
 
 Two kinds of plan, by where the weights live:
 
@@ -77,6 +77,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -87,6 +88,10 @@ logger = logging.getLogger(__name__)
 GIB = 2**30
 #: snippets per forward of the held-out pass (the default of train.heldout_eval, which the pipeline uses)
 HELDOUT_BATCH_SIZE = 16
+#: the largest batch ``--token_distillation_batch_size auto`` picks
+AUTO_BATCH_CAP = 256
+#: what ``auto`` means where no device memory is planned against (CPU, MPS)
+AUTO_BATCH_HOST = 16
 
 
 @dataclass
@@ -240,7 +245,7 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
     return plan
 
 
-def check_fits(plan: MemoryPlan, device: torch.device, batch_size: int, margin: float = 0.9) -> None:
+def check_fits(plan: MemoryPlan, device: torch.device, batch_size: int | str, margin: float = 0.9) -> None:
     """Log the plan; on CUDA refuse a run whose plan exceeds ``margin`` of the device's memory.
 
     Host plans (CPU) are logged only: host memory is shared with other processes and the kernel
@@ -262,3 +267,47 @@ def check_fits(plan: MemoryPlan, device: torch.device, batch_size: int, margin: 
         f"{batch_size}: activations scale with it), use an earlier --target_layer (fewer layers to back-propagate), "
         f"or --output_embeddings tied (no untied copy); about {over / GIB:.1f} GiB must go")
 
+
+def choose_batch_size(plan_at: Callable[[int], MemoryPlan], device: torch.device, *, cap: int = AUTO_BATCH_CAP,
+                      multiple: int = 1, world_size: int = 1, margin: float = 0.9) -> int:
+    """The batch ``--token_distillation_batch_size auto`` picks: on CUDA the largest multiple of
+    ``multiple`` up to ``cap`` whose plan fits ``margin`` of the device's total memory; elsewhere
+    :data:`AUTO_BATCH_HOST` (capped), with a log line.
+
+    Args:
+        plan_at: the plan of one process at a per-process batch (activations grow with it).
+        device: this process's device.
+        cap: the largest global batch worth having (e.g. what the run's tokens can fill).
+        multiple: the global batch is a multiple of this (the number of processes, snippets per update).
+        world_size: processes sharing the global batch (each plans ``batch / world_size``).
+        margin: the share of the device's memory the plan may take (as :func:`check_fits`).
+
+    Returns:
+        the global batch (>= ``multiple``). When not even the smallest fits, the smallest is returned
+        and :func:`check_fits` refuses it with the flags to change.
+    """
+    multiple = max(1, int(multiple))
+    cap = max(multiple, int(cap))
+    if device.type != "cuda" or not torch.cuda.is_available():
+        batch = max(multiple, min(AUTO_BATCH_HOST, cap) // multiple * multiple)
+        logger.info("--token_distillation_batch_size auto: %d on %s (memory is planned against a CUDA device only; "
+                    "host memory is shared, so the default is kept)", batch, device.type)
+        return batch
+    _, total = torch.cuda.mem_get_info(device)
+    budget = margin * total
+
+    def fits(k: int) -> bool:
+        return plan_at(-(-k * multiple // world_size)).total <= budget
+
+    lo, hi = 1, cap // multiple  # the plan grows with the batch: bisect on the multiplier
+    if not fits(lo):
+        logger.warning("--token_distillation_batch_size auto: even %d does not fit %.1f GiB", multiple, total / GIB)
+        return multiple
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    batch = lo * multiple
+    logger.info("--token_distillation_batch_size auto: %d (the largest up to %d whose plan, %.2f GiB, fits %.0f%% "
+                "of the device's %.1f GiB)", batch, cap, plan_at(-(-batch // world_size)).total / GIB, 100 * margin,
+                total / GIB)
+    return batch

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .checkpoint import (
     check_resumable,
     fingerprint,
     prepare_output,
+    resumed_batch_size,
     snippet_digest,
 )
 from .config import (
@@ -46,7 +48,15 @@ from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .interrupts import Interrupted, deferred_signals
-from .memory import MemoryPlan, check_fits, count_parameters, plan_memory, resident_bytes
+from .memory import (
+    AUTO_BATCH_CAP,
+    MemoryPlan,
+    check_fits,
+    choose_batch_size,
+    count_parameters,
+    plan_memory,
+    resident_bytes,
+)
 from .models import (
     check_context_length,
     check_saveable,
@@ -183,6 +193,7 @@ class Setup:
     cache_root: Path
     started: float
     save_dtype: torch.dtype = torch.float32  # the source checkpoint's dtype (known once its config is read)
+    batch_size: int | str = 16  # --token_distillation_batch_size; "auto" until the memory plan resolves it
 
 
 @dataclass
@@ -273,8 +284,9 @@ def start(cfg: RunConfig) -> Setup:
     text column (nothing heavy is loaded)."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
-    if cfg.train.init_method in TRAINED:
-        check_batch_divisible(cfg.train.token_distillation_batch_size, launched_world_size())
+    batch = cfg.train.token_distillation_batch_size
+    if cfg.train.init_method in TRAINED and batch != "auto":
+        check_batch_divisible(batch, launched_world_size())
     source = resolve_model_source(cfg.model.model_path)
     out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
                          dry_run=cfg.output.dry_run)
@@ -288,12 +300,15 @@ def start(cfg: RunConfig) -> Setup:
         if cfg.resolved_snippet_source == SnippetSource.CORPUS and not cfg.output.dry_run:
             check_words_occur(cfg.corpus, words)
     if cfg.output.resume and cfg.train.init_method in TRAINED:
-        check_resumable(out / CHECKPOINT_DIRNAME, cfg.to_dict(), source.identity)
+        batch = resumed_batch_size(out / CHECKPOINT_DIRNAME, batch)  # auto: the interrupted run's choice
+        check_resumable(out / CHECKPOINT_DIRNAME, {**cfg.to_dict(), "token_distillation_batch_size": batch},
+                        source.identity)
     dist = DistContext.create(cfg.model.device, resolve_device)
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, dist.device)
     logger.info("model %s | device %s | autocast %s | seed %d | processes %d", source.spec, dist.device,
                 autocast_dtype, cfg.train.seed, dist.world_size)
-    return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0)
+    return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0,
+                 batch_size=batch)
 
 
 def build_target_list(setup: Setup) -> Targets:
@@ -391,7 +406,8 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
 
 
 def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
-    """The memory plan of the run (see :mod:`token_distillation.memory`): logs the plan, and on CUDA
+    """The memory plan of the run (see :mod:`token_distillation.memory`): resolves
+    ``--token_distillation_batch_size auto`` into ``setup.batch_size``, logs the plan, and on CUDA
     refuses a run that will not fit.
 
     Raises:
@@ -415,16 +431,22 @@ def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
 
     # the per-token recipe puts at most one group of --snippets_per_update snippets per token in a batch;
     # untrained methods back-propagate nothing
-    per_token = tc.recipe == Recipe.PER_TOKEN and not tc.train_original_embeddings
-    fill = (max(1, len(sn.tokens)) * tc.snippets_per_update if per_token else None) if tc.init_method in TRAINED else 0
+    spu, per_token = tc.snippets_per_update, tc.recipe == Recipe.PER_TOKEN and not tc.train_original_embeddings
+    fill = (max(1, len(sn.tokens)) * spu if per_token else None) if tc.init_method in TRAINED else 0
 
     def plan_at(per_process: int) -> MemoryPlan:
         batch = per_process if fill is None else min(per_process, -(-fill // world))
         return plan_memory(tg.model_config, batch_size=batch, **kw)
 
-    batch = tc.token_distillation_batch_size
-    plan = plan_at(-(-batch // world))
-    check_fits(plan, setup.device, batch)
+    if setup.batch_size == "auto":
+        if tc.init_method in TRAINED:
+            setup.batch_size = setup.dist.broadcast_from_main(lambda: choose_batch_size(
+                plan_at, setup.device, cap=min(AUTO_BATCH_CAP, fill or AUTO_BATCH_CAP), multiple=math.lcm(world, spu),
+                world_size=world))
+        else:
+            setup.batch_size = 16  # nothing is trained: the batch size is not used (the default, for the report)
+    plan = plan_at(-(-setup.batch_size // world))
+    check_fits(plan, setup.device, setup.batch_size)
     return plan
 
 
@@ -465,7 +487,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     held_teacher = TeacherCache(held_budget) if input_trained and setup.dist.is_main else None
     before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
     lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
-    loop_kw = dict(lr=tc.token_distillation_lr, batch_size=tc.token_distillation_batch_size,
+    loop_kw = dict(lr=tc.token_distillation_lr, batch_size=setup.batch_size,
                    epochs=tc.token_distillation_epochs, seed=tc.seed, device=setup.device,
                    stopping_condition=tc.stopping_condition, max_steps=tc.max_steps, log_every=tc.log_every,
                    pad_id=pad_id)
@@ -509,7 +531,8 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
                     tc.lr_schedule.value, tc.snippets_per_update)
     dist = setup.dist if setup.dist.distributed else None
     fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in ext.tokens],
-                     new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs))
+                     new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs),
+                     token_distillation_batch_size=setup.batch_size)  # auto: the batch it resolved to
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
                         dist=dist, minutes=cfg.output.checkpoint_minutes)
     return train(ext.model, rows, seqs, tix, layer=ext.layer, loss_method=tc.loss_method,

@@ -43,7 +43,7 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
         "versions": versions(),
         "device": str(setup.device), "weights_dtype": str(setup.weights_dtype), "saved_dtype": str(setup.save_dtype),
         "autocast_dtype": str(setup.autocast_dtype),
-        "seed": tc.seed, "processes": setup.dist.world_size,
+        "seed": tc.seed, "processes": setup.dist.world_size, "train_batch_size": setup.batch_size,
         "memory_plan_gib": memory_plan_gib(ext.plan),
         "snippets": sn.corpus_info,
         "tokens": [
