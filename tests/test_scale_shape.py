@@ -29,27 +29,6 @@ def _llama8b_width(layers: int = 2) -> dict:
     return dict(SHAPES["llama8b"], num_hidden_layers=layers)
 
 
-def save_random_bf16_checkpoint(path: Path, tokenizer, shape: dict, seed: int = 0) -> None:
-    """A random Llama of ``shape`` saved as a bf16 safetensors checkpoint with ``tokenizer``.
-
-    Built on the meta device and filled in place in bf16 (N(0, 0.02) matrices, unit norms), so that
-    no fp32 copy of the weights is ever made (6 GiB for this shape).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**shape, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(1.0) if p.ndim == 1 else p.normal_(0.0, 0.02, generator=g)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-
-
 def run_measured(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str, int]:
     """Run ``args`` as a child process; (exit code, its stderr, its peak RSS in bytes).
 
@@ -92,8 +71,10 @@ def _load(f: Path, name: str) -> torch.Tensor:
 def test_llama8b_width_cli_on_cpu(tmp_path, smollm_tokenizer, toy_corpus):
     import json
 
+    from gpu_check import save_random_checkpoint  # scripts/, on the path after _llama8b_width()
+
     src = tmp_path / "src"
-    save_random_bf16_checkpoint(src, smollm_tokenizer, _llama8b_width())
+    save_random_checkpoint(src, smollm_tokenizer, _llama8b_width(), dtype=torch.bfloat16)
     words = tmp_path / "words.txt"
     words.write_text("".join(w + "\n" for w in WORDS))
     out = tmp_path / "out"
