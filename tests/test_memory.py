@@ -177,3 +177,14 @@ def test_resume_with_auto_keeps_the_interrupted_runs_batch(tmp_path):
     torch.save({"fingerprint": {"token_distillation_batch_size": 48}}, tmp_path / "step-00000003.pt")
     assert resumed_batch_size(tmp_path, "auto") == 48
     assert resumed_batch_size(tmp_path, 16) == 16  # an explicit batch is compared by check_resumable instead
+
+
+def test_held_out_logits_take_at_most_the_held_out_batch():
+    from token_distillation.memory import HELDOUT_BATCH_SIZE
+
+    kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=1,
+              num_new=3, untie=False, added_rows=0)
+    full = plan_memory(_llama(1), **kw)
+    assert full.logits == 3 * HELDOUT_BATCH_SIZE * 17 * (128256 + 3) * 4  # three [positions, vocab] fp32 copies
+    assert plan_memory(_llama(1), heldout_snippets=5, **kw).logits * HELDOUT_BATCH_SIZE == full.logits * 5
+    assert plan_memory(_llama(1), heldout_snippets=100, **kw).logits == full.logits

@@ -18,8 +18,8 @@ Two kinds of plan, by where the weights live:
   2022, Sec. 4.1; doubled for fp32), plus the teacher's transient forward of one layer. The batch is
   what a step really holds: the per-token recipe puts at most one group of ``--snippets_per_update``
   snippets of each token in a batch, so 5 tokens make batches of 5 whatever the flag says.
-- ``logits``: the held-out pass's new-token argmax (always :data:`HELDOUT_BATCH_SIZE` snippets per
-  forward, whatever the training batch) holds ``[positions, vocab]`` logits three times at its peak
+- ``logits``: the held-out pass's new-token argmax (:data:`HELDOUT_BATCH_SIZE` snippets per forward,
+  or fewer when the run has fewer held-out snippets, whatever the training batch) holds ``[positions, vocab]`` logits three times at its peak
   (the product, the product plus the output bias, their concatenation with the new tokens' columns),
   in the autocast dtype (else the weights' dtype).
 
@@ -60,8 +60,8 @@ CLI runs (``/usr/bin/time``, 2-core machine) against the plan they logged: the 2
 model, 3 words, batch 4, 16-token snippets: 8.69 GiB measured, 8.68 planned (the plan before
 these terms said 5.59: it missed the loading phase, fp32 weights beside the mapped bf16 file);
 SmolLM2-135M (fp32 conversion, tied, untied by the run), same words and settings: 1.17 measured,
-1.19 planned (training sets its peak); SmolLM2 with the 5 PubMed words above: 1.78 measured, 1.76
-planned.
+1.09 planned (training sets its peak; the 0.08 GiB between them is not accounted for); SmolLM2 with
+the 5 PubMed words above: 1.78 measured, 1.76 planned.
 
 Not modelled: the one-off GGUF conversion of a ``.gguf`` source (cached after the first run; it
 holds the dequantized model about three times), logits of the logit-based losses and of
@@ -194,7 +194,8 @@ def resident_bytes() -> int:
 def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: torch.dtype | None, batch_size: int,
                 seq_len: int, layers_to_target: int, num_new: int, untie: bool, added_rows: int | None = None,
                 host: bool = False, stored_dtype: torch.dtype | None = None, baseline: int = 0,
-                teacher_cache: int = 0, num_params: int | None = None) -> MemoryPlan:
+                teacher_cache: int = 0, num_params: int | None = None,
+                heldout_snippets: int | None = None) -> MemoryPlan:
     """Estimate the peak memory of training ``num_new`` rows (see the module docstring).
 
     Args:
@@ -214,6 +215,8 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
         baseline: host plans: bytes the process holds before the model loads (:func:`resident_bytes`).
         teacher_cache: host plans: bytes of teacher hidden states kept in host memory.
         num_params: the model's parameter count, when already known (:func:`count_parameters`).
+        heldout_snippets: held-out snippets of the run (a held-out forward takes at most
+            :data:`HELDOUT_BATCH_SIZE` of them); default: a full held-out batch.
 
     Returns:
         a :class:`MemoryPlan` (bytes per term; ``.total`` is the estimated peak).
@@ -232,7 +235,8 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
     tokens = batch_size * seq_len
     per_layer = tokens * hidden * (34 + 5 * heads * seq_len / hidden) * act_item / 2
     activations = int(per_layer * (layers_to_target + 1))  # + the teacher's transient layer
-    logits = 3 * HELDOUT_BATCH_SIZE * seq_len * (rows_after + num_new) * act_item
+    held = HELDOUT_BATCH_SIZE if heldout_snippets is None else min(HELDOUT_BATCH_SIZE, max(0, heldout_snippets))
+    logits = 3 * held * seq_len * (rows_after + num_new) * act_item
     plan = MemoryPlan(weights, 16 * num_new * hidden, activations, logits)
     if not host:
         return plan
