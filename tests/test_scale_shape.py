@@ -18,12 +18,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # benchmark.SHAPES, gpu_check.save_random_checkpoint
 WORDS = [" hepatotoxicity", " nephrotoxicity", " angiogenesis"]
 
 
 def _llama8b_width(layers: int = 2) -> dict:
     """Llama-3-8B's shape (scripts/benchmark.py ``--shape llama8b``) with ``layers`` decoder layers."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark import SHAPES
 
     return dict(SHAPES["llama8b"], num_hidden_layers=layers)
@@ -71,7 +71,7 @@ def _load(f: Path, name: str) -> torch.Tensor:
 def test_llama8b_width_cli_on_cpu(tmp_path, smollm_tokenizer, toy_corpus):
     import json
 
-    from gpu_check import save_random_checkpoint  # scripts/, on the path after _llama8b_width()
+    from gpu_check import save_random_checkpoint
 
     src = tmp_path / "src"
     save_random_checkpoint(src, smollm_tokenizer, _llama8b_width(), dtype=torch.bfloat16)
