@@ -56,7 +56,7 @@ OUT_PATH=${OUT_PATH:-outputs/multi_gpu_$(basename "${MODEL_PATH%/}" | tr -c 'A-Z
 
 exit_if_done "$OUT_PATH"
 WORLD=$((NPROC * NNODES))
-if ((BATCH_SIZE % WORLD)); then
+if [[ "$BATCH_SIZE" != auto ]] && ((BATCH_SIZE % WORLD)); then
     echo "error: BATCH_SIZE=$BATCH_SIZE (the global batch) must be a multiple of $WORLD processes" >&2
     exit 2
 fi

@@ -17,7 +17,7 @@
 #   OUT_PATH          output directory (outputs/single_gpu_<model>)
 #   LR                --token_distillation_lr (1e-4, the paper's; used with RECIPE=paper)
 #   RECIPE            --recipe: per-token (default) or paper
-#   BATCH_SIZE        --token_distillation_batch_size (16, the paper's)
+#   BATCH_SIZE        --token_distillation_batch_size (16, the paper's; auto: the largest the GPU holds, per-token recipe only)
 #   EPOCHS            --token_distillation_epochs (0: the recipe's default)
 #   SNIPPET_NUM       --snippet_num, training snippets per token (25, the paper's)
 #   SNIPPET_LEN       --snippet_len (50)

@@ -30,6 +30,8 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--token_distillation_epochs"], "--token_distillation_epochs needs a value"),
         (["stray_word", "--dry_run"], "unexpected argument(s) stray_word"),  # Fire would report it after the run
         (["--snippet_num", "4", "--snippet_num", "5"], "--snippet_num given more than once"),  # Fire keeps the last
+        (["--token_distillation_batch_size", "big"], "--token_distillation_batch_size: expected an integer >= 1 or auto"),
+        (["--token_distillation_batch_size", "auto", "--recipe", "paper"], "auto: --recipe paper"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, needle, tmp_path):

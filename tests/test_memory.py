@@ -40,3 +40,151 @@ def test_plan_that_does_not_fit_is_refused_with_the_flag(monkeypatch):
         check_fits(big, torch.device("cuda"), 16)
     check_fits(MemoryPlan(8 * GIB, 0, GIB, GIB), torch.device("cuda"), 16)  # fits: no error
     check_fits(big, torch.device("cpu"), 16)  # CPU: logged only
+
+
+def _llama(layers=2, tied=False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=tied)
+
+
+def test_host_plan_of_a_16bit_checkpoint_peaks_while_loading():
+    """CPU runs compute in fp32: loading a bf16 checkpoint holds the fp32 weights and the mapped
+    bf16 file at once (measured: tests/test_scale_shape.py); the baseline is added to every phase."""
+    cfg = _llama()
+    n = count_parameters(cfg)
+    kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=2,
+              num_new=3, untie=False, added_rows=0)
+    plan = plan_memory(cfg, host=True, stored_dtype=torch.bfloat16, baseline=GIB // 2, **kw)
+    assert plan.loading == n * 4 + n * 2 and plan.peak_phase == "loading"
+    assert plan.total == GIB // 2 + n * 6
+    assert plan.transient == 128256 * 4096 * 2  # saving casts the embedding matrix back to bf16
+    assert "host memory at peak, while loading" in plan.describe()
+    fp32 = plan_memory(cfg, host=True, stored_dtype=torch.float32, baseline=GIB // 2, **kw)
+    assert fp32.loading == n * 4 and fp32.transient == 0 and fp32.peak_phase == "training"
+    # on the host the held-out logits come on top of training's activations (memory kept by the allocator)
+    assert fp32.training == fp32.weights + fp32.trainable + fp32.activations + fp32.logits
+    device = plan_memory(cfg, **kw)  # a device plan: training only, no baseline
+    assert device.total == device.weights + device.trainable + max(device.activations, device.logits)
+
+
+def test_plan_counts_the_rows_the_matrices_grow_by():
+    """A pre-padded vocabulary that holds the new ids grows by nothing; otherwise each untied matrix
+    grows (a tied one once, before it is untied), and growing it copies the matrix once."""
+    kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=1,
+              num_new=10, host=True)
+    untied, tied = _llama(1), _llama(1, tied=True)
+    base = plan_memory(untied, untie=False, added_rows=0, **kw)
+    assert plan_memory(untied, untie=False, added_rows=10, **kw).weights - base.weights == 2 * 10 * 4096 * 4
+    assert plan_memory(untied, untie=False, added_rows=10, **kw).transient == (128256 + 10) * 4096 * 4
+    t0 = plan_memory(tied, untie=False, added_rows=0, **kw)
+    assert plan_memory(tied, untie=False, added_rows=10, **kw).weights - t0.weights == 10 * 4096 * 4
+    assert plan_memory(tied, untie=True, added_rows=10, **kw).weights - t0.weights == (10 + 128266) * 4096 * 4
+
+
+def _fake_cuda(monkeypatch, gib: float):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(gib * GIB), int(gib * GIB)))
+
+
+def _plan_8b(cfg, n_params):
+    kw = dict(weights_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16, seq_len=51, layers_to_target=32,
+              num_new=1000, untie=False, num_params=n_params)
+    return lambda b: plan_memory(cfg, batch_size=b, **kw)
+
+
+@pytest.mark.parametrize("gib", [24, 48, 141])
+def test_auto_batch_is_the_largest_that_fits_the_device(monkeypatch, gib):
+    """Llama-3.1-8B's shape with the CUDA query mocked: the pick fits 90% of the device and one more
+    would not (or it is the cap); larger devices get larger batches."""
+    from token_distillation.memory import AUTO_BATCH_CAP, choose_batch_size
+
+    cfg = _llama(32)
+    plan_at = _plan_8b(cfg, count_parameters(cfg))
+    _fake_cuda(monkeypatch, gib)
+    b = choose_batch_size(plan_at, torch.device("cuda"))
+    assert 1 <= b <= AUTO_BATCH_CAP and plan_at(b).total <= 0.9 * gib * GIB
+    assert b == AUTO_BATCH_CAP or plan_at(b + 1).total > 0.9 * gib * GIB
+    check_fits(plan_at(b), torch.device("cuda"), b)  # the run then passes the refusal check
+    if gib == 24:
+        assert 16 < b < 256  # the 16 GB of weights leave room for some batch, not for 256 (test above)
+
+
+def test_auto_batch_respects_multiple_cap_and_processes(monkeypatch):
+    from token_distillation.memory import choose_batch_size
+
+    cfg = _llama(32)
+    plan_at = _plan_8b(cfg, count_parameters(cfg))
+    _fake_cuda(monkeypatch, 141)
+    assert choose_batch_size(plan_at, torch.device("cuda"), cap=40) == 40  # e.g. 40 tokens x 1 snippet per update
+    assert choose_batch_size(plan_at, torch.device("cuda"), cap=41, multiple=4) == 40
+    seen = []
+    choose_batch_size(lambda b: seen.append(b) or plan_at(b), torch.device("cuda"), cap=64, multiple=2, world_size=2)
+    assert seen and max(seen) <= 32  # each of two processes plans its half of the global batch
+    _fake_cuda(monkeypatch, 8)  # not even the weights fit: the smallest batch, which check_fits refuses
+    assert choose_batch_size(plan_at, torch.device("cuda"), multiple=2) == 2
+    with pytest.raises(ConfigError, match="--token_distillation_batch_size"):
+        check_fits(plan_at(2), torch.device("cuda"), 2)
+
+
+def test_auto_batch_on_cpu_keeps_the_default_and_says_so(caplog):
+    import logging
+
+    from token_distillation.memory import choose_batch_size
+
+    def no_plan(_b):
+        raise AssertionError("no plan needed on CPU")
+
+    with caplog.at_level(logging.INFO, logger="token_distillation.memory"):
+        assert choose_batch_size(no_plan, torch.device("cpu")) == 16
+        assert choose_batch_size(no_plan, torch.device("cpu"), cap=5) == 5
+        assert choose_batch_size(no_plan, torch.device("cpu"), cap=40, multiple=3) == 15
+    assert "--token_distillation_batch_size auto: 16 on cpu" in caplog.text
+
+
+@pytest.mark.parametrize("value, ok", [("auto", "auto"), ("AUTO", "auto"), (32, 32), ("32", 32), ("big", None),
+                                       (0, None), (2.5, None), ("", None)])
+def test_batch_size_flag_is_an_integer_or_auto(value, ok):
+    from token_distillation.config import RunConfig
+
+    if ok is None:
+        with pytest.raises(ConfigError, match="--token_distillation_batch_size"):
+            RunConfig.from_flags(token_distillation_batch_size=value)
+    else:
+        assert RunConfig.from_flags(token_distillation_batch_size=value).train.token_distillation_batch_size == ok
+
+
+@pytest.mark.parametrize("flags, needle", [({"recipe": "paper"}, "--recipe paper"),
+                                           ({"init_method": "ntp"}, "--loss_method CE"),
+                                           ({"loss_method": "MSE-on-hiddens,KL-on-logits"}, "KL-on-logits"),
+                                           ({"train_original_embeddings": True}, "--train_original_embeddings"),
+                                           ({"output_embeddings": "ntp"}, "--output_embeddings ntp")])
+def test_auto_batch_is_refused_where_the_batch_changes_the_result(flags, needle):
+    """Only the per-token recipe's rows do not depend on the batch size (tests/test_regime.py); elsewhere
+    auto would make the result depend on the machine's memory."""
+    from token_distillation.config import RunConfig
+
+    with pytest.raises(ConfigError, match=f"--token_distillation_batch_size auto: .*{needle}"):
+        RunConfig.from_flags(token_distillation_batch_size="auto", **flags)
+    RunConfig.from_flags(token_distillation_batch_size="auto", init_method="subtoken-mean")  # nothing trained: fine
+
+
+def test_resume_with_auto_keeps_the_interrupted_runs_batch(tmp_path):
+    from token_distillation.checkpoint import resumed_batch_size
+
+    assert resumed_batch_size(tmp_path, "auto") == "auto"  # no checkpoint: chosen afresh
+    torch.save({"fingerprint": {"token_distillation_batch_size": 48}}, tmp_path / "step-00000003.pt")
+    assert resumed_batch_size(tmp_path, "auto") == 48
+    assert resumed_batch_size(tmp_path, 16) == 16  # an explicit batch is compared by check_resumable instead
+
+
+def test_held_out_logits_take_at_most_the_held_out_batch():
+    from token_distillation.memory import HELDOUT_BATCH_SIZE
+
+    kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=1,
+              num_new=3, untie=False, added_rows=0)
+    full = plan_memory(_llama(1), **kw)
+    assert full.logits == 3 * HELDOUT_BATCH_SIZE * 17 * (128256 + 3) * 4  # three [positions, vocab] fp32 copies
+    assert plan_memory(_llama(1), heldout_snippets=5, **kw).logits * HELDOUT_BATCH_SIZE == full.logits * 5
+    assert plan_memory(_llama(1), heldout_snippets=100, **kw).logits == full.logits

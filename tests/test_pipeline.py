@@ -239,3 +239,18 @@ def test_training_teacher_cache_is_sized_first(tmp_path, toy_model_dir, toy_corp
     monkeypatch.setattr(pipeline, "train", train)
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, teacher_cache_gib=seen["need"] / 2**30))
     assert abs(seen["train_budget"] - seen["need"]) <= 1  # nothing went to the held-out cache
+
+
+def test_auto_batch_size_is_resolved_and_reported(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
+    """``--token_distillation_batch_size auto`` on CPU: the default 16, capped at what the run's
+    tokens fill (3 tokens x 1 snippet per update), logged, used and written to report.json beside
+    the config's "auto" and the memory plan."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        rep = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, token_distillation_batch_size="auto")).report
+    assert rep["config"]["token_distillation_batch_size"] == "auto" and rep["train_batch_size"] == 3
+    assert "--token_distillation_batch_size auto: 3 on cpu" in caplog.text
+    assert rep["train_steps"] == 2 * 8  # per-token, 2 epochs of 8 snippets per token, one of each token per step
+    plan = rep["memory_plan_gib"]
+    assert plan["memory"] == "host" and plan["total"] >= plan["baseline"] > 0

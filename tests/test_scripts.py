@@ -444,3 +444,44 @@ def test_slurm_shell_forwards_stop_signals(sig, forward, code, tmp_path):
     p.send_signal(getattr(sg, "SIG" + sig))
     out, _ = p.communicate(timeout=30)
     assert f"rc={code}" in out and got.read_text() == "SIG" + (forward or sig)
+
+
+def test_gpu_check_cpu_smoke_reports_speed_and_memory_beside_the_plan(tmp_path, smollm_tokenizer):
+    """scripts/gpu_check.py's code path on a tiny shape on CPU (--cpu_smoke): random bf16 checkpoint
+    with the real SmolLM2 tokenizer, made-up words in a synthetic corpus, the whole pipeline; the
+    result names the extrapolation and puts the measured peak beside the plan; the work directory
+    is emptied."""
+    out, work = tmp_path / "gpu_check.json", tmp_path / "work"
+    work.mkdir()  # an empty directory of the user's: kept, emptied of what the check wrote
+    r = _py("gpu_check.py", "--cpu_smoke", "--work_dir", work, "--out", out, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["tokens_trained"] == 3 and res["train_snippets_per_token"] == 4 and res["train_steps"] > 0
+    assert res["train_seconds_per_1000_tokens_extrapolated"] == pytest.approx(res["train_seconds"] * 1000 / 3)
+    assert res["plan"]["memory"] == "host" and res["plan_gib"] > 0 and res["peak_rss_gib"] > 0
+    assert "extrapolated linearly from 3 tokens" in r.stdout and "memory plan" in r.stdout
+    assert work.is_dir() and not any(work.iterdir())
+
+
+def test_gpu_check_without_cuda_stops_before_building(tmp_path):
+    """No CUDA device (this machine) and no --cpu_smoke: one error line and exit code 2 through the
+    bash wrapper, before anything is built or written. Bad flags are refused the same way."""
+    import torch
+
+    from token_distillation.config import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "o.json"),
+                                             WORK_DIR=str(tmp_path / "w")))
+    _one_error(r, "no CUDA device", "--cpu_smoke")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o.json").exists()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    for args, needle in ((["--cpu_smoke", "--batch_size", "big"], "--batch_size"),
+                         (["--cpu_smoke", "--snippets", "0"], "--snippets"),
+                         (["--cpu_smoke", "--target_layer", "9"], "--target_layer")):
+        with pytest.raises(ConfigError, match=needle):
+            gpu_check.main(args)

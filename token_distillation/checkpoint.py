@@ -80,6 +80,26 @@ def _set_rng_state(st: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def _newest(directory: Path) -> Path | None:
+    found = sorted((p for p in Path(directory).glob("step-*.pt") if _NAME.match(p.name)), key=lambda p: p.name)
+    return found[-1] if found else None
+
+
+def resumed_batch_size(directory: Path, batch_size: int | str) -> int | str:
+    """``--token_distillation_batch_size`` for a ``--resume``: with ``auto``, the batch the interrupted
+    run resolved it to (stored in its newest checkpoint's fingerprint), so that the remaining steps
+    follow the same batches whatever memory this machine has; otherwise ``batch_size`` unchanged
+    (also when there is no checkpoint, or it predates auto)."""
+    newest = _newest(directory) if batch_size == "auto" else None
+    if newest is None:
+        return batch_size
+    saved = torch.load(newest, map_location="cpu", weights_only=True)["fingerprint"].get("token_distillation_batch_size")
+    if isinstance(saved, int) and saved >= 1:
+        logger.info("--resume: --token_distillation_batch_size auto keeps the interrupted run's batch of %d", saved)
+        return saved
+    return batch_size
+
+
 def check_resumable(directory: Path, config: dict[str, Any], model_identity: str) -> None:
     """Before anything heavy: with ``--resume``, compare the newest checkpoint's flags and model with
     this run's (tokens and snippets are compared when training starts); warn when there is nothing
@@ -88,16 +108,16 @@ def check_resumable(directory: Path, config: dict[str, Any], model_identity: str
     Raises:
         ConfigError: the checkpoint was made with other flags or another model.
     """
-    found = sorted((p for p in Path(directory).glob("step-*.pt") if _NAME.match(p.name)), key=lambda p: p.name)
-    if not found:
+    newest = _newest(directory)
+    if newest is None:
         logger.warning("--resume: no checkpoint in %s; starting a new run from step 0", directory)
         return
-    saved = torch.load(found[-1], map_location="cpu", weights_only=True)["fingerprint"]
+    saved = torch.load(newest, map_location="cpu", weights_only=True)["fingerprint"]
     now = fingerprint(config, model_identity=model_identity)
     diff = sorted(k for k in now if saved.get(k) != now[k])
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in diff[:5])
-        raise ConfigError(f"--resume: the checkpoint {found[-1]} belongs to a different run ({shown}); rerun with "
+        raise ConfigError(f"--resume: the checkpoint {newest} belongs to a different run ({shown}); rerun with "
                           "the same flags, or pass --overwrite without --resume to start over")
 
 

@@ -167,6 +167,25 @@ def _flag(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+AUTO = "auto"
+
+
+def _batch_size(value: Any, problems: list[str]) -> int | str:
+    """``--token_distillation_batch_size``: an integer >= 1 or the word ``auto`` (any case)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        n = int(str(value).strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        problems.append(f"--token_distillation_batch_size: expected an integer >= 1 or auto, got {value!r}")
+        return value
+    if n < 1:
+        problems.append(f"--token_distillation_batch_size must be >= 1 (or auto), not {n}")
+    return n
+
+
 def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list[str]) -> Any:
     if isinstance(value, enum_cls):
         return value
@@ -519,7 +538,10 @@ class TrainConfig:
     token_distillation_lr: float = _flag(1e-4, "paper recipe (and ntp): AdamW learning rate (no weight decay).")
     token_distillation_epochs: int = _flag(
         0, "Passes over the training snippets; 0: the recipe's default (per-token: 2, paper: 1, as in the paper).")
-    token_distillation_batch_size: int = _flag(16, "Snippets per optimizer step.")
+    token_distillation_batch_size: int | str = _flag(
+        16, "Snippets per optimizer step: an integer >= 1, or auto (on CUDA the largest batch up to 256 whose memory "
+        "plan fits 90% of the device; on CPU 16). auto only with the per-token recipe training the input rows by "
+        "MSE-on-hiddens (the default), whose rows do not depend on the batch size.", auto=True)
     teacher_cache_gib: float = _flag(
         2.0, "Keep up to this many GiB of teacher hidden states in host memory so that snippets seen again skip "
         "the teacher forward: first the training snippets (with more than one epoch, hidden-state losses), then "
@@ -567,8 +589,8 @@ class TrainConfig:
             object.__setattr__(self, "token_distillation_epochs", RECIPE_EPOCHS[self.recipe])
         if not self.teacher_cache_gib >= 0:
             problems.append("--teacher_cache_gib must be >= 0 (0 disables the teacher cache)")
-        if self.token_distillation_batch_size < 1:
-            problems.append("--token_distillation_batch_size must be >= 1")
+        object.__setattr__(self, "token_distillation_batch_size",
+                           _batch_size(self.token_distillation_batch_size, problems))
         if self.stopping_condition == StoppingCondition.MAX_STEPS and self.max_steps < 1:
             problems.append("--stopping_condition max_steps needs --max_steps >= 1")
         if self.log_every < 1:
@@ -698,6 +720,8 @@ class RunConfig:
         method = self.targets.build_target_method
         needs_corpus = method == BuildTargetMethod.FREQUENCY or (
             method == BuildTargetMethod.NER and not self.targets.new_tokens_source)
+        if self.train.token_distillation_batch_size == AUTO:
+            _check_auto_batch(self, problems)
         if needs_corpus and not self.corpus.dataset_path:
             problems.append(f"--build_target_method {method.value} needs a corpus: pass --dataset_path"
                             + (" (or an entity-counts file as --new_tokens_source)" if method == BuildTargetMethod.NER
@@ -759,6 +783,29 @@ class RunConfig:
                     v = [x.value if isinstance(x, enum.Enum) else x for x in v]
                 out[f.name] = v.value if isinstance(v, enum.Enum) else v
         return out
+
+
+def _check_auto_batch(cfg: "RunConfig", problems: list[str]) -> None:
+    """``--token_distillation_batch_size auto`` only where the batch size does not change the trained
+    rows: the per-token recipe training the input rows alone by hidden-state MSE (summed over tokens
+    of each token's mean, row-wise Adam: tests/test_regime.py). Elsewhere the result would depend on
+    the memory of the machine that ran it (appends the reason to ``problems``)."""
+    t, why = cfg.train, None
+    if t.init_method not in TRAINED_METHODS or t.recipe is None or not t.loss_method:
+        return  # nothing is trained (the batch size is not used), or the flags are wrong already
+    if t.recipe == Recipe.PAPER:
+        why = ("--recipe paper averages each batch's loss and takes one AdamW step per batch, so its result "
+               "depends on the batch size")
+    elif t.init_method == InitMethod.NTP or tuple(t.loss_method) != (LossMethod.MSE_ON_HIDDENS,):
+        why = (f"--loss_method {','.join(m.value for m in t.loss_method)} is averaged over each batch (only "
+               "MSE-on-hiddens alone is summed per token), so the result depends on the batch size")
+    elif t.train_original_embeddings:
+        why = "--train_original_embeddings trains with the paper's loop, whose result depends on the batch size"
+    elif cfg.output.output_embeddings == OutputEmbeddings.NTP:
+        why = "--output_embeddings ntp trains the output rows with the paper's loop, whose result depends on the batch size"
+    if why:
+        problems.append(f"--token_distillation_batch_size auto: {why}; pass an integer (16 is the default and "
+                        "the paper's)")
 
 
 def parse_loss_methods(value: Any, problems: list[str]) -> tuple[LossMethod, ...] | None:
@@ -827,13 +874,16 @@ def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
         return default
     if isinstance(default, enum.Enum):
         return value
+    if f.metadata.get("auto") and isinstance(value, str):
+        return value  # an integer or "auto": checked by the stage's validate()
     if isinstance(default, int):
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         except (TypeError, ValueError):
-            problems.append(f"--{f.name}: expected an integer, got {value!r}")
+            problems.append(f"--{f.name}: expected an integer{' or auto' if f.metadata.get('auto') else ''}, "
+                            f"got {value!r}")
             return default
     if isinstance(default, float):
         try:

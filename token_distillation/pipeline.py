@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .checkpoint import (
     check_resumable,
     fingerprint,
     prepare_output,
+    resumed_batch_size,
     snippet_digest,
 )
 from .config import (
@@ -48,7 +50,15 @@ from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .export import (ADAPTER_DIRNAME, GGUF_NAME, check_adapter_possible, check_gguf_possible, check_peft_available,
                      write_gguf, write_peft_adapter)
 from .interrupts import Interrupted, deferred_signals
-from .memory import check_fits, plan_memory
+from .memory import (
+    AUTO_BATCH_CAP,
+    MemoryPlan,
+    check_fits,
+    choose_batch_size,
+    count_parameters,
+    plan_memory,
+    resident_bytes,
+)
 from .models import (
     check_context_length,
     check_saveable,
@@ -184,6 +194,7 @@ class Setup:
     cache_root: Path
     started: float
     save_dtype: torch.dtype = torch.float32  # the source checkpoint's dtype (known once its config is read)
+    batch_size: int | str = 16  # --token_distillation_batch_size; "auto" until the memory plan resolves it
 
 
 @dataclass
@@ -229,6 +240,7 @@ class Extended:
     out_policy: OutputEmbeddings | None
     scale: float
     firing: dict
+    plan: MemoryPlan | None = None
 
 
 @dataclass
@@ -275,8 +287,9 @@ def start(cfg: RunConfig) -> Setup:
     text column (nothing heavy is loaded)."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
-    if cfg.train.init_method in TRAINED:
-        check_batch_divisible(cfg.train.token_distillation_batch_size, launched_world_size())
+    batch = cfg.train.token_distillation_batch_size
+    if cfg.train.init_method in TRAINED and batch != "auto":
+        check_batch_divisible(batch, launched_world_size())
     source = resolve_model_source(cfg.model.model_path)
     out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
                          dry_run=cfg.output.dry_run)
@@ -295,12 +308,15 @@ def start(cfg: RunConfig) -> Setup:
         raise ConfigError("--export peft holds the new tokens' rows only, but --train_original_embeddings changes "
                           "the original rows too; use --export hf")
     if cfg.output.resume and cfg.train.init_method in TRAINED:
-        check_resumable(out / CHECKPOINT_DIRNAME, cfg.to_dict(), source.identity)
+        batch = resumed_batch_size(out / CHECKPOINT_DIRNAME, batch)  # auto: the interrupted run's choice
+        check_resumable(out / CHECKPOINT_DIRNAME, {**cfg.to_dict(), "token_distillation_batch_size": batch},
+                        source.identity)
     dist = DistContext.create(cfg.model.device, resolve_device)
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, dist.device)
     logger.info("model %s | device %s | autocast %s | seed %d | processes %d", source.spec, dist.device,
                 autocast_dtype, cfg.train.seed, dist.world_size)
-    return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0)
+    return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0,
+                 batch_size=batch)
 
 
 def build_target_list(setup: Setup) -> Targets:
@@ -370,14 +386,7 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     """Stage 4: load the model, add the new tokens to tokenizer and embedding matrices (untying a
     tied model when asked), and initialise the new input (and output) rows."""
     cfg, tc, device, tokenizer = setup.cfg, setup.cfg.train, setup.device, tg.tokenizer
-    text_cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
-    plan = plan_memory(tg.model_config, weights_dtype=setup.weights_dtype, autocast_dtype=setup.autocast_dtype,
-                       batch_size=tc.token_distillation_batch_size,
-                       seq_len=cfg.snippets.snippet_len + len(bos_prefix(tokenizer)),
-                       layers_to_target=resolve_layer(tg.model_config, tc.target_layer), num_new=len(sn.tokens),
-                       untie=bool(getattr(text_cfg, "tie_word_embeddings", False))
-                       and _output_policy(cfg, True) is not None)
-    check_fits(plan, device, tc.token_distillation_batch_size)
+    plan = plan_run_memory(setup, tg, sn)
     model = sn.model or load_model(setup.source, setup.cache_root, device, setup.weights_dtype)
     check_saveable(model)
     check_adapter_possible(model, cfg.output.exports)
@@ -412,7 +421,64 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     with torch.no_grad():
         rows.fixed_rows.copy_(rows.rows)  # co-occurring tokens are read with the (broadcast) initial rows
     return Extended(model, tokenizer, tokens, rows, layer, num_original, n_orig, tied_source, tied, out_policy, scale,
-                    firing)
+                    firing, plan)
+
+
+def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
+    """The memory plan of the run (see :mod:`token_distillation.memory`): resolves
+    ``--token_distillation_batch_size auto`` into ``setup.batch_size``, logs the plan, and on CUDA
+    refuses a run that will not fit.
+
+    Raises:
+        ConfigError: the plan exceeds 90% of the CUDA device's memory.
+    """
+    cfg, tc, tokenizer = setup.cfg, setup.cfg.train, tg.tokenizer
+    text_cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
+    hidden, vocab = int(text_cfg.hidden_size), int(text_cfg.vocab_size)
+    seq_len = cfg.snippets.snippet_len + len(bos_prefix(tokenizer))
+    host = setup.device.type != "cuda"
+    params = count_parameters(tg.model_config)
+    weight_bytes = params * torch.empty((), dtype=setup.weights_dtype).element_size()
+    baseline = max(0, resident_bytes() - (weight_bytes if sn.model is not None else 0)) if host else 0
+    kw = dict(weights_dtype=setup.weights_dtype, autocast_dtype=setup.autocast_dtype, seq_len=seq_len,
+              layers_to_target=resolve_layer(tg.model_config, tc.target_layer), num_new=len(sn.tokens),
+              untie=bool(getattr(text_cfg, "tie_word_embeddings", False)) and _output_policy(cfg, True) is not None,
+              added_rows=max(0, len(tokenizer) + len(sn.tokens) - vocab), host=host, stored_dtype=setup.save_dtype,
+              baseline=baseline, teacher_cache=_host_teacher_cache(setup, sn, seq_len, hidden) if host else 0,
+              num_params=params, heldout_snippets=len(sn.snips.heldout))
+    world = setup.dist.world_size
+
+    # the per-token recipe puts at most one group of --snippets_per_update snippets per token in a batch;
+    # untrained methods back-propagate nothing
+    spu, per_token = tc.snippets_per_update, tc.recipe == Recipe.PER_TOKEN and not tc.train_original_embeddings
+    fill = (max(1, len(sn.tokens)) * spu if per_token else None) if tc.init_method in TRAINED else 0
+
+    def plan_at(per_process: int) -> MemoryPlan:
+        batch = per_process if fill is None else min(per_process, -(-fill // world))
+        return plan_memory(tg.model_config, batch_size=batch, **kw)
+
+    if setup.batch_size == "auto":
+        if tc.init_method in TRAINED:
+            setup.batch_size = setup.dist.broadcast_from_main(lambda: choose_batch_size(
+                plan_at, setup.device, cap=min(AUTO_BATCH_CAP, fill or AUTO_BATCH_CAP), multiple=math.lcm(world, spu),
+                world_size=world))
+        else:
+            setup.batch_size = 16  # nothing is trained: the batch size is not used (the default, for the report)
+    plan = plan_at(-(-setup.batch_size // world))
+    check_fits(plan, setup.device, setup.batch_size)
+    return plan
+
+
+def _host_teacher_cache(setup: Setup, sn: Snippets, seq_len: int, hidden: int) -> int:
+    """Upper bound of the teacher hidden states kept in host memory: every position of the snippets
+    that would be cached (training's when they are revisited, the held-out ones), within the budget."""
+    tc = setup.cfg.train
+    if tc.init_method not in TRAINED and not tc.train_original_embeddings:
+        return 0
+    revisits = tc.token_distillation_epochs > 1 or tc.stopping_condition == StoppingCondition.MAX_STEPS
+    snippets = len(sn.snips.heldout) + (len(sn.snips.train) if revisits else 0)
+    item = torch.empty((), dtype=setup.autocast_dtype or setup.weights_dtype).element_size()
+    return min(int(tc.teacher_cache_gib * 2**30), snippets * seq_len * hidden * item)
 
 
 def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
@@ -440,7 +506,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     held_teacher = TeacherCache(held_budget) if input_trained and setup.dist.is_main else None
     before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
     lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
-    loop_kw = dict(lr=tc.token_distillation_lr, batch_size=tc.token_distillation_batch_size,
+    loop_kw = dict(lr=tc.token_distillation_lr, batch_size=setup.batch_size,
                    epochs=tc.token_distillation_epochs, seed=tc.seed, device=setup.device,
                    stopping_condition=tc.stopping_condition, max_steps=tc.max_steps, log_every=tc.log_every,
                    pad_id=pad_id)
@@ -484,7 +550,8 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
                     tc.lr_schedule.value, tc.snippets_per_update)
     dist = setup.dist if setup.dist.distributed else None
     fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in ext.tokens],
-                     new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs))
+                     new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs),
+                     token_distillation_batch_size=setup.batch_size)  # auto: the batch it resolved to
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
                         dist=dist, minutes=cfg.output.checkpoint_minutes)
     return train(ext.model, rows, seqs, tix, layer=ext.layer, loss_method=tc.loss_method,

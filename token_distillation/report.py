@@ -43,7 +43,8 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
         "versions": versions(),
         "device": str(setup.device), "weights_dtype": str(setup.weights_dtype), "saved_dtype": str(setup.save_dtype),
         "autocast_dtype": str(setup.autocast_dtype),
-        "seed": tc.seed, "processes": setup.dist.world_size,
+        "seed": tc.seed, "processes": setup.dist.world_size, "train_batch_size": setup.batch_size,
+        "memory_plan_gib": memory_plan_gib(ext.plan),
         "snippets": sn.corpus_info,
         "tokens": [
             {"token": t.text, "id": t.token_id, "subtoken_ids": list(t.subtoken_ids),
@@ -73,6 +74,17 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
         "new_token_argmax_rate_final": tr.argmax_after["rate"],
         "new_token_argmax": {"init": tr.argmax_before, "final": tr.argmax_after},
     }
+
+
+def memory_plan_gib(plan) -> dict[str, Any] | None:
+    """The memory plan (:class:`token_distillation.memory.MemoryPlan`) in GiB, for report.json: the
+    estimated peak, its phase, and every term (None when no plan was made)."""
+    if plan is None:
+        return None
+    terms = ("weights", "trainable", "activations", "logits") + (
+        ("baseline", "loading", "transient", "teacher_cache") if plan.host else ())
+    return {"total": round(plan.total / 2**30, 3), "memory": "host" if plan.host else "device",
+            "peak_phase": plan.peak_phase, **{t: round(getattr(plan, t) / 2**30, 3) for t in terms}}
 
 
 def dry_run_report(cfg: RunConfig, target_summary: dict, skipped: dict, usable: int | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from .interrupts import check_stop
 from .fastpath import TeacherCache, num_layers, teacher_hiddens, teacher_student_hiddens
 from .recipes import BatchState, DistillObjective, FnObjective, PaperRecipe, PerTokenRecipe
 from .losses import LOSSES, LossPlan, combine, mse_per_position
+from .memory import HELDOUT_BATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -490,8 +491,8 @@ class HeldoutResult:
 
 @torch.no_grad()
 def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], num_tokens: int, *,
-                 layer: int, device: torch.device, batch_size: int = 16, autocast_dtype=None, pad_id: int = 0,
-                 teacher_cache: TeacherCache | None = None, loss: bool = True, argmax: bool = True,
+                 layer: int, device: torch.device, batch_size: int = HELDOUT_BATCH_SIZE, autocast_dtype=None,
+                 pad_id: int = 0, teacher_cache: TeacherCache | None = None, loss: bool = True, argmax: bool = True,
                  desc: str = "held-out evaluation", show_progress: bool = True) -> HeldoutResult:
     """Held-out distillation loss per token and new-token argmax rate, with one student forward per batch.
 
@@ -557,7 +558,7 @@ def heldout_eval(model, rows: NewRows, seqs: list[MergedSequence], token_index: 
 
 
 def heldout_loss_per_token(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int],
-                           num_tokens: int, *, layer: int, device: torch.device, batch_size: int = 16,
+                           num_tokens: int, *, layer: int, device: torch.device, batch_size: int = HELDOUT_BATCH_SIZE,
                            autocast_dtype=None, pad_id: int = 0,
                            teacher_cache: TeacherCache | None = None) -> list[float | None]:
     """Mean distillation MSE per new token over its held-out snippets (None: no held-out snippet).
