@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .checkpoint import (
     Checkpointer,
     check_resumable,
     fingerprint,
+    shard_prefix,
     prepare_output,
     snippet_digest,
 )
@@ -41,7 +43,7 @@ from .config import (
     StoppingCondition,
 )
 from .corpus import TokenizedCorpus, check_text_column, check_words_occur, tokenize_corpus
-from .distributed import DistContext, check_batch_divisible, launched_world_size
+from .distributed import DistContext, assign_tokens, check_distributable, inject_faults, launched_world_size
 from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
@@ -82,7 +84,7 @@ from .targets import (
     read_wordlist,
 )
 from .tokenization import NewToken, add_new_tokens, bos_prefix
-from .train import NewRows, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
+from .train import NewRows, HeldoutResult, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +186,8 @@ class Setup:
     cache_root: Path
     started: float
     save_dtype: torch.dtype = torch.float32  # the source checkpoint's dtype (known once its config is read)
+    shard: bool = False  # several processes, each training its own tokens (distributed.shards_tokens)
+    dist_info: dict | None = None  # for report.json: how the work was split over the processes
 
 
 @dataclass
@@ -273,8 +277,10 @@ def start(cfg: RunConfig) -> Setup:
     text column (nothing heavy is loaded)."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
-    if cfg.train.init_method in TRAINED:
-        check_batch_divisible(cfg.train.token_distillation_batch_size, launched_world_size())
+    tc, world = cfg.train, launched_world_size()
+    shard = tc.init_method in TRAINED and check_distributable(
+        tc.recipe, tc.loss_method, tc.stopping_condition, tc.train_original_embeddings, tc.snippets_per_update,
+        tc.token_distillation_batch_size, world)
     source = resolve_model_source(cfg.model.model_path)
     out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
                          dry_run=cfg.output.dry_run)
@@ -292,12 +298,17 @@ def start(cfg: RunConfig) -> Setup:
         raise ConfigError("--export peft holds the new tokens' rows only, but --train_original_embeddings changes "
                           "the original rows too; use --export hf")
     if cfg.output.resume and cfg.train.init_method in TRAINED:
-        check_resumable(out / CHECKPOINT_DIRNAME, cfg.to_dict(), source.identity)
-    dist = DistContext.create(cfg.model.device, resolve_device)
+        check_resumable(out / CHECKPOINT_DIRNAME, cfg.to_dict(), source.identity, shards=world if shard else 0)
+    dist = DistContext.create(cfg.model.device, resolve_device, cfg.model.process_group_timeout_minutes)
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, dist.device)
     logger.info("model %s | device %s | autocast %s | seed %d | processes %d", source.spec, dist.device,
                 autocast_dtype, cfg.train.seed, dist.world_size)
-    return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0)
+    if dist.distributed:
+        logger.info("%d processes: %s", dist.world_size, "each trains its own tokens (token sharding)" if shard else
+                    "each optimizer step's batch is split over them (data parallelism)")
+    return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0,
+                 shard=shard and dist.distributed,
+                 dist_info={"mode": "token-sharded" if shard else "data-parallel"} if dist.distributed else None)
 
 
 def build_target_list(setup: Setup) -> Targets:
@@ -417,8 +428,21 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     pad_id = ext.tokenizer.pad_token_id if ext.tokenizer.pad_token_id is not None else 0
     train_seqs, train_tix = _merge_all(sn.snips.train, tokens)
     held_seqs, held_tix = _merge_all(sn.snips.heldout, tokens)
-    held = functools.partial(heldout_eval, model, rows, held_seqs, held_tix, len(tokens), layer=ext.layer,
-                             device=setup.device, autocast_dtype=setup.autocast_dtype, pad_id=pad_id)
+    owned = None
+    if setup.shard:  # this process's tokens: it trains and evaluates only these
+        counts = [0] * len(tokens)
+        for t in train_tix:
+            counts[t] += 1
+        owned = assign_tokens(counts, setup.dist.world_size)[setup.dist.rank]
+        own = set(owned)
+        keep = [i for i, t in enumerate(held_tix) if t in own]
+        held_seqs, held_tix = [held_seqs[i] for i in keep], [held_tix[i] for i in keep]
+        logger.info("token sharding: process %d of %d trains %d of %d tokens (%d of %d training snippets)",
+                    setup.dist.rank, setup.dist.world_size, len(owned), len(tokens),
+                    sum(counts[t] for t in owned), len(train_tix))
+    held = functools.partial(_sharded_heldout if setup.shard else heldout_eval, model, rows, held_seqs, held_tix,
+                             len(tokens), layer=ext.layer, device=setup.device, autocast_dtype=setup.autocast_dtype,
+                             pad_id=pad_id, **({"dist": setup.dist} if setup.shard else {}))
     input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
     budget = int(tc.teacher_cache_gib * 2**30)
     # training's cache is sized first (it saves a teacher forward per snippet and epoch); the held-out
@@ -426,7 +450,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     revisits = tc.token_distillation_epochs > 1 or tc.stopping_condition == StoppingCondition.MAX_STEPS
     train_need = teacher_state_bytes(train_seqs, model, setup) if tc.init_method in TRAINED and revisits else 0
     held_budget = max(0, budget - train_need)
-    held_teacher = TeacherCache(held_budget) if input_trained and setup.dist.is_main else None
+    held_teacher = TeacherCache(held_budget) if input_trained and (setup.dist.is_main or setup.shard) else None
     before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
     lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
     loop_kw = dict(lr=tc.token_distillation_lr, batch_size=tc.token_distillation_batch_size,
@@ -438,12 +462,12 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
         if tc.recipe == Recipe.PER_TOKEN:
             loop_kw["lr"] = lr
         result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
-                                   budget - (held_teacher.bytes if held_teacher else 0))
+                                   budget - (held_teacher.bytes if held_teacher else 0), owned)
     if ext.out_policy == OutputEmbeddings.NTP:
         loop_kw["lr"] = tc.token_distillation_lr
         out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
                                        autocast_dtype=setup.autocast_dtype, **loop_kw)
-    if not setup.dist.is_main:
+    if not setup.dist.is_main and not setup.shard:  # data-parallel: the main process evaluates alone
         return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
                        before.argmax, [])
     try:
@@ -464,8 +488,34 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
                    not_improved)
 
 
-def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dict, cache_bytes: int):
-    """Token Distillation of the new input rows, resumable from the output's checkpoints."""
+def _sharded_heldout(model, rows: NewRows, seqs, token_index: list[int], num_tokens: int, *, dist: DistContext,
+                     **kw) -> HeldoutResult:
+    """:func:`~token_distillation.train.heldout_eval` of a token-sharded run: each process evaluates
+    the held-out snippets of its own tokens (``seqs``), and the results are combined on every
+    process (a token's loss from the process that owns it; argmax counts summed). Needs every
+    process's rows to be the trained ones when called after training (gathered first)."""
+    part = heldout_eval(model, rows, seqs, token_index, num_tokens, **kw)
+    parts = dist.all_gather_objects(part, "heldout")
+    loss = None
+    if part.loss_per_token is not None:
+        loss = [next((p.loss_per_token[t] for p in parts if p.loss_per_token[t] is not None), None)
+                for t in range(num_tokens)]
+    argmax = None
+    if part.argmax is not None:
+        positions = sum(p.argmax["positions"] for p in parts)
+        per_token = [sum(p.argmax["per_token"][j] for p in parts) for j in range(len(part.argmax["per_token"]))]
+        expected = sum(round((p.argmax["expected_rate"] or 0.0) * p.argmax["positions"]) for p in parts)
+        argmax = {"rate": sum(per_token) / positions if positions else None,
+                  "expected_rate": expected / positions if positions else None,
+                  "correct": sum(p.argmax["correct"] for p in parts), "positions": positions, "per_token": per_token}
+    return HeldoutResult(loss, argmax)
+
+
+def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dict, cache_bytes: int,
+                      owned: list[int] | None = None):
+    """Token Distillation of the new input rows, resumable from the output's checkpoints.
+
+    ``owned``: in a token-sharded run, the tokens this process trains (:func:`_train_shard`)."""
     cfg, tc, rows = setup.cfg, setup.cfg.train, ext.rows
     if tc.recipe == Recipe.PER_TOKEN:
         logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries, %s "
@@ -474,12 +524,60 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
     dist = setup.dist if setup.dist.distributed else None
     fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in ext.tokens],
                      new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs))
+    if owned is not None:
+        return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
                         dist=dist, minutes=cfg.output.checkpoint_minutes)
     return train(ext.model, rows, seqs, tix, layer=ext.layer, loss_method=tc.loss_method,
                  autocast_dtype=setup.autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
                  lr_schedule=tc.lr_schedule, teacher_cache_bytes=cache_bytes,
                  token_texts=[t.text for t in ext.tokens], dist=dist, checkpointer=ckpt, **loop_kw)
+
+
+def _train_shard(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dict, cache_bytes: int,
+                 owned: list[int], fp: dict) -> TrainResult:
+    """Token sharding: this process trains the rows of its own tokens ``owned`` on their snippets
+    (its own per-token batches at the full batch size; no communication per step), checkpoints its
+    own state (:func:`~token_distillation.checkpoint.shard_prefix`), then every process's rows are
+    gathered on every process.
+
+    Returns:
+        the combined :class:`TrainResult`: ``steps`` and ``seconds`` of the longest shard; the loss
+        curve summed step by step over the processes (each a sum over its batch's tokens).
+    """
+    cfg, tc, rows, dist = setup.cfg, setup.cfg.train, ext.rows, setup.dist
+    ckpt_dir = setup.out / CHECKPOINT_DIRNAME
+    if not cfg.output.resume and dist.is_main and ckpt_dir.is_dir():
+        logger.info("starting over: removing old checkpoints in %s", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    dist.wait("checkpoints-cleared")
+    own = set(owned)
+    local = [i for i, t in enumerate(tix) if t in own]
+    ckpt = Checkpointer(ckpt_dir, cfg.output.checkpoint_every, {**fp, "shard": [dist.rank, dist.world_size],
+                                                                 "shard_tokens": list(owned)},
+                        resume=cfg.output.resume, dist=None, minutes=cfg.output.checkpoint_minutes,
+                        prefix=shard_prefix(dist.rank, dist.world_size), always_final=True)
+    inject_faults(ckpt, dist.rank)
+    collectives, waits = dist.collectives, dist.waits
+    result = TrainResult()
+    if local:
+        result = train(ext.model, rows, [seqs[i] for i in local], [tix[i] for i in local], layer=ext.layer,
+                       loss_method=tc.loss_method, autocast_dtype=setup.autocast_dtype, recipe=tc.recipe,
+                       snippets_per_update=tc.snippets_per_update, lr_schedule=tc.lr_schedule,
+                       teacher_cache_bytes=cache_bytes, token_texts=[t.text for t in ext.tokens], dist=None,
+                       checkpointer=ckpt, desc=f"token distillation [process {dist.rank}]", **loop_kw)
+    during = dist.collectives - collectives + dist.waits - waits  # collectives and waits on the store
+    logger.info("process %d: %d training steps on %d tokens in %.1fs, %d collective operations or waits during training",
+                dist.rank, result.steps, len(owned), result.seconds, during)
+    dist.gather_rows_(rows.rows, owned)
+    parts = dist.all_gather_objects({"steps": result.steps, "loss_curve": result.loss_curve,
+                                     "seconds": result.seconds, "tokens": len(owned), "snippets": len(local),
+                                     "communication_during_training": during}, "train-results")
+    longest = max(len(p["loss_curve"]) for p in parts)
+    curve = [sum(p["loss_curve"][k] for p in parts if k < len(p["loss_curve"])) for k in range(longest)]
+    setup.dist_info = {"mode": "token-sharded", "per_process": parts}
+    return TrainResult(loss_curve=curve, steps=max(p["steps"] for p in parts),
+                       seconds=max(p["seconds"] for p in parts))
 
 
 def teacher_state_bytes(seqs, model, setup: Setup) -> int:

@@ -43,7 +43,7 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
         "versions": versions(),
         "device": str(setup.device), "weights_dtype": str(setup.weights_dtype), "saved_dtype": str(setup.save_dtype),
         "autocast_dtype": str(setup.autocast_dtype),
-        "seed": tc.seed, "processes": setup.dist.world_size,
+        "seed": tc.seed, "processes": setup.dist.world_size, "distributed": setup.dist_info,
         "snippets": sn.corpus_info,
         "tokens": [
             {"token": t.text, "id": t.token_id, "subtoken_ids": list(t.subtoken_ids),
