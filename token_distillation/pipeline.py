@@ -569,7 +569,11 @@ def _train_shard(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dic
     during = dist.collectives - collectives + dist.waits - waits  # collectives and waits on the store
     logger.info("process %d: %d training steps on %d tokens in %.1fs, %d collective operations or waits during training",
                 dist.rank, result.steps, len(owned), result.seconds, during)
-    dist.gather_rows_(rows.rows, owned)
+    try:
+        dist.gather_rows_(rows.rows, owned)
+    except Interrupted as e:  # stopped while waiting for the other shards: this one's rows are checkpointed
+        raise Interrupted(e.signum, step=result.steps, checkpoint=ckpt.checkpoints()[-1] if ckpt.checkpoints()
+                          else None, where="waiting for the other processes") from None
     parts = dist.all_gather_objects({"steps": result.steps, "loss_curve": result.loss_curve,
                                      "seconds": result.seconds, "tokens": len(owned), "snippets": len(local),
                                      "communication_during_training": during}, "train-results")
