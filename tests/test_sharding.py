@@ -150,3 +150,24 @@ def test_a_killed_process_fails_the_run_clearly_and_resume_continues(tmp_path, t
     assert "resumed from" in r.stderr  # (the main process logs it; process 1 resumes from its step 4)
     _assert_same_rows(single, tmp_path / "k")
     assert not (tmp_path / "k" / "checkpoints").exists()
+
+
+def test_generated_snippets_are_written_by_each_process_for_its_tokens(tmp_path, toy_model_dir, cache_dir):
+    # no corpus: the model writes the snippets; each of 2 processes writes those of its tokens
+    words = tmp_path / "w.txt"
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n angiogenesis\n")
+    kw = dict(model_path=str(toy_model_dir), cache_dir=str(cache_dir), new_tokens_source=str(words), snippet_num=3,
+              heldout_snippet_num=1, min_snippets=2, snippet_len=10, token_distillation_batch_size=4,
+              token_distillation_epochs=1, device="cpu", use_generated_snippets=True)
+    from token_distillation.config import RunConfig
+
+    one = run(RunConfig.from_flags(out_path=str(tmp_path / "one"), **kw))
+    r = _launch(tmp_path, RunConfig.from_flags(out_path=str(tmp_path / "two"), **kw), 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "generating snippets for 2 of 3 tokens on process 0 of 2" in r.stderr
+    rep = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert [t["train_snippets"] for t in rep["tokens"]] == [3, 3, 3]
+    for t1, t2 in zip(one.report["tokens"], rep["tokens"]):  # same snippets: same held-out loss before training
+        assert t2["heldout_loss_init"] == pytest.approx(t1["heldout_loss_init"], rel=1e-5)
+    a, b = _rows(one.out_path), _rows(tmp_path / "two")
+    torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
