@@ -171,3 +171,49 @@ def test_generated_snippets_are_written_by_each_process_for_its_tokens(tmp_path,
         assert t2["heldout_loss_init"] == pytest.approx(t1["heldout_loss_init"], rel=1e-5)
     a, b = _rows(one.out_path), _rows(tmp_path / "two")
     torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.integration
+def test_bundled_model_two_processes_equal_one(tmp_path):
+    """Real model (SmolLM2-135M), real corpus, 4 words on 2 CPU processes: the rows of one process."""
+    from tests.conftest import require_shared
+    from token_distillation.config import RunConfig
+
+    data = require_shared() / "abstracts_small.jsonl"
+    words = tmp_path / "w.txt"
+    words.write_text(" missense\n homozygous\n heterozygous\n haplotype\n")
+    kw = dict(new_tokens_source=str(words), dataset_path=str(data), snippet_num=4, heldout_snippet_num=2,
+              min_snippets=3, snippet_len=24, token_distillation_batch_size=8, heldout_fraction=0.2,
+              token_distillation_epochs=1, device="cpu")
+    one = run(RunConfig.from_flags(out_path=str(tmp_path / "one"), **kw))
+    r = _launch(tmp_path, RunConfig.from_flags(out_path=str(tmp_path / "two"), **kw), 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert rep["distributed"]["mode"] == "token-sharded" and [p["tokens"] for p in rep["distributed"]["per_process"]] == [2, 2]
+    a, b = _rows(one.out_path), _rows(tmp_path / "two")
+    n = a.shape[0] - len(one.report["tokens"])
+    assert torch.equal(a[:n], b[:n])
+    # float rounding (other batches per process): measured up to 1.1e-6 here (4.5e-7 with 16 words)
+    torch.testing.assert_close(b[n:], a[n:], rtol=1e-4, atol=5e-6)
+
+
+def test_top_up_snippets_are_generated_by_each_process(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    # " zzqqxx" never occurs in the corpus: generated snippets fill it in, on the process that owns it
+    from token_distillation.config import RunConfig
+
+    words = tmp_path / "w.txt"
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n zzqqxx\n")
+    kw = dict(model_path=str(toy_model_dir), dataset_path=str(toy_corpus), cache_dir=str(cache_dir),
+              new_tokens_source=str(words), snippet_num=4, heldout_snippet_num=2, min_snippets=3, snippet_len=12,
+              heldout_fraction=0.25, token_distillation_batch_size=4, token_distillation_epochs=1, device="cpu",
+              snippet_source="corpus-then-generated")
+    one = run(RunConfig.from_flags(out_path=str(tmp_path / "one"), **kw))
+    r = _launch(tmp_path, RunConfig.from_flags(out_path=str(tmp_path / "two"), **kw), 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert rep["snippets"]["source"] == "corpus-then-generated"
+    assert [t["snippet_source"] for t in rep["tokens"]] == [t["snippet_source"] for t in one.report["tokens"]] \
+        == ["corpus", "corpus", "generated"]
+    for t1, t2 in zip(one.report["tokens"], rep["tokens"]):
+        assert t2["heldout_loss_init"] == pytest.approx(t1["heldout_loss_init"], rel=1e-5)
+    torch.testing.assert_close(_rows(tmp_path / "two"), _rows(one.out_path), rtol=RTOL, atol=ATOL)

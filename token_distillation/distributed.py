@@ -194,14 +194,16 @@ class DistContext:
         except (RuntimeError, AttributeError, ValueError):  # no store reachable: fall back to a barrier
             return None
 
-    def wait(self, name: str = "wait") -> None:
+    def wait(self, name: str = "wait", stoppable: bool = False) -> None:
         """Wait until every process has reached this point (no-op with one process).
 
         The wait polls the launcher's key-value store every :data:`POLL_SECONDS` (a cheap request,
         no collective), so it may last any time (a process mining, generating, saving or training a
-        larger shard) without hitting the process-group timeout; a stop signal received meanwhile
-        (see :mod:`token_distillation.interrupts`) raises ``Interrupted``. A process that dies makes
-        the launcher end the others.
+        larger shard) without hitting the process-group timeout. With ``stoppable``, a stop signal
+        received meanwhile (deferred, see :mod:`token_distillation.interrupts`) raises
+        ``Interrupted``: only where every process may stop on its own (token sharding), not where
+        the processes must take the same decision. A process that dies makes the launcher end the
+        others.
         """
         if not self.distributed:
             return
@@ -214,7 +216,8 @@ class DistContext:
         key = f"token_distillation/{name}/{self.waits}"
         store.add(key, 1)
         while store.add(key, 0) < self.world_size:
-            check_stop(f"while waiting for the other processes ({name})")
+            if stoppable:
+                check_stop(f"while waiting for the other processes ({name})")
             time.sleep(POLL_SECONDS)
 
     def close(self) -> None:
@@ -267,12 +270,12 @@ class DistContext:
 
     def all_gather_objects(self, obj: Any, name: str = "gather") -> list[Any]:
         """Every process's (picklable) ``obj``, in rank order, on every process (``[obj]`` with one).
-        Waits on the store (:meth:`wait`) first, so a slower process does not make it time out."""
+        Waits on the store (:meth:`wait`, stoppable) first, so a slower process does not make it time out."""
         if not self.distributed:
             return [obj]
         import torch.distributed as tdist
 
-        self.wait(name)
+        self.wait(name, stoppable=True)
         self.collectives += 1
         out: list[Any] = [None] * self.world_size
         tdist.all_gather_object(out, obj)
@@ -288,7 +291,7 @@ class DistContext:
         """
         if not self.distributed:
             return
-        self.wait("gather-rows")
+        self.wait("gather-rows", stoppable=True)
         mask = torch.zeros(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
         if len(owned):
             mask[torch.as_tensor(list(owned), dtype=torch.long, device=rows.device)] = 1
