@@ -523,6 +523,9 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
                      desc="held-out evaluation after training")
     except Interrupted as e:  # training is done and checkpointed (when it trained): --resume skips to here
         raise Interrupted(e.signum, step=result.steps if result else None, where="after training") from None
+    if not setup.dist.is_main:  # token sharding: every process took part in the evaluation; the main one reports
+        return Trained(result, out_result, lr, before.loss_per_token, after.loss_per_token, before.argmax,
+                       after.argmax, [])
     if held_teacher is not None:
         logger.info("held-out teacher cache: %d of %d snippets kept for the second pass (%.1f MiB of %.1f MiB left "
                     "by training's cache)", len(held_teacher), len(held_seqs), held_teacher.bytes / 2**20,
