@@ -19,7 +19,8 @@ one warm-up); all variants train fresh rows on the same snippets, at every layer
 ``--target_layers`` (default: the last, and one third deep). Reported per layer: snippets/s, the
 speed-up over the comparator beside the FLOP ratio of the same batches (comparator FLOPs /
 variant FLOPs: the speed-up at equal MFU) and their quotient, MFU against a matmul peak measured in
-the same run, held-out loss of the comparator's and the product's rows after the same steps, and
+the same run, held-out loss (8 batches of held-out snippets drawn at random) of the comparator's and
+the product's rows after the same steps, and
 seconds per 1,000 new tokens at 25 snippets; plus what the snippets look like (mean position of the
 first new token, share with another new token, mean shared prefix grouped / at random).
 
@@ -268,8 +269,10 @@ def step_mode(args):
 
     grouped = _batches(picked, train, t_idx, device)
     ungrouped = _batches(shuffled, train, t_idx, device)
-    held_b = [b for _, b in _batches([list(range(i, min(i + args.batch_size, len(held))))
-                                     for i in range(0, len(held), args.batch_size)], held, h_idx, device)]
+    n_held = min(len(held), 8 * args.batch_size)  # held-out loss on the first 8 batches (spread over the tokens)
+    held_order = torch.randperm(len(held), generator=torch.Generator().manual_seed(1)).tolist()[:n_held]
+    held_b = [b for _, b in _batches([held_order[i: i + args.batch_size] for i in range(0, n_held, args.batch_size)],
+                                     held, h_idx, device)]
     res = {"device": str(device), "dtype": args.dtype, "model": args.shape or args.model_path, "layers": n_layers,
            "batch_size": args.batch_size, "snippet_len": args.snippet_len, "steps_timed": n - 1,
            "snippets": _snippet_stats(args, toks, train, t_idx, sched, grouped, ungrouped)}

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Token Distillation for one model, data-parallel over several GPUs of one node (or several nodes).
-# One process per GPU, started by torchrun (default) or `accelerate launch`; the code is the same as
-# for one process: each optimizer step splits the global batch (--token_distillation_batch_size)
-# over the processes and all-reduces the gradient of the new rows, so the result equals a
-# one-process run with the same flags (up to float rounding).
+# Token Distillation for one model over several GPUs of one node (or several nodes; see also
+# slurm_multi_node.sh). One process per GPU, started by torchrun (default) or `accelerate launch`;
+# the code is the same as for one process. RECIPE=per-token (default) shards the tokens: each
+# process trains its own tokens with no communication per step, and the rows are gathered at the
+# end; RECIPE=paper splits each optimizer step's global batch (--token_distillation_batch_size)
+# over the processes and all-reduces the gradient. Either way the result equals a one-process run
+# with the same flags (up to float rounding). A token-sharded run resumes with the same number of
+# processes.
 #
 #   sbatch scripts/slurm_multi_gpu.sh                       # one node, 4 GPUs (see #SBATCH below)
 #   sbatch --nodes=2 scripts/slurm_multi_gpu.sh             # two nodes (torchrun rendezvous)
@@ -14,7 +17,7 @@
 #   PYTHON            interpreter ($REPO_DIR/.venv/bin/python if present, else python3)
 #   LAUNCHER          torchrun or accelerate (torchrun; accelerate is single-node here)
 #   NPROC             processes per node ($SLURM_GPUS_ON_NODE, else the number of visible GPUs,
-#                     else 2 CPU processes with the gloo backend); must divide BATCH_SIZE
+#                     else 2 CPU processes with the gloo backend); with RECIPE=paper it must divide BATCH_SIZE
 #   NNODES            nodes ($SLURM_NNODES, else 1); with > 1, one torchrun per node via srun
 #   MASTER_PORT       rendezvous port (29500 + the job id modulo 1000 under SLURM, else 29500)
 #   MODEL_PATH        hub id, checkpoint directory, .gguf file or bundled alias (smollm2-135m)
@@ -26,6 +29,8 @@
 #   LR, BATCH_SIZE, EPOCHS, SNIPPET_NUM, SNIPPET_LEN, TARGET_LAYER, SEED
 #                     as in slurm_single_gpu.sh (1e-4, 16 = the global batch, 0 = the recipe's default, 25, 50, -1, 42)
 #   CHECKPOINT_EVERY  --checkpoint_every (20); --resume is always passed (requeue continues)
+#   PG_TIMEOUT_MIN    --process_group_timeout_minutes (60): the limit of one collective transfer; waits
+#                     for a slower process (mining, generation, saving, a larger shard) do not count
 #   EXTRA_ARGS        further flags, passed as they are ("": set the flags above through their variables;
 #                     a flag given twice is refused)
 #
@@ -56,8 +61,8 @@ OUT_PATH=${OUT_PATH:-outputs/multi_gpu_$(basename "${MODEL_PATH%/}" | tr -c 'A-Z
 
 exit_if_done "$OUT_PATH"
 WORLD=$((NPROC * NNODES))
-if [[ "$BATCH_SIZE" != auto ]] && ((BATCH_SIZE % WORLD)); then
-    echo "error: BATCH_SIZE=$BATCH_SIZE (the global batch) must be a multiple of $WORLD processes" >&2
+if [[ "$RECIPE" == paper && "$BATCH_SIZE" != auto ]] && ((BATCH_SIZE % WORLD)); then
+    echo "error: BATCH_SIZE=$BATCH_SIZE (the global batch of RECIPE=paper) must be a multiple of $WORLD processes" >&2
     exit 2
 fi
 
@@ -65,7 +70,8 @@ ARGS=(--model_path "$MODEL_PATH" --new_tokens_source "$NEW_TOKENS" --out_path "$
       --init_method token_distillation --loss_method MSE-on-hiddens
       --recipe "$RECIPE" --token_distillation_lr "$LR" --token_distillation_batch_size "$BATCH_SIZE"
       --token_distillation_epochs "$EPOCHS" --snippet_num "$SNIPPET_NUM" --snippet_len "$SNIPPET_LEN"
-      "--target_layer=$TARGET_LAYER" --seed "$SEED" --checkpoint_every "$CHECKPOINT_EVERY" --resume)
+      "--target_layer=$TARGET_LAYER" --seed "$SEED" --checkpoint_every "$CHECKPOINT_EVERY" --resume
+      --process_group_timeout_minutes "${PG_TIMEOUT_MIN:-60}")
 [[ -n "$DATASET_PATH" ]] && ARGS+=(--dataset_path "$DATASET_PATH")
 # shellcheck disable=SC2206  # EXTRA_ARGS is split into flags on purpose
 ARGS+=($EXTRA_ARGS)

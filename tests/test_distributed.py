@@ -1,4 +1,5 @@
-"""Data-parallel runs: 2 CPU processes (gloo) give the same rows as one process for the same global batch."""
+"""Runs with 2 CPU processes (gloo) give the same rows as one process: data-parallel (paper recipe, same
+global batch) and token-sharded (per-token recipe; more in test_sharding.py)."""
 
 import json
 import os
@@ -24,8 +25,8 @@ def test_global_batch_must_split_over_processes(tmp_path, toy_model_dir, toy_cor
     with pytest.raises(ConfigError, match="--token_distillation_batch_size 6 .* 4 processes; use a multiple of 4"):
         check_batch_divisible(6, 4)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before anything is loaded
-    with pytest.raises(ConfigError, match="--token_distillation_batch_size 5"):
-        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, token_distillation_batch_size=5))
+    with pytest.raises(ConfigError, match="--token_distillation_batch_size 5"):  # the paper recipe is data-parallel
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, token_distillation_batch_size=5, recipe="paper"))
 
 
 @pytest.mark.parametrize("recipe, steps", [("paper", 6), ("per-token", 14)])
@@ -52,6 +53,8 @@ def test_two_cpu_processes_match_one(tmp_path, toy_model_dir, toy_corpus, cache_
     two = tmp_path / "two"
     rep = json.loads((two / "report.json").read_text())
     assert rep["processes"] == 2 and rep["train_steps"] == steps
+    # the per-token recipe shards the tokens (one token's 14 updates on one process, two on the other)
+    assert rep["distributed"]["mode"] == ("token-sharded" if recipe == "per-token" else "data-parallel")
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in single.out_path.iterdir())
     a = load_file(str(single.out_path / "model.safetensors"))["model.embed_tokens.weight"]
     b = load_file(str(two / "model.safetensors"))["model.embed_tokens.weight"]

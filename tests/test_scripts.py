@@ -19,7 +19,7 @@ def _bash(script, *args, env=None, timeout=600):
 
 
 def test_scripts_are_valid_bash():
-    for s in ("slurm_single_gpu.sh", "slurm_multi_gpu.sh", "slurm_grid.sh"):
+    for s in ("slurm_single_gpu.sh", "slurm_multi_gpu.sh", "slurm_multi_node.sh", "slurm_grid.sh"):
         r = subprocess.run(["bash", "-n", str(ROOT / "scripts" / s)], capture_output=True, text=True)
         assert r.returncode == 0, (s, r.stderr)
 
@@ -485,3 +485,18 @@ def test_gpu_check_without_cuda_stops_before_building(tmp_path):
                          (["--cpu_smoke", "--target_layer", "9"], "--target_layer")):
         with pytest.raises(ConfigError, match=needle):
             gpu_check.main(args)
+
+
+def test_multi_node_script_runs_token_sharded_without_slurm(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    # no SLURM: one node, 2 CPU processes; BATCH_SIZE=5 need not divide over them (tokens are sharded)
+    words = tmp_path / "words.txt"
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n angiogenesis\n")
+    out = tmp_path / "mn"
+    env = dict(MODEL_PATH=str(toy_model_dir), NEW_TOKENS=str(words), DATASET_PATH=str(toy_corpus), OUT_PATH=str(out),
+               NPROC="2", SNIPPET_NUM="4", SNIPPET_LEN="12", BATCH_SIZE="5", EPOCHS="1", OMP_NUM_THREADS="1",
+               EXTRA_ARGS=f"--min_snippets 2 --heldout_snippet_num 2 --device cpu --cache_dir {cache_dir}")
+    r = _bash("slurm_multi_node.sh", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["processes"] == 2 and rep["distributed"]["mode"] == "token-sharded"
+    assert rep["config"]["process_group_timeout_minutes"] == 60

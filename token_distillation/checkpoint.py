@@ -1,7 +1,11 @@
 """Resumable training: periodic checkpoints inside the output directory.
 
 Layout: ``<out_path>/checkpoints/step-00000010.pt`` (one file per checkpoint, the newest two are
-kept). Each file holds the new rows ``[num_new_tokens, hidden]``, the AdamW state, the step, the
+kept). A token-sharded run (several processes, per-token recipe; see
+:mod:`token_distillation.distributed`) writes one series per process,
+``shard-001-of-004-step-00000010.pt``: each process saves and restores its own state (all rows,
+of which it trains its own tokens', and its optimizer), with no communication, and a resume needs
+the same number of processes. Each file holds the new rows ``[num_new_tokens, hidden]``, the AdamW state, the step, the
 loss curve so far, the training seconds so far (summed over the processes that ran in turn) with
 the step from which they count, the shuffling generator's state and the not-yet-used part of the
 current epoch's order, the global python/numpy/torch RNG states and a fingerprint of everything that
@@ -12,7 +16,8 @@ The final output is written at the end by :func:`token_distillation.paths.atomic
 which replaces ``<out_path>`` as a whole: a finished run therefore leaves no checkpoints behind.
 An interrupted run leaves ``<out_path>`` holding only ``checkpoints/``; rerunning with
 ``--resume`` continues from the newest checkpoint and reaches the same rows as an uninterrupted run
-(same flags; the number of processes may change as long as it divides the global batch).
+(same flags; for data-parallel runs the number of processes may change as long as it divides the
+global batch; a token-sharded run resumes with the same number of processes).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from .paths import CHECKPOINT_DIRNAME, CHECKPOINT_MARKER, TOOL_ID, prepare_outpu
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^(?:shard-(\d{3})-of-(\d{3})-)?step-(\d{8})\.pt$")
 #: with several processes, time-based saves and stop signals are agreed on every this many steps
 DIST_SYNC_EVERY = 10
 
@@ -81,8 +86,10 @@ def _set_rng_state(st: dict[str, Any]) -> None:
 
 
 def _newest(directory: Path) -> Path | None:
-    found = sorted((p for p in Path(directory).glob("step-*.pt") if _NAME.match(p.name)), key=lambda p: p.name)
-    return found[-1] if found else None
+    """The newest checkpoint file in ``directory`` (plain or of any shard), or None."""
+    d = Path(directory)
+    found = [p for p in (d.iterdir() if d.is_dir() else []) if _NAME.match(p.name)]
+    return max(found, key=lambda p: (_NAME.match(p.name).group(3), p.name)) if found else None
 
 
 def resumed_batch_size(directory: Path, batch_size: int | str) -> int | str:
@@ -100,18 +107,39 @@ def resumed_batch_size(directory: Path, batch_size: int | str) -> int | str:
     return batch_size
 
 
-def check_resumable(directory: Path, config: dict[str, Any], model_identity: str) -> None:
+def shard_prefix(rank: int, world_size: int) -> str:
+    """File-name prefix of the checkpoints of process ``rank`` of a token-sharded run of ``world_size``."""
+    return f"shard-{rank:03d}-of-{world_size:03d}-"
+
+
+def check_resumable(directory: Path, config: dict[str, Any], model_identity: str, shards: int = 0) -> None:
     """Before anything heavy: with ``--resume``, compare the newest checkpoint's flags and model with
     this run's (tokens and snippets are compared when training starts); warn when there is nothing
     to resume.
 
+    Args:
+        shards: the number of processes when this run shards the tokens, else 0.
     Raises:
-        ConfigError: the checkpoint was made with other flags or another model.
+        ConfigError: the checkpoint was made with other flags or another model, or by a token-sharded
+            run of another number of processes (or by a run without sharding when this one shards,
+            or the other way round).
     """
-    newest = _newest(directory)
-    if newest is None:
+    d = Path(directory)
+    matches = [(p, _NAME.match(p.name)) for p in (d.iterdir() if d.is_dir() else [])]
+    found = sorted((p for p, m in matches if m), key=lambda p: (_NAME.match(p.name).group(3), p.name))
+    if not found:
         logger.warning("--resume: no checkpoint in %s; starting a new run from step 0", directory)
         return
+    worlds = {int(m.group(2)) for _, m in matches if m and m.group(2)}
+    plain = any(m and not m.group(2) for _, m in matches)
+    if shards and (plain or worlds != {shards}) or not shards and worlds and not plain:
+        then = (f"{', '.join(map(str, sorted(worlds)))} processes sharding the tokens" if worlds
+                else "a run without token sharding (one process, or data-parallel)")
+        now = f"{shards} processes sharding the tokens" if shards else "this launch (no token sharding)"
+        raise ConfigError(f"--resume: the checkpoints in {directory} were written by {then}, not by {now}; launch "
+                          "the same number of processes as the interrupted run (torchrun --nproc_per_node N), "
+                          "or pass --overwrite without --resume to start over")
+    newest = found[-1]
     saved = torch.load(newest, map_location="cpu", weights_only=True)["fingerprint"]
     now = fingerprint(config, model_identity=model_identity)
     diff = sorted(k for k in now if saved.get(k) != now[k])
@@ -133,6 +161,12 @@ class Checkpointer:
         dist: a :class:`~token_distillation.distributed.DistContext` (only its main process
             writes); None for one process.
         keep: how many of the newest checkpoint files to keep.
+        prefix: file-name prefix of this process's checkpoints in a token-sharded run
+            (:func:`shard_prefix`; ``dist`` is then None: no communication). Without ``resume`` only
+            files with this prefix are removed at the start (the main process clears the directory
+            before the shards start).
+        always_final: save when training ends even without periodic saving (a token-sharded
+            process keeps its finished rows until they are gathered).
         minutes: also save when this many minutes of training passed since the last save (0: not
             by time), and once when training ends, so that a kill (``kill -9``, a preemption) loses
             at most that much training. With several processes the main process's clock decides,
@@ -143,7 +177,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: Path, every: int, fingerprint: dict[str, Any], resume: bool = False,
-                 dist=None, keep: int = 2, minutes: float = 0.0):
+                 dist=None, keep: int = 2, minutes: float = 0.0, prefix: str = "", always_final: bool = False):
         self.directory = Path(directory)
         self.every = int(every)
         self.minutes = float(minutes)
@@ -152,6 +186,8 @@ class Checkpointer:
         self.dist = dist
         self.keep = max(1, keep)
         self.saved: list[Path] = []
+        self.prefix = prefix
+        self.always_final = always_final
         self._last_time = time.monotonic()
         self._last_step = -1
 
@@ -163,7 +199,9 @@ class Checkpointer:
         """Complete checkpoint files, oldest first."""
         if not self.directory.is_dir():
             return []
-        return sorted((p for p in self.directory.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
+        return sorted((p for p in self.directory.iterdir()
+                       if _NAME.match(p.name) and p.name.startswith(self.prefix)
+                       and (self.prefix or not _NAME.match(p.name).group(2))), key=lambda p: p.name)
 
     def restore(self, rows, optimizer, generator: torch.Generator
                 ) -> tuple[int, list[int], list[float], tuple[float, int]] | None:
@@ -179,6 +217,10 @@ class Checkpointer:
             ConfigError: the checkpoint was made with different flags, model, tokens or snippets.
         """
         def _pick() -> str:
+            if not self.resume and self.prefix:
+                for old in self.checkpoints():
+                    old.unlink()
+                return ""
             if not self.resume:
                 if self.directory.is_dir():
                     logger.info("starting over: removing old checkpoints in %s", self.directory)
@@ -232,7 +274,7 @@ class Checkpointer:
             else:
                 by_time, stop = False, None
         periodic = self.every > 0 or self.minutes > 0
-        due = by_steps or by_time or stop is not None or (final and periodic)
+        due = by_steps or by_time or stop is not None or (final and (periodic or self.always_final))
         path = None
         if due and step != self._last_step:
             path = self.save(step, rows, optimizer, generator, order, loss_curve, timing) if self._main else None
@@ -259,7 +301,7 @@ class Checkpointer:
                  "loss_curve": [float(x) for x in loss_curve], "seconds": float(timing[0]),
                  "seconds_from_step": int(timing[1]), "rng": _rng_state(),
                  "fingerprint": self.fingerprint}
-        final = self.directory / f"step-{step:08d}.pt"
+        final = self.directory / f"{self.prefix}step-{step:08d}.pt"
         tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as f:

@@ -211,6 +211,13 @@ class ModelConfig:
     mixed_precision: MixedPrecision = _flag(
         MixedPrecision.AUTO, "Autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, no."
     )
+    process_group_timeout_minutes: float = _flag(
+        60.0,
+        "Several processes (torchrun / accelerate launch): timeout of one collective operation of the process "
+        "group (gloo / NCCL), in minutes. Waits for a slower process (a stage one process does alone, a shard "
+        "that finishes later) poll the launcher's store instead and do not count against it; raise it only "
+        "when a single transfer (the gather of the trained rows) could take longer.",
+    )
     cache_dir: str = _flag(
         "",
         "Cache for converted GGUF checkpoints and tokenized corpora "
@@ -224,6 +231,8 @@ class ModelConfig:
         if not str(self.model_path).strip():
             problems.append("--model_path is empty; pass a hub id, a local directory, a .gguf file or "
                             f"{BUNDLED_MODEL_ALIAS!r}")
+        if not float(self.process_group_timeout_minutes) > 0:
+            problems.append("--process_group_timeout_minutes must be > 0 (minutes; e.g. 60)")
         dev = str(self.device)
         if dev != "auto" and dev.split(":")[0] not in {"cpu", "cuda", "mps", "xpu"}:
             problems.append(f"--device: unknown device {dev!r}; use auto, cpu, cuda, cuda:N or mps")

@@ -228,8 +228,9 @@ OUTPUT_MANIFEST = "token_distillation_output.json"
 #: file that marks ``<out_path>/checkpoints`` as this tool's (see :mod:`token_distillation.checkpoint`)
 CHECKPOINT_MARKER = "token_distillation_checkpoints.json"
 TOOL_ID = "token-distillation"
-_STEP_FILE = re.compile(r"^step-\d{8}\.pt$")
-_STEP_TMP = re.compile(r"^\.step-\d{8}\.pt\.tmp-\d+$")  # a checkpoint being written (or killed mid-write)
+# one-process / data-parallel checkpoints, and those of one shard of a token-sharded run
+_STEP_FILE = re.compile(r"^(shard-\d{3}-of-\d{3}-)?step-\d{8}\.pt$")
+_STEP_TMP = re.compile(r"^\.(shard-\d{3}-of-\d{3}-)?step-\d{8}\.pt\.tmp-\d+$")  # being written (or killed mid-write)
 
 
 def read_manifest(out: Path) -> dict | None:

@@ -44,7 +44,7 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
         "device": str(setup.device), "weights_dtype": str(setup.weights_dtype), "saved_dtype": str(setup.save_dtype),
         "autocast_dtype": str(setup.autocast_dtype),
         "seed": tc.seed, "processes": setup.dist.world_size, "train_batch_size": setup.batch_size,
-        "memory_plan_gib": memory_plan_gib(ext.plan),
+        "memory_plan_gib": memory_plan_gib(ext.plan), "distributed": setup.dist_info,
         "snippets": sn.corpus_info,
         "tokens": [
             {"token": t.text, "id": t.token_id, "subtoken_ids": list(t.subtoken_ids),
