@@ -115,8 +115,8 @@ def _sweeps() -> list[Path]:
     return sorted((ROOT / "docs" / "sweep").rglob("sweep.json"), key=lambda p: (len(p.parts), p))
 
 
-#: the per-token recipe stopped passing gradient to other new tokens in a token's snippets on this date;
-#: sweeps created before it are marked in the summary
+#: the per-token recipe's handling of co-occurring new tokens and the corpus stage's document order
+#: changed on this date; sweeps created before it are marked in the summary
 COOCCURRENCE_FIX = "2026-12-03"
 
 
@@ -179,7 +179,9 @@ def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> lis
            f"Default: `{label}` (per-token recipe); 1 epoch: the same step size for one epoch; paper: AdamW lr "
            f"1e-4, 1 epoch. Training time: wall time of the training stage on the 2-core CPU of the sweep (other "
            f"jobs may have shared it; compare times within a row). Rows marked * were measured before the "
-           f"per-token recipe stopped passing gradient to other new tokens in a token's snippets ({COOCCURRENCE_FIX}).",
+           f"changes of {COOCCURRENCE_FIX} (other new tokens in a token's snippets read with their initial rows, "
+           f"without gradient; the corpus read in order and held out by hash, so other snippets) and may change "
+           f"when re-measured.",
            "",
            "| model | words trained together | default: gap closed (orig. / full) | default: training time "
            "| 1 epoch: gap closed (orig.), training time | default: new-token argmax rate "
