@@ -168,3 +168,5 @@ def test_output_flags_are_all_checked():
         RunConfig.from_flags(export="zip", checkpoint_minutes=-1, checkpoint_every=-2)
     msg = str(info.value)
     assert "--export 'zip'" in msg and "--checkpoint_minutes" in msg and "--checkpoint_every" in msg
+    with pytest.raises(ConfigError, match="--dry_run with --resume"):
+        RunConfig.from_flags(dry_run=True, resume=True)

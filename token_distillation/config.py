@@ -683,6 +683,9 @@ class OutputConfig:
                             "(e.g. --export hf,peft)")
         else:
             object.__setattr__(self, "export", ",".join(dict.fromkeys(parts)))
+        if self.dry_run and self.resume:
+            problems.append("--dry_run with --resume: a dry run trains nothing, so there is nothing to resume; drop "
+                            "--dry_run to continue the interrupted run, or --resume for a dry run in a new directory")
         if not self.checkpoint_minutes >= 0:
             problems.append("--checkpoint_minutes must be >= 0 (0: no time-based checkpoints)")
         if self.checkpoint_every < 0:
