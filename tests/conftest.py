@@ -77,6 +77,15 @@ def toy_model_dir(tmp_path_factory, toy_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def untied_model_dir(tmp_path_factory, toy_tokenizer):
+    """The tiny random Llama of :func:`toy_model_dir` with untied input/output embeddings."""
+    d = tmp_path_factory.mktemp("tiny_llama_untied")
+    make_llama(len(toy_tokenizer), tied=False).save_pretrained(d)
+    toy_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def toy_corpus(tmp_path_factory):
     import json
 

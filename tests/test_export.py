@@ -34,14 +34,6 @@ def _logits(model, tok, text=SENTENCE):
         return model(ids).logits, ids
 
 
-@pytest.fixture(scope="module")
-def untied_model_dir(tmp_path_factory, toy_tokenizer):
-    d = tmp_path_factory.mktemp("tiny_llama_untied")
-    make_llama(len(toy_tokenizer), tied=False).save_pretrained(d)
-    toy_tokenizer.save_pretrained(d)
-    return d
-
-
 @pytest.mark.parametrize("source,output_embeddings", [("tied", "auto"), ("tied", "tied"), ("untied", "auto")])
 def test_adapter_on_the_source_gives_the_full_checkpoints_logits(tmp_path, toy_model_dir, untied_model_dir, toy_corpus,
                                                                  cache_dir, source, output_embeddings):

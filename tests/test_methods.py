@@ -21,14 +21,6 @@ from token_distillation.train import NewRows, ce_targets, distill_loss, output_l
 WORDS = [" hepatotoxicity", " nephrotoxicity", " angiogenesis"]
 
 
-@pytest.fixture(scope="session")
-def untied_model_dir(tmp_path_factory, toy_tokenizer):
-    d = tmp_path_factory.mktemp("tiny_llama_untied")
-    make_llama(len(toy_tokenizer), tied=False).save_pretrained(d)
-    toy_tokenizer.save_pretrained(d)
-    return d
-
-
 def _cfg(tmp_path, model_dir, corpus, cache_dir, **kw):
     flags = dict(model_path=str(model_dir), dataset_path=str(corpus), cache_dir=str(cache_dir),
                  new_tokens_source=_words(tmp_path, WORDS), out_path=str(tmp_path / "out"), snippet_num=8,

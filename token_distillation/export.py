@@ -217,8 +217,7 @@ def write_gguf(source_file: Path, model, tokenizer, token_ids: list[int], dest: 
     Raises:
         ValueError: the new ids do not follow the source vocabulary, or a tensor is missing.
     """
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFReader, GGUFWriter
 
     reader = GGUFReader(str(source_file))
     arch = reader.fields["general.architecture"].contents()
@@ -238,25 +237,49 @@ def write_gguf(source_file: Path, model, tokenizer, token_ids: list[int], dest: 
         raise ValueError(f"{source_file} has no token_embd.weight")
 
     writer = GGUFWriter(str(dest), arch)
-    new_values = {"tokenizer.ggml.tokens": list(tokens) + texts}
-    if "tokenizer.ggml.token_type" in reader.fields:
-        new_values["tokenizer.ggml.token_type"] = list(reader.fields["tokenizer.ggml.token_type"].contents()) + \
-            [_USER_DEFINED] * len(texts)
-    if "tokenizer.ggml.scores" in reader.fields:
-        new_values["tokenizer.ggml.scores"] = list(reader.fields["tokenizer.ggml.scores"].contents()) + [0.0] * len(texts)
-    vocab_key = f"{arch}.vocab_size"
+    _copy_metadata(reader, writer, arch, texts)
+    summary = {"file": dest.name, "new_tokens": len(texts), "extended": {}, "output_added": False}
+    arrays = _tensor_arrays(reader, inp_new, out_new, summary)
+    for name, arr, raw in arrays:
+        writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes, raw_dtype=raw or _float_type(arr))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, arr, _ in arrays:
+        writer.write_tensor_data(arr)
+    writer.close()
+    if untied_by_run:
+        summary["note"] = "the source was tied; the run untied it, so the file has its own output.weight"
+    return summary
+
+
+def _copy_metadata(reader, writer, arch: str, texts: list[str]) -> None:
+    """Every key of ``reader`` into ``writer``, the vocabulary extended by ``texts`` (user-defined
+    tokens, score 0 where the vocabulary has scores) and ``{arch}.vocab_size`` updated."""
+    from gguf import GGUFValueType
+
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    new_values = {"tokenizer.ggml.tokens": list(tokens) + texts, f"{arch}.vocab_size": len(tokens) + len(texts)}
+    for key, extra in (("tokenizer.ggml.token_type", _USER_DEFINED), ("tokenizer.ggml.scores", 0.0)):
+        if key in reader.fields:
+            new_values[key] = list(reader.fields[key].contents()) + [extra] * len(texts)
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
             continue  # written by the writer itself
         main = field.types[0]
         sub = field.types[-1] if main == GGUFValueType.ARRAY else None
-        value = new_values.get(field.name, field.contents())
-        if field.name == vocab_key:
-            value = n_vocab + len(texts)
-        writer.add_key_value(field.name, value, main, sub_type=sub)
+        writer.add_key_value(field.name, new_values.get(field.name, field.contents()), main, sub_type=sub)
 
-    summary = {"file": dest.name, "new_tokens": len(texts), "extended": {}, "output_added": False}
-    arrays = []  # (name, array, GGML type)
+
+def _tensor_arrays(reader, inp_new, out_new, summary: dict) -> list:
+    """``(name, array, GGML type or None)`` for every tensor of the output file: the reader's tensors
+    as stored, ``token_embd.weight`` (and ``output.weight`` when ``out_new`` is given) with the new
+    rows appended, and a new ``output.weight`` when the source had none (a tied source untied by the
+    run). Records what was extended in ``summary``."""
+    import numpy as np
+
+    by_name = {t.name: t for t in reader.tensors}
+    arrays = []
     for t in reader.tensors:
         if t.name == "token_embd.weight" or (t.name == "output.weight" and out_new is not None):
             arr, raw = _extended_tensor(t, inp_new if t.name == "token_embd.weight" else out_new)
@@ -269,14 +292,4 @@ def write_gguf(source_file: Path, model, tokenizer, token_ids: list[int], dest: 
         arrays.append(("output.weight", arr, raw))
         summary["output_added"] = True
         summary["extended"]["output.weight"] = _type_name(arr, raw)
-    for name, arr, raw in arrays:
-        writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes, raw_dtype=raw or _float_type(arr))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for _, arr, _ in arrays:
-        writer.write_tensor_data(arr)
-    writer.close()
-    if untied_by_run:
-        summary["note"] = "the source was tied; the run untied it, so the file has its own output.weight"
-    return summary
+    return arrays
