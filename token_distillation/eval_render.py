@@ -38,6 +38,7 @@ def markdown_tables(results: dict[str, Any], per_token_rows: int = 0) -> str:
                      + f" | {m['tokens_per_doc_before']:.1f} -> {m['tokens_per_doc_after']:.1f} "
                        f"({100 * (1 - m['compression_ratio']):.2f}% fewer) | {_fmt(m['mean_new_row_norm'], 3)} |")
     lines.append("")
+    lines += _bpb_table(results)
     first = labels[0]
     per = results["per_token"]
     toks = sorted(per[first], key=lambda t: -(per[first][t]["excess_nll_full"] if per[first][t]["excess_nll_full"] is not None else -1e9))
@@ -52,6 +53,29 @@ def markdown_tables(results: dict[str, Any], per_token_rows: int = 0) -> str:
         cells += [_fmt(per[lab].get(t, {}).get("excess_nll_orig")) for lab in labels]
         lines.append(f"| `{t!r}` | {' '.join(row['subtokens'])} | {row['windows']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _bpb_table(results: dict[str, Any]) -> list[str]:
+    """Bits per byte of raw held-out text, original model first (empty when not measured)."""
+    orig = results.get("bpb_original")
+    if not orig:
+        return []
+    ref = results.get("bpb_reference")
+    lines = [f"Raw text: {orig['docs']} held-out documents that contain the words ({orig['bytes']:,} bytes), each model "
+             "through its own tokenizer, every token a target" + (f"; gap closed against `{ref}`" if ref else "") + ".",
+             "", "| model | bits per byte | vs original | tokens per byte | new-token targets | bits per new-token "
+             "target | bits per other target | BPB gap closed |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("original", orig)] + [(lab, m["bpb"]) for lab, m in results["methods"].items() if m.get("bpb")]
+    for lab, b in rows:
+        rel = f"{100 * (b['bpb'] / orig['bpb'] - 1):+.2f}%"
+        lines.append(f"| {lab} | {b['bpb']:.4f} | {rel} | {b['tokens_per_byte']:.4f} | {b['new_token_targets']} | "
+                     f"{_fmt(b['bits_per_new_token_target'], 2)} | {_fmt(b['bits_per_other_target'], 3)} | "
+                     f"{_pct(b.get('gap_closed'))} |")
+    return lines + [""]
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

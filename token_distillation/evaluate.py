@@ -35,6 +35,11 @@ evaluated model has):
    vocabulary) of the greedy definition the original model generates from the original tokenization;
    ``definition_excess_nll`` subtracts the original model's NLL of its own definition.
 5. compression: tokens per held-out document with the original and with the extended tokenizer.
+6. ``bpb`` (bits per byte of raw text, :mod:`token_distillation.bpb`): up to ``--bpb_docs`` held-out
+   documents that contain the words, each model reading the text through its own tokenizer, every
+   token a target (the new tokens too), softmax over the model's whole vocabulary; with tokens per
+   byte, the bits spent on new-token targets, and ``bpb_gap_closed`` against the subtoken-mean model
+   when one is evaluated (0% = subtoken mean, 100% = the original model's BPB).
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .bpb import documents_for_bpb, gap_closed, score_bytes
 from .config import ConfigError, CorpusConfig, _coerce, _flag
-from .corpus import tokenize_corpus
+from .corpus import iter_texts, tokenize_corpus
 from .eval_render import markdown_tables, plot, write_outputs  # noqa: F401  (re-exported)
 from .metrics import (  # noqa: F401  (re-exported: these lived here before)
     METRICS,
@@ -100,6 +106,10 @@ class EvalConfig:
                                    "(0: skip the definition metric).")
     target_layer: int = _flag(0, "Layer for the hidden-state metrics besides the last: 0 uses each "
                               "model's --target_layer from its report.json.")
+    bpb_docs: int = _flag(100, "Held-out documents that contain the words, scored in bits per byte of raw "
+                          "text (each model through its own tokenizer; 0: skip).")
+    bpb_max_chars: int = _flag(4000, "Characters of each document read for bits per byte (cut at a "
+                               "whitespace; 0: whole documents).")
     batch_size: int = _flag(16, "Windows per forward pass.")
     device: str = _flag("auto", "Torch device: auto, cpu, cuda, cuda:1, mps.")
     dtype: str = _flag("float32", "Weights dtype for evaluation: float32, bfloat16, float16.")
@@ -134,6 +144,8 @@ class EvalConfig:
             problems.append("--batch_size must be >= 1")
         if self.max_docs < 0:
             problems.append("--max_docs must be >= 0")
+        if self.bpb_docs < 0 or self.bpb_max_chars < 0:
+            problems.append("--bpb_docs and --bpb_max_chars must be >= 0")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype: unknown value {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if problems:
@@ -198,6 +210,8 @@ class _Original:
     definitions: list[list[int]]
     def_orig: list[float | None]
     seconds: float
+    bpb_texts: list[str]
+    bpb: dict | None
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -299,8 +313,24 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
         definitions = generate_definitions(model, tokenizer, words, cfg.definition_tokens, device)
         prompts = [definition_prompt(tokenizer, w.text, list(w.subtoken_ids)) for w in words]
         def_orig = continuation_nll(model, prompts, definitions, num_original, all_new, device, pad_id, cfg.batch_size)
+    bpb_texts, bpb = _original_bpb(cfg, model, tokenizer, windows, device)
     return _Original(tokenizer, words, index, corpus, docs, windows, win_counts, teacher, num_layers, num_original,
-                     targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start)
+                     targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts, bpb)
+
+
+def _max_len(model) -> int:
+    return int(getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                       "max_position_embeddings", 0) or 0)
+
+
+def _original_bpb(cfg: EvalConfig, model, tokenizer, windows: list[Window], device) -> tuple[list[str], dict | None]:
+    """The documents scored in bits per byte (held-out, containing words) and the original model's score."""
+    if not cfg.bpb_docs:
+        return [], None
+    _, texts = documents_for_bpb([w.doc for w in windows], cfg.bpb_docs, iter_texts(cfg.corpus), cfg.bpb_max_chars)
+    score = score_bytes(model, tokenizer, texts, device, max_len=_max_len(model)).as_dict()
+    logger.info("bits per byte on %d held-out documents with the words: original %.4f", len(texts), score["bpb"])
+    return texts, score
 
 
 def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root: Path, device) -> tuple[dict, dict]:
@@ -326,6 +356,8 @@ def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root:
                                 cfg.batch_size)
         for i, v in zip(ws, vals):
             def_ext[i] = v
+    bpb = (score_bytes(ext_model, ext_tok, o.bpb_texts, device, new_ids=e.new_ids, max_len=_max_len(ext_model)).as_dict()
+           if o.bpb_texts else None)
     ext_corpus = tokenize_corpus(cfg.corpus, ext_tok, cache_root)
     assert ext_corpus.doc_ids == o.corpus.doc_ids
     doc_lens = (o.corpus.offsets[o.docs + 1] - o.corpus.offsets[o.docs]).astype(np.float64)
@@ -357,7 +389,7 @@ def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root:
         "compression_ratio": float(after.sum() / doc_lens.sum()),
         "train_seconds": e.report.get("train_seconds"),
         "train_seconds_from_step": e.report.get("train_seconds_from_step", 0),
-        "eval_seconds": time.perf_counter() - t_start,
+        "eval_seconds": time.perf_counter() - t_start, "bpb": bpb,
     }
     return rows, method
 
@@ -372,6 +404,18 @@ def _aggregate(results: dict[str, Any], o: _Original, exts: list[ExtendedModel])
         for key, _, _ in METRICS:
             m[key] = _mean([results["per_token"][e.label][t][key] for t in common])
         m["mean_new_row_norm"] = _mean([results["per_token"][e.label][t]["row_norm"] for t in common])
+    _bpb_gap(results, o, exts)
+
+
+def _bpb_gap(results: dict[str, Any], o: _Original, exts: list[ExtendedModel]) -> None:
+    """``bpb_original`` and each method's ``bpb_gap_closed`` against the first subtoken-mean model."""
+    results["bpb_original"] = o.bpb
+    ref = next((e.label for e in exts if e.report.get("config", {}).get("init_method") == "subtoken-mean"), None)
+    results["bpb_reference"] = ref
+    for e in exts:
+        m = results["methods"][e.label]
+        if m.get("bpb") and o.bpb and ref:
+            m["bpb"]["gap_closed"] = gap_closed(m["bpb"]["bpb"], o.bpb["bpb"], results["methods"][ref]["bpb"]["bpb"])
 
 
 # --------------------------------------------------------------------------------------------

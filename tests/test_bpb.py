@@ -1,0 +1,103 @@
+"""Bits per byte of raw text (token_distillation.bpb) and its place in the held-out evaluation."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import TOY_TEXT
+from tests.test_evaluate import DOCS, _cfg, make_extended
+from token_distillation.bpb import _batches, clip_text, documents_for_bpb, gap_closed, score_bytes, select_docs
+from token_distillation.config import CorpusConfig
+from token_distillation.corpus import tokenize_corpus
+from token_distillation.evaluate import evaluate, heldout_documents, mine_windows
+from token_distillation.tokenization import bos_prefix, subtoken_ids
+
+
+def _direct_bits(model, tokenizer, text: str) -> float:
+    """-log2 p of every token of ``text`` after BOS, one unpadded forward pass."""
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return float(-logp.gather(-1, ids[0, 1:, None]).sum() / math.log(2))
+
+
+def test_score_bytes_equals_direct_sum_whatever_the_batching(toy_model_dir, toy_tokenizer):
+    """Padded batches of documents of different lengths give the per-document sums of one unpadded
+    pass each, for one document per pass and for all in one pass."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
+    texts = TOY_TEXT[:5] + ["Short."]
+    want = sum(_direct_bits(model, toy_tokenizer, t) for t in texts)
+    n_tokens = sum(len(toy_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    for budget in (1, 10_000):
+        s = score_bytes(model, toy_tokenizer, texts, "cpu", batch_tokens=budget)
+        assert s.bits == pytest.approx(want, rel=1e-5)
+        assert s.tokens == n_tokens and s.bytes == sum(len(t.encode()) for t in texts) and s.docs == 6
+        assert s.bpb == pytest.approx(want / s.bytes, rel=1e-5) and s.new_targets == 0
+
+
+def test_batches_respect_the_token_budget():
+    lengths = [5, 50, 7, 30, 30, 2]
+    groups = _batches(lengths, 60)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(len(g) * max(lengths[i] for i in g) <= 60 or len(g) == 1 for g in groups)
+
+
+def test_clip_text_cuts_at_whitespace():
+    assert clip_text("alpha beta gamma", 12) == "alpha beta"
+    assert clip_text("alpha beta", 0) == "alpha beta" and clip_text("abc", 10) == "abc"
+    assert clip_text("abcdefgh", 4) == "abcd"  # no whitespace: a hard cut
+
+
+def test_gap_closed_scale():
+    assert gap_closed(1.0, 1.0, 1.2) == pytest.approx(1.0)
+    assert gap_closed(1.2, 1.0, 1.2) == pytest.approx(0.0)
+    assert gap_closed(1.1, 1.0, 1.2) == pytest.approx(0.5)
+    assert gap_closed(1.1, 1.0, 0.9) is None  # the reference is better than the original: no gap
+
+
+def test_documents_for_bpb_keeps_mining_order_and_drops_empty_texts():
+    texts = ["a b", "", "c d", "e f", "g h"]
+    docs, got = documents_for_bpb([3, 1, 3, 0, 4], 3, iter(texts), 0)
+    assert docs == [3, 0] and got == ["e f", "a b"]  # doc 1 is empty; three distinct docs were asked
+
+
+def test_evaluation_reports_bpb_new_token_targets_and_gap(tmp_path, toy_model_dir, toy_corpus, cache_dir,
+                                                          toy_tokenizer):
+    """Two extended models of one word on the toy corpus: the original's BPB is the direct sum over
+    the selected documents; each extended model has one new-token target per occurrence of the word,
+    k - 1 fewer tokens per occurrence; the model marked subtoken-mean closes 0% of its own gap."""
+    from transformers import AutoModelForCausalLM
+
+    word = " hepatotoxicity"
+    k = len(subtoken_ids(toy_tokenizer, word))
+    mean = make_extended(tmp_path / "mean", toy_model_dir, [word], lambda w, s: w[s].mean(0), DOCS[:8])
+    rep = json.loads((mean / "report.json").read_text())
+    rep["config"]["init_method"] = "subtoken-mean"
+    (mean / "report.json").write_text(json.dumps(rep))
+    other = make_extended(tmp_path / "other", toy_model_dir, [word], lambda w, s: w[s[-1]], DOCS[:8])
+    res = evaluate(_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, [mean, other], labels="mean,last",
+                        definition_tokens=0, bpb_docs=50))
+    orig = res["bpb_original"]
+    corpus = tokenize_corpus(CorpusConfig(dataset_path=str(toy_corpus)), toy_tokenizer, cache_dir)
+    wins = mine_windows(corpus, [tuple(subtoken_ids(toy_tokenizer, word))], heldout_documents(corpus, set(DOCS[:8])),
+                        12, 6, bos_prefix(toy_tokenizer), 42)
+    texts = [(TOY_TEXT * 3)[d] for d in select_docs([w.doc for w in wins], 50)]
+    assert texts and all(word in t for t in texts)
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
+    assert orig["docs"] == len(texts) and orig["bytes"] == sum(len(t.encode()) for t in texts)
+    assert orig["bits"] == pytest.approx(sum(_direct_bits(model, toy_tokenizer, t) for t in texts), rel=1e-5)
+    occurrences = sum(t.count(word) for t in texts)
+    for lab in ("mean", "last"):
+        b = res["methods"][lab]["bpb"]
+        assert b["docs"] == orig["docs"] and b["bytes"] == orig["bytes"]
+        assert b["new_token_targets"] == occurrences
+        assert orig["tokens"] - b["tokens"] == (k - 1) * occurrences
+    assert res["bpb_reference"] == "mean"
+    assert res["methods"]["mean"]["bpb"]["gap_closed"] in (None, pytest.approx(0.0))
+    assert res["methods"]["last"]["bpb"]["bpb"] != res["methods"]["mean"]["bpb"]["bpb"]
+    md = (tmp_path / "eval" / "evaluation.md").read_text()
+    assert "bits per byte" in md and "| original |" in md and "| last |" in md
