@@ -89,6 +89,9 @@ class OutputEmbeddings(str, enum.Enum):
     so the trained input rows cannot make the new tokens the model's favourite prediction; see
     docs/methods.md). ``zero`` / ``subtoken-mean`` / ``ntp`` on a tied model untie it likewise.
     ``tied``: keep a tied model tied (the output row is the trained input row).
+    ``distill``: subtoken-mean start, then each new output row is fitted so that the extended model's
+    probability of the new token matches the teacher's probability of the word (the product of its
+    subtokens' probabilities), see :mod:`token_distillation.output_rows`; unties a tied model.
     """
 
     AUTO = "auto"
@@ -96,6 +99,7 @@ class OutputEmbeddings(str, enum.Enum):
     SUBTOKEN_MEAN = "subtoken-mean"
     NTP = "ntp"
     TIED = "tied"
+    DISTILL = "distill"
 
 
 class SnippetSource(str, enum.Enum):

@@ -94,6 +94,7 @@ from .targets import (
     read_wordlist,
 )
 from .tokenization import NewToken, add_new_tokens, bos_prefix
+from .output_rows import distill_output_rows
 from .train import NewRows, HeldoutResult, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ class Trained:
     argmax_before: dict
     argmax_after: dict
     not_improved: list[str]
+    out_kl: dict | None = None
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -586,16 +588,21 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
             loop_kw["lr"] = lr
         result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
                                    budget - (held_teacher.bytes if held_teacher else 0), owned)
+    out_kl = None
     if ext.out_policy == OutputEmbeddings.NTP:
         loop_kw["lr"] = tc.token_distillation_lr
         out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
                                        autocast_dtype=setup.autocast_dtype, **loop_kw)
+    elif ext.out_policy == OutputEmbeddings.DISTILL:
+        out_result, out_kl = _distill_outputs(setup, ext, (train_seqs, train_tix), (held_seqs, held_tix), owned,
+                                              pad_id)
+    outputs_trained = ext.out_policy in (OutputEmbeddings.NTP, OutputEmbeddings.DISTILL)
     if not setup.dist.is_main and not setup.shard:  # data-parallel: the main process evaluates alone
         return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
                        before.argmax, [])
     try:
         after = held(teacher_cache=held_teacher, loss=input_trained,
-                     argmax=input_trained or ext.out_policy == OutputEmbeddings.NTP,
+                     argmax=input_trained or outputs_trained,
                      desc="held-out evaluation after training")
     except Interrupted as e:  # training is done and checkpointed (when it trained): --resume skips to here
         raise Interrupted(e.signum, step=result.steps if result else None, where="after training") from None
@@ -611,7 +618,34 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     _warn_if_new_tokens_dominate(argmax_after, ext.tied)
     not_improved = _not_improved(tokens, before.loss_per_token, held_after) if result else []
     return Trained(result, out_result, lr, before.loss_per_token, held_after, before.argmax, argmax_after,
-                   not_improved)
+                   not_improved, out_kl)
+
+
+def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[int] | None, pad_id: int):
+    """``--output_embeddings distill`` (:func:`~token_distillation.output_rows.distill_output_rows`)
+    after the input rows are final. One process: every token. Token sharding: each process fits its
+    own tokens and the rows and measures are gathered. Data parallelism: the main process fits every
+    token and sends the rows to the others.
+
+    Returns:
+        ``(TrainResult, per-token binary KL dict)`` (the dict is complete on the main process).
+    """
+    tc, dist, rows = setup.cfg.train, setup.dist, ext.rows
+    lr = relative_lr(tc.token_distillation_lr_relative, ext.model.get_output_embeddings().weight, ext.n_orig)
+    mine = owned if setup.shard else list(range(len(ext.tokens)))
+    result, kl = TrainResult(), None
+    if setup.shard or dist.is_main:
+        result, kl = distill_output_rows(ext.model, rows, train, heldout, mine, [t.subtoken_ids for t in ext.tokens],
+                                         lr=lr, batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
+                                         autocast_dtype=setup.autocast_dtype)
+    if setup.shard:
+        dist.gather_rows_(rows.out_rows, owned)
+        parts = dist.all_gather_objects(kl, "output-rows-kl")
+        kl = {k: [next((p[k][t] for p in parts if p[k][t] is not None), None) for t in range(len(ext.tokens))]
+              for k in kl}
+    elif dist.distributed:
+        dist.broadcast_tensor_(rows.out_rows)
+    return result, kl
 
 
 def _sharded_heldout(model, rows: NewRows, seqs, token_index: list[int], num_tokens: int, *, dist: DistContext,

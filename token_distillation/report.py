@@ -52,7 +52,9 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
              "snippet_source": sn.sources[i],
              "train_snippets": sn.snips.train_counts[i], "heldout_snippets": sn.snips.heldout_counts[i],
              "heldout_loss_init": tr.held_before[i], "heldout_loss_final": tr.held_after[i],
-             "row_norm": float(norms[i]), "heldout_argmax_positions": tr.argmax_after["per_token"][i]}
+             "row_norm": float(norms[i]), "heldout_argmax_positions": tr.argmax_after["per_token"][i],
+             **({"output_kl_heldout_init": tr.out_kl["heldout_before"][i],
+                 "output_kl_heldout_final": tr.out_kl["heldout_after"][i]} if tr.out_kl else {})}
             for i, t in enumerate(ext.tokens)
         ],
         "skipped_tokens": sn.skipped,
@@ -70,6 +72,7 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
         "train_seconds_from_step": result.seconds_from_step if result else 0,
         "output_rows_train_seconds": out_result.seconds if out_result else 0.0,
         "output_rows_loss_curve": out_result.loss_curve if out_result else [],
+        "output_rows_kl": ({k: mean(v) for k, v in tr.out_kl.items()} if tr.out_kl else None),
         "new_token_argmax_rate_init": tr.argmax_before["rate"],
         "new_token_argmax_rate_final": tr.argmax_after["rate"],
         "new_token_argmax": {"init": tr.argmax_before, "final": tr.argmax_after},

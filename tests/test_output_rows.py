@@ -1,0 +1,98 @@
+"""Output rows by distillation (--output_embeddings distill, token_distillation.output_rows)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TOY_TEXT
+from tests.test_methods import _cfg, _weights
+from token_distillation.alignment import MergedSequence
+from token_distillation.output_rows import binary_kl, fit, Positions, word_targets
+from token_distillation.pipeline import run
+
+
+def test_word_targets_by_hand():
+    """Teacher [BOS, a, t1, t2, b], student [BOS, a, N, b]: before N the target is the teacher's word
+    probability p(t1 | 1) p(t2 | 2); elsewhere p(t1 | aligned position) times the same completion."""
+    vocab, t1, t2 = 6, 3, 4
+    lp = torch.log_softmax(torch.randn(5, vocab, generator=torch.Generator().manual_seed(0)), -1)
+    seq = MergedSequence(np.array([1, 2, t1, t2, 5]), np.array([1, 2, 9, 5]), np.array([0, 1, 3, 4]), 2)
+    got = word_targets(lp, seq, 9, (t1, t2))
+    c = lp[2, t2].exp()
+    want = torch.stack([lp[0, t1].exp() * c, lp[1, t1].exp() * c, lp[3, t1].exp() * c])
+    assert torch.allclose(got, want, atol=1e-6)
+    # a one-subtoken word has completion 1; a snippet without the new token gets zeros
+    one = MergedSequence(np.array([1, t1, 5]), np.array([1, 9, 5]), np.array([0, 1, 2]), 1)
+    assert torch.allclose(word_targets(lp, one, 9, (t1,)), lp[[0, 1], t1].exp(), atol=1e-6)
+    none = MergedSequence(np.array([1, 2, 5]), np.array([1, 2, 5]), np.array([0, 1, 2]), -1)
+    assert torch.equal(word_targets(lp, none, 9, (t1, t2)), torch.zeros(2))
+
+
+def test_binary_kl_is_zero_at_the_target_and_convex_fit_reaches_it():
+    """On separable-enough random data the full-batch fit drives the KL to ~0 and p to the targets;
+    each row depends only on its own positions (a second token's data does not change the first row)."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(12, 16, generator=g)
+    log_z = torch.randn(12, generator=g)
+    target = torch.rand(12, generator=g) * 0.3
+    assert torch.allclose(binary_kl(torch.logit(target) + log_z, log_z, target), torch.zeros(12), atol=1e-5)
+
+    class _M:  # what fit() reads from a model: its config (no soft-capping here)
+        config = type("C", (), {"final_logit_softcapping": None})()
+
+    owner = torch.zeros(12, dtype=torch.long)
+    one, _ = fit(_M(), torch.zeros(1, 16), Positions(h, log_z, target, owner), None, lr=0.05, steps=3000)
+    p = torch.sigmoid(h @ one[0] - log_z)
+    assert torch.allclose(p, target, atol=2e-3)
+    h2 = torch.cat([h, torch.randn(5, 16, generator=g)])
+    pos2 = Positions(h2, torch.cat([log_z, torch.zeros(5)]), torch.cat([target, torch.full((5,), 0.9)]),
+                     torch.cat([owner, torch.ones(5, dtype=torch.long)]))
+    two, _ = fit(_M(), torch.zeros(2, 16), pos2, None, lr=0.05, steps=3000)
+    assert torch.allclose(two[0], one[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_distill_raises_the_word_probability_to_the_teachers(tmp_path, toy_model_dir, untied_model_dir, toy_corpus,
+                                                             cache_dir, toy_tokenizer, tied):
+    """The whole run with --output_embeddings distill: original rows unchanged, the input rows the same
+    as with subtoken-mean output rows (the output stage comes after), only the new output rows differ;
+    the held-out binary KL falls; on the training snippets the new token's probability before each
+    occurrence (contexts of the toy corpus) comes closer to the teacher's word probability (in
+    probability: on a random tiny model the word probabilities are ~exp(-20), which the expected-bits
+    objective has no reason to match in log space)."""
+    from transformers import AutoModelForCausalLM
+
+    src = toy_model_dir if tied else untied_model_dir
+    base = run(_cfg(tmp_path, src, toy_corpus, cache_dir, output_embeddings="subtoken-mean",
+                    out_path=str(tmp_path / "mean")))
+    res = run(_cfg(tmp_path, src, toy_corpus, cache_dir, output_embeddings="distill", out_path=str(tmp_path / "d")))
+    emb0, out0 = _weights(src)
+    emb_b, out_b = _weights(base.out_path)
+    emb1, out1 = _weights(res.out_path)
+    n = emb0.shape[0]
+    out0 = emb0 if out0 is None else out0
+    assert torch.equal(emb1[:n], emb0) and torch.equal(out1[:n], out0) and torch.equal(emb1, emb_b)
+    assert not torch.allclose(out1[n:], out_b[n:])
+    rep = res.report
+    assert rep["model"]["output_embeddings"] == "distill" and not rep["model"]["tied_embeddings"]
+    kl = rep["output_rows_kl"]
+    assert kl["train_after"] < 0.5 * kl["train_before"] and kl["heldout_after"] < kl["heldout_before"]
+    assert rep["output_rows_loss_curve"][-1] < rep["output_rows_loss_curve"][0]
+
+    # teacher word probability vs the extended model's new-token probability before each occurrence
+    teacher = AutoModelForCausalLM.from_pretrained(src).eval()
+    errs = {"mean": [], "distill": []}
+    for label, d in (("mean", base.out_path), ("distill", res.out_path)):
+        m = AutoModelForCausalLM.from_pretrained(d).eval()
+        for t, text in ((t, x) for t in rep["tokens"] for x in set(TOY_TEXT) if t["token"] in x):
+            subs = t["subtoken_ids"]
+            prefix = text[: text.index(t["token"])]
+            ctx = [toy_tokenizer.bos_token_id] + toy_tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                lp_t = torch.log_softmax(teacher(torch.tensor([ctx + subs])).logits[0], -1)
+                word = sum(float(lp_t[len(ctx) - 1 + i, s]) for i, s in enumerate(subs))
+                lp_s = torch.log_softmax(m(torch.tensor([ctx])).logits[0, -1], -1)
+            errs[label].append(abs(math.exp(float(lp_s[t["id"]])) - math.exp(word)))
+    assert len(errs["mean"]) >= 3 and sum(errs["distill"]) < 0.7 * sum(errs["mean"]), errs

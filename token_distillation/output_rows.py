@@ -1,0 +1,256 @@
+"""Output rows by distillation (``--output_embeddings distill``): the new token as a prediction.
+
+Token Distillation trains the new tokens' *input* rows; their *output* rows decide how likely the
+extended model is to write the new token. With zero or subtoken-mean output rows that probability is
+far below the teacher's probability of the word (the product of its subtokens' probabilities), so
+text with the word costs more bits under the extended tokenizer. This module trains the output rows
+so that the extended model predicts the word as the teacher does.
+
+Target. At a student position ``q`` (aligned with teacher position ``a``), the teacher's probability
+that the next token is the word ``w = t1 .. tk`` is
+
+    P*(w | q) = p_T(t1 | a) * c,   c = prod_{i=2..k} p_T(t_i | a, t1 .. t_{i-1})
+
+The completion probability ``c`` is exact where the word follows in the snippet (the teacher read
+it), so at the position before each occurrence P* is the teacher's word probability exactly; at the
+snippet's other positions ``c`` is estimated by the mean completion probability of the word's
+occurrences in the same snippet (where ``p_T(t1)`` is small, as at almost every other position, the
+estimate does not matter). The teacher's distribution over {word} and the original vocabulary is
+P*(w), p_T(t1) - P*(w) for ``t1``, and p_T(v) for every other token.
+
+Loss. The student reads the extended sequence (trained input rows) and its final hidden state ``h``
+is fixed here; only the new row ``o`` of the output layer is trained, so the student's original
+tokens keep their relative probabilities and its probability of the new token is
+``p = sigmoid(o . h - logsumexp(W_orig h))``. The KL divergence between the teacher's and the
+student's distributions then depends on ``o`` only through ``p`` and equals, up to a constant, the
+binary cross-entropy between P* and ``p``; minus its minimum (the binary entropy of P*) it is the
+binary KL reported here (nats, mean over a token's positions, 0 when the student matches). The
+problem is convex in ``o``; each token's row is fitted on its own positions only (the loss is a sum
+over tokens of per-token means, and Adam is element-wise), so a token's row does not depend on the
+other tokens. Other new tokens are left out of the student's normaliser.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .alignment import MergedSequence, collate
+from .train import NewRows, TrainResult, autocast_context, hidden_states, output_logits
+
+logger = logging.getLogger(__name__)
+
+#: full-batch Adam steps per group of tokens (the step size is ``--token_distillation_lr_relative``
+#: times the RMS of the original output rows' entries)
+STEPS = 200
+#: at most this many positions x hidden entries of final hidden states are held at once (float32)
+CHUNK_ENTRIES = 64 * 2**20
+
+
+@dataclass
+class Positions:
+    """Student positions of a group of tokens, with what the fit needs.
+
+    Attributes:
+        h: ``[n, hidden]`` float32 final hidden states (after the final norm).
+        log_z: ``[n]`` logsumexp of the student's original-vocabulary logits at these positions.
+        target: ``[n]`` teacher probability P* that the next token is the word.
+        owner: ``[n]`` long, index of the token (into the group) whose snippet the position is in.
+    """
+
+    h: torch.Tensor
+    log_z: torch.Tensor
+    target: torch.Tensor
+    owner: torch.Tensor
+
+
+def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: tuple[int, ...]) -> torch.Tensor:
+    """P* at every student position that predicts a next token (see the module docstring).
+
+    Args:
+        lp: ``[teacher_len, vocab]`` teacher log-probabilities over the original vocabulary.
+        seq: the snippet (teacher and student ids, alignment).
+        new_id: the word's new id; subtokens: its original subtoken ids ``t1 .. tk``.
+
+    Returns:
+        ``[student_len - 1]`` float32 probabilities (position ``q`` predicts student token ``q + 1``).
+    """
+    s2t = torch.as_tensor(seq.student_to_teacher, device=lp.device)
+    k = len(subtokens)
+    log_p1 = lp[s2t[:-1], subtokens[0]]                     # [student_len - 1]
+    starts, completions = [], []
+    for p in torch.nonzero(torch.as_tensor(seq.student_ids) == new_id).flatten().tolist():
+        start = int(seq.student_to_teacher[p]) - k + 1      # teacher position of t1
+        if p == 0 or start < 1:
+            continue
+        comp = sum(lp[start + i - 1, subtokens[i]] for i in range(1, k)) if k > 1 else lp.new_zeros(())
+        starts.append(p - 1)
+        completions.append(comp)
+    if not starts:
+        return torch.zeros_like(log_p1)
+    comps = torch.stack([torch.as_tensor(c, device=lp.device) for c in completions])
+    est = log_p1 + torch.logsumexp(comps, 0) - math.log(len(comps))
+    est[torch.tensor(starts, device=lp.device)] = log_p1[starts] + comps
+    return est.exp().float()
+
+
+@torch.no_grad()
+def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], group: list[int],
+                      subtokens: list[tuple[int, ...]], *, batch_size: int, device, pad_id: int, autocast_dtype=None) -> Positions:
+    """Final hidden states, normalisers and targets of every predicting position of the snippets of
+    the tokens ``group`` (indices into the new-token list; ``owner`` indexes ``group``);
+    ``subtokens[j]``: new token ``j``'s original subtoken ids."""
+    where = {t: g for g, t in enumerate(group)}
+    picked = [i for i, t in enumerate(token_index) if t in where]
+    hs, zs, ts, owners = [], [], [], []
+    for b in range(0, len(picked), batch_size):
+        idx = picked[b: b + batch_size]
+        batch = collate([seqs[i] for i in idx], [token_index[i] for i in idx], pad_id).to(device)
+        with autocast_context(batch.student_ids.device, autocast_dtype):
+            _, t_last = hidden_states(model, None, batch.teacher_attention, input_ids=batch.teacher_ids, need_last=True)
+            _, s_last = hidden_states(model, None, batch.student_attention,
+                                      inputs_embeds=rows.embed(model, batch.student_ids), need_last=True)
+        for r, i in enumerate(idx):
+            tok, seq = token_index[i], seqs[i]
+            tl, sl = len(seq.teacher_ids), len(seq.student_ids)
+            lp = torch.log_softmax(output_logits(model, rows, t_last[r, :tl].float(), include_new=False,
+                                                 frozen=True).float(), -1)
+            h = s_last[r, : sl - 1].float()
+            hs.append(h)
+            zs.append(torch.logsumexp(output_logits(model, rows, h, include_new=False).float(), -1))
+            ts.append(word_targets(lp, seq, rows.token_ids[tok], subtokens[tok]))
+            owners.append(torch.full((sl - 1,), where[tok], dtype=torch.long, device=h.device))
+    if not hs:
+        empty = torch.zeros(0, device=device)
+        return Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
+                         torch.zeros(0, dtype=torch.long, device=device))
+    return Positions(torch.cat(hs), torch.cat(zs), torch.cat(ts), torch.cat(owners))
+
+
+def binary_kl(logit: torch.Tensor, log_z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[n]`` KL(Bernoulli(target) || Bernoulli(p)) in nats with ``p = sigmoid(logit - log_z)``."""
+    u = logit - log_z
+    t = target.clamp(0.0, 1.0)
+    ent = -(torch.xlogy(t, t) + torch.xlogy(1 - t, 1 - t))
+    return -(t * torch.nn.functional.logsigmoid(u) + (1 - t) * torch.nn.functional.logsigmoid(-u)) - ent
+
+
+def _logits(model, o: torch.Tensor, pos: Positions, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[n]`` the new token's logit at every position (output bias and soft-capping as the model)."""
+    z = (pos.h * o[pos.owner]).sum(-1)
+    if bias is not None:
+        z = z + bias[pos.owner]
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return torch.tanh(z / cap) * cap if cap else z
+
+
+def per_token_kl(model, o: torch.Tensor, pos: Positions, bias, n: int) -> torch.Tensor:
+    """``[n]`` mean binary KL over each token's positions (NaN for a token without positions)."""
+    kl = binary_kl(_logits(model, o, pos, bias), pos.log_z, pos.target)
+    sums = torch.zeros(n, device=kl.device).index_add_(0, pos.owner, kl)
+    counts = torch.zeros(n, device=kl.device).index_add_(0, pos.owner, torch.ones_like(kl))
+    return sums / counts
+
+
+def fit(model, init: torch.Tensor, pos: Positions, bias, lr: float, steps: int | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Fit output rows ``[n, hidden]`` from ``init`` by full-batch Adam on the sum over tokens of
+    their mean binary KL (each row sees only its own positions); ``steps``: default :data:`STEPS`.
+
+    Returns:
+        ``(rows, loss curve: the summed per-token KL at every step)``.
+    """
+    n, steps = init.shape[0], steps or STEPS
+    o = init.detach().float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([o], lr=lr)
+    counts = torch.zeros(n, device=o.device).index_add_(0, pos.owner, torch.ones_like(pos.target)).clamp(min=1)
+    weight = (1.0 / counts)[pos.owner]
+    curve = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = (binary_kl(_logits(model, o, pos, bias), pos.log_z, pos.target) * weight).sum()
+        loss.backward()
+        opt.step()
+        curve.append(float(loss.detach()))
+    return o.detach(), curve
+
+
+def _groups(token_index: list[int], tokens: list[int], seq_len: int, hidden: int) -> list[list[int]]:
+    """Tokens in groups whose snippets' hidden states fit in :data:`CHUNK_ENTRIES`."""
+    counts = {t: 0 for t in tokens}
+    for t in token_index:
+        if t in counts:
+            counts[t] += 1
+    per_token = max(1, CHUNK_ENTRIES // max(1, seq_len * hidden))  # snippets per group
+    out, cur, used = [], [], 0
+    for t in tokens:
+        if cur and used + counts[t] > per_token:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(t)
+        used += counts[t]
+    return out + ([cur] if cur else [])
+
+
+def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence], list[int]],
+                        heldout: tuple[list[MergedSequence], list[int]], tokens: list[int],
+                        subtokens: list[tuple[int, ...]], *, lr: float,
+                        batch_size: int, device, pad_id: int, autocast_dtype=None,
+                        steps: int | None = None) -> tuple[TrainResult, dict]:
+    """Fit the output rows ``rows.out_rows`` of ``tokens`` (indices into the new-token list) on their
+    training snippets, in place, and measure the binary KL on training and held-out snippets.
+
+    Args:
+        train, heldout: ``(merged snippets, token index of each)``.
+        subtokens: every new token's original subtoken ids (indexed like the new-token list).
+        lr: Adam step size.
+
+    Returns:
+        ``(TrainResult: loss curve summed over token groups, seconds; per-token KL dict with lists
+        "train_before", "train_after", "heldout_before", "heldout_after" over all new tokens, None
+        for tokens not fitted here or without held-out snippets)``.
+
+    Raises:
+        ValueError: ``rows`` is tied (no separate output rows).
+    """
+    if rows.tied:
+        raise ValueError("distill_output_rows needs untied output rows")
+    t0, steps = time.perf_counter(), steps or STEPS
+    n_all = rows.out_rows.shape[0]
+    kl = {k: [None] * n_all for k in ("train_before", "train_after", "heldout_before", "heldout_after")}
+    head_bias = getattr(model.get_output_embeddings(), "bias", None)
+    seq_len = max((len(s.student_ids) for s in train[0]), default=1)
+    curve: list[float] = []
+    kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype)
+    for group in _groups(train[1], tokens, seq_len, rows.out_rows.shape[1]):
+        ids = torch.tensor(group, device=rows.out_rows.device)
+        bias = None if head_bias is None else head_bias[torch.tensor([rows.token_ids[t] for t in group],
+                                                                    device=head_bias.device)].float()
+        pos = collect_positions(model, rows, *train, group, subtokens, **kw)
+        held = collect_positions(model, rows, *heldout, group, subtokens, **kw)
+        init = rows.out_rows.detach()[ids].float()
+        with torch.no_grad():
+            before = (per_token_kl(model, init, pos, bias, len(group)), per_token_kl(model, init, held, bias, len(group)))
+        fitted, c = fit(model, init, pos, bias, lr, steps)
+        curve = [a + b for a, b in zip(curve, c)] if curve else c
+        with torch.no_grad():
+            rows.out_rows[ids] = fitted.to(rows.out_rows.dtype)
+            after = (per_token_kl(model, fitted, pos, bias, len(group)), per_token_kl(model, fitted, held, bias, len(group)))
+        for g, t in enumerate(group):
+            for key, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
+                v = float(vals[g])
+                kl[key][t] = None if math.isnan(v) else v
+    seconds = time.perf_counter() - t0
+    logger.info("output rows (distill): %d tokens, %d Adam steps, step size %.3g; mean binary KL on held-out "
+                "snippets %s -> %s nats in %.1f s", len(tokens), steps, lr, _fmt_mean(kl["heldout_before"]),
+                _fmt_mean(kl["heldout_after"]), seconds)
+    return TrainResult(loss_curve=curve, steps=steps, seconds=seconds), kl
+
+
+def _fmt_mean(vals: list) -> str:
+    xs = [v for v in vals if v is not None]
+    return f"{sum(xs) / len(xs):.4f}" if xs else "-"
