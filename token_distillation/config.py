@@ -648,7 +648,9 @@ class OutputConfig:
         "--set_output_to_zero_if_untied false; tied models - subtoken-mean, untying the model), zero, "
         "subtoken-mean (mean of the subtokens' output rows), ntp (trained with next-token cross-entropy "
         "on the snippets), tied (keep a tied model tied - the output row is the trained input row; can make "
-        "the model over-predict new tokens). Untying stores a separate output matrix.",
+        "the model over-predict new tokens), distill (subtoken-mean start, then fitted so that the model's "
+        "probability of the new token matches the original model's probability of the word). Untying stores a "
+        "separate output matrix.",
     )
     checkpoint_every: int = _flag(
         0,
