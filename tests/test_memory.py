@@ -156,7 +156,7 @@ def test_batch_size_flag_is_an_integer_or_auto(value, ok):
 
 
 @pytest.mark.parametrize("flags, needle", [({"recipe": "paper"}, "--recipe paper"),
-                                           ({"init_method": "ntp"}, "--loss_method CE"),
+                                           ({"init_method": "ntp"}, "--init_method ntp"),
                                            ({"loss_method": "MSE-on-hiddens,KL-on-logits"}, "KL-on-logits"),
                                            ({"train_original_embeddings": True}, "--train_original_embeddings"),
                                            ({"output_embeddings": "ntp"}, "--output_embeddings ntp")])

@@ -814,7 +814,10 @@ def _check_auto_batch(cfg: "RunConfig", problems: list[str]) -> None:
     if t.recipe == Recipe.PAPER:
         why = ("--recipe paper averages each batch's loss and takes one AdamW step per batch, so its result "
                "depends on the batch size")
-    elif t.init_method == InitMethod.NTP or tuple(t.loss_method) != (LossMethod.MSE_ON_HIDDENS,):
+    elif t.init_method == InitMethod.NTP:
+        why = ("--init_method ntp trains with next-token cross-entropy averaged over each batch, so the result "
+               "depends on the batch size")
+    elif tuple(t.loss_method) != (LossMethod.MSE_ON_HIDDENS,):
         why = (f"--loss_method {','.join(m.value for m in t.loss_method)} is averaged over each batch (only "
                "MSE-on-hiddens alone is summed per token), so the result depends on the batch size")
     elif t.train_original_embeddings:

@@ -341,8 +341,11 @@ def build_target_list(setup: Setup) -> Targets:
         tokenizer = load_tokenizer(setup.source, setup.cache_root)
     setup.save_dtype = source_dtype(model_config)
     setup.weights_dtype, _ = resolve_precision(cfg.model.mixed_precision, setup.device, setup.save_dtype)
-    logger.info("weights: stored in %s, loaded in %s, saved in %s", setup.save_dtype, setup.weights_dtype,
-                setup.save_dtype)
+    if cfg.output.dry_run:
+        logger.info("weights: stored in %s (dry run: the model is not loaded or saved)", setup.save_dtype)
+    else:
+        logger.info("weights: stored in %s, loaded in %s, saved in %s", setup.save_dtype, setup.weights_dtype,
+                    setup.save_dtype)
     text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
         raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
