@@ -69,6 +69,10 @@ def test_out_path_not_clobbered(tmp_path, toy_model_dir, toy_corpus, cache_dir):
     first = (out / "report.json").read_text()
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, overwrite=True))
     assert (out / "report.json").read_text() != first  # replaced (a new report: other timings)
+    (out / "notes.txt").write_text("the user's notes beside an output")  # an output with a foreign entry
+    with pytest.raises(ConfigError, match="is an earlier output of this tool, but it also holds .*notes.txt"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, overwrite=True))
+    assert (out / "notes.txt").exists() and (out / "report.json").exists()
 
 
 def test_overwrite_refuses_the_current_directory_and_git_trees(tmp_path, monkeypatch):

@@ -341,9 +341,10 @@ def _check_replaceable(out: Path, flag: str = "--out_path") -> None:
     _check_not_home_or_cwd(out, flag)
     foreign = foreign_entries(out)
     if foreign:
-        raise ConfigError(f"{flag} {out} holds entries this tool did not write ({_some_entries(foreign)}); it is "
-                          "not an earlier output of this tool, and --overwrite replaces only those: choose a new "
-                          "directory, or move those entries out yourself")
+        what = ("an earlier output of this tool, but it also holds entries this tool did not write"
+                if read_manifest(out) else "not an earlier output of this tool: it holds entries this tool did not write")
+        raise ConfigError(f"{flag} {out} is {what} ({_some_entries(foreign)}); --overwrite replaces only what this "
+                          "tool wrote: choose a new directory, or move those entries out yourself")
 
 
 def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource | None = None,
