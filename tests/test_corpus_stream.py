@@ -227,3 +227,32 @@ def test_prepend_title_without_a_title_field_is_refused(tmp_path):
     p.write_text(json.dumps({"text": "a b c"}) + "\n")
     with pytest.raises(ConfigError, match="--prepend_title"):
         check_text_column(CorpusConfig(dataset_path=str(p), prepend_title=True))
+
+
+def _jsonl(path, rows, bad_line=None):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            if i == bad_line:
+                f.write('{"text": "an unterminated\n')  # raw newline inside a string: invalid JSON
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def test_bad_records_late_in_a_jsonl_corpus_are_named_once(tmp_path, toy_tokenizer, caplog):
+    """Past the first batch read: a corrupt line is named by its 1-based line and column, with no second
+    (0-based, Arrow-worded) report from the datasets library; a record whose text is an object says so."""
+    rows = [{"text": TOY_TEXT[i % len(TOY_TEXT)]} for i in range(3000)]
+    bad = _jsonl(tmp_path / "bad.jsonl", rows, bad_line=2500)
+    with pytest.raises(ConfigError, match=r"invalid JSON in .*bad\.jsonl line 2501: Invalid control character at "
+                                          r"column \d+; fix or remove that line"):
+        scan_corpus(CorpusConfig(dataset_path=str(bad)), toy_tokenizer, tmp_path / "c1")
+    assert not [r for r in caplog.records if r.name.startswith("datasets")]
+    obj = _jsonl(tmp_path / "obj.jsonl", rows + [{"text": {"body": "nested"}}])
+    with pytest.raises(ConfigError, match="--text_column 'text' holds JSON objects .*dotted path"):
+        scan_corpus(CorpusConfig(dataset_path=str(obj)), toy_tokenizer, tmp_path / "c2")
+
+
+def test_documents_without_text_are_counted_in_the_scan_line(tmp_path, toy_tokenizer):
+    rows = [{"text": t} for t in TOY_TEXT[:6]] + [{"text": None}, {"text": ""}]
+    res = scan_corpus(CorpusConfig(dataset_path=str(_jsonl(tmp_path / "n.jsonl", rows))), toy_tokenizer, tmp_path / "c")
+    assert res.docs_read == 8 and "2 of them without text (empty or null" in res.describe()

@@ -369,6 +369,9 @@ def open_stream(cfg: CorpusConfig, spec: TextSpec | None):
     try:
         if path.exists():
             builder, files = _local_files(path)
+            # a bad JSON line is reported by this module with its file and line (1-based); the
+            # builder's own log line (0-based row, Arrow's wording) would say it a second time, otherwise
+            logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
         else:
             ds = datasets.load_dataset(cfg.dataset_path, cfg.dataset_name or None, split=cfg.dataset_split,
@@ -410,6 +413,9 @@ def _column_text(table, path: str, flag: str = "--text_column") -> list[str]:
         arr = pc.binary_join(arr, " ")
     elif pa.types.is_null(t):
         return [""] * len(arr)
+    elif pa.types.is_struct(t) or "json" in str(t):
+        raise ConfigError(f"{flag} {path!r} holds JSON objects (in some records at least), not text; pass a string "
+                          "field (a dotted path such as text.body reaches inside objects)")
     elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise ConfigError(f"{flag} {path!r} holds {t} values, not text; pass a string field or a list of strings")
     return arr.fill_null("").to_pylist()
@@ -565,8 +571,8 @@ def _check_json_lines(builder: str, files: list[str]) -> None:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"--dataset_path: invalid JSON in {f} line {lineno}: {e.msg}; "
-                                      "fix or remove that line") from None
+                    raise ConfigError(f"--dataset_path: invalid JSON in {f} line {lineno}: {e.msg} "
+                                      f"column {e.colno}; fix or remove that line") from None
                 if not isinstance(obj, dict):
                     raise ConfigError(f"--dataset_path: {f} line {lineno} is not a JSON object")
 
@@ -848,8 +854,10 @@ class ScanResult:
                                   if self.stop_reason == STOP_LIMIT else "")
         if self.stop_reason == STOP_ENOUGH and self.docs_needed is not None:
             why += f" after document {self.docs_needed} (the rest of the last batch was read with it)"
+        empty = int((np.diff(self.corpus.offsets) == 0).sum()) if self.corpus.num_docs else 0
+        none = f"; {empty} of them without text (empty or null: nothing to mine)" if empty else ""
         return (f"read {self.docs_read} documents ({self.corpus.num_tokens} tokens; {self.docs_from_cache} from the "
-                f"cache) in {self.seconds:.1f}s; stopped: {why}")
+                f"cache{none}) in {self.seconds:.1f}s; stopped: {why}")
 
 
 def corpus_cache_dir(cfg: CorpusConfig, spec: TextSpec | None, tokenizer, cache_root: Path) -> Path:
