@@ -398,35 +398,33 @@ def _one_layer(ctx: dict, target_layer: int) -> dict:
 
 
 def mining_mode(args):
+    """The product's corpus stage on ``--dataset_path``: tokenization (a scan into a fresh cache, no
+    miner) and mining alone (a second scan that reads the cached token ids and feeds every document
+    to a :class:`~token_distillation.snippets.SnippetMiner` that never stops early)."""
+    import tempfile
+
     from token_distillation.config import CorpusConfig
-    from token_distillation.corpus import load_texts
+    from token_distillation.corpus import scan_corpus
     from token_distillation.models import default_cache_root, load_tokenizer, resolve_model_source
-    from token_distillation.snippets import mine_snippets
-    from token_distillation.corpus import TokenizedCorpus
-    from token_distillation.tokenization import subtoken_ids
-    import numpy as np
+    from token_distillation.snippets import SnippetMiner
+    from token_distillation.tokenization import bos_prefix, subtoken_ids
 
     tok = load_tokenizer(resolve_model_source(args.model_path), default_cache_root())
-    ccfg = CorpusConfig(dataset_path=args.dataset_path)
-    ds = load_texts(ccfg)
-    t = time.perf_counter()
-    enc = ds.map(lambda b: {"ids": tok(b["text"], add_special_tokens=False)["input_ids"]}, batched=True,
-                 num_proc=args.num_proc if args.num_proc > 1 else None, remove_columns=ds.column_names,
-                 load_from_cache_file=False)
-    lists = enc["ids"]
-    tok_s = time.perf_counter() - t
-    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in lists], out=offsets[1:])
-    ids = np.fromiter((i for x in lists for i in x), dtype=np.int32, count=int(offsets[-1]))
-    corpus = TokenizedCorpus(ids, offsets, [str(i) for i in range(len(lists))])
-    words = read_words(args.words)
-    toks = [NewToken(w, tuple(subtoken_ids(tok, w))) for w in words if len(subtoken_ids(tok, w)) > 1]
-    t = time.perf_counter()
-    snips = mine_snippets(corpus, toks, 50, 10**9, 0, 0.0, [1], 0)  # no early stop: full scan
-    mine_s = time.perf_counter() - t
-    return {"corpus_tokens": int(len(ids)), "docs": len(lists), "tokenize_seconds": tok_s,
-            "tokenize_tokens_per_s": len(ids) / tok_s, "mining_seconds": mine_s,
-            "mining_tokens_per_s": len(ids) / mine_s, "patterns": len(toks), "matches": len(snips.train)}
+    cfg = CorpusConfig(dataset_path=args.dataset_path, num_proc=args.num_proc)
+    toks = [NewToken(w, tuple(subtoken_ids(tok, w))) for w in read_words(args.words)
+            if len(subtoken_ids(tok, w)) > 1]
+    with tempfile.TemporaryDirectory() as cache:
+        t = time.perf_counter()
+        scan = scan_corpus(cfg, tok, Path(cache))
+        tok_s = time.perf_counter() - t
+        miner = SnippetMiner(toks, 50, 10**9, 0, 0.0, bos_prefix(tok), 0)  # never done: a full scan
+        t = time.perf_counter()
+        scan_corpus(cfg, tok, Path(cache), consumer=miner)
+        mine_s = time.perf_counter() - t
+    n = int(scan.corpus.num_tokens)
+    return {"corpus_tokens": n, "docs": scan.docs_read, "tokenize_seconds": tok_s, "tokenize_tokens_per_s": n / tok_s,
+            "mining_seconds": mine_s, "mining_tokens_per_s": n / mine_s, "patterns": len(toks),
+            "matches": int(sum(miner.occurrences))}
 
 
 class _null:
