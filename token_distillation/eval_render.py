@@ -39,6 +39,7 @@ def markdown_tables(results: dict[str, Any], per_token_rows: int = 0) -> str:
                        f"({100 * (1 - m['compression_ratio']):.2f}% fewer) | {_fmt(m['mean_new_row_norm'], 3)} |")
     lines.append("")
     lines += _bpb_table(results)
+    lines += _generation_table(results)
     first = labels[0]
     per = results["per_token"]
     toks = sorted(per[first], key=lambda t: -(per[first][t]["excess_nll_full"] if per[first][t]["excess_nll_full"] is not None else -1e9))
@@ -75,6 +76,23 @@ def _bpb_table(results: dict[str, Any]) -> list[str]:
         lines.append(f"| {lab} | {b['bpb']:.4f} | {rel} | {b['tokens_per_byte']:.4f} | {b['new_token_targets']} | "
                      f"{_fmt(b['bits_per_new_token_target'], 2)} | {_fmt(b['bits_per_other_target'], 3)} | "
                      f"{_pct(b.get('gap_closed'))} |")
+    return lines + [""]
+
+
+def _generation_table(results: dict[str, Any]) -> list[str]:
+    """Sampled generation after prompts that end before a word (empty when not measured)."""
+    orig = results.get("generation_original")
+    if not orig:
+        return []
+    lines = [f"Sampled generation: {orig['prompts']} prompts cut from held-out text right before a word, "
+             "seeded sampling at temperature 1.", "",
+             "| model | continuations with a word | written as the new token | tokens per byte | bits per byte "
+             "under the original model |", "|---|---|---|---|---|"]
+    rows = [("original", orig)] + [(lab, m["generation"]) for lab, m in results["methods"].items()
+                                   if m.get("generation")]
+    for lab, g in rows:
+        lines.append(f"| {lab} | {g['with_word']} of {g['prompts']} | {_pct(g['word_share'])} | "
+                     f"{_fmt(g['tokens_per_byte'], 4)} | {_fmt(g.get('original_bpb'), 4)} |")
     return lines + [""]
 
 

@@ -40,6 +40,10 @@ evaluated model has):
    token a target (the new tokens too), softmax over the model's whole vocabulary; with tokens per
    byte, the bits spent on new-token targets, and ``bpb_gap_closed`` against the subtoken-mean model
    when one is evaluated (0% = subtoken mean, 100% = the original model's BPB).
+7. ``generation`` (:mod:`token_distillation.generation`): up to ``--gen_prompts`` prompts cut from
+   held-out windows right before a word; every model samples ``--gen_tokens`` tokens (seeded,
+   temperature 1); the share of continuations containing a word that write it as the new token,
+   tokens per byte of the generated text, and its bits per byte under the original model.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import numpy as np
 import torch
 
 from .bpb import documents_for_bpb, gap_closed, score_bytes
+from .generation import continuation_bits, prompts_before_words, sample, word_stats
 from .config import ConfigError, CorpusConfig, _coerce, _flag
 from .corpus import iter_texts, tokenize_corpus
 from .eval_render import markdown_tables, plot, write_outputs  # noqa: F401  (re-exported)
@@ -110,6 +115,9 @@ class EvalConfig:
                           "text (each model through its own tokenizer; 0: skip).")
     bpb_max_chars: int = _flag(4000, "Characters of each document read for bits per byte (cut at a "
                                "whitespace; 0: whole documents).")
+    gen_prompts: int = _flag(50, "Prompts (held-out text right before a word) for sampled generation: does "
+                             "each model write the new token? (0: skip).")
+    gen_tokens: int = _flag(16, "Tokens sampled after each generation prompt.")
     batch_size: int = _flag(16, "Windows per forward pass.")
     device: str = _flag("auto", "Torch device: auto, cpu, cuda, cuda:1, mps.")
     dtype: str = _flag("float32", "Weights dtype for evaluation: float32, bfloat16, float16.")
@@ -146,6 +154,8 @@ class EvalConfig:
             problems.append("--max_docs must be >= 0")
         if self.bpb_docs < 0 or self.bpb_max_chars < 0:
             problems.append("--bpb_docs and --bpb_max_chars must be >= 0")
+        if self.gen_prompts < 0 or self.gen_tokens < 1:
+            problems.append("--gen_prompts must be >= 0 and --gen_tokens >= 1")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype: unknown value {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if problems:
@@ -212,6 +222,8 @@ class _Original:
     seconds: float
     bpb_texts: list[str]
     bpb: dict | None
+    prompts: list[str]
+    generated: Any
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -240,6 +252,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     for e in exts:
         results["per_token"][e.label], results["methods"][e.label] = _score_extended(cfg, e, orig, cache_root, device)
     _aggregate(results, orig, exts)
+    _generation_quality(cfg, results, orig, source, cache_root, device)
     docs, corpus, words = orig.docs, orig.corpus, orig.words
     results["definitions"] = ({w.text: orig.tokenizer.decode(orig.definitions[i]) for i, w in enumerate(words)}
                               if orig.definitions else {})
@@ -314,8 +327,11 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
         prompts = [definition_prompt(tokenizer, w.text, list(w.subtoken_ids)) for w in words]
         def_orig = continuation_nll(model, prompts, definitions, num_original, all_new, device, pad_id, cfg.batch_size)
     bpb_texts, bpb = _original_bpb(cfg, model, tokenizer, windows, device)
+    prompts = prompts_before_words(windows, corpus, tokenizer, cfg.gen_prompts) if cfg.gen_prompts else []
+    generated = sample(model, tokenizer, prompts, cfg.gen_tokens, cfg.seed, device) if prompts else None
     return _Original(tokenizer, words, index, corpus, docs, windows, win_counts, teacher, num_layers, num_original,
-                     targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts, bpb)
+                     targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts, bpb,
+                     prompts, generated)
 
 
 def _max_len(model) -> int:
@@ -358,6 +374,7 @@ def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root:
             def_ext[i] = v
     bpb = (score_bytes(ext_model, ext_tok, o.bpb_texts, device, new_ids=e.new_ids, max_len=_max_len(ext_model)).as_dict()
            if o.bpb_texts else None)
+    gen = sample(ext_model, ext_tok, o.prompts, cfg.gen_tokens, cfg.seed, device) if o.prompts else None
     ext_corpus = tokenize_corpus(cfg.corpus, ext_tok, cache_root)
     assert ext_corpus.doc_ids == o.corpus.doc_ids
     doc_lens = (o.corpus.offsets[o.docs + 1] - o.corpus.offsets[o.docs]).astype(np.float64)
@@ -390,8 +407,35 @@ def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root:
         "train_seconds": e.report.get("train_seconds"),
         "train_seconds_from_step": e.report.get("train_seconds_from_step", 0),
         "eval_seconds": time.perf_counter() - t_start, "bpb": bpb,
+        "generation": word_stats(gen, [w.text for w in o.words], [_id_of(e, w.text) for w in o.words]) if gen else None,
+        "generated": gen,
     }
     return rows, method
+
+
+def _id_of(e: ExtendedModel, text: str) -> int | None:
+    return next((t.token_id for t in e.tokens if t.text == text), None)
+
+
+def _generation_quality(cfg: EvalConfig, results: dict[str, Any], o: _Original, source, cache_root: Path,
+                        device) -> None:
+    """Bits per byte of every model's generated text under the original model (reloaded once), and
+    the original model's own generation statistics; the generated texts go to ``results["samples"]``."""
+    from .models import load_model
+
+    gens = {lab: m.pop("generated") for lab, m in results["methods"].items()}
+    if o.generated is None:
+        return
+    model = load_model(source, cache_root, device, DTYPES[cfg.dtype])
+    gens = {"original": o.generated, **gens}
+    orig_stats = word_stats(o.generated, [w.text for w in o.words], [None] * len(o.words))
+    for lab, gen in gens.items():
+        bits, nbytes = continuation_bits(model, o.tokenizer, o.prompts, gen.texts, device)
+        stats = orig_stats if lab == "original" else results["methods"][lab]["generation"]
+        stats["original_bpb"] = bits / nbytes if nbytes else None
+    results["generation_original"] = orig_stats
+    results["samples"] = [{"prompt": p, **{lab: g.texts[k] for lab, g in gens.items()}}
+                          for k, p in enumerate(o.prompts)]
 
 
 def _aggregate(results: dict[str, Any], o: _Original, exts: list[ExtendedModel]) -> None:

@@ -120,6 +120,7 @@ class Window:
         start, end: the word's subtokens are ``ids[start:end]``.
         word: index into the evaluated word list.
         doc: corpus document index.
+        doc_start: position of the word's first subtoken in the document (-1: unknown).
     """
 
     ids: np.ndarray
@@ -127,6 +128,7 @@ class Window:
     end: int
     word: int
     doc: int
+    doc_start: int = -1
 
     def merged(self, new_id: int) -> MergedSequence:
         """The student sequence with only this occurrence replaced by ``new_id``."""
@@ -156,7 +158,7 @@ def mine_windows(corpus: TokenizedCorpus, phrases: list[tuple[int, ...]], docs: 
             if b <= e:
                 continue
             ids = np.concatenate([np.asarray(bos, dtype=np.int64), doc[a:b].astype(np.int64)])
-            out.append(Window(ids, nb + s - a, nb + e - a, pat, d))
+            out.append(Window(ids, nb + s - a, nb + e - a, pat, d, s))
             counts[pat] += 1
         if min(counts) >= per_word:
             break

@@ -1,0 +1,121 @@
+"""Sampled generation with the extended tokenizer: does the model write the new token?
+
+A new token saves decoding steps only if the model *writes* it. For prompts cut from held-out text
+right before a new word, every model (the original one and each extended one, each through its own
+tokenizer) samples a continuation (seeded, temperature 1, the whole vocabulary). Measured:
+
+- ``word_share``: of the continuations that contain a new word, the share in which the model wrote it
+  as the new token (0 for the original model, which has none);
+- ``word_rate``: the share of continuations that contain a new word at all (the teacher's rate is
+  the original model's);
+- ``tokens_per_byte``: generated tokens per UTF-8 byte of the generated text (fewer is faster);
+- ``original_bpb``: bits per byte of the generated text under the *original* model (given the same
+  prompt), a check that the extended model's text stays as plausible as the original model's own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .bpb import context_ids
+
+
+@dataclass
+class Generated:
+    """One model's continuations: ``texts`` (decoded), ``ids`` (the generated token ids)."""
+
+    texts: list[str]
+    ids: list[list[int]]
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new: int, seed: int, device) -> Generated:
+    """Seeded sampling of ``max_new`` tokens after every prompt (one prompt at a time, no padding).
+
+    Seeded per prompt (``seed + prompt index``, torch's generator forked so the caller's random
+    state is untouched), so a prompt's continuation does not depend on the others; stops at EOS.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    texts, ids = [], []
+    for k, prompt in enumerate(prompts):
+        seq = context_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else None):
+            torch.manual_seed(seed + k)
+            gen = model.generate(torch.tensor([seq], device=device), attention_mask=torch.ones(1, len(seq), device=device,
+                                 dtype=torch.long), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad)
+        out = [int(t) for t in gen[0, len(seq):].tolist()]
+        if eos is not None and eos in out:
+            out = out[: out.index(eos)]
+        ids.append(out)
+        texts.append(tokenizer.decode(out))
+    return Generated(texts, ids)
+
+
+@torch.no_grad()
+def continuation_bits(model, tokenizer, prompts: list[str], texts: list[str], device) -> tuple[float, int]:
+    """``(bits, bytes)`` of ``texts`` after their prompts under ``model`` (read through ``tokenizer``).
+
+    The boundary is taken in characters: the prompt's tokens are context, the tokens of the whole
+    string ``prompt + text`` after the prompt's tokens are scored (a continuation that merges with
+    the prompt's last token is scored from that token on).
+    """
+    bits, nbytes = 0.0, 0
+    for prompt, text in zip(prompts, texts):
+        if not text:
+            continue
+        head = context_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = context_ids(tokenizer) + tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+        keep = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+        keep = max(1, keep)
+        ids = torch.tensor([full], device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        tgt = ids[0, 1:]
+        bits += float(-logp[keep - 1:].gather(-1, tgt[keep - 1:, None]).sum()) / math.log(2)
+        nbytes += len(text.encode("utf-8"))
+    return bits, nbytes
+
+
+def word_stats(gen: Generated, words: list[str], new_ids: list[int | None]) -> dict:
+    """Counts over the continuations (see the module docstring for the rates).
+
+    Args:
+        words: the new words' texts; new_ids: each word's new id in this model (None: the model has
+            none, as the original model).
+    """
+    def found(t: str) -> list[int]:
+        return [k for k, w in enumerate(words) if w in t or w.strip() in t]
+
+    hits = {i: found(t) for i, t in enumerate(gen.texts)}
+    with_word = [i for i, ks in hits.items() if ks]
+    as_new = [i for i in with_word if any(new_ids[k] is not None and new_ids[k] in gen.ids[i] for k in hits[i])]
+    tokens = sum(len(x) for x in gen.ids)
+    nbytes = sum(len(t.encode("utf-8")) for t in gen.texts)
+    return {"prompts": len(gen.texts), "with_word": len(with_word), "written_as_new_token": len(as_new),
+            "word_rate": len(with_word) / len(gen.texts) if gen.texts else None,
+            "word_share": len(as_new) / len(with_word) if with_word else None,
+            "tokens": tokens, "bytes": nbytes, "tokens_per_byte": tokens / nbytes if nbytes else None}
+
+
+def prompts_before_words(windows, corpus, tokenizer, n: int, context: int = 48, min_context: int = 4) -> list[str]:
+    """Up to ``n`` prompts: the text of up to ``context`` original tokens of a held-out document right
+    before an occurrence of a word, one per window in mining order (a seeded order); occurrences with
+    fewer than ``min_context`` tokens before them are skipped.
+
+    Args:
+        windows: :class:`~token_distillation.metrics.Window` list (with ``doc`` and ``doc_start``).
+        corpus: the tokenized corpus they were mined from.
+    """
+    out = []
+    for w in windows:
+        if w.doc_start < min_context:
+            continue
+        ids = corpus.doc(w.doc)[max(0, w.doc_start - context): w.doc_start]
+        out.append(tokenizer.decode([int(i) for i in ids]))
+        if len(out) >= n:
+            break
+    return out
