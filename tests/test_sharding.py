@@ -217,3 +217,20 @@ def test_top_up_snippets_are_generated_by_each_process(tmp_path, toy_model_dir, 
     for t1, t2 in zip(one.report["tokens"], rep["tokens"]):
         assert t2["heldout_loss_init"] == pytest.approx(t1["heldout_loss_init"], rel=1e-5)
     torch.testing.assert_close(_rows(tmp_path / "two"), _rows(one.out_path), rtol=RTOL, atol=ATOL)
+
+
+def test_distilled_output_rows_are_sharded_too(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    """--output_embeddings distill under token sharding: each process fits its own tokens' output rows;
+    the gathered rows and the per-token binary KL equal the one-process run's."""
+    kw = {**KW, "output_embeddings": "distill", "token_distillation_epochs": 1}
+    one = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "one"), **kw))
+    r = _launch(tmp_path, _toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "two"), **kw), 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(str(one.out_path / "model.safetensors"))["lm_head.weight"]
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))["lm_head.weight"]
+    n_orig = a.shape[0] - 3
+    assert torch.equal(a[:n_orig], b[:n_orig]) and not torch.equal(a[n_orig:], torch.zeros_like(a[n_orig:]))
+    torch.testing.assert_close(b[n_orig:], a[n_orig:], rtol=1e-4, atol=1e-5)
+    rep = json.loads((tmp_path / "two" / "report.json").read_text())
+    for t1, t2 in zip(one.report["tokens"], rep["tokens"]):
+        assert t2["output_kl_heldout_final"] == pytest.approx(t1["output_kl_heldout_final"], rel=1e-3)
