@@ -117,11 +117,13 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
         for r, i in enumerate(idx):
             tok, seq = token_index[i], seqs[i]
             tl, sl = len(seq.teacher_ids), len(seq.student_ids)
-            lp = torch.log_softmax(output_logits(model, rows, t_last[r, :tl].float(), include_new=False,
+            # logits in the weights' dtype (no float32 copy of the [vocab, hidden] output matrix), then float32
+            lp = torch.log_softmax(output_logits(model, rows, t_last[r, :tl], include_new=False,
                                                  frozen=True).float(), -1)
-            h = s_last[r, : sl - 1].float()
-            hs.append(h)
+            h = s_last[r, : sl - 1]
             zs.append(torch.logsumexp(output_logits(model, rows, h, include_new=False).float(), -1))
+            h = h.float()
+            hs.append(h)
             ts.append(word_targets(lp, seq, rows.token_ids[tok], subtokens[tok]))
             owners.append(torch.full((sl - 1,), where[tok], dtype=torch.long, device=h.device))
     if not hs:
