@@ -11,6 +11,7 @@ aligned positions (Dobler et al., "Token Distillation", arXiv 2505.20133).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -395,6 +396,7 @@ def train_loop(rows: NewRows, params: list[torch.nn.Parameter], data: SnippetDat
         return recipe.loss(objective, batch, list(part)), int(batch.student_loss_mask.sum())
 
     total = recipe.total_steps
+    recent_shown: collections.deque = collections.deque(maxlen=log_every)  # the losses the bar showed
     with tqdm(total=total, initial=result.steps, desc=desc, unit="step",
               disable=dist is not None and not dist.is_main) as bar:
         while result.steps < total:
@@ -414,10 +416,11 @@ def train_loop(rows: NewRows, params: list[torch.nn.Parameter], data: SnippetDat
             shown = step_loss / len({data.token_index[i] for i in idx}) if recipe.sums_over_tokens else step_loss
             bar.update(1)
             bar.set_postfix(loss=f"{shown:.4f}")
+            recent_shown.append(shown)
             if result.steps % log_every == 0 or result.steps == total:
-                recent = result.loss_curve[-log_every:]
-                logger.info("%s step %d/%d loss %.5f (mean of last %d)", desc, result.steps, total,
-                            sum(recent) / len(recent), len(recent))
+                logger.info("%s step %d/%d loss %.5f (mean of the last %d steps%s)", desc, result.steps, total,
+                            sum(recent_shown) / len(recent_shown), len(recent_shown),
+                            "; per token of a batch" if recipe.sums_over_tokens else "")
     _log_cache(objective.teacher_cache)
     result.seconds = earlier + time.perf_counter() - start
     return result
