@@ -135,3 +135,27 @@ def test_out_dir_of_another_kind_is_refused(tmp_path, extended_dir):
                         str(extended_dir), "--judge_model", "smollm2-135m", "--out_dir", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "notes.txt" in r.stderr and (tmp_path / "o" / "notes.txt").read_text() == "mine"
+
+
+def test_slurm_paper_tables_passes_finished_runs(tmp_path):
+    """scripts/slurm_paper_tables.sh tables: per model, both scripts on the original model and its
+    finished grid runs, labelled by method (and learning rate); PYTHON=echo prints the commands."""
+    import os
+
+    for run in ("subtoken-mean", "token_distillation_lr1e-4"):
+        (tmp_path / "runs" / "m1" / run).mkdir(parents=True)
+        (tmp_path / "runs" / "m1" / run / "report.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHON="echo", MODELS="m1", INIT_METHODS="subtoken-mean token_distillation", LRS="1e-4 1e-3",
+               RESULTS_DIR=str(tmp_path), TASKS="pubmedqa_local", PUBMEDQA_DIR="pqa", JUDGE_MODEL="judge/x")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_paper_tables.sh"), "tables"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    runs = f"{tmp_path}/runs/m1/subtoken-mean,{tmp_path}/runs/m1/token_distillation_lr1e-4"
+    bench, judge = [ln for ln in r.stdout.splitlines() if ln.startswith("scripts/")]
+    assert bench.startswith("scripts/eval_benchmarks.py --model_path m1 --extended_paths " + runs)
+    assert "--labels subtoken-mean,token_distillation_lr1e-4" in bench and "--pubmedqa_dir pqa" in bench
+    assert judge.startswith("scripts/judge_definitions.py --model_path m1") and "--judge_model judge/x" in judge
+    assert f"--out_dir {tmp_path}/tables/m1/judge" in judge
+    assert subprocess.run(["bash", str(ROOT / "scripts" / "slurm_paper_tables.sh"), "nonsense"],
+                          capture_output=True).returncode == 2
