@@ -287,9 +287,10 @@ def main(model_path: str = "smollm2-135m", extended_paths: str = "", labels: str
     out = claim_script_dir(out_dir, "eval_benchmarks.py", OUT_ENTRIES)
     if rows is not None:
         folders.append(str(write_pubmedqa_task(rows, out / "tasks" / LOCAL_PUBMEDQA)))
+    t0 = time.perf_counter()
     setup = _setup(model_path, chosen, num_fewshot, limit, batch_size, metric, device, dtype, seed, folders)
     results, stats = evaluate_all(entries, chosen, _task_manager(folders, defaults), setup, cache_dir)
-    setup["total_seconds"] = time.perf_counter() - setup.pop("_t0")
+    setup["total_seconds"] = time.perf_counter() - t0
     write_json(out / "benchmarks.json", {"setup": setup, "models": [_entry_record(e) for e in entries],
                                          "results": {k: _json_safe(v) for k, v in results.items()},
                                          "new_token_inputs": stats})
@@ -331,7 +332,7 @@ def _setup(model_path, tasks, num_fewshot, limit, batch_size, metric, device, dt
     return {"model_path": model_path, "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit,
             "batch_size": batch_size, "metric": metric, "device": device, "dtype": dtype, "seed": seed,
             "include_path": folders, "lm_eval_version": importlib.metadata.version("lm-eval"),
-            "created": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join(sys.argv), "_t0": time.perf_counter()}
+            "created": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join(sys.argv)}
 
 
 def _entry_record(e: Entry) -> dict:

@@ -189,7 +189,8 @@ def all_definitions(entries: list[Entry], model_path: str, max_words: int, gen: 
             words = words[:max_words] if max_words else words
             ids = {w.text: list(w.subtoken_ids) for w in words}
         else:
-            ids = {t.text: [t.token_id] for t in e.extended.tokens if t.text in {w.text for w in words}}
+            wanted = {w.text for w in words}
+            ids = {t.text: [t.token_id] for t in e.extended.tokens if t.text in wanted}
         mine = [w for w in words if w.text in ids]
         defs[e.label] = dict(zip([w.text for w in mine], write_definitions(model, tok, mine, [ids[w.text] for w in mine],
                                                                              gen)))
@@ -335,13 +336,13 @@ def main(model_path: str = "smollm2-135m", extended_paths: str = "", labels: str
     Raises:
         ConfigError: bad flags (before any model is loaded).
     """
-    import torch
-
     entries, judge, backend = check_inputs(
         model_path=model_path, extended_paths=extended_paths, labels=labels, judge_model=judge_model,
         judge_backend=judge_backend, max_words=max_words, definition_tokens=definition_tokens, judge_tokens=judge_tokens,
         batch_size=batch_size, temperature=temperature, dtype=dtype, device=device, out_dir=out_dir)
     out = claim_script_dir(out_dir, "judge_definitions.py", OUT_ENTRIES)
+    import torch
+
     from token_distillation.models import default_cache_root
     from token_distillation.pipeline import resolve_device
 

@@ -39,7 +39,7 @@ def _require_pubmedqa() -> Path:
 @pytest.fixture(scope="module")
 def extended_dir(tmp_path_factory):
     """The bundled SmolLM2 extended by the tool with the 5 words (subtoken mean: no training), its
-    snippets mined from the PubMedQA abstracts."""
+    snippets mined from the PubMedQA abstracts that hold one of the words (fewer to tokenize)."""
     from token_distillation.config import RunConfig
     from token_distillation.pipeline import run
 
@@ -48,7 +48,9 @@ def extended_dir(tmp_path_factory):
     questions = json.loads((src / "ori_pqal.json").read_text())
     with open(d / "corpus.jsonl", "w") as f:
         for pid, q in questions.items():
-            f.write(json.dumps({"id": pid, "text": "\n".join(q["CONTEXTS"]) + "\n" + q["LONG_ANSWER"]}) + "\n")
+            text = "\n".join(q["CONTEXTS"]) + "\n" + q["LONG_ANSWER"]
+            if any(w in text for w in WORDS):
+                f.write(json.dumps({"id": pid, "text": text}) + "\n")
     (d / "words.txt").write_text("".join(w + "\n" for w in WORDS))
     res = run(RunConfig.from_flags(model_path="smollm2-135m", new_tokens_source=str(d / "words.txt"),
                                    dataset_path=str(d / "corpus.jsonl"), out_path=str(d / "ext"),
@@ -159,3 +161,24 @@ def test_slurm_paper_tables_passes_finished_runs(tmp_path):
     assert f"--out_dir {tmp_path}/tables/m1/judge" in judge
     assert subprocess.run(["bash", str(ROOT / "scripts" / "slurm_paper_tables.sh"), "nonsense"],
                           capture_output=True).returncode == 2
+
+
+def test_include_path_finds_local_task_yaml(tmp_path):
+    """A folder of the user's own lm-eval task YAML (local files) is searched for --tasks; lm-eval's own
+    task library is not indexed when every named task is local, and an unknown task is refused."""
+    import yaml
+
+    from token_distillation.config import ConfigError
+
+    mod = _script("eval_benchmarks")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"q": "Is it?", "a": "yes"}) + "\n")
+    (tmp_path / "my_task.yaml").write_text(yaml.safe_dump({
+        "task": "my_local_task", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "data.jsonl")}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_target": "a", "doc_to_choice": ["yes", "no"],
+        "metric_list": [{"metric": "acc"}]}))
+    names, defaults = mod.known_tasks("my_local_task", [str(tmp_path)], local=True)
+    assert {"my_local_task", "pubmedqa_local"} <= names and defaults is False
+    assert mod.choose_tasks("my_local_task,pubmedqa_local", names, True) == ["my_local_task", "pubmedqa_local"]
+    with pytest.raises(ConfigError, match="my_local_tsk"):
+        mod.choose_tasks("my_local_tsk", names, True)
