@@ -116,9 +116,8 @@ def _backend(choice: str, judge, device: str) -> str:
 
     has_vllm = importlib.util.find_spec("vllm") is not None
     if choice == "vllm" and (not has_vllm or judge.gguf_file):
-        raise ConfigError("--judge_backend vllm: " + ("vLLM is not installed (pip install vllm) " if not has_vllm
-                                                      else "a .gguf judge is read through transformers ")
-                          + "; pass --judge_backend transformers")
+        why = "vLLM is not installed" if not has_vllm else "a .gguf judge is read through transformers only"
+        raise ConfigError(f"--judge_backend vllm: {why}; install vllm or pass --judge_backend transformers")
     if choice == "auto":
         import torch
 
