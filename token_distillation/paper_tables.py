@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 #: label of the original model's row
 ORIGINAL_LABEL = "original"
 #: report.json config keys shown as a row's settings (when present)
-SETTING_KEYS = ("recipe", "loss", "token_distillation_lr", "token_distillation_epochs", "snippet_num",
-                "snippet_len", "target_layer", "seed")
+SETTING_KEYS = ("recipe", "loss_method", "token_distillation_epochs", "snippet_num", "snippet_len", "target_layer",
+                "output_embeddings", "seed")
 
 
 @dataclass
@@ -55,10 +55,13 @@ def split_list(value) -> list[str]:
 
 
 def settings_of(report: dict) -> dict[str, Any]:
-    """A run's settings for a table row: :data:`SETTING_KEYS` from its config plus ``tokens``,
+    """A run's settings for a table row: :data:`SETTING_KEYS` from its config, the learning rate it
+    trained with (``lr``: report.json's ``train_lr``; absent for untrained methods), ``tokens``,
     ``train_steps`` and ``train_seconds``."""
     cfg = report.get("config", {})
     out = {k: cfg[k] for k in SETTING_KEYS if k in cfg}
+    if report.get("train_lr") is not None:
+        out["lr"] = float(f"{report['train_lr']:.3g}")
     out.update(tokens=len(report.get("tokens", [])), train_steps=report.get("train_steps"),
                train_seconds=report.get("train_seconds"))
     return out
