@@ -154,8 +154,13 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def settings_text(entry: Entry) -> str:
-    """A row's settings in one cell (``key=value`` pairs; ``-`` for the original model)."""
-    return ", ".join(f"{k}={v}" for k, v in entry.settings.items() if k not in ("train_seconds",)) or "-"
+    """A row's settings in one cell: ``key=value`` pairs (lists joined by ``+``; empty values and the
+    training seconds left out), ``-`` for the original model."""
+    def text(v):
+        return "+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return ", ".join(f"{k}={text(v)}" for k, v in entry.settings.items()
+                     if k != "train_seconds" and v not in (None, [], "")) or "-"
 
 
 def write_json(path: Path, data: dict) -> None:
