@@ -270,8 +270,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return results
 
 
-def _evaluated_words(cfg: EvalConfig, exts: list[ExtendedModel], tokenizer) -> tuple[list[NewToken], dict[str, int]]:
-    """The union of the models' words, keyed by surface text; their subtokens must match --model_path."""
+def evaluated_words(model_path: str, exts: list[ExtendedModel], tokenizer) -> tuple[list[NewToken], dict[str, int]]:
+    """The union of the models' words in first-seen order, and each word's index in it (keyed by
+    surface text); their subtokens must be what ``tokenizer`` (of ``model_path``) gives.
+
+    Raises:
+        ConfigError: a word whose report.json subtokens differ (the model was made from another model).
+    """
     words: list[NewToken] = []
     index: dict[str, int] = {}
     problems = []
@@ -280,7 +285,7 @@ def _evaluated_words(cfg: EvalConfig, exts: list[ExtendedModel], tokenizer) -> t
             expect = tuple(subtoken_ids(tokenizer, t.text))
             if expect != t.subtoken_ids:
                 problems.append(f"--extended_paths {e.path}: token {t.text!r} has subtokens {list(t.subtoken_ids)} "
-                                f"in report.json but {list(expect)} with --model_path {cfg.model_path}; was it made "
+                                f"in report.json but {list(expect)} with --model_path {model_path}; was it made "
                                 "from another model?")
             if t.text not in index:
                 index[t.text] = len(words)
@@ -296,7 +301,7 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
     from .models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(source, cache_root)
-    words, index = _evaluated_words(cfg, exts, tokenizer)
+    words, index = evaluated_words(cfg.model_path, exts, tokenizer)
     excluded_docs = set().union(*(e.train_doc_ids for e in exts))
     corpus = tokenize_corpus(cfg.corpus, tokenizer, cache_root)
     docs = heldout_documents(corpus, excluded_docs)
