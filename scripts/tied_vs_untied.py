@@ -3,9 +3,12 @@
 checkpoint size of the default recipe with ``--output_embeddings auto`` (untied, subtoken-mean output
 rows) and with ``--output_embeddings tied`` (the output row is the trained input row).
 
-Runs ``scripts/compare_methods.py`` on the first ``--words`` tokens of ``--token_list`` with three
-methods (subtoken-mean, the 0% reference; ``untied``; ``tied``), then writes ``summary.json`` and
-``summary.md`` into ``--docs_dir`` (small files, meant for ``docs/sweep/tied_<model>/``).
+The trained input rows are the same either way (the loss compares hidden states, which the output
+layer does not touch; tests/test_api.py checks it), so ``untied`` is trained once with
+``scripts/compare_methods.py`` and ``tied`` is its checkpoint tied again (:func:`tie_copy`); then
+compare_methods.py evaluates subtoken-mean (the 0% reference), ``untied`` and ``tied`` together on the
+first ``--words`` tokens of ``--token_list``. Writes ``summary.json`` and ``summary.md`` into
+``--docs_dir`` (small files, meant for ``docs/sweep/tied_<model>/``).
 
 Example (CPU, ~30 min per model)::
 
@@ -29,6 +32,29 @@ from token_distillation.paths import replace_file  # noqa: E402
 
 METHODS = "subtoken-mean=subtoken-mean,untied=token_distillation,tied=token_distillation"
 METHOD_FLAGS = {"untied": {"output_embeddings": "auto"}, "tied": {"output_embeddings": "tied"}}
+
+
+def tie_copy(src: Path, dest: Path) -> None:
+    """``dest``: the run ``src`` (untied by ``--output_embeddings auto``) with its output layer tied
+    to the input embeddings again, as ``--output_embeddings tied`` would have saved it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from token_distillation.models import is_tied
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    for c in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        c.tie_word_embeddings = True
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    assert is_tied(model)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"),
+                    dirs_exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True)
+    report = json.loads((dest / "report.json").read_text())
+    report["model"].update(tied_embeddings=True, untied_by_run=False, output_embeddings="tied",
+                           note="tied again from the untied run by scripts/tied_vs_untied.py")
+    (dest / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 def checkpoint_mib(run_dir: Path) -> float:
@@ -79,9 +105,13 @@ def main(dataset_path: str, model_path: str = "smollm2-135m",
     wl = out.parent / f"{out.name}_words{words}.txt"
     wl.write_text("".join(w + "\n" for w in _tokens(Path(token_list), words)), encoding="utf-8")
     t0 = time.time()
-    compare_methods.main(dataset_path=dataset_path, new_tokens_source=str(wl), model_path=model_path,
-                         methods=METHODS, method_flags=json.dumps(METHOD_FLAGS), out_dir=str(out),
-                         windows_per_token=windows_per_token, definition_tokens=0, reuse_runs=reuse_runs)
+    kw = dict(dataset_path=dataset_path, new_tokens_source=str(wl), model_path=model_path, out_dir=str(out),
+              windows_per_token=windows_per_token, definition_tokens=0)
+    compare_methods.main(**kw, methods=METHODS.rsplit(",", 1)[0], method_flags=json.dumps({"untied": METHOD_FLAGS["untied"]}),
+                         reuse_runs=reuse_runs, train_only=True)
+    if not (out / "runs" / "tied" / "report.json").is_file() or not reuse_runs:
+        tie_copy(out / "runs" / "untied", out / "runs" / "tied")
+    compare_methods.main(**kw, methods=METHODS, method_flags=json.dumps(METHOD_FLAGS), reuse_runs=True)
     info = {"created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model_path": model_path,
             "dataset_path": dataset_path, "token_list": token_list, "words": words,
             "command": "python scripts/tied_vs_untied.py " + " ".join(sys.argv[1:]), "seconds": time.time() - t0}
