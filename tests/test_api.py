@@ -139,3 +139,16 @@ def test_example_script_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "after:" in out.stdout and "held-out distillation loss" in out.stdout
     assert sorted(tmp_path.iterdir()) == []  # writes nothing
+
+
+def test_tied_and_untied_runs_train_the_same_input_rows(toy_model_dir):
+    """--output_embeddings tied and auto (untied) give the same trained input rows: the loss compares
+    hidden states, which the output layer does not touch (scripts/tied_vs_untied.py relies on it)."""
+    rows = {}
+    for policy in ("auto", "tied"):
+        model, tok = _load(toy_model_dir)
+        res = distill(model, tok, WORDS, TOY_TEXT * 3, output_embeddings=policy, **SMALL)
+        ids = [t["id"] for t in res.report["tokens"]]
+        rows[policy] = res.model.get_input_embeddings().weight[ids]
+        assert res.report["model"]["tied_embeddings"] == (policy == "tied")
+    assert torch.equal(rows["auto"], rows["tied"])
