@@ -152,3 +152,32 @@ def test_tied_and_untied_runs_train_the_same_input_rows(toy_model_dir):
         rows[policy] = res.model.get_input_embeddings().weight[ids]
         assert res.report["model"]["tied_embeddings"] == (policy == "tied")
     assert torch.equal(rows["auto"], rows["tied"])
+
+
+def _readme_use_the_result_blocks() -> list[str]:
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    part = text[text.index("### Use the result"):text.index("### What the run prints")]
+    return re.findall(r"```python\n(.*?)```", part, re.S)
+
+
+def test_readme_use_the_result_code_runs(tmp_path, monkeypatch, toy_model_dir, cache_dir):
+    """The README's 'Use the result' code as written: the transformers block on a command-line output
+    (tiny model) in ``out/``; the bundled model loaded with plain transformers, then the Python API
+    on the shared small corpus (``../shared/...`` from the working directory, as in the README)."""
+    first, second = _readme_use_the_result_blocks()
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "pubmed_abstracts").symlink_to(require_shared())
+    monkeypatch.chdir(work)
+    _cli(tmp_path, toy_model_dir, WORDS, DOCS, cache_dir=str(cache_dir), **SMALL).out_path.rename(work / "out")
+    scope: dict = {}
+    exec(first, scope)
+    assert len(scope["tok"]) == len(_load(toy_model_dir)[1]) + 3
+    scope = {}
+    exec(second, scope)
+    res = scope["res"]
+    assert res.model is scope["model0"] and res.tokenizer.tokenize("Severe hepatotoxicity was observed.")[1] == " hepatotoxicity"
+    assert res.out_path is None and sorted(p.name for p in work.iterdir()) == ["out"]
