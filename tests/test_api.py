@@ -179,5 +179,6 @@ def test_readme_use_the_result_code_runs(tmp_path, monkeypatch, toy_model_dir, c
     scope = {}
     exec(second, scope)
     res = scope["res"]
-    assert res.model is scope["model0"] and res.tokenizer.tokenize("Severe hepatotoxicity was observed.")[1] == " hepatotoxicity"
+    tokens = res.tokenizer.tokenize("Severe thrombocytopenia was linked to one haplotype.")
+    assert res.model is scope["model0"] and {" thrombocytopenia", " haplotype"} <= set(tokens)
     assert res.out_path is None and sorted(p.name for p in work.iterdir()) == ["out"]
