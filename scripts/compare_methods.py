@@ -205,7 +205,7 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
          method_flags: str = "", common_flags: str = "", heldout_fraction: float = 0.1, max_docs: int = 0,
          text_column: str = "text", seed: int = 42, out_dir: str = "outputs/compare_methods",
          windows_per_token: int = 10, window_len: int = 50, definition_tokens: int = 24, device: str = "auto",
-         docs_md: str = "", reuse_runs: bool = False) -> str:
+         docs_md: str = "", reuse_runs: bool = False, train_only: bool = False) -> str:
     """Run every method, evaluate them together; returns the path of evaluation.json.
 
     Args:
@@ -216,6 +216,7 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
         heldout_fraction: share of documents written to heldout.jsonl.
         out_dir: new, empty, or an earlier output of this script (other files there are refused).
         reuse_runs: keep a run directory that already has report.json instead of retraining.
+        train_only: stop after the runs (no evaluation; returns "").
         docs_md: also write this markdown page (and ``<stem>.png`` beside it).
 
     Raises:
@@ -254,6 +255,8 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
         replace_file(rep_path, lambda tmp: tmp.write_text(json.dumps(rep, indent=2, ensure_ascii=False)))
         logger.info("%s: %.1f s", label, runtimes[label])
 
+    if train_only:
+        return ""
     t = time.perf_counter()
     ecfg = EvalConfig.from_flags(model_path=model_path, extended_paths=",".join(str(out / "runs" / lab) for lab, _ in specs),
                                  labels=",".join(lab for lab, _ in specs), dataset_path=str(held_path),

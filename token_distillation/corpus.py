@@ -24,9 +24,9 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -831,7 +831,7 @@ class ScanResult:
     """A finished scan.
 
     Attributes:
-        corpus: the documents read, tokenized (memory-mapped from the cache).
+        corpus: the documents read, tokenized (memory-mapped from the cache; in memory for :func:`scan_texts`).
         docs_read: documents read (from the cache or the corpus).
         docs_from_cache: how many of them came from the cache.
         docs_needed: with an early stop, the documents the consumer needed (the rarest token's last
@@ -840,7 +840,7 @@ class ScanResult:
         seconds: wall time of the scan.
     """
 
-    corpus: ShardedCorpus
+    corpus: ShardedCorpus | TokenizedCorpus
     docs_read: int
     docs_from_cache: int
     stop_reason: str
@@ -921,9 +921,31 @@ def scan_corpus(cfg: CorpusConfig, tokenizer, cache_root: Path, consumer: BatchC
 
 def _scan_stream(cfg, spec, tokenizer, root, pos, limit, consumer, early_stop, pieces) -> str:
     """Continue a scan from document ``pos`` with the stream; appends to ``pieces``; returns the stop reason."""
+
+    def store(start: int, ids: np.ndarray, off: np.ndarray, dids: list[str]) -> None:
+        seg = _write_segment(root, start, ids, off, dids)
+        pieces.append((seg, start, seg.end))
+
+    reason = scan_batches(iter_text_batches(cfg, spec, pos, limit or 0), tokenizer, store, consumer, pos=pos,
+                          limit=limit, early_stop=early_stop, num_proc=resolved_num_proc(cfg.num_proc))
+    if reason == STOP_END:
+        _mark_complete(root, pieces[-1][2] if pieces else pos)
+    return reason
+
+
+def scan_batches(batches, tokenizer, store, consumer: BatchConsumer | None = None, *, pos: int = 0,
+                 limit: int | None = None, early_stop: bool = True, num_proc: int = 1) -> str:
+    """Tokenize ``batches`` (``(texts, doc ids or None)`` each, read after document ``pos``) in
+    growing batches (:data:`FIRST_BATCH_DOCS` documents, then a quarter of those read so far, up to
+    :data:`MAX_BATCH_DOCS`), hand each to ``store(first doc, ids, offsets, doc ids)`` and to
+    ``consumer``, and stop when the consumer is done (with ``early_stop``). Shared by the scan of a
+    corpus on disk (:func:`scan_corpus`) and of texts in memory (:func:`scan_texts`).
+
+    Returns:
+        the stop reason: :data:`STOP_ENOUGH`, :data:`STOP_LIMIT` or :data:`STOP_END`.
+    """
     from tqdm.auto import tqdm
 
-    num_proc = resolved_num_proc(cfg.num_proc)
     size = FIRST_BATCH_DOCS
     texts: list[str] = []
     dids: list[str] = []
@@ -934,16 +956,15 @@ def _scan_stream(cfg, spec, tokenizer, root, pos, limit, consumer, early_stop, p
         if not texts:
             return
         ids, off = tokenize_batch(tokenizer, texts, num_proc)
-        seg = _write_segment(root, pos, ids, off, dids)
-        pieces.append((seg, pos, seg.end))
+        store(pos, ids, off, dids)
         if consumer is not None:
             consumer.feed(pos, ids, off, dids)
         bar.update(len(texts))
-        pos, texts, dids = seg.end, [], []
+        pos, texts, dids = pos + len(texts), [], []
         size = min(MAX_BATCH_DOCS, max(FIRST_BATCH_DOCS, pos // 4))
 
     try:
-        for batch, ids_ in iter_text_batches(cfg, spec, pos, limit or 0):
+        for batch, ids_ in batches:
             n0 = pos + len(texts)
             texts.extend(batch)
             dids.extend(ids_ if ids_ is not None else [str(i) for i in range(n0, n0 + len(batch))])
@@ -958,8 +979,63 @@ def _scan_stream(cfg, spec, tokenizer, root, pos, limit, consumer, early_stop, p
         return STOP_ENOUGH
     if limit is not None and pos >= limit:
         return STOP_LIMIT
-    _mark_complete(root, pos)
     return STOP_END
+
+
+def _text_batches(docs, text_column: str, limit: int) -> Iterator[tuple[list[str], list[str] | None]]:
+    """``(texts, doc ids or None)`` per :data:`READ_ROWS` documents of ``docs``: strings, or mappings
+    (rows of a ``datasets.Dataset``) holding the text under ``text_column`` and optionally an ``id``;
+    at most ``limit`` documents (0: all).
+
+    Raises:
+        ValueError: a document that is neither a string nor a mapping with a string under ``text_column``.
+    """
+    texts: list[str] = []
+    ids: list[str] = []
+    for n, doc in enumerate(docs):
+        if limit and n >= limit:
+            break
+        if isinstance(doc, str):
+            text, did = doc, None
+        elif hasattr(doc, "get") and isinstance(doc.get(text_column), str):
+            text, did = doc[text_column], doc.get("id")
+        else:
+            raise ValueError(f"texts: document {n} is {type(doc).__name__}, not a string or a record with a string "
+                             f"{text_column!r} field (text_column)")
+        texts.append(text)
+        ids.append(str(n) if did is None else str(did))
+        if len(texts) == READ_ROWS:
+            yield texts, ids
+            texts, ids = [], []
+    if texts:
+        yield texts, ids
+
+
+def scan_texts(docs, tokenizer, consumer: BatchConsumer | None = None, *, text_column: str = "text",
+               limit: int = 0, num_proc: int = 1) -> ScanResult:
+    """:func:`scan_corpus` for documents in memory (an iterable of strings or of records, e.g. a
+    ``datasets.Dataset``; see :func:`_text_batches`): the same batches and early stop, the token
+    ids kept in memory (nothing is written to disk).
+
+    Raises:
+        ValueError: a document of the wrong type; no document, or no text at all (``texts``).
+    """
+    t0 = time.perf_counter()
+    parts: list[tuple[np.ndarray, np.ndarray, list[str]]] = []
+    reason = scan_batches(_text_batches(docs, text_column, limit), tokenizer,
+                          lambda _start, ids, off, dids: parts.append((ids, off, list(dids))), consumer,
+                          limit=limit or None, num_proc=num_proc)
+    offsets = np.zeros(1 + sum(len(o) - 1 for _, o, _ in parts), dtype=np.int64)
+    np.cumsum(np.concatenate([np.diff(o) for _, o, _ in parts] or [np.zeros(0, dtype=np.int64)]), out=offsets[1:])
+    corpus = TokenizedCorpus(np.concatenate([i for i, _, _ in parts] or [np.zeros(0, dtype=np.int32)]), offsets,
+                             [d for _, _, ds in parts for d in ds])
+    if corpus.num_docs == 0 or corpus.num_tokens == 0:
+        raise ValueError("texts: no document" + (" has any text" if corpus.num_docs else "") + "; pass the documents "
+                         "to mine snippets from (strings, or records with a text field)")
+    res = ScanResult(corpus, corpus.num_docs, 0, reason, time.perf_counter() - t0, limit,
+                     getattr(consumer, "docs_needed", None))
+    logger.info("texts scan: %s", res.describe())
+    return res
 
 
 def tokenize_corpus(cfg: CorpusConfig, tokenizer, cache_root: Path) -> ShardedCorpus:

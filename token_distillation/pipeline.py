@@ -6,6 +6,10 @@
 4. load the model; extend tokenizer and embedding matrix
 5. initialise the new rows; train them (Token Distillation)
 6. write the rows, set untied output rows, save model + tokenizer + report.json atomically
+
+Stages 2-6 on a tokenizer already loaded are :func:`distill_stages`, the core shared by the command
+line (:func:`run`: loads from ``--model_path`` first, saves to ``--out_path``) and the Python API
+(:func:`token_distillation.distill`: a model and tokenizer in memory, saved only when asked).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from .config import (
     SnippetSource,
     StoppingCondition,
 )
-from .corpus import ScanResult, check_text_column, check_words_occur, scan_corpus
+from .corpus import ScanResult, check_text_column, check_words_occur, resolved_num_proc, scan_corpus, scan_texts
 from .distributed import DistContext, assign_tokens, check_distributable, inject_faults, launched_world_size
 from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report
@@ -106,6 +110,17 @@ class RunResult:
 
     out_path: Path
     report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Distilled:
+    """What :func:`distill_stages` produced: the extended model and tokenizer, the report (the
+    content of report.json) and the directory it was saved to (None: not saved)."""
+
+    model: Any
+    tokenizer: Any
+    report: dict[str, Any]
+    out_path: Path | None = None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -189,7 +204,7 @@ class Setup:
 
     cfg: RunConfig
     source: ModelSource
-    out: Path
+    out: Path | None  # None: nothing is saved (the Python API without out_path)
     dist: DistContext
     device: torch.device
     weights_dtype: torch.dtype
@@ -200,6 +215,15 @@ class Setup:
     batch_size: int | str = 16  # --token_distillation_batch_size; "auto" until the memory plan resolves it
     shard: bool = False  # several processes, each training its own tokens (distributed.shards_tokens)
     dist_info: dict | None = None  # for report.json: how the work was split over the processes
+    snippet_source: SnippetSource = SnippetSource.GENERATED  # --snippet_source resolved (texts in memory: corpus)
+    model: Any = None  # the model once loaded (the Python API passes it in)
+    checkpoints: bool = True  # training writes checkpoints into <out>/checkpoints (not the Python API)
+
+    def get_model(self):
+        """The model: the one passed in or loaded earlier, else loaded from ``--model_path`` now."""
+        if self.model is None:
+            self.model = load_model(self.source, self.cache_root, self.device, self.weights_dtype)
+        return self.model
 
 
 @dataclass
@@ -275,17 +299,48 @@ def run(cfg: RunConfig) -> RunResult:
         Interrupted: a stop signal (a checkpoint was written when training had started).
     """
     setup = start(cfg)
-    targets = build_target_list(setup)
+    tokenizer, model_config = load_inputs(setup)
     if cfg.output.dry_run:
-        return dry_run(setup, targets)
+        return dry_run(setup, build_target_list(setup, tokenizer, model_config))
+    done = distill_stages(setup, tokenizer, model_config)
+    if done is None:  # the rows are identical on every process; the main process saved them
+        return RunResult(setup.out, {})
+    return RunResult(done.out_path, done.report)
+
+
+def distill_stages(setup: Setup, tokenizer, model_config, words: list[str] | None = None,
+                   texts=None) -> Distilled | None:
+    """Stages 2-6 on a loaded tokenizer: the core of :func:`run` and of the Python API.
+
+    The model is ``setup.model`` or loaded when first needed (:meth:`Setup.get_model`); it and
+    ``tokenizer`` are extended in place. The output is saved only when ``setup.out`` is set.
+
+    Args:
+        words: the new tokens (default: built by ``--build_target_method``).
+        texts: documents in memory to mine (see :func:`token_distillation.corpus.scan_texts`);
+            default: ``--dataset_path``.
+    Returns:
+        the result on the main process; None on the others.
+    """
+    targets = build_target_list(setup, tokenizer, model_config, words, texts)
     snippets = gather_snippets(setup, targets)
     extended = extend_model(setup, targets, snippets)
     with deferred_signals():
         trained = train_new_rows(setup, snippets, extended)
-        if not setup.dist.is_main:  # the rows are identical on every process; the main process saves
+        if not setup.dist.is_main:
             setup.dist.close()
-            return RunResult(setup.out, {})
-        return write_output(setup, targets, snippets, extended, trained)
+            return None
+        report = finish(setup, targets, snippets, extended, trained)
+        out = write_output(setup, targets, extended, report) if setup.out is not None else None
+    setup.dist.close()
+    report["total_seconds"] = time.perf_counter() - setup.started
+    closed = gap_closed_estimate(report["mean_heldout_loss_init"], report["mean_heldout_loss_final"])
+    logger.info("%s (held-out loss %.5f -> %.5f%s) in %.1fs",
+                f"saved extended model to {out}" if out else "extended the model (not saved)",
+                report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
+                f", {100 * closed:.0f}% of the distillation gap closed" if closed is not None and trained.result
+                else "", report["total_seconds"])
+    return Distilled(extended.model, extended.tokenizer, report, out)
 
 
 def start(cfg: RunConfig) -> Setup:
@@ -310,11 +365,7 @@ def start(cfg: RunConfig) -> Setup:
                               "write one token per line")
         if cfg.resolved_snippet_source == SnippetSource.CORPUS and not cfg.output.dry_run:
             check_words_occur(cfg.corpus, words)
-    check_peft_available(cfg.output.exports)
-    check_gguf_possible(source, cfg.output.exports)
-    if "peft" in cfg.output.exports and cfg.train.train_original_embeddings:
-        raise ConfigError("--export peft holds the new tokens' rows only, but --train_original_embeddings changes "
-                          "the original rows too; use --export hf")
+    check_exports(cfg, source)
     if cfg.output.resume and cfg.train.init_method in TRAINED:
         batch = resumed_batch_size(out / CHECKPOINT_DIRNAME, batch)  # auto: the interrupted run's choice
         check_resumable(out / CHECKPOINT_DIRNAME, {**cfg.to_dict(), "token_distillation_batch_size": batch},
@@ -328,16 +379,30 @@ def start(cfg: RunConfig) -> Setup:
                     "each optimizer step's batch is split over them (data parallelism)")
     return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0,
                  batch_size=batch, shard=shard and dist.distributed,
-                 dist_info={"mode": "token-sharded" if shard else "data-parallel"} if dist.distributed else None)
+                 dist_info={"mode": "token-sharded" if shard else "data-parallel"} if dist.distributed else None,
+                 snippet_source=cfg.resolved_snippet_source)
 
 
-def build_target_list(setup: Setup) -> Targets:
-    """Stage 2: model config checks (target layer, context, tied output), the tokenizer, the
-    new-token list, and the tokenized corpus (when snippets are mined)."""
+def check_exports(cfg: RunConfig, source: ModelSource) -> None:
+    """Before anything loads: ``--export`` is possible (peft installed; gguf from a .gguf source;
+    peft not with ``--train_original_embeddings``).
+
+    Raises:
+        ConfigError: the first problem, naming the flag.
+    """
+    check_peft_available(cfg.output.exports)
+    check_gguf_possible(source, cfg.output.exports)
+    if "peft" in cfg.output.exports and cfg.train.train_original_embeddings:
+        raise ConfigError("--export peft holds the new tokens' rows only, but --train_original_embeddings changes "
+                          "the original rows too; use --export hf")
+
+
+def load_inputs(setup: Setup):
+    """The model config and the tokenizer from ``--model_path`` (the model's weights load later);
+    sets the dtypes the weights are loaded and saved in. Returns ``(tokenizer, model_config)``."""
     cfg, dist = setup.cfg, setup.dist
     with dist.main_process_first():  # the main process fills the model cache (GGUF conversion) first
         model_config = load_config(setup.source, setup.cache_root)
-        resolve_layer(model_config, cfg.train.target_layer)
         tokenizer = load_tokenizer(setup.source, setup.cache_root)
     setup.save_dtype = source_dtype(model_config)
     setup.weights_dtype, _ = resolve_precision(cfg.model.mixed_precision, setup.device, setup.save_dtype)
@@ -346,23 +411,41 @@ def build_target_list(setup: Setup) -> Targets:
     else:
         logger.info("weights: stored in %s, loaded in %s, saved in %s", setup.save_dtype, setup.weights_dtype,
                     setup.save_dtype)
+    return tokenizer, model_config
+
+
+def build_target_list(setup: Setup, tokenizer, model_config, words: list[str] | None = None,
+                      texts=None) -> Targets:
+    """Stage 2: model config checks (target layer, context, tied output), the new-token list
+    (``words``, else built by ``--build_target_method``), and the tokenized corpus when snippets
+    are mined (``texts`` in memory, else ``--dataset_path``)."""
+    cfg, dist = setup.cfg, setup.dist
+    resolve_layer(model_config, cfg.train.target_layer)
     text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
         raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
                           "zero, subtoken-mean or ntp")
     check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
-    targets = build_targets(cfg.targets, tokenizer, cfg.corpus, setup.cache_root)
+    targets = build_targets(cfg.targets, tokenizer, cfg.corpus, setup.cache_root, words=words)
     corpus = occurrences = mined = scan = None
-    if cfg.resolved_snippet_source != SnippetSource.GENERATED:
+    if setup.snippet_source != SnippetSource.GENERATED:
         sc = cfg.snippets
         miner = SnippetMiner(targets.tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                              cfg.corpus.heldout_fraction, bos_prefix(tokenizer), cfg.train.seed)
-        with dist.main_process_first():  # tokenized once, shared through the cache
-            scan = scan_corpus(cfg.corpus, tokenizer, setup.cache_root, consumer=miner)
+        if texts is not None:
+            scan = scan_texts(texts, tokenizer, miner, text_column=cfg.corpus.text_column, limit=cfg.corpus.max_docs,
+                              num_proc=resolved_num_proc(cfg.corpus.num_proc))
+        else:
+            with dist.main_process_first():  # tokenized once, shared through the cache
+                scan = scan_corpus(cfg.corpus, tokenizer, setup.cache_root, consumer=miner)
         corpus, mined = scan.corpus, miner.result()
         occurrences = [int(o) for o in miner.occurrences]
         len_before = corpus.num_tokens
         len_after = len_before - sum(o * (len(t.subtoken_ids) - 1) for o, t in zip(occurrences, targets.tokens))
+        if texts is not None and not any(occurrences):
+            raise ConfigError(f"texts: none of the {len(targets.tokens)} new tokens occurs in the {corpus.num_docs} "
+                              "documents read, so no snippet can be mined; pass texts that contain them, or texts=None "
+                              "(the model writes snippets)")
         summary = log_summary(targets, len_before, len_after)
         summary.update(docs_read=scan.docs_read, scan_stop_reason=scan.stop_reason, docs_needed=scan.docs_needed)
     else:
@@ -374,13 +457,12 @@ def build_target_list(setup: Setup) -> Targets:
 def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
     """Stage 3: mine (or generate) snippets once, on the main process, send them to the others,
     and keep the tokens with at least ``--min_snippets`` of them."""
-    cfg, src, model = setup.cfg, setup.cfg.resolved_snippet_source, None
+    cfg, src, model = setup.cfg, setup.snippet_source, None
 
     def _collect():
         nonlocal model
-        load = lambda: load_model(setup.source, setup.cache_root, setup.device, setup.weights_dtype)  # noqa: E731
         snips, info, sources, model = collect_snippets(cfg, src, tg.targets.tokens, tg.corpus, tg.tokenizer,
-                                                       bos_prefix(tg.tokenizer), load, setup.device,
+                                                       bos_prefix(tg.tokenizer), setup.get_model, setup.device,
                                                        mined=tg.mined, scan=tg.scan)
         return snips, info, sources
 
@@ -433,7 +515,7 @@ def _generate_sharded(setup: Setup, tg: Targets, wanted: list[tuple[int, int]] |
     logger.info("generating snippets for %d of %d tokens on process %d of %d",
                 sum(w != (0, 0) for w in mine), sum(w != (0, 0) for w in wanted), dist.rank, dist.world_size)
     with dist.main_process_first():  # the main process fills the model cache (GGUF conversion) first
-        model = load_model(setup.source, setup.cache_root, setup.device, setup.weights_dtype)
+        model = setup.get_model()
     part = generate_snippets(model, tg.tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
                              device=setup.device, counts=mine, **_generation_kw(setup.cfg))
     parts = dist.all_gather_objects(part, "generated-snippets")
@@ -449,8 +531,9 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     tied model when asked), and initialise the new input (and output) rows."""
     cfg, tc, device, tokenizer = setup.cfg, setup.cfg.train, setup.device, tg.tokenizer
     plan = plan_run_memory(setup, tg, sn)
-    model = sn.model or load_model(setup.source, setup.cache_root, device, setup.weights_dtype)
-    check_saveable(model)
+    model = sn.model or setup.get_model()
+    if setup.out is not None:
+        check_saveable(model)
     check_adapter_possible(model, cfg.output.exports)
     layer = resolve_layer(model, tc.target_layer)
     num_original = model.get_input_embeddings().weight.shape[0]
@@ -501,7 +584,7 @@ def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
     host = setup.device.type != "cuda"
     params = count_parameters(tg.model_config)
     weight_bytes = params * torch.empty((), dtype=setup.weights_dtype).element_size()
-    baseline = max(0, resident_bytes() - (weight_bytes if sn.model is not None else 0)) if host else 0
+    baseline = max(0, resident_bytes() - (weight_bytes if setup.model is not None else 0)) if host else 0
     kw = dict(weights_dtype=setup.weights_dtype, autocast_dtype=setup.autocast_dtype, seq_len=seq_len,
               layers_to_target=resolve_layer(tg.model_config, tc.target_layer), num_new=len(sn.tokens),
               untie=bool(getattr(text_cfg, "tie_word_embeddings", False)) and _output_policy(cfg, True) is not None,
@@ -691,7 +774,7 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
     if owned is not None:
         return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
-                        dist=dist, minutes=cfg.output.checkpoint_minutes)
+                        dist=dist, minutes=cfg.output.checkpoint_minutes) if setup.checkpoints else None
     return train(ext.model, rows, seqs, tix, layer=ext.layer, loss_method=tc.loss_method,
                  autocast_dtype=setup.autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
                  lr_schedule=tc.lr_schedule, teacher_cache_bytes=cache_bytes,
@@ -757,10 +840,9 @@ def teacher_state_bytes(seqs, model, setup: Setup) -> int:
     return positions * hidden * item
 
 
-def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Trained) -> RunResult:
-    """Stage 6: write the trained rows into the embedding matrices, then save model, tokenizer,
-    report.json and the token files atomically (never losing the training, see
-    :func:`token_distillation.report.save_output`)."""
+def finish(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Trained) -> dict[str, Any]:
+    """Stage 6, in memory: write the trained rows into the embedding matrices (the model in the
+    dtype it is saved in) and build the report (the content of report.json)."""
     model, rows, emb = ext.model, ext.rows, ext.model.get_input_embeddings().weight
     with torch.no_grad():
         ids_t = torch.tensor(rows.token_ids, device=emb.device)
@@ -771,9 +853,14 @@ def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Tra
             model.get_output_embeddings().weight[ids_t] = rows.out_rows.detach().to(emb.dtype)
     if emb.dtype != setup.save_dtype:  # saved as the source was stored (originals round-trip exactly)
         model.to(setup.save_dtype)
-    report = build_report(setup, tg, sn, ext, tr)
+    return build_report(setup, tg, sn, ext, tr)
 
-    exports = setup.cfg.output.exports
+
+def write_output(setup: Setup, tg: Targets, ext: Extended, report: dict[str, Any]) -> Path:
+    """Stage 6, on disk: save model, tokenizer, the exports, report.json and the token files
+    atomically into ``setup.out`` (never losing the training, see
+    :func:`token_distillation.report.save_output`); returns the directory written."""
+    model, rows, exports = ext.model, ext.rows, setup.cfg.output.exports
 
     def _write(tmp: Path) -> None:
         if "hf" in exports:
@@ -789,16 +876,8 @@ def write_output(setup: Setup, tg: Targets, sn: Snippets, ext: Extended, tr: Tra
         write_json(tmp / "report.json", report)
         write_target_files(tmp, tg.targets, tg.records)
 
-    out = save_output(setup.out, _write, setup.cfg, rows, ext.tokenizer, report, setup.source.spec,
-                      untie=ext.tied_source and not ext.tied, save_dtype=setup.save_dtype)
-    setup.dist.close()
-    report["total_seconds"] = time.perf_counter() - setup.started
-    closed = gap_closed_estimate(report["mean_heldout_loss_init"], report["mean_heldout_loss_final"])
-    logger.info("saved extended model to %s (held-out loss %.5f -> %.5f%s) in %.1fs", out,
-                report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
-                f", {100 * closed:.0f}% of the distillation gap closed" if closed is not None and tr.result else "",
-                report["total_seconds"])
-    return RunResult(out, report)
+    return save_output(setup.out, _write, setup.cfg, rows, ext.tokenizer, report, setup.source.spec,
+                       untie=ext.tied_source and not ext.tied, save_dtype=setup.save_dtype)
 
 
 def _generation_kw(cfg: RunConfig) -> dict:
@@ -843,7 +922,8 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
         token_sources = ["generated"] * len(tokens)
     else:
         snips = mined if mined is not None else _mine(cfg, corpus, tokens, bos)
-        corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path, "num_docs": corpus.num_docs,
+        corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path or "texts (in memory)",
+                       "num_docs": corpus.num_docs,
                        "num_tokens": int(corpus.num_tokens),
                        "docs_read": scan.docs_read if scan else corpus.num_docs,
                        "scan_stop_reason": scan.stop_reason if scan else None,

@@ -444,7 +444,7 @@ def tokenizer_targets(cfg: TargetConfig, tokenizer, target) -> TargetList:
 
 
 def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None = None,
-                  cache_root: Path | None = None) -> TargetList:
+                  cache_root: Path | None = None, words: list[str] | None = None) -> TargetList:
     """Build the new-token list according to ``--build_target_method``.
 
     Args:
@@ -452,6 +452,8 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
         tokenizer: the source tokenizer (subtokens and vocabulary checks).
         corpus_cfg: the corpus (needed by ``frequency``, and by ``ner`` without a counts file).
         cache_root: cache directory (NER counts, converted tokenizers).
+        words: the candidate tokens themselves (the Python API's ``new_tokens``), filtered like a
+            word list (``--build_target_method`` is then not used).
 
     Raises:
         ConfigError: missing corpus, unreadable input, or an empty list after filtering.
@@ -459,13 +461,14 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
     from .models import default_cache_root
 
     cache_root = cache_root or default_cache_root()
-    method = cfg.build_target_method
+    method = BuildTargetMethod.WORDLIST if words is not None else cfg.build_target_method
     needs_corpus = method == BuildTargetMethod.FREQUENCY or (method == BuildTargetMethod.NER and not cfg.new_tokens_source)
     if needs_corpus and (corpus_cfg is None or not corpus_cfg.dataset_path):
         raise ConfigError(f"--build_target_method {method.value} needs a corpus: pass --dataset_path")
     if method == BuildTargetMethod.WORDLIST:
-        targets = filter_candidates(tokenizer, read_wordlist(cfg.wordlist_path), cfg.add_leading_space)
-        targets.source = cfg.wordlist_path
+        targets = filter_candidates(tokenizer, read_wordlist(cfg.wordlist_path) if words is None else list(words),
+                                    cfg.add_leading_space)
+        targets.source = cfg.wordlist_path if words is None else "new_tokens"
         targets.seen = len(targets.tokens) + len(targets.skipped)
         for reason in targets.skipped.values():
             _drop(targets, reason)
