@@ -403,6 +403,7 @@ def load_inputs(setup: Setup):
     cfg, dist = setup.cfg, setup.dist
     with dist.main_process_first():  # the main process fills the model cache (GGUF conversion) first
         model_config = load_config(setup.source, setup.cache_root)
+        resolve_layer(model_config, cfg.train.target_layer)  # a bad --target_layer stops before the tokenizer loads
         tokenizer = load_tokenizer(setup.source, setup.cache_root)
     setup.save_dtype = source_dtype(model_config)
     setup.weights_dtype, _ = resolve_precision(cfg.model.mixed_precision, setup.device, setup.save_dtype)
