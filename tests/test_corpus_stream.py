@@ -256,3 +256,10 @@ def test_documents_without_text_are_counted_in_the_scan_line(tmp_path, toy_token
     rows = [{"text": t} for t in TOY_TEXT[:6]] + [{"text": None}, {"text": ""}]
     res = scan_corpus(CorpusConfig(dataset_path=str(_jsonl(tmp_path / "n.jsonl", rows))), toy_tokenizer, tmp_path / "c")
     assert res.docs_read == 8 and "2 of them without text (empty or null" in res.describe()
+
+
+def test_max_steps_without_a_step_stop_is_refused():
+    """--max_steps alone used to be ignored silently (training ran its epochs)."""
+    with pytest.raises(ConfigError, match="--max_steps 3 counts only when training stops by steps"):
+        RunConfig.from_flags(max_steps=3)
+    assert RunConfig.from_flags(max_steps=3, stopping_condition="max_steps").train.max_steps == 3

@@ -111,12 +111,14 @@ def test_earlier_output_is_replaced_and_suggested(tmp_path, toy_model_dir, toy_c
     assert foreign_entries(out) == []  # the new output lists every file it wrote
 
 
-def test_dry_run_over_a_trained_model_warns(tmp_path, caplog):
+def test_dry_run_never_replaces_a_trained_model(tmp_path):
+    """--dry_run --overwrite on a trained model used to only warn, then delete the model."""
     out = tmp_path / "out"
     _earlier_output(out, kind="model")
-    with caplog.at_level(logging.WARNING):
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ConfigError, match="holds a trained model, which --overwrite with --dry_run would replace"):
         prepare_out_path(str(out), overwrite=True, dry_run=True)
-    assert any("holds a trained model" in r.message for r in caplog.records)
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_foreign_entries_lists_unlisted_files_and_dirs(tmp_path):

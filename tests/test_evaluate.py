@@ -170,3 +170,23 @@ def test_docs_document_every_evaluate_flag():
     readme = (ROOT / "docs" / "flags.md").read_text()
     for f in fields(EvalConfig):
         assert f"`--{f.name}`" in readme, f.name
+
+
+def test_out_path_with_a_users_files_is_refused_before_any_work(tmp_path, toy_model_dir, toy_corpus, cache_dir,
+                                                                 monkeypatch):
+    import token_distillation.evaluate as ev
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "evaluation.md").write_text("my notes")
+    ext = make_extended(tmp_path / "e", toy_model_dir, [" hepatotoxicity"], lambda w, s: w[s].mean(0), DOCS[:8])
+    monkeypatch.setattr(ev, "_original_pass", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work began")))
+    with pytest.raises(ConfigError, match="--out_path .*evaluation.md"):
+        evaluate(_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, [ext]))
+    assert (out / "evaluation.md").read_text() == "my notes"
+    monkeypatch.undo()
+    (out / "evaluation.md").unlink()
+    cfg = _cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, [ext], definition_tokens=0, bpb_docs=0, gen_prompts=0)
+    evaluate(cfg)
+    evaluate(cfg)  # an earlier evaluation is replaced
+    assert {p.name for p in out.iterdir()} >= {"evaluation.json", "evaluation.md", "evaluation.png"}

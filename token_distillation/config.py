@@ -606,6 +606,10 @@ class TrainConfig:
                            _batch_size(self.token_distillation_batch_size, problems))
         if self.stopping_condition == StoppingCondition.MAX_STEPS and self.max_steps < 1:
             problems.append("--stopping_condition max_steps needs --max_steps >= 1")
+        if self.max_steps and self.stopping_condition == StoppingCondition.EPOCHS:
+            problems.append(f"--max_steps {self.max_steps} counts only when training stops by steps: add "
+                            f"--stopping_condition max_steps (or give --stopping_condition max_steps:{self.max_steps} "
+                            "instead), or drop --max_steps")
         if self.log_every < 1:
             problems.append("--log_every must be >= 1")
 

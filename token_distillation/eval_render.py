@@ -121,19 +121,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
     s = results["setup"]
     fig.suptitle(f"{s['model_path']}: {s['words_with_windows']} new tokens, {s['windows']} held-out windows", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:
-    """Write evaluation.json, evaluation.md and evaluation.png into ``out`` (created if needed)."""
+    """Write evaluation.json, evaluation.md and evaluation.png into ``out`` (created if needed), each
+    file replaced whole (never seen half-written); ``out`` was claimed by
+    :func:`token_distillation.evaluate.evaluate` before any work."""
+    from .paths import replace_file
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    replace_file(out / "evaluation.json", lambda tmp: Path(tmp).write_text(
+        json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8"), flag="--out_path")
     s = results["setup"]
     md = (f"# Evaluation of new tokens\n\nModel `{s['model_path']}`; held-out corpus `{s['dataset_path']}` "
           f"({s['heldout_docs']} documents, {s['excluded_training_docs']} training documents excluded); "
           f"{s['windows']} windows of {s['window_len']} tokens for {s['words_with_windows']} words; "
           f"created {s['created']}.\n\n" + markdown_tables(results) + "\n![metrics](evaluation.png)\n")
-    (out / "evaluation.md").write_text(md, encoding="utf-8")
-    plot(results, out / "evaluation.png")
+    replace_file(out / "evaluation.md", lambda tmp: Path(tmp).write_text(md, encoding="utf-8"), flag="--out_path")
+    replace_file(out / "evaluation.png", lambda tmp: plot(results, Path(tmp)), flag="--out_path")
     logger.info("wrote %s/evaluation.{json,md,png}", out)

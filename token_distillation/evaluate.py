@@ -79,11 +79,14 @@ from .metrics import (  # noqa: F401  (re-exported: these lived here before)
     _mean,
     _unique_labels,
 )
+from .paths import claim_script_dir
 from .tokenization import NewToken, bos_prefix, subtoken_ids
 from .train import resolve_layer
 
 logger = logging.getLogger(__name__)
 
+#: what the evaluation writes into --out_path
+OUT_FILES = ("evaluation.json", "evaluation.md", "evaluation.png")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -124,7 +127,8 @@ class EvalConfig:
     cache_dir: str = _flag("", "Cache root (converted GGUF checkpoints, tokenized corpora).")
     seed: int = _flag(42, "Seed for the order in which held-out documents are scanned.")
     out_path: str = _flag("outputs/evaluation", "Directory for evaluation.json, evaluation.md and "
-                          "evaluation.png (created; existing files with these names are replaced).")
+                          "evaluation.png: new, empty or an earlier evaluation's (whose files are replaced); a "
+                          "directory holding other files is refused.")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -240,6 +244,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from .pipeline import resolve_device
 
     t0 = time.perf_counter()
+    # before any work: --out_path is new, empty or an earlier evaluation (a user's files are never replaced)
+    claim_script_dir(cfg.out_path, "token_distillation.evaluate", list(OUT_FILES), flag="--out_path")
     device = resolve_device(cfg.device)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
     labels = cfg.label_list or [""] * len(cfg.paths)

@@ -386,8 +386,8 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
                               "delete; choose another directory for the dry run (or --resume the run)")
         manifest = read_manifest(out)
         if dry_run and manifest and manifest.get("kind") == "model":
-            logger.warning("%s %s holds a trained model; this dry run replaces it with the dry run's files "
-                           "(interrupt now to keep it)", flag, out)
+            raise ConfigError(f"{flag} {out} holds a trained model, which --overwrite with --dry_run would replace "
+                              "with the dry run's files; choose another directory for the dry run")
     return out
 
 
