@@ -25,8 +25,16 @@ def test_sample_is_seeded_and_continuation_bits_match_a_direct_sum(toy_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
     prompts = ["The patient developed", "Cisplatin causes"]
-    a = sample(model, toy_tokenizer, prompts, 5, 3, "cpu")
-    assert a.ids == sample(model, toy_tokenizer, prompts, 5, 3, "cpu").ids and all(len(x) <= 5 for x in a.ids)
+    n = model.get_output_embeddings().weight.shape[0]
+    a = sample(model, toy_tokenizer, prompts, 5, 3, "cpu", n)
+    assert a.ids == sample(model, toy_tokenizer, prompts, 5, 3, "cpu", n).ids and all(len(x) <= 5 for x in a.ids)
+    # paired: a model with two extra vocabulary rows that are never likely draws the same tokens
+    from token_distillation.models import extend_embeddings
+    big = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
+    extend_embeddings(big, n + 2)
+    with torch.no_grad():
+        big.get_output_embeddings().weight[n:] = -5 * big.get_output_embeddings().weight[:n].mean(0)
+    assert sample(big, toy_tokenizer, prompts, 5, 3, "cpu", n).ids == a.ids
     bits, nbytes = continuation_bits(model, toy_tokenizer, prompts[:1], [" severe hepatotoxicity"], "cpu")
     head = [toy_tokenizer.bos_token_id] + toy_tokenizer("The patient developed", add_special_tokens=False)["input_ids"]
     full = [toy_tokenizer.bos_token_id] + toy_tokenizer("The patient developed severe hepatotoxicity",

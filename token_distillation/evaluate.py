@@ -339,7 +339,7 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
         def_orig = continuation_nll(model, prompts, definitions, num_original, all_new, device, pad_id, cfg.batch_size)
     bpb_texts, bpb = _original_bpb(cfg, model, tokenizer, windows, device)
     prompts = prompts_before_words(windows, corpus, tokenizer, cfg.gen_prompts) if cfg.gen_prompts else []
-    generated = sample(model, tokenizer, prompts, cfg.gen_tokens, cfg.seed, device) if prompts else None
+    generated = sample(model, tokenizer, prompts, cfg.gen_tokens, cfg.seed, device, num_original) if prompts else None
     return _Original(tokenizer, words, index, corpus, docs, windows, win_counts, teacher, num_layers, num_original,
                      targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts, bpb,
                      prompts, generated)
@@ -385,7 +385,7 @@ def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root:
             def_ext[i] = v
     bpb = (score_bytes(ext_model, ext_tok, o.bpb_texts, device, new_ids=e.new_ids, max_len=_max_len(ext_model)).as_dict()
            if o.bpb_texts else None)
-    gen = sample(ext_model, ext_tok, o.prompts, cfg.gen_tokens, cfg.seed, device) if o.prompts else None
+    gen = sample(ext_model, ext_tok, o.prompts, cfg.gen_tokens, cfg.seed, device, o.num_original) if o.prompts else None
     ext_corpus = tokenize_corpus(cfg.corpus, ext_tok, cache_root)
     assert ext_corpus.doc_ids == o.corpus.doc_ids
     doc_lens = (o.corpus.offsets[o.docs + 1] - o.corpus.offsets[o.docs]).astype(np.float64)

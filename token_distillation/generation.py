@@ -11,6 +11,9 @@ tokenizer) samples a continuation (seeded, temperature 1, the whole vocabulary).
 - ``tokens_per_byte``: generated tokens per UTF-8 byte of the generated text (fewer is faster);
 - ``original_bpb``: bits per byte of the generated text under the *original* model (given the same
   prompt), a check that the extended model's text stays as plausible as the original model's own.
+
+The samples are paired across models (the same random draws for the original tokens, see
+:func:`sample`), so the continuations differ only where the models' distributions do.
 """
 
 from __future__ import annotations
@@ -31,26 +34,39 @@ class Generated:
     ids: list[list[int]]
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new: int, seed: int, device) -> Generated:
-    """Seeded sampling of ``max_new`` tokens after every prompt (one prompt at a time, no padding).
+def _gumbel(n: int, seed: int) -> torch.Tensor:
+    """``[n]`` standard Gumbel noise from a generator seeded with ``seed``."""
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
 
-    Seeded per prompt (``seed + prompt index``, torch's generator forked so the caller's random
-    state is untouched), so a prompt's continuation does not depend on the others; stops at EOS.
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new: int, seed: int, device, num_original: int) -> Generated:
+    """Seeded sampling (temperature 1, the whole vocabulary) of up to ``max_new`` tokens after every
+    prompt; stops at EOS.
+
+    Paired across models: a token is drawn as ``argmax(log p + g)`` (Gumbel-max), where the noise
+    ``g`` of original ids ``< num_original`` depends only on ``(seed, prompt, step)`` and that of the
+    new ids comes from a separate stream. So the original model and an extended model whose
+    probabilities of the original tokens agree draw the same tokens, and differences between their
+    continuations come from the models, not from the random stream (a plain sampler's stream shifts
+    with the vocabulary size).
     """
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     texts, ids = [], []
     for k, prompt in enumerate(prompts):
         seq = context_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else None):
-            torch.manual_seed(seed + k)
-            gen = model.generate(torch.tensor([seq], device=device), attention_mask=torch.ones(1, len(seq), device=device,
-                                 dtype=torch.long), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad)
-        out = [int(t) for t in gen[0, len(seq):].tolist()]
-        if eos is not None and eos in out:
-            out = out[: out.index(eos)]
+        out: list[int] = []
+        for t in range(max_new):
+            logits = model(input_ids=torch.tensor([seq + out], device=device)).logits[0, -1].double().cpu()
+            base = (seed * 1_000_003 + k) * 1_009 + t
+            g = _gumbel(min(num_original, logits.shape[0]), base)
+            if logits.shape[0] > num_original:
+                g = torch.cat([g, _gumbel(logits.shape[0] - num_original, base + 2**40)])
+            nxt = int(torch.argmax(torch.log_softmax(logits, -1) + g))
+            if nxt == eos:
+                break
+            out.append(nxt)
         ids.append(out)
         texts.append(tokenizer.decode(out))
     return Generated(texts, ids)
