@@ -308,7 +308,11 @@ def evaluate_all(entries: list[Entry], tasks: list[str], task_manager, setup: di
 
     device, dtype = resolve_device(setup["device"]), resolve_dtype(setup["dtype"])
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
+    from token_distillation.evaluate import evaluated_words
+
     orig_tok = load_tokenizer(resolve_model_source(setup["model_path"]), cache_root)
+    # every extended model must come from --model_path (its words' subtokens agree), before any model loads
+    evaluated_words(setup["model_path"], [e.extended for e in entries if e.extended is not None], orig_tok)
     results, stats = {}, {}
     for e in entries:
         t = time.perf_counter()

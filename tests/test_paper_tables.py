@@ -182,3 +182,15 @@ def test_include_path_finds_local_task_yaml(tmp_path):
     assert mod.choose_tasks("my_local_task,pubmedqa_local", names, True) == ["my_local_task", "pubmedqa_local"]
     with pytest.raises(ConfigError, match="my_local_tsk"):
         mod.choose_tasks("my_local_tsk", names, True)
+
+
+def test_benchmarks_refuse_extended_models_of_another_model(tmp_path, extended_dir):
+    """A SmolLM2 run benchmarked against --model_path gemma3-270m: one error line naming the mismatch,
+    before lm-eval runs (the trial got a table pairing Gemma's original row with the SmolLM2 run)."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_benchmarks.py"), "--model_path", "gemma3-270m",
+                        "--extended_paths", str(extended_dir), "--pubmedqa_dir", str(PUBMEDQA),
+                        "--tasks", "pubmedqa_local", "--limit", "2", "--out_dir", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error:") and "made from another model" in last, r.stderr[-2000:]
+    assert not (tmp_path / "o" / "benchmarks.md").exists()

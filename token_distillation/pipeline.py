@@ -547,8 +547,8 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     tied_source = is_tied(model)
     out_policy = _output_policy(cfg, tied_source)
     if tied_source and out_policy is not None:
-        logger.info("--output_embeddings %s on a tied model: untying (the output layer becomes a separate copy)",
-                    out_policy.value)
+        logger.info("--output_embeddings %s on a tied model: untying (the output layer becomes a separate copy; "
+                    "new output rows: %s)", cfg.output.output_embeddings.value, out_policy.value)
         untie_embeddings(model)
     tied = is_tied(model)
     if set_new_output_bias(model, new_ids, [t.subtoken_ids for t in tokens]):
