@@ -12,7 +12,9 @@
 # linearly from the 40 tokens trained), the whole run's seconds, torch.cuda.max_memory_allocated and
 # the memory plan. A few minutes on an H200. Writes the JSON result to OUT (outputs/gpu_check.json).
 #
-# Variables: PYTHON (default .venv/bin/python, else python3), WORK_DIR, OUT.
+# With more than one GPU it then times 1 process against one per GPU (scripts/benchmark_processes.py,
+# JSON to PROC_OUT, outputs/gpu_processes.json).
+# Variables: PYTHON (default .venv/bin/python, else python3), WORK_DIR, OUT, PROC_OUT.
 # Without a CUDA device it stops with exit code 2 and one "error:" line before building anything.
 set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,4 +29,10 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 args=(--out "${OUT:-outputs/gpu_check.json}")
 [[ -n "${WORK_DIR:-}" ]] && args+=(--work_dir "$WORK_DIR")
-exec "$PYTHON" scripts/gpu_check.py "${args[@]}" "$@"
+"$PYTHON" scripts/gpu_check.py "${args[@]}" "$@"
+# several GPUs: the token-sharding comparison, 1 process against one per GPU (issue: near-linear speed-up)
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+if [[ "${ngpu:-0}" -gt 1 ]]; then
+    "$PYTHON" scripts/benchmark_processes.py --device cuda --processes "1,$ngpu" --threads 4 \
+        --out "${PROC_OUT:-outputs/gpu_processes.json}"
+fi
