@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from token_distillation.cli import configure_logging  # noqa: E402
 from token_distillation.config import ConfigError  # noqa: E402
+from token_distillation.generation import generate_ids, pad_and_eos  # noqa: E402
 from token_distillation.paper_tables import (  # noqa: E402
     Entry, load_entry, markdown_table, read_entries, resolve_dtype, settings_text, write_json, write_text)
 from token_distillation.paths import claim_script_dir  # noqa: E402
@@ -126,45 +127,14 @@ def _backend(choice: str, judge, device: str) -> str:
     return choice
 
 
-def generate(model, prompts: list[list[int]], *, max_new: int, pad_id: int, eos_id, batch_size: int, device,
-             temperature: float = 0.0) -> list[list[int]]:
-    """Continuations of ``prompts`` (token ids), batched with left padding.
-
-    Returns:
-        the new token ids of each prompt, cut after the first ``eos_id``.
-    """
-    import torch
-
-    out: list[list[int]] = []
-    sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    for b in range(0, len(prompts), batch_size):
-        chunk = prompts[b: b + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        att = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p):], att[r, width - len(p):] = torch.tensor(p), 1
-        with torch.no_grad():
-            gen = model.generate(ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new,
-                                 pad_token_id=pad_id, eos_token_id=eos_id, **sample)
-        for row in gen[:, width:].tolist():
-            out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    return out
-
-
-def _pad_eos(tokenizer) -> tuple[int, int | None]:
-    eos = tokenizer.eos_token_id
-    return (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)), eos
-
-
 def write_definitions(model, tokenizer, words: list, word_ids: list[list[int]], gen: dict) -> list[str]:
     """One definition per word from ``word_ids`` (the word's subtokens or its new token) in the
     definition prompt; decoded without special tokens, cut at the first line break, stripped."""
     from token_distillation.metrics import definition_prompt
 
     prompts = [definition_prompt(tokenizer, w.text, ids) for w, ids in zip(words, word_ids)]
-    pad, eos = _pad_eos(tokenizer)
-    outs = generate(model, prompts, max_new=gen["definition_tokens"], pad_id=pad, eos_id=eos,
+    pad, eos = pad_and_eos(tokenizer)
+    outs = generate_ids(model, prompts, max_new=gen["definition_tokens"], pad_id=pad, eos_id=eos,
                     batch_size=gen["batch_size"], device=gen["device"], temperature=gen["temperature"])
     return [tokenizer.decode(o, skip_special_tokens=True).split("\n", 1)[0].strip() for o in outs]
 
@@ -238,8 +208,8 @@ def ask_judge(judge, backend: str, texts: list[str], gen: dict, cache_root: Path
     if backend == "vllm":
         return _vllm_answers(judge, prompts, gen), chat
     model = _load_judge(judge, gen, cache_root)
-    pad, eos = _pad_eos(tok)
-    outs = generate(model, prompts, max_new=gen["judge_tokens"], pad_id=pad, eos_id=eos, batch_size=gen["batch_size"],
+    pad, eos = pad_and_eos(tok)
+    outs = generate_ids(model, prompts, max_new=gen["judge_tokens"], pad_id=pad, eos_id=eos, batch_size=gen["batch_size"],
                     device=gen["device"])
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs], chat
 

@@ -3,7 +3,6 @@ the figure, and the output files ``evaluation.{json,md,png}``."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -129,16 +128,16 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
     """Write evaluation.json, evaluation.md and evaluation.png into ``out`` (created if needed), each
     file replaced whole (never seen half-written); ``out`` was claimed by
     :func:`token_distillation.evaluate.evaluate` before any work."""
+    from .paper_tables import write_json, write_text
     from .paths import replace_file
 
     out.mkdir(parents=True, exist_ok=True)
-    replace_file(out / "evaluation.json", lambda tmp: Path(tmp).write_text(
-        json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8"), flag="--out_path")
+    write_json(out / "evaluation.json", results)
     s = results["setup"]
     md = (f"# Evaluation of new tokens\n\nModel `{s['model_path']}`; held-out corpus `{s['dataset_path']}` "
           f"({s['heldout_docs']} documents, {s['excluded_training_docs']} training documents excluded); "
           f"{s['windows']} windows of {s['window_len']} tokens for {s['words_with_windows']} words; "
           f"created {s['created']}.\n\n" + markdown_tables(results) + "\n![metrics](evaluation.png)\n")
-    replace_file(out / "evaluation.md", lambda tmp: Path(tmp).write_text(md, encoding="utf-8"), flag="--out_path")
+    write_text(out / "evaluation.md", md)
     replace_file(out / "evaluation.png", lambda tmp: plot(results, Path(tmp)), flag="--out_path")
     logger.info("wrote %s/evaluation.{json,md,png}", out)

@@ -79,6 +79,7 @@ from .metrics import (  # noqa: F401  (re-exported: these lived here before)
     _mean,
     _unique_labels,
 )
+from .paper_tables import split_list
 from .paths import claim_script_dir
 from .tokenization import NewToken, bos_prefix, subtoken_ids
 from .train import resolve_layer
@@ -167,11 +168,11 @@ class EvalConfig:
 
     @property
     def paths(self) -> list[str]:
-        return _split_list(self.extended_paths)
+        return split_list(self.extended_paths)
 
     @property
     def label_list(self) -> list[str]:
-        return _split_list(self.labels)
+        return split_list(self.labels)
 
     @property
     def corpus(self) -> CorpusConfig:
@@ -198,10 +199,6 @@ class EvalConfig:
         if problems:
             raise ConfigError(problems)
         return cls(**kw)
-
-
-def _split_list(value: str) -> list[str]:
-    return [s.strip() for s in str(value).split(",") if s.strip()]
 
 
 @dataclass

@@ -34,16 +34,69 @@ class Generated:
     ids: list[list[int]]
 
 
+def pad_and_eos(tokenizer) -> tuple[int, int | None]:
+    """``(pad id, EOS id)`` for generation: the tokenizer's pad token, else EOS, else 0."""
+    eos = tokenizer.eos_token_id
+    return (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)), eos
+
+
+@torch.no_grad()
+def generate_ids(model, prompts: list[list[int]], *, max_new: int, pad_id: int, eos_id, batch_size: int, device,
+                 temperature: float = 0.0, logits_processor=None) -> list[list[int]]:
+    """Continuations of ``prompts`` (token ids) with ``model.generate`` (KV cache), batched with left
+    padding; greedy unless ``temperature > 0``. The model's own generation settings are not used
+    (an explicit :class:`transformers.GenerationConfig`), so results do not depend on them.
+
+    Returns:
+        the new token ids of each prompt, cut after the first ``eos_id`` (included).
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new, pad_token_id=pad_id, eos_token_id=eos_id, **sample)
+    out: list[list[int]] = []
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b: b + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        att = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p):], att[r, width - len(p):] = torch.tensor(p), 1
+        gen = model.generate(ids.to(device), attention_mask=att.to(device), generation_config=config,
+                             logits_processor=LogitsProcessorList(logits_processor or []))
+        for row in gen[:, width:].tolist():
+            out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return out
+
+
 def _gumbel(n: int, seed: int) -> torch.Tensor:
     """``[n]`` standard Gumbel noise from a generator seeded with ``seed``."""
     u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
 
 
-@torch.no_grad()
+class _GumbelMax:
+    """Logits processor for greedy decoding that turns it into paired sampling at temperature 1:
+    the scores become ``log_softmax(scores) + g`` with ``g`` seeded by ``(seed, prompt, step)`` for
+    the original ids ``< num_original`` and by a separate stream for the new ids (one prompt per call)."""
+
+    def __init__(self, seed: int, prompt_index: int, prompt_len: int, num_original: int):
+        self.base = (seed * 1_000_003 + prompt_index) * 1_009
+        self.prompt_len, self.num_original = prompt_len, num_original
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n, base = scores.shape[-1], self.base + input_ids.shape[1] - self.prompt_len
+        g = _gumbel(min(self.num_original, n), base)
+        if n > self.num_original:
+            g = torch.cat([g, _gumbel(n - self.num_original, base + 2**40)])
+        logp = torch.log_softmax(scores.double(), -1)
+        return (logp + g.to(scores.device)).to(scores.dtype)
+
+
 def sample(model, tokenizer, prompts: list[str], max_new: int, seed: int, device, num_original: int) -> Generated:
     """Seeded sampling (temperature 1, the whole vocabulary) of up to ``max_new`` tokens after every
-    prompt; stops at EOS.
+    prompt; stops at EOS (not included).
 
     Paired across models: a token is drawn as ``argmax(log p + g)`` (Gumbel-max), where the noise
     ``g`` of original ids ``< num_original`` depends only on ``(seed, prompt, step)`` and that of the
@@ -52,21 +105,13 @@ def sample(model, tokenizer, prompts: list[str], max_new: int, seed: int, device
     continuations come from the models, not from the random stream (a plain sampler's stream shifts
     with the vocabulary size).
     """
-    eos = tokenizer.eos_token_id
+    pad, eos = pad_and_eos(tokenizer)
     texts, ids = [], []
     for k, prompt in enumerate(prompts):
         seq = context_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        out: list[int] = []
-        for t in range(max_new):
-            logits = model(input_ids=torch.tensor([seq + out], device=device)).logits[0, -1].double().cpu()
-            base = (seed * 1_000_003 + k) * 1_009 + t
-            g = _gumbel(min(num_original, logits.shape[0]), base)
-            if logits.shape[0] > num_original:
-                g = torch.cat([g, _gumbel(logits.shape[0] - num_original, base + 2**40)])
-            nxt = int(torch.argmax(torch.log_softmax(logits, -1) + g))
-            if nxt == eos:
-                break
-            out.append(nxt)
+        out = generate_ids(model, [seq], max_new=max_new, pad_id=pad, eos_id=eos, batch_size=1, device=device,
+                           logits_processor=[_GumbelMax(seed, k, len(seq), num_original)])[0]
+        out = out[:-1] if out and out[-1] == eos else out
         ids.append(out)
         texts.append(tokenizer.decode(out))
     return Generated(texts, ids)

@@ -302,19 +302,14 @@ def definition_prompt(tokenizer, word: str, word_ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def generate_definitions(model, tokenizer, words: list[NewToken], max_new: int, device) -> list[list[int]]:
-    """Greedy definitions (original ids, cut after the first EOS) from the original tokenization."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    out = []
-    for w in tqdm(words, desc="definitions", unit="word", leave=False):
-        prompt = torch.tensor([definition_prompt(tokenizer, w.text, list(w.subtoken_ids))], device=device)
-        gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=max_new, pad_token_id=pad, eos_token_id=eos)
-        ids = gen[0, prompt.shape[1]:].tolist()
-        if eos is not None and eos in ids:
-            ids = ids[: ids.index(eos) + 1]
-        out.append(ids)
-    return out
+    """Greedy definitions (original ids, cut after the first EOS) from the original tokenization,
+    one prompt at a time (no padding)."""
+    from .generation import generate_ids, pad_and_eos
+
+    pad, eos = pad_and_eos(tokenizer)
+    return [generate_ids(model, [definition_prompt(tokenizer, w.text, list(w.subtoken_ids))], max_new=max_new,
+                         pad_id=pad, eos_id=eos, batch_size=1, device=device)[0]
+            for w in tqdm(words, desc="definitions", unit="word", leave=False)]
 
 
 @torch.no_grad()

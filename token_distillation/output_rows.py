@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .alignment import MergedSequence, collate
+from .report import mean
 from .train import NewRows, TrainResult, autocast_context, hidden_states, output_logits
 
 logger = logging.getLogger(__name__)
@@ -248,11 +249,6 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
                 kl[key][t] = None if math.isnan(v) else v
     seconds = time.perf_counter() - t0
     logger.info("output rows (distill): %d tokens, %d Adam steps, step size %.3g; mean binary KL on held-out "
-                "snippets %s -> %s nats in %.1f s", len(tokens), steps, lr, _fmt_mean(kl["heldout_before"]),
-                _fmt_mean(kl["heldout_after"]), seconds)
+                "snippets %s -> %s nats in %.1f s", len(tokens), steps, lr, mean(kl["heldout_before"]),
+                mean(kl["heldout_after"]), seconds)
     return TrainResult(loss_curve=curve, steps=steps, seconds=seconds), kl
-
-
-def _fmt_mean(vals: list) -> str:
-    xs = [v for v in vals if v is not None]
-    return f"{sum(xs) / len(xs):.4f}" if xs else "-"
