@@ -101,3 +101,38 @@ def test_evaluation_reports_bpb_new_token_targets_and_gap(tmp_path, toy_model_di
     assert res["methods"]["last"]["bpb"]["bpb"] != res["methods"]["mean"]["bpb"]["bpb"]
     md = (tmp_path / "eval" / "evaluation.md").read_text()
     assert "bits per byte" in md and "| original |" in md and "| last |" in md
+
+
+def test_score_bytes_from_a_start_counts_only_the_tokens_after_it(toy_model_dir, toy_tokenizer):
+    """With ``starts``, the bits are those of the tokens that start at or after the character (the
+    earlier text is context) and the bytes those of ``text[start:]``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
+    texts = [TOY_TEXT[0], TOY_TEXT[1]]
+    starts = [texts[0].index(" after"), texts[1].index(" in two")]
+    want_bits = 0.0
+    for text, st in zip(texts, starts):
+        enc = toy_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([[toy_tokenizer.bos_token_id] + enc["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        bits = -logp.gather(-1, ids[0, 1:, None])[:, 0] / math.log(2)
+        want_bits += float(sum(b for b, (a, _) in zip(bits, enc["offset_mapping"]) if a >= st))
+    s = score_bytes(model, toy_tokenizer, texts, "cpu", starts=starts, batch_tokens=10)
+    assert s.bits == pytest.approx(want_bits, rel=1e-5)
+    assert s.bytes == sum(len(t[st:].encode()) for t, st in zip(texts, starts))
+    assert 0 < s.tokens < sum(len(toy_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def test_inflected_contexts_find_uses_inside_longer_words_only():
+    """Windows only where the token fires inside a longer word, in the held-out documents; the scored
+    part starts at the first whitespace after that word."""
+    from token_distillation.bpb import inflected_contexts
+
+    texts = ["An agonist was given.", "Two agonists were compared, and agonists, too, here.", "agonists in doc 2 x",
+             "The agonists: first."]
+    got = inflected_contexts(iter(texts), {0, 1, 3}, [" agonist"], per_word=5)
+    assert [(c.doc, c.text[c.start:][:6]) for c in got] == [(1, " were "), (1, " too, "), (3, " first")]
+    assert all(" agonists" in c.text[: c.start] for c in got)
+    assert inflected_contexts(iter(texts), {0, 1, 3}, [" agonist"], per_word=1)[0].doc == 1

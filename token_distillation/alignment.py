@@ -1,4 +1,10 @@
-"""Merge subtoken phrases into new token ids and align student positions with teacher positions.
+"""Teacher/student pairs: align student positions with teacher positions.
+
+Training pairs are built by :func:`pair_texts` (character alignment): the student reads the extended
+tokenizer's own encoding of a snippet's text, the teacher the original tokenizer's, and positions
+whose tokens end at the same character are aligned. :func:`merge` (the id-level merge of exact
+subtoken phrases, ``--alignment ids``) gives the same pairs wherever both segmentations coincide;
+it also serves the metrics that score exact occurrences.
 
 Token id sequences are searched as strings: id ``i`` becomes the character ``chr(0xE000 + i)``
 (a private-use code point, above the surrogate range), so a multi-pattern matcher over strings
@@ -60,8 +66,10 @@ class MergedSequence:
     Attributes:
         teacher_ids: ``[teacher_len]`` original token ids.
         student_ids: ``[student_len]`` ids with every phrase replaced by its new id.
-        student_to_teacher: ``[student_len]`` teacher position of every student position (a new
-            token maps to the last subtoken of its phrase).
+        student_to_teacher: ``[student_len]`` teacher position aligned with every student position
+            (the teacher token that ends at the same character; a new token maps to the last subtoken
+            of its phrase), -1 where none is (character alignment, e.g. the new token " word" in
+            " words", whose teacher tokens end elsewhere).
         first_new: student position of the first new token, or -1 if none.
     """
 
@@ -136,7 +144,7 @@ def collate(seqs: list[MergedSequence], token_index: list[int], pad_id: int = 0,
             from_start: bool = False) -> AlignedBatch:
     """Pad merged sequences on the right and build the alignment masks.
 
-    Loss positions are the student positions from the first new token on (earlier positions are
+    Loss positions are the aligned student positions from the first new token on (earlier positions are
     identical in teacher and student under causal attention and contribute exactly zero), each
     paired with its teacher position. Sequences without a new token get no loss positions.
     ``from_start``: every student position of a sequence with a new token is a loss position (for
@@ -158,6 +166,80 @@ def collate(seqs: list[MergedSequence], token_index: list[int], pad_id: int = 0,
         s_att[r, : len(s.student_ids)] = True
         if s.first_new >= 0:
             start = 0 if from_start else s.first_new
-            s_loss[r, start: len(s.student_ids)] = True
-            t_loss[r, torch.from_numpy(s.student_to_teacher[start:])] = True
+            s2t = torch.from_numpy(s.student_to_teacher)
+            pos = torch.nonzero(s2t[start:] >= 0).flatten() + start
+            s_loss[r, pos] = True
+            t_loss[r, s2t[pos]] = True
     return AlignedBatch(t_ids, t_att, s_ids, s_att, t_loss, s_loss, torch.tensor(token_index, dtype=torch.long))
+
+
+def _final_ends(offsets) -> np.ndarray:
+    """``[seq]`` character end of every token, or -1 where the next token ends at the same character
+    (byte-fallback and multi-token characters: only the last token of a group completes the text)."""
+    ends = np.maximum.accumulate(np.asarray([e for _, e in offsets], dtype=np.int64)) if len(offsets) else \
+        np.zeros(0, dtype=np.int64)
+    out = ends.copy()
+    if len(ends) > 1:
+        out[:-1][ends[:-1] == ends[1:]] = -1
+    return out
+
+
+def align_by_offsets(teacher_offsets, student_offsets) -> np.ndarray:
+    """Student -> teacher position map of two tokenizations of the same text.
+
+    A student position is aligned with the teacher position whose token ends at the same character
+    (both have then read exactly the same text); positions with no such teacher token, and all but
+    the last of several tokens ending at one character, map to -1.
+
+    Args:
+        teacher_offsets, student_offsets: ``[len, 2]`` character ``(start, end)`` of every token, as
+            a fast tokenizer's ``return_offsets_mapping`` gives them.
+
+    Returns:
+        ``[student_len]`` int64 teacher positions, increasing where >= 0.
+    """
+    t_end, s_end = _final_ends(teacher_offsets), _final_ends(student_offsets)
+    where = {int(e): i for i, e in enumerate(t_end) if e >= 0}
+    return np.asarray([where.get(int(e), -1) if e >= 0 else -1 for e in s_end], dtype=np.int64)
+
+
+def pair_texts(texts: list[str], original_tokenizer, extended_tokenizer, num_original: int,
+               bos: list[int], batch_size: int = 512) -> list[MergedSequence]:
+    """Character-aligned teacher/student pairs: the teacher reads the original tokenizer's encoding of
+    each text, the student the extended tokenizer's own encoding (every way it uses a new token:
+    inside longer words, at a text start, after punctuation, overlapping other new tokens), and
+    positions are aligned where both tokens end at the same character (:func:`align_by_offsets`).
+
+    Where the extended tokenizer only replaces exact subtoken phrases, the pair equals :func:`merge`'s
+    (tested). ``first_new`` is the first student position holding a new id (``>= num_original``), or
+    -1; the loss uses the aligned positions from there on (:func:`collate`).
+
+    Args:
+        texts: snippet texts (without BOS).
+        original_tokenizer, extended_tokenizer: fast tokenizers (offsets needed) before and after the
+            new tokens were added.
+        num_original: size of the original vocabulary (ids at or above it are new).
+        bos: ids put before both sequences (``[]`` or ``[bos_id]``), aligned with each other.
+
+    Raises:
+        ValueError: a tokenizer is not a fast tokenizer (no character offsets).
+    """
+    for tok in (original_tokenizer, extended_tokenizer):
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"character alignment needs a fast tokenizer (offsets); {type(tok).__name__} is not one")
+    nb = len(bos)
+    bos_arr = np.asarray(bos, dtype=np.int64)
+    out: list[MergedSequence] = []
+    for b in range(0, len(texts), batch_size):
+        chunk = texts[b: b + batch_size]
+        kw = dict(add_special_tokens=False, return_offsets_mapping=True)
+        t_enc, s_enc = original_tokenizer(chunk, **kw), extended_tokenizer(chunk, **kw)
+        for t_ids, t_off, s_ids, s_off in zip(t_enc["input_ids"], t_enc["offset_mapping"], s_enc["input_ids"],
+                                              s_enc["offset_mapping"]):
+            s2t = align_by_offsets(t_off, s_off)
+            s2t = np.concatenate([np.arange(nb, dtype=np.int64), np.where(s2t >= 0, s2t + nb, -1)])
+            student = np.concatenate([bos_arr, np.asarray(s_ids, dtype=np.int64)])
+            new = np.flatnonzero(student >= num_original)
+            out.append(MergedSequence(np.concatenate([bos_arr, np.asarray(t_ids, dtype=np.int64)]), student, s2t,
+                                      int(new[0]) if len(new) else -1))
+    return out

@@ -105,8 +105,12 @@ def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def score_bytes(model, tokenizer, texts: list[str], device, new_ids=(), batch_tokens: int = BATCH_TOKENS,
-                max_len: int = 0) -> ByteScore:
+                max_len: int = 0, starts: list[int] | None = None) -> ByteScore:
     """Bits per byte of ``texts`` under ``model`` reading them through ``tokenizer``.
+
+    With ``starts`` (a character position per text), only the tokens that start at or after it are
+    targets and only ``text[start:]`` counts as bytes; the text before is context (a fast tokenizer's
+    offsets decide where a token starts).
 
     Args:
         model: a causal LM (its logits ``[batch, seq, vocab]``; the whole vocabulary is the softmax).
@@ -123,26 +127,33 @@ def score_bytes(model, tokenizer, texts: list[str], device, new_ids=(), batch_to
         ConfigError: the tokenizer has no BOS/EOS, or a document is longer than ``max_len`` tokens.
     """
     ctx = context_ids(tokenizer)
-    seqs = [ctx + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=starts is not None)
+    seqs = [ctx + ids for ids in enc["input_ids"]]
+    # per text: does each target (token after the context) count
+    counted = [[True] * (len(s) - 1) for s in seqs] if starts is None else \
+        [[False] * (len(ctx) - 1) + [a >= st for a, _ in off] for off, st in zip(enc["offset_mapping"], starts)]
     if max_len and max(len(s) for s in seqs) > max_len:
         raise ConfigError(f"bits per byte: a document has {max(len(s) for s in seqs)} tokens, more than the "
                           f"model's {max_len}; lower --bpb_max_chars")
     new = torch.tensor(sorted(set(new_ids)), dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ctx[0]
-    score = ByteScore(bytes=sum(len(t.encode("utf-8")) for t in texts), docs=len(texts))
+    score = ByteScore(bytes=sum(len(t[st:].encode("utf-8")) for t, st in zip(texts, starts or [0] * len(texts))),
+                      docs=len(texts))
     for rows in _batches([len(s) for s in seqs], batch_tokens):
         width = len(seqs[rows[0]])
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         att = torch.zeros((len(rows), width), dtype=torch.long)
+        use = torch.zeros((len(rows), width - 1), dtype=torch.bool)
         for r, i in enumerate(rows):
             ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
             att[r, : len(seqs[i])] = 1
+            use[r, : len(seqs[i]) - 1] = torch.tensor(counted[i], dtype=torch.bool)
         ids, att = ids.to(device), att.to(device)
         logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         tgt = ids[:, 1:]
         bits = -logp.gather(-1, tgt[..., None])[..., 0] / math.log(2)   # [rows, width - 1]
-        valid = att[:, 1:].bool()
+        valid = att[:, 1:].bool() & use.to(device)
         is_new = torch.isin(tgt, new) & valid
         score.bits += float(bits[valid].double().sum())
         score.tokens += int(valid.sum())
@@ -194,3 +205,65 @@ def documents_for_bpb(window_docs: list[int], n: int, texts, max_chars: int) -> 
     got = read_texts(texts, docs, max_chars)
     keep = [d for d in docs if got.get(d, "").strip()]
     return keep, [got[d] for d in keep]
+
+
+@dataclass
+class InflectedContext:
+    """Text around one place where a new token fires inside a longer word (" agonist" in " agonists").
+
+    Attributes:
+        text: the window's text (cut at whitespace).
+        start: character where the scored continuation starts: the first whitespace after the word.
+        word: index of the new token (into the evaluated word list).
+        doc: corpus position of the document.
+    """
+
+    text: str
+    start: int
+    word: int
+    doc: int
+
+
+def inflected_contexts(texts, docs: set[int], words: list[str], per_word: int, left_chars: int = 200,
+                       right_chars: int = 400) -> list[InflectedContext]:
+    """Up to ``per_word`` windows per word around its *inexact* firings (the extended tokenizer uses the
+    new token inside a longer word, see :func:`token_distillation.firing.fires_inexactly`) in the
+    documents ``docs`` of ``texts`` (the corpus's texts in order), for "train as you infer".
+
+    Each window keeps about ``left_chars`` characters before the word and ``right_chars`` after it,
+    cut at whitespace; the continuation (scored by :func:`score_bytes` with ``starts``) begins at the
+    first whitespace after the word that contains the firing, where every tokenizer starts a token.
+    """
+    import ahocorasick_rs
+
+    from .firing import fires_inexactly
+
+    if not words or per_word <= 0:
+        return []
+    ac = ahocorasick_rs.AhoCorasick(words, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest)
+    spaced, counts, out = set(words), [0] * len(words), []
+    last = max(docs, default=-1)
+    for d, text in enumerate(texts):
+        if d > last or min(counts) >= per_word:
+            break
+        if d not in docs or not text:
+            continue
+        for pat, s, e in ac.find_matches_as_indexes(text):
+            if counts[pat] >= per_word or not fires_inexactly(text, s, e, words[pat], spaced):
+                continue
+            end = e
+            while end < len(text) and not text[end].isspace():
+                end += 1
+            if end >= len(text):
+                continue
+            a = max(0, s - left_chars)
+            if a > 0:
+                a = next((i + 1 for i in range(a, s) if text[i].isspace()), s)
+            b = min(len(text), end + right_chars)
+            if b < len(text):
+                b = max(end + 1, text.rfind(" ", end + 1, b))
+            if not text[end:b].strip():
+                continue
+            out.append(InflectedContext(text[a:b], end - a, pat, d))
+            counts[pat] += 1
+    return out

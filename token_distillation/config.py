@@ -144,6 +144,20 @@ class Recipe(str, enum.Enum):
 RECIPE_EPOCHS = {Recipe.PER_TOKEN: 2, Recipe.PAPER: 1}
 
 
+class Alignment(str, enum.Enum):
+    """How a snippet's student sequence is built and aligned with the teacher's (``--alignment``).
+
+    ``chars``: the student reads the extended tokenizer's own encoding of the snippet's text and
+    positions are aligned where teacher and student tokens end at the same character (trains every
+    way the tokenizer uses a new token: inside longer words, after punctuation, ...).
+    ``ids``: every exact occurrence of a word's subtoken ids is replaced by its new id (id-level
+    merge; the earlier behaviour). Both give the same pairs where the segmentations coincide.
+    """
+
+    CHARS = "chars"
+    IDS = "ids"
+
+
 class LrSchedule(str, enum.Enum):
     """Step-size schedule of the per-token recipe (``--lr_schedule``).
 
@@ -530,6 +544,13 @@ class TrainConfig:
     target_layer: int = _flag(
         -1, "Layer whose hidden states are matched: 1..num_layers, or negative from the end (-1: last)."
     )
+    alignment: Alignment = _flag(
+        Alignment.CHARS,
+        "chars (default): the student reads the extended tokenizer's own encoding of each snippet's text, aligned "
+        "with the teacher's tokens where both end at the same character (trains the new token inside longer words "
+        "such as plurals, as the tokenizer will use it); ids: replace exact subtoken-id phrases only (earlier "
+        "behaviour).",
+    )
     recipe: Recipe = _flag(
         Recipe.PER_TOKEN,
         "Training regime: per-token (default; each token's result does not depend on how many tokens are "
@@ -588,6 +609,7 @@ class TrainConfig:
         _parse_stopping_condition(self, problems)
         if self.target_layer == 0:
             problems.append("--target_layer 0 is the embedding output (nothing to distil); use 1..N or -1..-N")
+        object.__setattr__(self, "alignment", _enum_value(Alignment, self.alignment, "alignment", problems))
         object.__setattr__(self, "recipe", _enum_value(Recipe, self.recipe, "recipe", problems))
         object.__setattr__(self, "lr_schedule", _enum_value(LrSchedule, self.lr_schedule, "lr_schedule", problems))
         if not self.token_distillation_lr_relative > 0:

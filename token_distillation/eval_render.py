@@ -38,6 +38,7 @@ def markdown_tables(results: dict[str, Any], per_token_rows: int = 0) -> str:
                        f"({100 * (1 - m['compression_ratio']):.2f}% fewer) | {_fmt(m['mean_new_row_norm'], 3)} |")
     lines.append("")
     lines += _bpb_table(results)
+    lines += _inflected_table(results)
     lines += _generation_table(results)
     first = labels[0]
     per = results["per_token"]
@@ -74,6 +75,22 @@ def _bpb_table(results: dict[str, Any]) -> list[str]:
         rel = f"{100 * (b['bpb'] / orig['bpb'] - 1):+.2f}%"
         lines.append(f"| {lab} | {b['bpb']:.4f} | {rel} | {b['tokens_per_byte']:.4f} | {b['new_token_targets']} | "
                      f"{_fmt(b['bits_per_new_token_target'], 2)} | {_fmt(b['bits_per_other_target'], 3)} | "
+                     f"{_pct(b.get('gap_closed'))} |")
+    return lines + [""]
+
+
+def _inflected_table(results: dict[str, Any]) -> list[str]:
+    """Bits per byte after inflected forms (a new token used inside a longer word; empty when not measured)."""
+    orig = results.get("inflected_original")
+    if not orig:
+        return []
+    lines = [f"Inflected forms: {orig['docs']} held-out windows where the extended tokenizer uses a new token inside "
+             "a longer word (' agonist' in ' agonists'); bits per byte of the text after that word "
+             f"({orig['bytes']:,} bytes), each model through its own tokenizer.", "",
+             "| model | bits per byte after the word | vs original | gap closed |", "|---|---|---|---|"]
+    rows = [("original", orig)] + [(lab, m["inflected"]) for lab, m in results["methods"].items() if m.get("inflected")]
+    for lab, b in rows:
+        lines.append(f"| {lab} | {b['bpb']:.4f} | {100 * (b['bpb'] / orig['bpb'] - 1):+.2f}% | "
                      f"{_pct(b.get('gap_closed'))} |")
     return lines + [""]
 

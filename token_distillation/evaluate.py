@@ -44,6 +44,11 @@ evaluated model has):
    held-out windows right before a word; every model samples ``--gen_tokens`` tokens (seeded,
    temperature 1); the share of continuations containing a word that write it as the new token,
    tokens per byte of the generated text, and its bits per byte under the original model.
+8. ``inflected`` (bits per byte, :func:`token_distillation.bpb.inflected_contexts`): up to
+   ``--inflected_per_token`` held-out windows per word where the extended tokenizer uses the new
+   token *inside a longer word* (" agonist" in " agonists", which metric 1 never sees); every model
+   reads the window through its own tokenizer and the text after that word is scored, with the gap
+   closed against the subtoken-mean model as for 6.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bpb import documents_for_bpb, gap_closed, score_bytes
+from .bpb import documents_for_bpb, gap_closed, inflected_contexts, score_bytes
 from .generation import continuation_bits, prompts_before_words, sample, word_stats
 from .config import ConfigError, CorpusConfig, _coerce, _flag
 from .corpus import iter_texts, tokenize_corpus
@@ -119,6 +124,9 @@ class EvalConfig:
                           "text (each model through its own tokenizer; 0: skip).")
     bpb_max_chars: int = _flag(4000, "Characters of each document read for bits per byte (cut at a "
                                "whitespace; 0: whole documents).")
+    inflected_per_token: int = _flag(10, "Held-out windows per new token where the extended tokenizer uses it inside "
+                                     "a longer word (' agonist' in ' agonists'); the text after that word is "
+                                     "scored in bits per byte by every model (0: skip).")
     gen_prompts: int = _flag(50, "Prompts (held-out text right before a word) for sampled generation: does "
                              "each model write the new token? (0: skip).")
     gen_tokens: int = _flag(16, "Tokens sampled after each generation prompt.")
@@ -157,6 +165,8 @@ class EvalConfig:
             problems.append("--batch_size must be >= 1")
         if self.max_docs < 0:
             problems.append("--max_docs must be >= 0")
+        if self.inflected_per_token < 0:
+            problems.append("--inflected_per_token must be >= 0")
         if self.bpb_docs < 0 or self.bpb_max_chars < 0:
             problems.append("--bpb_docs and --bpb_max_chars must be >= 0")
         if self.gen_prompts < 0 or self.gen_tokens < 1:
@@ -225,6 +235,8 @@ class _Original:
     bpb: dict | None
     prompts: list[str]
     generated: Any
+    inflected: list = dataclasses.field(default_factory=list)  # InflectedContext windows
+    inflected_score: dict | None = None
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -337,9 +349,24 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
     bpb_texts, bpb = _original_bpb(cfg, model, tokenizer, windows, device)
     prompts = prompts_before_words(windows, corpus, tokenizer, cfg.gen_prompts) if cfg.gen_prompts else []
     generated = sample(model, tokenizer, prompts, cfg.gen_tokens, cfg.seed, device, num_original) if prompts else None
+    inflected = (inflected_contexts(iter_texts(cfg.corpus), set(docs.tolist()), [w.text for w in words],
+                                    cfg.inflected_per_token) if cfg.inflected_per_token else [])
+    inflected_score = _inflected_score(model, tokenizer, inflected, device, ())
+    if inflected:
+        logger.info("inflected forms: %d held-out windows for %d words; original %.4f bits per byte after the word",
+                    len(inflected), len({c.word for c in inflected}), inflected_score["bpb"])
     return _Original(tokenizer, words, index, corpus, docs, windows, win_counts, teacher, num_layers, num_original,
                      targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts, bpb,
-                     prompts, generated)
+                     prompts, generated, inflected, inflected_score)
+
+
+def _inflected_score(model, tokenizer, contexts: list, device, new_ids) -> dict | None:
+    """Bits per byte of the text after each inflected form (:func:`~token_distillation.bpb.inflected_contexts`),
+    the model reading the window through its own tokenizer; None without windows."""
+    if not contexts:
+        return None
+    return score_bytes(model, tokenizer, [c.text for c in contexts], device, new_ids=new_ids, max_len=_max_len(model),
+                       starts=[c.start for c in contexts]).as_dict()
 
 
 def _max_len(model) -> int:
@@ -382,6 +409,7 @@ def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root:
             def_ext[i] = v
     bpb = (score_bytes(ext_model, ext_tok, o.bpb_texts, device, new_ids=e.new_ids, max_len=_max_len(ext_model)).as_dict()
            if o.bpb_texts else None)
+    inflected = _inflected_score(ext_model, ext_tok, o.inflected, device, e.new_ids)
     gen = sample(ext_model, ext_tok, o.prompts, cfg.gen_tokens, cfg.seed, device, o.num_original) if o.prompts else None
     ext_corpus = tokenize_corpus(cfg.corpus, ext_tok, cache_root)
     assert ext_corpus.doc_ids == o.corpus.doc_ids
@@ -414,7 +442,7 @@ def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root:
         "compression_ratio": float(after.sum() / doc_lens.sum()),
         "train_seconds": e.report.get("train_seconds"),
         "train_seconds_from_step": e.report.get("train_seconds_from_step", 0),
-        "eval_seconds": time.perf_counter() - t_start, "bpb": bpb,
+        "eval_seconds": time.perf_counter() - t_start, "bpb": bpb, "inflected": inflected,
         "generation": word_stats(gen, [w.text for w in o.words], [_id_of(e, w.text) for w in o.words]) if gen else None,
         "generated": gen,
     }
@@ -462,12 +490,14 @@ def _aggregate(results: dict[str, Any], o: _Original, exts: list[ExtendedModel])
 def _bpb_gap(results: dict[str, Any], o: _Original, exts: list[ExtendedModel]) -> None:
     """``bpb_original`` and each method's ``bpb_gap_closed`` against the first subtoken-mean model."""
     results["bpb_original"] = o.bpb
+    results["inflected_original"] = o.inflected_score
     ref = next((e.label for e in exts if e.report.get("config", {}).get("init_method") == "subtoken-mean"), None)
     results["bpb_reference"] = ref
     for e in exts:
         m = results["methods"][e.label]
-        if m.get("bpb") and o.bpb and ref:
-            m["bpb"]["gap_closed"] = gap_closed(m["bpb"]["bpb"], o.bpb["bpb"], results["methods"][ref]["bpb"]["bpb"])
+        for key, orig in (("bpb", o.bpb), ("inflected", o.inflected_score)):
+            if m.get(key) and orig and ref:
+                m[key]["gap_closed"] = gap_closed(m[key]["bpb"], orig["bpb"], results["methods"][ref][key]["bpb"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ def _prefix_len(batch: AlignedBatch) -> int:
     first = torch.where(batch.student_loss_mask[rows], 1, 0).argmax(dim=1)
     p = int(first.min())
     p = min(p, int(batch.student_attention.sum(1).min()), int(batch.teacher_attention.sum(1).min()))
+    if p > 0:  # character alignment: the student may split the text before its first new token differently
+        differs = torch.nonzero((batch.teacher_ids[:, :p] != batch.student_ids[:, :p]).any(0)).flatten()
+        p = int(differs[0]) if len(differs) else p
     return max(p, 0)
 
 

@@ -58,6 +58,21 @@ def _word_around(text: str, start: int, end: int) -> str:
     return word
 
 
+def fires_inexactly(text: str, start: int, end: int, token: str, spaced: set[str]) -> bool:
+    """True when the added-token match ``text[start:end]`` of ``token`` is not a whole-word
+    occurrence in its trained form (see :func:`find_overfiring`): the id-level merge of the word's
+    subtokens would not find it, but the extended tokenizer uses the new token there.
+
+    Args:
+        spaced: the surface forms of all new tokens (a token without a leading space after a space
+            is a whole-word occurrence when its spaced form is a new token too).
+    """
+    inside = (end < len(text) and _is_word_char(token[-1]) and _is_word_char(text[end])) or (
+        start > 0 and _is_word_char(token[0]) and _is_word_char(text[start - 1]))
+    after_space = not token[0].isspace() and start > 0 and text[start - 1] == " " and (" " + token) not in spaced
+    return inside or after_space
+
+
 def find_overfiring(texts: Iterable[str], token_texts: list[str], max_words: int = 10) -> dict[str, dict[str, int]]:
     """Corpus words in which a new token fires although the word is not the token.
 
@@ -89,10 +104,7 @@ def find_overfiring(texts: Iterable[str], token_texts: list[str], max_words: int
             continue
         for pat, s, e in ac.find_matches_as_indexes(text):
             tok = token_texts[pat]
-            inside = (e < len(text) and _is_word_char(tok[-1]) and _is_word_char(text[e])) or (
-                s > 0 and _is_word_char(tok[0]) and _is_word_char(text[s - 1]))
-            after_space = not tok[0].isspace() and s > 0 and text[s - 1] == " " and (" " + tok) not in spaced
-            if inside or after_space:
+            if fires_inexactly(text, s, e, tok, spaced):
                 word = _word_around(text, s, e) or tok.strip()
                 hits.setdefault(pat, Counter())[word] += 1
     return {token_texts[p]: dict(c.most_common(max_words)) for p, c in sorted(hits.items())}
@@ -160,7 +172,7 @@ def decode_all(tokenizer, id_seqs: Iterable, batch_size: int = 1000) -> Iterable
 
 
 def firing_report(tokenizer, tokens: list[NewToken], probes: list[list[list[int]]], id_seqs: Iterable,
-                  max_words: int = 10) -> dict[str, dict]:
+                  max_words: int = 10, trained: bool = False) -> dict[str, dict]:
     """Run both checks after the tokenizer was extended, log one warning per problem, return them.
 
     Args:
@@ -169,14 +181,17 @@ def firing_report(tokenizer, tokens: list[NewToken], probes: list[list[list[int]
         probes: :func:`encode_probes` computed before the extension.
         id_seqs: original-id sequences of the texts to scan for over-firing (corpus documents or
             snippets), each ``[len]``.
+        trained: these uses are trained (``--alignment chars`` with corpus snippets): logged as
+            information, not as a warning.
 
     Returns:
         ``{"overfiring": {token: {word: count}}, "context_mismatch": {token: description}}``.
     """
     over = find_overfiring(decode_all(tokenizer, id_seqs), [t.text for t in tokens], max_words)
     for text, words in over.items():
-        logger.warning("new token %r also fires inside other words (not trained for): %s", text,
-                       ", ".join(f"{w!r} x{n}" for w, n in words.items()))
+        logger.log(logging.INFO if trained else logging.WARNING, "new token %r also fires inside other words (%s): %s",
+                   text, "trained in the share the corpus has" if trained else "not trained for",
+                   ", ".join(f"{w!r} x{n}" for w, n in words.items()))
     mism = context_mismatches(tokenizer, tokens, probes)
     for text, why in mism.items():
         logger.warning("new token %r: %s", text, why)

@@ -78,25 +78,29 @@ def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: 
         new_id: the word's new id; subtokens: its original subtoken ids ``t1 .. tk``.
 
     Returns:
-        ``[student_len - 1]`` float32 probabilities (position ``q`` predicts student token ``q + 1``).
+        ``[student_len - 1]`` float32 probabilities (position ``q`` predicts student token ``q + 1``);
+        NaN at positions with no aligned teacher position (character alignment), which the fit skips.
     """
     s2t = torch.as_tensor(seq.student_to_teacher, device=lp.device)
     k = len(subtokens)
-    log_p1 = lp[s2t[:-1], subtokens[0]]                     # [student_len - 1]
+    log_p1 = lp[s2t[:-1].clamp(min=0), subtokens[0]]        # [student_len - 1]
     starts, completions = [], []
     for p in torch.nonzero(torch.as_tensor(seq.student_ids) == new_id).flatten().tolist():
-        start = int(seq.student_to_teacher[p]) - k + 1      # teacher position of t1
-        if p == 0 or start < 1:
-            continue
+        end = int(seq.student_to_teacher[p])
+        start = end - k + 1                                 # teacher position of t1
+        if p == 0 or start < 1 or tuple(seq.teacher_ids[start: end + 1].tolist()) != tuple(subtokens):
+            continue  # not an exact occurrence (e.g. inside a longer word): the teacher did not read the word
         comp = sum(lp[start + i - 1, subtokens[i]] for i in range(1, k)) if k > 1 else lp.new_zeros(())
         starts.append(p - 1)
         completions.append(comp)
     if not starts:
-        return torch.zeros_like(log_p1)
-    comps = torch.stack([torch.as_tensor(c, device=lp.device) for c in completions])
-    est = log_p1 + torch.logsumexp(comps, 0) - math.log(len(comps))
-    est[torch.tensor(starts, device=lp.device)] = log_p1[starts] + comps
-    return est.exp().float()
+        est = torch.full_like(log_p1, -math.inf)
+    else:
+        comps = torch.stack([torch.as_tensor(c, device=lp.device) for c in completions])
+        est = log_p1 + torch.logsumexp(comps, 0) - math.log(len(comps))
+        est[torch.tensor(starts, device=lp.device)] = log_p1[starts] + comps
+    est = est.exp().float()
+    return torch.where(s2t[:-1] >= 0, est, torch.full_like(est, math.nan))
 
 
 @torch.no_grad()
@@ -121,12 +125,14 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
             # logits in the weights' dtype (no float32 copy of the [vocab, hidden] output matrix), then float32
             lp = torch.log_softmax(output_logits(model, rows, t_last[r, :tl], include_new=False,
                                                  frozen=True).float(), -1)
-            h = s_last[r, : sl - 1]
+            target = word_targets(lp, seq, rows.token_ids[tok], subtokens[tok])
+            keep = ~torch.isnan(target)  # aligned positions only
+            h = s_last[r, : sl - 1][keep]
             zs.append(torch.logsumexp(output_logits(model, rows, h, include_new=False).float(), -1))
             h = h.float()
             hs.append(h)
-            ts.append(word_targets(lp, seq, rows.token_ids[tok], subtokens[tok]))
-            owners.append(torch.full((sl - 1,), where[tok], dtype=torch.long, device=h.device))
+            ts.append(target[keep])
+            owners.append(torch.full((h.shape[0],), where[tok], dtype=torch.long, device=h.device))
     if not hs:
         empty = torch.zeros(0, device=device)
         return Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,

@@ -14,6 +14,7 @@ line (:func:`run`: loads from ``--model_path`` first, saves to ``--out_path``) a
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .alignment import PhraseMatcher, merge
+from .alignment import PhraseMatcher, merge, pair_texts
 from .checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpointer,
@@ -39,6 +40,7 @@ from .checkpoint import (
     snippet_digest,
 )
 from .config import (
+    Alignment,
     BuildTargetMethod,
     ConfigError,
     MixedPrecision,
@@ -88,7 +90,7 @@ from .report import (
     write_json,
     write_target_files,
 )
-from .snippets import SnippetMiner, SnippetSet, generate_snippets, top_up
+from .snippets import SnippetMiner, SnippetSet, add_inexact_snippets, generate_snippets, top_up
 from .targets import (
     TargetList,
     build_targets,
@@ -178,10 +180,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _merge_all(snips, tokens: list[NewToken]):
-    matcher = PhraseMatcher([t.subtoken_ids for t in tokens])
-    new_ids = [t.token_id for t in tokens]
-    return [merge(s.ids, matcher, new_ids) for s in snips], [s.token_index for s in snips]
+def pair_snippets(snips, ext: "Extended", alignment: Alignment):
+    """Teacher/student pairs of ``snips`` and the token index of each: ``([MergedSequence], [int])``.
+
+    ``chars``: the snippet's text (its original ids decoded) read by the original and the extended
+    tokenizer, aligned by character offsets (:func:`~token_distillation.alignment.pair_texts`);
+    ``ids``: the id-level merge of exact subtoken phrases (:func:`~token_distillation.alignment.merge`).
+    """
+    tokens = ext.tokens
+    if alignment == Alignment.IDS or ext.original_tokenizer is None:
+        matcher = PhraseMatcher([t.subtoken_ids for t in tokens])
+        new_ids = [t.token_id for t in tokens]
+        return [merge(s.ids, matcher, new_ids) for s in snips], [s.token_index for s in snips]
+    bos = bos_prefix(ext.original_tokenizer)
+    nb = len(bos)
+    texts = ext.original_tokenizer.batch_decode([s.ids[nb:].tolist() if list(s.ids[:nb]) == bos else s.ids.tolist()
+                                                 for s in snips], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+    seqs = pair_texts(texts, ext.original_tokenizer, ext.tokenizer, ext.n_orig, bos)
+    return seqs, [s.token_index for s in snips]
 
 
 def _reindex(snips: SnippetSet, keep: list[int]) -> SnippetSet:
@@ -270,6 +287,7 @@ class Extended:
     scale: float
     firing: dict
     plan: MemoryPlan | None = None
+    original_tokenizer: Any = None  # a copy made before the new tokens were added (character alignment)
 
 
 @dataclass
@@ -539,9 +557,14 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     layer = resolve_layer(model, tc.target_layer)
     num_original = model.get_input_embeddings().weight.shape[0]
     probes = encode_probes(tokenizer, sn.tokens)
+    original_tokenizer = copy.deepcopy(tokenizer) if getattr(tokenizer, "is_fast", False) else None
+    if original_tokenizer is None and tc.alignment == Alignment.CHARS:
+        logger.warning("--alignment chars needs a fast tokenizer (character offsets); %s is not one: using the "
+                       "id-level merge (--alignment ids)", type(tokenizer).__name__)
     new_ids = add_new_tokens(tokenizer, [t.text for t in sn.tokens])
     tokens = [NewToken(t.text, t.subtoken_ids, i) for t, i in zip(sn.tokens, new_ids)]
-    firing = firing_report(tokenizer, tokens, probes, sn.scan_ids)
+    firing = firing_report(tokenizer, tokens, probes, sn.scan_ids,
+                           trained=bool(sn.corpus_info.get("inexact_snippets")) and original_tokenizer is not None)
     extend_embeddings(model, len(tokenizer))
     n_orig = min(num_original, new_ids[0])
     tied_source = is_tied(model)
@@ -567,7 +590,7 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     with torch.no_grad():
         rows.fixed_rows.copy_(rows.rows)  # co-occurring tokens are read with the (broadcast) initial rows
     return Extended(model, tokenizer, tokens, rows, layer, num_original, n_orig, tied_source, tied, out_policy, scale,
-                    firing, plan)
+                    firing, plan, original_tokenizer)
 
 
 def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
@@ -638,8 +661,8 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     """
     tc, model, rows, tokens = setup.cfg.train, ext.model, ext.rows, ext.tokens
     pad_id = ext.tokenizer.pad_token_id if ext.tokenizer.pad_token_id is not None else 0
-    train_seqs, train_tix = _merge_all(sn.snips.train, tokens)
-    held_seqs, held_tix = _merge_all(sn.snips.heldout, tokens)
+    train_seqs, train_tix = pair_snippets(sn.snips.train, ext, tc.alignment)
+    held_seqs, held_tix = pair_snippets(sn.snips.heldout, ext, tc.alignment)
     owned = None
     if setup.shard:  # this process's tokens: it trains and evaluates only these
         counts = [0] * len(tokens)
@@ -923,6 +946,15 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
         token_sources = ["generated"] * len(tokens)
     else:
         snips = mined if mined is not None else _mine(cfg, corpus, tokens, bos)
+        inexact = None
+        if cfg.train.alignment == Alignment.CHARS and getattr(tokenizer, "is_fast", False) and tokens:
+            t0 = time.time()
+            inexact = add_inexact_snippets(snips, corpus.iter_docs(), tokenizer, tokens, sc.snippet_len, bos,
+                                           cfg.corpus.heldout_fraction if sc.heldout_snippet_num else 0.0,
+                                           cfg.train.seed)
+            logger.info("snippets inside longer words (--alignment chars): %d training / %d held-out snippets "
+                        "replaced, in the share the corpus has (%.1f%% of all firings) (%.1f s)", inexact["train"],
+                        inexact["heldout"], 100 * inexact["inexact_share"], time.time() - t0)
         corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path or "texts (in memory)",
                        "num_docs": corpus.num_docs,
                        "num_tokens": int(corpus.num_tokens),
@@ -930,7 +962,8 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
                        "scan_stop_reason": scan.stop_reason if scan else None,
                        "docs_needed": scan.docs_needed if scan else None,
                        "train_doc_ids": [corpus.doc_id(d) for d in snips.train_docs],
-                       "heldout_doc_ids": [corpus.doc_id(d) for d in snips.heldout_docs]}
+                       "heldout_doc_ids": [corpus.doc_id(d) for d in snips.heldout_docs],
+                       "inexact_snippets": inexact}
         token_sources = ["corpus"] * len(tokens)
         if src == SnippetSource.CORPUS_THEN_GENERATED:
             want = top_up_wanted(cfg, snips)

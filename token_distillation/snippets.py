@@ -440,3 +440,101 @@ def top_up(mined: SnippetSet, generated: SnippetSet) -> SnippetSet:
                      heldout_counts=[a + b for a, b in zip(mined.heldout_counts, generated.heldout_counts)],
                      train_docs=mined.train_docs, heldout_docs=mined.heldout_docs)
     return out
+
+
+def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewToken], snippet_len: int,
+                         bos: list[int], heldout_fraction: float, seed: int, batch_docs: int = 1000) -> dict:
+    """Give every token snippets where the extended tokenizer uses it *inside a longer word* (" agonist"
+    in " agonists") in the share in which the corpus does (train as you infer; needs character
+    alignment, see :func:`token_distillation.alignment.pair_texts`).
+
+    The id-level miner finds only exact occurrences of a word's subtokens. This pass decodes the
+    documents read, finds every place the extended tokenizer would use each new token (its added-token
+    match, leftmost-longest over the raw text, all tokens at once) and counts, per token, exact
+    firings ``x`` and inexact ones ``y`` (:func:`token_distillation.firing.fires_inexactly`). Then
+    ``round(n * y / (x + y))`` of the token's ``n`` training (and held-out) snippets are replaced,
+    from the last mined on, by windows around its first inexact firings in training (held-out)
+    documents, in corpus order, so the number of snippets per token (and of updates) is unchanged.
+
+    Args:
+        snips: the mined snippets (changed in place: snippets replaced, ``train_docs`` extended).
+        docs: the documents read, ``[len]`` original ids each, in corpus order (position = document
+            index of :func:`heldout_mask`).
+        tokenizer: the original (fast) tokenizer: decodes the documents and maps characters to tokens.
+        tokens: the new tokens (surface forms are matched).
+        snippet_len, bos, heldout_fraction, seed: as for :class:`SnippetMiner`.
+
+    Returns:
+        ``{"train": replaced, "heldout": replaced, "inexact_share": y / (x + y) over all tokens}``.
+    """
+    import ahocorasick_rs
+
+    from .firing import fires_inexactly
+
+    texts = [t.text for t in tokens]
+    spaced = set(texts)
+    ac = ahocorasick_rs.AhoCorasick(texts, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest)
+    n = len(tokens)
+    counts = np.zeros((n, 2), dtype=np.int64)  # exact, inexact firings
+    have = np.zeros((n, 2), dtype=np.int64)
+    for side, pool in ((0, snips.train), (1, snips.heldout)):
+        for s in pool:
+            have[s.token_index, side] += s.source == "corpus"
+    found: dict[tuple[int, int], list[Snippet]] = {}
+    bos_arr = np.asarray(bos, dtype=np.int64)
+    d0, batch = 0, []
+
+    def scan(start: int, part: list[np.ndarray]) -> None:
+        decoded = tokenizer.batch_decode([p.tolist() for p in part], skip_special_tokens=False,
+                                         clean_up_tokenization_spaces=False)
+        held = heldout_mask(np.arange(start, start + len(part)), heldout_fraction, seed)
+        for k, (ids, text) in enumerate(zip(part, decoded)):
+            ends = None
+            for pat, a, b in ac.find_matches_as_indexes(text):
+                if not fires_inexactly(text, a, b, texts[pat], spaced):
+                    counts[pat, 0] += 1
+                    continue
+                counts[pat, 1] += 1
+                side = int(held[k])
+                got = found.setdefault((pat, side), [])
+                if len(got) >= have[pat, side]:
+                    continue
+                if ends is None:
+                    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                    # a document whose decoded text does not re-encode to it is left out (ends stays empty)
+                    ends = np.maximum.accumulate(np.asarray([e for _, e in enc["offset_mapping"]] or [0])) \
+                        if enc["input_ids"] == ids.tolist() else np.zeros(0, dtype=np.int64)
+                if not len(ends):
+                    continue
+                ts = int(np.searchsorted(ends, a, side="right"))
+                te = int(np.searchsorted(ends, b, side="left")) + 1
+                w0, w1 = window(len(ids), ts, te, snippet_len)
+                got.append(Snippet(ids=np.concatenate([bos_arr, ids[w0:w1].astype(np.int64)]), token_index=pat,
+                                   doc=start + k, source="corpus"))
+
+    for ids in docs:
+        batch.append(np.asarray(ids))
+        if len(batch) == batch_docs:
+            scan(d0, batch)
+            d0, batch = d0 + len(batch), []
+    if batch:
+        scan(d0, batch)
+    total = counts.sum(1)
+    share = np.divide(counts[:, 1], total, out=np.zeros(n), where=total > 0)
+    replaced = {}
+    for side, name, pool in ((0, "train", snips.train), (1, "heldout", snips.heldout)):
+        drop: set[int] = set()
+        extra: list[Snippet] = []
+        for t in range(n):
+            k = min(len(found.get((t, side), [])), int(round(have[t, side] * share[t])))
+            if k == 0:
+                continue
+            own = [i for i, s in enumerate(pool) if s.token_index == t and s.source == "corpus"]
+            drop.update(own[len(own) - k:])
+            extra.extend(found[(t, side)][:k])
+        pool[:] = [s for i, s in enumerate(pool) if i not in drop] + extra
+        replaced[name] = len(extra)
+        if side == 0:
+            snips.train_docs = sorted(set(snips.train_docs) | {s.doc for s in extra})
+    replaced["inexact_share"] = float(counts[:, 1].sum() / max(1, counts.sum()))
+    return replaced

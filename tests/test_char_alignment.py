@@ -1,0 +1,130 @@
+"""Character alignment (``--alignment chars``): the student reads the extended tokenizer's own
+encoding, aligned with the teacher where tokens end at the same character."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from token_distillation.alignment import PhraseMatcher, align_by_offsets, collate, merge, pair_texts
+from token_distillation.fastpath import _prefix_len
+from token_distillation.tokenization import add_new_tokens, bos_prefix, subtoken_ids
+
+WORDS = [" dyskinesia", " agonist", " heparin"]
+EXACT = [
+    "Levodopa-induced dyskinesia is common. An agonist was given, and heparin was stopped.",
+    "The dopamine agonist reduced dyskinesia in 12 of 20 patients (p < 0.05).",
+    "We report a case of heparin resistance.",
+]
+
+
+def _extend(tokenizer, words):
+    original = copy.deepcopy(tokenizer)
+    extended = copy.deepcopy(tokenizer)
+    subs = [tuple(subtoken_ids(original, w)) for w in words]
+    ids = add_new_tokens(extended, words)
+    return original, extended, subs, ids
+
+
+@pytest.mark.parametrize("which", ["smollm_tokenizer", "gemma_tokenizer"])
+def test_chars_equal_id_merge_where_segmentations_coincide(which, request):
+    """Byte-level BPE and SentencePiece: on text where every occurrence is a whole word, the
+    character-aligned pair is the id-level merge (ids, alignment, first new position)."""
+    tok = request.getfixturevalue(which)
+    original, extended, subs, ids = _extend(tok, WORDS)
+    bos = bos_prefix(original)
+    pairs = pair_texts(EXACT, original, extended, len(original), bos)
+    matcher = PhraseMatcher(subs)
+    for text, pair in zip(EXACT, pairs):
+        teacher = bos + original(text, add_special_tokens=False)["input_ids"]
+        ref = merge(teacher, matcher, ids)
+        assert pair.teacher_ids.tolist() == ref.teacher_ids.tolist()
+        assert pair.student_ids.tolist() == ref.student_ids.tolist()
+        assert pair.student_to_teacher.tolist() == ref.student_to_teacher.tolist()
+        assert pair.first_new == ref.first_new >= 0
+
+
+@pytest.mark.parametrize("which", ["smollm_tokenizer", "gemma_tokenizer"])
+def test_plural_context_is_aligned_after_the_stem(which, request):
+    """" dyskinesias": the extended tokenizer writes [new token, "s"]; the new token's position has
+    no teacher token ending with it (-1, no loss there), the "s" is aligned with the teacher's last
+    token of the word, and every later position is aligned and in the loss."""
+    tok = request.getfixturevalue(which)
+    original, extended, subs, ids = _extend(tok, WORDS[:1])
+    text = "Peak-dose dyskinesias were rated in all patients."
+    (pair,) = pair_texts([text], original, extended, len(original), [])
+    new_pos = pair.first_new
+    assert pair.student_ids[new_pos] == ids[0]
+    assert extended.convert_ids_to_tokens([int(pair.student_ids[new_pos + 1])]) == ["s"]
+    # id-level merge finds nothing: the word's subtokens do not occur in the plural's tokenization
+    assert merge(pair.teacher_ids, PhraseMatcher(subs), ids).first_new == -1
+    s2t = pair.student_to_teacher
+    assert s2t[new_pos] == -1
+    word_end = text.index("dyskinesias") + len("dyskinesias")
+    enc = original(text, add_special_tokens=False, return_offsets_mapping=True)
+    last = max(i for i, (_, e) in enumerate(enc["offset_mapping"]) if e == word_end)
+    assert s2t[new_pos + 1] == last
+    assert (s2t[new_pos + 1:] >= 0).all()
+    assert pair.student_ids[new_pos + 2:].tolist() == pair.teacher_ids[last + 1:].tolist()
+    batch = collate([pair], [0])
+    assert not batch.student_loss_mask[0, new_pos]
+    assert batch.student_loss_mask[0].nonzero().flatten().tolist() == list(range(new_pos + 1, len(pair.student_ids)))
+    assert batch.teacher_loss_mask[0].nonzero().flatten().tolist() == list(range(last, len(pair.teacher_ids)))
+
+
+def test_align_by_offsets_groups_tokens_ending_at_one_character():
+    """Byte-fallback tokens of one character share its offsets: only the last of the group is
+    aligned (it completes the character)."""
+    teacher = [(0, 3), (3, 5), (5, 6), (5, 6), (6, 7)]
+    student = [(0, 3), (3, 6), (6, 7)]
+    assert align_by_offsets(teacher, student).tolist() == [0, 3, 4]
+    assert align_by_offsets(student, teacher).tolist() == [0, -1, -1, 1, 2]
+
+
+def test_prefix_stops_where_the_student_splits_differently(smollm_tokenizer):
+    """A new token without a leading space fires inside a word ("toxicity" in "hepatotoxicity"): the
+    student's tokens before it differ from the teacher's, so the shared prefix ends there."""
+    original, extended, _, ids = _extend(smollm_tokenizer, ["toxicity"])
+    text = "The drug caused severe hepatotoxicity in rats and mice."
+    (pair,) = pair_texts([text], original, extended, len(original), [])
+    diff = next(i for i, (a, b) in enumerate(zip(pair.teacher_ids, pair.student_ids)) if a != b)
+    assert diff <= pair.first_new
+    batch = collate([pair, pair], [0, 0])
+    assert _prefix_len(batch) == diff
+
+
+def test_pair_texts_needs_fast_tokenizers(smollm_tokenizer):
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="fast tokenizer"):
+        pair_texts(["x"], Slow(), smollm_tokenizer, 10, [])
+
+
+def test_inexact_snippets_in_the_corpus_share(smollm_tokenizer):
+    """" agonist" occurs as a whole word in 3 documents and inside " agonists" in 1: a quarter of the
+    token's snippets (rounded) are replaced by windows around the plural, the count is unchanged,
+    and the new windows contain the plural."""
+    from token_distillation.snippets import SnippetMiner, add_inexact_snippets
+    from token_distillation.tokenization import NewToken
+
+    tok = smollm_tokenizer
+    texts = ["The agonist was given.", "An agonist helps.", "Two agonists were compared here.",
+             "A full agonist binds."] * 4
+    docs = [np.asarray(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    word = NewToken(" agonist", tuple(subtoken_ids(tok, " agonist")))
+    miner = SnippetMiner([word], 16, 8, 0, 0.0, [], seed=0)
+    flat = np.concatenate(docs)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    miner.feed(0, flat, offsets)
+    snips = miner.result()
+    assert len(snips.train) == 8 and all(" agonists" not in tok.decode(s.ids) for s in snips.train)
+    info = add_inexact_snippets(snips, docs, tok, [word], 16, [], 0.0, seed=0)
+    assert info == {"train": 2, "heldout": 0, "inexact_share": 0.25}
+    assert len(snips.train) == 8
+    plural = [s for s in snips.train if " agonists" in tok.decode(s.ids)]
+    assert len(plural) == 2 and all(s.doc % 4 == 2 for s in plural)
+    assert set(snips.train_docs) >= {s.doc for s in plural}
