@@ -219,6 +219,82 @@ def sweep_section() -> list[str]:
     return out
 
 
+#: folders under docs/sweep/raw_text/ with an evaluation.json of scripts/compare_methods.py runs (train-only)
+#: evaluated by ``python -m token_distillation.evaluate``; their README.md holds the commands
+RAW_TEXT = ROOT / "docs" / "sweep" / "raw_text"
+
+
+def _raw_text_rows() -> list[tuple[str, int, str, dict]]:
+    """``(model, words, label, row)`` per evaluated method of every raw-text evaluation; ``row`` has
+    BPB vs the original, token saving, the three gaps closed and the generation share."""
+    out = []
+    for f in sorted(RAW_TEXT.glob("*/evaluation.json")) if RAW_TEXT.is_dir() else []:
+        res = _load(f)
+        setup, orig, inf0 = res["setup"], res.get("bpb_original"), res.get("inflected_original")
+        ref = res["methods"].get(res.get("bpb_reference") or "", {})
+        for label, m in res["methods"].items():
+            b, inf, g = m.get("bpb") or {}, m.get("inflected") or {}, m.get("generation") or {}
+            cont = (1 - m["excess_nll_orig"] / ref["excess_nll_orig"]) if ref and ref.get("excess_nll_orig") else None
+            out.append((setup["model_path"], setup["words"], label, {
+                "bpb_rel": b["bpb"] / orig["bpb"] - 1 if b and orig else None,
+                "fewer_tokens": 1 - b["tokens_per_byte"] / orig["tokens_per_byte"] if b and orig else None,
+                "bpb_gap": b.get("gap_closed"), "inflected_gap": inf.get("gap_closed"),
+                "inflected_rel": inf["bpb"] / inf0["bpb"] - 1 if inf and inf0 else None,
+                "continuation_gap": cont, "new_token_share": g.get("word_share"),
+                "source": f.parent.relative_to(ROOT)}))
+    return out
+
+
+def _signed(v) -> str:
+    return "-" if v is None else f"{100 * v:+.2f}%"
+
+
+def raw_text_section() -> list[str]:
+    """Bits per byte of raw held-out text and after inflected forms, per method (issue: train as you infer)."""
+    rows = _raw_text_rows()
+    if not rows:
+        return []
+    out = ["### Raw text: bits per byte, inflected forms, the new token as a prediction", "",
+           "Each model reads 100 held-out PubMed documents that contain the words through its own tokenizer (every "
+           "token a target, bits per byte; the original model reads the original tokenization). Gap closed: 0% = "
+           "subtoken mean, 100% = the original model. Inflected forms: the text after held-out words in which the "
+           "extended tokenizer uses a new token inside a longer word (\" agonist\" in \" agonists\"). Continuation: "
+           "the held-out gap closed of the table above (original vocabulary). Generation: share of sampled "
+           "continuations with a word that write it as the new token. `td_ids`: `--alignment ids`; `td_chars`: "
+           "`--alignment chars`; `outdistill`: with `--output_embeddings distill`.", "",
+           "| model | words | method | BPB vs original | fewer tokens | BPB gap closed | inflected: BPB vs original, "
+           "gap closed | continuation gap closed | generation: new token | source |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, words, label, r in rows:
+        out.append(f"| `{model}` | {words} | {label} | {_signed(r['bpb_rel'])} | {_pct(r['fewer_tokens'])} | "
+                   f"{_pct(r['bpb_gap'])} | {_signed(r['inflected_rel'])}, {_pct(r['inflected_gap'])} | "
+                   f"{_pct(r['continuation_gap'])} | {_pct(r['new_token_share'])} | `{r['source']}/` |")
+    return out + [""]
+
+
+def raw_text_readme() -> list[str]:
+    """The README's lines on raw text: per model, Token Distillation with the output rows of
+    ``--output_embeddings auto`` beside distilled ones (``td_chars`` / ``td_chars_outdistill``)."""
+    by: dict[tuple, dict] = {}
+    for model, words, label, r in _raw_text_rows():
+        by.setdefault((model, words), {})[label] = r
+    lines = []
+    for (model, words), m in sorted(by.items()):
+        a, b = m.get("td_chars"), m.get("td_chars_outdistill")
+        if not (a and b):
+            continue
+        lines.append(f"`{model}`, {words} words: BPB {_signed(a['bpb_rel'])} vs the original model with the default "
+                     f"output rows ({_pct(a['bpb_gap'])} of the gap closed), {_signed(b['bpb_rel'])} with "
+                     f"`--output_embeddings distill` ({_pct(b['bpb_gap'])}), {_pct(b['fewer_tokens'])} fewer tokens; "
+                     f"after inflected forms {_pct(a['inflected_gap'])} -> {_pct(b['inflected_gap'])}; sampled "
+                     f"text writes the new token {_pct(a['new_token_share'])} -> {_pct(b['new_token_share'])} of "
+                     f"the time.")
+    if not lines:
+        return []
+    return ["### Raw text (bits per byte), details in [docs/results.md](docs/results.md)", ""] + \
+        [" ".join(lines), ""]
+
+
 def _comparison_section() -> list[str]:
     if not (ROOT / "docs" / "evaluation.md").is_file():
         return []
@@ -237,7 +313,8 @@ def results_page() -> str:
              "model was measured. GPU: not measured on GPU; `bash scripts/gpu_check.sh` prints training seconds per "
              "1,000 new tokens and the peak GPU memory beside the memory plan for a random Llama-3.1-8B-shaped "
              "model.", ""]
-    parts += benchmark_section() + summary_section("below") + sweep_section() + _comparison_section()
+    parts += (benchmark_section() + summary_section("below") + raw_text_section() + sweep_section()
+              + _comparison_section())
     return "\n".join(parts).replace("](docs/", "](").rstrip("\n") + "\n"
 
 
@@ -272,7 +349,7 @@ def render(readme: str) -> str:
              "(no trained 7B-8B model yet). GPU speed and memory: not measured on GPU; `bash scripts/gpu_check.sh` "
              "prints them for a random Llama-3.1-8B-shaped model. Every table, the speed benchmarks and the sweeps: "
              "[docs/results.md](docs/results.md), generated by `scripts/update_readme_results.py`.", ""]
-    parts += summary_section()
+    parts += summary_section() + raw_text_readme()
     block = START + "\n" + "\n".join(parts) + "\n" + END
     if START in readme:
         pre, rest = readme.split(START, 1)

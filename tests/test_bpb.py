@@ -136,3 +136,12 @@ def test_inflected_contexts_find_uses_inside_longer_words_only():
     assert [(c.doc, c.text[c.start:][:6]) for c in got] == [(1, " were "), (1, " too, "), (3, " first")]
     assert all(" agonists" in c.text[: c.start] for c in got)
     assert inflected_contexts(iter(texts), {0, 1, 3}, [" agonist"], per_word=1)[0].doc == 1
+
+
+def test_inflected_contexts_stop_before_the_next_new_token():
+    """The scored text holds no other use of a new token (only original tokens are scored)."""
+    from token_distillation.bpb import inflected_contexts
+
+    text = "Two agonists were compared with antagonist drugs in agonist trials and more text."
+    (c,) = inflected_contexts(iter([text]), {0}, [" agonist", " antagonist"], per_word=1)
+    assert c.text[c.start:] == " were compared with"

@@ -128,3 +128,24 @@ def test_inexact_snippets_in_the_corpus_share(smollm_tokenizer):
     plural = [s for s in snips.train if " agonists" in tok.decode(s.ids)]
     assert len(plural) == 2 and all(s.doc % 4 == 2 for s in plural)
     assert set(snips.train_docs) >= {s.doc for s in plural}
+
+
+def test_inexact_snippets_top_up_a_token_used_mostly_inside_longer_words(smollm_tokenizer):
+    """" hepato" occurs once as a whole word and 6 times inside longer words: with 5 snippets wanted it
+    gets 5: the exact one and 4 inside longer words (round(5 x 6/7) = 4, the corpus share), and the counts
+    say so."""
+    from token_distillation.snippets import SnippetMiner, add_inexact_snippets
+    from token_distillation.tokenization import NewToken
+
+    tok = smollm_tokenizer
+    texts = ["The hepato score was high.", "Two hepatocytes died.", "Many hepatocellular tumours grew.",
+             "All hepatocytes lived.", "Some hepatocytes moved.", "hepatocytes? The hepatocytes grew.", "A hepatoma."]
+    docs = [np.asarray(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    word = NewToken(" hepato", tuple(subtoken_ids(tok, " hepato")))
+    miner = SnippetMiner([word], 16, 5, 0, 0.0, [], seed=0)
+    miner.feed(0, np.concatenate(docs), np.concatenate([[0], np.cumsum([len(d) for d in docs])]))
+    snips = miner.result()
+    assert snips.train_counts == [1]
+    info = add_inexact_snippets(snips, docs, tok, [word], 16, [], 0.0, seed=0, want=(5, 0))
+    assert info["train"] == 4 and len(snips.train) == 5 and snips.train_counts == [5]
+    assert sorted(s.doc for s in snips.train)[0] == 0 and sum(s.doc == 0 for s in snips.train) == 1

@@ -190,3 +190,14 @@ def test_out_path_with_a_users_files_is_refused_before_any_work(tmp_path, toy_mo
     evaluate(cfg)
     evaluate(cfg)  # an earlier evaluation is replaced
     assert {p.name for p in out.iterdir()} >= {"evaluation.json", "evaluation.md", "evaluation.png"}
+
+
+def test_models_with_different_token_sets_are_flagged(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
+    """One run kept a word another skipped: evaluation.json and evaluation.md say the token sets differ."""
+    a = make_extended(tmp_path / "a", toy_model_dir, [" hepatotoxicity", " nephrotoxicity"],
+                      lambda w, s: w[s].mean(0), DOCS[:10])
+    b = make_extended(tmp_path / "b", toy_model_dir, [" hepatotoxicity"], lambda w, s: w[s].mean(0), DOCS[:10])
+    res = evaluate(_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, [a, b], labels="two,one",
+                        definition_tokens=0, gen_prompts=0, bpb_docs=2))
+    assert res["token_sets_differ"] == {"two": 2, "one": 1}
+    assert "different new tokens" in (tmp_path / "eval" / "evaluation.md").read_text()

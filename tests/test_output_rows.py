@@ -23,11 +23,29 @@ def test_word_targets_by_hand():
     c = lp[2, t2].exp()
     want = torch.stack([lp[0, t1].exp() * c, lp[1, t1].exp() * c, lp[3, t1].exp() * c])
     assert torch.allclose(got, want, atol=1e-6)
-    # a one-subtoken word has completion 1; a snippet without the new token gets zeros
+    # a one-subtoken word has completion 1; a snippet without an exact occurrence is left out (NaN)
     one = MergedSequence(np.array([1, t1, 5]), np.array([1, 9, 5]), np.array([0, 1, 2]), 1)
     assert torch.allclose(word_targets(lp, one, 9, (t1,)), lp[[0, 1], t1].exp(), atol=1e-6)
     none = MergedSequence(np.array([1, 2, 5]), np.array([1, 2, 5]), np.array([0, 1, 2]), -1)
-    assert torch.equal(word_targets(lp, none, 9, (t1, t2)), torch.zeros(2))
+    assert torch.isnan(word_targets(lp, none, 9, (t1, t2))).all()
+
+
+def test_word_targets_leave_out_uses_inside_longer_words():
+    """Character alignment: teacher [BOS, a, t1, t2, b, t1, u, c], student [BOS, a, N, b, N, s, c] where
+    the second N is the word inside a longer word (teacher t1 u, student N s). The position before it
+    has no known target (NaN, left out); the unaligned N position too; the rest use the exact
+    occurrence's completion."""
+    vocab, t1, t2, u, s = 8, 3, 4, 6, 7
+    lp = torch.log_softmax(torch.randn(8, vocab, generator=torch.Generator().manual_seed(1)), -1)
+    seq = MergedSequence(np.array([1, 2, t1, t2, 5, t1, u, 2]), np.array([1, 2, 9, 5, 9, s, 2]),
+                         np.array([0, 1, 3, 4, -1, 6, 7]), 2)
+    got = word_targets(lp, seq, 9, (t1, t2))
+    c = lp[2, t2].exp()
+    assert torch.allclose(got[[0, 1, 2, 5]], torch.stack([lp[0, t1].exp() * c, lp[1, t1].exp() * c,
+                                                           lp[3, t1].exp() * c, lp[6, t1].exp() * c]), atol=1e-6)
+    assert torch.isnan(got[3]) and torch.isnan(got[4])
+    only_inside = MergedSequence(np.array([1, 2, t1, u, 2]), np.array([1, 2, 9, s, 2]), np.array([0, 1, -1, 3, 4]), 2)
+    assert torch.isnan(word_targets(lp, only_inside, 9, (t1, t2))).all()
 
 
 def test_binary_kl_is_zero_at_the_target_and_convex_fit_reaches_it():

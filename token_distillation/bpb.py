@@ -231,8 +231,11 @@ def inflected_contexts(texts, docs: set[int], words: list[str], per_word: int, l
     documents ``docs`` of ``texts`` (the corpus's texts in order), for "train as you infer".
 
     Each window keeps about ``left_chars`` characters before the word and ``right_chars`` after it,
-    cut at whitespace; the continuation (scored by :func:`score_bytes` with ``starts``) begins at the
-    first whitespace after the word that contains the firing, where every tokenizer starts a token.
+    cut at whitespace, and ends before the next use of any new token (so the scored text is read as
+    original tokens by every model and measures how well the inflected word was read, not how well
+    later new tokens are predicted); the continuation (scored by :func:`score_bytes` with
+    ``starts``) begins at the first whitespace after the word that contains the firing, where every
+    tokenizer starts a token.
     """
     import ahocorasick_rs
 
@@ -260,7 +263,10 @@ def inflected_contexts(texts, docs: set[int], words: list[str], per_word: int, l
             if a > 0:
                 a = next((i + 1 for i in range(a, s) if text[i].isspace()), s)
             b = min(len(text), end + right_chars)
-            if b < len(text):
+            nxt = next(iter(ac.find_matches_as_indexes(text[end:b])), None)
+            if nxt is not None:  # stop before the next use of any new token: only original tokens are scored
+                b = end + nxt[1]
+            elif b < len(text):
                 b = max(end + 1, text.rfind(" ", end + 1, b))
             if not text[end:b].strip():
                 continue

@@ -37,6 +37,11 @@ def markdown_tables(results: dict[str, Any], per_token_rows: int = 0) -> str:
                      + f" | {m['tokens_per_doc_before']:.1f} -> {m['tokens_per_doc_after']:.1f} "
                        f"({100 * (1 - m['compression_ratio']):.2f}% fewer) | {_fmt(m['mean_new_row_norm'], 3)} |")
     lines.append("")
+    differ = results.get("token_sets_differ")
+    if differ:
+        lines += ["**The models have different new tokens** (" + ", ".join(f"{k}: {v}" for k, v in differ.items())
+                  + " tokens): the per-token means above use the tokens every model has, but bits per byte, inflected "
+                    "forms and generation compare models with different token sets.", ""]
     lines += _bpb_table(results)
     lines += _inflected_table(results)
     lines += _generation_table(results)

@@ -262,8 +262,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if not cfg.labels:
         _unique_labels(exts)
     source = resolve_model_source(cfg.model_path)
+    sets = {e.label: frozenset(t.text for t in e.tokens) for e in exts}
+    differ = {lab: len(v) for lab, v in sets.items()} if len(set(sets.values())) > 1 else None
+    if differ:
+        logger.warning("the extended models have different new tokens (%s); per-token means use the common ones, "
+                       "bits per byte, inflected forms and generation compare different token sets (e.g. a token "
+                       "skipped by one run for too few snippets)", ", ".join(f"{k}: {v}" for k, v in differ.items()))
     orig = _original_pass(cfg, source, exts, cache_root, device)
-    results: dict[str, Any] = {"methods": {}, "per_token": {}}
+    results: dict[str, Any] = {"methods": {}, "per_token": {}, "token_sets_differ": differ}
     for e in exts:
         results["per_token"][e.label], results["methods"][e.label] = _score_extended(cfg, e, orig, cache_root, device)
     _aggregate(results, orig, exts)

@@ -79,27 +79,35 @@ def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: 
 
     Returns:
         ``[student_len - 1]`` float32 probabilities (position ``q`` predicts student token ``q + 1``);
-        NaN at positions with no aligned teacher position (character alignment), which the fit skips.
+        NaN (left out of the fit) at positions with no aligned teacher position (character alignment),
+        before a use of the new token inside a longer word, and everywhere in a snippet without an
+        exact occurrence of the word.
     """
     s2t = torch.as_tensor(seq.student_to_teacher, device=lp.device)
     k = len(subtokens)
     log_p1 = lp[s2t[:-1].clamp(min=0), subtokens[0]]        # [student_len - 1]
-    starts, completions = [], []
+    starts, completions, skip = [], [], []
     for p in torch.nonzero(torch.as_tensor(seq.student_ids) == new_id).flatten().tolist():
         end = int(seq.student_to_teacher[p])
         start = end - k + 1                                 # teacher position of t1
         if p == 0 or start < 1 or tuple(seq.teacher_ids[start: end + 1].tolist()) != tuple(subtokens):
-            continue  # not an exact occurrence (e.g. inside a longer word): the teacher did not read the word
+            # not an exact occurrence (inside a longer word: " agonist" in " agonists"): the teacher never
+            # read the word there, so its probability is unknown; the position is left out of the fit
+            if p > 0:
+                skip.append(p - 1)
+            continue
         comp = sum(lp[start + i - 1, subtokens[i]] for i in range(1, k)) if k > 1 else lp.new_zeros(())
         starts.append(p - 1)
         completions.append(comp)
-    if not starts:
-        est = torch.full_like(log_p1, -math.inf)
+    if not starts:  # no exact occurrence: the completion probability cannot be estimated here
+        return torch.full_like(log_p1, math.nan).float()
     else:
         comps = torch.stack([torch.as_tensor(c, device=lp.device) for c in completions])
         est = log_p1 + torch.logsumexp(comps, 0) - math.log(len(comps))
         est[torch.tensor(starts, device=lp.device)] = log_p1[starts] + comps
     est = est.exp().float()
+    if skip:
+        est[torch.tensor(skip, device=est.device)] = math.nan
     return torch.where(s2t[:-1] >= 0, est, torch.full_like(est, math.nan))
 
 

@@ -564,7 +564,8 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
     new_ids = add_new_tokens(tokenizer, [t.text for t in sn.tokens])
     tokens = [NewToken(t.text, t.subtoken_ids, i) for t, i in zip(sn.tokens, new_ids)]
     firing = firing_report(tokenizer, tokens, probes, sn.scan_ids,
-                           trained=bool(sn.corpus_info.get("inexact_snippets")) and original_tokenizer is not None)
+                           trained=bool((sn.corpus_info.get("inexact_snippets") or {}).get("train"))
+                           and original_tokenizer is not None)
     extend_embeddings(model, len(tokenizer))
     n_orig = min(num_original, new_ids[0])
     tied_source = is_tied(model)
@@ -951,10 +952,11 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
             t0 = time.time()
             inexact = add_inexact_snippets(snips, corpus.iter_docs(), tokenizer, tokens, sc.snippet_len, bos,
                                            cfg.corpus.heldout_fraction if sc.heldout_snippet_num else 0.0,
-                                           cfg.train.seed)
-            logger.info("snippets inside longer words (--alignment chars): %d training / %d held-out snippets "
-                        "replaced, in the share the corpus has (%.1f%% of all firings) (%.1f s)", inexact["train"],
-                        inexact["heldout"], 100 * inexact["inexact_share"], time.time() - t0)
+                                           cfg.train.seed, want=(sc.snippet_num, sc.heldout_snippet_num))
+            logger.info("snippets inside longer words (--alignment chars): %d training / %d held-out snippets, "
+                        "in the share the corpus has (%.1f%% of all firings; tokens with too few exact snippets "
+                        "topped up) (%.1f s)", inexact["train"], inexact["heldout"], 100 * inexact["inexact_share"],
+                        time.time() - t0)
         corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path or "texts (in memory)",
                        "num_docs": corpus.num_docs,
                        "num_tokens": int(corpus.num_tokens),

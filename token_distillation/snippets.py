@@ -443,7 +443,8 @@ def top_up(mined: SnippetSet, generated: SnippetSet) -> SnippetSet:
 
 
 def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewToken], snippet_len: int,
-                         bos: list[int], heldout_fraction: float, seed: int, batch_docs: int = 1000) -> dict:
+                         bos: list[int], heldout_fraction: float, seed: int, want: tuple[int, int] | None = None,
+                         batch_docs: int = 1000) -> dict:
     """Give every token snippets where the extended tokenizer uses it *inside a longer word* (" agonist"
     in " agonists") in the share in which the corpus does (train as you infer; needs character
     alignment, see :func:`token_distillation.alignment.pair_texts`).
@@ -455,6 +456,9 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
     ``round(n * y / (x + y))`` of the token's ``n`` training (and held-out) snippets are replaced,
     from the last mined on, by windows around its first inexact firings in training (held-out)
     documents, in corpus order, so the number of snippets per token (and of updates) is unchanged.
+    A token with fewer exact snippets than ``want`` is topped up with inexact ones (up to ``want``),
+    so a token the tokenizer uses mostly inside longer words (" hepato" in " hepatocytes") is not
+    skipped for lack of exact occurrences.
 
     Args:
         snips: the mined snippets (changed in place: snippets replaced, ``train_docs`` extended).
@@ -463,6 +467,8 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
         tokenizer: the original (fast) tokenizer: decodes the documents and maps characters to tokens.
         tokens: the new tokens (surface forms are matched).
         snippet_len, bos, heldout_fraction, seed: as for :class:`SnippetMiner`.
+        want: ``(training, held-out)`` snippets wanted per token (``--snippet_num``,
+            ``--heldout_snippet_num``); default: no top-up (only replacement).
 
     Returns:
         ``{"train": replaced, "heldout": replaced, "inexact_share": y / (x + y) over all tokens}``.
@@ -481,6 +487,8 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
         for s in pool:
             have[s.token_index, side] += s.source == "corpus"
     found: dict[tuple[int, int], list[Snippet]] = {}
+    target = np.maximum(have, np.asarray(want if want is not None else (0, 0), dtype=np.int64)[None, :])
+    cap = target.max(0)  # candidates kept per (token, side)
     bos_arr = np.asarray(bos, dtype=np.int64)
     d0, batch = 0, []
 
@@ -497,7 +505,7 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
                 counts[pat, 1] += 1
                 side = int(held[k])
                 got = found.setdefault((pat, side), [])
-                if len(got) >= have[pat, side]:
+                if len(got) >= cap[side]:
                     continue
                 if ends is None:
                     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -522,16 +530,22 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
     total = counts.sum(1)
     share = np.divide(counts[:, 1], total, out=np.zeros(n), where=total > 0)
     replaced = {}
-    for side, name, pool in ((0, "train", snips.train), (1, "heldout", snips.heldout)):
+    for side, name, pool, counts_out in ((0, "train", snips.train, snips.train_counts),
+                                         (1, "heldout", snips.heldout, snips.heldout_counts)):
         drop: set[int] = set()
         extra: list[Snippet] = []
         for t in range(n):
-            k = min(len(found.get((t, side), [])), int(round(have[t, side] * share[t])))
+            nfound, h = len(found.get((t, side), [])), int(have[t, side])
+            total = min(int(target[t, side]), h + nfound)
+            k = min(nfound, max(int(round(total * share[t])), total - h))
             if k == 0:
                 continue
             own = [i for i, s in enumerate(pool) if s.token_index == t and s.source == "corpus"]
-            drop.update(own[len(own) - k:])
+            n_drop = h + k - total
+            drop.update(own[len(own) - n_drop:] if n_drop else [])
             extra.extend(found[(t, side)][:k])
+            if t < len(counts_out):
+                counts_out[t] += k - n_drop
         pool[:] = [s for i, s in enumerate(pool) if i not in drop] + extra
         replaced[name] = len(extra)
         if side == 0:
