@@ -241,12 +241,17 @@ def _raw_text_rows() -> list[tuple[str, int, str, dict]]:
                 "bpb_gap": b.get("gap_closed"), "inflected_gap": inf.get("gap_closed"),
                 "inflected_rel": inf["bpb"] / inf0["bpb"] - 1 if inf and inf0 else None,
                 "continuation_gap": cont, "new_token_share": g.get("word_share"),
+                "inflected_windows": (inf0 or {}).get("docs"),
                 "source": f.parent.relative_to(ROOT)}))
     return out
 
 
 def _signed(v) -> str:
     return "-" if v is None else f"{100 * v:+.2f}%"
+
+
+def _pct1(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def raw_text_section() -> list[str]:
@@ -262,12 +267,13 @@ def raw_text_section() -> list[str]:
            "the held-out gap closed of the table above (original vocabulary). Generation: share of sampled "
            "continuations with a word that write it as the new token. `td_ids`: `--alignment ids`; `td_chars`: "
            "`--alignment chars`; `outdistill`: with `--output_embeddings distill`.", "",
-           "| model | words | method | BPB vs original | fewer tokens | BPB gap closed | inflected: BPB vs original, "
-           "gap closed | continuation gap closed | generation: new token | source |",
+           "| model | words | method | BPB vs original | fewer tokens | BPB gap closed | inflected (windows): BPB vs "
+           "original, gap closed | continuation gap closed | generation: new token | source |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for model, words, label, r in rows:
-        out.append(f"| `{model}` | {words} | {label} | {_signed(r['bpb_rel'])} | {_pct(r['fewer_tokens'])} | "
-                   f"{_pct(r['bpb_gap'])} | {_signed(r['inflected_rel'])}, {_pct(r['inflected_gap'])} | "
+        out.append(f"| `{model}` | {words} | {label} | {_signed(r['bpb_rel'])} | {_pct1(r['fewer_tokens'])} | "
+                   f"{_pct(r['bpb_gap'])} | ({r['inflected_windows'] or 0}) {_signed(r['inflected_rel'])}, "
+                   f"{_pct(r['inflected_gap'])} | "
                    f"{_pct(r['continuation_gap'])} | {_pct(r['new_token_share'])} | `{r['source']}/` |")
     return out + [""]
 
@@ -285,7 +291,7 @@ def raw_text_readme() -> list[str]:
             continue
         lines.append(f"`{model}`, {words} words: BPB {_signed(a['bpb_rel'])} vs the original model with the default "
                      f"output rows ({_pct(a['bpb_gap'])} of the gap closed), {_signed(b['bpb_rel'])} with "
-                     f"`--output_embeddings distill` ({_pct(b['bpb_gap'])}), {_pct(b['fewer_tokens'])} fewer tokens; "
+                     f"`--output_embeddings distill` ({_pct(b['bpb_gap'])}), {_pct1(b['fewer_tokens'])} fewer tokens; "
                      f"after inflected forms {_pct(a['inflected_gap'])} -> {_pct(b['inflected_gap'])}; sampled "
                      f"text writes the new token {_pct(a['new_token_share'])} -> {_pct(b['new_token_share'])} of "
                      f"the time.")

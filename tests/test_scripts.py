@@ -500,3 +500,30 @@ def test_multi_node_script_runs_token_sharded_without_slurm(tmp_path, toy_model_
     rep = json.loads((out / "report.json").read_text())
     assert rep["processes"] == 2 and rep["distributed"]["mode"] == "token-sharded"
     assert rep["config"]["process_group_timeout_minutes"] == 60
+
+
+def test_raw_text_rows_from_an_evaluation(tmp_path, monkeypatch):
+    """The raw-text table's numbers are computed from evaluation.json (BPB relative to the original,
+    token saving, gaps closed), one row per method."""
+    mod = _readme_script()
+    d = tmp_path / "m"
+    d.mkdir()
+    orig = {"bpb": 1.0, "tokens_per_byte": 0.25, "docs": 3}
+    res = {"setup": {"model_path": "m", "words": 2}, "bpb_original": orig, "inflected_original": {"bpb": 2.0, "docs": 4},
+           "bpb_reference": "mean",
+           "methods": {"mean": {"bpb": {"bpb": 1.1, "tokens_per_byte": 0.24, "gap_closed": 0.0},
+                                "inflected": {"bpb": 2.2, "gap_closed": 0.0}, "excess_nll_orig": 0.2, "generation": None},
+                       "td_chars": {"bpb": {"bpb": 1.05, "tokens_per_byte": 0.24, "gap_closed": 0.5},
+                                    "inflected": {"bpb": 2.1, "gap_closed": 0.5}, "excess_nll_orig": 0.05,
+                                    "generation": {"word_share": 0.0}},
+                       "td_chars_outdistill": {"bpb": {"bpb": 1.01, "tokens_per_byte": 0.24, "gap_closed": 0.9},
+                                               "inflected": {"bpb": 2.02, "gap_closed": 0.9}, "excess_nll_orig": 0.05,
+                                               "generation": {"word_share": 0.75}}}}
+    (d / "evaluation.json").write_text(json.dumps(res))
+    monkeypatch.setattr(mod, "RAW_TEXT", tmp_path)
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    rows = {label: r for _, _, label, r in mod._raw_text_rows()}
+    assert rows["td_chars"]["bpb_rel"] == pytest.approx(0.05) and rows["td_chars"]["continuation_gap"] == pytest.approx(0.75)
+    assert rows["mean"]["fewer_tokens"] == pytest.approx(0.04) and rows["td_chars"]["inflected_rel"] == pytest.approx(0.05)
+    text = "\n".join(mod.raw_text_readme())
+    assert "+5.00%" in text and "+1.00%" in text and "50% -> 90%" in text and "0% -> 75%" in text
