@@ -64,7 +64,15 @@ def test_each_method_runs_and_keeps_original_rows(tmp_path, toy_model_dir, untie
     tok = AutoTokenizer.from_pretrained(res.out_path)
     assert emb1.shape == (len(tok), emb0.shape[1])
     assert torch.equal(emb1[:n], emb0)  # original input rows bit-identical
-    if not tied:
+    distilled = flags["init_method"] in ("token_distillation", "token_distillation-randinit")
+    assert rep["model"]["output_embeddings"] == ("distill" if distilled else "zero" if not tied else "subtoken-mean")
+    if distilled:  # default for Token Distillation: output rows fitted to the teacher (untied either way)
+        assert rep["output_rows_kl"] is not None
+        out_ref = out0 if not tied else emb0
+        assert torch.equal(out1[:n], out_ref)
+        for t in rep["tokens"]:  # fitted, not left at their start (subtoken mean)
+            assert not torch.allclose(out1[t["id"]], out_ref[t["subtoken_ids"]].mean(0), atol=1e-6)
+    elif not tied:
         assert out1.shape == emb1.shape and torch.equal(out1[:n], out0)
         assert torch.count_nonzero(out1[ids]) == 0  # default for untied models: zero output rows
     else:  # default for tied models: untied, new output rows = subtoken mean of the shared rows

@@ -83,9 +83,10 @@ DEFAULT_LOSSES: dict[InitMethod, tuple[LossMethod, ...]] = {
 class OutputEmbeddings(str, enum.Enum):
     """New tokens' output rows (``--output_embeddings``).
 
-    ``auto``: untied models get ``zero`` (or ``subtoken-mean`` with
-    ``--set_output_to_zero_if_untied false``, the paper's flag); tied models get ``subtoken-mean``
-    and are *untied* (the safe default: the shared matrix is copied into a separate output layer,
+    ``auto``: ``distill`` for the Token Distillation methods (tied models are untied); for the other
+    methods untied models get ``zero`` (or ``subtoken-mean`` with
+    ``--set_output_to_zero_if_untied false``, the paper's flag, which also turns ``distill`` off);
+    tied models get ``subtoken-mean`` and are *untied* (the safe default: the shared matrix is copied into a separate output layer,
     so the trained input rows cannot make the new tokens the model's favourite prediction; see
     docs/methods.md). ``zero`` / ``subtoken-mean`` / ``ntp`` on a tied model untie it likewise.
     ``tied``: keep a tied model tied (the output row is the trained input row).
@@ -670,8 +671,9 @@ class OutputConfig:
     )
     output_embeddings: OutputEmbeddings = _flag(
         OutputEmbeddings.AUTO,
-        "New tokens' output rows: auto (untied models - zero, or subtoken-mean with "
-        "--set_output_to_zero_if_untied false; tied models - subtoken-mean, untying the model), zero, "
+        "New tokens' output rows: auto (token_distillation* - distill; other methods: untied models - zero, or "
+        "subtoken-mean with --set_output_to_zero_if_untied false; tied models - subtoken-mean; a tied model is "
+        "untied), zero, "
         "subtoken-mean (mean of the subtokens' output rows), ntp (trained with next-token cross-entropy "
         "on the snippets), tied (keep a tied model tied - the output row is the trained input row; can make "
         "the model over-predict new tokens), distill (subtoken-mean start, then fitted so that the model's "

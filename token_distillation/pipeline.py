@@ -43,6 +43,7 @@ from .config import (
     Alignment,
     BuildTargetMethod,
     ConfigError,
+    InitMethod,
     MixedPrecision,
     OutputEmbeddings,
     Recipe,
@@ -1026,15 +1027,23 @@ def too_few_snippets(cfg: RunConfig, train_counts: list[int], tokens: list[NewTo
     return out
 
 
+#: init methods whose output rows ``--output_embeddings auto`` fits by distillation
+DISTILLED_METHODS = frozenset({InitMethod.TOKEN_DISTILLATION, InitMethod.TOKEN_DISTILLATION_RANDINIT})
+
+
 def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
     """Resolved ``--output_embeddings``: None keeps a tied model tied (``tied``); any policy on a
-    tied model unties it. ``auto``: subtoken-mean for tied models (safe default), else zero (or
+    tied model unties it. ``auto``: distill for the Token Distillation methods (measured better on
+    raw text: docs/results.md), unless ``--set_output_to_zero_if_untied false`` asks for subtoken-mean;
+    for the other methods (the paper's baselines) subtoken-mean for tied models, else zero (or
     subtoken-mean with ``--set_output_to_zero_if_untied false``)."""
     pol = cfg.output.output_embeddings
     if pol == OutputEmbeddings.TIED:
         return None
     if pol != OutputEmbeddings.AUTO:
         return pol
+    if cfg.train.init_method in DISTILLED_METHODS and cfg.output.set_output_to_zero_if_untied:
+        return OutputEmbeddings.DISTILL
     if tied:
         return OutputEmbeddings.SUBTOKEN_MEAN
     return OutputEmbeddings.ZERO if cfg.output.set_output_to_zero_if_untied else OutputEmbeddings.SUBTOKEN_MEAN
