@@ -289,12 +289,13 @@ def raw_text_readme() -> list[str]:
         a, b = m.get("td_chars"), m.get("td_chars_outdistill")
         if not (a and b):
             continue
-        lines.append(f"`{model}`, {words} words: BPB {_signed(a['bpb_rel'])} vs the original model with the default "
-                     f"output rows ({_pct(a['bpb_gap'])} of the gap closed), {_signed(b['bpb_rel'])} with "
-                     f"`--output_embeddings distill` ({_pct(b['bpb_gap'])}), {_pct1(b['fewer_tokens'])} fewer tokens; "
-                     f"after inflected forms {_pct(a['inflected_gap'])} -> {_pct(b['inflected_gap'])}; sampled "
-                     f"text writes the new token {_pct(a['new_token_share'])} -> {_pct(b['new_token_share'])} of "
-                     f"the time.")
+        lines.append(f"`{model}`, {words} words: bits per byte {_signed(a['bpb_rel'])} vs the original model with "
+                     f"subtoken-mean output rows (the earlier default; {_pct(a['bpb_gap'])} of the gap closed), "
+                     f"{_signed(b['bpb_rel'])} with distilled ones (`--output_embeddings distill`, now the default; "
+                     f"{_pct(b['bpb_gap'])}), {_pct1(b['fewer_tokens'])} fewer tokens; sampled text writes the new "
+                     f"token {_pct(a['new_token_share'])} -> {_pct(b['new_token_share'])} of the time; after "
+                     f"inflected forms ({a['inflected_windows'] or 0} windows, small) {_pct(a['inflected_gap'])} -> "
+                     f"{_pct(b['inflected_gap'])}.")
     if not lines:
         return []
     return ["### Raw text (bits per byte), details in [docs/results.md](docs/results.md)", ""] + \

@@ -526,4 +526,4 @@ def test_raw_text_rows_from_an_evaluation(tmp_path, monkeypatch):
     assert rows["td_chars"]["bpb_rel"] == pytest.approx(0.05) and rows["td_chars"]["continuation_gap"] == pytest.approx(0.75)
     assert rows["mean"]["fewer_tokens"] == pytest.approx(0.04) and rows["td_chars"]["inflected_rel"] == pytest.approx(0.05)
     text = "\n".join(mod.raw_text_readme())
-    assert "+5.00%" in text and "+1.00%" in text and "50% -> 90%" in text and "0% -> 75%" in text
+    assert "+5.00%" in text and "+1.00%" in text and "(4 windows, small) 50% -> 90%" in text and "0% -> 75%" in text
