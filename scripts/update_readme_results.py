@@ -181,7 +181,9 @@ def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> lis
            f"jobs may have shared it; compare times within a row). Rows marked * were measured before the "
            f"changes of {COOCCURRENCE_FIX} (other new tokens in a token's snippets read with their initial rows, "
            f"without gradient; the corpus read in order and held out by hash, so other snippets) and may change "
-           f"when re-measured.",
+           f"when re-measured. All rows were measured with subtoken-mean output rows, before `--output_embeddings "
+           f"auto` became `distill` for token_distillation: the original-vocabulary figures do not depend on the "
+           f"output rows, the full-vocabulary ones do a little (the raw-text table in docs/results.md has both).",
            "",
            "| model | words trained together | default: gap closed (orig. / full) | default: training time "
            "| 1 epoch: gap closed (orig.), training time | default: new-token argmax rate "
