@@ -45,7 +45,13 @@ def _assert_same_result(res: DistillResult, cli):
     assert [(t["token"], t["id"]) for t in res.report["tokens"]] == [(t["token"], t["id"]) for t in cli.report["tokens"]]
     assert res.report["loss_curve"] == cli.report["loss_curve"]
     for get in ("get_input_embeddings", "get_output_embeddings"):
-        assert torch.equal(getattr(res.model, get)().weight, getattr(saved, get)().weight), get
+        a, b = getattr(res.model, get)().weight, getattr(saved, get)().weight
+        if get == "get_input_embeddings":
+            assert torch.equal(a, b), get
+        else:  # distilled output rows: float32 reductions over the vocabulary may differ in the last bits
+            # (3e-7 seen on SmolLM2); the original rows are bit-identical
+            n = a.shape[0] - len(res.report["tokens"])
+            assert torch.equal(a[:n], b[:n]) and torch.allclose(a, b, rtol=0, atol=1e-5), get
     assert res.tokenizer.encode(SENTENCE) == saved_tok.encode(SENTENCE)
 
 
