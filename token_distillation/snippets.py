@@ -529,26 +529,34 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
         scan(d0, batch)
     total = counts.sum(1)
     share = np.divide(counts[:, 1], total, out=np.zeros(n), where=total > 0)
-    replaced = {}
-    for side, name, pool, counts_out in ((0, "train", snips.train, snips.train_counts),
-                                         (1, "heldout", snips.heldout, snips.heldout_counts)):
-        drop: set[int] = set()
-        extra: list[Snippet] = []
-        for t in range(n):
-            nfound, h = len(found.get((t, side), [])), int(have[t, side])
-            total = min(int(target[t, side]), h + nfound)
-            k = min(nfound, max(int(round(total * share[t])), total - h))
-            if k == 0:
-                continue
-            own = [i for i, s in enumerate(pool) if s.token_index == t and s.source == "corpus"]
-            n_drop = h + k - total
-            drop.update(own[len(own) - n_drop:] if n_drop else [])
-            extra.extend(found[(t, side)][:k])
-            if t < len(counts_out):
-                counts_out[t] += k - n_drop
-        pool[:] = [s for i, s in enumerate(pool) if i not in drop] + extra
-        replaced[name] = len(extra)
-        if side == 0:
-            snips.train_docs = sorted(set(snips.train_docs) | {s.doc for s in extra})
+    replaced = {name: _swap_in(pool, counts_out, found, have[:, side], target[:, side], share, side)
+                for side, name, pool, counts_out in ((0, "train", snips.train, snips.train_counts),
+                                                     (1, "heldout", snips.heldout, snips.heldout_counts))}
+    snips.train_docs = sorted(set(snips.train_docs) | {s.doc for s in snips.train if s.source == "corpus"})
     replaced["inexact_share"] = float(counts[:, 1].sum() / max(1, counts.sum()))
     return replaced
+
+
+def _swap_in(pool: list[Snippet], counts_out: list[int], found: dict, have: np.ndarray, target: np.ndarray,
+             share: np.ndarray, side: int) -> int:
+    """Replace (and top up) the corpus snippets of each token in ``pool`` (in place) by the inexact ones
+    in ``found[(token, side)]``, as :func:`add_inexact_snippets` describes; returns how many were added."""
+    own: dict[int, list[int]] = {}
+    for i, s in enumerate(pool):  # indices per token, once (not a pool scan per token)
+        if s.source == "corpus":
+            own.setdefault(s.token_index, []).append(i)
+    drop: set[int] = set()
+    extra: list[Snippet] = []
+    for t in range(len(have)):
+        nfound, h = len(found.get((t, side), [])), int(have[t])
+        total = min(int(target[t]), h + nfound)
+        k = min(nfound, max(int(round(total * share[t])), total - h))
+        if k == 0:
+            continue
+        n_drop = h + k - total
+        drop.update(own.get(t, [])[h - n_drop:] if n_drop else [])
+        extra.extend(found[(t, side)][:k])
+        if t < len(counts_out):
+            counts_out[t] += k - n_drop
+    pool[:] = [s for i, s in enumerate(pool) if i not in drop] + extra
+    return len(extra)
