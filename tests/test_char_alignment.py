@@ -149,3 +149,57 @@ def test_inexact_snippets_top_up_a_token_used_mostly_inside_longer_words(smollm_
     info = add_inexact_snippets(snips, docs, tok, [word], 16, [], 0.0, seed=0, want=(5, 0))
     assert info["train"] == 4 and len(snips.train) == 5 and snips.train_counts == [5]
     assert sorted(s.doc for s in snips.train)[0] == 0 and sum(s.doc == 0 for s in snips.train) == 1
+
+
+HEPATO_TEXTS = ["The hepato score was high.", "Two hepatocytes died.", "Many hepatocellular tumours grew.",
+                "All hepatocytes lived.", "Some hepatocytes moved.", "hepatocytes? The hepatocytes grew.", "A hepato."]
+
+
+def test_inexact_pass_counts_the_words_the_firing_report_would_find(smollm_tokenizer):
+    """The over-firing words counted in the inexact-snippet pass are those a separate scan of the
+    decoded documents finds (the pipeline decodes the corpus once)."""
+    from token_distillation.firing import find_overfiring, overfiring_words
+    from token_distillation.snippets import Firings, SnippetMiner, add_inexact_snippets
+    from token_distillation.tokenization import NewToken
+
+    tok = smollm_tokenizer
+    docs = [np.asarray(tok(t, add_special_tokens=False)["input_ids"]) for t in HEPATO_TEXTS + EXACT]
+    words = [NewToken(w, tuple(subtoken_ids(tok, w))) for w in (" hepato", " agonist", " dyskinesia")]
+    miner = SnippetMiner(words, 16, 5, 0, 0.0, [], seed=0)
+    miner.feed(0, np.concatenate(docs), np.concatenate([[0], np.cumsum([len(d) for d in docs])]))
+    firings = Firings(np.zeros((3, 2), dtype=np.int64))
+    add_inexact_snippets(miner.result(), docs, tok, words, 16, [], 0.0, seed=0, want=(5, 0), firings=firings)
+    texts = [w.text for w in words]
+    expected = find_overfiring([tok.decode(d) for d in docs], texts)
+    assert expected == {" hepato": {"hepatocytes": 4, "hepatocellular": 1}}  # the first "hepatocytes?": no space
+    assert overfiring_words(firings.words, texts) == expected
+    assert firings.counts.tolist() == [[2, 5], [2, 0], [2, 0]]
+
+
+def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir):
+    """--dry_run with chars: a token the tokenizer uses mostly inside longer words is not listed as
+    skipped (a real run tops it up), and coverage.tsv counts those uses."""
+    import json
+
+    from token_distillation.config import RunConfig
+    from token_distillation.pipeline import run
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in HEPATO_TEXTS * 3), encoding="utf-8")
+    words = tmp_path / "w.txt"
+    words.write_text(" hepato\n", encoding="utf-8")
+    common = dict(model_path="smollm2-135m", dataset_path=str(corpus), cache_dir=str(cache_dir),
+                  new_tokens_source=str(words), build_target_method="wordlist", dry_run=True, snippet_num=8,
+                  min_snippets=7, heldout_snippet_num=0, snippet_len=12)
+    rows = {}
+    for align in ("chars", "ids"):
+        res = run(RunConfig.from_flags(**common, alignment=align, out_path=str(tmp_path / align)))
+        rows[align] = (res.out_path / "coverage.tsv").read_text().splitlines()
+        rows[align + "_report"] = res.report
+    head, line = rows["chars"][0].split("\t"), rows["chars"][1].split("\t")
+    assert head[-1] == "inexact_firings" and line[head.index("inexact_firings")] == "15"
+    assert line[head.index("train_snippets")] == "8" and line[head.index("occurrences")] == "6"
+    ids_head, ids_line = rows["ids"][0].split("\t"), rows["ids"][1].split("\t")
+    assert "inexact_firings" not in ids_head and ids_line[ids_head.index("train_snippets")] == "6"
+    assert rows["chars_report"]["skipped_tokens"] == {} and rows["chars_report"]["tokens_with_enough_snippets"] == 1
+    assert list(rows["ids_report"]["skipped_tokens"]) == [" hepato"]

@@ -213,3 +213,23 @@ def test_ten_thousand_new_tokens_linear():
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert len(merged.student_ids) <= 2000 + 50  # every phrase merged (words may share phrases)
     assert big < 40 * small + 5, (small, big)   # linear: ~10x; quadratic would be ~100x
+
+
+def test_context_mismatch_is_information_under_character_alignment(caplog):
+    """With --alignment chars training reads the extended tokenizer's own segmentation, so a
+    neighbour segmented differently (dummy prefix after every added token) is logged as information;
+    without it, a warning."""
+    import logging
+
+    tok = _byte_fallback_sentencepiece("always")
+    toks, probes = _extend(tok, [" hepatotoxicity"])
+    for chars, level in ((True, logging.INFO), (False, logging.WARNING)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="token_distillation.firing"):
+            rep = firing_report(tok, toks, probes, [], chars=chars)
+        assert list(rep["context_mismatch"]) == [" hepatotoxicity"]
+        got = [r for r in caplog.records if "hepatotoxicity" in r.getMessage()]
+        assert [r.levelno for r in got] == [level]
+    # precomputed over-firing words are used as given (no documents scanned) and kept for these tokens only
+    rep = firing_report(tok, toks, probes, None, overfiring={" hepatotoxicity": {"hepatotoxicitys": 2}, " x": {"xy": 1}})
+    assert rep["overfiring"] == {" hepatotoxicity": {"hepatotoxicitys": 2}}

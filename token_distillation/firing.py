@@ -107,7 +107,7 @@ def find_overfiring(texts: Iterable[str], token_texts: list[str], max_words: int
             if fires_inexactly(text, s, e, tok, spaced):
                 word = _word_around(text, s, e) or tok.strip()
                 hits.setdefault(pat, Counter())[word] += 1
-    return {token_texts[p]: dict(c.most_common(max_words)) for p, c in sorted(hits.items())}
+    return overfiring_words(hits, token_texts, max_words)
 
 
 def probe_texts(text: str) -> list[str]:
@@ -143,9 +143,15 @@ def context_mismatches(tokenizer, tokens: list[NewToken], original: list[list[li
         ``{token text: description}`` for every token whose probes either do not contain the new
         id or whose neighbours are tokenized differently from the merged original ids.
     """
+    return {text: why for text, (why, _) in _probe_mismatches(tokenizer, tokens, original).items()}
+
+
+def _probe_mismatches(tokenizer, tokens: list[NewToken], original: list[list[list[int]]]) -> dict[str, tuple[str, bool]]:
+    """:func:`context_mismatches` with, per token, whether the new id is used in every probe (the
+    mismatch is then only in the neighbours' segmentation)."""
     matcher = PhraseMatcher([t.subtoken_ids for t in tokens])
     new_ids = [t.token_id for t in tokens]
-    problems: dict[str, str] = {}
+    problems: dict[str, tuple[str, bool]] = {}
     for t, orig_ids in zip(tokens, original):
         texts = probe_texts(t.text)
         ext = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -153,10 +159,17 @@ def context_mismatches(tokenizer, tokens: list[NewToken], original: list[list[li
             expected = merge(o, matcher, new_ids).student_ids.tolist()
             if x != expected or t.token_id not in x:
                 problems[t.text] = (f"in {text!r} the extended tokenizer gives "
-                                    f"{tokenizer.convert_ids_to_tokens(x)}, training expects "
-                                    f"{tokenizer.convert_ids_to_tokens(expected)}")
+                                    f"{tokenizer.convert_ids_to_tokens(x)}, the id-level merge expects "
+                                    f"{tokenizer.convert_ids_to_tokens(expected)}",
+                                    all(t.token_id in e for e in ext))
                 break
     return problems
+
+
+def overfiring_words(words: dict[int, Counter], token_texts: list[str], max_words: int = 10) -> dict[str, dict[str, int]]:
+    """``{token text: {affected word: count}}`` (the ``max_words`` most frequent per token) from
+    per-token counters of the words a token fires inside (token index -> Counter)."""
+    return {token_texts[p]: dict(c.most_common(max_words)) for p, c in sorted(words.items()) if c}
 
 
 def decode_all(tokenizer, id_seqs: Iterable, batch_size: int = 1000) -> Iterable[str]:
@@ -171,28 +184,42 @@ def decode_all(tokenizer, id_seqs: Iterable, batch_size: int = 1000) -> Iterable
         yield from tokenizer.batch_decode(batch, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def firing_report(tokenizer, tokens: list[NewToken], probes: list[list[list[int]]], id_seqs: Iterable,
-                  max_words: int = 10, trained: bool = False) -> dict[str, dict]:
-    """Run both checks after the tokenizer was extended, log one warning per problem, return them.
+def firing_report(tokenizer, tokens: list[NewToken], probes: list[list[list[int]]], id_seqs: Iterable | None,
+                  max_words: int = 10, trained: bool = False, chars: bool = False,
+                  overfiring: dict[str, dict[str, int]] | None = None) -> dict[str, dict]:
+    """Run both checks after the tokenizer was extended, log one line per problem, return them.
 
     Args:
         tokenizer: the extended tokenizer.
         tokens: the new tokens, with ids.
         probes: :func:`encode_probes` computed before the extension.
         id_seqs: original-id sequences of the texts to scan for over-firing (corpus documents or
-            snippets), each ``[len]``.
+            snippets), each ``[len]``; not read when ``overfiring`` is given.
         trained: these uses are trained (``--alignment chars`` with corpus snippets): logged as
             information, not as a warning.
+        chars: training reads the extended tokenizer's own segmentation (``--alignment chars``): a
+            context mismatch in which the new token still fires is then trained as inference reads
+            it (information); one in which it does not fire stays a warning.
+        overfiring: the over-firing words already counted while the same documents were decoded
+            (:func:`token_distillation.snippets.add_inexact_snippets`); kept for these tokens only.
 
     Returns:
         ``{"overfiring": {token: {word: count}}, "context_mismatch": {token: description}}``.
     """
-    over = find_overfiring(decode_all(tokenizer, id_seqs), [t.text for t in tokens], max_words)
+    if overfiring is None:
+        over = find_overfiring(decode_all(tokenizer, id_seqs), [t.text for t in tokens], max_words)
+    else:
+        kept = {t.text for t in tokens}
+        over = {text: dict(list(words.items())[:max_words]) for text, words in overfiring.items() if text in kept}
     for text, words in over.items():
         logger.log(logging.INFO if trained else logging.WARNING, "new token %r also fires inside other words (%s): %s",
                    text, "trained in the share the corpus has" if trained else "not trained for",
                    ", ".join(f"{w!r} x{n}" for w, n in words.items()))
-    mism = context_mismatches(tokenizer, tokens, probes)
-    for text, why in mism.items():
-        logger.warning("new token %r: %s", text, why)
-    return {"overfiring": over, "context_mismatch": mism}
+    mism = _probe_mismatches(tokenizer, tokens, probes)
+    for text, (why, fires) in mism.items():
+        if chars and fires:
+            logger.info("new token %r: %s (--alignment chars trains on the extended tokenizer's own segmentation, "
+                        "so training reads this as inference does)", text, why)
+        else:
+            logger.warning("new token %r: %s", text, why)
+    return {"overfiring": over, "context_mismatch": {text: why for text, (why, _) in mism.items()}}

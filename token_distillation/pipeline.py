@@ -54,7 +54,7 @@ from .config import (
 from .corpus import ScanResult, check_text_column, check_words_occur, resolved_num_proc, scan_corpus, scan_texts
 from .distributed import DistContext, assign_tokens, check_distributable, inject_faults, launched_world_size
 from .fastpath import TeacherCache
-from .firing import encode_probes, firing_report
+from .firing import encode_probes, firing_report, overfiring_words
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .export import (ADAPTER_DIRNAME, GGUF_NAME, check_adapter_possible, check_gguf_possible, check_peft_available,
                      write_gguf, write_peft_adapter)
@@ -91,7 +91,7 @@ from .report import (
     write_json,
     write_target_files,
 )
-from .snippets import SnippetMiner, SnippetSet, add_inexact_snippets, generate_snippets, top_up
+from .snippets import Firings, SnippetMiner, SnippetSet, add_inexact_snippets, generate_snippets, top_up
 from .targets import (
     TargetList,
     build_targets,
@@ -269,6 +269,7 @@ class Snippets:
     corpus_info: dict
     scan_ids: Any
     model: Any = None  # loaded already when snippets were generated
+    overfiring: dict | None = None  # over-firing words counted while snippets were collected (chars)
 
 
 @dataclass
@@ -504,16 +505,17 @@ def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
             snips = top_up(snips, gen)
     else:
         snips, corpus_info, sources = setup.dist.broadcast_from_main(_collect)
+    overfiring = corpus_info.pop(OVERFIRING_KEY, None)
     if src == SnippetSource.GENERATED:
         scan_ids = [s.ids for s in snips.train + snips.heldout]
     else:
-        scan_ids = tg.corpus.iter_docs()
+        scan_ids = None if overfiring is not None else tg.corpus.iter_docs()
     snips, tokens, sources, skipped = keep_tokens_with_snippets(cfg, snips, tg.targets.tokens, sources,
                                                                 tg.targets.skipped)
     _warn_missing_heldout(tokens, snips.heldout_counts, cfg.snippets.heldout_snippet_num)
     logger.info("pre-flight: %d new tokens, %d skipped, %d training / %d held-out snippets, method %s",
                 len(tokens), len(skipped), len(snips.train), len(snips.heldout), cfg.train.init_method.value)
-    return Snippets(snips, tokens, sources, skipped, corpus_info, scan_ids, model)
+    return Snippets(snips, tokens, sources, skipped, corpus_info, scan_ids, model, overfiring)
 
 
 def _generate_sharded(setup: Setup, tg: Targets, wanted: list[tuple[int, int]] | None = None):
@@ -564,9 +566,9 @@ def extend_model(setup: Setup, tg: Targets, sn: Snippets) -> Extended:
                        "id-level merge (--alignment ids)", type(tokenizer).__name__)
     new_ids = add_new_tokens(tokenizer, [t.text for t in sn.tokens])
     tokens = [NewToken(t.text, t.subtoken_ids, i) for t, i in zip(sn.tokens, new_ids)]
-    firing = firing_report(tokenizer, tokens, probes, sn.scan_ids,
-                           trained=bool((sn.corpus_info.get("inexact_snippets") or {}).get("train"))
-                           and original_tokenizer is not None)
+    chars = original_tokenizer is not None and tc.alignment == Alignment.CHARS
+    firing = firing_report(tokenizer, tokens, probes, sn.scan_ids, overfiring=sn.overfiring, chars=chars,
+                           trained=bool((sn.corpus_info.get("inexact_snippets") or {}).get("train")) and chars)
     extend_embeddings(model, len(tokenizer))
     n_orig = min(num_original, new_ids[0])
     tied_source = is_tied(model)
@@ -927,6 +929,29 @@ def _topped_up_sources(mined: SnippetSet, want: list[tuple[int, int]]) -> list[s
             for c, w in zip(mined.train_counts, want)]
 
 
+#: corpus_info key that carries the over-firing words from snippet collection to the firing report
+OVERFIRING_KEY = "_overfiring_words"
+
+
+def _add_inexact(cfg: RunConfig, snips: SnippetSet, corpus, tokenizer, tokens: list[NewToken],
+                 bos: list[int]) -> Firings | None:
+    """``--alignment chars`` with a fast tokenizer: add the snippets inside longer words
+    (:func:`~token_distillation.snippets.add_inexact_snippets`, ``snips`` changed in place) and return
+    the firing counts of that pass (``.info``: the report's ``inexact_snippets``); otherwise None."""
+    if cfg.train.alignment != Alignment.CHARS or not getattr(tokenizer, "is_fast", False) or not tokens:
+        return None
+    sc, t0 = cfg.snippets, time.time()
+    firings = Firings(np.zeros((len(tokens), 2), dtype=np.int64))
+    info = firings.info = add_inexact_snippets(snips, corpus.iter_docs(), tokenizer, tokens, sc.snippet_len, bos,
+                                               cfg.corpus.heldout_fraction if sc.heldout_snippet_num else 0.0,
+                                               cfg.train.seed, want=(sc.snippet_num, sc.heldout_snippet_num),
+                                               firings=firings)
+    logger.info("snippets inside longer words (--alignment chars): %d training / %d held-out snippets, "
+                "in the share the corpus has (%.1f%% of all firings; tokens with too few exact snippets "
+                "topped up) (%.1f s)", info["train"], info["heldout"], 100 * info["inexact_share"], time.time() - t0)
+    return firings
+
+
 def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken], corpus, tokenizer, bos: list[int],
                      load, device: torch.device, mined: SnippetSet | None = None, scan: ScanResult | None = None):
     """Training and held-out snippets for ``tokens``: mined from ``corpus`` (``mined``: already
@@ -948,16 +973,8 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
         token_sources = ["generated"] * len(tokens)
     else:
         snips = mined if mined is not None else _mine(cfg, corpus, tokens, bos)
-        inexact = None
-        if cfg.train.alignment == Alignment.CHARS and getattr(tokenizer, "is_fast", False) and tokens:
-            t0 = time.time()
-            inexact = add_inexact_snippets(snips, corpus.iter_docs(), tokenizer, tokens, sc.snippet_len, bos,
-                                           cfg.corpus.heldout_fraction if sc.heldout_snippet_num else 0.0,
-                                           cfg.train.seed, want=(sc.snippet_num, sc.heldout_snippet_num))
-            logger.info("snippets inside longer words (--alignment chars): %d training / %d held-out snippets, "
-                        "in the share the corpus has (%.1f%% of all firings; tokens with too few exact snippets "
-                        "topped up) (%.1f s)", inexact["train"], inexact["heldout"], 100 * inexact["inexact_share"],
-                        time.time() - t0)
+        firings = _add_inexact(cfg, snips, corpus, tokenizer, tokens, bos)
+        inexact = firings.info if firings is not None else None
         corpus_info = {"source": src.value, "dataset_path": cfg.corpus.dataset_path or "texts (in memory)",
                        "num_docs": corpus.num_docs,
                        "num_tokens": int(corpus.num_tokens),
@@ -966,7 +983,10 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
                        "docs_needed": scan.docs_needed if scan else None,
                        "train_doc_ids": [corpus.doc_id(d) for d in snips.train_docs],
                        "heldout_doc_ids": [corpus.doc_id(d) for d in snips.heldout_docs],
-                       "inexact_snippets": inexact}
+                       "inexact_snippets": inexact,
+                       # popped by prepare_snippets (not written): the over-firing words of this decoding pass
+                       OVERFIRING_KEY: (overfiring_words(firings.words, [t.text for t in tokens])
+                                        if firings is not None else None)}
         token_sources = ["corpus"] * len(tokens)
         if src == SnippetSource.CORPUS_THEN_GENERATED:
             want = top_up_wanted(cfg, snips)
@@ -1098,17 +1118,22 @@ def _warn_if_new_tokens_dominate(stats: dict, tied: bool) -> None:
 
 def dry_run(setup: Setup, tg: Targets) -> RunResult:
     """``--dry_run``: mine snippets (corpus only), log the coverage table and the tokens a real run
-    would skip, write new_tokens.jsonl, coverage.tsv and report.json; no model is loaded."""
+    would skip, write new_tokens.jsonl, coverage.tsv and report.json; no model is loaded. With
+    ``--alignment chars`` (fast tokenizer) the snippet counts include those a real run takes from uses
+    inside longer words, and the table counts those uses (``inexact_firings``)."""
     cfg, sc, targets = setup.cfg, setup.cfg.snippets, tg.targets
-    train_counts = heldout_counts = None
+    train_counts = heldout_counts = inexact = None
     if tg.corpus is not None:
-        snips = tg.mined if tg.mined is not None else _mine(cfg, tg.corpus, targets.tokens, bos_prefix(tg.tokenizer))
+        bos = bos_prefix(tg.tokenizer)
+        snips = tg.mined if tg.mined is not None else _mine(cfg, tg.corpus, targets.tokens, bos)
+        firings = _add_inexact(cfg, snips, tg.corpus, tg.tokenizer, targets.tokens, bos)
+        inexact = firings.counts[:, 1].tolist() if firings is not None else None
         train_counts, heldout_counts = snips.train_counts, snips.heldout_counts
         _warn_missing_heldout(targets.tokens, heldout_counts, sc.heldout_snippet_num)
     else:
         logger.info("dry run: no corpus, so a real run would generate %d training and %d held-out snippets per token "
                     "with the model (not done in a dry run)", sc.snippet_num, sc.heldout_snippet_num)
-    table = coverage_table(tg.records, train_counts, heldout_counts)
+    table = coverage_table(tg.records, train_counts, heldout_counts, inexact)
     logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d)\n%s",
                 len(tg.records), sc.snippet_num, table)
     usable = sum(1 for c in train_counts or [] if c >= sc.min_snippets) if train_counts is not None else None

@@ -442,9 +442,20 @@ def top_up(mined: SnippetSet, generated: SnippetSet) -> SnippetSet:
     return out
 
 
+@dataclass
+class Firings:
+    """Where the extended tokenizer uses each new token in the documents read, counted by
+    :func:`add_inexact_snippets` in the same decoding pass (so the over-firing report and the
+    ``--dry_run`` coverage table do not decode the corpus again)."""
+
+    counts: np.ndarray  # [tokens, 2] int64: exact, inexact firings
+    words: dict = field(default_factory=dict)  # token index -> Counter of the words it fires inside
+    info: dict = field(default_factory=dict)  # what add_inexact_snippets returned (the report's inexact_snippets)
+
+
 def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewToken], snippet_len: int,
                          bos: list[int], heldout_fraction: float, seed: int, want: tuple[int, int] | None = None,
-                         batch_docs: int = 1000) -> dict:
+                         batch_docs: int = 1000, firings: Firings | None = None) -> dict:
     """Give every token snippets where the extended tokenizer uses it *inside a longer word* (" agonist"
     in " agonists") in the share in which the corpus does (train as you infer; needs character
     alignment, see :func:`token_distillation.alignment.pair_texts`).
@@ -469,19 +480,24 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
         snippet_len, bos, heldout_fraction, seed: as for :class:`SnippetMiner`.
         want: ``(training, held-out)`` snippets wanted per token (``--snippet_num``,
             ``--heldout_snippet_num``); default: no top-up (only replacement).
+        firings: filled with the per-token counts and the words each token fires inside (its
+            ``counts`` is replaced by a ``[tokens, 2]`` array).
 
     Returns:
         ``{"train": replaced, "heldout": replaced, "inexact_share": y / (x + y) over all tokens}``.
     """
     import ahocorasick_rs
 
-    from .firing import fires_inexactly
+    from collections import Counter
+
+    from .firing import _word_around, fires_inexactly
 
     texts = [t.text for t in tokens]
     spaced = set(texts)
     ac = ahocorasick_rs.AhoCorasick(texts, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest)
     n = len(tokens)
     counts = np.zeros((n, 2), dtype=np.int64)  # exact, inexact firings
+    words: dict[int, Counter] = {}
     have = np.zeros((n, 2), dtype=np.int64)
     for side, pool in ((0, snips.train), (1, snips.heldout)):
         for s in pool:
@@ -503,6 +519,7 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
                     counts[pat, 0] += 1
                     continue
                 counts[pat, 1] += 1
+                words.setdefault(pat, Counter())[_word_around(text, a, b) or texts[pat].strip()] += 1
                 side = int(held[k])
                 got = found.setdefault((pat, side), [])
                 if len(got) >= cap[side]:
@@ -534,6 +551,8 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
                                                      (1, "heldout", snips.heldout, snips.heldout_counts))}
     snips.train_docs = sorted(set(snips.train_docs) | {s.doc for s in snips.train if s.source == "corpus"})
     replaced["inexact_share"] = float(counts[:, 1].sum() / max(1, counts.sum()))
+    if firings is not None:
+        firings.counts, firings.words = counts, words
     return replaced
 
 

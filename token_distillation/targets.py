@@ -579,13 +579,18 @@ def write_new_tokens(path: Path, records: list[dict]) -> None:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def coverage_table(records: list[dict], train_counts: list[int] | None, heldout_counts: list[int] | None) -> str:
-    """Tab-separated table: token, count, occurrences, training and held-out snippets."""
-    lines = ["token\tcount\toccurrences\ttrain_snippets\theldout_snippets"]
+def coverage_table(records: list[dict], train_counts: list[int] | None, heldout_counts: list[int] | None,
+                   inexact_firings: list[int] | None = None) -> str:
+    """Tab-separated table: token, count, occurrences (exact), training and held-out snippets, and,
+    when given, the uses the extended tokenizer makes of the token inside longer words
+    (``inexact_firings``, :func:`token_distillation.firing.fires_inexactly`) in the documents read."""
+    lines = ["token\tcount\toccurrences\ttrain_snippets\theldout_snippets"
+             + ("\tinexact_firings" if inexact_firings is not None else "")]
     for i, r in enumerate(records):
         tr = train_counts[i] if train_counts is not None else ""
         he = heldout_counts[i] if heldout_counts is not None else ""
         cnt = "" if r["count"] is None else r["count"]
         occ = "" if r["occurrences"] is None else r["occurrences"]
-        lines.append(f"{json.dumps(r['token'], ensure_ascii=False)}\t{cnt}\t{occ}\t{tr}\t{he}")
+        extra = f"\t{inexact_firings[i]}" if inexact_firings is not None else ""
+        lines.append(f"{json.dumps(r['token'], ensure_ascii=False)}\t{cnt}\t{occ}\t{tr}\t{he}{extra}")
     return "\n".join(lines) + "\n"
