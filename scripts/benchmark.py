@@ -5,7 +5,8 @@ A benchmark, not a test. Prints a JSON summary (and writes it with ``--out``).
 
 Step mode (default), on snippets mined from a real corpus (``--dataset_path``, the first
 ``--num_words`` words of ``--words``, 25 training snippets each, every new token merged, so the
-first-new-token positions and the co-occurring new tokens are those of a real run), in one process:
+first-new-token positions and the co-occurring new tokens are those of a real run; ``--alignment``
+as in a run, default ``chars``), in one process:
   (a) comparator written here: the product's loss (per-token sum of per-token means, gradient only
       to each snippet's own token, row-wise Adam) computed the straightforward way: the whole
       input-embedding matrix as the parameter, full forwards with logits and all hidden states;
@@ -99,16 +100,26 @@ def read_words(path: str) -> list[str]:
 def mined_snippets(args, tok, vocab: int):
     """Real snippets: the first ``--num_words`` words of ``--words`` that the tokenizer splits, 25
     training and 5 held-out snippets each mined from ``--dataset_path`` (the product's corpus scan,
-    miner and held-out split), merged with *every* new token (so co-occurring new tokens are merged too, as in a run).
+    miner and held-out split), paired as ``--alignment`` pairs them in a run: ``chars`` (default) adds
+    the snippets inside longer words in the corpus share and reads each snippet's text through the
+    extended tokenizer (every new token it uses, so co-occurring new tokens are there too); ``ids``
+    merges every new token's exact subtoken phrases.
+
+    The new tokens get ids ``vocab + k`` (after the benchmark model's vocabulary, which may be larger
+    than the tokenizer's); the extended tokenizer's ids are shifted to them.
 
     Returns:
         (tokens, train seqs, train token index, held-out seqs, held-out token index)
     """
-    from token_distillation.config import CorpusConfig
+    import copy
+    from types import SimpleNamespace
+
+    from token_distillation.config import Alignment, CorpusConfig
     from token_distillation.corpus import scan_corpus
     from token_distillation.paths import default_cache_root
-    from token_distillation.snippets import SnippetMiner
-    from token_distillation.tokenization import bos_prefix, in_vocabulary, subtoken_ids
+    from token_distillation.pipeline import pair_snippets
+    from token_distillation.snippets import SnippetMiner, add_inexact_snippets
+    from token_distillation.tokenization import add_new_tokens, bos_prefix, in_vocabulary, subtoken_ids
 
     toks: list[NewToken] = []
     for w in read_words(args.words):
@@ -118,13 +129,26 @@ def mined_snippets(args, tok, vocab: int):
         if len(toks) == args.num_words:
             break
     ccfg = CorpusConfig(dataset_path=args.dataset_path)
-    miner = SnippetMiner(toks, args.snippet_len, 25, 5, ccfg.heldout_fraction, bos_prefix(tok), 0)
-    scan_corpus(ccfg, tok, default_cache_root(), consumer=miner)  # the product's corpus stage
+    bos = bos_prefix(tok)
+    miner = SnippetMiner(toks, args.snippet_len, 25, 5, ccfg.heldout_fraction, bos, 0)
+    scan = scan_corpus(ccfg, tok, default_cache_root(), consumer=miner)  # the product's corpus stage
     snips = miner.result()
-    m = PhraseMatcher([t.subtoken_ids for t in toks])
-    new_ids = [t.token_id for t in toks]
-    train = [merge(s.ids, m, new_ids) for s in snips.train]
-    held = [merge(s.ids, m, new_ids) for s in snips.heldout]
+    if args.alignment == "ids":
+        m = PhraseMatcher([t.subtoken_ids for t in toks])
+        new_ids = [t.token_id for t in toks]
+        train = [merge(s.ids, m, new_ids) for s in snips.train]
+        held = [merge(s.ids, m, new_ids) for s in snips.heldout]
+    else:
+        add_inexact_snippets(snips, scan.corpus.iter_docs(), tok, toks, args.snippet_len, bos, ccfg.heldout_fraction,
+                             0, want=(25, 5))
+        ext = copy.deepcopy(tok)
+        ext_ids = add_new_tokens(ext, [t.text for t in toks])
+        n_tok = ext_ids[0]
+        assert ext_ids == list(range(n_tok, n_tok + len(toks))), "new tokens were not appended in order"
+        run = SimpleNamespace(tokens=toks, original_tokenizer=tok, tokenizer=ext, n_orig=n_tok)
+        train, held = (pair_snippets(pool, run, Alignment.CHARS)[0] for pool in (snips.train, snips.heldout))
+        for q in train + held:
+            q.student_ids[q.student_ids >= n_tok] += vocab - n_tok
     return (toks, train, [s.token_index for s in snips.train], held, [s.token_index for s in snips.heldout])
 
 
@@ -275,6 +299,7 @@ def step_mode(args):
                                      held, h_idx, device)]
     res = {"device": str(device), "dtype": args.dtype, "model": args.shape or args.model_path, "layers": n_layers,
            "batch_size": args.batch_size, "snippet_len": args.snippet_len, "steps_timed": n - 1,
+           "alignment": args.alignment,
            "snippets": _snippet_stats(args, toks, train, t_idx, sched, grouped, ungrouped)}
     n_all = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name)
     peak = matmul_peak(device, dtype)
@@ -502,6 +527,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--target_layers", default="-1,L/3", help="comma-separated target layers; L/3 = one third deep")
     ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--alignment", choices=["chars", "ids"], default="chars",
+                    help="how snippets are paired, as --alignment in a run (chars: the extended tokenizer's own encoding)")
     ap.add_argument("--snippet_len", type=int, default=50)
     ap.add_argument("--steps", type=int, default=12, help="timed batches, sampled evenly from the epoch")
     ap.add_argument("--num_words", type=int, default=500, help="new tokens (the first words of --words that split)")

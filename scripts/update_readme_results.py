@@ -79,8 +79,11 @@ def benchmark_section() -> list[str]:
     out.append("")
     for f, r in runs:
         sn = r["snippets"]
+        pairing = {"chars": "paired by character alignment (`--alignment chars`)",
+                   "ids": "paired by the id-level merge (`--alignment ids`)"}.get(
+            r.get("alignment"), "paired by the id-level merge (measured before `--alignment chars` existed)")
         out.append(f"`{f.name}`: {sn['words']} words, {sn['train_snippets']:,} training snippets mined from "
-                   f"`{sn['corpus']}`, {r['steps_timed']} timed batches of {r['batch_size']} sampled evenly from "
+                   f"`{sn['corpus']}` and {pairing}, {r['steps_timed']} timed batches of {r['batch_size']} sampled evenly from "
                    f"the product's epoch of {sn['batches_per_epoch']} batches; first new token at position "
                    f"{sn['first_new_token_position_mean']:.1f} on average (BOS = 0); "
                    f"{100 * sn['with_another_new_token']:.0f}% of the snippets hold another new token; mean prefix "

@@ -126,10 +126,12 @@ def test_summary_keeps_the_newest_sweep_per_model_and_word_count():
     assert row[6]["gap_closed_orig"] == 0.7
 
 
-def test_benchmark_step_mode_smoke(tmp_path):
+@pytest.mark.parametrize("alignment", ["chars", "ids"])
+def test_benchmark_step_mode_smoke(tmp_path, alignment):
     """The benchmark runs end to end on mined snippets with a tiny random shape and reports
     consistent figures: the comparator and the product train the same rows (equal held-out loss),
-    grouping by position lengthens the shared prefix, the FLOP ratios order as the work does."""
+    grouping by position lengthens the shared prefix, the FLOP ratios order as the work does; with
+    either alignment of a run."""
     from tests.conftest import require_shared
 
     corpus = require_shared() / "abstracts_small.jsonl"
@@ -138,9 +140,11 @@ def test_benchmark_step_mode_smoke(tmp_path):
 
     out = tmp_path / "bench.json"
     benchmark.main(["--shape", "tiny", "--steps", "2", "--num_words", "12", "--batch_size", "4",
-                    "--target_layers=-1,2", "--dataset_path", str(corpus), "--out", str(out)])
+                    "--target_layers=-1,2", "--dataset_path", str(corpus), "--out", str(out),
+                    "--alignment", alignment])
     res = json.loads(out.read_text())
     sn = res["snippets"]
+    assert res["alignment"] == alignment
     assert sn["words"] == 12 and sn["train_snippets"] > 12 and sn["first_new_token_position_mean"] > 1
     assert sn["shared_prefix_mean"]["grouped"] >= sn["shared_prefix_mean"]["ungrouped"]
     assert [r["layer"] for r in res["by_layer"]] == [3, 2]
