@@ -188,3 +188,28 @@ def test_held_out_logits_take_at_most_the_held_out_batch():
     assert full.logits == 3 * HELDOUT_BATCH_SIZE * 17 * (128256 + 3) * 4  # three [positions, vocab] fp32 copies
     assert plan_memory(_llama(1), heldout_snippets=5, **kw).logits * HELDOUT_BATCH_SIZE == full.logits * 5
     assert plan_memory(_llama(1), heldout_snippets=100, **kw).logits == full.logits
+
+
+def test_output_fit_term_is_bounded_by_the_chunk_and_takes_turns():
+    """--output_embeddings distill: the fit's float32 final states (training + a quarter for held-out,
+    capped by output_rows.CHUNK_ENTRIES) and one snippet's logits three times; on a device it takes
+    turns with the activations and held-out logits, on the host with their sum."""
+    from token_distillation.memory import MemoryPlan
+    from token_distillation.output_rows import CHUNK_ENTRIES
+
+    kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=1,
+              num_new=3, untie=False, added_rows=0)
+    none = plan_memory(_llama(1), **kw)
+    few = plan_memory(_llama(1), output_fit_snippets=10, **kw)
+    many = plan_memory(_llama(1), output_fit_snippets=10**6, **kw)
+    logits = 3 * 17 * (128256 + 3) * 4
+    assert none.output_fit == 0
+    assert few.output_fit == 4 * (10 * 17 * 4096 * 5 // 4) + logits
+    assert many.output_fit == 4 * (CHUNK_ENTRIES * 5 // 4) + logits
+    assert "output fit" in many.describe() and "output fit" not in none.describe()
+    dev = MemoryPlan(weights=10, trainable=1, activations=5, logits=3, output_fit=7)
+    assert dev.training == 10 + 1 + 7
+    host = MemoryPlan(weights=10, trainable=1, activations=5, logits=3, output_fit=7, host=True)
+    assert host.training == 10 + 1 + 5 + 3  # the fit (7) fits in what activations + logits (8) left
+    host.output_fit = 20
+    assert host.training == 10 + 1 + 20

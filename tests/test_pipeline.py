@@ -258,3 +258,5 @@ def test_auto_batch_size_is_resolved_and_reported(tmp_path, toy_model_dir, toy_c
     assert rep["train_steps"] == 2 * 8  # per-token, 2 epochs of 8 snippets per token, one of each token per step
     plan = rep["memory_plan_gib"]
     assert plan["memory"] == "host" and plan["total"] >= plan["baseline"] > 0
+    assert rep["model"]["output_embeddings"] == "distill" and "output_fit" in plan
+    assert "output fit" in caplog.text  # the default output fit is planned (the plan line names it)

@@ -23,8 +23,15 @@ Two kinds of plan, by where the weights live:
   (the product, the product plus the output bias, their concatenation with the new tokens' columns),
   in the autocast dtype (else the weights' dtype).
 
-Device total = weights + trainable + activations + the part of the logits above the activations
-(the two are not alive at the same time).
+- ``output_fit`` (``--output_embeddings distill``, after training): the final hidden states of the
+  positions of one group of tokens, training and held-out, in float32 (at most
+  :data:`token_distillation.output_rows.CHUNK_ENTRIES` entries for training, a quarter more for
+  held-out), plus one snippet's ``[positions, vocab]`` logits three times (logits, their float32
+  copy, the log-softmax). Its forwards run without gradients (one layer's transients, counted in
+  ``activations``).
+
+Device total = weights + trainable + activations + the part of the logits and of the output fit above
+the activations (the three are not alive at the same time).
 
 **Host plan** (CPU, MPS): the resident set size (RSS) of the process at its peak. Measured on CPU
 (``tests/test_scale_shape.py``: a 2-layer model of Llama-3-8B's width from a bf16 checkpoint; and
@@ -62,6 +69,10 @@ these terms said 5.59: it missed the loading phase, fp32 weights beside the mapp
 SmolLM2-135M (fp32 conversion, tied, untied by the run), same words and settings: 1.17 measured,
 1.09 planned (training sets its peak; the 0.08 GiB between them is not accounted for); SmolLM2 with
 the 5 PubMed words above: 1.78 measured, 1.76 planned.
+
+The output fit is planned as taking turns with the activations on the host too (it runs after
+training, in the memory the allocator kept); it was not measured on its own, only inside whole runs
+(the 8B-width scale test runs it).
 
 Not modelled: the one-off GGUF conversion of a ``.gguf`` source (cached after the first run; it
 holds the dequantized model about three times), logits of the logit-based losses and of
@@ -111,14 +122,19 @@ class MemoryPlan:
     loading: int = 0
     transient: int = 0
     teacher_cache: int = 0
+    output_fit: int = 0
 
     @property
     def training(self) -> int:
-        """Bytes of the training phase with the held-out passes around it (without the host baseline):
-        on a device the activations and the held-out logits take turns; on the host they add up (see
-        the module docstring)."""
-        held_out = self.logits if self.host else max(0, self.logits - self.activations)
-        return self.weights + self.trainable + self.activations + held_out + self.teacher_cache
+        """Bytes of the training phase with the held-out passes and the output fit around it (without
+        the host baseline): on a device the activations, the held-out logits and the output fit take
+        turns; on the host the first two add up and the output fit reuses them (see the module
+        docstring)."""
+        if self.host:
+            working = max(self.activations + self.logits, self.output_fit)
+        else:
+            working = max(self.activations, self.logits, self.output_fit)
+        return self.weights + self.trainable + working + self.teacher_cache
 
     @property
     def phases(self) -> dict[str, int]:
@@ -140,7 +156,8 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line for the log: the total first (GiB), then the terms."""
         terms = (f"weights {self.weights / GIB:.2f}, trainable rows + Adam {self.trainable / GIB:.3f}, activations "
-                 f"{self.activations / GIB:.2f}, held-out logits {self.logits / GIB:.2f}")
+                 f"{self.activations / GIB:.2f}, held-out logits {self.logits / GIB:.2f}"
+                 + (f", output fit {self.output_fit / GIB:.2f}" if self.output_fit else ""))
         if not self.host:
             return f"{self.total / GIB:.2f} GiB ({terms})"
         return (f"{self.total / GIB:.2f} GiB of host memory at peak, while {self.peak_phase} (process before "
@@ -195,7 +212,7 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
                 seq_len: int, layers_to_target: int, num_new: int, untie: bool, added_rows: int | None = None,
                 host: bool = False, stored_dtype: torch.dtype | None = None, baseline: int = 0,
                 teacher_cache: int = 0, num_params: int | None = None,
-                heldout_snippets: int | None = None) -> MemoryPlan:
+                heldout_snippets: int | None = None, output_fit_snippets: int = 0) -> MemoryPlan:
     """Estimate the peak memory of training ``num_new`` rows (see the module docstring).
 
     Args:
@@ -217,6 +234,8 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
         num_params: the model's parameter count, when already known (:func:`count_parameters`).
         heldout_snippets: held-out snippets of the run (a held-out forward takes at most
             :data:`HELDOUT_BATCH_SIZE` of them); default: a full held-out batch.
+        output_fit_snippets: training snippets whose positions the output fit reads
+            (``--output_embeddings distill``); 0: no output fit.
 
     Returns:
         a :class:`MemoryPlan` (bytes per term; ``.total`` is the estimated peak).
@@ -238,6 +257,11 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
     held = HELDOUT_BATCH_SIZE if heldout_snippets is None else min(HELDOUT_BATCH_SIZE, max(0, heldout_snippets))
     logits = 3 * held * seq_len * (rows_after + num_new) * act_item
     plan = MemoryPlan(weights, 16 * num_new * hidden, activations, logits)
+    if output_fit_snippets:
+        from .output_rows import CHUNK_ENTRIES
+
+        states = min(CHUNK_ENTRIES, output_fit_snippets * seq_len * hidden) * 5 // 4
+        plan.output_fit = int(4 * states + 3 * seq_len * (rows_after + num_new) * 4)
     if not host:
         return plan
     stored = stored_dtype or weights_dtype

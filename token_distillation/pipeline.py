@@ -618,7 +618,9 @@ def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
               untie=bool(getattr(text_cfg, "tie_word_embeddings", False)) and _output_policy(cfg, True) is not None,
               added_rows=max(0, len(tokenizer) + len(sn.tokens) - vocab), host=host, stored_dtype=setup.save_dtype,
               baseline=baseline, teacher_cache=_host_teacher_cache(setup, sn, seq_len, hidden) if host else 0,
-              num_params=params, heldout_snippets=len(sn.snips.heldout))
+              num_params=params, heldout_snippets=len(sn.snips.heldout),
+              output_fit_snippets=len(sn.snips.train) if _output_policy(
+                  cfg, bool(getattr(text_cfg, "tie_word_embeddings", False))) == OutputEmbeddings.DISTILL else 0)
     world = setup.dist.world_size
 
     # the per-token recipe puts at most one group of --snippets_per_update snippets per token in a batch;

@@ -84,7 +84,7 @@ def memory_plan_gib(plan) -> dict[str, Any] | None:
     estimated peak, its phase, and every term (None when no plan was made)."""
     if plan is None:
         return None
-    terms = ("weights", "trainable", "activations", "logits") + (
+    terms = ("weights", "trainable", "activations", "logits", "output_fit") + (
         ("baseline", "loading", "transient", "teacher_cache") if plan.host else ())
     return {"total": round(plan.total / 2**30, 3), "memory": "host" if plan.host else "device",
             "peak_phase": plan.peak_phase, **{t: round(getattr(plan, t) / 2**30, 3) for t in terms}}
