@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -531,3 +532,35 @@ def test_raw_text_rows_from_an_evaluation(tmp_path, monkeypatch):
     assert rows["mean"]["fewer_tokens"] == pytest.approx(0.04) and rows["td_chars"]["inflected_rel"] == pytest.approx(0.05)
     text = "\n".join(mod.raw_text_readme())
     assert "+5.00%" in text and "+1.00%" in text and "(4 windows, small) 50% -> 90%" in text and "0% -> 75%" in text
+
+
+def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+    """A distill run with the subtoken-mean run's new output rows is bit-identical to the Token
+    Distillation run with --output_embeddings subtoken-mean (input rows do not depend on the output
+    policy); the copy says where its rows came from; an existing --out_dir is refused."""
+    from safetensors.torch import load_file
+
+    from token_distillation.config import RunConfig
+    from token_distillation.pipeline import run
+
+    words = tmp_path / "w.txt"
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n")
+    flags = dict(model_path=str(toy_model_dir), dataset_path=str(toy_corpus), cache_dir=str(cache_dir),
+                 new_tokens_source=str(words), snippet_num=6, min_snippets=2, heldout_snippet_num=2,
+                 heldout_fraction=0.25, token_distillation_batch_size=4, token_distillation_lr=1e-2, snippet_len=12)
+    outs = {}
+    for label, init, out_emb in (("td", "token_distillation", "distill"), ("td_sm", "token_distillation", "subtoken-mean"),
+                                 ("sm", "subtoken-mean", "subtoken-mean")):
+        outs[label] = run(RunConfig.from_flags(**flags, init_method=init, output_embeddings=out_emb,
+                                               out_path=str(tmp_path / label))).out_path
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import swap_output_rows
+
+    got = swap_output_rows.main(str(outs["td"]), str(outs["sm"]), str(tmp_path / "swapped"))
+    a, b, d = (load_file(p / "model.safetensors") for p in (got, outs["td_sm"], outs["td"]))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["lm_head.weight"], d["lm_head.weight"])  # the distilled rows were replaced
+    rep = json.loads((got / "report.json").read_text())
+    assert rep["output_rows_swapped_from"] == {"run": str(outs["sm"]), "output_embeddings": "subtoken-mean"}
+    _one_error(_py("swap_output_rows.py", "--rows_from", outs["td"], "--output_rows_from", outs["sm"],
+                   "--out_dir", got), "--out_dir")
