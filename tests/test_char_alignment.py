@@ -203,3 +203,25 @@ def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir):
     assert "inexact_firings" not in ids_head and ids_line[ids_head.index("train_snippets")] == "6"
     assert rows["chars_report"]["skipped_tokens"] == {} and rows["chars_report"]["tokens_with_enough_snippets"] == 1
     assert list(rows["ids_report"]["skipped_tokens"]) == [" hepato"]
+
+
+def test_firing_report_rescans_when_a_longer_token_was_skipped(tmp_path, toy_model_dir, cache_dir):
+    """" agonists" is skipped (too few snippets) while " agonist" is kept: the words counted while
+    mining matched " agonists" whole, so the report scans again and shows " agonist" firing inside
+    " agonists", as the final tokenizer (without " agonists") does."""
+    import json
+
+    from token_distillation.config import RunConfig
+    from token_distillation.pipeline import run
+
+    corpus = tmp_path / "c.jsonl"
+    texts = ["An agonist was given to the patients today."] * 8 + ["Two agonists were compared in the trial."] * 2
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    words = tmp_path / "w.txt"
+    words.write_text(" agonist\n agonists\n", encoding="utf-8")
+    rep = run(RunConfig.from_flags(model_path=str(toy_model_dir), dataset_path=str(corpus), cache_dir=str(cache_dir),
+                                   new_tokens_source=str(words), snippet_num=4, min_snippets=3, heldout_snippet_num=0,
+                                   snippet_len=12, token_distillation_batch_size=4, token_distillation_epochs=1,
+                                   out_path=str(tmp_path / "out"))).report
+    assert list(rep["skipped_tokens"]) == [" agonists"]
+    assert rep["firing"]["overfiring"] == {" agonist": {"agonists": 2}}

@@ -201,7 +201,9 @@ def firing_report(tokenizer, tokens: list[NewToken], probes: list[list[list[int]
             context mismatch in which the new token still fires is then trained as inference reads
             it (information); one in which it does not fire stays a warning.
         overfiring: the over-firing words already counted while the same documents were decoded
-            (:func:`token_distillation.snippets.add_inexact_snippets`); kept for these tokens only.
+            (:func:`token_distillation.snippets.add_inexact_snippets`), matched against exactly
+            ``tokens`` (give None when the match ran over more tokens: a longer one hides uses of a
+            shorter one); entries of other tokens are dropped.
 
     Returns:
         ``{"overfiring": {token: {word: count}}, "context_mismatch": {token: description}}``.

@@ -23,12 +23,13 @@ Two kinds of plan, by where the weights live:
   (the product, the product plus the output bias, their concatenation with the new tokens' columns),
   in the autocast dtype (else the weights' dtype).
 
-- ``output_fit`` (``--output_embeddings distill``, after training): the final hidden states of the
-  positions of one group of tokens, training and held-out, in float32 (at most
-  :data:`token_distillation.output_rows.CHUNK_ENTRIES` entries for training, a quarter more for
-  held-out), plus one snippet's ``[positions, vocab]`` logits three times (logits, their float32
-  copy, the log-softmax). Its forwards run without gradients (one layer's transients, counted in
-  ``activations``).
+- ``output_fit`` (``--output_embeddings distill``, after training): the float32 final hidden states
+  of the training positions of one group of tokens (:data:`token_distillation.output_rows.CHUNK_ENTRIES`
+  entries, or one token's snippets when they alone exceed it: a token is never split) three times
+  (the states, the rows gathered per position, the gradient of that gather), the held-out positions of
+  the group once (in the run's held-out : training ratio), plus one snippet's ``[positions, vocab]``
+  logits three times (logits, their float32 copy, the log-softmax). Its forwards run without
+  gradients (one layer's transients, counted in ``activations``).
 
 Device total = weights + trainable + activations + the part of the logits and of the output fit above
 the activations (the three are not alive at the same time).
@@ -212,7 +213,8 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
                 seq_len: int, layers_to_target: int, num_new: int, untie: bool, added_rows: int | None = None,
                 host: bool = False, stored_dtype: torch.dtype | None = None, baseline: int = 0,
                 teacher_cache: int = 0, num_params: int | None = None,
-                heldout_snippets: int | None = None, output_fit_snippets: int = 0) -> MemoryPlan:
+                heldout_snippets: int | None = None, output_fit_snippets: int = 0,
+                output_fit_per_token: int = 0) -> MemoryPlan:
     """Estimate the peak memory of training ``num_new`` rows (see the module docstring).
 
     Args:
@@ -236,6 +238,8 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
             :data:`HELDOUT_BATCH_SIZE` of them); default: a full held-out batch.
         output_fit_snippets: training snippets whose positions the output fit reads
             (``--output_embeddings distill``); 0: no output fit.
+        output_fit_per_token: the most training snippets one token has (a token's positions are
+            never split across groups); default 0.
 
     Returns:
         a :class:`MemoryPlan` (bytes per term; ``.total`` is the estimated peak).
@@ -260,8 +264,10 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
     if output_fit_snippets:
         from .output_rows import CHUNK_ENTRIES
 
-        states = min(CHUNK_ENTRIES, output_fit_snippets * seq_len * hidden) * 5 // 4
-        plan.output_fit = int(4 * states + 3 * seq_len * (rows_after + num_new) * 4)
+        per_snippet = seq_len * hidden
+        train = min(output_fit_snippets * per_snippet, max(CHUNK_ENTRIES, output_fit_per_token * per_snippet))
+        held = train * (heldout_snippets or 0) // output_fit_snippets
+        plan.output_fit = int(4 * (3 * train + held) + 3 * seq_len * (rows_after + num_new) * 4)
     if not host:
         return plan
     stored = stored_dtype or weights_dtype

@@ -506,12 +506,16 @@ def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
     else:
         snips, corpus_info, sources = setup.dist.broadcast_from_main(_collect)
     overfiring = corpus_info.pop(OVERFIRING_KEY, None)
+    snips, tokens, sources, skipped = keep_tokens_with_snippets(cfg, snips, tg.targets.tokens, sources,
+                                                                tg.targets.skipped)
+    if len(tokens) < len(tg.targets.tokens):
+        # the words counted while mining were matched against every target (leftmost-longest): a
+        # skipped longer token (" agonists") hid uses of a kept one (" agonist"); scan again with the kept ones
+        overfiring = None
     if src == SnippetSource.GENERATED:
         scan_ids = [s.ids for s in snips.train + snips.heldout]
     else:
         scan_ids = None if overfiring is not None else tg.corpus.iter_docs()
-    snips, tokens, sources, skipped = keep_tokens_with_snippets(cfg, snips, tg.targets.tokens, sources,
-                                                                tg.targets.skipped)
     _warn_missing_heldout(tokens, snips.heldout_counts, cfg.snippets.heldout_snippet_num)
     logger.info("pre-flight: %d new tokens, %d skipped, %d training / %d held-out snippets, method %s",
                 len(tokens), len(skipped), len(snips.train), len(snips.heldout), cfg.train.init_method.value)
@@ -619,8 +623,9 @@ def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
               added_rows=max(0, len(tokenizer) + len(sn.tokens) - vocab), host=host, stored_dtype=setup.save_dtype,
               baseline=baseline, teacher_cache=_host_teacher_cache(setup, sn, seq_len, hidden) if host else 0,
               num_params=params, heldout_snippets=len(sn.snips.heldout),
-              output_fit_snippets=len(sn.snips.train) if _output_policy(
-                  cfg, bool(getattr(text_cfg, "tie_word_embeddings", False))) == OutputEmbeddings.DISTILL else 0)
+              **(dict(output_fit_snippets=len(sn.snips.train), output_fit_per_token=max(sn.snips.train_counts, default=0))
+                 if _output_policy(cfg, bool(getattr(text_cfg, "tie_word_embeddings", False))) == OutputEmbeddings.DISTILL
+                 else {}))
     world = setup.dist.world_size
 
     # the per-token recipe puts at most one group of --snippets_per_update snippets per token in a batch;
@@ -986,7 +991,7 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
                        "train_doc_ids": [corpus.doc_id(d) for d in snips.train_docs],
                        "heldout_doc_ids": [corpus.doc_id(d) for d in snips.heldout_docs],
                        "inexact_snippets": inexact,
-                       # popped by prepare_snippets (not written): the over-firing words of this decoding pass
+                       # popped by gather_snippets (not written): the over-firing words of this decoding pass
                        OVERFIRING_KEY: (overfiring_words(firings.words, [t.text for t in tokens])
                                         if firings is not None else None)}
         token_sources = ["corpus"] * len(tokens)
