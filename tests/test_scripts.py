@@ -40,7 +40,7 @@ def test_grid_list_skips_lr_for_untrained_methods():
 
 def test_grid_runs_tasks_then_evaluation_without_slurm(tmp_path, toy_model_dir, toy_corpus, cache_dir):
     words = tmp_path / "words.txt"
-    words.write_text(" hepatotoxicity\n nephrotoxicity\n")
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n zzqqxx\n")  # zzqqxx: no snippet, skipped by training
     env = dict(MODELS=str(toy_model_dir), INIT_METHODS="subtoken-mean token_distillation", LRS="1e-2",
                NEW_TOKENS=str(words), DATASET_PATH=str(toy_corpus), RESULTS_DIR=str(tmp_path / "grid"),
                SNIPPET_NUM="4", SNIPPET_LEN="12", BATCH_SIZE="4", CHECKPOINT_EVERY="1",
@@ -544,7 +544,7 @@ def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_mode
     from token_distillation.pipeline import run
 
     words = tmp_path / "w.txt"
-    words.write_text(" hepatotoxicity\n nephrotoxicity\n")
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n zzqqxx\n")  # zzqqxx: no snippet, skipped by training
     flags = dict(model_path=str(toy_model_dir), dataset_path=str(toy_corpus), cache_dir=str(cache_dir),
                  new_tokens_source=str(words), snippet_num=6, min_snippets=2, heldout_snippet_num=2,
                  heldout_fraction=0.25, token_distillation_batch_size=4, token_distillation_lr=1e-2, snippet_len=12)
@@ -562,5 +562,7 @@ def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_mode
     assert not torch.equal(a["lm_head.weight"], d["lm_head.weight"])  # the distilled rows were replaced
     rep = json.loads((got / "report.json").read_text())
     assert rep["output_rows_swapped_from"] == {"run": str(outs["sm"]), "output_embeddings": "subtoken-mean"}
+    assert rep["model"]["output_embeddings"] == "subtoken-mean" and "output_rows_kl" not in rep
+    assert " zzqqxx" in json.loads((outs["td"] / "report.json").read_text())["skipped_tokens"]
     _one_error(_py("swap_output_rows.py", "--rows_from", outs["td"], "--output_rows_from", outs["sm"],
                    "--out_dir", got), "--out_dir")
