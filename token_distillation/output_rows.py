@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .alignment import MergedSequence, collate
 from .report import mean
@@ -113,10 +114,12 @@ def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: 
 
 @torch.no_grad()
 def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], group: list[int],
-                      subtokens: list[tuple[int, ...]], *, batch_size: int, device, pad_id: int, autocast_dtype=None) -> Positions:
+                      subtokens: list[tuple[int, ...]], *, batch_size: int, device, pad_id: int, autocast_dtype=None,
+                      bar=None) -> Positions:
     """Final hidden states, normalisers and targets of every predicting position of the snippets of
     the tokens ``group`` (indices into the new-token list; ``owner`` indexes ``group``);
-    ``subtokens[j]``: new token ``j``'s original subtoken ids."""
+    ``subtokens[j]``: new token ``j``'s original subtoken ids; ``bar``: a progress bar advanced by
+    the snippets read."""
     where = {t: g for g, t in enumerate(group)}
     picked = [i for i, t in enumerate(token_index) if t in where]
     hs, zs, ts, owners = [], [], [], []
@@ -141,6 +144,8 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
             hs.append(h)
             ts.append(target[keep])
             owners.append(torch.full((h.shape[0],), where[tok], dtype=torch.long, device=h.device))
+        if bar is not None:
+            bar.update(len(idx))
     if not hs:
         empty = torch.zeros(0, device=device)
         return Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
@@ -217,7 +222,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
                         heldout: tuple[list[MergedSequence], list[int]], tokens: list[int],
                         subtokens: list[tuple[int, ...]], *, lr: float,
                         batch_size: int, device, pad_id: int, autocast_dtype=None,
-                        steps: int | None = None) -> tuple[TrainResult, dict]:
+                        steps: int | None = None, show_progress: bool = True) -> tuple[TrainResult, dict]:
     """Fit the output rows ``rows.out_rows`` of ``tokens`` (indices into the new-token list) on their
     training snippets, in place, and measure the binary KL on training and held-out snippets.
 
@@ -225,6 +230,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
         train, heldout: ``(merged snippets, token index of each)``.
         subtokens: every new token's original subtoken ids (indexed like the new-token list).
         lr: Adam step size.
+        show_progress: show a progress bar over the snippets read (the forwards are most of the time).
 
     Returns:
         ``(TrainResult: loss curve summed over token groups, seconds; per-token KL dict with lists
@@ -242,7 +248,10 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     head_bias = getattr(model.get_output_embeddings(), "bias", None)
     seq_len = max((len(s.student_ids) for s in train[0]), default=1)
     curve: list[float] = []
-    kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype)
+    mine = set(tokens)
+    bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1]),
+               desc="output rows (distill)", unit="snippet", disable=not show_progress)
+    kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar)
     for group in _groups(train[1], tokens, seq_len, rows.out_rows.shape[1]):
         ids = torch.tensor(group, device=rows.out_rows.device)
         bias = None if head_bias is None else head_bias[torch.tensor([rows.token_ids[t] for t in group],
@@ -261,6 +270,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
             for key, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
                 v = float(vals[g])
                 kl[key][t] = None if math.isnan(v) else v
+    bar.close()
     seconds = time.perf_counter() - t0
     logger.info("output rows (distill): %d tokens, %d Adam steps, step size %.3g; mean binary KL on held-out "
                 "snippets %s -> %s nats in %.1f s", len(tokens), steps, lr, mean(kl["heldout_before"]),

@@ -758,7 +758,7 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[in
     if setup.shard or dist.is_main:
         result, kl = distill_output_rows(ext.model, rows, train, heldout, mine, [t.subtoken_ids for t in ext.tokens],
                                          lr=lr, batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
-                                         autocast_dtype=setup.autocast_dtype)
+                                         autocast_dtype=setup.autocast_dtype, show_progress=dist.is_main)
     if setup.shard:
         dist.gather_rows_(rows.out_rows, owned)
         parts = dist.all_gather_objects(kl, "output-rows-kl")
