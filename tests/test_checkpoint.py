@@ -158,3 +158,46 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     a = load_file(str(ref.out_path / "model.safetensors"))["model.embed_tokens.weight"]
     b = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
     assert torch.equal(a, b)
+
+
+def test_stop_during_output_row_fit_resumes_from_trained_input_rows(tmp_path, untied_model_dir, toy_corpus, cache_dir,
+                                                                     monkeypatch):
+    """A stop signal while --output_embeddings distill fits the output rows (tens of minutes at scale)
+    stops between batches with the --resume line; the resumed run skips training and ends with the
+    rows of an uninterrupted run."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from token_distillation import interrupts, output_rows
+
+    kw = dict(token_distillation_epochs=2, checkpoint_every=2, teacher_cache_gib=0, output_embeddings="distill")
+    ref = run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "ref"), **kw))
+    assert ref.report["model"]["output_embeddings"] == "distill"
+    real = output_rows.collect_positions
+
+    def stop_then_collect(*a, **k):  # the signal arrives while the fit reads its first snippets
+        interrupts.STOP.signum = signal.SIGTERM
+        return real(*a, **k)
+
+    out, fits = tmp_path / "out", []
+    monkeypatch.setattr(output_rows, "collect_positions", stop_then_collect)
+    real_fit = output_rows.fit
+    monkeypatch.setattr(output_rows, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    with pytest.raises(interrupts.Interrupted) as info:
+        run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
+    monkeypatch.undo()
+    assert not fits  # stopped while reading snippets, not after the fit
+    assert info.value.step == ref.report["train_steps"] and "--resume" in info.value.message()
+    assert info.value.exit_code == 143 and [p.name for p in out.iterdir()] == [CHECKPOINT_DIRNAME]
+
+    resumed_steps = []
+    real_restore = ckpt_mod.Checkpointer.restore
+    monkeypatch.setattr(ckpt_mod.Checkpointer, "restore",
+                        lambda self, *a: resumed_steps.append((r := real_restore(self, *a)) and r[0]) or r)
+    res = run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
+    assert resumed_steps == [ref.report["train_steps"]]  # training was not repeated
+    a, b = load_file(str(ref.out_path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    n = len(res.report["tokens"])
+    assert n and torch.equal(a["lm_head.weight"][-n:], b["lm_head.weight"][-n:])
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])

@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .alignment import MergedSequence, collate
+from .interrupts import check_stop
 from .report import mean
 from .train import NewRows, TrainResult, autocast_context, hidden_states, output_logits
 
@@ -119,11 +120,16 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
     """Final hidden states, normalisers and targets of every predicting position of the snippets of
     the tokens ``group`` (indices into the new-token list; ``owner`` indexes ``group``);
     ``subtokens[j]``: new token ``j``'s original subtoken ids; ``bar``: a progress bar advanced by
-    the snippets read."""
+    the snippets read.
+
+    Raises:
+        Interrupted: a stop signal was received (checked before every batch).
+    """
     where = {t: g for g, t in enumerate(group)}
     picked = [i for i, t in enumerate(token_index) if t in where]
     hs, zs, ts, owners = [], [], [], []
     for b in range(0, len(picked), batch_size):
+        check_stop("during the output-row fit")
         idx = picked[b: b + batch_size]
         batch = collate([seqs[i] for i in idx], [token_index[i] for i in idx], pad_id).to(device)
         with autocast_context(batch.student_ids.device, autocast_dtype):
@@ -239,6 +245,8 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
 
     Raises:
         ValueError: ``rows`` is tied (no separate output rows).
+        Interrupted: a stop signal was received (checked between batches of snippets; the rows fitted
+            so far are not kept).
     """
     if rows.tied:
         raise ValueError("distill_output_rows needs untied output rows")

@@ -710,13 +710,17 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
         result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
                                    budget - (held_teacher.bytes if held_teacher else 0), owned)
     out_kl = None
-    if ext.out_policy == OutputEmbeddings.NTP:
-        loop_kw["lr"] = tc.token_distillation_lr
-        out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
-                                       autocast_dtype=setup.autocast_dtype, **loop_kw)
-    elif ext.out_policy == OutputEmbeddings.DISTILL:
-        out_result, out_kl = _distill_outputs(setup, ext, (train_seqs, train_tix), (held_seqs, held_tix), owned,
-                                              pad_id)
+    try:
+        if ext.out_policy == OutputEmbeddings.NTP:
+            loop_kw["lr"] = tc.token_distillation_lr
+            out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
+                                           autocast_dtype=setup.autocast_dtype, **loop_kw)
+        elif ext.out_policy == OutputEmbeddings.DISTILL:
+            out_result, out_kl = _distill_outputs(setup, ext, (train_seqs, train_tix), (held_seqs, held_tix), owned,
+                                                  pad_id)
+    except Interrupted as e:  # the input rows are done and checkpointed: --resume starts the output rows again
+        raise Interrupted(e.signum, step=result.steps if result else None,
+                          where="while training the output rows") from None
     outputs_trained = ext.out_policy in (OutputEmbeddings.NTP, OutputEmbeddings.DISTILL)
     if not setup.dist.is_main and not setup.shard:  # data-parallel: the main process evaluates alone
         return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
@@ -765,6 +769,7 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[in
         kl = {k: [next((p[k][t] for p in parts if p[k][t] is not None), None) for t in range(len(ext.tokens))]
               for k in kl}
     elif dist.distributed:
+        dist.wait("output-rows")  # polls the store: the main process's fit may outlast the collective timeout
         dist.broadcast_tensor_(rows.out_rows)
     return result, kl
 
