@@ -14,6 +14,7 @@ line (:func:`run`: loads from ``--model_path`` first, saves to ``--out_path``) a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -661,9 +662,35 @@ def _host_teacher_cache(setup: Setup, sn: Snippets, seq_len: int, hidden: int) -
     return min(int(tc.teacher_cache_gib * 2**30), snippets * seq_len * hidden * item)
 
 
+def _own_shard(setup: Setup, num_tokens: int, train_tix: list[int], held_seqs, held_tix: list[int]):
+    """Token sharding: the tokens this process trains (balanced by training snippets) and the
+    held-out snippets of those tokens. Returns ``(owned, held_seqs, held_tix)``."""
+    counts = [0] * num_tokens
+    for t in train_tix:
+        counts[t] += 1
+    owned = assign_tokens(counts, setup.dist.world_size)[setup.dist.rank]
+    own = set(owned)
+    keep = [i for i, t in enumerate(held_tix) if t in own]
+    logger.info("token sharding: process %d of %d trains %d of %d tokens (%d of %d training snippets)",
+                setup.dist.rank, setup.dist.world_size, len(owned), num_tokens,
+                sum(counts[t] for t in owned), len(train_tix))
+    return owned, [held_seqs[i] for i in keep], [held_tix[i] for i in keep]
+
+
+@contextlib.contextmanager
+def _resumable_after(result, where: str):
+    """A stop signal after the input rows are trained (and checkpointed, when training ran) ends with
+    the ``--resume`` line of training's last step (``result``: its TrainResult, None when nothing
+    was trained)."""
+    try:
+        yield
+    except Interrupted as e:
+        raise Interrupted(e.signum, step=result.steps if result else None, where=where) from None
+
+
 def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     """Stage 5: held-out measures before training, training of the new rows (and of the output
-    rows with ``--output_embeddings ntp``), held-out measures after.
+    rows with ``--output_embeddings ntp`` or ``distill``), held-out measures after.
 
     The input rows (held-out distillation loss) change only when trained, the argmax rate also when
     the output rows are trained (ntp); otherwise "after" equals "before" and is not recomputed.
@@ -676,16 +703,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     held_seqs, held_tix = pair_snippets(sn.snips.heldout, ext, tc.alignment)
     owned = None
     if setup.shard:  # this process's tokens: it trains and evaluates only these
-        counts = [0] * len(tokens)
-        for t in train_tix:
-            counts[t] += 1
-        owned = assign_tokens(counts, setup.dist.world_size)[setup.dist.rank]
-        own = set(owned)
-        keep = [i for i, t in enumerate(held_tix) if t in own]
-        held_seqs, held_tix = [held_seqs[i] for i in keep], [held_tix[i] for i in keep]
-        logger.info("token sharding: process %d of %d trains %d of %d tokens (%d of %d training snippets)",
-                    setup.dist.rank, setup.dist.world_size, len(owned), len(tokens),
-                    sum(counts[t] for t in owned), len(train_tix))
+        owned, held_seqs, held_tix = _own_shard(setup, len(tokens), train_tix, held_seqs, held_tix)
     held = functools.partial(_sharded_heldout if setup.shard else heldout_eval, model, rows, held_seqs, held_tix,
                              len(tokens), layer=ext.layer, device=setup.device, autocast_dtype=setup.autocast_dtype,
                              pad_id=pad_id, **({"dist": setup.dist} if setup.shard else {}))
@@ -710,27 +728,21 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
         result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
                                    budget - (held_teacher.bytes if held_teacher else 0), owned)
     out_kl = None
-    try:
+    with _resumable_after(result, "while training the output rows"):  # --resume fits the output rows again
         if ext.out_policy == OutputEmbeddings.NTP:
-            loop_kw["lr"] = tc.token_distillation_lr
             out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
-                                           autocast_dtype=setup.autocast_dtype, **loop_kw)
+                                           autocast_dtype=setup.autocast_dtype,
+                                           **{**loop_kw, "lr": tc.token_distillation_lr})
         elif ext.out_policy == OutputEmbeddings.DISTILL:
             out_result, out_kl = _distill_outputs(setup, ext, (train_seqs, train_tix), (held_seqs, held_tix), owned,
                                                   pad_id)
-    except Interrupted as e:  # the input rows are done and checkpointed: --resume starts the output rows again
-        raise Interrupted(e.signum, step=result.steps if result else None,
-                          where="while training the output rows") from None
     outputs_trained = ext.out_policy in (OutputEmbeddings.NTP, OutputEmbeddings.DISTILL)
     if not setup.dist.is_main and not setup.shard:  # data-parallel: the main process evaluates alone
         return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
                        before.argmax, [])
-    try:
-        after = held(teacher_cache=held_teacher, loss=input_trained,
-                     argmax=input_trained or outputs_trained,
+    with _resumable_after(result, "after training"):  # --resume skips to here
+        after = held(teacher_cache=held_teacher, loss=input_trained, argmax=input_trained or outputs_trained,
                      desc="held-out evaluation after training")
-    except Interrupted as e:  # training is done and checkpointed (when it trained): --resume skips to here
-        raise Interrupted(e.signum, step=result.steps if result else None, where="after training") from None
     if not setup.dist.is_main:  # token sharding: every process took part in the evaluation; the main one reports
         return Trained(result, out_result, lr, before.loss_per_token, after.loss_per_token, before.argmax,
                        after.argmax, [])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -486,64 +487,23 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
     Returns:
         ``{"train": replaced, "heldout": replaced, "inexact_share": y / (x + y) over all tokens}``.
     """
-    import ahocorasick_rs
-
-    from collections import Counter
-
-    from .firing import _word_around, fires_inexactly
-
-    texts = [t.text for t in tokens]
-    spaced = set(texts)
-    ac = ahocorasick_rs.AhoCorasick(texts, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest)
     n = len(tokens)
-    counts = np.zeros((n, 2), dtype=np.int64)  # exact, inexact firings
-    words: dict[int, Counter] = {}
     have = np.zeros((n, 2), dtype=np.int64)
     for side, pool in ((0, snips.train), (1, snips.heldout)):
         for s in pool:
             have[s.token_index, side] += s.source == "corpus"
-    found: dict[tuple[int, int], list[Snippet]] = {}
     target = np.maximum(have, np.asarray(want if want is not None else (0, 0), dtype=np.int64)[None, :])
-    cap = target.max(0)  # candidates kept per (token, side)
-    bos_arr = np.asarray(bos, dtype=np.int64)
+    scan = _InexactScan(tokenizer, [t.text for t in tokens], cap=target.max(0), snippet_len=snippet_len,
+                        bos=np.asarray(bos, dtype=np.int64), heldout_fraction=heldout_fraction, seed=seed)
     d0, batch = 0, []
-
-    def scan(start: int, part: list[np.ndarray]) -> None:
-        decoded = tokenizer.batch_decode([p.tolist() for p in part], skip_special_tokens=False,
-                                         clean_up_tokenization_spaces=False)
-        held = heldout_mask(np.arange(start, start + len(part)), heldout_fraction, seed)
-        for k, (ids, text) in enumerate(zip(part, decoded)):
-            ends = None
-            for pat, a, b in ac.find_matches_as_indexes(text):
-                if not fires_inexactly(text, a, b, texts[pat], spaced):
-                    counts[pat, 0] += 1
-                    continue
-                counts[pat, 1] += 1
-                words.setdefault(pat, Counter())[_word_around(text, a, b) or texts[pat].strip()] += 1
-                side = int(held[k])
-                got = found.setdefault((pat, side), [])
-                if len(got) >= cap[side]:
-                    continue
-                if ends is None:
-                    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-                    # a document whose decoded text does not re-encode to it is left out (ends stays empty)
-                    ends = np.maximum.accumulate(np.asarray([e for _, e in enc["offset_mapping"]] or [0])) \
-                        if enc["input_ids"] == ids.tolist() else np.zeros(0, dtype=np.int64)
-                if not len(ends):
-                    continue
-                ts = int(np.searchsorted(ends, a, side="right"))
-                te = int(np.searchsorted(ends, b, side="left")) + 1
-                w0, w1 = window(len(ids), ts, te, snippet_len)
-                got.append(Snippet(ids=np.concatenate([bos_arr, ids[w0:w1].astype(np.int64)]), token_index=pat,
-                                   doc=start + k, source="corpus"))
-
     for ids in docs:
         batch.append(np.asarray(ids))
         if len(batch) == batch_docs:
-            scan(d0, batch)
+            scan.feed(d0, batch)
             d0, batch = d0 + len(batch), []
     if batch:
-        scan(d0, batch)
+        scan.feed(d0, batch)
+    counts, found = scan.counts, scan.found
     total = counts.sum(1)
     share = np.divide(counts[:, 1], total, out=np.zeros(n), where=total > 0)
     replaced = {name: _swap_in(pool, counts_out, found, have[:, side], target[:, side], share, side)
@@ -552,8 +512,66 @@ def add_inexact_snippets(snips: SnippetSet, docs, tokenizer, tokens: list[NewTok
     snips.train_docs = sorted(set(snips.train_docs) | {s.doc for s in snips.train if s.source == "corpus"})
     replaced["inexact_share"] = float(counts[:, 1].sum() / max(1, counts.sum()))
     if firings is not None:
-        firings.counts, firings.words = counts, words
+        firings.counts, firings.words = counts, scan.words
     return replaced
+
+
+class _InexactScan:
+    """The document pass of :func:`add_inexact_snippets`: per token, exact and inexact firings
+    (``counts [tokens, 2]``), the words it fires inside (``words``) and, per ``(token, side)``
+    (side 0 training, 1 held-out), up to ``cap[side]`` windows around its first inexact firings
+    (``found``)."""
+
+    def __init__(self, tokenizer, texts: list[str], *, cap: np.ndarray, snippet_len: int, bos: np.ndarray,
+                 heldout_fraction: float, seed: int):
+        import ahocorasick_rs
+
+        self.tokenizer, self.texts, self.spaced = tokenizer, texts, set(texts)
+        self.ac = ahocorasick_rs.AhoCorasick(texts, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest)
+        self.cap, self.snippet_len, self.bos = cap, snippet_len, bos
+        self.heldout_fraction, self.seed = heldout_fraction, seed
+        self.counts = np.zeros((len(texts), 2), dtype=np.int64)  # exact, inexact firings
+        self.words: dict[int, Counter] = {}
+        self.found: dict[tuple[int, int], list[Snippet]] = {}
+
+    def feed(self, start: int, part: list[np.ndarray]) -> None:
+        """Scan documents ``start ..`` (their ids ``part``, in corpus order)."""
+        from .firing import _word_around, fires_inexactly
+
+        decoded = self.tokenizer.batch_decode([p.tolist() for p in part], skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False)
+        held = heldout_mask(np.arange(start, start + len(part)), self.heldout_fraction, self.seed)
+        for k, (ids, text) in enumerate(zip(part, decoded)):
+            ends = None
+            for pat, a, b in self.ac.find_matches_as_indexes(text):
+                if not fires_inexactly(text, a, b, self.texts[pat], self.spaced):
+                    self.counts[pat, 0] += 1
+                    continue
+                self.counts[pat, 1] += 1
+                self.words.setdefault(pat, Counter())[_word_around(text, a, b) or self.texts[pat].strip()] += 1
+                got = self.found.setdefault((pat, int(held[k])), [])
+                if len(got) >= self.cap[int(held[k])]:
+                    continue
+                if ends is None:
+                    ends = self._token_ends(text, ids)
+                if len(ends):
+                    got.append(self._window(ids, ends, a, b, pat, start + k))
+
+    def _token_ends(self, text: str, ids: np.ndarray) -> np.ndarray:
+        """``[len(ids)]`` the character where each token of the document ends (running maximum), or
+        empty when the decoded text does not re-encode to ``ids`` (the document is then left out)."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] != ids.tolist():
+            return np.zeros(0, dtype=np.int64)
+        return np.maximum.accumulate(np.asarray([e for _, e in enc["offset_mapping"]] or [0]))
+
+    def _window(self, ids: np.ndarray, ends: np.ndarray, a: int, b: int, pat: int, doc: int) -> Snippet:
+        """The snippet around characters ``a:b`` of document ``doc`` (BOS first)."""
+        ts = int(np.searchsorted(ends, a, side="right"))
+        te = int(np.searchsorted(ends, b, side="left")) + 1
+        w0, w1 = window(len(ids), ts, te, self.snippet_len)
+        return Snippet(ids=np.concatenate([self.bos, ids[w0:w1].astype(np.int64)]), token_index=pat, doc=doc,
+                       source="corpus")
 
 
 def _swap_in(pool: list[Snippet], counts_out: list[int], found: dict, have: np.ndarray, target: np.ndarray,
