@@ -201,3 +201,56 @@ def test_stop_during_output_row_fit_resumes_from_trained_input_rows(tmp_path, un
     n = len(res.report["tokens"])
     assert n and torch.equal(a["lm_head.weight"][-n:], b["lm_head.weight"][-n:])
     assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+
+
+def test_resume_reads_generated_snippets_instead_of_sampling_again(tmp_path, toy_model_dir, cache_dir, monkeypatch):
+    """--snippet_source generated: the snippets are kept beside the first checkpoint; --resume reads
+    them (no sampling: minutes per resume on a CPU) and ends with the rows of an uninterrupted run.
+    Snippets kept for other inputs are not used."""
+    from safetensors.torch import load_file
+
+    from token_distillation import pipeline
+    from token_distillation.checkpoint import GENERATED_SNIPPETS_FILE
+    from token_distillation.config import RunConfig
+    from token_distillation.paths import checkpoint_dir_problems
+
+    words = tmp_path / "w.txt"
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n")
+    kw = dict(model_path=str(toy_model_dir), cache_dir=str(cache_dir), new_tokens_source=str(words), snippet_num=4,
+              heldout_snippet_num=1, min_snippets=2, snippet_len=10, token_distillation_batch_size=2,
+              token_distillation_epochs=2, checkpoint_every=2, teacher_cache_gib=0, use_generated_snippets=True)
+    ref = run(RunConfig.from_flags(out_path=str(tmp_path / "ref"), **kw))
+    assert ref.report["train_steps"] >= 4
+
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run(RunConfig.from_flags(out_path=str(out), **kw))
+    monkeypatch.undo()
+    kept = out / CHECKPOINT_DIRNAME / GENERATED_SNIPPETS_FILE
+    assert kept.is_file() and not checkpoint_dir_problems(out / CHECKPOINT_DIRNAME)
+
+    def no_sampling(*a, **k):
+        raise AssertionError("snippets sampled again on --resume")
+
+    monkeypatch.setattr(pipeline, "generate_snippets", no_sampling)
+    res = run(RunConfig.from_flags(out_path=str(out), resume=True, **kw))
+    assert res.report["loss_curve"] == ref.report["loss_curve"]
+    a = load_file(str(ref.out_path / "model.safetensors"))["model.embed_tokens.weight"]
+    b = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(a, b)
+
+    # kept snippets of other inputs (here: another snippet length) are not read; the run samples anew
+    monkeypatch.undo()
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run(RunConfig.from_flags(out_path=str(out), overwrite=True, **kw))
+    monkeypatch.undo()
+    state = torch.load(kept, weights_only=True)
+    state["key"]["snippet_len"] = 99
+    torch.save(state, kept)
+    sampled = []
+    real = pipeline.generate_snippets
+    monkeypatch.setattr(pipeline, "generate_snippets", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    res = run(RunConfig.from_flags(out_path=str(out), resume=True, **kw))
+    assert sampled and res.report["loss_curve"] == ref.report["loss_curve"]

@@ -10,7 +10,11 @@ loss curve so far, the training seconds so far (summed over the processes that r
 the step from which they count, the shuffling generator's state and the not-yet-used part of the
 current epoch's order, the global python/numpy/torch RNG states and a fingerprint of everything that
 determines the result (training flags, model, tokens, snippets). A file is written under a
-temporary name and renamed into place, so a checkpoint is either complete or absent.
+temporary name and renamed into place, so a checkpoint is either complete or absent. When the model
+wrote the snippets (``--snippet_source generated``, or a top-up), they are kept beside the first
+checkpoint as ``generated-snippets.pt`` (:class:`GeneratedSnippetCache`), so that ``--resume`` reads
+them instead of sampling them again (minutes on a CPU; and sampling on a GPU need not repeat bit for
+bit, which would make the snippets, and so the checkpoint's fingerprint, differ).
 
 The final output is written at the end by :func:`token_distillation.paths.atomic_write_dir`,
 which replaces ``<out_path>`` as a whole: a finished run therefore leaves no checkpoints behind.
@@ -38,7 +42,8 @@ import torch
 
 from .config import ConfigError
 from .interrupts import STOP, Interrupted
-from .paths import CHECKPOINT_DIRNAME, CHECKPOINT_MARKER, TOOL_ID, prepare_output  # noqa: F401  (re-exported)
+from .paths import (CHECKPOINT_DIRNAME, CHECKPOINT_MARKER, GENERATED_SNIPPETS_FILE, TOOL_ID,  # noqa: F401
+                    prepare_output)
 
 logger = logging.getLogger(__name__)
 
@@ -171,14 +176,18 @@ class Checkpointer:
             by time), and once when training ends, so that a kill (``kill -9``, a preemption) loses
             at most that much training. With several processes the main process's clock decides,
             checked every :data:`DIST_SYNC_EVERY` steps.
+        attachments: ``{file name: object}`` written (``torch.save``, atomically) beside the first
+            checkpoint this instance saves, e.g. :meth:`GeneratedSnippetCache.attachment`.
 
     A stop signal (see :mod:`token_distillation.interrupts`) always saves the current step and
     raises :class:`~token_distillation.interrupts.Interrupted`.
     """
 
     def __init__(self, directory: Path, every: int, fingerprint: dict[str, Any], resume: bool = False,
-                 dist=None, keep: int = 2, minutes: float = 0.0, prefix: str = "", always_final: bool = False):
+                 dist=None, keep: int = 2, minutes: float = 0.0, prefix: str = "", always_final: bool = False,
+                 attachments: dict[str, Any] | None = None):
         self.directory = Path(directory)
+        self.attachments = dict(attachments or {})
         self.every = int(every)
         self.minutes = float(minutes)
         self.fingerprint = fingerprint
@@ -296,23 +305,82 @@ class Checkpointer:
             tmp_marker = self.directory / f".{CHECKPOINT_MARKER}.tmp-{os.getpid()}"
             tmp_marker.write_text(json.dumps({"tool": TOOL_ID}), encoding="utf-8")
             os.replace(tmp_marker, marker)
+        for name in list(self.attachments):  # once, with the first checkpoint of this run
+            _atomic_torch_save(self.attachments.pop(name), self.directory / name)
         state = {"step": int(step), "rows": rows.rows.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state(), "order": [int(i) for i in order],
                  "loss_curve": [float(x) for x in loss_curve], "seconds": float(timing[0]),
                  "seconds_from_step": int(timing[1]), "rng": _rng_state(),
                  "fingerprint": self.fingerprint}
         final = self.directory / f"{self.prefix}step-{step:08d}.pt"
-        tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        _atomic_torch_save(state, final)
         for old in self.checkpoints()[: -self.keep]:
             old.unlink()
         logger.info("checkpoint: step %d -> %s", step, final)
         return final
+
+
+def _atomic_torch_save(obj: Any, final: Path) -> None:
+    """``torch.save`` under a temporary name (fsync), renamed to ``final``: complete or absent."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class GeneratedSnippetCache:
+    """Snippets the model generated, kept beside the checkpoints for ``--resume``.
+
+    Sampling snippets costs minutes on a CPU (the model writes ``--snippet_num`` +
+    ``--heldout_snippet_num`` snippets per token). An interrupted run's :class:`Checkpointer` writes
+    them as :data:`GENERATED_SNIPPETS_FILE` with its first checkpoint (:meth:`attachment`); the
+    resumed run reads them (:meth:`get`) instead of sampling again. They are used only when their
+    key (model, tokens, per-token numbers, snippet length, seed and sampling flags) matches this run's.
+
+    Args:
+        directory: ``<out_path>/checkpoints``, or None (nothing is saved: the Python API).
+        resume: read an earlier run's file (``--resume``).
+        key: what determines the snippets apart from the per-token numbers (JSON-able).
+    """
+
+    def __init__(self, directory: Path | None, resume: bool, key: dict[str, Any]):
+        self.directory, self.resume = directory, resume
+        self.key = json.loads(json.dumps(key, default=str))
+        self.made: dict[str, Any] | None = None
+
+    def _key(self, counts: list[tuple[int, int]]) -> dict[str, Any]:
+        return {**self.key, "counts": [[int(a), int(b)] for a, b in counts]}
+
+    def get(self, counts: list[tuple[int, int]]):
+        """The saved :class:`~token_distillation.snippets.SnippetSet` for per-token ``(train,
+        held-out)`` ``counts``, or None (not resuming, no file, or one made for other inputs)."""
+        from .snippets import snippet_set_from_state
+
+        path = self.directory / GENERATED_SNIPPETS_FILE if self.directory is not None else None
+        if not (self.resume and path is not None and path.is_file()):
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("key") != self._key(counts):
+            logger.info("--resume: %s was generated for other inputs; generating the snippets again", path)
+            return None
+        snips = snippet_set_from_state(state["snippets"])
+        logger.info("--resume: %d training / %d held-out generated snippets read from %s (not generated again)",
+                    len(snips.train), len(snips.heldout), path)
+        self.made = state
+        return snips
+
+    def put(self, counts: list[tuple[int, int]], snips) -> None:
+        """Remember freshly generated ``snips`` for the next checkpoint (see :meth:`attachment`)."""
+        from .snippets import snippet_set_state
+
+        self.made = {"key": self._key(counts), "snippets": snippet_set_state(snips)}
+
+    def attachment(self) -> dict[str, Any]:
+        """``{file name: state}`` for :class:`Checkpointer`'s ``attachments`` (empty: nothing generated)."""
+        return {GENERATED_SNIPPETS_FILE: self.made} if self.made is not None else {}

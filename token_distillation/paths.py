@@ -231,6 +231,9 @@ TOOL_ID = "token-distillation"
 # one-process / data-parallel checkpoints, and those of one shard of a token-sharded run
 _STEP_FILE = re.compile(r"^(shard-\d{3}-of-\d{3}-)?step-\d{8}\.pt$")
 _STEP_TMP = re.compile(r"^\.(shard-\d{3}-of-\d{3}-)?step-\d{8}\.pt\.tmp-\d+$")  # being written (or killed mid-write)
+#: generated snippets kept beside the checkpoints, so that ``--resume`` does not sample them again
+GENERATED_SNIPPETS_FILE = "generated-snippets.pt"
+_EXTRA_FILE = re.compile(r"^(generated-snippets\.pt|\.generated-snippets\.pt\.tmp-\d+)$")
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -264,14 +267,13 @@ def write_output_dir(out: Path, write_fn, kind: str) -> None:
 
 def checkpoint_dir_problems(ckpt: Path) -> list[str]:
     """Entries of a ``checkpoints/`` directory that are not this tool's checkpoints (relative to its
-    parent). This tool's: ``step-NNNNNNNN.pt`` files (and ones being written) beside
-    :data:`CHECKPOINT_MARKER`; an empty directory holds nothing to lose."""
+    parent). This tool's: ``step-NNNNNNNN.pt`` files and :data:`GENERATED_SNIPPETS_FILE` (and ones
+    being written) beside :data:`CHECKPOINT_MARKER`; an empty directory holds nothing to lose."""
     entries = list(ckpt.iterdir())
-    bad = [e for e in entries if not (e.is_file() and (e.name == CHECKPOINT_MARKER or _STEP_FILE.match(e.name)
-                                                       or _STEP_TMP.match(e.name)))]
-    steps = [e for e in entries if _STEP_FILE.match(e.name) or _STEP_TMP.match(e.name)]
-    if steps and not (ckpt / CHECKPOINT_MARKER).is_file():
-        bad += steps  # step files that this tool did not mark as its own
+    ours = [e for e in entries if _STEP_FILE.match(e.name) or _STEP_TMP.match(e.name) or _EXTRA_FILE.match(e.name)]
+    bad = [e for e in entries if not (e.is_file() and (e.name == CHECKPOINT_MARKER or e in ours))]
+    if ours and not (ckpt / CHECKPOINT_MARKER).is_file():
+        bad += ours  # step files that this tool did not mark as its own
     return sorted(f"{ckpt.name}/{e.name}" for e in bad)
 
 

@@ -31,6 +31,7 @@ import torch
 
 from .alignment import PhraseMatcher, merge, pair_texts
 from .checkpoint import (
+    GeneratedSnippetCache,
     CHECKPOINT_DIRNAME,
     Checkpointer,
     check_resumable,
@@ -237,6 +238,7 @@ class Setup:
     snippet_source: SnippetSource = SnippetSource.GENERATED  # --snippet_source resolved (texts in memory: corpus)
     model: Any = None  # the model once loaded (the Python API passes it in)
     checkpoints: bool = True  # training writes checkpoints into <out>/checkpoints (not the Python API)
+    generated: GeneratedSnippetCache | None = None  # snippets the model wrote, kept for --resume
 
     def get_model(self):
         """The model: the one passed in or loaded earlier, else loaded from ``--model_path`` now."""
@@ -480,12 +482,13 @@ def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
     """Stage 3: mine (or generate) snippets once, on the main process, send them to the others,
     and keep the tokens with at least ``--min_snippets`` of them."""
     cfg, src, model = setup.cfg, setup.snippet_source, None
+    setup.generated = _generated_cache(setup, tg.targets.tokens)
 
     def _collect():
         nonlocal model
         snips, info, sources, model = collect_snippets(cfg, src, tg.targets.tokens, tg.corpus, tg.tokenizer,
                                                        bos_prefix(tg.tokenizer), setup.get_model, setup.device,
-                                                       mined=tg.mined, scan=tg.scan)
+                                                       mined=tg.mined, scan=tg.scan, cache=setup.generated)
         return snips, info, sources
 
     if src == SnippetSource.GENERATED and setup.dist.distributed:  # each process writes its tokens' snippets
@@ -523,6 +526,17 @@ def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
     return Snippets(snips, tokens, sources, skipped, corpus_info, scan_ids, model, overfiring)
 
 
+def _generated_cache(setup: Setup, tokens: list[NewToken]) -> GeneratedSnippetCache:
+    """Where generated snippets are kept for ``--resume`` (see
+    :class:`~token_distillation.checkpoint.GeneratedSnippetCache`): beside the checkpoints of a
+    trained method's run that saves its output; otherwise nowhere."""
+    cfg, sc = setup.cfg, setup.cfg.snippets
+    keep = setup.out is not None and setup.checkpoints and cfg.train.init_method in TRAINED
+    return GeneratedSnippetCache(setup.out / CHECKPOINT_DIRNAME if keep else None, cfg.output.resume,
+                                 dict(model=setup.source.identity, tokens=[t.text for t in tokens],
+                                      snippet_len=sc.snippet_len, **_generation_kw(cfg)))
+
+
 def _generate_sharded(setup: Setup, tg: Targets, wanted: list[tuple[int, int]] | None = None):
     """Generated snippets with several processes: each loads the model and generates the snippets of
     its share of the tokens (balanced by the number wanted; a token's sampling is seeded by its
@@ -537,6 +551,11 @@ def _generate_sharded(setup: Setup, tg: Targets, wanted: list[tuple[int, int]] |
     """
     dist, sc, tokens = setup.dist, setup.cfg.snippets, tg.targets.tokens
     wanted = wanted if wanted is not None else [(sc.snippet_num, sc.heldout_snippet_num)] * len(tokens)
+    cache = setup.generated
+    if cache is not None:
+        kept = dist.broadcast_from_main(lambda: cache.get(wanted))
+        if kept is not None:
+            return kept, None
     owned = set(assign_tokens([a + b for a, b in wanted], dist.world_size)[dist.rank])
     mine = [w if i in owned else (0, 0) for i, w in enumerate(wanted)]
     logger.info("generating snippets for %d of %d tokens on process %d of %d",
@@ -550,6 +569,8 @@ def _generate_sharded(setup: Setup, tg: Targets, wanted: list[tuple[int, int]] |
                         heldout=sorted((s for p in parts for s in p.heldout), key=lambda s: s.token_index),
                         train_counts=[sum(c) for c in zip(*(p.train_counts for p in parts))],
                         heldout_counts=[sum(c) for c in zip(*(p.heldout_counts for p in parts))])
+    if cache is not None:
+        cache.put(wanted, merged)
     return merged, model
 
 
@@ -826,7 +847,8 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
     if owned is not None:
         return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
-                        dist=dist, minutes=cfg.output.checkpoint_minutes) if setup.checkpoints else None
+                        dist=dist, minutes=cfg.output.checkpoint_minutes,
+                        attachments=setup.generated.attachment() if setup.generated else None) if setup.checkpoints else None
     return train(ext.model, rows, seqs, tix, layer=ext.layer, loss_method=tc.loss_method,
                  autocast_dtype=setup.autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
                  lr_schedule=tc.lr_schedule, teacher_cache_bytes=cache_bytes,
@@ -855,7 +877,8 @@ def _train_shard(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dic
     ckpt = Checkpointer(ckpt_dir, cfg.output.checkpoint_every, {**fp, "shard": [dist.rank, dist.world_size],
                                                                  "shard_tokens": list(owned)},
                         resume=cfg.output.resume, dist=None, minutes=cfg.output.checkpoint_minutes,
-                        prefix=shard_prefix(dist.rank, dist.world_size), always_final=True)
+                        prefix=shard_prefix(dist.rank, dist.world_size), always_final=True,
+                        attachments=setup.generated.attachment() if setup.generated and dist.is_main else None)
     inject_faults(ckpt, dist.rank)
     collectives, waits = dist.collectives, dist.waits
     result = TrainResult()
@@ -977,22 +1000,33 @@ def _add_inexact(cfg: RunConfig, snips: SnippetSet, corpus, tokenizer, tokens: l
 
 
 def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken], corpus, tokenizer, bos: list[int],
-                     load, device: torch.device, mined: SnippetSet | None = None, scan: ScanResult | None = None):
+                     load, device: torch.device, mined: SnippetSet | None = None, scan: ScanResult | None = None,
+                     cache: GeneratedSnippetCache | None = None):
     """Training and held-out snippets for ``tokens``: mined from ``corpus`` (``mined``: already
     mined while the corpus was scanned, see :class:`~token_distillation.snippets.SnippetMiner`),
     generated by the model (``load()`` returns it; called only when snippets are generated), or
-    mined then topped up.
+    mined then topped up. ``cache``: generated snippets are read from it on ``--resume`` and
+    remembered in it for the checkpoints.
 
     Returns:
         ``(snippets, corpus_info for the report, per-token snippet source, the loaded model or None)``.
     """
     sc = cfg.snippets
-    gen_kw = _generation_kw(cfg)
     model = None
+
+    def _generate(counts: list[tuple[int, int]]) -> SnippetSet:
+        nonlocal model
+        snips = cache.get(counts) if cache is not None else None
+        if snips is None:
+            model = load()
+            snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num,
+                                      sc.heldout_snippet_num, device=device, counts=counts, **_generation_kw(cfg))
+            if cache is not None:
+                cache.put(counts, snips)
+        return snips
+
     if src == SnippetSource.GENERATED:
-        model = load()
-        snips = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num, sc.heldout_snippet_num,
-                                  device=device, **gen_kw)
+        snips = _generate([(sc.snippet_num, sc.heldout_snippet_num)] * len(tokens))
         corpus_info: dict[str, Any] = {"source": "generated"}
         token_sources = ["generated"] * len(tokens)
     else:
@@ -1017,9 +1051,7 @@ def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken],
             if any(w != (0, 0) for w in want):
                 logger.info("topping up %d token(s) with fewer than %d corpus snippets with generated ones",
                             sum(w != (0, 0) for w in want), sc.min_snippets)
-                model = load()
-                gen = generate_snippets(model, tokenizer, tokens, sc.snippet_len, sc.snippet_num,
-                                        sc.heldout_snippet_num, device=device, counts=want, **gen_kw)
+                gen = _generate(want)
                 token_sources = _topped_up_sources(snips, want)
                 snips = top_up(snips, gen)
     return snips, corpus_info, token_sources, model

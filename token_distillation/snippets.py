@@ -58,6 +58,35 @@ class SnippetSet:
     heldout_docs: list[int] = field(default_factory=list)
 
 
+def snippet_set_state(snips: SnippetSet) -> dict:
+    """``snips`` as plain tensors and lists (loadable by ``torch.load(..., weights_only=True)``):
+    each part's ids concatenated into one ``[total_len]`` int64 tensor with ``[n]`` lengths, token
+    indices, documents and sources beside them. Inverse: :func:`snippet_set_from_state`."""
+    def part(ss: list[Snippet]) -> dict:
+        return {"ids": torch.from_numpy(np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in ss])
+                                        if ss else np.zeros(0, dtype=np.int64)),
+                "lens": [len(s.ids) for s in ss], "token_index": [int(s.token_index) for s in ss],
+                "doc": [int(s.doc) for s in ss], "source": [s.source for s in ss]}
+
+    return {"train": part(snips.train), "heldout": part(snips.heldout),
+            "train_counts": [int(c) for c in snips.train_counts],
+            "heldout_counts": [int(c) for c in snips.heldout_counts],
+            "train_docs": [int(d) for d in snips.train_docs], "heldout_docs": [int(d) for d in snips.heldout_docs]}
+
+
+def snippet_set_from_state(state: dict) -> SnippetSet:
+    """The :class:`SnippetSet` that :func:`snippet_set_state` wrote."""
+    def part(p: dict) -> list[Snippet]:
+        ids, out, at = p["ids"].numpy(), [], 0
+        for n, t, d, src in zip(p["lens"], p["token_index"], p["doc"], p["source"]):
+            out.append(Snippet(ids[at:at + n].copy(), t, d, src))
+            at += n
+        return out
+
+    return SnippetSet(part(state["train"]), part(state["heldout"]), list(state["train_counts"]),
+                      list(state["heldout_counts"]), list(state["train_docs"]), list(state["heldout_docs"]))
+
+
 def split_documents(num_docs: int, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of document indices into (training order, held-out order), both shuffled."""
     perm = np.random.default_rng(seed).permutation(num_docs)
