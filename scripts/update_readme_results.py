@@ -271,8 +271,9 @@ def raw_text_section() -> list[str]:
            "extended tokenizer uses a new token inside a longer word (\" agonist\" in \" agonists\"). Continuation: "
            "the held-out gap closed of the table above (original vocabulary). Generation: share of sampled "
            "continuations with a word that write it as the new token. `td_ids`: `--alignment ids`; `td_chars`: "
-           "`--alignment chars`; `outdistill`: with `--output_embeddings distill`; `_e1`: one training epoch "
-           "instead of the default two.", "",
+           "`--alignment chars`; `outdistill`: with `--output_embeddings distill`"
+           + ("; `_e1`: one training epoch instead of the default two." if any(lab.endswith("_e1") for _, _, lab, _
+                                                                               in rows) else "."), "",
            "| model | words | method | BPB vs original | fewer tokens | BPB gap closed | inflected (windows): BPB vs "
            "original, gap closed | continuation gap closed | generation: new token | source |",
            "|---|---|---|---|---|---|---|---|---|---|"]

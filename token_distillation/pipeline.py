@@ -31,9 +31,9 @@ import torch
 
 from .alignment import PhraseMatcher, merge, pair_texts
 from .checkpoint import (
-    GeneratedSnippetCache,
     CHECKPOINT_DIRNAME,
     Checkpointer,
+    GeneratedSnippetCache,
     check_resumable,
     fingerprint,
     shard_prefix,
