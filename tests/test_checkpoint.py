@@ -254,3 +254,32 @@ def test_resume_reads_generated_snippets_instead_of_sampling_again(tmp_path, toy
     monkeypatch.setattr(pipeline, "generate_snippets", lambda *a, **k: sampled.append(1) or real(*a, **k))
     res = run(RunConfig.from_flags(out_path=str(out), resume=True, **kw))
     assert sampled and res.report["loss_curve"] == ref.report["loss_curve"]
+
+
+def test_generated_snippet_cache_reads_only_its_own_intact_file(tmp_path, caplog):
+    """The kept snippets round-trip exactly; another key, no --resume, or a damaged file give None
+    (the run samples again) instead of wrong snippets or a traceback."""
+    from token_distillation.checkpoint import GENERATED_SNIPPETS_FILE, GeneratedSnippetCache
+    from token_distillation.snippets import Snippet, SnippetSet
+
+    snips = SnippetSet(train=[Snippet(np.array([1, 5, 6, 7]), 0, -1, "generated"), Snippet(np.array([1, 9]), 1)],
+                       heldout=[Snippet(np.array([1, 2, 3]), 1, 4, "corpus")], train_counts=[1, 1],
+                       heldout_counts=[0, 1], train_docs=[3], heldout_docs=[4])
+    counts = [(1, 0), (1, 1)]
+    key = dict(model="m", tokens=[" a", " b"], snippet_len=3, seed=1, temperature=1.0)
+    writer = GeneratedSnippetCache(tmp_path, resume=False, key=key)
+    assert writer.attachment() == {} and writer.get(counts) is None
+    writer.put(counts, snips)
+    torch.save(writer.attachment()[GENERATED_SNIPPETS_FILE], tmp_path / GENERATED_SNIPPETS_FILE)
+
+    back = GeneratedSnippetCache(tmp_path, resume=True, key=key).get(counts)
+    assert [(s.ids.tolist(), s.token_index, s.doc, s.source) for s in back.train + back.heldout] == \
+        [(s.ids.tolist(), s.token_index, s.doc, s.source) for s in snips.train + snips.heldout]
+    assert (back.train_counts, back.heldout_counts, back.train_docs, back.heldout_docs) == ([1, 1], [0, 1], [3], [4])
+    assert GeneratedSnippetCache(tmp_path, resume=False, key=key).get(counts) is None
+    assert GeneratedSnippetCache(tmp_path, resume=True, key={**key, "seed": 2}).get(counts) is None
+    assert GeneratedSnippetCache(tmp_path, resume=True, key=key).get([(2, 0), (1, 1)]) is None
+    data = (tmp_path / GENERATED_SNIPPETS_FILE).read_bytes()
+    (tmp_path / GENERATED_SNIPPETS_FILE).write_bytes(data[: len(data) // 2])  # cut short
+    assert GeneratedSnippetCache(tmp_path, resume=True, key=key).get(counts) is None
+    assert "unreadable" in caplog.text

@@ -365,11 +365,16 @@ class GeneratedSnippetCache:
         path = self.directory / GENERATED_SNIPPETS_FILE if self.directory is not None else None
         if not (self.resume and path is not None and path.is_file()):
             return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("key") != self._key(counts):
-            logger.info("--resume: %s was generated for other inputs; generating the snippets again", path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("key") != self._key(counts):
+                logger.info("--resume: %s was generated for other inputs; generating the snippets again", path)
+                return None
+            snips = snippet_set_from_state(state["snippets"])
+        except Exception as e:  # a damaged file (a full disk, a copy cut short) costs a new sampling, not the run
+            logger.warning("--resume: %s is unreadable (%s: %s); generating the snippets again", path,
+                           type(e).__name__, e)
             return None
-        snips = snippet_set_from_state(state["snippets"])
         logger.info("--resume: %d training / %d held-out generated snippets read from %s (not generated again)",
                     len(snips.train), len(snips.heldout), path)
         self.made = state
