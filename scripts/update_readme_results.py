@@ -264,6 +264,8 @@ def raw_text_section() -> list[str]:
     rows = _raw_text_rows()
     if not rows:
         return []
+    e1 = "; `_e1`: one training epoch instead of the default two." if any(
+        label.endswith("_e1") for _, _, label, _ in rows) else "."
     out = ["### Raw text: bits per byte, inflected forms, the new token as a prediction", "",
            "Each model reads 100 held-out PubMed documents that contain the words through its own tokenizer (every "
            "token a target, bits per byte; the original model reads the original tokenization). Gap closed: 0% = "
@@ -271,9 +273,7 @@ def raw_text_section() -> list[str]:
            "extended tokenizer uses a new token inside a longer word (\" agonist\" in \" agonists\"). Continuation: "
            "the held-out gap closed of the table above (original vocabulary). Generation: share of sampled "
            "continuations with a word that write it as the new token. `td_ids`: `--alignment ids`; `td_chars`: "
-           "`--alignment chars`; `outdistill`: with `--output_embeddings distill`"
-           + ("; `_e1`: one training epoch instead of the default two." if any(lab.endswith("_e1") for _, _, lab, _
-                                                                               in rows) else "."), "",
+           "`--alignment chars`; `outdistill`: with `--output_embeddings distill`" + e1, "",
            "| model | words | method | BPB vs original | fewer tokens | BPB gap closed | inflected (windows): BPB vs "
            "original, gap closed | continuation gap closed | generation: new token | source |",
            "|---|---|---|---|---|---|---|---|---|---|"]

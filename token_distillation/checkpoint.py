@@ -43,7 +43,7 @@ import torch
 from .config import ConfigError
 from .interrupts import STOP, Interrupted
 from .paths import (CHECKPOINT_DIRNAME, CHECKPOINT_MARKER, GENERATED_SNIPPETS_FILE, TOOL_ID,  # noqa: F401
-                    prepare_output)
+                    prepare_output, replace_file)
 
 logger = logging.getLogger(__name__)
 
@@ -302,36 +302,32 @@ class Checkpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         marker = self.directory / CHECKPOINT_MARKER
         if not marker.is_file():  # marks the directory as this tool's (what --overwrite may replace)
-            tmp_marker = self.directory / f".{CHECKPOINT_MARKER}.tmp-{os.getpid()}"
-            tmp_marker.write_text(json.dumps({"tool": TOOL_ID}), encoding="utf-8")
-            os.replace(tmp_marker, marker)
+            replace_file(marker, lambda tmp: tmp.write_text(json.dumps({"tool": TOOL_ID}), encoding="utf-8"))
         for name in list(self.attachments):  # once, with the first checkpoint of this run
-            _atomic_torch_save(self.attachments.pop(name), self.directory / name)
+            _save_synced(self.attachments.pop(name), self.directory / name)
         state = {"step": int(step), "rows": rows.rows.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state(), "order": [int(i) for i in order],
                  "loss_curve": [float(x) for x in loss_curve], "seconds": float(timing[0]),
                  "seconds_from_step": int(timing[1]), "rng": _rng_state(),
                  "fingerprint": self.fingerprint}
         final = self.directory / f"{self.prefix}step-{step:08d}.pt"
-        _atomic_torch_save(state, final)
+        _save_synced(state, final)
         for old in self.checkpoints()[: -self.keep]:
             old.unlink()
         logger.info("checkpoint: step %d -> %s", step, final)
         return final
 
 
-def _atomic_torch_save(obj: Any, final: Path) -> None:
-    """``torch.save`` under a temporary name (fsync), renamed to ``final``: complete or absent."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    try:
+def _save_synced(obj: Any, final: Path) -> None:
+    """``torch.save`` to ``final`` through :func:`~token_distillation.paths.replace_file` (complete
+    or absent), the temporary file fsynced before the rename."""
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    replace_file(final, write)
 
 
 class GeneratedSnippetCache:
@@ -377,14 +373,15 @@ class GeneratedSnippetCache:
             return None
         logger.info("--resume: %d training / %d held-out generated snippets read from %s (not generated again)",
                     len(snips.train), len(snips.heldout), path)
-        self.made = state
-        return snips
+        return snips  # the file stays where it is: a resumed run does not clear the checkpoints
 
     def put(self, counts: list[tuple[int, int]], snips) -> None:
-        """Remember freshly generated ``snips`` for the next checkpoint (see :meth:`attachment`)."""
+        """Remember freshly generated ``snips`` for the next checkpoint (see :meth:`attachment`);
+        nothing when no directory is kept."""
         from .snippets import snippet_set_state
 
-        self.made = {"key": self._key(counts), "snippets": snippet_set_state(snips)}
+        if self.directory is not None:
+            self.made = {"key": self._key(counts), "snippets": snippet_set_state(snips)}
 
     def attachment(self) -> dict[str, Any]:
         """``{file name: state}`` for :class:`Checkpointer`'s ``attachments`` (empty: nothing generated)."""
