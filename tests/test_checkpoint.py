@@ -111,6 +111,28 @@ def test_checkpoints_keep_newest_and_refuse_other_runs(tmp_path):
     assert res.steps == 15 and not (tmp_path / "ck").exists()
 
 
+def test_damaged_checkpoint_is_refused_with_the_file_and_the_way_on(tmp_path):
+    """A step checkpoint cut short (full disk, partial copy) fails --resume with one clear error that
+    names the file and says how to go on; deleting it resumes from the checkpoint before it."""
+    model, _, seqs, tix, rows = _setup()
+    ck = tmp_path / "ck"
+    _train(rows, seqs, tix, model, Checkpointer(ck, 2, {"lr": 1}))
+    newest = ck / "step-00000015.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    for call in (lambda: ckpt_mod.resumed_batch_size(ck, "auto"),
+                 lambda: ckpt_mod.check_resumable(ck, {"lr": 1}, "toy"),
+                 lambda: Checkpointer(ck, 2, {"lr": 1}, resume=True).restore(rows, None, None)):
+        with pytest.raises(ConfigError, match=r"step-00000015\.pt cannot be read.*delete it.*--overwrite"):
+            call()
+    newest.unlink()
+    _, _, _, _, rows2 = _setup()
+    got = []
+    real = Checkpointer.restore
+    ckpt = Checkpointer(ck, 2, {"lr": 1}, resume=True)
+    ckpt.restore = lambda *a: got.append(real(ckpt, *a)) or got[-1]
+    assert _train(rows2, seqs, tix, model, ckpt).steps == 15 and got[0][0] == 14
+
+
 def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
     from safetensors.torch import load_file
 
@@ -135,6 +157,14 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     with pytest.raises(ConfigError, match="different run"):
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True,
                      token_distillation_lr=5e-3, **kw))
+    # a word list whose contents changed is refused at start-up, before the tokenizer and the corpus load
+    from tests.test_pipeline import _words
+    from token_distillation import pipeline
+
+    with monkeypatch.context() as m, pytest.raises(ConfigError, match="word list's contents changed"):
+        m.setattr(pipeline, "load_inputs", lambda *a, **k: pytest.fail("loaded the tokenizer before refusing"))
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True,
+                     new_tokens_source=_words(tmp_path, [" hepatotoxicity", " angiogenesis"]), **kw))
 
     resumed_steps = []
     real_restore = ckpt_mod.Checkpointer.restore

@@ -76,6 +76,27 @@ def snippet_digest(seqs) -> str:
     return h.hexdigest()
 
 
+def list_digest(words: list[str]) -> str:
+    """SHA-256 of a word list (``--new_tokens_source``) as read, in order: a ``--resume`` with a list
+    whose contents changed is refused at start-up, before minutes of mining or sampling."""
+    return hashlib.sha256(json.dumps(words, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+# fingerprint items older checkpoints lack: compared only when the checkpoint holds them
+_OPTIONAL_KEYS = frozenset({"words_digest"})
+
+
+def _refuse_other_run(path: Path, saved: dict[str, Any], now: dict[str, Any], keys) -> None:
+    """Raise ConfigError naming up to five of ``keys`` whose values differ between the checkpoint
+    ``path``'s fingerprint ``saved`` and this run's ``now``."""
+    diff = sorted(k for k in keys if saved.get(k) != now.get(k) and (k in saved or k not in _OPTIONAL_KEYS))
+    if diff:
+        shown = ", ".join("the --new_tokens_source word list's contents changed" if k == "words_digest"
+                          else f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in diff[:5])
+        raise ConfigError(f"--resume: the checkpoint {path} belongs to a different run ({shown}); rerun with "
+                          "the same flags, or pass --overwrite without --resume to start over")
+
+
 def _rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -97,15 +118,37 @@ def _newest(directory: Path) -> Path | None:
     return max(found, key=lambda p: (_NAME.match(p.name).group(3), p.name)) if found else None
 
 
+def _load(path: Path) -> dict[str, Any]:
+    """A step checkpoint's contents.
+
+    Raises:
+        ConfigError: the file cannot be read (cut short by a full disk or a partial copy, or not a
+            checkpoint); the message names it and how to go on.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "fingerprint" not in state:
+            raise ValueError("no fingerprint in it")
+        return state
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ConfigError(f"--resume: the checkpoint {path} cannot be read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'damaged'}); delete it to resume from the "
+                          "checkpoint before it, or pass --overwrite without --resume to start over") from exc
+
+
 def resumed_batch_size(directory: Path, batch_size: int | str) -> int | str:
     """``--token_distillation_batch_size`` for a ``--resume``: with ``auto``, the batch the interrupted
     run resolved it to (stored in its newest checkpoint's fingerprint), so that the remaining steps
     follow the same batches whatever memory this machine has; otherwise ``batch_size`` unchanged
-    (also when there is no checkpoint, or it predates auto)."""
+    (also when there is no checkpoint, or it predates auto).
+
+    Raises:
+        ConfigError: the newest checkpoint cannot be read.
+    """
     newest = _newest(directory) if batch_size == "auto" else None
     if newest is None:
         return batch_size
-    saved = torch.load(newest, map_location="cpu", weights_only=True)["fingerprint"].get("token_distillation_batch_size")
+    saved = _load(newest)["fingerprint"].get("token_distillation_batch_size")
     if isinstance(saved, int) and saved >= 1:
         logger.info("--resume: --token_distillation_batch_size auto keeps the interrupted run's batch of %d", saved)
         return saved
@@ -117,17 +160,20 @@ def shard_prefix(rank: int, world_size: int) -> str:
     return f"shard-{rank:03d}-of-{world_size:03d}-"
 
 
-def check_resumable(directory: Path, config: dict[str, Any], model_identity: str, shards: int = 0) -> None:
-    """Before anything heavy: with ``--resume``, compare the newest checkpoint's flags and model with
-    this run's (tokens and snippets are compared when training starts); warn when there is nothing
+def check_resumable(directory: Path, config: dict[str, Any], model_identity: str, shards: int = 0,
+                    words_digest: str | None = None) -> None:
+    """Before anything heavy: with ``--resume``, compare the newest checkpoint's flags, model and word
+    list with this run's (tokens and snippets are compared when training starts); warn when there is nothing
     to resume.
 
     Args:
         shards: the number of processes when this run shards the tokens, else 0.
+        words_digest: :func:`list_digest` of the ``--new_tokens_source`` word list, when one is used
+            (a list whose contents changed under the same path is refused here).
     Raises:
         ConfigError: the checkpoint was made with other flags or another model, or by a token-sharded
             run of another number of processes (or by a run without sharding when this one shards,
-            or the other way round).
+            or the other way round); or the newest checkpoint cannot be read.
     """
     d = Path(directory)
     matches = [(p, _NAME.match(p.name)) for p in (d.iterdir() if d.is_dir() else [])]
@@ -145,13 +191,8 @@ def check_resumable(directory: Path, config: dict[str, Any], model_identity: str
                           "the same number of processes as the interrupted run (torchrun --nproc_per_node N), "
                           "or pass --overwrite without --resume to start over")
     newest = found[-1]
-    saved = torch.load(newest, map_location="cpu", weights_only=True)["fingerprint"]
-    now = fingerprint(config, model_identity=model_identity)
-    diff = sorted(k for k in now if saved.get(k) != now[k])
-    if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in diff[:5])
-        raise ConfigError(f"--resume: the checkpoint {newest} belongs to a different run ({shown}); rerun with "
-                          "the same flags, or pass --overwrite without --resume to start over")
+    now = fingerprint(config, model_identity=model_identity, **({"words_digest": words_digest} if words_digest else {}))
+    _refuse_other_run(newest, _load(newest)["fingerprint"], now, now)
 
 
 class Checkpointer:
@@ -223,7 +264,8 @@ class Checkpointer:
             checkpoint written before the time was recorded gives ``(0.0, step)``.
 
         Raises:
-            ConfigError: the checkpoint was made with different flags, model, tokens or snippets.
+            ConfigError: the checkpoint was made with different flags, model, tokens or snippets, or
+                cannot be read.
         """
         def _pick() -> str:
             if not self.resume and self.prefix:
@@ -243,14 +285,9 @@ class Checkpointer:
             if self.resume:
                 logger.info("--resume: no checkpoint in %s; starting from step 0", self.directory)
             return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != self.fingerprint:
-            diff = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
-                          if state["fingerprint"].get(k) != self.fingerprint.get(k))
-            shown = ", ".join(f"{k}: {state['fingerprint'].get(k)!r} then, {self.fingerprint.get(k)!r} now"
-                              for k in diff[:5])
-            raise ConfigError(f"--resume: the checkpoint {path} belongs to a different run ({shown}); rerun with "
-                              "the same flags, or pass --overwrite without --resume to start over")
+        state = _load(Path(path))
+        _refuse_other_run(Path(path), state["fingerprint"], self.fingerprint,
+                          set(state["fingerprint"]) | set(self.fingerprint))
         with torch.no_grad():
             rows.rows.copy_(state["rows"].to(rows.rows.device))
         optimizer.load_state_dict(state["optimizer"])

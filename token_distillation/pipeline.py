@@ -35,6 +35,7 @@ from .checkpoint import (
     Checkpointer,
     GeneratedSnippetCache,
     check_resumable,
+    list_digest,
     fingerprint,
     shard_prefix,
     prepare_output,
@@ -239,6 +240,7 @@ class Setup:
     model: Any = None  # the model once loaded (the Python API passes it in)
     checkpoints: bool = True  # training writes checkpoints into <out>/checkpoints (not the Python API)
     generated: GeneratedSnippetCache | None = None  # snippets the model wrote, kept for --resume
+    words_digest: str | None = None  # --new_tokens_source word list's words (checkpoint fingerprint)
 
     def get_model(self):
         """The model: the one passed in or loaded earlier, else loaded from ``--model_path`` now."""
@@ -381,8 +383,10 @@ def start(cfg: RunConfig) -> Setup:
                          dry_run=cfg.output.dry_run)
     if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
+    words_digest = None
     if cfg.targets.build_target_method == BuildTargetMethod.WORDLIST:
         words = read_wordlist(cfg.targets.wordlist_path)  # a malformed list fails before the tokenizer loads
+        words_digest = list_digest(words)
         if not any(w.strip() for w in words):
             raise ConfigError(f"--new_tokens_source {cfg.targets.wordlist_path}: no words in it (only empty lines); "
                               "write one token per line")
@@ -392,7 +396,7 @@ def start(cfg: RunConfig) -> Setup:
     if cfg.output.resume and cfg.train.init_method in TRAINED:
         batch = resumed_batch_size(out / CHECKPOINT_DIRNAME, batch)  # auto: the interrupted run's choice
         check_resumable(out / CHECKPOINT_DIRNAME, {**cfg.to_dict(), "token_distillation_batch_size": batch},
-                        source.identity, shards=world if shard else 0)
+                        source.identity, shards=world if shard else 0, words_digest=words_digest)
     dist = DistContext.create(cfg.model.device, resolve_device, cfg.model.process_group_timeout_minutes)
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, dist.device)
     logger.info("model %s | device %s | autocast %s | seed %d | processes %d", source.spec, dist.device,
@@ -403,7 +407,7 @@ def start(cfg: RunConfig) -> Setup:
     return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0,
                  batch_size=batch, shard=shard and dist.distributed,
                  dist_info={"mode": "token-sharded" if shard else "data-parallel"} if dist.distributed else None,
-                 snippet_source=cfg.resolved_snippet_source)
+                 snippet_source=cfg.resolved_snippet_source, words_digest=words_digest)
 
 
 def check_exports(cfg: RunConfig, source: ModelSource) -> None:
@@ -843,7 +847,8 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
     dist = setup.dist if setup.dist.distributed else None
     fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in ext.tokens],
                      new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs),
-                     token_distillation_batch_size=setup.batch_size)  # auto: the batch it resolved to
+                     token_distillation_batch_size=setup.batch_size,  # auto: the batch it resolved to
+                     **({"words_digest": setup.words_digest} if setup.words_digest else {}))
     if owned is not None:
         return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
