@@ -232,7 +232,12 @@ def _toy_cli_args(tmp_path, toy_model_dir, toy_corpus, cache_dir, out, *extra):
             "--log_every", "1", *extra]
 
 
-def _wait_for(proc, pattern: str, timeout: float = 120) -> str:
+# subprocess waits: generous, because a loaded 2-core machine (CI beside other work) took over 120 s
+# to start a run; a passing test does not wait for them
+WAIT_S = 600
+
+
+def _wait_for(proc, pattern: str, timeout: float = WAIT_S) -> str:
     """Read the process's stderr until ``pattern`` appears (returns what was read)."""
     import selectors
 
@@ -251,7 +256,7 @@ def _interrupt(args, sig, after: str = "step 3/") -> tuple[int, str]:
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     seen = _wait_for(proc, after)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=WAIT_S)
     return proc.returncode, seen + err.decode(errors="replace")
 
 
@@ -280,7 +285,7 @@ def test_interrupt_before_training_is_one_line(tmp_path, toy_model_dir, toy_corp
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     _wait_for(proc, "model ")  # the first log line: start-up done, nothing written yet
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=WAIT_S)
     err = err.decode()
     assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted (SIGTERM)")
