@@ -14,9 +14,12 @@ as in a run, default ``chars``), in one process:
       (recipes.PerTokenRecipe / DistillObjective): early stop at the target layer, a shared-prefix
       key/value cache, batches grouped by first-new-token position as the product schedules them;
   (b') the product on the same snippets in random batches (what grouping buys);
+  (b'') the product on the grouped batches with the shared prefix switched the other way than the
+      product runs it on this device (``product_no_prefix`` on CPU, ``product_with_prefix`` on a
+      GPU, where the product does not share it: fastpath.SHARED_PREFIX_DEVICES);
   (c) the product's step in epochs after the first: teacher states from fastpath.TeacherCache.
 The timed batches are ``--steps`` batches sampled evenly from the product's epoch schedule (plus
-one warm-up); all variants train fresh rows on the same snippets, at every layer of
+one warm-up; ``--warmup all`` runs every timed batch once untimed first, as a GPU needs); all variants train fresh rows on the same snippets, at every layer of
 ``--target_layers`` (default: the last, and one third deep). Reported per layer: snippets/s, the
 speed-up over the comparator beside the FLOP ratio of the same batches (comparator FLOPs /
 variant FLOPs: the speed-up at equal MFU) and their quotient, MFU against a matmul peak measured in
@@ -27,7 +30,7 @@ first new token, share with another new token, mean shared prefix grouped / at r
 
 Examples:
   python scripts/benchmark.py                                  # bundled model, CPU, layers -1 and L/3
-  python scripts/benchmark.py --shape llama8b --device cuda --dtype bf16 --steps 20
+  python scripts/benchmark.py --shape llama8b --device cuda --dtype bf16 --steps 20 --warmup all
   python scripts/benchmark.py --target_layers=-1,10             # a list starting with "-": use "="
   python scripts/benchmark.py --mode mining                    # tokens/s over the shared corpus
 
@@ -208,13 +211,16 @@ def peak_mem(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (MiB)
 
 
-def time_interleaved(variants: dict, device) -> dict[str, float]:
+def time_interleaved(variants: dict, device, warmup: str = "first") -> dict[str, float]:
     """Seconds each variant spends on its timed batches. ``variants``: name -> (``step(ids, batch)``,
-    ``[(snippet ids, AlignedBatch)]``). One warm-up step each on the first batch, then the variants
-    take turns batch by batch, so that a change in the machine's load during the run (other jobs)
-    falls on all of them alike."""
+    ``[(snippet ids, AlignedBatch)]``). Warm-up (``--warmup``): one untimed step each on the first
+    batch (``first``), or on every batch (``all``: each batch shape has been run once before it is
+    timed, as in a long run where the shapes recur; on a GPU a shape's first call pays for kernel
+    selection). Then the variants take turns batch by batch, so that a change in the machine's load
+    during the run (other jobs) falls on all of them alike."""
     for step, batches in variants.values():
-        step(*batches[0])
+        for b in batches if warmup == "all" else batches[:1]:
+            step(*b)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -306,7 +312,7 @@ def step_mode(args):
     res["matmul_peak_tflops"] = peak / 1e12
     ctx = dict(model=model, grouped=grouped, ungrouped=ungrouped, held=held_b, init=init, toks=toks, vocab=vocab,
                scale=scale, recipe=recipe, dtype=dtype, device=device, n_all=n_all, peak=peak, lr=args.lr,
-               bf16=args.dtype == "bf16")
+               bf16=args.dtype == "bf16", warmup=args.warmup, profile=args.profile)
     res["by_layer"] = [_one_layer(ctx, target) for target in parse_layers(args.target_layers, n_layers)]
     steps_per_1000 = math.ceil(1000 * 25 / args.batch_size)
     for r in res["by_layer"]:
@@ -347,7 +353,7 @@ def _one_layer(ctx: dict, target_layer: int) -> dict:
     """Comparator, product (grouped and ungrouped batches) and product with the teacher cached, at
     one target layer; each trains fresh rows over the same timed snippets."""
     from token_distillation.config import LossMethod
-    from token_distillation.fastpath import shared_prefix_len
+    from token_distillation.fastpath import SHARED_PREFIX_DEVICES, shared_prefix_len
     from token_distillation.recipes import DistillObjective
     from token_distillation.regime import RowAdam
 
@@ -389,12 +395,16 @@ def _one_layer(ctx: dict, target_layer: int) -> dict:
     out = {"target_layer": target_layer, "layer": layer}
     timed = ctx["grouped"][1:]
     snippets = sum(len(ids) for ids, _ in timed)
-    flops = {"comparator": [], "product": [], "product_teacher_cached": [], "product_ungrouped": []}
+    # the product with the shared prefix switched the other way than on this device (fastpath.SHARED_PREFIX_DEVICES)
+    shares = device.type in SHARED_PREFIX_DEVICES
+    toggled, other = ("product_no_prefix", "no-such-device") if shares else ("product_with_prefix", "cpu")
+    flops = {"comparator": [], "product": [], "product_teacher_cached": [], "product_ungrouped": [], toggled: []}
     for (_, b), (_, u) in zip(timed, ctx["ungrouped"][1:]):
         a, pr, c = batch_flops(b, shared_prefix_len(b), ctx["n_all"], n_run, vh)
         flops["comparator"].append(a)
         flops["product"].append(pr)
         flops["product_teacher_cached"].append(c)
+        flops[toggled].append(batch_flops(b, shared_prefix_len(b, device_type=other), ctx["n_all"], n_run, vh)[1])
         flops["product_ungrouped"].append(batch_flops(u, shared_prefix_len(u), ctx["n_all"], n_run, vh)[1])
 
     cache = TeacherCache(1 << 40)  # filled the way the first epoch fills it
@@ -404,13 +414,16 @@ def _one_layer(ctx: dict, target_layer: int) -> dict:
             cache.put(ids, teacher_student_hiddens(model, rows, b, layer)[1], b.teacher_loss_mask.sum(1))
     variants = {"comparator": (step_a, ctx["grouped"]), "product": (step_b, ctx["grouped"]),
                 "product_ungrouped": (product()[0], ctx["ungrouped"]),
+                toggled: (_prefix_toggled(product()[0], device.type, not shares), ctx["grouped"]),
                 "product_teacher_cached": (product(cache)[0], ctx["grouped"])}
-    for name, sec in time_interleaved(variants, device).items():
+    if ctx["profile"]:
+        _profile({k: variants[k] for k in ("product", toggled)}, device)
+    for name, sec in time_interleaved(variants, device, ctx["warmup"]).items():
         f = sum(flops[name]) / len(timed)
         out[name] = {"steps_per_s": len(timed) / sec, "snippets_per_s": snippets / sec,
                      "mfu": f / (sec / len(timed)) / ctx["peak"], "flops_per_step": f}
     out["teacher_cache_mib"] = cache.bytes / 2**20
-    for name in ("product", "product_ungrouped", "product_teacher_cached"):
+    for name in ("product", "product_ungrouped", toggled, "product_teacher_cached"):
         speedup = out[name]["snippets_per_s"] / out["comparator"]["snippets_per_s"]
         ratio = sum(flops["comparator"]) / sum(flops[name])
         out[name].update(speedup=speedup, flop_ratio=ratio, speedup_over_flop_ratio=speedup / ratio)
@@ -420,6 +433,40 @@ def _one_layer(ctx: dict, target_layer: int) -> dict:
         hb = sum(float(mse_on_hiddens(*teacher_student_hiddens(model, rows, b, layer))) for b in ctx["held"])
     out["heldout_loss"] = {"comparator": ha / len(ctx["held"]), "product": hb / len(ctx["held"])}
     return out
+
+
+def _prefix_toggled(step, device_type: str, share: bool):
+    """``step`` with the shared prefix on (``share``) or off on ``device_type`` whatever
+    ``fastpath.SHARED_PREFIX_DEVICES`` says: the ``product_no_prefix`` variant on a device where the
+    product shares it (what the prefix saves), ``product_with_prefix`` where it does not."""
+    from token_distillation import fastpath
+
+    def run(ids, b):
+        saved = fastpath.SHARED_PREFIX_DEVICES
+        others = tuple(d for d in saved if d != device_type)
+        fastpath.SHARED_PREFIX_DEVICES = others + (device_type,) if share else others
+        try:
+            step(ids, b)
+        finally:
+            fastpath.SHARED_PREFIX_DEVICES = saved
+
+    return run
+
+
+def _profile(variants: dict, device, steps: int = 4) -> None:
+    """``--profile``: print torch.profiler's table (top operators by device time, or CPU time on a
+    CPU) for ``steps`` batches of each variant, after the timing's warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, (step, batches) in variants.items():
+        with profile(activities=acts) as prof:
+            for ids, b in batches[1: 1 + steps]:
+                step(ids, b)
+            _sync(device)
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(f"--- profile: {name}, {min(steps, len(batches) - 1)} steps", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
 
 
 def mining_mode(args):
@@ -537,6 +584,10 @@ def main(argv=None):
     ap.add_argument("--words", default=str(Path(__file__).resolve().parents[1] / "new_tokens/pubmed_frequency_smollm2_top500.jsonl"),
                     help="word list (.txt) or counts file (.jsonl)")
     ap.add_argument("--num_proc", type=int, default=1)
+    ap.add_argument("--warmup", choices=["first", "all"], default="first",
+                    help="untimed steps before timing: the first batch, or every timed batch once (each shape seen)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler tables for the product and for "
+                                                            "the product with the shared prefix switched")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)
     check_args(args)

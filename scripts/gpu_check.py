@@ -191,6 +191,20 @@ def _gpu_setup(args) -> tuple[torch.device, str]:
     return dev, torch.cuda.get_device_name(dev)
 
 
+def saved_dtypes(model_dir: Path) -> dict[str, int]:
+    """Tensors per dtype in the safetensors files of ``model_dir`` (headers only; nothing is loaded),
+    e.g. ``{"BF16": 291}``: a bf16 source must come back all BF16 (issue 18, point 1)."""
+    counts: dict[str, int] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
+    return counts
+
+
 def _peak(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_gpu_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
@@ -235,6 +249,7 @@ def run_check(args, work: Path) -> dict:
     t = time.perf_counter()
     rep = run(cfg).report
     run_s = time.perf_counter() - t
+    dtypes = {"source": saved_dtypes(work / "model"), "saved": saved_dtypes(work / "out")}
     trained = len(rep["tokens"])
     per_token = sum(x["train_snippets"] for x in rep["tokens"]) / max(1, trained)
     plan = rep["memory_plan_gib"]
@@ -246,7 +261,8 @@ def run_check(args, work: Path) -> dict:
            "train_seconds_per_1000_tokens_extrapolated": rep["train_seconds"] * 1000 / max(1, trained),
            "run_seconds": run_s, "build_and_save_random_model_seconds": build_s,
            **_peak(device), "plan_gib": plan["total"], "plan": plan,
-           "heldout_loss": [rep["mean_heldout_loss_init"], rep["mean_heldout_loss_final"]]}
+           "heldout_loss": [rep["mean_heldout_loss_init"], rep["mean_heldout_loss_final"]],
+           "tensor_dtypes": dtypes}
     measured = res.get("peak_gpu_allocated_gib", res.get("peak_rss_gib"))
     res["peak_over_plan"] = measured / plan["total"] if plan["total"] else None
     return res
@@ -268,6 +284,8 @@ def summary(res: dict) -> str:
         f"whole run (load, held-out passes, training, save) {res['run_seconds']:.1f} s; building and saving the "
         f"random model {res['build_and_save_random_model_seconds']:.1f} s (not part of the run)",
         f"{mem}; memory plan {res['plan_gib']:.2f} GiB (peak / plan = {res['peak_over_plan']:.2f})",
+        f"tensors per dtype: source checkpoint {res['tensor_dtypes']['source']}, saved model "
+        f"{res['tensor_dtypes']['saved']}",
     ])
 
 

@@ -154,7 +154,7 @@ def test_benchmark_step_mode_smoke(tmp_path, alignment):
         held = r["heldout_loss"]
         assert abs(held["product"] - held["comparator"]) <= 1e-4 * held["comparator"]
         assert 1 < r["product"]["flop_ratio"] < r["product_teacher_cached"]["flop_ratio"]
-        for key in ("comparator", "product", "product_ungrouped", "product_teacher_cached"):
+        for key in ("comparator", "product", "product_ungrouped", "product_no_prefix", "product_teacher_cached"):
             assert r[key]["snippets_per_s"] > 0 and r[key]["mfu"] > 0
         assert r["product"]["seconds_per_1000_tokens"] > 0
 
@@ -465,6 +465,8 @@ def test_gpu_check_cpu_smoke_reports_speed_and_memory_beside_the_plan(tmp_path, 
     assert res["train_seconds_per_1000_tokens_extrapolated"] == pytest.approx(res["train_seconds"] * 1000 / 3)
     assert res["plan"]["memory"] == "host" and res["plan_gib"] > 0 and res["peak_rss_gib"] > 0
     assert "extrapolated linearly from 3 tokens" in r.stdout and "memory plan" in r.stdout
+    # a bf16 source comes back bf16 from a run that computed in fp32 (read from the saved headers)
+    assert set(res["tensor_dtypes"]["source"]) == {"BF16"} and set(res["tensor_dtypes"]["saved"]) == {"BF16"}
     assert work.is_dir() and not any(work.iterdir())
 
 
