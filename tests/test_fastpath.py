@@ -265,3 +265,29 @@ def test_short_shared_prefix_runs_whole_sequences(monkeypatch):
     (l1, g1), (l2, g2) = results.values()
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+
+def test_shared_prefix_only_on_the_devices_where_it_pays(monkeypatch):
+    """The shared prefix is used on CPU and not on a GPU (measured slower there: fastpath's
+    SHARED_PREFIX_DEVICES); on a GPU teacher and student run whole, with the same hidden states."""
+    from token_distillation import fastpath
+
+    monkeypatch.setattr(fastpath, "MIN_SHARED_PREFIX", 1)
+    model = make_llama(64, layers=4)
+    rows, batch = _batch(model)
+    p = fastpath._prefix_len(batch)
+    assert p > 1 and fastpath.shared_prefix_len(batch) == p == fastpath.shared_prefix_len(batch, device_type="cpu")
+    assert fastpath.shared_prefix_len(batch, device_type="cuda") == 0
+    assert fastpath.shared_prefix_len(batch, device_type="mps") == 0
+    layer = resolve_layer(model, -1)
+    s_cpu, t_cpu = teacher_student_hiddens(model, rows, batch, layer)
+    monkeypatch.setattr(fastpath, "SHARED_PREFIX_DEVICES", ())  # what a CUDA batch gets
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
+    try:
+        s_gpu, t_gpu = teacher_student_hiddens(model, rows, batch, layer)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # teacher + student, no prefix pass
+    assert torch.allclose(s_gpu, s_cpu, atol=1e-5) and torch.allclose(t_gpu, t_cpu, atol=1e-5)

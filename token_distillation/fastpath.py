@@ -9,7 +9,8 @@ tolerance, checked in tests/test_fastpath.py):
    cache is reused by both continuations. The per-token recipe groups each batch by that position
    (:func:`token_distillation.regime.per_token_batches`), so that ``P`` is close to the batch's
    positions rather than their minimum; a prefix shorter than :data:`MIN_SHARED_PREFIX` is not
-   worth its own pass and is not shared.
+   worth its own pass and is not shared. Only on the devices in :data:`SHARED_PREFIX_DEVICES`
+   (the CPU): on a GPU the extra passes cost more than the prefix saves (see there).
 2. **Stop at the target layer.** When ``target_layer`` is not the last layer, the forward stops
    right after that layer (a forward hook on the layer raises a private exception); no later
    layer, final norm or logits are computed. For the last layer, the model's final (normed) hidden
@@ -94,11 +95,26 @@ the copy of its key/value cache and the extra kernel launches cost about what th
 student's forward and backward over ``P`` of ~51 positions), so both sequences run whole."""
 
 
-def shared_prefix_len(batch: AlignedBatch, trains_original: bool = False) -> int:
+SHARED_PREFIX_DEVICES = ("cpu",)
+"""Device types on which the shared prefix is used. On CPU it pays a little: 6.0 snippets/s in batches
+grouped by position with the prefix against 5.5 in random batches, whose shared prefix is mostly under
+:data:`MIN_SHARED_PREFIX` (SmolLM2-135M, 500 words' mined PubMed snippets, layer -1;
+docs/benchmarks/cpu_smollm2_mined500.json). On an H200 with a Llama-3.1-8B-shaped bf16 model and the
+same snippets it does not: on the same grouped batches 72.1 against 96.8 snippets/s without it at
+batch 16, 189.8 against 190.0 at batch 64 (docs/benchmarks/gpu/bench_h200_llama8b_bs{16,64}.json).
+There a step waits on kernel launches and per-call set-up, which the prefix's extra forward, cache
+copy and masked attention add to, while it saves only 15-16% of the FLOPs on mined snippets."""
+
+
+def shared_prefix_len(batch: AlignedBatch, trains_original: bool = False, device_type: str | None = None) -> int:
     """The prefix length the fast path shares for ``batch``: :func:`_prefix_len`, or 0 when it is
-    shorter than :data:`MIN_SHARED_PREFIX` or the original rows are trained (the student's prefix
-    then differs from the teacher's)."""
-    p = 0 if trains_original else _prefix_len(batch)
+    shorter than :data:`MIN_SHARED_PREFIX`, the original rows are trained (the student's prefix
+    then differs from the teacher's) or the batch is on a device type (``device_type``, default the
+    batch's) outside :data:`SHARED_PREFIX_DEVICES`."""
+    device_type = device_type or batch.teacher_ids.device.type
+    if trains_original or device_type not in SHARED_PREFIX_DEVICES:
+        return 0
+    p = _prefix_len(batch)
     return p if p >= MIN_SHARED_PREFIX else 0
 
 
