@@ -313,3 +313,14 @@ def test_generated_snippet_cache_reads_only_its_own_intact_file(tmp_path, caplog
     (tmp_path / GENERATED_SNIPPETS_FILE).write_bytes(data[: len(data) // 2])  # cut short
     assert GeneratedSnippetCache(tmp_path, resume=True, key=key).get(counts) is None
     assert "unreadable" in caplog.text
+
+
+def test_fingerprint_leaves_out_an_optional_item_given_as_none():
+    """A run without a word list has no ``words_digest`` in its fingerprint (as checkpoints written
+    before it existed), one with a list has it; other items keep a None value."""
+    from token_distillation.checkpoint import fingerprint
+
+    assert fingerprint({"seed": 0}, words_digest=None) == {"seed": 0}
+    assert fingerprint({"seed": 0}, words_digest="abc") == {"seed": 0, "words_digest": "abc"}
+    assert fingerprint({"seed": 0}, snippets=None) == {"seed": 0, "snippets": None}
+    assert fingerprint({"seed": 0, "resume": True}) == {"seed": 0}  # resume-free flags are not compared

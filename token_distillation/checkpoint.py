@@ -61,9 +61,11 @@ _RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "checkpoint_min
 
 def fingerprint(config: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the flags (except those in
-    ``_RESUME_FREE_FLAGS``) plus ``extra`` items (e.g. model identity, token ids, a snippet hash)."""
+    ``_RESUME_FREE_FLAGS``) plus ``extra`` items (e.g. model identity, token ids, a snippet hash);
+    an optional item (``_OPTIONAL_KEYS``, e.g. ``words_digest`` without a word list) given as None
+    is left out."""
     fp = {k: v for k, v in config.items() if k not in _RESUME_FREE_FLAGS}
-    fp.update(extra)
+    fp.update({k: v for k, v in extra.items() if v is not None or k not in _OPTIONAL_KEYS})
     return json.loads(json.dumps(fp, default=str))
 
 
@@ -191,7 +193,7 @@ def check_resumable(directory: Path, config: dict[str, Any], model_identity: str
                           "the same number of processes as the interrupted run (torchrun --nproc_per_node N), "
                           "or pass --overwrite without --resume to start over")
     newest = found[-1]
-    now = fingerprint(config, model_identity=model_identity, **({"words_digest": words_digest} if words_digest else {}))
+    now = fingerprint(config, model_identity=model_identity, words_digest=words_digest)
     _refuse_other_run(newest, _load(newest)["fingerprint"], now, now)
 
 

@@ -869,7 +869,7 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
     fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in ext.tokens],
                      new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs),
                      token_distillation_batch_size=setup.batch_size,  # auto: the batch it resolved to
-                     **({"words_digest": setup.words_digest} if setup.words_digest else {}))
+                     words_digest=setup.words_digest)
     if owned is not None:
         return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
