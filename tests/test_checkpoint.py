@@ -233,6 +233,60 @@ def test_stop_during_output_row_fit_resumes_from_trained_input_rows(tmp_path, un
     assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
 
 
+def test_stop_during_output_row_fit_keeps_the_token_groups_already_fitted(tmp_path, untied_model_dir, toy_corpus,
+                                                                          cache_dir, monkeypatch):
+    """The output-row fit saves its finished token groups (checkpoints/output-fit.pt): a stop in the
+    second group, then --resume, fits only the groups not saved and ends with the rows and measures
+    of an uninterrupted run (at 500 words on a CPU the fit takes an hour or more)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from token_distillation import interrupts, output_rows
+    from token_distillation.paths import OUTPUT_FIT_FILE, checkpoint_dir_problems
+
+    monkeypatch.setattr(output_rows, "CHUNK_ENTRIES", 1)  # one token per group
+    kw = dict(token_distillation_epochs=2, checkpoint_every=2, teacher_cache_gib=0, output_embeddings="distill")
+    ref = run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "ref"), **kw))
+    n = len(ref.report["tokens"])
+    assert n >= 2
+    real, calls = output_rows.collect_positions, []
+
+    def stop_in_second_group(*a, **k):  # calls 1-2: group 1's training and held-out snippets
+        calls.append(1)
+        if len(calls) == 3:
+            interrupts.STOP.signum = signal.SIGTERM
+        return real(*a, **k)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(output_rows, "collect_positions", stop_in_second_group)
+    with pytest.raises(interrupts.Interrupted):
+        run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
+    monkeypatch.setattr(output_rows, "collect_positions", real)
+    saved = out / CHECKPOINT_DIRNAME / OUTPUT_FIT_FILE
+    assert saved.is_file() and torch.load(saved, weights_only=True)["groups_done"] == 1
+    assert checkpoint_dir_problems(out / CHECKPOINT_DIRNAME) == []  # the tool's own file: --overwrite may replace it
+
+    fits = []
+    real_fit = output_rows.fit
+    monkeypatch.setattr(output_rows, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    res = run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
+    assert len(fits) == n - 1  # the first group came from the file
+    a, b = load_file(str(ref.out_path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert res.report["tokens"] == ref.report["tokens"]  # per-token measures, the fit's KL among them
+    assert not (out / CHECKPOINT_DIRNAME).exists()
+
+    # a resume whose trained rows differ (another key) fits every group again
+    from token_distillation.checkpoint import OutputFitProgress
+
+    p = OutputFitProgress(tmp_path / "ck", resume=True)
+    p.save("key-a", {"groups_done": 1})
+    assert p.load("key-b") is None and p.load("key-a")["groups_done"] == 1
+    assert OutputFitProgress(tmp_path / "ck", resume=False).load("key-a") is None  # a fresh run ignores it
+
+
 def test_resume_reads_generated_snippets_instead_of_sampling_again(tmp_path, toy_model_dir, cache_dir, monkeypatch):
     """--snippet_source generated: the snippets are kept beside the first checkpoint; --resume reads
     them (no sampling: minutes per resume on a CPU) and ends with the rows of an uninterrupted run.

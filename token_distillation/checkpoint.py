@@ -42,7 +42,7 @@ import torch
 
 from .config import ConfigError
 from .interrupts import STOP, Interrupted
-from .paths import (CHECKPOINT_DIRNAME, CHECKPOINT_MARKER, GENERATED_SNIPPETS_FILE, TOOL_ID,  # noqa: F401
+from .paths import (CHECKPOINT_DIRNAME, CHECKPOINT_MARKER, GENERATED_SNIPPETS_FILE, OUTPUT_FIT_FILE, TOOL_ID,  # noqa: F401
                     prepare_output, replace_file)
 
 logger = logging.getLogger(__name__)
@@ -338,10 +338,7 @@ class Checkpointer:
     def save(self, step: int, rows, optimizer, generator: torch.Generator, order: list[int],
              loss_curve: list[float], timing: tuple[float, int]) -> Path:
         """Write ``step-NNNNNNNN.pt`` atomically (temporary file, fsync, rename); prune old ones."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        marker = self.directory / CHECKPOINT_MARKER
-        if not marker.is_file():  # marks the directory as this tool's (what --overwrite may replace)
-            replace_file(marker, lambda tmp: tmp.write_text(json.dumps({"tool": TOOL_ID}), encoding="utf-8"))
+        _mark(self.directory)  # marks the directory as this tool's (what --overwrite may replace)
         for name in list(self.attachments):  # once, with the first checkpoint of this run
             _save_synced(self.attachments.pop(name), self.directory / name)
         state = {"step": int(step), "rows": rows.rows.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
@@ -355,6 +352,60 @@ class Checkpointer:
             old.unlink()
         logger.info("checkpoint: step %d -> %s", step, final)
         return final
+
+
+def _mark(directory: Path) -> None:
+    """Create ``directory`` with the marker that makes it this tool's checkpoint directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / CHECKPOINT_MARKER
+    if not marker.is_file():
+        replace_file(marker, lambda tmp: tmp.write_text(json.dumps({"tool": TOOL_ID}), encoding="utf-8"))
+
+
+class OutputFitProgress:
+    """The output-row fit's finished token groups (``--output_embeddings distill``), kept beside the
+    checkpoints as :data:`OUTPUT_FIT_FILE` (with the shard prefix in a token-sharded run).
+
+    The fit reads every snippet once more and fits the rows group by group (an hour or more at 500
+    words on a CPU); after each group the fitted rows so far are written atomically, and a
+    ``--resume`` starts after the last group written instead of at the first. The file is used only
+    when its key (:func:`token_distillation.output_rows.fit_key`: trained input rows, output rows
+    before the fit, token groups, step size, steps) matches, and it goes with the checkpoint
+    directory when the run finishes.
+
+    Args:
+        directory: the checkpoint directory, or None (nothing kept: the Python API).
+        prefix: file-name prefix (:func:`shard_prefix` in a token-sharded run).
+        resume: read the file (``--resume``); otherwise an old one is ignored and replaced.
+    """
+
+    def __init__(self, directory: Path | None, prefix: str = "", resume: bool = False):
+        self.path = None if directory is None else Path(directory) / f"{prefix}{OUTPUT_FIT_FILE}"
+        self.resume = resume
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        """The saved state (``groups_done``, ``tokens``, ``rows`` ``[n, hidden]`` float32, ``kl``,
+        ``curve``, ``seconds``) when resuming and its key is ``key``; else None (logged)."""
+        if self.path is None or not self.resume or not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged file only costs the groups it held
+            logger.warning("--resume: %s cannot be read (%s); fitting the output rows from the first group",
+                           self.path, type(exc).__name__)
+            return None
+        if not isinstance(state, dict) or state.get("key") != key:
+            logger.info("--resume: %s belongs to other rows or flags; fitting the output rows from the first group",
+                        self.path)
+            return None
+        return state
+
+    def save(self, key: str, state: dict[str, Any]) -> None:
+        """Write ``state`` with ``key`` atomically (complete or absent)."""
+        if self.path is None:
+            return
+        _mark(self.path.parent)
+        _save_synced({**state, "key": key}, self.path)
 
 
 def _save_synced(obj: Any, final: Path) -> None:

@@ -32,6 +32,8 @@ other tokens. Other new tokens are left out of the student's normaliser.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -224,11 +226,24 @@ def _groups(token_index: list[int], tokens: list[int], seq_len: int, hidden: int
     return out + ([cur] if cur else [])
 
 
+def fit_key(rows: NewRows, groups: list[list[int]], lr: float, steps: int) -> str:
+    """SHA-256 of what the fit of ``groups`` depends on besides the frozen model and the snippets
+    (which the run's checkpoint fingerprint covers): the trained input rows, the output rows before
+    the fit, the groups, the step size and the steps. Keys a saved partial fit
+    (:class:`~token_distillation.checkpoint.OutputFitProgress`)."""
+    h = hashlib.sha256()
+    for t in (rows.rows, rows.out_rows):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps([groups, float(lr), int(steps)]).encode())
+    return h.hexdigest()
+
+
 def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence], list[int]],
                         heldout: tuple[list[MergedSequence], list[int]], tokens: list[int],
                         subtokens: list[tuple[int, ...]], *, lr: float,
                         batch_size: int, device, pad_id: int, autocast_dtype=None,
-                        steps: int | None = None, show_progress: bool = True) -> tuple[TrainResult, dict]:
+                        steps: int | None = None, show_progress: bool = True,
+                        progress=None) -> tuple[TrainResult, dict]:
     """Fit the output rows ``rows.out_rows`` of ``tokens`` (indices into the new-token list) on their
     training snippets, in place, and measure the binary KL on training and held-out snippets.
 
@@ -237,6 +252,9 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
         subtokens: every new token's original subtoken ids (indexed like the new-token list).
         lr: Adam step size.
         show_progress: show a progress bar over the snippets read (the forwards are most of the time).
+        progress: an :class:`~token_distillation.checkpoint.OutputFitProgress` (or None): the fitted
+            groups are saved after each group, and a resumed run starts after the last one saved
+            (its rows, measures and loss curve are taken from the file; the result is the same).
 
     Returns:
         ``(TrainResult: loss curve summed over token groups, seconds; per-token KL dict with lists
@@ -245,8 +263,8 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
 
     Raises:
         ValueError: ``rows`` is tied (no separate output rows).
-        Interrupted: a stop signal was received (checked between batches of snippets; the rows fitted
-            so far are not kept).
+        Interrupted: a stop signal was received (checked between batches of snippets; the groups
+            fitted so far are kept in ``progress``).
     """
     if rows.tied:
         raise ValueError("distill_output_rows needs untied output rows")
@@ -260,7 +278,22 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1]),
                desc="output rows (distill)", unit="snippet", disable=not show_progress)
     kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar)
-    for group in _groups(train[1], tokens, seq_len, rows.out_rows.shape[1]):
+    groups = _groups(train[1], tokens, seq_len, rows.out_rows.shape[1])
+    key = fit_key(rows, groups, lr, steps) if progress is not None else ""
+    saved = progress.load(key) if progress is not None else None
+    done, earlier_s = 0, 0.0
+    if saved is not None:  # a resumed run: the groups fitted before the stop
+        done, kl, curve, earlier_s = int(saved["groups_done"]), saved["kl"], list(saved["curve"]), float(saved["seconds"])
+        with torch.no_grad():
+            rows.out_rows[torch.tensor(saved["tokens"], device=rows.out_rows.device)] = \
+                saved["rows"].to(rows.out_rows.device, rows.out_rows.dtype)
+        fitted_tokens = set(saved["tokens"])
+        bar.update(sum(t in fitted_tokens for t in train[1]) + sum(t in fitted_tokens for t in heldout[1]))
+        logger.info("--resume: output-row fit continues after group %d of %d (%d tokens fitted before the stop)",
+                    done, len(groups), len(fitted_tokens))
+    for gi, group in enumerate(groups):
+        if gi < done:
+            continue
         ids = torch.tensor(group, device=rows.out_rows.device)
         bias = None if head_bias is None else head_bias[torch.tensor([rows.token_ids[t] for t in group],
                                                                     device=head_bias.device)].float()
@@ -275,11 +308,16 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
             rows.out_rows[ids] = fitted.to(rows.out_rows.dtype)
             after = (per_token_kl(model, fitted, pos, bias, len(group)), per_token_kl(model, fitted, held, bias, len(group)))
         for g, t in enumerate(group):
-            for key, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
+            for name, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
                 v = float(vals[g])
-                kl[key][t] = None if math.isnan(v) else v
+                kl[name][t] = None if math.isnan(v) else v
+        if progress is not None and gi + 1 < len(groups):  # after the last group the run saves the model
+            fitted_tokens = [t for grp in groups[: gi + 1] for t in grp]
+            progress.save(key, {"groups_done": gi + 1, "tokens": fitted_tokens, "kl": kl, "curve": curve,
+                                "rows": rows.out_rows.detach()[torch.tensor(fitted_tokens, device=rows.out_rows.device)]
+                                .float().cpu(), "seconds": earlier_s + time.perf_counter() - t0})
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = earlier_s + time.perf_counter() - t0
     held_before, held_after = mean(kl["heldout_before"]), mean(kl["heldout_after"])
     logger.info("output rows (distill): %d tokens, %d Adam steps, step size %.3g; mean binary KL on held-out "
                 "snippets %s -> %s nats in %.1f s", len(tokens), steps, lr,

@@ -233,7 +233,9 @@ _STEP_FILE = re.compile(r"^(shard-\d{3}-of-\d{3}-)?step-\d{8}\.pt$")
 _STEP_TMP = re.compile(r"^\.(shard-\d{3}-of-\d{3}-)?step-\d{8}\.pt\.tmp-\d+$")  # being written (or killed mid-write)
 #: generated snippets kept beside the checkpoints, so that ``--resume`` does not sample them again
 GENERATED_SNIPPETS_FILE = "generated-snippets.pt"
-_EXTRA_FILE = re.compile(r"^(generated-snippets\.pt|\.generated-snippets\.pt\.tmp-\d+)$")
+#: the output-row fit's finished token groups, so that ``--resume`` does not fit them again
+OUTPUT_FIT_FILE = "output-fit.pt"
+_EXTRA_FILE = re.compile(r"^\.?(generated-snippets\.pt|(shard-\d{3}-of-\d{3}-)?output-fit\.pt)(\.tmp-\d+)?$")
 
 
 def read_manifest(out: Path) -> dict | None:

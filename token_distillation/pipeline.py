@@ -34,6 +34,7 @@ from .checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpointer,
     GeneratedSnippetCache,
+    OutputFitProgress,
     check_resumable,
     list_digest,
     fingerprint,
@@ -818,9 +819,14 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[in
     mine = owned if setup.shard else list(range(len(ext.tokens)))
     result, kl = TrainResult(), None
     if setup.shard or dist.is_main:
+        keep = setup.checkpoints and setup.out is not None
+        progress = OutputFitProgress(setup.out / CHECKPOINT_DIRNAME if keep else None,
+                                     shard_prefix(dist.rank, dist.world_size) if setup.shard else "",
+                                     resume=setup.cfg.output.resume)
         result, kl = distill_output_rows(ext.model, rows, train, heldout, mine, [t.subtoken_ids for t in ext.tokens],
                                          lr=lr, batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
-                                         autocast_dtype=setup.autocast_dtype, show_progress=dist.is_main)
+                                         autocast_dtype=setup.autocast_dtype, show_progress=dist.is_main,
+                                         progress=progress)
     if setup.shard:
         dist.gather_rows_(rows.out_rows, owned)
         parts = dist.all_gather_objects(kl, "output-rows-kl")
