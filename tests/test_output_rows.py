@@ -61,13 +61,13 @@ def test_binary_kl_is_zero_at_the_target_and_convex_fit_reaches_it():
         config = type("C", (), {"final_logit_softcapping": None})()
 
     owner = torch.zeros(12, dtype=torch.long)
-    one, _ = fit(_M(), torch.zeros(1, 16), Positions(h, log_z, target, owner), None, lr=0.05, steps=3000)
+    one, _ = fit(_M(), torch.zeros(1, 16), Positions(h, log_z, target, owner), None, lr=0.05, steps=6000)
     p = torch.sigmoid(h @ one[0] - log_z)
     assert torch.allclose(p, target, atol=2e-3)
     h2 = torch.cat([h, torch.randn(5, 16, generator=g)])
     pos2 = Positions(h2, torch.cat([log_z, torch.zeros(5)]), torch.cat([target, torch.full((5,), 0.9)]),
                      torch.cat([owner, torch.ones(5, dtype=torch.long)]))
-    two, _ = fit(_M(), torch.zeros(2, 16), pos2, None, lr=0.05, steps=3000)
+    two, _ = fit(_M(), torch.zeros(2, 16), pos2, None, lr=0.05, steps=6000)
     assert torch.allclose(two[0], one[0], atol=1e-5)
 
 
