@@ -587,7 +587,7 @@ def main(argv=None):
     ap.add_argument("--warmup", choices=["first", "all"], default="first",
                     help="untimed steps before timing: the first batch, or every timed batch once (each shape seen)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables for the product and for "
-                                                            "the product with the shared prefix switched")
+                                                            "the product with the shared prefix switched the other way (off on CPU, on on a GPU)")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)
     check_args(args)

@@ -84,6 +84,8 @@ def save_random_checkpoint(path: Path, tokenizer, shape: dict, *, device: str = 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(dtype)
     model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives the output layer its own storage: tie it again
+        model.tie_weights()
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

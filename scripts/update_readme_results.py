@@ -59,7 +59,7 @@ def benchmark_section() -> list[str]:
            "| file | date | device | model | words (train snippets) | target layer | comparator snippets/s "
            "| product snippets/s | speed-up / FLOP ratio (quotient) | same snippets in random batches "
            "| later epochs, teacher cached | MFU comparator / product | held-out loss comparator / product "
-           "| s per 1,000 tokens (25 snippets) |",
+           "| product s per 1,000 tokens (25 snippets, one epoch, full batches) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     runs = [(f, _load(f)) for f in files]
 
@@ -120,14 +120,14 @@ def gpu_summary() -> str:
     saved = ", ".join(sorted(r.get("tensor_dtypes", {}).get("saved", {}))) or "?"
     return (f"On one {r['device']} with a random Llama-3.1-8B-shaped bf16 model (`scripts/gpu_check.py`): batch "
             f"{r['batch_size']} peaked at {r['peak_gpu_allocated_gib']:.1f} GiB allocated "
-            f"({r['peak_gpu_reserved_gib']:.1f} reserved; plan {r['plan_gib']:.1f}), so it fits a 24 GB GPU; "
+            f"({r['peak_gpu_reserved_gib']:.1f} reserved; plan {r['plan_gib']:.1f}), so it fits a 24 GB (22.4 GiB) GPU; "
             f"weights saved as {saved}; training took {r['train_seconds_per_1000_tokens_extrapolated']:,.0f} s per "
             f"1,000 tokens at {r['train_snippets_per_token']:.0f} snippets and {r['epochs']} epochs, against "
             f"{big['train_seconds_per_1000_tokens_extrapolated'] * 25 / big['train_snippets_per_token']:,.0f} s "
-            f"(extrapolated to 25 snippets) with `--token_distillation_batch_size auto` (batch {big['batch_size']}, "
-            f"{big['peak_gpu_allocated_gib']:.0f} GiB); both ran with the shared prefix, which GPU runs no longer "
-            "use (steps at batch 16 were 1.3x faster without it) "
-            "([GPU figures](docs/results.md#gpu-scriptsgpu_checkpy-scriptsbenchmarkpy)).")
+            f"(extrapolated to 25 snippets) with `--token_distillation_batch_size auto` (batch {big['batch_size']}: "
+            f"every token of that run; {big['peak_gpu_allocated_gib']:.0f} GiB); both ran with the shared prefix, "
+            "which GPU runs no longer use (steps at batch 16 were 1.3x faster without it); caveats in "
+            "[GPU figures](docs/results.md#gpu-scriptsgpu_checkpy-scriptsbenchmarkpy).")
 
 
 def gpu_section() -> list[str]:
@@ -149,7 +149,8 @@ def gpu_section() -> list[str]:
         out += ["Whole runs (`scripts/gpu_check.py`: load, held-out passes, training with the default per-token "
                 "recipe, output-row fit, save):", "",
                 "| file | date | device, torch | new tokens x training snippets | batch | epochs, steps | training s "
-                "| training s per 1,000 tokens (extrapolated) | whole run s | peak GPU memory allocated (reserved) "
+                "| training s per 1,000 tokens at 25 snippets (extrapolated linearly) | whole run s "
+                "| peak GPU memory allocated (reserved) "
                 "| memory plan | peak / plan | tensors saved (source) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for f, r in checks:
@@ -158,7 +159,8 @@ def gpu_section() -> list[str]:
             out.append(f"| `{f.relative_to(ROOT)}` | {r['date']} | {r['device']}, {r['torch']} | "
                        f"{r['tokens_trained']} x {r['train_snippets_per_token']:.0f} | {r['batch_size']} | "
                        f"{r['epochs']}, {r['train_steps']} | {r['train_seconds']:.1f} | "
-                       f"{r['train_seconds_per_1000_tokens_extrapolated']:,.0f} | {r['run_seconds']:.0f} | "
+                       f"{r['train_seconds_per_1000_tokens_extrapolated'] * 25 / r['train_snippets_per_token']:,.0f} | "
+                       f"{r['run_seconds']:.0f} | "
                        f"{r['peak_gpu_allocated_gib']:.2f} GiB ({r['peak_gpu_reserved_gib']:.2f}) | "
                        f"{r['plan_gib']:.2f} GiB | {r['peak_over_plan']:.2f} | {fmt(dt.get('saved', {}))} "
                        f"({fmt(dt.get('source', {}))}) |")
@@ -192,9 +194,12 @@ def gpu_section() -> list[str]:
         sn = benches[0][1]["snippets"]
         out += ["", f"Snippets: {sn['words']} words, {sn['train_snippets']:,} training snippets; mean prefix shared by "
                 f"a batch {sn['shared_prefix_mean']['grouped']:.1f} tokens grouped by position. MFU against a "
-                "2048 x 2048 bf16 matmul measured in the same run (about 510-580 TFLOP/s there; the device reaches "
+                "2048 x 2048 bf16 matmul measured in the same run (506-578 TFLOP/s in these runs; the device reaches "
                 "~790 on large matmuls). At batch 16 a step on the 8B shape waits on kernel launches and per-call "
-                "set-up (profiled in the batch-16 run: GPU kernels busy 35% of the step time with the shared prefix, 48% without), so the larger batch that "
+                "set-up: in the batch-16 run's profile (`bench_h200_llama8b_bs16_profile.log`, 4 steps each) the "
+                "GPU kernels took 307 ms with the shared prefix and 319 ms without, against 888 and 661 ms for 4 "
+                "timed steps, so the GPU was busy about 35% and 48% of the time. The peak GPU memory of a "
+                "benchmark includes the comparator's (whole-vocabulary Adam state, logits). The larger batch that "
                 "`--token_distillation_batch_size auto` picks is the main speed lever; the shared prefix's extra "
                 "pass only added to that wait.",
                 "Commands: " + "; ".join(f"`{r['command']}`" for _, r in benches), ""]

@@ -467,6 +467,8 @@ def test_gpu_check_cpu_smoke_reports_speed_and_memory_beside_the_plan(tmp_path, 
     assert "extrapolated linearly from 3 tokens" in r.stdout and "memory plan" in r.stdout
     # a bf16 source comes back bf16 from a run that computed in fp32 (read from the saved headers)
     assert set(res["tensor_dtypes"]["source"]) == {"BF16"} and set(res["tensor_dtypes"]["saved"]) == {"BF16"}
+    # the tiny shape is tied: one matrix in the source; the run unties it (distilled output rows), so one more
+    assert res["tensor_dtypes"]["saved"]["BF16"] == res["tensor_dtypes"]["source"]["BF16"] + 1
     assert work.is_dir() and not any(work.iterdir())
 
 
