@@ -119,7 +119,7 @@ def test_damaged_checkpoint_is_refused_with_the_file_and_the_way_on(tmp_path):
     _train(rows, seqs, tix, model, Checkpointer(ck, 2, {"lr": 1}))
     newest = ck / "step-00000015.pt"
     newest.write_bytes(newest.read_bytes()[:100])
-    for call in (lambda: ckpt_mod.resumed_batch_size(ck, "auto"),
+    for call in (lambda: ckpt_mod.check_resumable(ck, {"lr": 1, "token_distillation_batch_size": "auto"}, "toy"),
                  lambda: ckpt_mod.check_resumable(ck, {"lr": 1}, "toy"),
                  lambda: Checkpointer(ck, 2, {"lr": 1}, resume=True).restore(rows, None, None)):
         with pytest.raises(ConfigError, match=r"step-00000015\.pt cannot be read.*delete it.*--overwrite"):

@@ -170,13 +170,22 @@ def test_auto_batch_is_refused_where_the_batch_changes_the_result(flags, needle)
     RunConfig.from_flags(token_distillation_batch_size="auto", init_method="subtoken-mean")  # nothing trained: fine
 
 
-def test_resume_with_auto_keeps_the_interrupted_runs_batch(tmp_path):
-    from token_distillation.checkpoint import resumed_batch_size
+def test_resume_with_auto_keeps_the_interrupted_runs_batch(tmp_path, monkeypatch):
+    """check_resumable returns the batch to train with: under auto the interrupted run's, read with
+    the one load of the newest checkpoint; an explicit batch is compared with it instead."""
+    from token_distillation import checkpoint
+    from token_distillation.checkpoint import check_resumable, fingerprint
 
-    assert resumed_batch_size(tmp_path, "auto") == "auto"  # no checkpoint: chosen afresh
-    torch.save({"fingerprint": {"token_distillation_batch_size": 48}}, tmp_path / "step-00000003.pt")
-    assert resumed_batch_size(tmp_path, "auto") == 48
-    assert resumed_batch_size(tmp_path, 16) == 16  # an explicit batch is compared by check_resumable instead
+    assert check_resumable(tmp_path, {"token_distillation_batch_size": "auto"}, "m") == "auto"  # chosen afresh
+    torch.save({"fingerprint": fingerprint({"token_distillation_batch_size": 48}, model_identity="m")},
+               tmp_path / "step-00000003.pt")
+    loads = []
+    real = checkpoint._load
+    monkeypatch.setattr(checkpoint, "_load", lambda p: loads.append(p) or real(p))
+    assert check_resumable(tmp_path, {"token_distillation_batch_size": "auto"}, "m") == 48
+    assert len(loads) == 1
+    with pytest.raises(ConfigError, match="token_distillation_batch_size: 48 then, 16 now"):
+        check_resumable(tmp_path, {"token_distillation_batch_size": 16}, "m")
 
 
 def test_held_out_logits_take_at_most_the_held_out_batch():

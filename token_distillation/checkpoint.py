@@ -138,19 +138,9 @@ def _load(path: Path) -> dict[str, Any]:
                           "checkpoint before it, or pass --overwrite without --resume to start over") from exc
 
 
-def resumed_batch_size(directory: Path, batch_size: int | str) -> int | str:
-    """``--token_distillation_batch_size`` for a ``--resume``: with ``auto``, the batch the interrupted
-    run resolved it to (stored in its newest checkpoint's fingerprint), so that the remaining steps
-    follow the same batches whatever memory this machine has; otherwise ``batch_size`` unchanged
-    (also when there is no checkpoint, or it predates auto).
-
-    Raises:
-        ConfigError: the newest checkpoint cannot be read.
-    """
-    newest = _newest(directory) if batch_size == "auto" else None
-    if newest is None:
-        return batch_size
-    saved = _load(newest)["fingerprint"].get("token_distillation_batch_size")
+def _saved_batch(saved_fingerprint: dict[str, Any], batch_size: int | str) -> int | str:
+    """The batch stored in a checkpoint's fingerprint (logged), or ``batch_size`` when it predates auto."""
+    saved = saved_fingerprint.get("token_distillation_batch_size")
     if isinstance(saved, int) and saved >= 1:
         logger.info("--resume: --token_distillation_batch_size auto keeps the interrupted run's batch of %d", saved)
         return saved
@@ -163,10 +153,15 @@ def shard_prefix(rank: int, world_size: int) -> str:
 
 
 def check_resumable(directory: Path, config: dict[str, Any], model_identity: str, shards: int = 0,
-                    words_digest: str | None = None) -> None:
+                    words_digest: str | None = None) -> int | str:
     """Before anything heavy: with ``--resume``, compare the newest checkpoint's flags, model and word
     list with this run's (tokens and snippets are compared when training starts); warn when there is nothing
-    to resume.
+    to resume. The checkpoint is read once here.
+
+    Returns:
+        the run's ``--token_distillation_batch_size``: with ``auto``, the batch the interrupted run
+        resolved it to (stored in the checkpoint's fingerprint), so that the remaining steps follow the same
+        batches whatever memory this machine has; otherwise the flag's value.
 
     Args:
         shards: the number of processes when this run shards the tokens, else 0.
@@ -180,9 +175,10 @@ def check_resumable(directory: Path, config: dict[str, Any], model_identity: str
     d = Path(directory)
     matches = [(p, _NAME.match(p.name)) for p in (d.iterdir() if d.is_dir() else [])]
     found = sorted((p for p, m in matches if m), key=lambda p: (_NAME.match(p.name).group(3), p.name))
+    batch = config.get("token_distillation_batch_size")
     if not found:
         logger.warning("--resume: no checkpoint in %s; starting a new run from step 0", directory)
-        return
+        return batch
     worlds = {int(m.group(2)) for _, m in matches if m and m.group(2)}
     plain = any(m and not m.group(2) for _, m in matches)
     if shards and (plain or worlds != {shards}) or not shards and worlds and not plain:
@@ -193,8 +189,13 @@ def check_resumable(directory: Path, config: dict[str, Any], model_identity: str
                           "the same number of processes as the interrupted run (torchrun --nproc_per_node N), "
                           "or pass --overwrite without --resume to start over")
     newest = found[-1]
-    now = fingerprint(config, model_identity=model_identity, words_digest=words_digest)
-    _refuse_other_run(newest, _load(newest)["fingerprint"], now, now)
+    saved = _load(newest)["fingerprint"]
+    if batch == "auto":
+        batch = _saved_batch(saved, batch)
+    now = fingerprint({**config, "token_distillation_batch_size": batch}, model_identity=model_identity,
+                      words_digest=words_digest)
+    _refuse_other_run(newest, saved, now, now)
+    return batch
 
 
 class Checkpointer:

@@ -40,7 +40,6 @@ from .checkpoint import (
     fingerprint,
     shard_prefix,
     prepare_output,
-    resumed_batch_size,
     snippet_digest,
 )
 from .config import (
@@ -395,9 +394,9 @@ def start(cfg: RunConfig) -> Setup:
             check_words_occur(cfg.corpus, words)
     check_exports(cfg, source)
     if cfg.output.resume and cfg.train.init_method in TRAINED:
-        batch = resumed_batch_size(out / CHECKPOINT_DIRNAME, batch)  # auto: the interrupted run's choice
-        check_resumable(out / CHECKPOINT_DIRNAME, {**cfg.to_dict(), "token_distillation_batch_size": batch},
-                        source.identity, shards=world if shard else 0, words_digest=words_digest)
+        # one read of the newest checkpoint; auto: the interrupted run's batch
+        batch = check_resumable(out / CHECKPOINT_DIRNAME, {**cfg.to_dict(), "token_distillation_batch_size": batch},
+                                source.identity, shards=world if shard else 0, words_digest=words_digest)
     dist = DistContext.create(cfg.model.device, resolve_device, cfg.model.process_group_timeout_minutes)
     weights_dtype, autocast_dtype = resolve_precision(cfg.model.mixed_precision, dist.device)
     logger.info("model %s | device %s | autocast %s | seed %d | processes %d", source.spec, dist.device,
