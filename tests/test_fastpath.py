@@ -239,6 +239,17 @@ def test_trained_original_rows_are_not_shared_with_the_teacher():
     assert bool((g[prefix_ids].abs().sum(dim=-1) > 0).all())
 
 
+def _counting_first_layer_calls(model, rows, batch, layer):
+    """``(sequence lengths the first decoder layer saw, teacher_student_hiddens' result)``: one entry
+    per forward pass (prefix, teacher, student)."""
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
+    try:
+        return calls, teacher_student_hiddens(model, rows, batch, layer)
+    finally:
+        hook.remove()
+
+
 def test_short_shared_prefix_runs_whole_sequences(monkeypatch):
     """A prefix shorter than MIN_SHARED_PREFIX gets no pass of its own: teacher and student run
     whole (two forwards, no prefix forward), with the same loss and gradient as the shared path."""
@@ -253,12 +264,7 @@ def test_short_shared_prefix_runs_whole_sequences(monkeypatch):
     for minimum in (1, p + 1):
         monkeypatch.setattr(fastpath, "MIN_SHARED_PREFIX", minimum)
         assert fastpath.shared_prefix_len(batch) == (p if minimum <= p else 0)
-        calls = []
-        hook = model.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
-        try:
-            s, t = teacher_student_hiddens(model, rows, batch, layer)
-        finally:
-            hook.remove()
+        calls, (s, t) = _counting_first_layer_calls(model, rows, batch, layer)
         assert len(calls) == (3 if minimum <= p else 2)  # prefix + teacher + student, or teacher + student
         loss = mse_on_hiddens(s, t)
         results[minimum] = (loss, torch.autograd.grad(loss, rows.rows)[0])
@@ -283,11 +289,6 @@ def test_shared_prefix_only_on_the_devices_where_it_pays(monkeypatch):
     layer = resolve_layer(model, -1)
     s_cpu, t_cpu = teacher_student_hiddens(model, rows, batch, layer)
     monkeypatch.setattr(fastpath, "SHARED_PREFIX_DEVICES", ())  # what a CUDA batch gets
-    calls = []
-    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
-    try:
-        s_gpu, t_gpu = teacher_student_hiddens(model, rows, batch, layer)
-    finally:
-        hook.remove()
+    calls, (s_gpu, t_gpu) = _counting_first_layer_calls(model, rows, batch, layer)
     assert len(calls) == 2  # teacher + student, no prefix pass
     assert torch.allclose(s_gpu, s_cpu, atol=1e-5) and torch.allclose(t_gpu, t_cpu, atol=1e-5)
