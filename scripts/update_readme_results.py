@@ -122,7 +122,7 @@ def gpu_summary() -> str:
             f"{r['batch_size']} peaked at {r['peak_gpu_allocated_gib']:.1f} GiB allocated "
             f"({r['peak_gpu_reserved_gib']:.1f} reserved; plan {r['plan_gib']:.1f}), so it fits a 24 GB (22.4 GiB) GPU; "
             f"weights saved as {saved}; training took {r['train_seconds_per_1000_tokens_extrapolated']:,.0f} s per "
-            f"1,000 tokens at {r['train_snippets_per_token']:.0f} snippets and {r['epochs']} epochs, against "
+            f"1,000 tokens (extrapolated from {r['tokens_trained']}) at {r['train_snippets_per_token']:.0f} snippets and {r['epochs']} epochs, against "
             f"{big['train_seconds_per_1000_tokens_extrapolated'] * 25 / big['train_snippets_per_token']:,.0f} s "
             f"(extrapolated to 25 snippets) with `--token_distillation_batch_size auto` (batch {big['batch_size']}: "
             f"every token of that run; {big['peak_gpu_allocated_gib']:.0f} GiB); both ran with the shared prefix, "
