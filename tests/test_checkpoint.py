@@ -190,6 +190,38 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     assert torch.equal(a, b)
 
 
+def test_stop_before_training_leaves_an_earlier_runs_checkpoints(tmp_path, toy_model_dir, toy_corpus, cache_dir,
+                                                                 monkeypatch):
+    """A stop signal that arrives during the held-out evaluation before training (its last batch:
+    no later check inside it) ends the run there, with nothing written: an --overwrite run into the
+    checkpoints of an interrupted one does not clear them first (found by a new-user trial)."""
+    import signal
+
+    from token_distillation import interrupts, pipeline
+
+    kw = dict(token_distillation_epochs=2, checkpoint_every=2, teacher_cache_gib=0)
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
+    monkeypatch.undo()
+    before = sorted(p.name for p in (out / CHECKPOINT_DIRNAME).iterdir())
+    assert "step-00000002.pt" in before
+    real = pipeline.heldout_eval
+
+    def signal_in_last_batch(*a, **k):
+        res = real(*a, **k)
+        if k.get("desc", "").endswith("before training"):
+            interrupts.STOP.signum = signal.SIGTERM
+        return res
+
+    monkeypatch.setattr(pipeline, "heldout_eval", signal_in_last_batch)
+    with pytest.raises(interrupts.Interrupted) as info:
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), overwrite=True, **kw))
+    assert info.value.step is None and "nothing was written" in info.value.message()
+    assert sorted(p.name for p in (out / CHECKPOINT_DIRNAME).iterdir()) == before
+
+
 def test_stop_during_output_row_fit_resumes_from_trained_input_rows(tmp_path, untied_model_dir, toy_corpus, cache_dir,
                                                                      monkeypatch):
     """A stop signal while --output_embeddings distill fits the output rows (tens of minutes at scale)

@@ -289,7 +289,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
                 saved["rows"].to(rows.out_rows.device, rows.out_rows.dtype)
         fitted_tokens = set(saved["tokens"])
         bar.update(sum(t in fitted_tokens for t in train[1]) + sum(t in fitted_tokens for t in heldout[1]))
-        logger.info("--resume: output-row fit continues after group %d of %d (%d tokens fitted before the stop)",
+        logger.info("--resume: output-row fit continues after group %d of %d (%d token(s) fitted before the stop)",
                     done, len(groups), len(fitted_tokens))
     for gi, group in enumerate(groups):
         if gi < done:

@@ -61,7 +61,7 @@ from .firing import encode_probes, firing_report, overfiring_words
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .export import (ADAPTER_DIRNAME, GGUF_NAME, check_adapter_possible, check_gguf_possible, check_peft_available,
                      write_gguf, write_peft_adapter)
-from .interrupts import Interrupted, deferred_signals
+from .interrupts import Interrupted, check_stop, deferred_signals
 from .memory import (
     AUTO_BATCH_CAP,
     MemoryPlan,
@@ -762,6 +762,8 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     held_budget = max(0, budget - train_need)
     held_teacher = TeacherCache(held_budget) if input_trained and (setup.dist.is_main or setup.shard) else None
     before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
+    # a signal during the evaluation's last batch stops here, before training clears old checkpoints
+    check_stop("before training")
     lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
     loop_kw = dict(lr=tc.token_distillation_lr, batch_size=setup.batch_size,
                    epochs=tc.token_distillation_epochs, seed=tc.seed, device=setup.device,
