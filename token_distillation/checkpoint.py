@@ -355,6 +355,23 @@ class Checkpointer:
         return final
 
 
+def _load_keyed(path: Path | None, key: Any, resume: bool, redo: str) -> dict[str, Any] | None:
+    """A state file kept beside the checkpoints for ``--resume``, when resuming and its ``"key"`` is
+    ``key``; else None. A damaged file (full disk, copy cut short) or one made for other inputs is
+    logged with ``redo`` (what the run does instead) and costs that work, not the run."""
+    if not (resume and path is not None and path.is_file()):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same treatment
+        logger.warning("--resume: %s is unreadable (%s: %s); %s", path, type(e).__name__, e, redo)
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        logger.info("--resume: %s was made for other inputs; %s", path, redo)
+        return None
+    return state
+
+
 def _mark(directory: Path) -> None:
     """Create ``directory`` with the marker that makes it this tool's checkpoint directory."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -387,19 +404,7 @@ class OutputFitProgress:
     def load(self, key: str) -> dict[str, Any] | None:
         """The saved state (``groups_done``, ``tokens``, ``rows`` ``[n, hidden]`` float32, ``kl``,
         ``curve``, ``seconds``) when resuming and its key is ``key``; else None (logged)."""
-        if self.path is None or not self.resume or not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged file only costs the groups it held
-            logger.warning("--resume: %s cannot be read (%s); fitting the output rows from the first group",
-                           self.path, type(exc).__name__)
-            return None
-        if not isinstance(state, dict) or state.get("key") != key:
-            logger.info("--resume: %s belongs to other rows or flags; fitting the output rows from the first group",
-                        self.path)
-            return None
-        return state
+        return _load_keyed(self.path, key, self.resume, "fitting the output rows from the first group")
 
     def save(self, key: str, state: dict[str, Any]) -> None:
         """Write ``state`` with ``key`` atomically (complete or absent)."""
@@ -450,13 +455,10 @@ class GeneratedSnippetCache:
         from .snippets import snippet_set_from_state
 
         path = self.directory / GENERATED_SNIPPETS_FILE if self.directory is not None else None
-        if not (self.resume and path is not None and path.is_file()):
+        state = _load_keyed(path, self._key(counts), self.resume, "generating the snippets again")
+        if state is None:
             return None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("key") != self._key(counts):
-                logger.info("--resume: %s was generated for other inputs; generating the snippets again", path)
-                return None
             snips = snippet_set_from_state(state["snippets"])
         except Exception as e:  # a damaged file (a full disk, a copy cut short) costs a new sampling, not the run
             logger.warning("--resume: %s is unreadable (%s: %s); generating the snippets again", path,

@@ -238,6 +238,19 @@ def fit_key(rows: NewRows, groups: list[list[int]], lr: float, steps: int) -> st
     return h.hexdigest()
 
 
+def _restore_groups(rows: NewRows, saved: dict, snippet_tokens: list[int], bar, n_groups: int):
+    """Put a saved partial fit (:class:`~token_distillation.checkpoint.OutputFitProgress`) back:
+    its fitted rows into ``rows.out_rows``, the progress bar past their snippets (``snippet_tokens``:
+    token of every training and held-out snippet). Returns ``(groups done, kl, loss curve, seconds)``."""
+    with torch.no_grad():
+        rows.out_rows[saved["tokens"]] = saved["rows"].to(rows.out_rows.device, rows.out_rows.dtype)
+    fitted = set(saved["tokens"])
+    bar.update(sum(t in fitted for t in snippet_tokens))
+    logger.info("--resume: output-row fit continues after group %d of %d (%d token(s) fitted before the stop)",
+                saved["groups_done"], n_groups, len(fitted))
+    return int(saved["groups_done"]), saved["kl"], list(saved["curve"]), float(saved["seconds"])
+
+
 def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence], list[int]],
                         heldout: tuple[list[MergedSequence], list[int]], tokens: list[int],
                         subtokens: list[tuple[int, ...]], *, lr: float,
@@ -283,14 +296,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     saved = progress.load(key) if progress is not None else None
     done, earlier_s = 0, 0.0
     if saved is not None:  # a resumed run: the groups fitted before the stop
-        done, kl, curve, earlier_s = int(saved["groups_done"]), saved["kl"], list(saved["curve"]), float(saved["seconds"])
-        with torch.no_grad():
-            rows.out_rows[torch.tensor(saved["tokens"], device=rows.out_rows.device)] = \
-                saved["rows"].to(rows.out_rows.device, rows.out_rows.dtype)
-        fitted_tokens = set(saved["tokens"])
-        bar.update(sum(t in fitted_tokens for t in train[1]) + sum(t in fitted_tokens for t in heldout[1]))
-        logger.info("--resume: output-row fit continues after group %d of %d (%d token(s) fitted before the stop)",
-                    done, len(groups), len(fitted_tokens))
+        done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups))
     for gi, group in enumerate(groups):
         if gi < done:
             continue
@@ -312,10 +318,10 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
                 v = float(vals[g])
                 kl[name][t] = None if math.isnan(v) else v
         if progress is not None and gi + 1 < len(groups):  # after the last group the run saves the model
-            fitted_tokens = [t for grp in groups[: gi + 1] for t in grp]
-            progress.save(key, {"groups_done": gi + 1, "tokens": fitted_tokens, "kl": kl, "curve": curve,
-                                "rows": rows.out_rows.detach()[torch.tensor(fitted_tokens, device=rows.out_rows.device)]
-                                .float().cpu(), "seconds": earlier_s + time.perf_counter() - t0})
+            fitted = [t for grp in groups[: gi + 1] for t in grp]
+            progress.save(key, {"groups_done": gi + 1, "tokens": fitted, "kl": kl, "curve": curve,
+                                "rows": rows.out_rows.detach()[fitted].float().cpu(),
+                                "seconds": earlier_s + time.perf_counter() - t0})
     bar.close()
     seconds = earlier_s + time.perf_counter() - t0
     held_before, held_after = mean(kl["heldout_before"]), mean(kl["heldout_after"])
