@@ -154,8 +154,8 @@ def check_args(args) -> None:
             raise ConfigError(f"--{flag} must be >= {low}, not {getattr(args, flag)}")
     if args.layers is not None and args.layers < 1:
         raise ConfigError(f"--layers must be >= 1, not {args.layers}")
-    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) >= 1):
-        raise ConfigError(f"--batch_size {args.batch_size!r}: expected an integer >= 1 or auto")
+    if args.batch_size != "auto" and not args.batch_size.isdigit():
+        raise ConfigError(f"--batch_size {args.batch_size!r}: expected an integer >= 1, auto, or 0 (the tool's default)")
     from token_distillation.config import RunConfig
 
     paths = ("model_path", "new_tokens_source", "dataset_path", "out_path", "cache_dir")  # written later
@@ -300,7 +300,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--snippets", type=int, help="training snippets per token (default 25)")
     ap.add_argument("--heldout", type=int, help="held-out snippets per token (default 5)")
     ap.add_argument("--snippet_len", type=int, help="tokens per snippet (default 50)")
-    ap.add_argument("--batch_size", default="16", help="--token_distillation_batch_size: an integer or auto")
+    ap.add_argument("--batch_size", default="16", help="--token_distillation_batch_size: an integer, auto, or 0 (the "
+                    "tool's default: auto for this recipe). 16 here, the batch whose fit on a 24 GB GPU is checked")
     ap.add_argument("--target_layer", type=int, default=-1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work_dir", default="", help="a new or empty directory for the checkpoints and the corpus "

@@ -124,7 +124,7 @@ def gpu_summary() -> str:
             f"weights saved as {saved}; training took {r['train_seconds_per_1000_tokens_extrapolated']:,.0f} s per "
             f"1,000 tokens (extrapolated from {r['tokens_trained']}) at {r['train_snippets_per_token']:.0f} snippets and {r['epochs']} epochs, against "
             f"{big['train_seconds_per_1000_tokens_extrapolated'] * 25 / big['train_snippets_per_token']:,.0f} s "
-            f"(extrapolated to 25 snippets) with `--token_distillation_batch_size auto` (batch {big['batch_size']}: "
+            f"(extrapolated to 25 snippets) with `--token_distillation_batch_size auto`, now the default for this recipe (batch {big['batch_size']}: "
             f"every token of that run; {big['peak_gpu_allocated_gib']:.0f} GiB); both ran with the shared prefix, "
             "which GPU runs no longer use (steps at batch 16 were 1.3x faster without it); caveats in "
             "[GPU figures](docs/results.md#gpu-scriptsgpu_checkpy-scriptsbenchmarkpy).")

@@ -128,7 +128,7 @@ def test_auto_batch_respects_multiple_cap_and_processes(monkeypatch):
         check_fits(plan_at(2), torch.device("cuda"), 2)
 
 
-def test_auto_batch_on_cpu_keeps_the_default_and_says_so(caplog):
+def test_auto_batch_on_cpu_is_at_most_16_and_says_so(caplog):
     import logging
 
     from token_distillation.memory import choose_batch_size
@@ -144,7 +144,7 @@ def test_auto_batch_on_cpu_keeps_the_default_and_says_so(caplog):
 
 
 @pytest.mark.parametrize("value, ok", [("auto", "auto"), ("AUTO", "auto"), (32, 32), ("32", 32), ("big", None),
-                                       (0, None), (2.5, None), ("", None)])
+                                       (0, "auto"), ("0", "auto"), (-1, None), (2.5, None), ("", None)])
 def test_batch_size_flag_is_an_integer_or_auto(value, ok):
     from token_distillation.config import RunConfig
 
@@ -168,6 +168,23 @@ def test_auto_batch_is_refused_where_the_batch_changes_the_result(flags, needle)
     with pytest.raises(ConfigError, match=f"--token_distillation_batch_size auto: .*{needle}"):
         RunConfig.from_flags(token_distillation_batch_size="auto", **flags)
     RunConfig.from_flags(token_distillation_batch_size="auto", init_method="subtoken-mean")  # nothing trained: fine
+
+
+@pytest.mark.parametrize("flags, resolved", [({}, "auto"),
+                                             ({"init_method": "subtoken-mean"}, "auto"),  # nothing trained
+                                             ({"recipe": "paper"}, 16), ({"init_method": "ntp"}, 16),
+                                             ({"loss_method": "MSE-on-hiddens,KL-on-logits"}, 16),
+                                             ({"train_original_embeddings": True}, 16),
+                                             ({"output_embeddings": "ntp"}, 16),
+                                             ({"token_distillation_batch_size": 8}, 8)])
+def test_default_batch_is_auto_where_the_rows_do_not_depend_on_it(flags, resolved):
+    """Without the flag the batch is auto (on CUDA the largest that fits; elsewhere 16) where the
+    batch size does not change the trained rows, and the paper's 16 everywhere else, without the
+    refusal an explicit auto gets there."""
+    from token_distillation.config import TrainConfig, RunConfig
+
+    assert TrainConfig().token_distillation_batch_size == 0
+    assert RunConfig.from_flags(**flags).train.token_distillation_batch_size == resolved
 
 
 def test_resume_with_auto_keeps_the_interrupted_runs_batch(tmp_path, monkeypatch):

@@ -245,14 +245,15 @@ def test_training_teacher_cache_is_sized_first(tmp_path, toy_model_dir, toy_corp
     assert abs(seen["train_budget"] - seen["need"]) <= 1  # nothing went to the held-out cache
 
 
-def test_auto_batch_size_is_resolved_and_reported(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
-    """``--token_distillation_batch_size auto`` on CPU: the default 16, capped at what the run's
-    tokens fill (3 tokens x 1 snippet per update), logged, used and written to report.json beside
-    the config's "auto" and the memory plan."""
+@pytest.mark.parametrize("flag", [{"token_distillation_batch_size": "auto"}, {"token_distillation_batch_size": 0}])
+def test_auto_batch_size_is_resolved_and_reported(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog, flag):
+    """``--token_distillation_batch_size auto`` (given, or the default for this recipe) on CPU: 16,
+    capped at what the run's tokens fill (3 tokens x 1 snippet per update), logged, used and written
+    to report.json beside the config's "auto" and the memory plan."""
     import logging
 
     with caplog.at_level(logging.INFO):
-        rep = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, token_distillation_batch_size="auto")).report
+        rep = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, **flag)).report
     assert rep["config"]["token_distillation_batch_size"] == "auto" and rep["train_batch_size"] == 3
     assert "--token_distillation_batch_size auto: 3 on cpu" in caplog.text
     assert rep["train_steps"] == 2 * 8  # per-token, 2 epochs of 8 snippets per token, one of each token per step

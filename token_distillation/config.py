@@ -189,8 +189,13 @@ def _flag(default: Any, help: str, **kw: Any) -> Any:
 AUTO = "auto"
 
 
+#: ``--token_distillation_batch_size`` where ``auto`` is not allowed and none is given (the paper's)
+DEFAULT_BATCH_SIZE = 16
+
+
 def _batch_size(value: Any, problems: list[str]) -> int | str:
-    """``--token_distillation_batch_size``: an integer >= 1 or the word ``auto`` (any case)."""
+    """``--token_distillation_batch_size``: an integer >= 1, the word ``auto`` (any case), or 0 (the
+    default, resolved by :class:`RunConfig`: ``auto`` where allowed, else :data:`DEFAULT_BATCH_SIZE`)."""
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return AUTO
     try:
@@ -200,8 +205,8 @@ def _batch_size(value: Any, problems: list[str]) -> int | str:
     except (TypeError, ValueError):
         problems.append(f"--token_distillation_batch_size: expected an integer >= 1 or auto, got {value!r}")
         return value
-    if n < 1:
-        problems.append(f"--token_distillation_batch_size must be >= 1 (or auto), not {n}")
+    if n < 0:
+        problems.append(f"--token_distillation_batch_size must be >= 1 (or auto, or 0 for the default), not {n}")
     return n
 
 
@@ -574,9 +579,10 @@ class TrainConfig:
     token_distillation_epochs: int = _flag(
         0, "Passes over the training snippets; 0: the recipe's default (per-token: 2, paper: 1, as in the paper).")
     token_distillation_batch_size: int | str = _flag(
-        16, "Snippets per optimizer step: an integer >= 1, or auto (on CUDA the largest batch up to 256 whose memory "
-        "plan fits 90% of the device; on CPU 16). auto only with the per-token recipe training the input rows by "
-        "MSE-on-hiddens (the default), whose rows do not depend on the batch size.", auto=True)
+        0, "Snippets per optimizer step: an integer >= 1, or auto (on CUDA the largest batch up to 256 whose memory "
+        "plan fits 90% of the device; elsewhere 16). auto only with the per-token recipe training the input rows by "
+        "MSE-on-hiddens (the default), whose rows do not depend on the batch size. 0: auto where it is allowed, "
+        "else 16 (the paper's).", auto=True)
     teacher_cache_gib: float = _flag(
         2.0, "Keep up to this many GiB of teacher hidden states in host memory so that snippets seen again skip "
         "the teacher forward: first the training snippets (with more than one epoch, hidden-state losses), then "
@@ -768,6 +774,10 @@ class RunConfig:
             method == BuildTargetMethod.NER and not self.targets.new_tokens_source)
         if self.train.token_distillation_batch_size == AUTO:
             _check_auto_batch(self, problems)
+        elif self.train.token_distillation_batch_size == 0:  # the default: auto where the rows do not depend on it
+            why: list[str] = []
+            _check_auto_batch(self, why)
+            object.__setattr__(self.train, "token_distillation_batch_size", DEFAULT_BATCH_SIZE if why else AUTO)
         if needs_corpus and not self.corpus.dataset_path:
             problems.append(f"--build_target_method {method.value} needs a corpus: pass --dataset_path"
                             + (" (or an entity-counts file as --new_tokens_source)" if method == BuildTargetMethod.NER

@@ -325,7 +325,7 @@ def choose_batch_size(plan_at: Callable[[int], MemoryPlan], device: torch.device
     if device.type != "cuda" or not torch.cuda.is_available():
         batch = max(multiple, min(AUTO_BATCH_HOST, cap) // multiple * multiple)
         logger.info("--token_distillation_batch_size auto: %d on %s (memory is planned against a CUDA device only; "
-                    "host memory is shared, so the default is kept)", batch, device.type)
+                    "host memory is shared, so at most %d)", batch, device.type, AUTO_BATCH_HOST)
         return batch
     _, total = torch.cuda.mem_get_info(device)
     budget = margin * total
