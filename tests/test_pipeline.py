@@ -36,6 +36,9 @@ def test_toy_run_saves_loadable_model_and_report(tmp_path, toy_model_dir, toy_co
     kept = [t["token"] for t in rep["tokens"]]
     assert kept == [" hepatotoxicity", " nephrotoxicity", " angiogenesis"]
     assert " zzqqxx" in rep["skipped_tokens"]  # never occurs in the corpus
+    recs = {r["token"]: r for r in map(json.loads, (out / "new_tokens.jsonl").read_text().splitlines())}
+    assert len(recs) == 4 and all(recs[t]["added"] and "skipped" not in recs[t] for t in kept)
+    assert recs[" zzqqxx"]["added"] is False and recs[" zzqqxx"]["skipped"] == rep["skipped_tokens"][" zzqqxx"]
     assert rep["loss_curve"] and rep["config"]["init_method"] == "token_distillation"
     assert rep["snippets"]["train_doc_ids"] and not set(rep["snippets"]["train_doc_ids"]) & set(rep["snippets"]["heldout_doc_ids"])
     assert rep["mean_heldout_loss_final"] < rep["mean_heldout_loss_init"]

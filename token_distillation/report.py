@@ -98,8 +98,14 @@ def dry_run_report(cfg: RunConfig, target_summary: dict, skipped: dict, usable: 
             "versions": versions()}
 
 
-def write_target_files(tmp: Path, targets, records: list[dict]) -> None:
-    """``new_tokens.jsonl`` (every token built, before the snippet filter) and the method's extra files."""
+def write_target_files(tmp: Path, targets, records: list[dict], skipped: dict[str, str] | None = None) -> None:
+    """``new_tokens.jsonl`` (every token built, before the snippet filter) and the method's extra files.
+
+    ``skipped``: a real run's skipped tokens (``{token: reason}``); each record then gets ``added``
+    (whether the token is in the saved tokenizer) and, when not, ``skipped`` (the reason)."""
+    if skipped is not None:
+        records = [{**r, "added": r["token"] not in skipped,
+                    **({"skipped": skipped[r["token"]]} if r["token"] in skipped else {})} for r in records]
     write_new_tokens(tmp / "new_tokens.jsonl", records)
     for name, path in targets.files.items():
         shutil.copyfile(path, tmp / name)
