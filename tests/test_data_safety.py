@@ -121,6 +121,23 @@ def test_dry_run_never_replaces_a_trained_model(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_resume_of_a_finished_run_says_it_is_finished(tmp_path):
+    """--resume where the run had finished (model saved, checkpoints gone): the error says there is
+    nothing to resume instead of the generic advice for an earlier output; nothing is touched."""
+    from token_distillation.paths import prepare_output
+
+    out = tmp_path / "out"
+    _earlier_output(out, kind="model")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ConfigError, match="--resume: .* holds a finished run .*nothing is left to resume"):
+        prepare_output(str(out), overwrite=False, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    dry = tmp_path / "dry"
+    _earlier_output(dry, kind="dry-run")  # not a finished training run: the usual advice
+    with pytest.raises(ConfigError, match="an earlier output of this tool"):
+        prepare_output(str(dry), overwrite=False, resume=True)
+
+
 def test_foreign_entries_lists_unlisted_files_and_dirs(tmp_path):
     out = tmp_path / "out"
     _earlier_output(out)

@@ -512,6 +512,12 @@ def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=No
     if only_ckpt and not (resume or overwrite):
         raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run; pass --resume to "
                           "continue it, or --overwrite to start over")
+    if resume and not has_ckpt and not overwrite and out.is_dir():
+        manifest = read_manifest(out)
+        if manifest and manifest.get("kind") == "model":
+            raise ConfigError(f"--resume: --out_path {out} holds a finished run (its model was saved; nothing is "
+                              "left to resume); choose a new directory to train again, or pass --overwrite "
+                              "without --resume to replace it")
     return prepare_out_path(out_path, overwrite or (resume and has_ckpt), model_source, dry_run=dry_run)
 
 
