@@ -296,6 +296,42 @@ def test_signal_during_training_checkpoints_and_resumes(sig, code, tmp_path, toy
     assert int(err.strip().splitlines()[-1].split("at step ")[1].split(";")[0]) >= step + 2
 
 
+def test_signal_warning_names_where_the_run_stops_and_a_save_in_progress_completes(
+        tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch, caplog):
+    """The warning on a stop signal says what the run will do at that point (not always "a
+    checkpoint is written"); a signal while the output is saved lets the save finish, exit normally
+    and say so, instead of finishing silently (helper-20's trial)."""
+    from token_distillation import pipeline
+    from token_distillation.interrupts import Interrupted
+
+    real_finish, real_held = pipeline.finish, pipeline.heldout_eval
+
+    def finish_with_signal(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # deferred: recorded, the save goes on
+        return real_finish(*a, **k)
+
+    monkeypatch.setattr(pipeline, "finish", finish_with_signal)
+    with caplog.at_level(logging.WARNING):
+        res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir))
+    assert (res.out_path / "model.safetensors").is_file() and res.report["train_steps"] > 0
+    assert "received SIGTERM: stopping once the output is saved" in caplog.text
+    assert f"SIGTERM arrived while the output was being finished: the run completed and {res.out_path} is complete" \
+        in caplog.text
+    monkeypatch.setattr(pipeline, "finish", real_finish)
+
+    def held_with_signal(*a, **k):
+        if k.get("desc", "").endswith("before training"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_held(*a, **k)
+
+    monkeypatch.setattr(pipeline, "heldout_eval", held_with_signal)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(Interrupted):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "o2")))
+    assert "stopping after the held-out batch in progress, before training (nothing is written)" in caplog.text
+    assert "a checkpoint is written" not in caplog.text
+
+
 def test_interrupt_before_training_is_one_line(tmp_path, toy_model_dir, toy_corpus, cache_dir):
     out = tmp_path / "out"
     args = _toy_cli_args(tmp_path, toy_model_dir, toy_corpus, cache_dir, out)

@@ -42,7 +42,7 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
     def message(self) -> str:
-        name = signal.Signals(self.signum).name if self.signum in set(signal.Signals) else str(self.signum)
+        name = signal_name(self.signum)
         at = f"at step {self.step}" if self.step is not None else (self.where or "before training")
         if self.checkpoint is not None or self.step is not None:
             return f"interrupted ({name}) {at}; rerun the same command with --resume to continue"
@@ -50,10 +50,12 @@ class Interrupted(BaseException):
 
 
 class StopRequest:
-    """The first stop signal received while deferred (None: none)."""
+    """The first stop signal received while deferred (None: none), and ``phase``: where the run
+    would stop and what it keeps, as the warning on the signal says it (see :func:`stop_point`)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.phase: str = "after the current step (a checkpoint is written)"
 
     @property
     def requested(self) -> bool:
@@ -82,8 +84,8 @@ def deferred_signals() -> Iterator[StopRequest]:
         if STOP.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if not STOP.requested:
-            logger.warning("received %s: stopping after the current step (a checkpoint is written); press Ctrl-C "
-                           "again to stop at once", signal.Signals(signum).name)
+            logger.warning("received %s: stopping %s; press Ctrl-C again to stop at once",
+                           signal.Signals(signum).name, STOP.phase)
         STOP.signum = STOP.signum or signum
 
     handler._td_deferred = True  # type: ignore[attr-defined]
@@ -96,6 +98,22 @@ def deferred_signals() -> Iterator[StopRequest]:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         STOP.signum = None
+
+
+@contextlib.contextmanager
+def stop_point(phase: str) -> Iterator[None]:
+    """Within the block, a stop signal's warning says it stops ``phase`` (e.g. "after the current
+    step (a checkpoint is written)"); the previous text is restored after it."""
+    previous, STOP.phase = STOP.phase, phase
+    try:
+        yield
+    finally:
+        STOP.phase = previous
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15 (the number as text when it names no signal)."""
+    return signal.Signals(signum).name if signum in set(signal.Signals) else str(signum)
 
 
 def check_stop(where: str, step: int | None = None) -> None:

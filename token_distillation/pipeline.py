@@ -61,7 +61,7 @@ from .firing import encode_probes, firing_report, overfiring_words
 from .init_methods import INITIALISERS, TRAINED, subtoken_mean
 from .export import (ADAPTER_DIRNAME, GGUF_NAME, check_adapter_possible, check_gguf_possible, check_peft_available,
                      write_gguf, write_peft_adapter)
-from .interrupts import Interrupted, check_stop, deferred_signals
+from .interrupts import Interrupted, check_stop, deferred_signals, signal_name, stop_point
 from .memory import (
     AUTO_BATCH_CAP,
     MemoryPlan,
@@ -350,13 +350,17 @@ def distill_stages(setup: Setup, tokenizer, model_config, words: list[str] | Non
     targets = build_target_list(setup, tokenizer, model_config, words, texts)
     snippets = gather_snippets(setup, targets)
     extended = extend_model(setup, targets, snippets)
-    with deferred_signals():
+    with deferred_signals() as stop:
         trained = train_new_rows(setup, snippets, extended)
         if not setup.dist.is_main:
             setup.dist.close()
             return None
-        report = finish(setup, targets, snippets, extended, trained)
-        out = write_output(setup, targets, extended, report) if setup.out is not None else None
+        with stop_point("once the output is saved (the save in progress is finished first)"):
+            report = finish(setup, targets, snippets, extended, trained)
+            out = write_output(setup, targets, extended, report) if setup.out is not None else None
+        if stop.requested:
+            logger.warning("%s arrived while the output was being finished: the run completed%s",
+                           signal_name(stop.signum), f" and {out} is complete" if out else "")
     setup.dist.close()
     report["total_seconds"] = time.perf_counter() - setup.started
     closed = gap_closed_estimate(report["mean_heldout_loss_init"], report["mean_heldout_loss_final"])
@@ -760,7 +764,8 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     train_need = teacher_state_bytes(train_seqs, model, setup) if tc.init_method in TRAINED and revisits else 0
     held_budget = max(0, budget - train_need)
     held_teacher = TeacherCache(held_budget) if input_trained and (setup.dist.is_main or setup.shard) else None
-    before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
+    with stop_point("after the held-out batch in progress, before training (nothing is written)"):
+        before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
     # a signal during the evaluation's last batch stops here, before training clears old checkpoints
     check_stop("before training")
     lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
@@ -772,10 +777,16 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     if tc.init_method in TRAINED:
         if tc.recipe == Recipe.PER_TOKEN:
             loop_kw["lr"] = lr
-        result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
-                                   budget - (held_teacher.bytes if held_teacher else 0), owned)
+        with stop_point("after the current step" + (" (a checkpoint is written)" if setup.checkpoints else "")):
+            result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
+                                       budget - (held_teacher.bytes if held_teacher else 0), owned)
+    kept = "the trained input rows are checkpointed" if result is not None and setup.checkpoints else ""
     out_kl = None
-    with _resumable_after(result, "while training the output rows"):  # --resume fits the output rows again
+    if ext.out_policy == OutputEmbeddings.DISTILL:
+        out_phase = "after the output-row fit's current token group" + (f" ({kept}, and the groups fitted)" if kept else "")
+    else:  # ntp: --resume trains the output rows again
+        out_phase = "after the output-row training's current step" + (f" ({kept})" if kept else "")
+    with _resumable_after(result, "while training the output rows"), stop_point(out_phase):
         if ext.out_policy == OutputEmbeddings.NTP:
             out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
                                            autocast_dtype=setup.autocast_dtype,
@@ -787,7 +798,8 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     if not setup.dist.is_main and not setup.shard:  # data-parallel: the main process evaluates alone
         return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
                        before.argmax, [])
-    with _resumable_after(result, "after training"):  # --resume skips to here
+    with _resumable_after(result, "after training"), stop_point(  # --resume skips to here
+            "after the held-out batch in progress" + (f" ({kept})" if kept else "")):
         after = held(teacher_cache=held_teacher, loss=input_trained, argmax=input_trained or outputs_trained,
                      desc="held-out evaluation after training")
     if not setup.dist.is_main:  # token sharding: every process took part in the evaluation; the main one reports
