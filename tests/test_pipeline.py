@@ -217,10 +217,14 @@ def test_tokens_without_heldout_snippets_are_named(caplog):
     from token_distillation.pipeline import _warn_missing_heldout
 
     toks = [SimpleNamespace(text=t) for t in (" seen", " unseen")]
-    with caplog.at_level(logging.WARNING, logger="token_distillation.pipeline"):
+    with caplog.at_level(logging.INFO, logger="token_distillation.pipeline"):
         assert _warn_missing_heldout(toks, [3, 0], wanted=5) == [" unseen"]
         assert _warn_missing_heldout(toks, [3, 0], wanted=0) == []  # no held-out snippets asked for
-    assert caplog.text.count("' unseen'") == 1 and "' seen'" not in caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "' unseen'" in warned[0] and "' seen'" not in warned[0]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]  # fewer than asked: noisier
+    assert len(infos) == 1 and "1 token(s) have fewer held-out snippets than --heldout_snippet_num 5" in infos[0]
+    assert "' seen' (3)" in infos[0] and "unseen" not in infos[0]
 
 
 def test_training_teacher_cache_is_sized_first(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):

@@ -1179,11 +1179,16 @@ def _some(names: list[str], most: int = 10) -> str:
 
 
 def _warn_missing_heldout(tokens, heldout_counts: list[int], wanted: int) -> list[str]:
-    """Warn about tokens without held-out snippets (their held-out loss cannot be judged)."""
+    """Warn about tokens without held-out snippets (their held-out loss cannot be judged); log those
+    with fewer than ``wanted`` (their held-out loss rests on fewer snippets). Returns the former."""
     missing = [t.text for t, n in zip(tokens, heldout_counts) if n == 0] if wanted > 0 else []
     if missing:
         logger.warning("%d token(s) have no held-out snippet, so their held-out loss cannot be judged: %s "
                        "(a larger corpus or --heldout_fraction gives them some)", len(missing), _some(missing))
+    few = [f"{t.text!r} ({n})" for t, n in zip(tokens, heldout_counts) if 0 < n < wanted]
+    if few:
+        logger.info("%d token(s) have fewer held-out snippets than --heldout_snippet_num %d, so their held-out loss "
+                    "is noisier: %s", len(few), wanted, ", ".join(few[:10]) + (" ..." if len(few) > 10 else ""))
     return missing
 
 
