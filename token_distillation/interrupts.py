@@ -85,7 +85,7 @@ def deferred_signals() -> Iterator[StopRequest]:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if not STOP.requested:
             logger.warning("received %s: stopping %s; press Ctrl-C again to stop at once",
-                           signal.Signals(signum).name, STOP.phase)
+                           signal_name(signum), STOP.phase)
         STOP.signum = STOP.signum or signum
 
     handler._td_deferred = True  # type: ignore[attr-defined]
