@@ -291,14 +291,17 @@ def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> lis
            "| 1 epoch: gap closed (orig.), training time | default: new-token argmax rate "
            "| paper: gap closed (orig. / full) | paper: training time | source |",
            "|---|---|---|---|---|---|---|---|---|"]
+    notes: list[str] = []
     for model, words, d, p, src, created, e1 in rows:
-        paper = (f"{_pct(p['gap_closed_orig'])} / {_pct(p['gap_closed_full'])} | {_minutes(p)}" if p
-                 else "not measured | -")
+        if p and p.get("train_seconds_note"):  # a time known to be disturbed, said beside it
+            notes.append(f"{'†' * (len(notes) + 1)} `{model}`, {words} words, paper: {p['train_seconds_note']}.")
+        paper = (f"{_pct(p['gap_closed_orig'])} / {_pct(p['gap_closed_full'])} | {_minutes(p)}"
+                 f"{'†' * len(notes) if p.get('train_seconds_note') else ''}" if p else "not measured | -")
         one = f"{_pct(e1['gap_closed_orig'])}, {_minutes(e1)}" if e1 else "not measured"
         mark = "*" if created < COOCCURRENCE_FIX else ""
         out.append(f"| `{model}` | {words}{mark} | {_pct(d['gap_closed_orig'])} / {_pct(d['gap_closed_full'])} | "
                    f"{_minutes(d)} | {one} | {_num(d['new_token_argmax_rate'])} | {paper} | `{src}/` |")
-    return out + [""]
+    return out + [""] + ([" ".join(notes), ""] if notes else [])
 
 
 def sweep_section() -> list[str]:
