@@ -210,6 +210,21 @@ def test_not_improved_tokens_are_named(caplog):
     assert "' flat'" in caplog.text and "' good'" not in caplog.text
 
 
+def test_new_tokens_file_marks_added_tokens_by_the_tokens_added(tmp_path):
+    """new_tokens.jsonl's ``added`` comes from the tokens the run added, not from the skipped list: a
+    word listed twice has a "duplicate" entry under the same text there, yet it was added (helper-21)."""
+    from types import SimpleNamespace
+
+    from token_distillation.report import write_target_files
+
+    recs = [{"token": " haplotype"}, {"token": " xylophonist"}]
+    write_target_files(tmp_path, SimpleNamespace(files={}), recs, added={" haplotype"},
+                       skipped={" haplotype": "duplicate", " xylophonist": "0 training snippets"})
+    out = [json.loads(x) for x in (tmp_path / "new_tokens.jsonl").read_text().splitlines()]
+    assert out == [{"token": " haplotype", "added": True},
+                   {"token": " xylophonist", "added": False, "skipped": "0 training snippets"}]
+
+
 def test_tokens_without_heldout_snippets_are_named(caplog):
     import logging
     from types import SimpleNamespace

@@ -993,7 +993,8 @@ def write_output(setup: Setup, tg: Targets, ext: Extended, report: dict[str, Any
                                                rows.token_ids, tmp / GGUF_NAME,
                                                untied_by_run=ext.tied_source and not ext.tied)
         write_json(tmp / "report.json", report)
-        write_target_files(tmp, tg.targets, tg.records, skipped=report.get("skipped_tokens") or {})
+        write_target_files(tmp, tg.targets, tg.records, added={t.text for t in ext.tokens},
+                           skipped=report.get("skipped_tokens") or {})
 
     return save_output(setup.out, _write, setup.cfg, rows, ext.tokenizer, report, setup.source.spec,
                        untie=ext.tied_source and not ext.tied, save_dtype=setup.save_dtype)

@@ -98,14 +98,18 @@ def dry_run_report(cfg: RunConfig, target_summary: dict, skipped: dict, usable: 
             "versions": versions()}
 
 
-def write_target_files(tmp: Path, targets, records: list[dict], skipped: dict[str, str] | None = None) -> None:
+def write_target_files(tmp: Path, targets, records: list[dict], added: set[str] | None = None,
+                       skipped: dict[str, str] | None = None) -> None:
     """``new_tokens.jsonl`` (every token built, before the snippet filter) and the method's extra files.
 
-    ``skipped``: a real run's skipped tokens (``{token: reason}``); each record then gets ``added``
-    (whether the token is in the saved tokenizer) and, when not, ``skipped`` (the reason)."""
-    if skipped is not None:
-        records = [{**r, "added": r["token"] not in skipped,
-                    **({"skipped": skipped[r["token"]]} if r["token"] in skipped else {})} for r in records]
+    ``added``: a real run's new tokens (texts); each record then gets ``added`` (whether the token is
+    in the saved tokenizer) and, when not, ``skipped``: its reason from ``skipped`` (``{token: reason}``;
+    a duplicate of an added word has a reason there too, under the same text, so ``added`` decides)."""
+    if added is not None:
+        skipped = skipped or {}
+        records = [{**r, "added": r["token"] in added,
+                    **({"skipped": skipped.get(r["token"], "not added")} if r["token"] not in added else {})}
+                   for r in records]
     write_new_tokens(tmp / "new_tokens.jsonl", records)
     for name, path in targets.files.items():
         shutil.copyfile(path, tmp / name)
