@@ -87,6 +87,23 @@ def test_bundled_model_api_equals_the_command_line(tmp_path):
     _assert_same_result(res, cli)
 
 
+def test_api_stop_offers_no_resume(monkeypatch, toy_model_dir):
+    """A stop signal in the Python API (which writes no checkpoints) does not promise --resume."""
+    from token_distillation import pipeline
+    from token_distillation.interrupts import Interrupted
+
+    def stopped(*a, **k):
+        raise Interrupted(15, step=2)
+
+    monkeypatch.setattr(pipeline, "distill_stages", stopped)
+    model, tok = _load(toy_model_dir)
+    with pytest.raises(Interrupted) as info:
+        distill(model, tok, [" hepatotoxicity"], [TOY_TEXT])
+    msg = info.value.message()
+    assert "--resume" not in msg and "keeps no checkpoints" in msg and msg.startswith("interrupted (SIGTERM) at step 2")
+    assert info.value.exit_code == 143
+
+
 def test_api_writes_nothing_unless_asked(tmp_path, monkeypatch, toy_model_dir):
     """Without out_path nothing is written (home, temporary and cache directories, the working
     directory stay empty); with it, the command line's output directory, holding the same rows."""

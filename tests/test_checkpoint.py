@@ -222,6 +222,40 @@ def test_stop_before_training_leaves_an_earlier_runs_checkpoints(tmp_path, toy_m
     assert sorted(p.name for p in (out / CHECKPOINT_DIRNAME).iterdir()) == before
 
 
+def test_stop_in_the_last_held_out_batch_after_training_stops_and_keeps_the_fit(tmp_path, toy_model_dir, toy_corpus,
+                                                                                cache_dir, monkeypatch):
+    """A stop signal during the held-out evaluation after training (its last batch has no later check)
+    stops there with the --resume line instead of saving and exiting 0 (helper-21); the output fit,
+    whose last group is saved too, is not repeated by --resume."""
+    import signal
+
+    from token_distillation import interrupts, output_rows, pipeline
+    from token_distillation.paths import OUTPUT_FIT_FILE
+
+    kw = dict(token_distillation_epochs=1, teacher_cache_gib=0)
+    real = pipeline.heldout_eval
+
+    def signal_in_last_batch(*a, **k):
+        res = real(*a, **k)
+        if k.get("desc", "").endswith("after training"):
+            interrupts.STOP.signum = signal.SIGTERM
+        return res
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "heldout_eval", signal_in_last_batch)
+    with pytest.raises(interrupts.Interrupted) as info:
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
+    assert info.value.step is not None and "--resume" in info.value.message()
+    assert (out / CHECKPOINT_DIRNAME / OUTPUT_FIT_FILE).is_file()  # one group: saved all the same
+    monkeypatch.setattr(pipeline, "heldout_eval", real)
+    fits = []
+    real_fit = output_rows.fit
+    monkeypatch.setattr(output_rows, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
+    assert not fits and res.report["model"]["output_embeddings"] == "distill"
+    assert (out / "model.safetensors").is_file()
+
+
 def test_stop_during_output_row_fit_resumes_from_trained_input_rows(tmp_path, untied_model_dir, toy_corpus, cache_dir,
                                                                      monkeypatch):
     """A stop signal while --output_embeddings distill fits the output rows (tens of minutes at scale)

@@ -30,7 +30,7 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--token_distillation_epochs"], "--token_distillation_epochs needs a value"),
         (["stray_word", "--dry_run"], "unexpected argument(s) stray_word"),  # Fire would report it after the run
         (["--snippet_num", "4", "--snippet_num", "5"], "--snippet_num given more than once"),  # Fire keeps the last
-        (["--token_distillation_batch_size", "big"], "--token_distillation_batch_size: expected an integer >= 1 or auto"),
+        (["--token_distillation_batch_size", "big"], "--token_distillation_batch_size: expected an integer >= 1, auto, or 0"),
         (["--token_distillation_batch_size", "auto", "--recipe", "paper"], "auto: --recipe paper"),
     ],
 )
@@ -156,6 +156,26 @@ def test_a_wrapped_ctrl_c_ends_with_the_stop_line(capsys):
     with pytest.raises(ValueError):
         with user_errors():
             raise ValueError("a bug, not a stop")
+
+
+def test_a_second_ctrl_c_says_earlier_checkpoints_stay(capsys):
+    """A second Ctrl-C inside the deferred window stops at once: the line says the step in progress is
+    lost and --resume continues from the checkpoints written before (it used to say "before training;
+    nothing was written" while checkpoints existed: helper-21); a plain Ctrl-C keeps its line."""
+    import pytest
+
+    from token_distillation.cli import user_errors
+    from token_distillation.interrupts import ForcedStop
+
+    for exc, needle in ((ForcedStop, "at once by a second Ctrl-C: the step in progress is lost"),
+                        (KeyboardInterrupt, "nothing was written")):
+        with pytest.raises(SystemExit) as exit_info:
+            with user_errors():
+                raise exc
+        assert exit_info.value.code == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert "--resume" in ForcedStop.MESSAGE
 
 
 def test_output_flags_are_all_checked():

@@ -82,7 +82,11 @@ def distill(model, tokenizer, new_tokens, texts=None, *, config: RunConfig | Non
             token with ``min_snippets`` snippets, a flag that an argument stands for, ``resume``,
             ``dry_run``, ``export="gguf"``, ``snippet_source`` other than ``auto``.
         TypeError: ``model`` has no input embeddings, ``texts`` is not iterable.
+        Interrupted: a stop signal (Ctrl-C, SIGTERM) during training or the output fit; nothing is
+            kept, and the model and tokenizer may already hold the new tokens: reload them before
+            calling again.
     """
+    from .interrupts import Interrupted
     from .pipeline import check_exports, distill_stages, seed_everything
 
     words = _check_new_tokens(new_tokens)
@@ -97,7 +101,12 @@ def distill(model, tokenizer, new_tokens, texts=None, *, config: RunConfig | Non
         check_exports(cfg, setup.source)
     seed_everything(cfg.train.seed)
     with _frozen(model):
-        done = distill_stages(setup, tokenizer, model.config, words, docs)
+        try:
+            done = distill_stages(setup, tokenizer, model.config, words, docs)
+        except Interrupted as e:  # the API keeps no checkpoints: there is no --resume to offer
+            raise Interrupted(e.signum, step=e.step, where=e.where, advice="the Python API keeps no checkpoints, "
+                              "so the work is lost: reload the model and tokenizer (they may hold the new tokens "
+                              "already) and call distill again") from None
     return DistillResult(done.model, done.tokenizer, done.report, done.out_path)
 
 

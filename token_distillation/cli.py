@@ -67,16 +67,27 @@ def user_errors():
     except Interrupted as e:
         sys.stderr.write(f"{e.message()}\n")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{Interrupted(signal.SIGINT).message()}\n")
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f"{_stop_line(e)}\n")
         sys.exit(128 + signal.SIGINT)
     except Exception as e:  # a library that wraps the stop (e.g. an import interrupted by Ctrl-C)
         stop = _stop_in_chain(e)
         if stop is None:
             raise
-        stop = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
-        sys.stderr.write(f"{stop.message()}\n")
-        sys.exit(stop.exit_code)
+        sys.stderr.write(f"{_stop_line(stop)}\n")
+        sys.exit(stop.exit_code if isinstance(stop, Interrupted) else 128 + signal.SIGINT)
+
+
+def _stop_line(stop: BaseException) -> str:
+    """The one line a stop ends with: an ``Interrupted``'s message; a Ctrl-C outside the deferred
+    window (nothing was written); a second Ctrl-C inside it (earlier checkpoints stay)."""
+    import signal
+
+    from .interrupts import ForcedStop, Interrupted
+
+    if isinstance(stop, Interrupted):
+        return stop.message()
+    return ForcedStop.MESSAGE if isinstance(stop, ForcedStop) else Interrupted(signal.SIGINT).message()
 
 
 def _stop_in_chain(e: BaseException) -> BaseException | None:

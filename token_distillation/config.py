@@ -203,7 +203,8 @@ def _batch_size(value: Any, problems: list[str]) -> int | str:
             raise ValueError
         n = int(str(value).strip()) if isinstance(value, str) else int(value)
     except (TypeError, ValueError):
-        problems.append(f"--token_distillation_batch_size: expected an integer >= 1 or auto, got {value!r}")
+        problems.append(f"--token_distillation_batch_size: expected an integer >= 1, auto, or 0 (the default), "
+                        f"got {value!r}")
         return value
     if n < 0:
         problems.append(f"--token_distillation_batch_size must be >= 1 (or auto, or 0 for the default), not {n}")
@@ -580,7 +581,7 @@ class TrainConfig:
         0, "Passes over the training snippets; 0: the recipe's default (per-token: 2, paper: 1, as in the paper).")
     token_distillation_batch_size: int | str = _flag(
         0, "Snippets per optimizer step: an integer >= 1, or auto (on CUDA the largest batch up to 256 whose memory "
-        "plan fits 90% of the device; elsewhere 16). auto only with the per-token recipe training the input rows by "
+        "plan fits 90% of the device; elsewhere 16, or fewer when the run's tokens fill fewer: the same batches). auto only with the per-token recipe training the input rows by "
         "MSE-on-hiddens (the default), whose rows do not depend on the batch size. 0: auto where it is allowed, "
         "else 16 (the paper's).", auto=True)
     teacher_cache_gib: float = _flag(
@@ -941,8 +942,8 @@ def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
                 raise ValueError
             return int(value)
         except (TypeError, ValueError):
-            problems.append(f"--{f.name}: expected an integer{' or auto' if f.metadata.get('auto') else ''}, "
-                            f"got {value!r}")
+            problems.append(f"--{f.name}: expected an integer"
+                            f"{' >= 1, auto, or 0 (the default)' if f.metadata.get('auto') else ''}, got {value!r}")
             return default
     if isinstance(default, float):
         try:

@@ -5,7 +5,8 @@ SIGINT, SIGTERM and SIGUSR1 only record a request; the training loop checks it a
 writes a checkpoint of that step and raises :class:`Interrupted`, which the command line turns
 into one line ("interrupted at step N; rerun the same command with --resume to continue") and exit
 code 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1). A second Ctrl-C
-stops at once (KeyboardInterrupt). Outside that window the signals keep their usual meaning.
+stops at once (:class:`ForcedStop`). A signal while the output is being saved lets the save finish
+(the run ends normally and says so). Outside that window the signals keep their usual meaning.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class Interrupted(BaseException):
         checkpoint: the checkpoint written for it, or None.
     """
 
-    def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None, where: str = ""):
-        self.signum, self.step, self.checkpoint, self.where = int(signum), step, checkpoint, where
+    def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None, where: str = "",
+                 advice: str = ""):
+        self.signum, self.step, self.checkpoint, self.where, self.advice = int(signum), step, checkpoint, where, advice
         super().__init__(self.message())
 
     @property
@@ -44,9 +46,20 @@ class Interrupted(BaseException):
     def message(self) -> str:
         name = signal_name(self.signum)
         at = f"at step {self.step}" if self.step is not None else (self.where or "before training")
+        if self.advice:  # e.g. the Python API, which keeps no checkpoints
+            return f"interrupted ({name}) {at}; {self.advice}"
         if self.checkpoint is not None or self.step is not None:
             return f"interrupted ({name}) {at}; rerun the same command with --resume to continue"
         return f"interrupted ({name}) {at}; nothing was written, rerun the same command to start again"
+
+
+class ForcedStop(KeyboardInterrupt):
+    """A second Ctrl-C while stops are deferred: the run stops at once, without checkpointing the
+    step in progress (the checkpoints written before it stay)."""
+
+    MESSAGE = ("interrupted (SIGINT) at once by a second Ctrl-C: the step in progress is lost; checkpoints written "
+               "before it, if any, are in <out_path>/checkpoints: rerun the same command with --resume to continue "
+               "from the last one")
 
 
 class StopRequest:
@@ -82,10 +95,11 @@ def deferred_signals() -> Iterator[StopRequest]:
 
     def handler(signum, frame):
         if STOP.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            raise ForcedStop  # a second Ctrl-C: stop now
         if not STOP.requested:
-            logger.warning("received %s: stopping %s; press Ctrl-C again to stop at once",
-                           signal_name(signum), STOP.phase)
+            logger.warning("received %s: stopping %s; %s", signal_name(signum), STOP.phase,
+                           "press Ctrl-C again to stop at once" if signum == signal.SIGINT
+                           else "a second signal changes nothing (SIGKILL stops at once, losing the step in progress)")
         STOP.signum = STOP.signum or signum
 
     handler._td_deferred = True  # type: ignore[attr-defined]

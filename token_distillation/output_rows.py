@@ -317,7 +317,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
             for name, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
                 v = float(vals[g])
                 kl[name][t] = None if math.isnan(v) else v
-        if progress is not None and gi + 1 < len(groups):  # after the last group the run saves the model
+        if progress is not None:  # the last group too: a stop after the fit (held-out pass) then keeps it
             fitted = [t for grp in groups[: gi + 1] for t in grp]
             progress.save(key, {"groups_done": gi + 1, "tokens": fitted, "kl": kl, "curve": curve,
                                 "rows": rows.out_rows.detach()[fitted].float().cpu(),

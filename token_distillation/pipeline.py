@@ -802,6 +802,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
             "after the held-out batch in progress" + (f" ({kept})" if kept else "")):
         after = held(teacher_cache=held_teacher, loss=input_trained, argmax=input_trained or outputs_trained,
                      desc="held-out evaluation after training")
+        check_stop("after training")  # a signal in the evaluation's last batch stops here, as its warning said
     if not setup.dist.is_main:  # token sharding: every process took part in the evaluation; the main one reports
         return Trained(result, out_result, lr, before.loss_per_token, after.loss_per_token, before.argmax,
                        after.argmax, [])
