@@ -223,7 +223,7 @@ def test_stop_before_training_leaves_an_earlier_runs_checkpoints(tmp_path, toy_m
 
 
 def test_stop_in_the_last_held_out_batch_after_training_stops_and_keeps_the_fit(tmp_path, toy_model_dir, toy_corpus,
-                                                                                cache_dir, monkeypatch):
+                                                                                cache_dir, monkeypatch, caplog):
     """A stop signal during the held-out evaluation after training (its last batch has no later check)
     stops there with the --resume line instead of saving and exiting 0 (helper-21); the output fit,
     whose last group is saved too, is not repeated by --resume."""
@@ -251,8 +251,12 @@ def test_stop_in_the_last_held_out_batch_after_training_stops_and_keeps_the_fit(
     fits = []
     real_fit = output_rows.fit
     monkeypatch.setattr(output_rows, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
-    res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="token_distillation.output_rows"):
+        res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
     assert not fits and res.report["model"]["output_embeddings"] == "distill"
+    assert "(every group restored from the interrupted run's checkpoint)" in caplog.text
     assert (out / "model.safetensors").is_file()
 
 

@@ -326,7 +326,9 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     seconds = earlier_s + time.perf_counter() - t0
     held_before, held_after = mean(kl["heldout_before"]), mean(kl["heldout_after"])
     logger.info("output rows (distill): %d tokens, %d Adam steps, step size %.3g; mean binary KL on held-out "
-                "snippets %s -> %s nats in %.1f s", len(tokens), steps, lr,
+                "snippets %s -> %s nats in %.1f s%s", len(tokens), steps, lr,
                 "n/a" if held_before is None else f"{held_before:.4g}",
-                "n/a" if held_after is None else f"{held_after:.4g}", seconds)
+                "n/a" if held_after is None else f"{held_after:.4g}", seconds,
+                " (every group restored from the interrupted run's checkpoint)" if done and done == len(groups) else
+                f" ({done} of {len(groups)} groups restored)" if done else "")
     return TrainResult(loss_curve=curve, steps=steps, seconds=seconds), kl
