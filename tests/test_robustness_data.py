@@ -188,6 +188,27 @@ def test_concurrent_cache_writers_keep_one_complete_copy(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["key"]
 
 
+def test_concurrent_cache_writer_that_renames_first_wins_without_an_error(tmp_path, monkeypatch):
+    """The other writer's rename can land between the existence check and ours: our rename then fails
+    (a non-empty directory is in the way) and the other copy is kept, without an error. CI hit it once
+    in test_two_processes_share_a_cache_directory (OSError on a corpus segment)."""
+    from token_distillation import paths
+
+    out = tmp_path / "corpus" / "seg-0-10"
+    real = os.replace
+
+    def other_writer_first(src, dst):
+        if Path(dst) == out and not out.exists():
+            out.mkdir()
+            (out / "config.json").write_text(json.dumps({"tag": "other"}))
+        return real(src, dst)
+
+    monkeypatch.setattr(paths.os, "replace", other_writer_first)
+    atomic_write_dir(out, lambda tmp: (tmp / "config.json").write_text(json.dumps({"tag": "ours"})), replace=False)
+    assert json.loads((out / "config.json").read_text()) == {"tag": "other"}
+    assert [p.name for p in out.parent.iterdir()] == ["seg-0-10"]  # our temporary copy is gone
+
+
 def test_bundled_model_is_named_by_alias_or_package_name():
     from token_distillation.config import ConfigError
     from token_distillation.models import BUNDLED_MODELS

@@ -8,6 +8,7 @@ the alias (or package name) of a bundled model. Outputs are written atomically
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -477,7 +478,14 @@ def atomic_write_dir(out: Path, write_fn, replace: bool = True) -> None:
     try:
         write_fn(tmp)
         _default_permissions(tmp)
-        if out.exists() and not replace:
+        if not replace:
+            if out.exists():
+                return
+            try:
+                os.replace(tmp, out)
+            except OSError as e:  # another writer's rename landed between the check and ours: keep its copy
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not out.exists():
+                    raise
             return
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name[-8:]}"
