@@ -190,14 +190,31 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     assert torch.equal(a, b)
 
 
+def _signal_in_last_heldout_batch(monkeypatch, when: str):
+    """Make the held-out evaluation whose description ends with ``when`` ("before training", "after
+    training") receive SIGTERM in its last batch (after its last check); returns the real function."""
+    import signal
+
+    from token_distillation import interrupts, pipeline
+
+    real = pipeline.heldout_eval
+
+    def signal_in_last_batch(*a, **k):
+        res = real(*a, **k)
+        if k.get("desc", "").endswith(when):
+            interrupts.STOP.signum = signal.SIGTERM
+        return res
+
+    monkeypatch.setattr(pipeline, "heldout_eval", signal_in_last_batch)
+    return real
+
+
 def test_stop_before_training_leaves_an_earlier_runs_checkpoints(tmp_path, toy_model_dir, toy_corpus, cache_dir,
                                                                  monkeypatch):
     """A stop signal that arrives during the held-out evaluation before training (its last batch:
     no later check inside it) ends the run there, with nothing written: an --overwrite run into the
     checkpoints of an interrupted one does not clear them first (found by a new-user trial)."""
-    import signal
-
-    from token_distillation import interrupts, pipeline
+    from token_distillation import interrupts
 
     kw = dict(token_distillation_epochs=2, checkpoint_every=2, teacher_cache_gib=0)
     out = tmp_path / "out"
@@ -207,15 +224,7 @@ def test_stop_before_training_leaves_an_earlier_runs_checkpoints(tmp_path, toy_m
     monkeypatch.undo()
     before = sorted(p.name for p in (out / CHECKPOINT_DIRNAME).iterdir())
     assert "step-00000002.pt" in before
-    real = pipeline.heldout_eval
-
-    def signal_in_last_batch(*a, **k):
-        res = real(*a, **k)
-        if k.get("desc", "").endswith("before training"):
-            interrupts.STOP.signum = signal.SIGTERM
-        return res
-
-    monkeypatch.setattr(pipeline, "heldout_eval", signal_in_last_batch)
+    _signal_in_last_heldout_batch(monkeypatch, "before training")
     with pytest.raises(interrupts.Interrupted) as info:
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), overwrite=True, **kw))
     assert info.value.step is None and "nothing was written" in info.value.message()
@@ -227,22 +236,14 @@ def test_stop_in_the_last_held_out_batch_after_training_stops_and_keeps_the_fit(
     """A stop signal during the held-out evaluation after training (its last batch has no later check)
     stops there with the --resume line instead of saving and exiting 0 (helper-21); the output fit,
     whose last group is saved too, is not repeated by --resume."""
-    import signal
+    import logging
 
     from token_distillation import interrupts, output_rows, pipeline
     from token_distillation.paths import OUTPUT_FIT_FILE
 
     kw = dict(token_distillation_epochs=1, teacher_cache_gib=0)
-    real = pipeline.heldout_eval
-
-    def signal_in_last_batch(*a, **k):
-        res = real(*a, **k)
-        if k.get("desc", "").endswith("after training"):
-            interrupts.STOP.signum = signal.SIGTERM
-        return res
-
+    real = _signal_in_last_heldout_batch(monkeypatch, "after training")
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "heldout_eval", signal_in_last_batch)
     with pytest.raises(interrupts.Interrupted) as info:
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
     assert info.value.step is not None and "--resume" in info.value.message()
@@ -251,8 +252,6 @@ def test_stop_in_the_last_held_out_batch_after_training_stops_and_keeps_the_fit(
     fits = []
     real_fit = output_rows.fit
     monkeypatch.setattr(output_rows, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
-    import logging
-
     with caplog.at_level(logging.INFO, logger="token_distillation.output_rows"):
         res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
     assert not fits and res.report["model"]["output_embeddings"] == "distill"

@@ -113,11 +113,17 @@ def test_earlier_output_is_replaced_and_suggested(tmp_path, toy_model_dir, toy_c
 
 def test_dry_run_never_replaces_a_trained_model(tmp_path):
     """--dry_run --overwrite on a trained model used to only warn, then delete the model."""
-    out = tmp_path / "out"
+    _refused_and_untouched(tmp_path / "out", "holds a trained model, which --overwrite with --dry_run would replace",
+                           lambda out: prepare_out_path(str(out), overwrite=True, dry_run=True))
+
+
+def _refused_and_untouched(out: Path, match: str, call) -> None:
+    """An earlier trained output at ``out``: ``call(out)`` raises ConfigError matching ``match`` and
+    leaves every file in place."""
     _earlier_output(out, kind="model")
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(ConfigError, match="holds a trained model, which --overwrite with --dry_run would replace"):
-        prepare_out_path(str(out), overwrite=True, dry_run=True)
+    with pytest.raises(ConfigError, match=match):
+        call(out)
     assert sorted(p.name for p in out.iterdir()) == before
 
 
@@ -126,12 +132,8 @@ def test_resume_of_a_finished_run_says_it_is_finished(tmp_path):
     nothing to resume instead of the generic advice for an earlier output; nothing is touched."""
     from token_distillation.paths import prepare_output
 
-    out = tmp_path / "out"
-    _earlier_output(out, kind="model")
-    before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(ConfigError, match="--resume: .* holds a finished run .*nothing is left to resume"):
-        prepare_output(str(out), overwrite=False, resume=True)
-    assert sorted(p.name for p in out.iterdir()) == before
+    _refused_and_untouched(tmp_path / "out", "--resume: .* holds a finished run .*nothing is left to resume",
+                           lambda out: prepare_output(str(out), overwrite=False, resume=True))
     dry = tmp_path / "dry"
     _earlier_output(dry, kind="dry-run")  # not a finished training run: the usual advice
     with pytest.raises(ConfigError, match="an earlier output of this tool"):

@@ -251,6 +251,30 @@ def _restore_groups(rows: NewRows, saved: dict, snippet_tokens: list[int], bar, 
     return int(saved["groups_done"]), saved["kl"], list(saved["curve"]), float(saved["seconds"])
 
 
+def _fit_group(model, rows: NewRows, group: list[int], train, heldout, subtokens, kl: dict, *, head_bias,
+               lr: float, steps: int, **collect_kw) -> list[float]:
+    """Fit the output rows of one group of tokens in place: collect their training and held-out
+    positions (:func:`collect_positions`), measure the binary KL before, :func:`fit`, measure after,
+    writing each token's four measures into ``kl`` (None where NaN). Returns the group's loss curve."""
+    ids = torch.tensor(group, device=rows.out_rows.device)
+    bias = None if head_bias is None else head_bias[torch.tensor([rows.token_ids[t] for t in group],
+                                                                device=head_bias.device)].float()
+    pos = collect_positions(model, rows, *train, group, subtokens, **collect_kw)
+    held = collect_positions(model, rows, *heldout, group, subtokens, **collect_kw)
+    init = rows.out_rows.detach()[ids].float()
+    with torch.no_grad():
+        before = (per_token_kl(model, init, pos, bias, len(group)), per_token_kl(model, init, held, bias, len(group)))
+    fitted, curve = fit(model, init, pos, bias, lr, steps)
+    with torch.no_grad():
+        rows.out_rows[ids] = fitted.to(rows.out_rows.dtype)
+        after = (per_token_kl(model, fitted, pos, bias, len(group)), per_token_kl(model, fitted, held, bias, len(group)))
+    for g, t in enumerate(group):
+        for name, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
+            v = float(vals[g])
+            kl[name][t] = None if math.isnan(v) else v
+    return curve
+
+
 def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence], list[int]],
                         heldout: tuple[list[MergedSequence], list[int]], tokens: list[int],
                         subtokens: list[tuple[int, ...]], *, lr: float,
@@ -300,23 +324,9 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     for gi, group in enumerate(groups):
         if gi < done:
             continue
-        ids = torch.tensor(group, device=rows.out_rows.device)
-        bias = None if head_bias is None else head_bias[torch.tensor([rows.token_ids[t] for t in group],
-                                                                    device=head_bias.device)].float()
-        pos = collect_positions(model, rows, *train, group, subtokens, **kw)
-        held = collect_positions(model, rows, *heldout, group, subtokens, **kw)
-        init = rows.out_rows.detach()[ids].float()
-        with torch.no_grad():
-            before = (per_token_kl(model, init, pos, bias, len(group)), per_token_kl(model, init, held, bias, len(group)))
-        fitted, c = fit(model, init, pos, bias, lr, steps)
+        c = _fit_group(model, rows, group, train, heldout, subtokens, kl, head_bias=head_bias, lr=lr, steps=steps,
+                       **kw)
         curve = [a + b for a, b in zip(curve, c)] if curve else c
-        with torch.no_grad():
-            rows.out_rows[ids] = fitted.to(rows.out_rows.dtype)
-            after = (per_token_kl(model, fitted, pos, bias, len(group)), per_token_kl(model, fitted, held, bias, len(group)))
-        for g, t in enumerate(group):
-            for name, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
-                v = float(vals[g])
-                kl[name][t] = None if math.isnan(v) else v
         if progress is not None:  # the last group too: a stop after the fit (held-out pass) then keeps it
             fitted = [t for grp in groups[: gi + 1] for t in grp]
             progress.save(key, {"groups_done": gi + 1, "tokens": fitted, "kl": kl, "curve": curve,

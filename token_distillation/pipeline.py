@@ -1175,9 +1175,9 @@ def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
 ARGMAX_WARN_MARGIN = 0.05
 
 
-def _some(names: list[str], most: int = 10) -> str:
-    """``'a', 'b', ...``: the first ``most`` names for a log line."""
-    return ", ".join(repr(t) for t in names[:most]) + (" ..." if len(names) > most else "")
+def _some(names: list, most: int = 10, fmt=repr) -> str:
+    """``'a', 'b', ...``: the first ``most`` names for a log line (each written by ``fmt``)."""
+    return ", ".join(fmt(t) for t in names[:most]) + (" ..." if len(names) > most else "")
 
 
 def _warn_missing_heldout(tokens, heldout_counts: list[int], wanted: int) -> list[str]:
@@ -1187,10 +1187,10 @@ def _warn_missing_heldout(tokens, heldout_counts: list[int], wanted: int) -> lis
     if missing:
         logger.warning("%d token(s) have no held-out snippet, so their held-out loss cannot be judged: %s "
                        "(a larger corpus or --heldout_fraction gives them some)", len(missing), _some(missing))
-    few = [f"{t.text!r} ({n})" for t, n in zip(tokens, heldout_counts) if 0 < n < wanted]
+    few = [(t.text, n) for t, n in zip(tokens, heldout_counts) if 0 < n < wanted]
     if few:
         logger.info("%d token(s) have fewer held-out snippets than --heldout_snippet_num %d, so their held-out loss "
-                    "is noisier: %s", len(few), wanted, ", ".join(few[:10]) + (" ..." if len(few) > 10 else ""))
+                    "is noisier: %s", len(few), wanted, _some(few, fmt=lambda tn: f"{tn[0]!r} ({tn[1]})"))
     return missing
 
 
