@@ -8,7 +8,8 @@ import torch
 
 from tests.conftest import TOY_TEXT
 from tests.test_evaluate import DOCS, _cfg, make_extended
-from token_distillation.bpb import _batches, clip_text, documents_for_bpb, gap_closed, score_bytes, select_docs
+from token_distillation.bpb import (ByteScore, TokenBits, _batches, clip_text, documents_for_bpb, excess_split, gap_closed,
+                                    score_bytes, select_docs)
 from token_distillation.config import CorpusConfig
 from token_distillation.corpus import tokenize_corpus
 from token_distillation.evaluate import evaluate, heldout_documents, mine_windows
@@ -96,11 +97,16 @@ def test_evaluation_reports_bpb_new_token_targets_and_gap(tmp_path, toy_model_di
         assert b["docs"] == orig["docs"] and b["bytes"] == orig["bytes"]
         assert b["new_token_targets"] == occurrences
         assert orig["tokens"] - b["tokens"] == (k - 1) * occurrences
+        x = b["excess_split"]  # the segments cover every token: the split adds up to the difference in bits
+        assert x["total"] == pytest.approx(b["bits"] - orig["bits"], abs=1e-3)
+        assert x["uses"] == x["word_segments"] == occurrences and x["new_mass"] > 0
+        assert x["at_words"] + x["new_mass"] + x["rest"] == pytest.approx(x["total"])
     assert res["bpb_reference"] == "mean"
     assert res["methods"]["mean"]["bpb"]["gap_closed"] in (None, pytest.approx(0.0))
     assert res["methods"]["last"]["bpb"]["bpb"] != res["methods"]["mean"]["bpb"]["bpb"]
     md = (tmp_path / "eval" / "evaluation.md").read_text()
     assert "bits per byte" in md and "| original |" in md and "| last |" in md
+    assert "Where the extra bits go" in md
 
 
 def test_score_bytes_from_a_start_counts_only_the_tokens_after_it(toy_model_dir, toy_tokenizer):
@@ -145,3 +151,54 @@ def test_inflected_contexts_stop_before_the_next_new_token():
     text = "Two agonists were compared with antagonist drugs in agonist trials and more text."
     (c,) = inflected_contexts(iter([text]), {0}, [" agonist", " antagonist"], per_word=1)
     assert c.text[c.start:] == " were compared with"
+
+
+def test_excess_split_by_segments_both_tokenizations_end_a_token_at():
+    """Hand-made documents: the original reads 'abc|def|ghij' (ends 3, 6, 10), the extended model
+    'abcdef|ghij' with a new token for 'abcdef'; the cuts are 6 and 10. The first segment is at the
+    words (2.5 - 3 bits), the second elsewhere: 0.2 bits of new-token probability, 0.3 the rest."""
+    orig = ByteScore(bits=6.0, per_doc=[TokenBits([3, 6, 10], [1.0, 2.0, 3.0], [0, 0, 0],
+                                                                             [False] * 3)])
+    ext = ByteScore(bits=6.0, new_targets=1,
+                                               per_doc=[TokenBits([6, 10], [2.5, 3.5], [0.0, 0.2], [True, False])])
+    x = excess_split(orig, ext)
+    assert x["at_words"] == pytest.approx(-0.5) and x["new_mass"] == pytest.approx(0.2)
+    assert x["rest"] == pytest.approx(0.3) and x["total"] == pytest.approx(0.0)
+    assert x["word_segments"] == 1 and x["floor_bits"] == pytest.approx((1 - 2 ** -3.0) / math.log(2))
+    # a token of the extended model that ends after the last common end falls in the last segment
+    ext2 = ByteScore(per_doc=[TokenBits([6, 10, 11], [2.5, 3.5, 1.0], [0.0, 0.2, 0.1],
+                                                                   [True, False, False])])
+    assert excess_split(orig, ext2)["rest"] == pytest.approx(0.3 + 0.9)
+    with pytest.raises(ValueError, match="keep_tokens"):
+        excess_split(orig, ByteScore())
+
+
+def test_new_token_mass_is_what_the_other_targets_pay(tmp_path, toy_model_dir):
+    """At every target that is not a new token, ``new_mass`` is -log2 of the original tokens' share of
+    the extended model's probability (a direct forward pass); with the new rows removed from the softmax
+    the other targets' bits drop by exactly that amount."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    word = " hepatotoxicity"
+    ext_dir = make_extended(tmp_path / "ext", toy_model_dir, [word], lambda w, s: w[s].mean(0), [])
+    model = AutoModelForCausalLM.from_pretrained(ext_dir).eval()
+    tok = AutoTokenizer.from_pretrained(ext_dir)
+    new_id = tok.convert_tokens_to_ids(tok.tokenize(word)[0])
+    texts = [t for t in TOY_TEXT if word in t][:3] + [TOY_TEXT[0]]
+    s = score_bytes(model, tok, texts, "cpu", new_ids=[new_id], keep_tokens=True, batch_tokens=40)
+    want_mass, want_other = 0.0, 0.0
+    for text, doc in zip(texts, s.per_doc):
+        ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].float()
+        p = torch.softmax(logits, -1)
+        other = ids[0, 1:] != new_id
+        mass = -torch.log2(1 - p[:, new_id])
+        assert doc.new_mass == pytest.approx(torch.where(other, mass, 0).tolist(), abs=1e-4)
+        assert doc.is_new == (~other).tolist() and len(doc.ends) == len(doc.bits) == len(ids[0]) - 1
+        orig_only = torch.log_softmax(logits[:, :new_id], -1)  # the softmax without the new row
+        want_other += float(-orig_only[other].gather(-1, ids[0, 1:][other, None]).sum() / math.log(2))
+        want_mass += float(mass[other].sum())
+    assert s.new_mass_bits == pytest.approx(want_mass, rel=1e-4) and s.new_mass_bits > 0
+    other_bits = s.bits - s.new_target_bits
+    assert other_bits - s.new_mass_bits == pytest.approx(want_other, rel=1e-4)

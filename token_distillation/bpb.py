@@ -15,6 +15,26 @@ extended model: original and new tokens). Gap closed on this scale (Dobler et al
 2505.20133, compare methods on the same held-out text; the formula is this project's):
 
     gap_closed = 1 - (BPB(method) - BPB(original)) / (BPB(subtoken mean) - BPB(original))
+
+Where an extended model's extra bits go (:func:`excess_split`). The documents are cut into segments
+at the characters where a token of *both* tokenizations ends; a segment is read as one or more tokens
+by each model, so its bits compare directly. Segments that hold a new token are "at the words"; in
+the others the extra bits split into the probability the new tokens take from the original ones
+(``-log2(1 - P_new)`` per target, with ``P_new`` the extended model's total probability of the new
+tokens there) and the rest (mostly the tokens read after a new token, i.e. the input rows).
+
+A floor for any method that adds rows and keeps the original ones (this project's derivation). Where
+the teacher gives the word probability ``q`` (its subtokens' product), an extended model whose
+original tokens keep the teacher's relative probabilities writes the word with probability ``p`` and
+every other continuation with ``(1 - p)`` times the teacher's; the word's first subtoken keeps its
+mass, which the word's mass was part of. The expected extra cost at that position is
+``-q log(p / q) - (1 - q) log(1 - p)``, smallest at ``p = q``, where it is ``-(1 - q) log(1 - q) ~ q``
+nats. Summed over the positions where the word does not come that is about ``1 - q`` nats per
+expected use of the word (``q`` where it comes): even output rows that match the teacher everywhere
+leave up to log2(e) = 1.44 bits per use of a new token. ``floor_bits`` below estimates it on the
+observed uses, ``log2(e) * sum(1 - q)`` with ``q`` the original model's probability of each word
+segment; it assumes the teacher expects as many uses as the text has, which documents chosen because
+they contain the words can exceed (the estimate is then high).
 """
 
 from __future__ import annotations
@@ -40,7 +60,12 @@ class ByteScore:
         tokens: target tokens (the document's tokens, the BOS/EOS context not counted).
         new_targets: targets that are new tokens (ids in ``new_ids``).
         new_target_bits: bits of those targets.
+        new_mass_bits: summed ``-log2(1 - P_new)`` over the other targets, ``P_new`` the model's total
+            probability of the new tokens there: what the other targets pay because new tokens take
+            probability from the original ones (0 for a model without new tokens).
         docs: documents scored.
+        per_doc: with ``keep_tokens``, per document the :class:`TokenBits` of its targets (not in
+            :meth:`as_dict`).
     """
 
     bits: float = 0.0
@@ -48,7 +73,9 @@ class ByteScore:
     tokens: int = 0
     new_targets: int = 0
     new_target_bits: float = 0.0
+    new_mass_bits: float = 0.0
     docs: int = 0
+    per_doc: list | None = None
 
     @property
     def bpb(self) -> float:
@@ -64,8 +91,26 @@ class ByteScore:
         return {"bpb": self.bpb, "tokens_per_byte": self.tokens_per_byte, "bits": self.bits, "bytes": self.bytes,
                 "tokens": self.tokens, "docs": self.docs, "new_token_targets": self.new_targets,
                 "bits_per_new_token_target": self.new_target_bits / self.new_targets if self.new_targets else None,
+                "new_mass_bits": self.new_mass_bits,
                 "bits_per_other_target": ((self.bits - self.new_target_bits) / (self.tokens - self.new_targets)
                                           if self.tokens > self.new_targets else None)}
+
+
+@dataclass
+class TokenBits:
+    """One document's targets, in order.
+
+    Attributes:
+        ends: character offset where each target token ends (fast tokenizer offsets).
+        bits: ``-log2 p`` of each target.
+        new_mass: ``-log2(1 - P_new)`` at each target that is not a new token (0 at new-token targets).
+        is_new: whether each target is a new token.
+    """
+
+    ends: list[int]
+    bits: list[float]
+    new_mass: list[float]
+    is_new: list[bool]
 
 
 def clip_text(text: str, max_chars: int) -> str:
@@ -105,7 +150,7 @@ def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def score_bytes(model, tokenizer, texts: list[str], device, new_ids=(), batch_tokens: int = BATCH_TOKENS,
-                max_len: int = 0, starts: list[int] | None = None) -> ByteScore:
+                max_len: int = 0, starts: list[int] | None = None, keep_tokens: bool = False) -> ByteScore:
     """Bits per byte of ``texts`` under ``model`` reading them through ``tokenizer``.
 
     With ``starts`` (a character position per text), only the tokens that start at or after it are
@@ -119,6 +164,8 @@ def score_bytes(model, tokenizer, texts: list[str], device, new_ids=(), batch_to
         new_ids: ids counted as new-token targets (their bits are reported apart).
         batch_tokens: padded tokens per forward pass.
         max_len: longest token sequence the model may read (0: no limit).
+        keep_tokens: also keep every target's end offset and bits (``per_doc``, for :func:`excess_split`;
+            needs a fast tokenizer; not with ``starts``).
 
     Returns:
         the totals (:class:`ByteScore`).
@@ -127,7 +174,9 @@ def score_bytes(model, tokenizer, texts: list[str], device, new_ids=(), batch_to
         ConfigError: the tokenizer has no BOS/EOS, or a document is longer than ``max_len`` tokens.
     """
     ctx = context_ids(tokenizer)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=starts is not None)
+    if keep_tokens and starts is not None:
+        raise ValueError("score_bytes: keep_tokens and starts cannot be combined")
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=starts is not None or keep_tokens)
     seqs = [ctx + ids for ids in enc["input_ids"]]
     # per text: does each target (token after the context) count
     counted = [[True] * (len(s) - 1) for s in seqs] if starts is None else \
@@ -138,7 +187,7 @@ def score_bytes(model, tokenizer, texts: list[str], device, new_ids=(), batch_to
     new = torch.tensor(sorted(set(new_ids)), dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ctx[0]
     score = ByteScore(bytes=sum(len(t[st:].encode("utf-8")) for t, st in zip(texts, starts or [0] * len(texts))),
-                      docs=len(texts))
+                      docs=len(texts), per_doc=[None] * len(texts) if keep_tokens else None)
     for rows in _batches([len(s) for s in seqs], batch_tokens):
         width = len(seqs[rows[0]])
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -155,11 +204,74 @@ def score_bytes(model, tokenizer, texts: list[str], device, new_ids=(), batch_to
         bits = -logp.gather(-1, tgt[..., None])[..., 0] / math.log(2)   # [rows, width - 1]
         valid = att[:, 1:].bool() & use.to(device)
         is_new = torch.isin(tgt, new) & valid
+        if len(new):  # -log2(1 - P_new) = -log2 of the original tokens' share of the probability
+            log_new = torch.logsumexp(logp.index_select(-1, new), -1).clamp(max=-1e-7)   # log P_new
+            mass = -torch.log(-torch.expm1(log_new)) / math.log(2)
+            mass = torch.where(is_new, torch.zeros_like(mass), mass)
+        else:
+            mass = torch.zeros_like(bits)
         score.bits += float(bits[valid].double().sum())
         score.tokens += int(valid.sum())
         score.new_targets += int(is_new.sum())
         score.new_target_bits += float(bits[is_new].double().sum())
+        score.new_mass_bits += float(mass[valid].double().sum())
+        if keep_tokens:
+            for r, i in enumerate(rows):
+                n = len(seqs[i]) - 1
+                score.per_doc[i] = TokenBits([e for _, e in enc["offset_mapping"][i]], bits[r, :n].tolist(),
+                                             mass[r, :n].tolist(), is_new[r, :n].tolist())
     return score
+
+
+def excess_split(original: ByteScore, extended: ByteScore) -> dict:
+    """Where the extended model's extra bits go, by segments of text both tokenizations end a token at
+    (see the module docstring). Both scores must come from :func:`score_bytes` with ``keep_tokens`` on
+    the same texts.
+
+    Returns:
+        bits (summed over the documents): ``at_words`` (segments with a new token: the extended model's
+        bits minus the original's for the same characters), ``new_mass`` (other segments: what the new
+        tokens' probability costs the original tokens there), ``rest`` (other segments: the remaining
+        difference), ``total`` (their sum: the extended model's bits minus the original's),
+        ``word_segments`` (segments with a new token), ``uses`` (new-token targets) and ``floor_bits``
+        (the floor estimated in the module docstring: ``log2(e) * sum(1 - q)`` over the word segments,
+        ``q = 2 ** -(the original's bits of the segment)``).
+
+    Raises:
+        ValueError: the scores were made without ``keep_tokens`` or on different documents.
+    """
+    if original.per_doc is None or extended.per_doc is None or len(original.per_doc) != len(extended.per_doc):
+        raise ValueError("excess_split needs two scores of the same documents made with keep_tokens=True")
+    out = dict.fromkeys(("at_words", "new_mass", "rest"), 0.0)
+    segments, floor = 0, 0.0
+    for o, e in zip(original.per_doc, extended.per_doc):
+        cuts = sorted(set(o.ends) & set(e.ends))
+        o_seg, e_seg = _segment_sums(o, cuts), _segment_sums(e, cuts)
+        for (ob, _, _), (eb, em, has_new) in zip(o_seg, e_seg):
+            if has_new:
+                out["at_words"] += eb - ob
+                segments += 1
+                floor += -math.expm1(-ob * math.log(2))  # 1 - q
+            else:
+                out["new_mass"] += em
+                out["rest"] += eb - ob - em
+    out["total"] = sum(out.values())
+    return {**out, "word_segments": segments, "uses": extended.new_targets,
+            "floor_bits": floor / math.log(2)}
+
+
+def _segment_sums(doc: TokenBits, cuts: list[int]) -> list[tuple[float, float, bool]]:
+    """Per segment (tokens up to each cut, the last segment also taking any tokens after the last cut):
+    summed bits, summed new-token mass bits, and whether a new token is among them."""
+    out = [[0.0, 0.0, False] for _ in range(max(len(cuts), 1))]
+    k = 0
+    for end, b, m, n in zip(doc.ends, doc.bits, doc.new_mass, doc.is_new):
+        while k < len(cuts) - 1 and end > cuts[k]:
+            k += 1
+        out[k][0] += b
+        out[k][1] += m
+        out[k][2] = out[k][2] or n
+    return [tuple(x) for x in out]
 
 
 def gap_closed(bpb: float, original: float, reference: float) -> float | None:

@@ -43,6 +43,7 @@ def markdown_tables(results: dict[str, Any], per_token_rows: int = 0) -> str:
                   + " tokens): the per-token means above use the tokens every model has, but bits per byte, inflected "
                     "forms and generation compare models with different token sets.", ""]
     lines += _bpb_table(results)
+    lines += _excess_table(results)
     lines += _inflected_table(results)
     lines += _generation_table(results)
     first = labels[0]
@@ -81,6 +82,30 @@ def _bpb_table(results: dict[str, Any]) -> list[str]:
         lines.append(f"| {lab} | {b['bpb']:.4f} | {rel} | {b['tokens_per_byte']:.4f} | {b['new_token_targets']} | "
                      f"{_fmt(b['bits_per_new_token_target'], 2)} | {_fmt(b['bits_per_other_target'], 3)} | "
                      f"{_pct(b.get('gap_closed'))} |")
+    return lines + [""]
+
+
+def _excess_table(results: dict[str, Any]) -> list[str]:
+    """Where each extended model's extra bits on raw text go (empty when not measured)."""
+    rows = [(lab, m["bpb"]["excess_split"]) for lab, m in results["methods"].items()
+            if (m.get("bpb") or {}).get("excess_split")]
+    orig = results.get("bpb_original")
+    if not rows or not orig:
+        return []
+    lines = ["Where the extra bits go, in bits per use of a new token (text cut where both tokenizations end a "
+             "token): at the words (segments holding a new token, against the original's bits for the same "
+             "characters), the probability the new tokens take from the original tokens elsewhere, and the rest "
+             "(mostly the text read after a new token). Floor (estimated): output rows that match the teacher's word "
+             "probability everywhere, with the original rows kept, still pay up to log2(e) = 1.44 bits per use, "
+             "log2(e) x (1 - the original's probability of the word there) (derived in "
+             "`token_distillation/bpb.py`); in parentheses, the share of the original's bits.", "",
+             "| model | uses | extra bits per use (total) | at the words | new tokens' probability elsewhere | rest | "
+             "floor |", "|---|---|---|---|---|---|---|"]
+    for lab, x in rows:
+        n = x["uses"] or 1
+        share = lambda v: f"{v / n:+.2f} ({100 * v / orig['bits']:+.2f}%)"  # noqa: E731
+        lines.append(f"| {lab} | {x['uses']} | {share(x['total'])} | {share(x['at_words'])} | {share(x['new_mass'])} | "
+                     f"{share(x['rest'])} | {share(x['floor_bits'])} |")
     return lines + [""]
 
 

@@ -39,7 +39,10 @@ evaluated model has):
    documents that contain the words, each model reading the text through its own tokenizer, every
    token a target (the new tokens too), softmax over the model's whole vocabulary; with tokens per
    byte, the bits spent on new-token targets, and ``bpb_gap_closed`` against the subtoken-mean model
-   when one is evaluated (0% = subtoken mean, 100% = the original model's BPB).
+   when one is evaluated (0% = subtoken mean, 100% = the original model's BPB); ``excess_split``
+   (fast tokenizers) says where the extra bits go: at the words, in the probability the new tokens
+   take from the original ones elsewhere, and the rest (:func:`token_distillation.bpb.excess_split`,
+   with the floor any method that keeps the original rows pays: ~1.44 bits per use of a new token).
 7. ``generation`` (:mod:`token_distillation.generation`): up to ``--gen_prompts`` prompts cut from
    held-out windows right before a word; every model samples ``--gen_tokens`` tokens (seeded,
    temperature 1); the share of continuations containing a word that write it as the new token,
@@ -64,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bpb import documents_for_bpb, gap_closed, inflected_contexts, score_bytes
+from .bpb import documents_for_bpb, excess_split, gap_closed, inflected_contexts, score_bytes
 from .generation import continuation_bits, prompts_before_words, sample, word_stats
 from .config import ConfigError, CorpusConfig, _coerce, _flag
 from .corpus import iter_texts, tokenize_corpus
@@ -237,6 +240,7 @@ class _Original:
     generated: Any
     inflected: list = dataclasses.field(default_factory=list)  # InflectedContext windows
     inflected_score: dict | None = None
+    bpb_score: Any = None  # the original's ByteScore with per-token bits (for excess_split)
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -352,7 +356,8 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
         definitions = generate_definitions(model, tokenizer, words, cfg.definition_tokens, device)
         prompts = [definition_prompt(tokenizer, w.text, list(w.subtoken_ids)) for w in words]
         def_orig = continuation_nll(model, prompts, definitions, num_original, all_new, device, pad_id, cfg.batch_size)
-    bpb_texts, bpb = _original_bpb(cfg, model, tokenizer, windows, device)
+    bpb_texts, bpb_score = _original_bpb(cfg, model, tokenizer, windows, device)
+    bpb = bpb_score.as_dict() if bpb_score else None
     prompts = prompts_before_words(windows, corpus, tokenizer, cfg.gen_prompts) if cfg.gen_prompts else []
     generated = sample(model, tokenizer, prompts, cfg.gen_tokens, cfg.seed, device, num_original) if prompts else None
     inflected = (inflected_contexts(iter_texts(cfg.corpus), set(docs.tolist()), [w.text for w in words],
@@ -363,7 +368,7 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
                     len(inflected), len({c.word for c in inflected}), inflected_score["bpb"])
     return _Original(tokenizer, words, index, corpus, docs, windows, win_counts, teacher, num_layers, num_original,
                      targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts, bpb,
-                     prompts, generated, inflected, inflected_score)
+                     prompts, generated, inflected, inflected_score, bpb_score)
 
 
 def _inflected_score(model, tokenizer, contexts: list, device, new_ids) -> dict | None:
@@ -380,13 +385,14 @@ def _max_len(model) -> int:
                        "max_position_embeddings", 0) or 0)
 
 
-def _original_bpb(cfg: EvalConfig, model, tokenizer, windows: list[Window], device) -> tuple[list[str], dict | None]:
-    """The documents scored in bits per byte (held-out, containing words) and the original model's score."""
+def _original_bpb(cfg: EvalConfig, model, tokenizer, windows: list[Window], device) -> tuple[list[str], Any]:
+    """The documents scored in bits per byte (held-out, containing words) and the original model's
+    :class:`~token_distillation.bpb.ByteScore` (per-token bits kept when the tokenizer is fast)."""
     if not cfg.bpb_docs:
         return [], None
     _, texts = documents_for_bpb([w.doc for w in windows], cfg.bpb_docs, iter_texts(cfg.corpus), cfg.bpb_max_chars)
-    score = score_bytes(model, tokenizer, texts, device, max_len=_max_len(model)).as_dict()
-    logger.info("bits per byte on %d held-out documents with the words: original %.4f", len(texts), score["bpb"])
+    score = score_bytes(model, tokenizer, texts, device, max_len=_max_len(model), keep_tokens=tokenizer.is_fast)
+    logger.info("bits per byte on %d held-out documents with the words: original %.4f", len(texts), score.bpb)
     return texts, score
 
 
@@ -413,8 +419,14 @@ def _score_extended(cfg: EvalConfig, e: ExtendedModel, o: _Original, cache_root:
                                 cfg.batch_size)
         for i, v in zip(ws, vals):
             def_ext[i] = v
-    bpb = (score_bytes(ext_model, ext_tok, o.bpb_texts, device, new_ids=e.new_ids, max_len=_max_len(ext_model)).as_dict()
-           if o.bpb_texts else None)
+    bpb = None
+    if o.bpb_texts:
+        keep = o.bpb_score.per_doc is not None and ext_tok.is_fast
+        score = score_bytes(ext_model, ext_tok, o.bpb_texts, device, new_ids=e.new_ids, max_len=_max_len(ext_model),
+                            keep_tokens=keep)
+        bpb = score.as_dict()
+        if keep:
+            bpb["excess_split"] = excess_split(o.bpb_score, score)
     inflected = _inflected_score(ext_model, ext_tok, o.inflected, device, e.new_ids)
     gen = sample(ext_model, ext_tok, o.prompts, cfg.gen_tokens, cfg.seed, device, o.num_original) if o.prompts else None
     ext_corpus = tokenize_corpus(cfg.corpus, ext_tok, cache_root)
