@@ -348,7 +348,7 @@ def _raw_text_rows() -> list[tuple[str, int, str, dict]]:
                 "bpb_gap": b.get("gap_closed"), "inflected_gap": inf.get("gap_closed"),
                 "inflected_rel": inf["bpb"] / inf0["bpb"] - 1 if inf and inf0 else None,
                 "continuation_gap": cont, "new_token_share": g.get("word_share"),
-                "inflected_windows": (inf0 or {}).get("docs"),
+                "inflected_windows": (inf0 or {}).get("docs"), "split": b.get("excess_split"), "original": orig,
                 "source": f.parent.relative_to(ROOT)}))
     return out
 
@@ -375,16 +375,45 @@ def raw_text_section() -> list[str]:
            "extended tokenizer uses a new token inside a longer word (\" agonist\" in \" agonists\"). Continuation: "
            "the held-out gap closed of the table above (original vocabulary). Generation: share of sampled "
            "continuations with a word that write it as the new token. `td_ids`: `--alignment ids`; `td_chars`: "
-           "`--alignment chars`; `outdistill`: with `--output_embeddings distill`" + e1, "",
+           "`--alignment chars`; `outdistill`: with `--output_embeddings distill` (`_free`: the fit before "
+           "2026-12-04, from the subtoken-mean row without the penalty, which is also what `outdistill` means in "
+           + ", ".join(f"`{n}/`" for n in sorted(FIT_BEFORE_PRIOR)) + ")" + e1 + " Extra bits per use of a new "
+           "token (evaluations from 2026-12-04 on): at the words / the probability the new tokens take elsewhere / "
+           "the rest (mostly text read after a new token), and the estimated floor for any method that keeps the "
+           "original rows ([usage](usage.md#evaluation-are-the-new-tokens-as-good-as-the-original-subtokens)).", "",
            "| model | words | method | BPB vs original | fewer tokens | BPB gap closed | inflected (windows): BPB vs "
-           "original, gap closed | continuation gap closed | generation: new token | source |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "original, gap closed | continuation gap closed | generation: new token | extra bits per use: words / "
+           "elsewhere / rest (floor) | source |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, words, label, r in rows:
+        x = r["split"]
+        split = "-" if not x else "{:+.2f} / {:+.2f} / {:+.2f} ({:.2f})".format(
+            *(x[k] / max(x["uses"], 1) for k in ("at_words", "new_mass", "rest", "floor_bits")))
         out.append(f"| `{model}` | {words} | {label} | {_signed(r['bpb_rel'])} | {_pct1(r['fewer_tokens'])} | "
                    f"{_pct(r['bpb_gap'])} | ({r['inflected_windows'] or 0}) {_signed(r['inflected_rel'])}, "
                    f"{_pct(r['inflected_gap'])} | "
-                   f"{_pct(r['continuation_gap'])} | {_pct(r['new_token_share'])} | `{r['source']}/` |")
+                   f"{_pct(r['continuation_gap'])} | {_pct(r['new_token_share'])} | {split} | `{r['source']}/` |")
     return out + [""]
+
+
+#: raw-text folders whose distilled output rows come from the fit before 2026-12-04 (from the
+#: subtoken-mean row, no penalty towards the first subtoken's row)
+FIT_BEFORE_PRIOR = {"gemma3_n24", "smollm2_n24", "smollm2_n500"}
+
+
+def _floor_sentence(model: str, words: int, r: dict) -> str:
+    """Where the default's extra bits go and what the floor implies for a 5% token saving (computed)."""
+    x, orig = r["split"], r["original"]
+    uses = max(x["uses"], 1)
+    saved_per_use = r["fewer_tokens"] * orig["tokens"] / uses
+    floor_at_5 = 0.05 * (x["floor_bits"] / uses) / (saved_per_use * orig["bits"] / orig["tokens"])
+    return (f"Where the extra bits go (`{model}`, {words} words, default): {x['at_words'] / uses:+.2f} bits per use of "
+            f"a new token at the words, {x['new_mass'] / uses:+.2f} in the probability the new tokens take elsewhere, "
+            f"{x['rest'] / uses:+.2f} the rest (mostly text read after a new token); the estimated floor for any method "
+            f"that keeps the original rows is {x['floor_bits'] / uses:.2f} bits per use, against "
+            f"{(x['at_words'] + x['new_mass']) / uses:.2f} for the output rows (the words and elsewhere). "
+            f"With these words ({saved_per_use:.1f} tokens saved per use) a list long enough for 5% fewer tokens would "
+            f"pay about {100 * floor_at_5:.2f}% in bits per byte at the floor alone.")
 
 
 def raw_text_readme() -> list[str]:
@@ -393,15 +422,19 @@ def raw_text_readme() -> list[str]:
     by: dict[tuple, dict] = {}
     for model, words, label, r in _raw_text_rows():
         by.setdefault((model, words), {})[label] = r
-    lines = []
+    lines, floor = [], []
     for (model, words), m in sorted(by.items()):
         suffix = "" if "td_chars" in m else "_e1"  # 500 words: one epoch (two did not fit the session on CPU)
         a, b = m.get("td_chars" + suffix), m.get("td_chars_outdistill" + suffix)
         if not (a and b):
             continue
+        old_fit = b["source"].name in FIT_BEFORE_PRIOR
+        if b["split"] and not old_fit:
+            floor.append(_floor_sentence(model, words, b))
         lines.append(f"`{model}`, {words} words{', 1 training epoch' if suffix else ''}: bits per byte {_signed(a['bpb_rel'])} vs the original model with "
                      f"subtoken-mean output rows (the earlier default; {_pct(a['bpb_gap'])} of the gap closed), "
-                     f"{_signed(b['bpb_rel'])} with distilled ones (`--output_embeddings distill`, now the default; "
+                     f"{_signed(b['bpb_rel'])} with distilled ones (`--output_embeddings distill`"
+                     f"{', the fit before 2026-12-04' if old_fit else ', now the default'}; "
                      f"{_pct(b['bpb_gap'])}), {_pct1(b['fewer_tokens'])} fewer tokens; sampled text writes the new "
                      f"token {_pct(a['new_token_share'])} -> {_pct(b['new_token_share'])} of the time; after "
                      f"inflected forms ({a['inflected_windows'] or 0} windows, small) {_pct(a['inflected_gap'])} -> "
@@ -409,7 +442,7 @@ def raw_text_readme() -> list[str]:
     if not lines:
         return []
     return ["### Raw text (bits per byte), details in [docs/results.md](docs/results.md)", ""] + \
-        [" ".join(lines), ""]
+        [" ".join(lines + floor), ""]
 
 
 def _comparison_section() -> list[str]:

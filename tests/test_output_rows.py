@@ -69,11 +69,24 @@ def test_binary_kl_is_zero_at_the_target_and_convex_fit_reaches_it():
                      torch.cat([owner, torch.ones(5, dtype=torch.long)]))
     two, _ = fit(_M(), torch.zeros(2, 16), pos2, None, lr=0.05, steps=6000)
     assert torch.allclose(two[0], one[0], atol=1e-5)
+    # the penalty towards the start keeps the row nearer to it, and still per token
+    start = torch.randn(2, 16, generator=g)
+    free, _ = fit(_M(), start, pos2, None, lr=0.05, steps=3000)
+    pulled, _ = fit(_M(), start, pos2, None, lr=0.05, steps=3000, anchor_weight=1.0, rms=0.5)
+    assert ((pulled - start).norm(dim=-1) < 0.8 * (free - start).norm(dim=-1)).all()
+    alone, _ = fit(_M(), start[:1], Positions(h, log_z, target, owner), None, lr=0.05, steps=3000, anchor_weight=1.0,
+                   rms=0.5)
+    assert torch.allclose(alone[0], pulled[0], atol=1e-5)
+    # at the penalised optimum the gradient of KL mean + anchor_weight * mean(((o - start) / rms)^2) vanishes
+    o = pulled[:1].clone().requires_grad_(True)
+    obj = binary_kl(h @ o[0], log_z, target).mean() + ((o - start[:1]) / 0.5).pow(2).mean()
+    obj.backward()
+    assert o.grad.abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_distill_raises_the_word_probability_to_the_teachers(tmp_path, toy_model_dir, untied_model_dir, toy_corpus,
-                                                             cache_dir, toy_tokenizer, tied):
+                                                             cache_dir, toy_tokenizer, tied, monkeypatch):
     """The whole run with --output_embeddings distill: original rows unchanged, the input rows the same
     as with subtoken-mean output rows (the output stage comes after), only the new output rows differ;
     the held-out binary KL falls; on the training snippets the new token's probability before each
@@ -82,9 +95,14 @@ def test_distill_raises_the_word_probability_to_the_teachers(tmp_path, toy_model
     objective has no reason to match in log space)."""
     from transformers import AutoModelForCausalLM
 
+    import token_distillation.output_rows as output_rows
+
     src = toy_model_dir if tied else untied_model_dir
     base = run(_cfg(tmp_path, src, toy_corpus, cache_dir, output_embeddings="subtoken-mean",
                     out_path=str(tmp_path / "mean")))
+    # the fit's own behaviour, without the pull towards the first subtoken's row (a prior that means
+    # nothing on a random model; tested in test_the_fit_starts_from_the_first_subtokens_output_row)
+    monkeypatch.setattr(output_rows, "ANCHOR", 0.0)
     res = run(_cfg(tmp_path, src, toy_corpus, cache_dir, output_embeddings="distill", out_path=str(tmp_path / "d")))
     emb0, out0 = _weights(src)
     emb_b, out_b = _weights(base.out_path)
@@ -114,3 +132,28 @@ def test_distill_raises_the_word_probability_to_the_teachers(tmp_path, toy_model
                 lp_s = torch.log_softmax(m(torch.tensor([ctx])).logits[0, -1], -1)
             errs[label].append(abs(math.exp(float(lp_s[t["id"]])) - math.exp(word)))
     assert len(errs["mean"]) >= 3 and sum(errs["distill"]) < 0.7 * sum(errs["mean"]), errs
+
+
+def test_the_fit_starts_from_the_first_subtokens_output_row(tmp_path, untied_model_dir, toy_corpus, cache_dir,
+                                                           monkeypatch):
+    """The pipeline's fit starts each token from the output row of its word's first subtoken, with the
+    penalty ANCHOR towards it on the scale of the RMS of the original output rows' entries."""
+    import token_distillation.output_rows as output_rows
+
+    seen = []
+    real_fit = output_rows.fit
+
+    def spy(model, init, pos, bias, lr, steps=None, **kw):
+        seen.append((init.clone(), kw))
+        return real_fit(model, init, pos, bias, lr, steps, **kw)
+
+    monkeypatch.setattr(output_rows, "fit", spy)
+    res = run(_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, output_embeddings="distill",
+                   out_path=str(tmp_path / "d")))
+    _, out0 = _weights(untied_model_dir)
+    firsts = torch.stack([out0[t["subtoken_ids"][0]] for t in res.report["tokens"]])
+    assert len(seen) == 1
+    init, kw = seen[0]
+    assert torch.equal(init, firsts.float())
+    assert kw["anchor_weight"] == output_rows.ANCHOR > 0
+    assert kw["rms"] == pytest.approx(float(out0.float().pow(2).mean().sqrt()), rel=1e-4)

@@ -517,7 +517,7 @@ def test_raw_text_rows_from_an_evaluation(tmp_path, monkeypatch):
     mod = _readme_script()
     d = tmp_path / "m"
     d.mkdir()
-    orig = {"bpb": 1.0, "tokens_per_byte": 0.25, "docs": 3}
+    orig = {"bpb": 1.0, "tokens_per_byte": 0.25, "docs": 3, "tokens": 100, "bits": 400.0}
     res = {"setup": {"model_path": "m", "words": 2}, "bpb_original": orig, "inflected_original": {"bpb": 2.0, "docs": 4},
            "bpb_reference": "mean",
            "methods": {"mean": {"bpb": {"bpb": 1.1, "tokens_per_byte": 0.24, "gap_closed": 0.0},
@@ -525,7 +525,9 @@ def test_raw_text_rows_from_an_evaluation(tmp_path, monkeypatch):
                        "td_chars": {"bpb": {"bpb": 1.05, "tokens_per_byte": 0.24, "gap_closed": 0.5},
                                     "inflected": {"bpb": 2.1, "gap_closed": 0.5}, "excess_nll_orig": 0.05,
                                     "generation": {"word_share": 0.0}},
-                       "td_chars_outdistill": {"bpb": {"bpb": 1.01, "tokens_per_byte": 0.24, "gap_closed": 0.9},
+                       "td_chars_outdistill": {"bpb": {"bpb": 1.01, "tokens_per_byte": 0.24, "gap_closed": 0.9,
+                                                       "excess_split": {"at_words": 10.0, "new_mass": 4.0, "rest": 6.0,
+                                                                        "floor_bits": 5.0, "uses": 5}},
                                                "inflected": {"bpb": 2.02, "gap_closed": 0.9}, "excess_nll_orig": 0.05,
                                                "generation": {"word_share": 0.75}}}}
     (d / "evaluation.json").write_text(json.dumps(res))
@@ -536,6 +538,11 @@ def test_raw_text_rows_from_an_evaluation(tmp_path, monkeypatch):
     assert rows["mean"]["fewer_tokens"] == pytest.approx(0.04) and rows["td_chars"]["inflected_rel"] == pytest.approx(0.05)
     text = "\n".join(mod.raw_text_readme())
     assert "+5.00%" in text and "+1.00%" in text and "(4 windows, small) 50% -> 90%" in text and "0% -> 75%" in text
+    # 0.04 x 100 / 5 = 0.8 tokens saved per use, 4 bits per token: 5% fewer tokens costs 5% x 1.0 / 3.2 at the floor
+    assert "+2.00 bits per use of a new token at the words" in text and "against 2.80 for the output rows" in text
+    assert "(0.8 tokens saved per use)" in text and "about 1.56% in bits per byte" in text
+    table = "\n".join(mod.raw_text_section())
+    assert "| +2.00 / +0.80 / +1.20 (1.00) |" in table and table.count("| - |") >= 2  # per use; no split: -
 
 
 def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_model_dir, toy_corpus, cache_dir):

@@ -828,7 +828,8 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[in
         ``(TrainResult, per-token binary KL dict)`` (the dict is complete on the main process).
     """
     tc, dist, rows = setup.cfg.train, setup.dist, ext.rows
-    lr = relative_lr(tc.token_distillation_lr_relative, ext.model.get_output_embeddings().weight, ext.n_orig)
+    rms = relative_lr(1.0, ext.model.get_output_embeddings().weight, ext.n_orig)  # RMS of the original entries
+    lr = tc.token_distillation_lr_relative * rms
     mine = owned if setup.shard else list(range(len(ext.tokens)))
     result, kl = TrainResult(), None
     if setup.shard or dist.is_main:
@@ -837,7 +838,7 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[in
                                      shard_prefix(dist.rank, dist.world_size) if setup.shard else "",
                                      resume=setup.cfg.output.resume)
         result, kl = distill_output_rows(ext.model, rows, train, heldout, mine, [t.subtoken_ids for t in ext.tokens],
-                                         lr=lr, batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
+                                         lr=lr, rms=rms, batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
                                          autocast_dtype=setup.autocast_dtype, show_progress=dist.is_main,
                                          progress=progress)
     if setup.shard:
