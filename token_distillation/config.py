@@ -90,7 +90,8 @@ class OutputEmbeddings(str, enum.Enum):
     so the trained input rows cannot make the new tokens the model's favourite prediction; see
     docs/methods.md). ``zero`` / ``subtoken-mean`` / ``ntp`` on a tied model untie it likewise.
     ``tied``: keep a tied model tied (the output row is the trained input row).
-    ``distill``: subtoken-mean start, then each new output row is fitted so that the extended model's
+    ``distill``: each new output row is fitted, from the output row of the word's first subtoken and
+    held near it by a penalty, so that the extended model's
     probability of the new token matches the teacher's probability of the word (the product of its
     subtokens' probabilities), see :mod:`token_distillation.output_rows`; unties a tied model.
     """
@@ -683,7 +684,7 @@ class OutputConfig:
         "untied), zero, "
         "subtoken-mean (mean of the subtokens' output rows), ntp (trained with next-token cross-entropy "
         "on the snippets), tied (keep a tied model tied - the output row is the trained input row; can make "
-        "the model over-predict new tokens), distill (subtoken-mean start, then fitted so that the model's "
+        "the model over-predict new tokens), distill (fitted, from the output row of the word's first subtoken, so that the model's "
         "probability of the new token matches the original model's probability of the word). Untying stores a "
         "separate output matrix.",
     )
