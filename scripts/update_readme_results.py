@@ -409,11 +409,11 @@ def _floor_sentence(model: str, words: int, r: dict) -> str:
     floor_at_5 = 0.05 * (x["floor_bits"] / uses) / (saved_per_use * orig["bits"] / orig["tokens"])
     return (f"Where the extra bits go (`{model}`, {words} words, default): {x['at_words'] / uses:+.2f} bits per use of "
             f"a new token at the words, {x['new_mass'] / uses:+.2f} in the probability the new tokens take elsewhere, "
-            f"{x['rest'] / uses:+.2f} the rest (mostly text read after a new token); the estimated floor for any method "
-            f"that keeps the original rows is {x['floor_bits'] / uses:.2f} bits per use, against "
-            f"{(x['at_words'] + x['new_mass']) / uses:.2f} for the output rows (the words and elsewhere). "
-            f"With these words ({saved_per_use:.1f} tokens saved per use) a list long enough for 5% fewer tokens would "
-            f"pay about {100 * floor_at_5:.2f}% in bits per byte at the floor alone.")
+            f"{x['rest'] / uses:+.2f} the rest (mostly text read after a new token); the expected cost that any method "
+            f"keeping the original rows pays is estimated at {x['floor_bits'] / uses:.2f} bits per use (high on documents "
+            f"chosen for the words), against {(x['at_words'] + x['new_mass']) / uses:.2f} paid by the output rows (the "
+            f"words and elsewhere). With these words ({saved_per_use:.1f} tokens saved per use) a list long enough for "
+            f"5% fewer tokens would, by that estimate, pay about {100 * floor_at_5:.2f}% in bits per byte from it alone.")
 
 
 def raw_text_readme() -> list[str]:

@@ -539,7 +539,7 @@ def test_raw_text_rows_from_an_evaluation(tmp_path, monkeypatch):
     text = "\n".join(mod.raw_text_readme())
     assert "+5.00%" in text and "+1.00%" in text and "(4 windows, small) 50% -> 90%" in text and "0% -> 75%" in text
     # 0.04 x 100 / 5 = 0.8 tokens saved per use, 4 bits per token: 5% fewer tokens costs 5% x 1.0 / 3.2 at the floor
-    assert "+2.00 bits per use of a new token at the words" in text and "against 2.80 for the output rows" in text
+    assert "+2.00 bits per use of a new token at the words" in text and "against 2.80 paid by the output rows" in text
     assert "(0.8 tokens saved per use)" in text and "about 1.56% in bits per byte" in text
     table = "\n".join(mod.raw_text_section())
     assert "| +2.00 / +0.80 / +1.20 (1.00) |" in table and table.count("| - |") >= 2  # per use; no split: -

@@ -95,10 +95,11 @@ def _excess_table(results: dict[str, Any]) -> list[str]:
     lines = ["Where the extra bits go, in bits per use of a new token (text cut where both tokenizations end a "
              "token): at the words (segments holding a new token, against the original's bits for the same "
              "characters), the probability the new tokens take from the original tokens elsewhere, and the rest "
-             "(mostly the text read after a new token). Floor (estimated): output rows that match the teacher's word "
-             "probability everywhere, with the original rows kept, still pay up to log2(e) = 1.44 bits per use, "
-             "log2(e) x (1 - the original's probability of the word there) (derived in "
-             "`token_distillation/bpb.py`); in parentheses, the share of the original's bits.", "",
+             "(mostly the text read after a new token). Floor (estimated, compare it with at the words + elsewhere): on "
+             "average over text drawn from the original model, output rows that match its word probability "
+             "everywhere, with the original rows kept, still pay log2(e) x (1 - the original's probability of "
+             "the word there) per use, up to 1.44 bits (derived in `token_distillation/bpb.py`; documents chosen "
+             "for the words can pay less); in parentheses, the share of the original's bits.", "",
              "| model | uses | extra bits per use (total) | at the words | new tokens' probability elsewhere | rest | "
              "floor |", "|---|---|---|---|---|---|---|"]
     for lab, x in rows:

@@ -42,7 +42,8 @@ positions for every variant, 2026-12-04): the unpenalised fit from the subtoken-
 with ``ANCHOR`` 0.01 / 0.03 / 0.1 / 0.3: 0.00161 / 0.00150 / 0.00143 / 0.00144 (SmolLM2) and
 0.00184 / 0.00186 / 0.00199 / 0.00220 (Gemma-3). 0.03 is within 5% of the best on both. The
 penalty's weight relative to the data does not change with ``--snippet_num`` (the KL is a mean per
-token); with many more snippets per word a smaller weight may fit better (not measured).
+token); with many more snippets per word a smaller weight may fit better (not measured). The
+measurement: ``docs/sweep/output_fit_penalty.md``.
 """
 
 from __future__ import annotations

@@ -456,7 +456,7 @@ def build_target_list(setup: Setup, tokenizer, model_config, words: list[str] | 
     text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
         raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
-                          "zero, subtoken-mean or ntp")
+                          "distill, zero, subtoken-mean or ntp")
     check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
     targets = build_targets(cfg.targets, tokenizer, cfg.corpus, setup.cache_root, words=words)
     corpus = occurrences = mined = scan = None
