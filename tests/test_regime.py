@@ -1,6 +1,6 @@
 import torch
 
-from token_distillation.regime import RowAdam, per_token_batches, per_token_loss, relative_lr
+from token_distillation.regime import RowAdam, entry_rms, per_token_batches, per_token_loss, relative_lr
 
 
 def test_rowadam_equals_adam_when_all_rows_active():
@@ -235,6 +235,7 @@ def test_embedding_statistics_in_blocks_equal_the_whole_matrix():
     w = torch.randn(1000, 16, dtype=torch.bfloat16)
     whole = float(0.1 * w[:900].float().pow(2).mean().sqrt())
     assert abs(relative_lr(0.1, w, 900, chunk_rows=7) - whole) < 1e-6 * whole
+    assert abs(entry_rms(w, 900, chunk_rows=7) - 10 * whole) < 1e-5 * whole
     toks = [NewToken(f"t{i}", (1, 2), 1000 + i) for i in range(20000)]
     rows = random_init(w, toks, seed=0, num_original=900)
     ref = w[:900].float()

@@ -42,7 +42,8 @@ evaluated model has):
    when one is evaluated (0% = subtoken mean, 100% = the original model's BPB); ``excess_split``
    (fast tokenizers) says where the extra bits go: at the words, in the probability the new tokens
    take from the original ones elsewhere, and the rest (:func:`token_distillation.bpb.excess_split`,
-   with the floor any method that keeps the original rows pays: ~1.44 bits per use of a new token).
+   beside an estimate of the expected cost any method that keeps the original rows pays, up to
+   1.44 bits per use of a new token).
 7. ``generation`` (:mod:`token_distillation.generation`): up to ``--gen_prompts`` prompts cut from
    held-out windows right before a word; every model samples ``--gen_tokens`` tokens (seeded,
    temperature 1); the share of continuations containing a word that write it as the new token,
@@ -235,12 +236,16 @@ class _Original:
     def_orig: list[float | None]
     seconds: float
     bpb_texts: list[str]
-    bpb: dict | None
+    bpb_score: Any  # the original's ByteScore (per-token bits kept for excess_split), None when not measured
     prompts: list[str]
     generated: Any
     inflected: list = dataclasses.field(default_factory=list)  # InflectedContext windows
     inflected_score: dict | None = None
-    bpb_score: Any = None  # the original's ByteScore with per-token bits (for excess_split)
+
+    @property
+    def bpb(self) -> dict | None:
+        """The original model's bits-per-byte totals (JSON-ready), None when not measured."""
+        return self.bpb_score.as_dict() if self.bpb_score else None
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -357,7 +362,6 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
         prompts = [definition_prompt(tokenizer, w.text, list(w.subtoken_ids)) for w in words]
         def_orig = continuation_nll(model, prompts, definitions, num_original, all_new, device, pad_id, cfg.batch_size)
     bpb_texts, bpb_score = _original_bpb(cfg, model, tokenizer, windows, device)
-    bpb = bpb_score.as_dict() if bpb_score else None
     prompts = prompts_before_words(windows, corpus, tokenizer, cfg.gen_prompts) if cfg.gen_prompts else []
     generated = sample(model, tokenizer, prompts, cfg.gen_tokens, cfg.seed, device, num_original) if prompts else None
     inflected = (inflected_contexts(iter_texts(cfg.corpus), set(docs.tolist()), [w.text for w in words],
@@ -367,8 +371,8 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
         logger.info("inflected forms: %d held-out windows for %d words; original %.4f bits per byte after the word",
                     len(inflected), len({c.word for c in inflected}), inflected_score["bpb"])
     return _Original(tokenizer, words, index, corpus, docs, windows, win_counts, teacher, num_layers, num_original,
-                     targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts, bpb,
-                     prompts, generated, inflected, inflected_score, bpb_score)
+                     targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts,
+                     bpb_score, prompts, generated, inflected, inflected_score)
 
 
 def _inflected_score(model, tokenizer, contexts: list, device, new_ids) -> dict | None:

@@ -85,7 +85,7 @@ from .models import (
     untie_embeddings,
 )
 from .paths import ModelSource, write_output_dir
-from .regime import relative_lr
+from .regime import entry_rms, relative_lr
 from .report import (
     build_report,
     dry_run_report,
@@ -828,7 +828,7 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[in
         ``(TrainResult, per-token binary KL dict)`` (the dict is complete on the main process).
     """
     tc, dist, rows = setup.cfg.train, setup.dist, ext.rows
-    rms = relative_lr(1.0, ext.model.get_output_embeddings().weight, ext.n_orig)  # RMS of the original entries
+    rms = entry_rms(ext.model.get_output_embeddings().weight, ext.n_orig)
     lr = tc.token_distillation_lr_relative * rms
     mine = owned if setup.shard else list(range(len(ext.tokens)))
     result, kl = TrainResult(), None

@@ -212,8 +212,8 @@ def per_token_loss(per_position: torch.Tensor, row_of_position: torch.Tensor, to
     return (sums[present] / counts[present]).sum()
 
 
-def relative_lr(lr_relative: float, weight: torch.Tensor, num_original: int, chunk_rows: int = 8192) -> float:
-    """Absolute Adam step size: ``lr_relative * RMS(original embedding entries)``.
+def entry_rms(weight: torch.Tensor, num_original: int, chunk_rows: int = 8192) -> float:
+    """RMS of the entries of the first ``num_original`` rows of ``weight`` (``[vocab, hidden]``).
 
     Computed over blocks of ``chunk_rows`` rows, so that no float32 copy of the whole
     ``[vocab, hidden]`` matrix is made (4.2 GB for a 128k x 4096 bf16 matrix on the GPU).
@@ -224,4 +224,9 @@ def relative_lr(lr_relative: float, weight: torch.Tensor, num_original: int, chu
             block = weight[start: min(start + chunk_rows, num_original)].detach().float()
             total += float(block.pow(2).sum(dtype=torch.float64))
             count += block.numel()
-    return float(lr_relative * (total / max(count, 1)) ** 0.5)
+    return float((total / max(count, 1)) ** 0.5)
+
+
+def relative_lr(lr_relative: float, weight: torch.Tensor, num_original: int, chunk_rows: int = 8192) -> float:
+    """Absolute Adam step size: ``lr_relative * RMS(original embedding entries)`` (:func:`entry_rms`)."""
+    return float(lr_relative * entry_rms(weight, num_original, chunk_rows))
