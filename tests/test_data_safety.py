@@ -391,6 +391,20 @@ def test_wordlist_trailing_whitespace_is_stripped(tmp_path, caplog):
     assert any("line(s) (line 1, 2)" in r.message for r in caplog.records)
 
 
+def test_wordlist_lines_that_look_like_comments_are_kept_with_a_warning(tmp_path, caplog):
+    """A word list has no comment syntax: '# header' stays a candidate, and the log says so by line
+    number; a token that merely starts with '#' (no space) is not flagged."""
+    from token_distillation.targets import read_wordlist
+
+    p = tmp_path / "w.txt"
+    p.write_text("# my words\n hepatotoxicity\n#define\n")
+    with caplog.at_level(logging.WARNING):
+        words = read_wordlist(p)
+    assert words == ["# my words", " hepatotoxicity", "#define"]
+    msgs = [r.message for r in caplog.records if "no comments" in r.message]
+    assert len(msgs) == 1 and "line(s) 1 start with '# '" in msgs[0]
+
+
 def test_dry_run_reports_tokens_a_real_run_would_skip(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
     with caplog.at_level(logging.WARNING):
         res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, min_snippets=6))

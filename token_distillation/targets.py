@@ -111,6 +111,11 @@ def read_wordlist(path: str | Path) -> list[str]:
     lines = [line.rstrip("\r") for line in raw.split("\n")]
     if lines and lines[-1] == "":
         lines.pop()  # the file's final newline ends the last line; it is not an empty candidate
+    hashed = [i + 1 for i, line in enumerate(lines) if line.lstrip().startswith("# ")]
+    if hashed:
+        logger.warning("--new_tokens_source %s: line(s) %s start with '# '; a word list has no comments, so they "
+                       "become new tokens like any other line (delete them if they are comments)", p.name,
+                       ", ".join(map(str, hashed[:10])) + (" ..." if len(hashed) > 10 else ""))
     return _strip_trailing(lines, p, "line")
 
 
