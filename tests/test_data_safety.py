@@ -412,6 +412,12 @@ def test_dry_run_reports_tokens_a_real_run_would_skip(tmp_path, toy_model_dir, t
     skipped = {k for k, v in rep["skipped_tokens"].items() if "--min_snippets 6" in v}
     assert " zzqqxx" in skipped and len(skipped) < 4
     assert any("a real run would skip" in r.message for r in caplog.records)
+    # when a real run would stop for lack of snippets, the dry run fails the same way, after writing its files
+    with pytest.raises(ConfigError, match=r"dry run: a real run would stop: no new token has enough snippets "
+                                          r"\(--min_snippets 500\)"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, min_snippets=500,
+                     snippet_num=500, out_path=str(tmp_path / "none")))
+    assert json.loads((tmp_path / "none" / "report.json").read_text())["tokens_with_enough_snippets"] == 0
 
 
 def test_snippet_num_below_min_snippets_is_a_flag_error():

@@ -157,3 +157,22 @@ def test_the_fit_starts_from_the_first_subtokens_output_row(tmp_path, untied_mod
     assert torch.equal(init, firsts.float())
     assert kw["anchor_weight"] == output_rows.ANCHOR > 0
     assert kw["rms"] == pytest.approx(float(out0.float().pow(2).mean().sqrt()), rel=1e-4)
+
+
+def test_tokens_whose_heldout_kl_rose_are_named(caplog):
+    """The fit can lower the mean held-out KL while some tokens get worse: those are warned about by
+    name, largest increase first; unmeasured tokens (None) and improved ones are not."""
+    from token_distillation.output_rows import log_worse
+
+    kl = {"heldout_before": [0.01, 0.02, None, 0.003, 0.004], "heldout_after": [0.001, 0.05, 0.1, 0.004, None],
+          "train_before": [None] * 5, "train_after": [None] * 5}
+    names = [" alpha", " beta", " gamma", " delta", " eps"]
+    with caplog.at_level("WARNING", logger="token_distillation.output_rows"):
+        assert log_worse(kl, names) == [1, 3]
+    msg = caplog.text
+    assert "2 of 3 token(s)" in msg and msg.index("' beta' 0.02 -> 0.05") < msg.index("' delta' 0.003 -> 0.004")
+    assert "alpha" not in msg and "gamma" not in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="token_distillation.output_rows"):
+        assert log_worse({**kl, "heldout_after": [0.0] * 5}, names) == []
+    assert caplog.text == ""

@@ -104,7 +104,7 @@ from .targets import (
     read_wordlist,
 )
 from .tokenization import NewToken, add_new_tokens, bos_prefix
-from .output_rows import distill_output_rows
+from .output_rows import distill_output_rows, log_worse
 from .train import NewRows, HeldoutResult, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
@@ -849,6 +849,8 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[in
     elif dist.distributed:
         dist.wait("output-rows")  # polls the store: the main process's fit may outlast the collective timeout
         dist.broadcast_tensor_(rows.out_rows)
+    if kl is not None and dist.is_main:
+        log_worse(kl, [t.text for t in ext.tokens])
     return result, kl
 
 
@@ -1129,10 +1131,14 @@ def keep_tokens_with_snippets(cfg: RunConfig, snips: SnippetSet, tokens: list[Ne
     keep = [i for i, t in enumerate(tokens) if t.text not in too_few]
     skipped = {**skipped, **too_few}
     if not keep:
-        raise ConfigError("no new token has enough snippets (--min_snippets "
-                          f"{cfg.snippets.min_snippets}); pass a larger --dataset_path, lower --min_snippets, "
-                          "or use --use_generated_snippets")
+        raise ConfigError(_none_left(cfg))
     return _reindex(snips, keep), [tokens[i] for i in keep], [token_sources[i] for i in keep], skipped
+
+
+def _none_left(cfg: RunConfig) -> str:
+    """The error of a run in which no new token has ``--min_snippets`` training snippets."""
+    return (f"no new token has enough snippets (--min_snippets {cfg.snippets.min_snippets}); pass a larger "
+            "--dataset_path, lower --min_snippets, or use --use_generated_snippets")
 
 
 def too_few_snippets(cfg: RunConfig, train_counts: list[int], tokens: list[NewToken],
@@ -1152,6 +1158,20 @@ def too_few_snippets(cfg: RunConfig, train_counts: list[int], tokens: list[NewTo
 
 #: init methods whose output rows ``--output_embeddings auto`` fits by distillation
 DISTILLED_METHODS = frozenset({InitMethod.TOKEN_DISTILLATION, InitMethod.TOKEN_DISTILLATION_RANDINIT})
+
+
+def output_plan(cfg: RunConfig, model_config) -> str:
+    """What a real run would do with the output embeddings of this model (from its config, without
+    loading it), in words: keep them tied, untie them, and how the new output rows are set."""
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    tied = bool(getattr(text_cfg, "tie_word_embeddings", False))
+    pol = _output_policy(cfg, tied)
+    if pol is None:
+        return "tied: a real run keeps them tied (a new token's output row is its input row)"
+    if tied:
+        return (f"tied: a real run unties them (the output layer becomes a separate copy, saved with the model) "
+                f"and sets the new output rows by {pol.value}")
+    return f"untied: a real run sets the new output rows by {pol.value}"
 
 
 def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
@@ -1244,10 +1264,12 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
     table = coverage_table(tg.records, train_counts, heldout_counts, inexact)
     logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d)\n%s",
                 len(tg.records), sc.snippet_num, table)
+    plan = output_plan(cfg, tg.model_config)
+    logger.info("dry run: output embeddings %s", plan)
     usable = sum(1 for c in train_counts or [] if c >= sc.min_snippets) if train_counts is not None else None
     would_skip = (too_few_snippets(cfg, train_counts, targets.tokens, verb="a real run would skip")
                   if train_counts is not None else {})
-    report = dry_run_report(cfg, tg.summary, {**targets.skipped, **would_skip}, usable)
+    report = {**dry_run_report(cfg, tg.summary, {**targets.skipped, **would_skip}, usable), "output_embeddings": plan}
 
     def _write(tmp: Path) -> None:
         write_json(tmp / "report.json", report)
@@ -1257,4 +1279,6 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
     write_output_dir(setup.out, _write, kind="dry-run")
     report["total_seconds"] = time.perf_counter() - setup.started
     logger.info("dry run: wrote new_tokens.jsonl, coverage.tsv and report.json to %s; model not loaded", setup.out)
+    if usable == 0 and cfg.train.init_method in TRAINED:  # the real run's error, after the files are written
+        raise ConfigError(f"dry run: a real run would stop: {_none_left(cfg)} (coverage.tsv in {setup.out})")
     return RunResult(setup.out, report)
