@@ -202,3 +202,25 @@ def test_new_token_mass_is_what_the_other_targets_pay(tmp_path, toy_model_dir):
     assert s.new_mass_bits == pytest.approx(want_mass, rel=1e-4) and s.new_mass_bits > 0
     other_bits = s.bits - s.new_target_bits
     assert other_bits - s.new_mass_bits == pytest.approx(want_other, rel=1e-4)
+
+
+def test_tables_say_when_no_gap_closed_is_computed():
+    """evaluation.md: with a subtoken-mean reference the raw-text table names it; without one the
+    gap columns are '-' and the text says why; one inflected window is 'window', not 'windows'."""
+    import json
+    from pathlib import Path
+
+    from token_distillation.eval_render import markdown_tables
+
+    res = json.loads((Path(__file__).parent.parent / "docs/sweep/raw_text/smollm2_n24_r2/evaluation.json").read_text())
+    md = markdown_tables(res)
+    assert "gap closed against `subtoken-mean`" in md and "no gap closed" not in md
+    for m in res["methods"].values():
+        for part in ("bpb", "inflected"):
+            if m.get(part):
+                m[part]["gap_closed"] = None
+    res["bpb_reference"] = None
+    res["inflected_original"]["docs"] = 1
+    md = markdown_tables(res)
+    assert md.count("no gap closed (no subtoken-mean model evaluated)") == 2
+    assert "Inflected forms: 1 held-out window where" in md

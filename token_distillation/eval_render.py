@@ -73,7 +73,8 @@ def _bpb_table(results: dict[str, Any]) -> list[str]:
         return []
     ref = results.get("bpb_reference")
     lines = [f"Raw text: {orig['docs']} held-out documents that contain the words ({orig['bytes']:,} bytes), each model "
-             "through its own tokenizer, every token a target" + (f"; gap closed against `{ref}`" if ref else "") + ".",
+             "through its own tokenizer, every token a target" + (f"; gap closed against `{ref}`" if ref else
+                                                                "; no gap closed (no subtoken-mean model evaluated)") + ".",
              "", "| model | bits per byte | vs original | tokens per byte | new-token targets | bits per new-token "
              "target | bits per other target | BPB gap closed |", "|---|---|---|---|---|---|---|---|"]
     rows = [("original", orig)] + [(lab, m["bpb"]) for lab, m in results["methods"].items() if m.get("bpb")]
@@ -115,9 +116,10 @@ def _inflected_table(results: dict[str, Any]) -> list[str]:
     orig = results.get("inflected_original")
     if not orig:
         return []
-    lines = [f"Inflected forms: {orig['docs']} held-out windows where the extended tokenizer uses a new token inside "
+    lines = [f"Inflected forms: {orig['docs']} held-out window{'s' * (orig['docs'] != 1)} where the extended tokenizer uses a new token inside "
              "a longer word (' agonist' in ' agonists'); bits per byte of the text after that word "
-             f"({orig['bytes']:,} bytes), each model through its own tokenizer.", "",
+             f"({orig['bytes']:,} bytes), each model through its own tokenizer"
+             + ("" if results.get("bpb_reference") else "; no gap closed (no subtoken-mean model evaluated)") + ".", "",
              "| model | bits per byte after the word | vs original | gap closed |", "|---|---|---|---|"]
     rows = [("original", orig)] + [(lab, m["inflected"]) for lab, m in results["methods"].items() if m.get("inflected")]
     for lab, b in rows:

@@ -368,7 +368,7 @@ def _original_pass(cfg: EvalConfig, source, exts: list[ExtendedModel], cache_roo
                                     cfg.inflected_per_token) if cfg.inflected_per_token else [])
     inflected_score = _inflected_score(model, tokenizer, inflected, device, ())
     if inflected:
-        logger.info("inflected forms: %d held-out windows for %d words; original %.4f bits per byte after the word",
+        logger.info("inflected forms: %d held-out window(s) for %d word(s); original %.4f bits per byte after the word",
                     len(inflected), len({c.word for c in inflected}), inflected_score["bpb"])
     return _Original(tokenizer, words, index, corpus, docs, windows, win_counts, teacher, num_layers, num_original,
                      targets, all_new, pad_id, definitions, def_orig, time.perf_counter() - t_start, bpb_texts,
@@ -396,7 +396,9 @@ def _original_bpb(cfg: EvalConfig, model, tokenizer, windows: list[Window], devi
         return [], None
     _, texts = documents_for_bpb([w.doc for w in windows], cfg.bpb_docs, iter_texts(cfg.corpus), cfg.bpb_max_chars)
     score = score_bytes(model, tokenizer, texts, device, max_len=_max_len(model), keep_tokens=tokenizer.is_fast)
-    logger.info("bits per byte on %d held-out documents with the words: original %.4f", len(texts), score.bpb)
+    logger.info("bits per byte on %d held-out documents with the words: original %.4f%s", len(texts), score.bpb,
+                f" (--bpb_docs {cfg.bpb_docs}: only {len(texts)} held-out documents contain the words)"
+                if len(texts) < cfg.bpb_docs else "")
     return texts, score
 
 
