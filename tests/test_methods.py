@@ -101,11 +101,16 @@ def test_train_original_embeddings_changes_original_rows(method, tmp_path, toy_m
     assert bos is not None and bool(changed[bos])  # only ever before the new token: the prefix is trained too
 
 
-def test_output_embeddings_tied_keeps_one_matrix(tmp_path, toy_model_dir, untied_model_dir, toy_corpus, cache_dir):
+def test_output_embeddings_tied_keeps_one_matrix(tmp_path, toy_model_dir, untied_model_dir, toy_corpus, cache_dir,
+                                                monkeypatch):
+    from token_distillation import pipeline
+
     res = run(_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, output_embeddings="tied",
                    loss_method="MSE-on-hiddens,CE-auto-weighted"))
     emb1, out1 = _weights(res.out_path)
     assert out1 is None and res.report["model"]["tied_embeddings"]
+    # on an untied model the flag fails from the config alone, before the tokenizer loads
+    monkeypatch.setattr(pipeline, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded before the check"))
     with pytest.raises(ConfigError, match="--output_embeddings tied"):
         run(_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, output_embeddings="tied",
                  out_path=str(tmp_path / "o2")))

@@ -428,13 +428,27 @@ def check_exports(cfg: RunConfig, source: ModelSource) -> None:
                           "the original rows too; use --export hf")
 
 
+def check_model_config(cfg: RunConfig, model_config) -> None:
+    """The flag checks that need the model's config only (no weights, no tokenizer).
+
+    Raises:
+        ConfigError: ``--target_layer`` is outside the model's layers, or ``--output_embeddings tied``
+            on a model whose output embeddings are not tied.
+    """
+    resolve_layer(model_config, cfg.train.target_layer)
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
+        raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
+                          "distill, zero, subtoken-mean or ntp")
+
+
 def load_inputs(setup: Setup):
     """The model config and the tokenizer from ``--model_path`` (the model's weights load later);
     sets the dtypes the weights are loaded and saved in. Returns ``(tokenizer, model_config)``."""
     cfg, dist = setup.cfg, setup.dist
     with dist.main_process_first():  # the main process fills the model cache (GGUF conversion) first
         model_config = load_config(setup.source, setup.cache_root)
-        resolve_layer(model_config, cfg.train.target_layer)  # a bad --target_layer stops before the tokenizer loads
+        check_model_config(cfg, model_config)  # a bad --target_layer or tied stops before the tokenizer loads
         tokenizer = load_tokenizer(setup.source, setup.cache_root)
     setup.save_dtype = source_dtype(model_config)
     setup.weights_dtype, _ = resolve_precision(cfg.model.mixed_precision, setup.device, setup.save_dtype)
@@ -452,11 +466,7 @@ def build_target_list(setup: Setup, tokenizer, model_config, words: list[str] | 
     (``words``, else built by ``--build_target_method``), and the tokenized corpus when snippets
     are mined (``texts`` in memory, else ``--dataset_path``)."""
     cfg, dist = setup.cfg, setup.dist
-    resolve_layer(model_config, cfg.train.target_layer)
-    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
-        raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
-                          "distill, zero, subtoken-mean or ntp")
+    check_model_config(cfg, model_config)
     check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
     targets = build_targets(cfg.targets, tokenizer, cfg.corpus, setup.cache_root, words=words)
     corpus = occurrences = mined = scan = None
