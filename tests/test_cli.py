@@ -20,7 +20,7 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--model_path", "/nonexistent/model"], "--model_path"),
         (["--init_method", "magic"], "--init_method"),
         (["--loss_method", "L1"], "--loss_method"),
-        (["--dataset_path", "/nonexistent/corpus.jsonl"], "--dataset_path"),
+        (["--dataset_path", "/nonexistent/corpus.jsonl"], "not found: /nonexistent/corpus.jsonl; pass an existing"),
         (["--new_tokens_source", "/nonexistent/words.txt"], "--new_tokens_source"),
         (["--bogus_flag", "1"], "--bogus_flag"),
         (["--target_layer", "0"], "--target_layer"),

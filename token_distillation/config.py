@@ -396,7 +396,9 @@ class CorpusConfig:
             problems.append("--heldout_fraction must be in [0, 1)")
         path = str(self.dataset_path)
         if path and _looks_local(path) and not Path(path).expanduser().exists():
-            problems.append(f"--dataset_path: file or directory not found: {path}")
+            problems.append(f"--dataset_path: file or directory not found: {path}; pass an existing .jsonl/.json/"
+                            ".txt/.csv/.parquet file (optionally .gz) or a folder of them, or a Hugging Face Hub dataset name "
+                            "(e.g. owner/name)")
 
 
 def _looks_local(path: str) -> bool:
