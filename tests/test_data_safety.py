@@ -462,11 +462,15 @@ def test_resume_with_other_flags_fails_before_the_model_loads(tmp_path, toy_mode
 def test_corpus_without_the_words_and_empty_word_list_fail_before_loading(tmp_path, monkeypatch, toy_model_dir,
                                                                          toy_corpus, cache_dir):
     _no_heavy_loads(monkeypatch)
-    for words, needle in (([" zzqqxx", " wwvvyy"], "none of the 2 new tokens occurs"), (["", "  "], "no words in it")):
+    for words, needle in (([" zzqqxx", " wwvvyy"], "none of the 2 new tokens occurs"), (["", "  "], r"no words in it \(only empty lines\)")):
         t0 = time.perf_counter()
         with pytest.raises(ConfigError, match=needle):
             run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, new_tokens_source=_words(tmp_path, words)))
         assert time.perf_counter() - t0 < 5
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no words in it \(the file is empty\)"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, new_tokens_source=str(empty)))
 
 
 def test_word_scan_finds_a_word_split_across_read_blocks(tmp_path, monkeypatch):

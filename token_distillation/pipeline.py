@@ -392,7 +392,8 @@ def start(cfg: RunConfig) -> Setup:
         words = read_wordlist(cfg.targets.wordlist_path)  # a malformed list fails before the tokenizer loads
         words_digest = list_digest(words)
         if not any(w.strip() for w in words):
-            raise ConfigError(f"--new_tokens_source {cfg.targets.wordlist_path}: no words in it (only empty lines); "
+            what = "the file is empty" if not words else "only empty lines"
+            raise ConfigError(f"--new_tokens_source {cfg.targets.wordlist_path}: no words in it ({what}); "
                               "write one token per line")
         if cfg.resolved_snippet_source == SnippetSource.CORPUS and not cfg.output.dry_run:
             check_words_occur(cfg.corpus, words)
