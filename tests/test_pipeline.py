@@ -57,7 +57,7 @@ def test_toy_run_saves_loadable_model_and_report(tmp_path, toy_model_dir, toy_co
         assert abs(new[t["id"]].norm().item() - t["row_norm"]) < 1e-4
 
 
-def test_out_path_not_clobbered(tmp_path, toy_model_dir, toy_corpus, cache_dir):
+def test_out_path_not_clobbered(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("user data")
@@ -70,8 +70,10 @@ def test_out_path_not_clobbered(tmp_path, toy_model_dir, toy_corpus, cache_dir):
     (out / "precious.txt").unlink()
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir))
     first = (out / "report.json").read_text()
-    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, overwrite=True))
+    with caplog.at_level("INFO", logger="token_distillation.pipeline"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, overwrite=True))
     assert (out / "report.json").read_text() != first  # replaced (a new report: other timings)
+    assert "--overwrite: " in caplog.text and "holds an earlier output of this tool" in caplog.text
     (out / "notes.txt").write_text("the user's notes beside an output")  # an output with a foreign entry
     with pytest.raises(ConfigError, match="is an earlier output of this tool, but it also holds .*notes.txt"):
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, overwrite=True))

@@ -385,6 +385,9 @@ def start(cfg: RunConfig) -> Setup:
     source = resolve_model_source(cfg.model.model_path)
     out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
                          dry_run=cfg.output.dry_run)
+    if cfg.output.overwrite and not cfg.output.resume and out.is_dir() and any(out.iterdir()):
+        logger.info("--overwrite: %s holds an earlier output of this tool; it stays until this run's output is "
+                    "complete and then is replaced", out)
     if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
     words_digest = None
