@@ -1056,9 +1056,10 @@ def _add_inexact(cfg: RunConfig, snips: SnippetSet, corpus, tokenizer, tokens: l
                                                cfg.corpus.heldout_fraction if sc.heldout_snippet_num else 0.0,
                                                cfg.train.seed, want=(sc.snippet_num, sc.heldout_snippet_num),
                                                firings=firings)
-    logger.info("snippets inside longer words (--alignment chars): %d training / %d held-out snippets, "
-                "in the share the corpus has (%.1f%% of all firings; tokens with too few exact snippets "
-                "topped up) (%.1f s)", info["train"], info["heldout"], 100 * info["inexact_share"], time.time() - t0)
+    logger.info("--alignment chars: %d training / %d held-out snippets are windows where a new token is used "
+                "inside a longer word (' agonist' in ' agonists'), per token in the share of its uses the corpus "
+                "has (%.1f%% of all uses), plus extra ones for tokens with too few exact uses (%.1f s)",
+                info["train"], info["heldout"], 100 * info["inexact_share"], time.time() - t0)
     return firings
 
 
