@@ -418,6 +418,17 @@ def test_dry_run_reports_tokens_a_real_run_would_skip(tmp_path, toy_model_dir, t
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, min_snippets=500,
                      snippet_num=500, out_path=str(tmp_path / "none")))
     assert json.loads((tmp_path / "none" / "report.json").read_text())["tokens_with_enough_snippets"] == 0
+    # with --snippet_source corpus-then-generated a real run tops those tokens up: the dry run does not stop
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, min_snippets=500,
+                           snippet_num=500, snippet_source="corpus-then-generated", out_path=str(tmp_path / "top")))
+    assert res.report["tokens_with_enough_snippets"] == 4 and not res.report["skipped_tokens"]
+    assert "a real run would top up 4 token(s)" in caplog.text and "would skip" not in caplog.text
+    # words that never occur: the real run's reason, not "lower --min_snippets"
+    with pytest.raises(ConfigError, match="a real run would stop: none of the 2 new tokens occurs in --dataset_path"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, out_path=str(tmp_path / "absent"),
+                     new_tokens_source=_words(tmp_path, [" zzqqxx", " wwvvyy"])))
 
 
 def test_snippet_num_below_min_snippets_is_a_flag_error():

@@ -201,3 +201,18 @@ def test_models_with_different_token_sets_are_flagged(tmp_path, toy_model_dir, t
                         definition_tokens=0, gen_prompts=0, bpb_docs=2))
     assert res["token_sets_differ"] == {"two": 2, "one": 1}
     assert "different new tokens" in (tmp_path / "eval" / "evaluation.md").read_text()
+
+
+def test_a_dry_run_output_is_named_as_such(tmp_path, toy_corpus):
+    """--extended_paths of a dry run (report.json, no model): the error says it is a dry run's output."""
+    import json as _json
+
+    from token_distillation.evaluate import EvalConfig
+
+    dry, other = tmp_path / "dry", tmp_path / "other"
+    dry.mkdir()
+    other.mkdir()
+    (dry / "report.json").write_text(_json.dumps({"dry_run": True}))
+    with pytest.raises(ConfigError, match=r"dry is the output of a --dry_run \(no model in it\)") as e:
+        EvalConfig.from_flags(extended_paths=f"{dry},{other}", dataset_path=str(toy_corpus))
+    assert "other is not an output directory of apply_embedding_init.py" in str(e.value)

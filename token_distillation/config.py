@@ -675,9 +675,10 @@ class OutputConfig:
     )
     set_output_to_zero_if_untied: bool = _flag(
         True,
-        "For models with untied output embeddings: set the new tokens' output rows to zero (True) "
-        "or to the mean of their subtokens' output rows (False). Ignored for tied models. The paper's "
-        "flag; --output_embeddings zero / subtoken-mean say the same.",
+        "The paper's flag, read with --output_embeddings auto: False gives the new tokens the mean of their "
+        "subtokens' output rows (tied models are untied). True: distilled output rows for the Token Distillation "
+        "methods; for the other methods zero rows on untied models and subtoken-mean rows on tied ones. "
+        "--output_embeddings zero / subtoken-mean / distill say the same explicitly.",
     )
     output_embeddings: OutputEmbeddings = _flag(
         OutputEmbeddings.AUTO,

@@ -58,6 +58,7 @@ evaluated model has):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -150,7 +151,10 @@ class EvalConfig:
                             "apply_embedding_init.py")
         for p in self.paths:
             d = Path(p).expanduser()
-            if not (d / "report.json").is_file() or not (d / "config.json").is_file():
+            if (d / "report.json").is_file() and not (d / "config.json").is_file() and _is_dry_run(d):
+                problems.append(f"--extended_paths: {d} is the output of a --dry_run (no model in it); pass the "
+                                "output directory of a real run")
+            elif not (d / "report.json").is_file() or not (d / "config.json").is_file():
                 problems.append(f"--extended_paths: {d} is not an output directory of apply_embedding_init.py "
                                 "(needs config.json and report.json)")
         if self.labels and len(self.label_list) != len(self.paths):
@@ -384,6 +388,14 @@ def _inflected_score(model, tokenizer, contexts: list, device, new_ids) -> dict 
                        starts=[c.start for c in contexts]).as_dict()
 
 
+def _is_dry_run(d: Path) -> bool:
+    """Whether ``d/report.json`` is a dry run's report."""
+    try:
+        return bool(json.loads((d / "report.json").read_text(encoding="utf-8")).get("dry_run"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _max_len(model) -> int:
     return int(getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
                        "max_position_embeddings", 0) or 0)
@@ -396,8 +408,8 @@ def _original_bpb(cfg: EvalConfig, model, tokenizer, windows: list[Window], devi
         return [], None
     _, texts = documents_for_bpb([w.doc for w in windows], cfg.bpb_docs, iter_texts(cfg.corpus), cfg.bpb_max_chars)
     score = score_bytes(model, tokenizer, texts, device, max_len=_max_len(model), keep_tokens=tokenizer.is_fast)
-    logger.info("bits per byte on %d held-out documents with the words: original %.4f%s", len(texts), score.bpb,
-                f" (--bpb_docs {cfg.bpb_docs}: only {len(texts)} held-out documents contain the words)"
+    logger.info("bits per byte on %d held-out document(s) with the words: original %.4f%s", len(texts), score.bpb,
+                f" (--bpb_docs {cfg.bpb_docs}: only {len(texts)} held-out document(s) contain the words)"
                 if len(texts) < cfg.bpb_docs else "")
     return texts, score
 

@@ -364,9 +364,10 @@ def distill_stages(setup: Setup, tokenizer, model_config, words: list[str] | Non
     setup.dist.close()
     report["total_seconds"] = time.perf_counter() - setup.started
     closed = gap_closed_estimate(report["mean_heldout_loss_init"], report["mean_heldout_loss_final"])
-    logger.info("%s (held-out loss %.5f -> %.5f%s) in %.1fs",
+    fmt = lambda v: "n/a" if v is None else f"{v:.5f}"  # noqa: E731 (no held-out snippets: None)
+    logger.info("%s (held-out loss %s -> %s%s) in %.1fs",
                 f"saved extended model to {out}" if out else "extended the model (not saved)",
-                report["mean_heldout_loss_init"] or float("nan"), report["mean_heldout_loss_final"] or float("nan"),
+                fmt(report["mean_heldout_loss_init"]), fmt(report["mean_heldout_loss_final"]),
                 f", {100 * closed:.0f}% of the distillation gap closed" if closed is not None and trained.result
                 else "", report["total_seconds"])
     return Distilled(extended.model, extended.tokenizer, report, out)
@@ -1266,13 +1267,21 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
     inside longer words, and the table counts those uses (``inexact_firings``)."""
     cfg, sc, targets = setup.cfg, setup.cfg.snippets, tg.targets
     train_counts = heldout_counts = inexact = None
+    topped: set[int] = set()  # tokens a real run tops up with generated snippets (corpus-then-generated)
     if tg.corpus is not None:
         bos = bos_prefix(tg.tokenizer)
         snips = tg.mined if tg.mined is not None else _mine(cfg, tg.corpus, targets.tokens, bos)
         firings = _add_inexact(cfg, snips, tg.corpus, tg.tokenizer, targets.tokens, bos)
         inexact = firings.counts[:, 1].tolist() if firings is not None else None
         train_counts, heldout_counts = snips.train_counts, snips.heldout_counts
-        _warn_missing_heldout(targets.tokens, heldout_counts, sc.heldout_snippet_num)
+        if setup.snippet_source == SnippetSource.CORPUS_THEN_GENERATED:
+            topped = {i for i, w in enumerate(top_up_wanted(cfg, snips)) if w != (0, 0)}
+            if topped:
+                logger.info("dry run: a real run would top up %d token(s) with fewer than %d corpus snippets with "
+                            "generated ones (not generated in a dry run)", len(topped), sc.min_snippets)
+        mined = [i for i, c in enumerate(train_counts) if c >= sc.min_snippets]  # what a real run judges held out
+        _warn_missing_heldout([targets.tokens[i] for i in mined], [heldout_counts[i] for i in mined],
+                              sc.heldout_snippet_num)
     else:
         logger.info("dry run: no corpus, so a real run would generate %d training and %d held-out snippets per token "
                     "with the model (not done in a dry run)", sc.snippet_num, sc.heldout_snippet_num)
@@ -1281,10 +1290,14 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
                 len(tg.records), sc.snippet_num, table)
     plan = output_plan(cfg, tg.model_config)
     logger.info("dry run: output embeddings %s", plan)
-    usable = sum(1 for c in train_counts or [] if c >= sc.min_snippets) if train_counts is not None else None
-    would_skip = (too_few_snippets(cfg, train_counts, targets.tokens, verb="a real run would skip")
-                  if train_counts is not None else {})
-    report = {**dry_run_report(cfg, tg.summary, {**targets.skipped, **would_skip}, usable), "output_embeddings": plan}
+    usable = would_skip = None
+    if train_counts is not None:
+        usable = sum(1 for i, c in enumerate(train_counts) if c >= sc.min_snippets or i in topped)
+        rest = [i for i in range(len(train_counts)) if i not in topped]
+        would_skip = too_few_snippets(cfg, [train_counts[i] for i in rest], [targets.tokens[i] for i in rest],
+                                      verb="a real run would skip")
+    report = {**dry_run_report(cfg, tg.summary, {**targets.skipped, **(would_skip or {})}, usable),
+              "output_embeddings": plan}
 
     def _write(tmp: Path) -> None:
         write_json(tmp / "report.json", report)
@@ -1295,5 +1308,9 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
     report["total_seconds"] = time.perf_counter() - setup.started
     logger.info("dry run: wrote new_tokens.jsonl, coverage.tsv and report.json to %s; model not loaded", setup.out)
     if usable == 0 and cfg.train.init_method in TRAINED:  # the real run's error, after the files are written
-        raise ConfigError(f"dry run: a real run would stop: {_none_left(cfg)} (coverage.tsv in {setup.out})")
+        why = _none_left(cfg)
+        if not any(train_counts) and not any(heldout_counts):
+            why = (f"none of the {len(train_counts)} new tokens occurs in --dataset_path, so no snippet can be mined; "
+                   "pass a corpus that contains them, or --use_generated_snippets")
+        raise ConfigError(f"dry run: a real run would stop: {why} (coverage.tsv in {setup.out})")
     return RunResult(setup.out, report)
