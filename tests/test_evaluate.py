@@ -216,3 +216,19 @@ def test_a_dry_run_output_is_named_as_such(tmp_path, toy_corpus):
     with pytest.raises(ConfigError, match=r"dry is the output of a --dry_run \(no model in it\)") as e:
         EvalConfig.from_flags(extended_paths=f"{dry},{other}", dataset_path=str(toy_corpus))
     assert "other is not an output directory of apply_embedding_init.py" in str(e.value)
+
+
+def test_extended_models_of_another_original_are_warned_about(tmp_path, caplog):
+    """A report whose model identity differs from --model_path's is named in a warning; a report with
+    the same identity, or none (older outputs), is not."""
+    from token_distillation.evaluate import other_source
+    from token_distillation.metrics import ExtendedModel
+    from token_distillation.paths import ModelSource
+
+    src = ModelSource("smollm2-135m", "/m", None, "dir:/m:abc")
+    mk = lambda lab, model: ExtendedModel(tmp_path / lab, lab, [], [], 1, {"model": model} if model else {})  # noqa
+    exts = [mk("same", {"identity": "dir:/m:abc", "source": "smollm2-135m"}),
+            mk("other", {"identity": "dir:/u:def", "source": "/u"}), mk("old", None)]
+    with caplog.at_level("WARNING", logger="token_distillation.evaluate"):
+        assert other_source(exts, src) == ["other"]
+    assert "other was made from /u, not from --model_path smollm2-135m" in caplog.text

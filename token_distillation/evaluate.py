@@ -275,6 +275,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if not cfg.labels:
         _unique_labels(exts)
     source = resolve_model_source(cfg.model_path)
+    other_source(exts, source)
     sets = {e.label: frozenset(t.text for t in e.tokens) for e in exts}
     differ = {lab: len(v) for lab, v in sets.items()} if len(set(sets.values())) > 1 else None
     if differ:
@@ -386,6 +387,21 @@ def _inflected_score(model, tokenizer, contexts: list, device, new_ids) -> dict 
         return None
     return score_bytes(model, tokenizer, [c.text for c in contexts], device, new_ids=new_ids, max_len=_max_len(model),
                        starts=[c.start for c in contexts]).as_dict()
+
+
+def other_source(exts: list[ExtendedModel], source) -> list[str]:
+    """Warn about extended models whose report names another original model than ``--model_path``
+    (their ``model.identity`` differs from ``source.identity``: other weights, or the same weights
+    at another path); returns their labels. Every comparison here assumes one original model."""
+    odd = []
+    for e in exts:
+        made = e.report.get("model") or {}
+        if made.get("identity") and made["identity"] != source.identity:
+            odd.append(e.label)
+            logger.warning("--extended_paths %s was made from %s, not from --model_path %s; the comparison holds only "
+                           "if both are the same weights (pass the run's --model_path)", e.path,
+                           made.get("source", "another model"), source.spec)
+    return odd
 
 
 def _is_dry_run(d: Path) -> bool:
