@@ -494,3 +494,12 @@ def test_word_scan_finds_a_word_split_across_read_blocks(tmp_path, monkeypatch):
     corpus.check_words_occur(CorpusConfig(dataset_path=str(p)), [" hepatotoxicity", " absent"])  # no error
     with pytest.raises(ConfigError):
         corpus.check_words_occur(CorpusConfig(dataset_path=str(p)), [" absent"])
+
+
+def test_nearest_alias_suggests_the_alias_not_the_package():
+    from token_distillation.paths import nearest_alias
+
+    assert nearest_alias("smollm2") == " (did you mean 'smollm2-135m'?)"
+    assert nearest_alias("llm-smolm2") == " (did you mean 'smollm2-135m'?)"
+    assert nearest_alias("Gemma3") == " (did you mean 'gemma3-270m'?)"
+    assert nearest_alias("meta-llama/Llama-3.1-8B") == ""

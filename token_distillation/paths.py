@@ -163,12 +163,15 @@ def resolve_model_source(spec: str) -> ModelSource:
 
 
 def nearest_alias(spec: str) -> str:
-    """`` (did you mean 'alias'?)`` for a name close to a bundled alias or its package, else ``""``."""
+    """`` (did you mean 'alias'?)`` for a name that starts a bundled alias or is close to an alias or its
+    package (the alias is suggested either way), else ``""``."""
     import difflib
 
-    names = list(BUNDLED_MODELS) + [dist for dist, _, _ in BUNDLED_MODELS.values()]
-    close = difflib.get_close_matches(spec.lower(), names, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    alias_of = {a: a for a in BUNDLED_MODELS} | {dist: a for a, (dist, _, _) in BUNDLED_MODELS.items()}
+    low = spec.lower()
+    close = [a for a in BUNDLED_MODELS if a.startswith(low)] or difflib.get_close_matches(low, list(alias_of), n=1,
+                                                                                        cutoff=0.6)
+    return f" (did you mean {alias_of[close[0]]!r}?)" if close else ""
 
 
 def _hub_host() -> tuple[str, int]:
