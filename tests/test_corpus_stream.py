@@ -21,6 +21,7 @@ from token_distillation.corpus import (
     scan_corpus,
 )
 from token_distillation.snippets import SnippetMiner
+import token_distillation.corpus as corpus_mod
 from token_distillation.tokenization import NewToken, subtoken_ids
 
 from .conftest import TOY_TEXT
@@ -157,10 +158,20 @@ def test_hub_ids_are_streamed(tmp_path, monkeypatch, pubmed_dir):
         return real(path, *args, **kw)
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(corpus_mod, "hub_unreachable", lambda *a: None)  # as on a machine with network
     cfg = CorpusConfig(dataset_path="ncbi/pubmed", max_docs=5)
     assert check_text_column(cfg).text == (PUBMED_TEXT,)  # the schema is known before anything loads
     assert list(iter_texts(cfg)) == TOY_TEXT[:5]
     assert calls and all(kw.get("streaming") for p, kw in calls if p == "ncbi/pubmed")
+
+
+def test_an_unreachable_hub_dataset_is_a_one_line_error(monkeypatch):
+    """Offline, a hub dataset id fails at once with what to pass instead (datasets would retry for
+    about half a minute)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"--dataset_path nosuchorg/nosuchdata: not a local file or folder, and "
+                                          r"HF_HUB_OFFLINE is set, .*pass a local \.jsonl"):
+        check_text_column(CorpusConfig(dataset_path="nosuchorg/nosuchdata"))
 
 
 def test_benchmark_corpus_writes_the_pubmed_schema(tmp_path):

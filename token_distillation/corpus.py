@@ -31,6 +31,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .config import ConfigError, CorpusConfig
+from .paths import hub_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +334,10 @@ def check_text_column(cfg: CorpusConfig) -> TextSpec | None:
                               f"{len(files)} file(s)); pass a corpus with documents")
         return resolve_text_spec(tree, cfg, cfg.dataset_path) if tree is not None else None
     key = (cfg.dataset_path, cfg.dataset_name, cfg.dataset_split)
+    if key not in _HUB_TREES and (why := hub_unreachable()) is not None:  # one line, not half a minute of retries
+        raise ConfigError(f"--dataset_path {cfg.dataset_path}: not a local file or folder, and {why}, so the Hugging "
+                          "Face Hub dataset cannot be streamed; pass a local .jsonl/.json/.txt/.csv/.parquet file or "
+                          "a folder of them, or run where the Hub can be reached")
     if key not in _HUB_TREES:  # asked once per process: the CLI, the pipeline and the scan all check
         _HUB_TREES[key] = _stream_tree(open_stream(cfg, None), cfg)
     return resolve_text_spec(_HUB_TREES[key], cfg, cfg.dataset_path)

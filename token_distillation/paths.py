@@ -193,6 +193,21 @@ def _in_hub_cache(repo_id: str) -> bool:
 _HUB_CHECKED: set[str] = set()
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be used now (``HF_HUB_OFFLINE`` set, or its host not reached
+    within ``timeout`` seconds), or None when it can."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "HF_HUB_OFFLINE is set"
+    host, port = _hub_host()
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+
+
 def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
     """Fail in one line, within ``timeout`` seconds, for a hub id that cannot be loaded: not in the
     local Hugging Face cache while offline (``HF_HUB_OFFLINE`` set, or the hub's host unreachable).
@@ -203,20 +218,12 @@ def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
     Raises:
         ConfigError: the model is not cached and the hub cannot be reached.
     """
-    import socket
-
     if repo_id in _HUB_CHECKED:
         return
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    reason = "HF_HUB_OFFLINE is set"
-    if not offline:
-        host, port = _hub_host()
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            _HUB_CHECKED.add(repo_id)
-            return
-        except OSError as e:
-            offline, reason = True, f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+    reason = hub_unreachable(timeout)
+    if reason is None:
+        _HUB_CHECKED.add(repo_id)
+        return
     if _in_hub_cache(repo_id):
         os.environ["HF_HUB_OFFLINE"] = "1"  # load from the cache without retrying the network
         _HUB_CHECKED.add(repo_id)
