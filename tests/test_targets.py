@@ -312,3 +312,17 @@ def test_frequency_end_to_end_bundled_model(tmp_path):
     t = res.report["targets"]
     assert t["corpus_tokens_after"] < t["corpus_tokens_before"]
     assert res.report["tokens"] and res.report["train_steps"] > 0 and (res.out_path / "model.safetensors").is_file()
+
+
+def test_words_without_leading_space_are_warned_about_once(caplog):
+    """Entries starting with a letter and no space get one warning naming them (they are other tokens
+    than the words of running text); --add_leading_space true or spaced entries give none."""
+    from token_distillation.targets import _warn_bare_words
+
+    with caplog.at_level("WARNING", logger="token_distillation.targets"):
+        assert _warn_bare_words(["hepatotoxicity", " nephrotoxicity", "-ase", "IL2"]) == ["hepatotoxicity", "IL2"]
+    msgs = [r.message for r in caplog.records]
+    assert len(msgs) == 1 and msgs[0].startswith("2 of 4 word(s) have no leading space ('hepatotoxicity', 'IL2')")
+    assert "--add_leading_space true" in msgs[0]
+    caplog.clear()
+    assert _warn_bare_words([" hepatotoxicity"]) == [] and not caplog.records

@@ -159,6 +159,20 @@ def filter_candidates(tokenizer, candidates: list[str], add_leading_space: bool 
     return result
 
 
+def _warn_bare_words(texts: list[str]) -> list[str]:
+    """Warn once about word-list entries that start with a letter and have no leading space: in
+    running text a word after a space is the token " word" (byte-level BPE and SentencePiece alike),
+    a different token, so "word" is used only at the start of a text or inside longer words.
+    Returns those entries."""
+    bare = [t for t in texts if t[:1].isalpha()]
+    if bare:
+        logger.warning("%d of %d word(s) have no leading space (%s): \"word\" and \" word\" are different tokens, "
+                       "and a word after a space in running text is \" word\"; pass --add_leading_space true if "
+                       "you meant the words of running text", len(bare), len(texts),
+                       ", ".join(map(repr, bare[:5])) + (", ..." if len(bare) > 5 else ""))
+    return bare
+
+
 # ----------------------------------------------------------------------------- shared helpers
 
 
@@ -475,6 +489,8 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
                                     cfg.add_leading_space)
         targets.source = cfg.wordlist_path if words is None else "new_tokens"
         targets.seen = len(targets.tokens) + len(targets.skipped)
+        if not cfg.add_leading_space:
+            _warn_bare_words([t.text for t in targets.tokens])
         for reason in targets.skipped.values():
             _drop(targets, reason)
         if cfg.num_new_tokens and len(targets.tokens) > cfg.num_new_tokens:
