@@ -22,6 +22,7 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--loss_method", "L1"], "--loss_method"),
         (["--dataset_path", "/nonexistent/corpus.jsonl"], "not found: /nonexistent/corpus.jsonl; pass an existing"),
         (["--new_tokens_source", "/nonexistent/words.txt"], "--new_tokens_source"),
+        (["--new_tokens_source", "/"], "--new_tokens_source: is a directory: /; pass a text file"),
         (["--bogus_flag", "1"], "--bogus_flag"),
         (["--target_layer", "0"], "--target_layer"),
         (["--target_layer", "99"], "--target_layer"),

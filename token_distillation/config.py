@@ -333,12 +333,14 @@ class TargetConfig:
         if method == BuildTargetMethod.WORDLIST:
             p = Path(self.wordlist_path).expanduser()
             if not p.is_file():
-                problems.append(f"--new_tokens_source: file not found: {p}; pass a text file with one "
+                problems.append(f"--new_tokens_source: {'is a directory' if p.is_dir() else 'file not found'}: {p}; "
+                                "pass a text file with one "
                                 "token per line or a JSON object of categories -> word lists")
         if method == BuildTargetMethod.NER and self.new_tokens_source:
             p = Path(str(self.new_tokens_source)).expanduser()
             if not p.is_file():
-                problems.append(f"--new_tokens_source: entity-counts file not found: {p}; pass a JSONL file "
+                problems.append(f"--new_tokens_source: entity-counts file "
+                                f"{'is a directory' if p.is_dir() else 'not found'}: {p}; pass a JSONL file "
                                 "or leave it empty to run spaCy over --dataset_path")
         if method == BuildTargetMethod.TOKENIZER and not str(self.target_tokenizer).strip():
             problems.append("--build_target_method tokenizer needs --target_tokenizer (a tokenizer directory, "
