@@ -1057,10 +1057,14 @@ def _add_inexact(cfg: RunConfig, snips: SnippetSet, corpus, tokenizer, tokens: l
                                                cfg.corpus.heldout_fraction if sc.heldout_snippet_num else 0.0,
                                                cfg.train.seed, want=(sc.snippet_num, sc.heldout_snippet_num),
                                                firings=firings)
-    logger.info("--alignment chars: %d training / %d held-out snippets are windows where a new token is used "
-                "inside a longer word (' agonist' in ' agonists'), per token in the share of its uses the corpus "
-                "has (%.1f%% of all uses), plus extra ones for tokens with too few exact uses (%.1f s)",
-                info["train"], info["heldout"], 100 * info["inexact_share"], time.time() - t0)
+    if not info["train"] and not info["heldout"]:
+        logger.info("--alignment chars: no new token is used inside a longer word in the documents read (%.1f s)",
+                    time.time() - t0)
+    else:
+        logger.info("--alignment chars: %.1f%% of the new tokens' uses in the corpus are inside longer words "
+                    "(' agonist' in ' agonists'), so %d training / %d held-out snippets are windows around such uses "
+                    "(each token's share of its snippets as in the corpus; more where it has too few other uses) "
+                    "(%.1f s)", 100 * info["inexact_share"], info["train"], info["heldout"], time.time() - t0)
     return firings
 
 
