@@ -191,3 +191,12 @@ def test_output_flags_are_all_checked():
     assert "--export 'zip'" in msg and "--checkpoint_minutes" in msg and "--checkpoint_every" in msg
     with pytest.raises(ConfigError, match="--dry_run with --resume"):
         RunConfig.from_flags(dry_run=True, resume=True)
+
+
+def test_switches_take_on_off_as_well_as_yes_no():
+    from token_distillation.config import ConfigError, RunConfig
+
+    for word, want in (("off", False), ("On", True), ("no", False), ("YES", True), ("0", False)):
+        assert RunConfig.from_flags(dry_run=word).output.dry_run is want
+    with pytest.raises(ConfigError, match=r"--dry_run: expected true or false \(also yes/no, on/off, 1/0\)"):
+        RunConfig.from_flags(dry_run="maybe")

@@ -220,9 +220,9 @@ def exit_on_user_error(fn):
             if isinstance(value, bool):
                 return value
             word = str(value).strip().lower()
-            if word in {"true", "yes", "1"}:
+            if word in {"true", "yes", "on", "1"}:
                 return True
-            if word in {"false", "no", "0"}:
+            if word in {"false", "no", "off", "0"}:
                 return False
             problems.append(f"{flag} is a switch: pass {flag} or --no{name}, not {value!r}")
         elif kind in (int, float, str) and isinstance(value, bool):

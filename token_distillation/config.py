@@ -932,11 +932,11 @@ def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        if str(value).lower() in {"true", "1", "yes"}:
+        if str(value).strip().lower() in {"true", "1", "yes", "on"}:
             return True
-        if str(value).lower() in {"false", "0", "no"}:
+        if str(value).strip().lower() in {"false", "0", "no", "off"}:
             return False
-        problems.append(f"--{f.name}: expected true/false, got {value!r}")
+        problems.append(f"--{f.name}: expected true or false (also yes/no, on/off, 1/0), got {value!r}")
         return default
     if isinstance(default, enum.Enum):
         return value
