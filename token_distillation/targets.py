@@ -524,8 +524,8 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
         hint = "the source vocabulary already has every token of --target_tokenizer"
     if not targets.tokens:
         raise ConfigError(f"--build_target_method {method.value} ({targets.source}): no usable new tokens "
-                          f"({targets.seen} candidates, dropped: {_summarise(targets.dropped)}); {hint}")
-    logger.info("new tokens (%s from %s): %d candidates seen, %d kept; dropped: %s", method.value,
+                          f"({targets.seen} candidate(s), dropped: {_summarise(targets.dropped)}); {hint}")
+    logger.info("new tokens (%s from %s): %d candidate(s) seen, %d kept; dropped: %s", method.value,
                 targets.source, targets.seen, len(targets.tokens), _summarise(targets.dropped))
     return targets
 
