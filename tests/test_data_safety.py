@@ -371,6 +371,8 @@ def test_target_layer_refused_from_the_config(tmp_path, monkeypatch, toy_model_d
     with pytest.raises(ConfigError, match="--target_layer 999"):
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, target_layer=999))
     assert time.perf_counter() - t0 < 5
+    with pytest.raises(ConfigError, match="--snippet_len 100000 .* exceeds the model's context"):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, snippet_len=100000))
 
 
 def test_offline_hub_id_fails_fast_with_nearest_alias(tmp_path, capsys, monkeypatch):

@@ -437,10 +437,11 @@ def check_model_config(cfg: RunConfig, model_config) -> None:
     """The flag checks that need the model's config only (no weights, no tokenizer).
 
     Raises:
-        ConfigError: ``--target_layer`` is outside the model's layers, or ``--output_embeddings tied``
-            on a model whose output embeddings are not tied.
+        ConfigError: ``--target_layer`` is outside the model's layers, ``--snippet_len`` exceeds its
+            context, or ``--output_embeddings tied`` on a model whose output embeddings are not tied.
     """
     resolve_layer(model_config, cfg.train.target_layer)
+    check_context_length(model_config, cfg.snippets.snippet_len, 0)  # with the BOS again once the tokenizer is known
     text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
         raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
