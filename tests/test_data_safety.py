@@ -135,8 +135,8 @@ def test_resume_of_a_finished_run_says_it_is_finished(tmp_path):
     _refused_and_untouched(tmp_path / "out", "--resume: .* holds a finished run .*nothing is left to resume",
                            lambda out: prepare_output(str(out), overwrite=False, resume=True))
     dry = tmp_path / "dry"
-    _earlier_output(dry, kind="dry-run")  # not a finished training run: the usual advice
-    with pytest.raises(ConfigError, match="an earlier output of this tool"):
+    _earlier_output(dry, kind="dry-run")  # not a training run: says so
+    with pytest.raises(ConfigError, match=r"--resume: .* holds a dry run's output \(no training to resume\)"):
         prepare_output(str(dry), overwrite=False, resume=True)
 
 

@@ -536,6 +536,9 @@ def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=No
             raise ConfigError(f"--resume: --out_path {out} holds a finished run (its model was saved; nothing is "
                               "left to resume); choose a new directory to train again, or pass --overwrite "
                               "without --resume to replace it")
+        if manifest and manifest.get("kind") == "dry-run":
+            raise ConfigError(f"--resume: --out_path {out} holds a dry run's output (no training to resume); run "
+                              "without --resume, with --overwrite to replace the dry run's files")
     return prepare_out_path(out_path, overwrite or (resume and has_ckpt), model_source, dry_run=dry_run)
 
 
