@@ -181,7 +181,7 @@ def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir):
     skipped (a real run tops it up), and coverage.tsv counts those uses."""
     import json
 
-    from token_distillation.config import RunConfig
+    from token_distillation.config import ConfigError, RunConfig
     from token_distillation.pipeline import run
 
     corpus = tmp_path / "c.jsonl"
@@ -192,10 +192,13 @@ def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir):
                   new_tokens_source=str(words), build_target_method="wordlist", dry_run=True, snippet_num=8,
                   min_snippets=7, heldout_snippet_num=0, snippet_len=12)
     rows = {}
-    for align in ("chars", "ids"):
-        res = run(RunConfig.from_flags(**common, alignment=align, out_path=str(tmp_path / align)))
-        rows[align] = (res.out_path / "coverage.tsv").read_text().splitlines()
-        rows[align + "_report"] = res.report
+    res = run(RunConfig.from_flags(**common, alignment="chars", out_path=str(tmp_path / "chars")))
+    rows["chars"], rows["chars_report"] = (res.out_path / "coverage.tsv").read_text().splitlines(), res.report
+    # ids: the only token has too few snippets, so the dry run fails as the real run would, after writing its files
+    with pytest.raises(ConfigError, match="a real run would stop: no new token has enough snippets"):
+        run(RunConfig.from_flags(**common, alignment="ids", out_path=str(tmp_path / "ids")))
+    rows["ids"] = (tmp_path / "ids" / "coverage.tsv").read_text().splitlines()
+    rows["ids_report"] = json.loads((tmp_path / "ids" / "report.json").read_text())
     head, line = rows["chars"][0].split("\t"), rows["chars"][1].split("\t")
     assert head[-1] == "inexact_firings" and line[head.index("inexact_firings")] == "15"
     assert line[head.index("train_snippets")] == "8" and line[head.index("occurrences")] == "6"
