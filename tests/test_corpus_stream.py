@@ -274,3 +274,29 @@ def test_max_steps_without_a_step_stop_is_refused():
     with pytest.raises(ConfigError, match="--max_steps 3 counts only when training stops by steps"):
         RunConfig.from_flags(max_steps=3)
     assert RunConfig.from_flags(max_steps=3, stopping_condition="max_steps").train.max_steps == 3
+
+
+def test_a_folder_with_a_copy_or_subset_is_warned_about(tmp_path, caplog):
+    """Two files of a corpus folder that start with the same document (a file and a subset of it)
+    get one warning naming them; distinct files get none."""
+    from token_distillation.corpus import _local_files
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    lines = [json.dumps({"text": t}) + "\n" for t in TOY_TEXT]
+    (d / "all.jsonl").write_text("".join(lines))
+    (d / "small.jsonl").write_text("".join(lines[:2]))
+    (d / "other.jsonl").write_text("".join(lines[2:]))
+    with caplog.at_level("WARNING", logger="token_distillation.corpus"):
+        _local_files(d)
+        _local_files(d)  # checked again by later stages: warned once
+    msgs = [r.message for r in caplog.records]
+    assert len(msgs) == 1 and "all.jsonl and small.jsonl begin with the same document" in msgs[0]
+    caplog.clear()
+    d2 = tmp_path / "distinct"
+    d2.mkdir()
+    (d2 / "a.jsonl").write_text("".join(lines[:2]))
+    (d2 / "b.jsonl").write_text("".join(lines[2:]))
+    with caplog.at_level("WARNING", logger="token_distillation.corpus"):
+        _local_files(d2)
+    assert not caplog.records

@@ -98,7 +98,42 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     builders = {_LOCAL_BUILDERS[p.suffix.lower()] for p in files}
     if len(builders) > 1:
         raise ConfigError(f"--dataset_path {path}: mixed file types {sorted(builders)}; keep one type per directory")
+    _warn_same_start(path, files)
     return builders.pop(), [str(p) for p in files]
+
+
+_WARNED_SAME_START: set[str] = set()
+
+
+def _warn_same_start(folder: Path, files: list[Path]) -> list[tuple[str, str]]:
+    """Warn (once per folder) about files of a corpus folder that begin with the same line: one is
+    likely a copy or a subset of the other (``abstracts.jsonl`` beside ``abstracts_small.jsonl``), so
+    its documents are read twice and a duplicate can be both trained on and held out. Reads the
+    first line of each uncompressed text file (Parquet and .gz files are not checked). Returns the
+    pairs (relative paths)."""
+    first: dict[bytes, Path] = {}
+    pairs = []
+    for f in files:
+        if f.suffix.lower() == ".parquet":
+            continue
+        try:
+            with open(f, "rb") as fh:
+                line = fh.readline(1 << 16).strip()
+        except OSError:
+            continue
+        if not line:
+            continue
+        if line in first:
+            pairs.append((str(first[line].relative_to(folder)), str(f.relative_to(folder))))
+        else:
+            first[line] = f
+    if pairs and str(folder) not in _WARNED_SAME_START:
+        _WARNED_SAME_START.add(str(folder))
+        logger.warning("--dataset_path %s: %s begin with the same document, so one is likely a copy or a subset of the "
+                       "other and its documents would be read twice (a duplicate can be trained on and held out); "
+                       "pass one file, or a folder without the copy", folder,
+                       "; ".join(f"{a} and {b}" for a, b in pairs[:3]))
+    return pairs
 
 
 def corpus_identity(cfg: CorpusConfig, with_limit: bool = True) -> str:
