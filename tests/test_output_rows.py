@@ -164,15 +164,16 @@ def test_tokens_whose_heldout_kl_rose_are_named(caplog):
     name, largest increase first; unmeasured tokens (None) and improved ones are not."""
     from token_distillation.output_rows import log_worse
 
-    kl = {"heldout_before": [0.01, 0.02, None, 0.003, 0.004], "heldout_after": [0.001, 0.05, 0.1, 0.004, None],
-          "train_before": [None] * 5, "train_after": [None] * 5}
-    names = [" alpha", " beta", " gamma", " delta", " eps"]
+    kl = {"heldout_before": [0.01, 0.02, None, 0.003, 0.004, 0.01], "heldout_after": [0.001, 0.05, 0.1, 0.004, None,
+                                                                                      0.0105],
+          "train_before": [None] * 6, "train_after": [None] * 6}
+    names = [" alpha", " beta", " gamma", " delta", " eps", " zeta"]  # zeta: +5%, within the noise
     with caplog.at_level("WARNING", logger="token_distillation.output_rows"):
         assert log_worse(kl, names) == [1, 3]
     msg = caplog.text
-    assert "2 of 3 token(s)" in msg and msg.index("' beta' 0.02 -> 0.05") < msg.index("' delta' 0.003 -> 0.004")
+    assert "2 of 4 token(s)" in msg and "zeta" not in msg and msg.index("' beta' 0.02 -> 0.05") < msg.index("' delta' 0.003 -> 0.004")
     assert "alpha" not in msg and "gamma" not in msg
     caplog.clear()
     with caplog.at_level("WARNING", logger="token_distillation.output_rows"):
-        assert log_worse({**kl, "heldout_after": [0.0] * 5}, names) == []
+        assert log_worse({**kl, "heldout_after": [0.0] * 6}, names) == []
     assert caplog.text == ""

@@ -368,9 +368,14 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     return TrainResult(loss_curve=curve, steps=steps, seconds=seconds), kl
 
 
+#: a token's held-out binary KL must rise by more than this share to be reported by :func:`log_worse`
+WORSE_SHARE = 0.10
+
+
 def log_worse(kl: dict, names: list[str], show: int = 5) -> list[int]:
-    """Log the tokens whose held-out binary KL is higher after the fit than with the rows it replaced:
-    the mean can fall while a few tokens, often those with few snippets, get worse.
+    """Log the tokens whose held-out binary KL is higher after the fit than with the rows it replaced,
+    by more than :data:`WORSE_SHARE` (smaller changes are within the noise of a few snippets): the
+    mean can fall while a few tokens, often those with few snippets, get worse.
 
     Args:
         kl: the per-token dict of :func:`distill_output_rows` (lists over the new tokens, None = not measured).
@@ -381,12 +386,13 @@ def log_worse(kl: dict, names: list[str], show: int = 5) -> list[int]:
         The indices of those tokens, largest increase first.
     """
     before, after = kl["heldout_before"], kl["heldout_after"]
-    worse = [t for t in range(len(names)) if before[t] is not None and after[t] is not None and after[t] > before[t]]
+    worse = [t for t in range(len(names))
+             if before[t] is not None and after[t] is not None and after[t] > (1 + WORSE_SHARE) * before[t]]
     worse.sort(key=lambda t: before[t] - after[t])
     measured = sum(b is not None and a is not None for b, a in zip(before, after))
     if worse:
-        logger.warning("output rows (distill): %d of %d token(s) have a higher held-out binary KL after the fit "
-                       "than with their rows before it (largest increases: %s); per token in report.json: "
-                       "output_kl_heldout_init / _final", len(worse), measured,
+        logger.warning("output rows (distill): %d of %d token(s) have a held-out binary KL over %.0f%% higher after "
+                       "the fit than with their rows before it (largest increases: %s); per token in report.json: "
+                       "output_kl_heldout_init / _final", len(worse), measured, 100 * WORSE_SHARE,
                        ", ".join(f"{names[t]!r} {before[t]:.3g} -> {after[t]:.3g}" for t in worse[:show]))
     return worse
