@@ -257,7 +257,7 @@ def test_dry_run_writes_files_without_loading_the_model(tmp_path, toy_model_dir,
     rows = (out / "coverage.tsv").read_text().splitlines()
     assert rows[0].startswith("token\tcount\toccurrences\ttrain_snippets") and len(rows) == len(recs) + 1
     assert rep["output_embeddings"] == ("tied: a real run unties them (the output layer becomes a separate copy, "
-                                        "saved with the model) and sets the new output rows by distill")
+                                        "saved with the model) and fits the new output rows by distillation (distill)")
 
 
 def test_dry_run_says_what_happens_to_the_output_embeddings(tmp_path):
@@ -272,11 +272,12 @@ def test_dry_run_says_what_happens_to_the_output_embeddings(tmp_path):
     cfg = lambda **kw: RunConfig.from_flags(model_path="m", new_tokens_source=str(tmp_path / "w.txt"),  # noqa: E731
                                             dataset_path=str(tmp_path / "w.txt"), **kw)
     assert output_plan(cfg(output_embeddings="tied"), tied).startswith("tied: a real run keeps them tied")
-    assert output_plan(cfg(), untied) == "untied: a real run sets the new output rows by distill"
-    assert output_plan(cfg(init_method="subtoken-mean"), untied) == "untied: a real run sets the new output rows by zero"
+    assert output_plan(cfg(), untied) == "untied: a real run fits the new output rows by distillation (distill)"
+    assert output_plan(cfg(init_method="subtoken-mean"), untied) == "untied: a real run sets the new output rows to zero (zero)"
     assert output_plan(cfg(init_method="subtoken-mean"), tied).endswith("unties them (the output layer becomes a separate "
                                                               "copy, saved with the model) and sets the new output "
-                                                              "rows by subtoken-mean")
+                                                              "rows to the mean of their subtokens' output rows "
+                                                              "(subtoken-mean)")
 
 
 def test_ner_counts_file_end_to_end_toy(tmp_path, toy_model_dir, toy_corpus, cache_dir, toy_tokenizer):

@@ -1189,10 +1189,14 @@ def output_plan(cfg: RunConfig, model_config) -> str:
     pol = _output_policy(cfg, tied)
     if pol is None:
         return "tied: a real run keeps them tied (a new token's output row is its input row)"
+    how = {OutputEmbeddings.DISTILL: "fits the new output rows by distillation",
+           OutputEmbeddings.ZERO: "sets the new output rows to zero",
+           OutputEmbeddings.SUBTOKEN_MEAN: "sets the new output rows to the mean of their subtokens' output rows",
+           OutputEmbeddings.NTP: "trains the new output rows by next-token prediction"}[pol]
     if tied:
         return (f"tied: a real run unties them (the output layer becomes a separate copy, saved with the model) "
-                f"and sets the new output rows by {pol.value}")
-    return f"untied: a real run sets the new output rows by {pol.value}"
+                f"and {how} ({pol.value})")
+    return f"untied: a real run {how} ({pol.value})"
 
 
 def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
