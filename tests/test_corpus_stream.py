@@ -279,7 +279,7 @@ def test_max_steps_without_a_step_stop_is_refused():
 def test_a_folder_with_a_copy_or_subset_is_warned_about(tmp_path, caplog):
     """Two files of a corpus folder that start with the same document (a file and a subset of it)
     get one warning naming them; distinct files get none."""
-    from token_distillation.corpus import _local_files
+    from token_distillation.corpus import check_text_column
 
     d = tmp_path / "corpus"
     d.mkdir()
@@ -288,8 +288,8 @@ def test_a_folder_with_a_copy_or_subset_is_warned_about(tmp_path, caplog):
     (d / "small.jsonl").write_text("".join(lines[:2]))
     (d / "other.jsonl").write_text("".join(lines[2:]))
     with caplog.at_level("WARNING", logger="token_distillation.corpus"):
-        _local_files(d)
-        _local_files(d)  # checked again by later stages: warned once
+        check_text_column(CorpusConfig(dataset_path=str(d)))
+        check_text_column(CorpusConfig(dataset_path=str(d)))  # checked again by later stages: warned once
     msgs = [r.message for r in caplog.records]
     assert len(msgs) == 1 and "all.jsonl and small.jsonl begin with the same document" in msgs[0]
     caplog.clear()
@@ -298,5 +298,5 @@ def test_a_folder_with_a_copy_or_subset_is_warned_about(tmp_path, caplog):
     (d2 / "a.jsonl").write_text("".join(lines[:2]))
     (d2 / "b.jsonl").write_text("".join(lines[2:]))
     with caplog.at_level("WARNING", logger="token_distillation.corpus"):
-        _local_files(d2)
+        check_text_column(CorpusConfig(dataset_path=str(d2)))
     assert not caplog.records

@@ -428,7 +428,7 @@ def test_dry_run_reports_tokens_a_real_run_would_skip(tmp_path, toy_model_dir, t
     assert res.report["tokens_with_enough_snippets"] == 4 and not res.report["skipped_tokens"]
     assert "a real run would top up 4 token(s)" in caplog.text and "would skip" not in caplog.text
     # words that never occur: the real run's reason, not "lower --min_snippets"
-    with pytest.raises(ConfigError, match="a real run would stop: none of the 2 new tokens occurs in --dataset_path"):
+    with pytest.raises(ConfigError, match="a real run would stop: --dataset_path .*: none of the 2 new tokens occurs in it"):
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, out_path=str(tmp_path / "absent"),
                      new_tokens_source=_words(tmp_path, [" zzqqxx", " wwvvyy"])))
 

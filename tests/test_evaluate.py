@@ -209,10 +209,11 @@ def test_a_dry_run_output_is_named_as_such(tmp_path, toy_corpus):
 
     from token_distillation.evaluate import EvalConfig
 
+    from token_distillation.paths import write_output_dir
+
     dry, other = tmp_path / "dry", tmp_path / "other"
-    dry.mkdir()
     other.mkdir()
-    (dry / "report.json").write_text(_json.dumps({"dry_run": True}))
+    write_output_dir(dry, lambda tmp: (tmp / "report.json").write_text(_json.dumps({"dry_run": True})), kind="dry-run")
     with pytest.raises(ConfigError, match=r"dry is the output of a --dry_run \(no model in it\)") as e:
         EvalConfig.from_flags(extended_paths=f"{dry},{other}", dataset_path=str(toy_corpus))
     assert "other is not an output directory of apply_embedding_init.py" in str(e.value)

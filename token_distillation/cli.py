@@ -13,7 +13,7 @@ import os
 import sys
 import textwrap
 
-from .config import ConfigError, RunConfig, all_flags
+from .config import ConfigError, RunConfig, all_flags, parse_switch
 
 logger = logging.getLogger("token_distillation")
 
@@ -219,11 +219,9 @@ def exit_on_user_error(fn):
         if kind is bool:
             if isinstance(value, bool):
                 return value
-            word = str(value).strip().lower()
-            if word in {"true", "yes", "on", "1"}:
-                return True
-            if word in {"false", "no", "off", "0"}:
-                return False
+            word = parse_switch(value)
+            if word is not None:
+                return word
             problems.append(f"{flag} is a switch: pass {flag} or --no{name}, not {value!r}")
         elif kind in (int, float, str) and isinstance(value, bool):
             problems.append(f"{flag} needs a value ({flag} VALUE)")

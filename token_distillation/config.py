@@ -223,6 +223,12 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list
         return None
 
 
+
+def parse_switch(value) -> bool | None:
+    """A switch's value from the command line: true/yes/on/1 or false/no/off/0 (any case), else None."""
+    word = str(value).strip().lower()
+    return True if word in {"true", "yes", "on", "1"} else False if word in {"false", "no", "off", "0"} else None
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to extend and where it runs."""
@@ -932,10 +938,9 @@ def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        if str(value).strip().lower() in {"true", "1", "yes", "on"}:
-            return True
-        if str(value).strip().lower() in {"false", "0", "no", "off"}:
-            return False
+        word = parse_switch(value)
+        if word is not None:
+            return word
         problems.append(f"--{f.name}: expected true or false (also yes/no, on/off, 1/0), got {value!r}")
         return default
     if isinstance(default, enum.Enum):

@@ -98,19 +98,22 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     builders = {_LOCAL_BUILDERS[p.suffix.lower()] for p in files}
     if len(builders) > 1:
         raise ConfigError(f"--dataset_path {path}: mixed file types {sorted(builders)}; keep one type per directory")
-    _warn_same_start(path, files)
     return builders.pop(), [str(p) for p in files]
 
 
-_WARNED_SAME_START: set[str] = set()
+_CHECKED_FOLDERS: set[str] = set()
 
 
 def _warn_same_start(folder: Path, files: list[Path]) -> list[tuple[str, str]]:
-    """Warn (once per folder) about files of a corpus folder that begin with the same line: one is
+    """Warn (once per folder and process: the CLI, the pipeline and the scan all check the corpus) about
+    files of a corpus folder that begin with the same line: one is
     likely a copy or a subset of the other (``abstracts.jsonl`` beside ``abstracts_small.jsonl``), so
     its documents are read twice and a duplicate can be both trained on and held out. Reads the
     first line of each uncompressed text file (Parquet and .gz files are not checked). Returns the
     pairs (relative paths)."""
+    if str(folder) in _CHECKED_FOLDERS:
+        return []
+    _CHECKED_FOLDERS.add(str(folder))
     first: dict[bytes, Path] = {}
     pairs = []
     for f in files:
@@ -127,8 +130,7 @@ def _warn_same_start(folder: Path, files: list[Path]) -> list[tuple[str, str]]:
             pairs.append((str(first[line].relative_to(folder)), str(f.relative_to(folder))))
         else:
             first[line] = f
-    if pairs and str(folder) not in _WARNED_SAME_START:
-        _WARNED_SAME_START.add(str(folder))
+    if pairs:
         logger.warning("--dataset_path %s: %s begin with the same document, so one is likely a copy or a subset of the "
                        "other and its documents would be read twice (a duplicate can be trained on and held out); "
                        "pass one file, or a folder without the copy", folder,
@@ -363,6 +365,8 @@ def check_text_column(cfg: CorpusConfig) -> TextSpec | None:
     path = Path(cfg.dataset_path).expanduser()
     if path.exists():
         builder, files = _local_files(path)
+        if path.is_dir():
+            _warn_same_start(path, [Path(f) for f in files])
         tree, empty = _local_tree(builder, files)
         if empty:
             raise ConfigError(f"--dataset_path {cfg.dataset_path}: the corpus is empty (no document in "
@@ -593,8 +597,13 @@ def check_words_occur(cfg: CorpusConfig, words: list[str]) -> None:
                     return
                 tail = block[-longest:]
     _check_json_lines(builder, files)  # a malformed line is the more useful error
-    raise ConfigError(f"--dataset_path {cfg.dataset_path}: none of the {len(needles)} new tokens occurs in it, so no "
-                      "snippet can be mined; pass a corpus that contains them, or --use_generated_snippets")
+    raise ConfigError(words_absent(cfg.dataset_path, len(needles)))
+
+
+def words_absent(dataset_path: str, n: int) -> str:
+    """The error of a corpus in which none of the ``n`` new tokens occurs."""
+    return (f"--dataset_path {dataset_path}: none of the {n} new tokens occurs in it, so no snippet can be mined; "
+            "pass a corpus that contains them, or --use_generated_snippets")
 
 
 def _check_json_lines(builder: str, files: list[str]) -> None:

@@ -58,7 +58,6 @@ evaluated model has):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -90,7 +89,7 @@ from .metrics import (  # noqa: F401  (re-exported: these lived here before)
     _unique_labels,
 )
 from .paper_tables import split_list
-from .paths import claim_script_dir
+from .paths import claim_script_dir, read_manifest
 from .tokenization import NewToken, bos_prefix, subtoken_ids
 from .train import resolve_layer
 
@@ -151,7 +150,7 @@ class EvalConfig:
                             "apply_embedding_init.py")
         for p in self.paths:
             d = Path(p).expanduser()
-            if (d / "report.json").is_file() and not (d / "config.json").is_file() and _is_dry_run(d):
+            if (read_manifest(d) or {}).get("kind") == "dry-run":
                 problems.append(f"--extended_paths: {d} is the output of a --dry_run (no model in it); pass the "
                                 "output directory of a real run")
             elif not (d / "report.json").is_file() or not (d / "config.json").is_file():
@@ -402,14 +401,6 @@ def other_source(exts: list[ExtendedModel], source) -> list[str]:
                            "if both are the same weights (pass the run's --model_path)", e.path,
                            made.get("source", "another model"), source.spec)
     return odd
-
-
-def _is_dry_run(d: Path) -> bool:
-    """Whether ``d/report.json`` is a dry run's report."""
-    try:
-        return bool(json.loads((d / "report.json").read_text(encoding="utf-8")).get("dry_run"))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _max_len(model) -> int:

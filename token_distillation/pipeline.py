@@ -54,7 +54,8 @@ from .config import (
     SnippetSource,
     StoppingCondition,
 )
-from .corpus import ScanResult, check_text_column, check_words_occur, resolved_num_proc, scan_corpus, scan_texts
+from .corpus import (ScanResult, check_text_column, check_words_occur, resolved_num_proc, scan_corpus, scan_texts,
+                     words_absent)
 from .distributed import DistContext, assign_tokens, check_distributable, inject_faults, launched_world_size
 from .fastpath import TeacherCache
 from .firing import encode_probes, firing_report, overfiring_words
@@ -1319,7 +1320,6 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
     if usable == 0 and cfg.train.init_method in TRAINED:  # the real run's error, after the files are written
         why = _none_left(cfg)
         if not any(train_counts) and not any(heldout_counts):
-            why = (f"none of the {len(train_counts)} new tokens occurs in --dataset_path, so no snippet can be mined; "
-                   "pass a corpus that contains them, or --use_generated_snippets")
+            why = words_absent(cfg.corpus.dataset_path, len(train_counts))
         raise ConfigError(f"dry run: a real run would stop: {why} (coverage.tsv in {setup.out})")
     return RunResult(setup.out, report)
