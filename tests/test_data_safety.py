@@ -505,3 +505,13 @@ def test_nearest_alias_suggests_the_alias_not_the_package():
     assert nearest_alias("llm-smolm2") == " (did you mean 'smollm2-135m'?)"
     assert nearest_alias("Gemma3") == " (did you mean 'gemma3-270m'?)"
     assert nearest_alias("meta-llama/Llama-3.1-8B") == ""
+
+
+def test_out_path_under_a_file_is_refused_at_start(tmp_path):
+    """A file where a parent folder of --out_path should be is refused up front (it crashed at the
+    first checkpoint or the save, after the work), with rc 2 from the CLI's path check."""
+    (tmp_path / "w.txt").write_text("words")
+    for sub in ("sub", "a/b"):
+        with pytest.raises(ConfigError, match=r"w\.txt is a file, so the directory cannot be made"):
+            prepare_out_path(str(tmp_path / "w.txt" / sub), overwrite=False)
+    assert (tmp_path / "w.txt").read_text() == "words"

@@ -381,6 +381,10 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
     recover_interrupted(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file; pass a directory")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"{flag} {out}: {blocked} is a file, so the directory cannot be made; pass a path "
+                          "whose parents are directories")
     if model_source is not None and Path(model_source.path).is_dir():
         src = Path(model_source.path).resolve()
         if out == src or src in out.parents:
