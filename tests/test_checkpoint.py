@@ -190,6 +190,54 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     assert torch.equal(a, b)
 
 
+def test_resume_reads_the_held_out_measures_before_training_instead_of_evaluating_again(
+        tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch, caplog):
+    """The held-out pass before training (minutes at 500 words on a CPU) is written with the first
+    checkpoint and read back by --resume; the report's measures before training are the same. A
+    file made for other inputs (other rows before training) is not used."""
+    from token_distillation import pipeline
+    from token_distillation.paths import HELDOUT_BEFORE_FILE
+
+    kw = dict(token_distillation_epochs=3, checkpoint_every=2, teacher_cache_gib=0)
+    ref = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "ref"), **kw))
+    out = tmp_path / "out"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
+    monkeypatch.undo()
+    saved = out / CHECKPOINT_DIRNAME / HELDOUT_BEFORE_FILE
+    assert saved.is_file()
+    from token_distillation.paths import foreign_entries
+
+    assert foreign_entries(out) == []  # this tool's file: --overwrite may replace it
+
+    passes = []
+    real = pipeline.heldout_eval
+
+    def counting(*a, **k):
+        passes.append(k.get("desc"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "heldout_eval", counting)
+    with caplog.at_level("INFO", logger="token_distillation"):
+        res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
+    assert passes == ["held-out evaluation after training"]
+    assert "held-out measures before training read from" in caplog.text
+    for key in ("mean_heldout_loss_init", "new_token_argmax_rate_init", "mean_heldout_loss_final"):
+        assert res.report[key] == pytest.approx(ref.report[key], rel=1e-5), key
+    assert [t["heldout_loss_init"] for t in res.report["tokens"]] == \
+        pytest.approx([t["heldout_loss_init"] for t in ref.report["tokens"]], rel=1e-5)
+
+    # a file whose key does not match (here: written for other inputs) is logged and evaluated again
+    ckpt_mod.HeldoutBefore(saved.parent, True, "other").get()  # nothing to read: a missing file is None
+    saved.parent.mkdir(parents=True)
+    torch.save({"key": "made for other rows", "before": {"loss_per_token": [0.0], "argmax": None}}, saved)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="token_distillation"):
+        assert ckpt_mod.HeldoutBefore(saved.parent, True, "this run's key").get() is None
+    assert "made for other inputs; evaluating the held-out snippets before training again" in caplog.text
+
+
 def _signal_in_last_heldout_batch(monkeypatch, when: str):
     """Make the held-out evaluation whose description ends with ``when`` ("before training", "after
     training") receive SIGTERM in its last batch (after its last check); returns the real function."""

@@ -148,7 +148,11 @@ def test_a_killed_process_fails_the_run_clearly_and_resume_continues(tmp_path, t
     r = _launch(tmp_path, resume, 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr  # (the main process logs it; process 1 resumes from its step 4)
+    assert "held-out measures before training read from" in r.stderr  # the main process wrote them, all read them
     _assert_same_rows(single, tmp_path / "k")
+    rep = json.loads((tmp_path / "k" / "report.json").read_text())
+    for t1, t2 in zip(single.report["tokens"], rep["tokens"]):
+        assert t2["heldout_loss_init"] == pytest.approx(t1["heldout_loss_init"], rel=1e-5)
     assert not (tmp_path / "k" / "checkpoints").exists()
 
 

@@ -246,7 +246,10 @@ _STEP_TMP = re.compile(r"^\.(shard-\d{3}-of-\d{3}-)?step-\d{8}\.pt\.tmp-\d+$")  
 GENERATED_SNIPPETS_FILE = "generated-snippets.pt"
 #: the output-row fit's finished token groups, so that ``--resume`` does not fit them again
 OUTPUT_FIT_FILE = "output-fit.pt"
-_EXTRA_FILE = re.compile(r"^\.?(generated-snippets\.pt|(shard-\d{3}-of-\d{3}-)?output-fit\.pt)(\.tmp-\d+)?$")
+#: the held-out measures before training, so that ``--resume`` does not evaluate them again
+HELDOUT_BEFORE_FILE = "heldout-before.pt"
+_EXTRA_FILE = re.compile(
+    r"^\.?(generated-snippets\.pt|heldout-before\.pt|(shard-\d{3}-of-\d{3}-)?output-fit\.pt)(\.tmp-\d+)?$")
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -280,7 +283,8 @@ def write_output_dir(out: Path, write_fn, kind: str) -> None:
 
 def checkpoint_dir_problems(ckpt: Path) -> list[str]:
     """Entries of a ``checkpoints/`` directory that are not this tool's checkpoints (relative to its
-    parent). This tool's: ``step-NNNNNNNN.pt`` files and :data:`GENERATED_SNIPPETS_FILE` (and ones
+    parent). This tool's: ``step-NNNNNNNN.pt`` files, :data:`GENERATED_SNIPPETS_FILE`,
+    :data:`HELDOUT_BEFORE_FILE` and :data:`OUTPUT_FIT_FILE` (and ones
     being written) beside :data:`CHECKPOINT_MARKER`; an empty directory holds nothing to lose."""
     entries = list(ckpt.iterdir())
     ours = [e for e in entries if _STEP_FILE.match(e.name) or _STEP_TMP.match(e.name) or _EXTRA_FILE.match(e.name)]

@@ -34,10 +34,12 @@ from .checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpointer,
     GeneratedSnippetCache,
+    HeldoutBefore,
     OutputFitProgress,
     check_resumable,
     list_digest,
     fingerprint,
+    heldout_before_key,
     shard_prefix,
     prepare_output,
     snippet_digest,
@@ -767,13 +769,18 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     pad_id = ext.tokenizer.pad_token_id if ext.tokenizer.pad_token_id is not None else 0
     train_seqs, train_tix = pair_snippets(sn.snips.train, ext, tc.alignment)
     held_seqs, held_tix = pair_snippets(sn.snips.heldout, ext, tc.alignment)
+    input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
+    # an interrupted run's measures before training, when it wrote a checkpoint (--resume)
+    kept_before = HeldoutBefore(setup.out / CHECKPOINT_DIRNAME if setup.checkpoints and setup.out is not None else None,
+                                setup.cfg.output.resume,
+                                heldout_before_key(rows, held_seqs, layer=ext.layer, autocast=setup.autocast_dtype,
+                                                   model=setup.source.identity, input_trained=input_trained))
     owned = None
     if setup.shard:  # this process's tokens: it trains and evaluates only these
         owned, held_seqs, held_tix = _own_shard(setup, len(tokens), train_tix, held_seqs, held_tix)
     held = functools.partial(_sharded_heldout if setup.shard else heldout_eval, model, rows, held_seqs, held_tix,
                              len(tokens), layer=ext.layer, device=setup.device, autocast_dtype=setup.autocast_dtype,
                              pad_id=pad_id, **({"dist": setup.dist} if setup.shard else {}))
-    input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
     budget = int(tc.teacher_cache_gib * 2**30)
     # training's cache is sized first (it saves a teacher forward per snippet and epoch); the held-out
     # pass keeps what is left (it saves one forward per held-out snippet)
@@ -781,8 +788,12 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     train_need = teacher_state_bytes(train_seqs, model, setup) if tc.init_method in TRAINED and revisits else 0
     held_budget = max(0, budget - train_need)
     held_teacher = TeacherCache(held_budget) if input_trained and (setup.dist.is_main or setup.shard) else None
-    with stop_point("after the held-out batch in progress, before training (nothing is written)"):
-        before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
+    saved = kept_before.get() if tc.init_method in TRAINED else None
+    if saved is not None:
+        before = HeldoutResult(saved["loss_per_token"], saved["argmax"])
+    else:
+        with stop_point("after the held-out batch in progress, before training (nothing is written)"):
+            before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
     # a signal during the evaluation's last batch stops here, before training clears old checkpoints
     check_stop("before training")
     lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
@@ -796,7 +807,8 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
             loop_kw["lr"] = lr
         with stop_point("after the current step" + (" (a checkpoint is written)" if setup.checkpoints else "")):
             result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
-                                       budget - (held_teacher.bytes if held_teacher else 0), owned)
+                                       budget - (held_teacher.bytes if held_teacher else 0), owned,
+                                       kept_before.attachment(before.loss_per_token, before.argmax))
     kept = "the trained input rows are checkpointed" if result is not None and setup.checkpoints else ""
     out_kl = None
     if ext.out_policy == OutputEmbeddings.DISTILL:
@@ -895,11 +907,13 @@ def _sharded_heldout(model, rows: NewRows, seqs, token_index: list[int], num_tok
 
 
 def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dict, cache_bytes: int,
-                      owned: list[int] | None = None):
+                      owned: list[int] | None = None, attach: dict | None = None):
     """Token Distillation of the new input rows, resumable from the output's checkpoints.
 
-    ``owned``: in a token-sharded run, the tokens this process trains (:func:`_train_shard`)."""
+    ``owned``: in a token-sharded run, the tokens this process trains (:func:`_train_shard`).
+    ``attach``: more files written with the first checkpoint (the held-out measures before training)."""
     cfg, tc, rows = setup.cfg, setup.cfg.train, ext.rows
+    attachments = {**(setup.generated.attachment() if setup.generated else {}), **(attach or {})}
     if tc.recipe == Recipe.PER_TOKEN:
         logger.info("recipe per-token: step size %.3g (= %.3g x RMS of the original embedding entries, %s "
                     "schedule), %d snippet(s) per update", loop_kw["lr"], tc.token_distillation_lr_relative,
@@ -910,10 +924,10 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
                      token_distillation_batch_size=setup.batch_size,  # auto: the batch it resolved to
                      words_digest=setup.words_digest)
     if owned is not None:
-        return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp)
+        return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp, attachments)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
                         dist=dist, minutes=cfg.output.checkpoint_minutes,
-                        attachments=setup.generated.attachment() if setup.generated else None) if setup.checkpoints else None
+                        attachments=attachments) if setup.checkpoints else None
     return train(ext.model, rows, seqs, tix, layer=ext.layer, loss_method=tc.loss_method,
                  autocast_dtype=setup.autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
                  lr_schedule=tc.lr_schedule, teacher_cache_bytes=cache_bytes,
@@ -921,11 +935,11 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
 
 
 def _train_shard(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dict, cache_bytes: int,
-                 owned: list[int], fp: dict) -> TrainResult:
+                 owned: list[int], fp: dict, attachments: dict | None = None) -> TrainResult:
     """Token sharding: this process trains the rows of its own tokens ``owned`` on their snippets
     (its own per-token batches at the full batch size; no communication per step), checkpoints its
     own state (:func:`~token_distillation.checkpoint.shard_prefix`), then every process's rows are
-    gathered on every process.
+    gathered on every process. ``attachments``: files the main process writes with its first checkpoint.
 
     Returns:
         the combined :class:`TrainResult`: ``steps`` and ``seconds`` of the longest shard; the loss
@@ -943,7 +957,7 @@ def _train_shard(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dic
                                                                  "shard_tokens": list(owned)},
                         resume=cfg.output.resume, dist=None, minutes=cfg.output.checkpoint_minutes,
                         prefix=shard_prefix(dist.rank, dist.world_size), always_final=True,
-                        attachments=setup.generated.attachment() if setup.generated and dist.is_main else None)
+                        attachments=attachments if dist.is_main else None)
     inject_faults(ckpt, dist.rank)
     collectives, waits = dist.collectives, dist.waits
     result = TrainResult()
