@@ -238,6 +238,17 @@ def test_resume_reads_the_held_out_measures_before_training_instead_of_evaluatin
     assert "made for other inputs; evaluating the held-out snippets before training again" in caplog.text
 
 
+def test_resume_into_a_new_folder_says_once_that_there_is_nothing_to_resume(tmp_path, toy_model_dir, toy_corpus,
+                                                                            cache_dir, caplog):
+    """helper-27's trial: the start-up warning and the training loop both said 'no checkpoint'."""
+    with caplog.at_level("INFO", logger="token_distillation"):
+        res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "new"),
+                           resume=True, token_distillation_epochs=1))
+    assert res.report["train_steps"] > 0
+    said = [r for r in caplog.records if "no checkpoint in" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING", [r.getMessage() for r in said]
+
+
 def _signal_in_last_heldout_batch(monkeypatch, when: str):
     """Make the held-out evaluation whose description ends with ``when`` ("before training", "after
     training") receive SIGTERM in its last batch (after its last check); returns the real function."""

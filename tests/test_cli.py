@@ -200,3 +200,19 @@ def test_switches_take_on_off_as_well_as_yes_no():
         assert RunConfig.from_flags(dry_run=word).output.dry_run is want
     with pytest.raises(ConfigError, match=r"--dry_run: expected true or false \(also yes/no, on/off, 1/0\)"):
         RunConfig.from_flags(dry_run="maybe")
+
+
+def test_unknown_flags_name_the_flag_meant_in_the_api_and_evaluate():
+    """The Python API and evaluate give the CLI's hint: a short name for a long flag names the flags
+    that end with it (helper-27's trial: --epochs had no hint), a typo the closest spelling."""
+    from token_distillation.config import ConfigError, RunConfig, flag_hint
+    from token_distillation.evaluate import EvalConfig
+
+    with pytest.raises(ConfigError, match=r"--epochs \(did you mean --token_distillation_epochs\?\)"):
+        RunConfig.from_flags(epochs=2)
+    with pytest.raises(ConfigError, match=r"--windows_per_tokn \(did you mean --windows_per_token\?\)"):
+        EvalConfig.from_flags(windows_per_tokn=2)
+    known = {"ner_batch_size", "token_distillation_batch_size", "snippet_num"}
+    assert flag_hint("batch_size", known) == " (did you mean --ner_batch_size or --token_distillation_batch_size?)"
+    assert flag_hint("snipet-num", known) == " (did you mean --snippet_num?)"
+    assert flag_hint("zzz", known) == ""

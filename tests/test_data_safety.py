@@ -357,6 +357,7 @@ def test_refusals_before_anything_heavy(tmp_path, capsys, monkeypatch, toy_model
         (["--snippet_num", "4"], "--min_snippets 4"),
         (["--text_column", "body"], "--text_column"),
         (["--snipet_num", "4"], "did you mean --snippet_num"),
+        (["--epochs", "2"], "--epochs (did you mean --token_distillation_epochs?)"),  # a short name for a long flag
     ]
     for extra, needle in cases:
         code, errs, secs = _cli(capsys, *base, *extra)

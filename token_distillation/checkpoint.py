@@ -285,8 +285,8 @@ class Checkpointer:
 
         path = self.dist.broadcast_from_main(_pick) if self.dist is not None else _pick()
         if not path:
-            if self.resume:
-                logger.info("--resume: no checkpoint in %s; starting from step 0", self.directory)
+            if self.resume:  # the run's start-up check (check_resumable) has warned already
+                logger.debug("--resume: no checkpoint in %s; starting from step 0", self.directory)
             return None
         state = _load(Path(path))
         _refuse_other_run(Path(path), state["fingerprint"], self.fingerprint,

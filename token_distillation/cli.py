@@ -13,7 +13,7 @@ import os
 import sys
 import textwrap
 
-from .config import ConfigError, RunConfig, all_flags, parse_switch
+from .config import ConfigError, RunConfig, all_flags, flag_hint, parse_switch
 
 logger = logging.getLogger("token_distillation")
 
@@ -160,12 +160,7 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
         elif a != "-h":
             stray.append(a)
     if unknown:
-        import difflib
-
-        hints = []
-        for u in unknown:
-            close = difflib.get_close_matches(u[2:].replace("-", "_"), sorted(known), n=1, cutoff=0.6)
-            hints.append(f"{u} (did you mean --{close[0]}?)" if close else u)
+        hints = [u + flag_hint(u[2:], known) for u in unknown]
         sys.stderr.write(f"error: unknown flag(s) {', '.join(hints)}; see --help for the list of flags\n")
         sys.exit(2)
     if repeated:  # Fire would silently keep the last value

@@ -224,6 +224,18 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list
 
 
 
+def flag_hint(name: str, known) -> str:
+    """`` (did you mean --x?)`` for an unknown flag ``name`` (without dashes): the known flags that
+    end with it (a short name for a long flag: ``epochs`` -> ``token_distillation_epochs``; at most
+    three, shortest first), else the closest spelling; ``""`` when nothing is close."""
+    import difflib
+
+    name = name.replace("-", "_")
+    close = (sorted((k for k in known if k.endswith("_" + name)), key=len)[:3]
+             or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6))
+    return f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
+
+
 def parse_switch(value) -> bool | None:
     """A switch's value from the command line: true/yes/on/1 or false/no/off/0 (any case), else None."""
     word = str(value).strip().lower()
@@ -824,7 +836,7 @@ class RunConfig:
         owner = {f.name: (s, f) for s in STAGES for f in fields(s)}
         for name, value in flags.items():
             if name not in owner:
-                problems.append(f"unknown flag --{name}; see --help for the list of flags")
+                problems.append(f"unknown flag --{name}{flag_hint(name, owner)}; see --help for the list of flags")
                 continue
             stage, f = owner[name]
             by_stage[stage][name] = _coerce(f, value, problems)

@@ -70,7 +70,7 @@ import torch
 
 from .bpb import documents_for_bpb, excess_split, gap_closed, inflected_contexts, score_bytes
 from .generation import continuation_bits, prompts_before_words, sample, word_stats
-from .config import ConfigError, CorpusConfig, _coerce, _flag
+from .config import ConfigError, CorpusConfig, _coerce, _flag, flag_hint
 from .corpus import iter_texts, tokenize_corpus
 from .eval_render import markdown_tables, plot, write_outputs  # noqa: F401  (re-exported)
 from .metrics import (  # noqa: F401  (re-exported: these lived here before)
@@ -208,7 +208,7 @@ class EvalConfig:
         kw: dict[str, Any] = {}
         for name, value in flags.items():
             if name not in by_name:
-                problems.append(f"unknown flag --{name}; see --help for the list of flags")
+                problems.append(f"unknown flag --{name}{flag_hint(name, by_name)}; see --help for the list of flags")
                 continue
             if isinstance(value, (list, tuple)):
                 value = ",".join(str(v) for v in value)
