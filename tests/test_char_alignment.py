@@ -174,6 +174,11 @@ def test_inexact_pass_counts_the_words_the_firing_report_would_find(smollm_token
     assert expected == {" hepato": {"hepatocytes": 4, "hepatocellular": 1}}  # the first "hepatocytes?": no space
     assert overfiring_words(firings.words, texts) == expected
     assert firings.counts.tolist() == [[2, 5], [2, 0], [2, 0]]
+    # the pipeline's log line names the run's own commonest case (it named ' agonist' whatever the words)
+    from token_distillation.pipeline import _most_common_inexact
+
+    assert _most_common_inexact(firings.words, words) == " (most often ' hepato' in 'hepatocytes', 4 times)"
+    assert _most_common_inexact({}, words) == ""
 
 
 def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir):

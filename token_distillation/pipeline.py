@@ -1077,11 +1077,22 @@ def _add_inexact(cfg: RunConfig, snips: SnippetSet, corpus, tokenizer, tokens: l
         logger.info("--alignment chars: no new token is used inside a longer word in the documents read (%.1f s)",
                     time.time() - t0)
     else:
-        logger.info("--alignment chars: %.1f%% of the new tokens' uses in the corpus are inside longer words "
-                    "(' agonist' in ' agonists'), so %d training / %d held-out snippets are windows around such uses "
-                    "(each token's share of its snippets as in the corpus; more where it has too few other uses) "
-                    "(%.1f s)", 100 * info["inexact_share"], info["train"], info["heldout"], time.time() - t0)
+        logger.info("--alignment chars: %.1f%% of the new tokens' uses in the corpus are inside longer words%s, so "
+                    "%d training / %d held-out snippets are windows around such uses (each token's share of its "
+                    "snippets as in the corpus; more where it has too few other uses) (%.1f s)",
+                    100 * info["inexact_share"], _most_common_inexact(firings.words or {}, tokens), info["train"],
+                    info["heldout"], time.time() - t0)
     return firings
+
+
+def _most_common_inexact(words: dict, tokens: list[NewToken]) -> str:
+    """`` (most often ' agonist' in 'agonists', 13 times)``: the commonest (token, longer word) pair of
+    a firing scan (``words``: token index -> Counter of the words it fired inside), or ``""``."""
+    pairs = [(n, t, w) for t, c in words.items() for w, n in c.items()]
+    if not pairs:
+        return ""
+    n, t, w = max(pairs, key=lambda p: (p[0], -p[1]))
+    return f" (most often {tokens[t].text!r} in {w!r}, {n} time{'s' if n != 1 else ''})"
 
 
 def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken], corpus, tokenizer, bos: list[int],
