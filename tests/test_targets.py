@@ -258,6 +258,7 @@ def test_dry_run_writes_files_without_loading_the_model(tmp_path, toy_model_dir,
     assert rows[0].startswith("token\tcount\toccurrences\ttrain_snippets") and len(rows) == len(recs) + 1
     assert rep["output_embeddings"] == ("tied: a real run unties them (the output layer becomes a separate copy, "
                                         "saved with the model) and fits the new output rows by distillation (distill)")
+    assert "peft_adapter" not in rep  # only with --export peft
 
 
 def test_dry_run_says_what_happens_to_the_output_embeddings(tmp_path):
@@ -278,6 +279,14 @@ def test_dry_run_says_what_happens_to_the_output_embeddings(tmp_path):
                                                               "copy, saved with the model) and sets the new output "
                                                               "rows to the mean of their subtokens' output rows "
                                                               "(subtoken-mean)")
+    # --export peft: what the adapter holds (helper-26: a tied model's dry run said nothing of it)
+    from token_distillation.pipeline import peft_plan
+
+    assert peft_plan(cfg(), tied) is None
+    assert peft_plan(cfg(output_embeddings="tied", export="hf,peft"), tied).startswith(
+        "the adapter holds the new tokens' input rows only")
+    assert "the base must be untied before" in peft_plan(cfg(export="peft"), tied)
+    assert peft_plan(cfg(export="peft"), untied) == "the adapter holds the new tokens' input and output rows"
 
 
 def test_ner_counts_file_end_to_end_toy(tmp_path, toy_model_dir, toy_corpus, cache_dir, toy_tokenizer):

@@ -1225,6 +1225,28 @@ def output_plan(cfg: RunConfig, model_config) -> str:
     return f"untied: a real run {how} ({pol.value})"
 
 
+def peft_plan(cfg: RunConfig, model_config) -> str | None:
+    """With ``--export peft``: what the adapter will hold for this model and flags, in words (None
+    without it). A tied model kept tied: the new input rows only (they are the output rows too); a
+    tied model that the run unties: input and output rows, and the base must be untied before the
+    adapter is applied (:func:`~token_distillation.export.load_adapter` does it); an untied model:
+    input and output rows."""
+    if "peft" not in cfg.output.exports:
+        return None
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    tied = bool(getattr(text_cfg, "tie_word_embeddings", False))
+    if _output_policy(cfg, tied) is None:
+        return ("the adapter holds the new tokens' input rows only (the model stays tied: they are its output "
+                "rows too)")
+    if tied:
+        from .export import ADAPTER_INFO
+
+        return ("the adapter holds the new tokens' input and output rows; the run unties the model, so the base "
+                "must be untied before the adapter is applied (token_distillation.export.load_adapter does it; "
+                f"peft/{ADAPTER_INFO} says so)")
+    return "the adapter holds the new tokens' input and output rows"
+
+
 def _output_policy(cfg: RunConfig, tied: bool) -> OutputEmbeddings | None:
     """Resolved ``--output_embeddings``: None keeps a tied model tied (``tied``); any policy on a
     tied model unties it. ``auto``: distill for the Token Distillation methods (measured better on
@@ -1325,6 +1347,9 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
                 len(tg.records), sc.snippet_num, table)
     plan = output_plan(cfg, tg.model_config)
     logger.info("dry run: output embeddings %s", plan)
+    peft = peft_plan(cfg, tg.model_config)
+    if peft:
+        logger.info("dry run: --export peft: %s", peft)
     usable = would_skip = None
     if train_counts is not None:
         usable = sum(1 for i, c in enumerate(train_counts) if c >= sc.min_snippets or i in topped)
@@ -1332,7 +1357,7 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
         would_skip = too_few_snippets(cfg, [train_counts[i] for i in rest], [targets.tokens[i] for i in rest],
                                       verb="a real run would skip")
     report = {**dry_run_report(cfg, tg.summary, {**targets.skipped, **(would_skip or {})}, usable),
-              "output_embeddings": plan}
+              "output_embeddings": plan, **({"peft_adapter": peft} if peft else {})}
 
     def _write(tmp: Path) -> None:
         write_json(tmp / "report.json", report)
