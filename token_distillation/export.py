@@ -18,8 +18,10 @@ its input rows).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +87,9 @@ def write_peft_adapter(model, tokenizer, token_ids: list[int], dest: Path, base_
     out = model.get_output_embeddings()
     if out is not None and not is_tied(model):
         targets.append(_module_name(model, out))
-    peft_model = get_peft_model(model, TrainableTokensConfig(target_modules=targets, token_indices=list(token_ids)))
+    with _quiet_peft():
+        peft_model = get_peft_model(model, TrainableTokensConfig(target_modules=targets,
+                                                                 token_indices=list(token_ids)))
     try:
         peft_model.peft_config["default"].base_model_name_or_path = base_model
         # only the rows: PEFT would otherwise add the whole (resized) embedding matrices to the adapter
@@ -130,7 +134,17 @@ def load_adapter(base_model, adapter_dir: str | Path):
     base_model.resize_token_embeddings(info["vocab_size"], mean_resizing=False)
     if info["untie_output_embeddings"] and is_tied(base_model):
         untie_embeddings(base_model)
-    return PeftModel.from_pretrained(base_model, adapter_dir), tokenizer
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base_model, adapter_dir), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft calls a transformers method deprecated in v5 (``is_gradient_checkpointing``): its
+    FutureWarning is about peft's code, not the user's, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 GGUF_NAME = "model.gguf"
