@@ -348,6 +348,8 @@ def _raw_text_rows() -> list[tuple[str, int, str, dict]]:
                 "bpb_gap": b.get("gap_closed"), "inflected_gap": inf.get("gap_closed"),
                 "inflected_rel": inf["bpb"] / inf0["bpb"] - 1 if inf and inf0 else None,
                 "continuation_gap": cont, "new_token_share": g.get("word_share"),
+                "gen_with_word": g.get("with_word"), "gen_prompts": g.get("prompts"),
+                "gen_bpb_orig": g.get("original_bpb"), "gen_original": res.get("generation_original") or {},
                 "inflected_windows": (inf0 or {}).get("docs"), "split": b.get("excess_split"), "original": orig,
                 "source": f.parent.relative_to(ROOT)}))
     return out
@@ -416,6 +418,17 @@ def _floor_sentence(model: str, words: int, r: dict) -> str:
             f"5% fewer tokens would, by that estimate, pay about {100 * floor_at_5:.2f}% in bits per byte from it alone.")
 
 
+def _sample_quality(a: dict, b: dict) -> str:
+    """How the sampled text reads to the original model (bits per byte), and how many samples use a
+    word, for the original model, then ``a`` -> ``b``; ``""`` for evaluations without these fields."""
+    o = a["gen_original"]
+    if not (o.get("original_bpb") and a.get("gen_bpb_orig") and b.get("gen_bpb_orig")):
+        return ""
+    return (f" (its bits per byte under the original model {o['original_bpb']:.2f} for the original's own samples, "
+            f"{a['gen_bpb_orig']:.2f} -> {b['gen_bpb_orig']:.2f}; samples with a word {o['with_word']} -> "
+            f"{a['gen_with_word']} -> {b['gen_with_word']} of {o['prompts']})")
+
+
 def raw_text_readme() -> list[str]:
     """The README's lines on raw text: per model, Token Distillation with the output rows of
     ``--output_embeddings auto`` beside distilled ones (``td_chars`` / ``td_chars_outdistill``)."""
@@ -436,7 +449,8 @@ def raw_text_readme() -> list[str]:
                      f"{_signed(b['bpb_rel'])} with distilled ones (`--output_embeddings distill`"
                      f"{', the fit before 2026-12-04' if old_fit else ', now the default'}; "
                      f"{_pct(b['bpb_gap'])}), {_pct1(b['fewer_tokens'])} fewer tokens; sampled text writes the new "
-                     f"token {_pct(a['new_token_share'])} -> {_pct(b['new_token_share'])} of the time; after "
+                     f"token {_pct(a['new_token_share'])} -> {_pct(b['new_token_share'])} of the time"
+                     f"{_sample_quality(a, b)}; after "
                      f"inflected forms ({a['inflected_windows'] or 0} windows, small) {_pct(a['inflected_gap'])} -> "
                      f"{_pct(b['inflected_gap'])}.")
     if not lines:
