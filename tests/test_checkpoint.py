@@ -287,6 +287,8 @@ def test_stop_before_training_leaves_an_earlier_runs_checkpoints(tmp_path, toy_m
     with pytest.raises(interrupts.Interrupted) as info:
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), overwrite=True, **kw))
     assert info.value.step is None and "nothing was written" in info.value.message()
+    # helper-28: "rerun to start again" was wrong under --resume (the rerun continues from the checkpoints)
+    assert "checkpoints of an earlier run stay" in info.value.message() and "start again" not in info.value.message()
     assert sorted(p.name for p in (out / CHECKPOINT_DIRNAME).iterdir()) == before
 
 

@@ -189,7 +189,8 @@ def test_output_flags_are_all_checked():
         RunConfig.from_flags(export="zip", checkpoint_minutes=-1, checkpoint_every=-2)
     msg = str(info.value)
     assert "--export 'zip'" in msg and "--checkpoint_minutes" in msg and "--checkpoint_every" in msg
-    with pytest.raises(ConfigError, match="--dry_run with --resume"):
+    # helper-28: it said "or --resume for a dry run", meaning "or drop --resume"
+    with pytest.raises(ConfigError, match="--dry_run with --resume.*or drop --resume for a dry run"):
         RunConfig.from_flags(dry_run=True, resume=True)
 
 
@@ -216,3 +217,11 @@ def test_unknown_flags_name_the_flag_meant_in_the_api_and_evaluate():
     assert flag_hint("batch_size", known) == " (did you mean --ner_batch_size or --token_distillation_batch_size?)"
     assert flag_hint("snipet-num", known) == " (did you mean --snippet_num?)"
     assert flag_hint("zzz", known) == ""
+    # helper-28: the start of a flag or of one of its words
+    from token_distillation.config import all_flags
+
+    flags = {n for n, _, _ in all_flags()}
+    assert flag_hint("out", flags).startswith(" (did you mean --out_path")
+    assert flag_hint("model", flags).startswith(" (did you mean --model_path")
+    assert flag_hint("epoch", flags) == " (did you mean --token_distillation_epochs?)"
+    assert flag_hint("new_tokens", flags).startswith(" (did you mean --new_tokens_source")

@@ -226,12 +226,16 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list
 
 def flag_hint(name: str, known) -> str:
     """`` (did you mean --x?)`` for an unknown flag ``name`` (without dashes): the known flags that
-    end with it (a short name for a long flag: ``epochs`` -> ``token_distillation_epochs``; at most
-    three, shortest first), else the closest spelling; ``""`` when nothing is close."""
+    end with it (a short name for a long flag: ``epochs`` -> ``token_distillation_epochs``), that it
+    starts, or that have a word starting with it (``out`` -> ``out_path``, ``epoch``): at most three,
+    those it starts first, then the shortest; else the closest spelling; ``""`` when nothing is close."""
     import difflib
 
     name = name.replace("-", "_")
-    close = (sorted((k for k in known if k.endswith("_" + name)), key=len)[:3]
+    # its end (--epochs, --layer), its start or the start of one of its words (--out, --model, --epoch)
+    close = (sorted((k for k in known if k.endswith("_" + name) or k.startswith(name)
+                     or any(w.startswith(name) for w in k.split("_"))),
+                    key=lambda k: (not k.startswith(name), len(k)))[:3]
              or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6))
     return f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
 
@@ -725,7 +729,8 @@ class OutputConfig:
     resume: bool = _flag(
         False,
         "Continue an interrupted run from the newest checkpoint in <out_path>/checkpoints/ (same "
-        "flags; starts from step 0 when there is none). Without it, old checkpoints are discarded.",
+        "flags; starts from step 0 when there is none). Without it, an output folder holding an interrupted "
+        "run's checkpoints is refused; --overwrite (without --resume) discards them and starts over.",
     )
 
     def validate(self, problems: list[str]) -> None:
@@ -750,7 +755,7 @@ class OutputConfig:
             object.__setattr__(self, "export", ",".join(dict.fromkeys(parts)))
         if self.dry_run and self.resume:
             problems.append("--dry_run with --resume: a dry run trains nothing, so there is nothing to resume; drop "
-                            "--dry_run to continue the interrupted run, or --resume for a dry run in a new directory")
+                            "--dry_run to continue an interrupted run, or drop --resume for a dry run")
         if not self.checkpoint_minutes >= 0:
             problems.append("--checkpoint_minutes must be >= 0 (0: no time-based checkpoints)")
         if self.checkpoint_every < 0:

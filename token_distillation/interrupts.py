@@ -50,7 +50,7 @@ class Interrupted(BaseException):
             return f"interrupted ({name}) {at}; {self.advice}"
         if self.checkpoint is not None or self.step is not None:
             return f"interrupted ({name}) {at}; rerun the same command with --resume to continue"
-        return f"interrupted ({name}) {at}; nothing was written, rerun the same command to start again"
+        return f"interrupted ({name}) {at}; nothing was written (checkpoints of an earlier run stay), rerun the same command"
 
 
 class ForcedStop(KeyboardInterrupt):
