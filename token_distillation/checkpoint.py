@@ -517,17 +517,21 @@ class HeldoutBefore:
         self.path = None if directory is None else Path(directory) / HELDOUT_BEFORE_FILE
         self.resume, self.key = resume, key
 
-    def get(self) -> dict[str, Any] | None:
-        """``{"loss_per_token": [num_new] | None, "argmax": dict | None}`` saved by the interrupted
-        run, or None (not resuming, no file, a damaged one, or one made for other inputs: logged)."""
+    def get(self):
+        """The :class:`~token_distillation.train.HeldoutResult` saved by the interrupted run, or None
+        (not resuming, no file, a damaged one, or one made for other inputs: logged)."""
+        from .train import HeldoutResult
+
         state = _load_keyed(self.path, self.key, self.resume, "evaluating the held-out snippets before training again")
         if state is None:
             return None
         logger.info("--resume: held-out measures before training read from %s (not evaluated again)", self.path)
-        return state["before"]
+        return HeldoutResult(state["before"]["loss_per_token"], state["before"]["argmax"])
 
-    def attachment(self, loss_per_token, argmax) -> dict[str, Any]:
-        """``{file name: state}`` for :class:`Checkpointer`'s ``attachments`` (empty: nothing kept)."""
+    def attachment(self, before) -> dict[str, Any]:
+        """``{file name: state}`` of ``before`` (a ``HeldoutResult``) for :class:`Checkpointer`'s
+        ``attachments`` (empty: nothing kept)."""
         if self.path is None:
             return {}
-        return {HELDOUT_BEFORE_FILE: {"key": self.key, "before": {"loss_per_token": loss_per_token, "argmax": argmax}}}
+        return {HELDOUT_BEFORE_FILE: {"key": self.key, "before": {"loss_per_token": before.loss_per_token,
+                                                                  "argmax": before.argmax}}}

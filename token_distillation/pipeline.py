@@ -770,11 +770,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     train_seqs, train_tix = pair_snippets(sn.snips.train, ext, tc.alignment)
     held_seqs, held_tix = pair_snippets(sn.snips.heldout, ext, tc.alignment)
     input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
-    # an interrupted run's measures before training, when it wrote a checkpoint (--resume)
-    kept_before = HeldoutBefore(setup.out / CHECKPOINT_DIRNAME if setup.checkpoints and setup.out is not None else None,
-                                setup.cfg.output.resume,
-                                heldout_before_key(rows, held_seqs, layer=ext.layer, autocast=setup.autocast_dtype,
-                                                   model=setup.source.identity, input_trained=input_trained))
+    kept_before = _kept_before(setup, ext, held_seqs, input_trained)
     owned = None
     if setup.shard:  # this process's tokens: it trains and evaluates only these
         owned, held_seqs, held_tix = _own_shard(setup, len(tokens), train_tix, held_seqs, held_tix)
@@ -788,10 +784,8 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     train_need = teacher_state_bytes(train_seqs, model, setup) if tc.init_method in TRAINED and revisits else 0
     held_budget = max(0, budget - train_need)
     held_teacher = TeacherCache(held_budget) if input_trained and (setup.dist.is_main or setup.shard) else None
-    saved = kept_before.get() if tc.init_method in TRAINED else None
-    if saved is not None:
-        before = HeldoutResult(saved["loss_per_token"], saved["argmax"])
-    else:
+    before = kept_before.get()
+    if before is None:
         with stop_point("after the held-out batch in progress, before training (nothing is written)"):
             before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
     # a signal during the evaluation's last batch stops here, before training clears old checkpoints
@@ -808,7 +802,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
         with stop_point("after the current step" + (" (a checkpoint is written)" if setup.checkpoints else "")):
             result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
                                        budget - (held_teacher.bytes if held_teacher else 0), owned,
-                                       kept_before.attachment(before.loss_per_token, before.argmax))
+                                       kept_before.attachment(before))
     kept = "the trained input rows are checkpointed" if result is not None and setup.checkpoints else ""
     out_kl = None
     if ext.out_policy == OutputEmbeddings.DISTILL:
@@ -845,6 +839,17 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     not_improved = _not_improved(tokens, before.loss_per_token, held_after) if result else []
     return Trained(result, out_result, lr, before.loss_per_token, held_after, before.argmax, argmax_after,
                    not_improved, out_kl)
+
+
+def _kept_before(setup: Setup, ext: Extended, held_seqs, input_trained: bool) -> HeldoutBefore:
+    """The held-out measures before training kept with the checkpoints (``--resume`` reads them);
+    keyed only when checkpoints are written for trained input rows (else nothing is read or kept)."""
+    keep = setup.checkpoints and setup.out is not None and setup.cfg.train.init_method in TRAINED
+    if not keep:
+        return HeldoutBefore(None, False, "")
+    return HeldoutBefore(setup.out / CHECKPOINT_DIRNAME, setup.cfg.output.resume,
+                         heldout_before_key(ext.rows, held_seqs, layer=ext.layer, autocast=setup.autocast_dtype,
+                                            model=setup.source.identity, input_trained=input_trained))
 
 
 def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[int] | None, pad_id: int):
@@ -1210,8 +1215,7 @@ DISTILLED_METHODS = frozenset({InitMethod.TOKEN_DISTILLATION, InitMethod.TOKEN_D
 def output_plan(cfg: RunConfig, model_config) -> str:
     """What a real run would do with the output embeddings of this model (from its config, without
     loading it), in words: keep them tied, untie them, and how the new output rows are set."""
-    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    tied = bool(getattr(text_cfg, "tie_word_embeddings", False))
+    tied = _config_tied(model_config)
     pol = _output_policy(cfg, tied)
     if pol is None:
         return "tied: a real run keeps them tied (a new token's output row is its input row)"
@@ -1225,6 +1229,12 @@ def output_plan(cfg: RunConfig, model_config) -> str:
     return f"untied: a real run {how} ({pol.value})"
 
 
+def _config_tied(model_config) -> bool:
+    """Whether a model's config ties its output embeddings to the input ones (text config of multimodal models)."""
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return bool(getattr(text_cfg, "tie_word_embeddings", False))
+
+
 def peft_plan(cfg: RunConfig, model_config) -> str | None:
     """With ``--export peft``: what the adapter will hold for this model and flags, in words (None
     without it). A tied model kept tied: the new input rows only (they are the output rows too); a
@@ -1233,8 +1243,7 @@ def peft_plan(cfg: RunConfig, model_config) -> str | None:
     input and output rows."""
     if "peft" not in cfg.output.exports:
         return None
-    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    tied = bool(getattr(text_cfg, "tie_word_embeddings", False))
+    tied = _config_tied(model_config)
     if _output_policy(cfg, tied) is None:
         return ("the adapter holds the new tokens' input rows only (the model stays tied: they are its output "
                 "rows too)")
