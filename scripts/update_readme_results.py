@@ -379,7 +379,10 @@ def raw_text_section() -> list[str]:
            "continuations with a word that write it as the new token. `td_ids`: `--alignment ids`; `td_chars`: "
            "`--alignment chars`; `outdistill`: with `--output_embeddings distill` (`_free`: the fit before "
            "2026-12-04, from the subtoken-mean row without the penalty, which is also what `outdistill` means in "
-           + ", ".join(f"`{n}/`" for n in sorted(FIT_BEFORE_PRIOR)) + ")" + e1 + " Extra bits per use of a new "
+           + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_FREE) + "; in "
+           + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_OCCURRENCES)
+           + " the fit of 2026-12-04: from the first subtoken's row with the penalty, the completion away from the "
+           "word estimated from the word's occurrences)" + e1 + " Extra bits per use of a new "
            "token (evaluations from 2026-12-04 on): at the words / the probability the new tokens take elsewhere / "
            "the rest (mostly text read after a new token), and the estimated floor for any method that keeps the "
            "original rows ([usage](usage.md#evaluation-are-the-new-tokens-as-good-as-the-original-subtokens)).", "",
@@ -398,18 +401,22 @@ def raw_text_section() -> list[str]:
     return out + [""]
 
 
-#: raw-text folders whose distilled output rows come from the fit before 2026-12-04 (from the
-#: subtoken-mean row, no penalty towards the first subtoken's row)
-FIT_BEFORE_PRIOR = {"gemma3_n24", "smollm2_n24", "smollm2_n500"}
+FIT_FREE, FIT_OCCURRENCES = "the fit before 2026-12-04", "the fit of 2026-12-04"
+#: raw-text folders whose distilled output rows come from an earlier fit than the default's: before
+#: 2026-12-04 (from the subtoken-mean row, no penalty towards the first subtoken's row), or of
+#: 2026-12-04 (from the first subtoken's row with the penalty; away from the word, the completion
+#: estimated by the word's occurrences instead of the teacher's own, output_rows.py)
+EARLIER_FIT = {"gemma3_n24": FIT_FREE, "smollm2_n24": FIT_FREE, "smollm2_n500": FIT_FREE,
+               "gemma3_n24_r2": FIT_OCCURRENCES, "smollm2_n24_r2": FIT_OCCURRENCES, "smollm2_n500_r2": FIT_OCCURRENCES}
 
 
-def _floor_sentence(model: str, words: int, r: dict) -> str:
+def _floor_sentence(model: str, words: int, r: dict, fit: str = "default") -> str:
     """Where the default's extra bits go and what the floor implies for a 5% token saving (computed)."""
     x, orig = r["split"], r["original"]
     uses = max(x["uses"], 1)
     saved_per_use = r["fewer_tokens"] * orig["tokens"] / uses
     floor_at_5 = 0.05 * (x["floor_bits"] / uses) / (saved_per_use * orig["bits"] / orig["tokens"])
-    return (f"Where the extra bits go (`{model}`, {words} words, default): {x['at_words'] / uses:+.2f} bits per use of "
+    return (f"Where the extra bits go (`{model}`, {words} words, {fit}): {x['at_words'] / uses:+.2f} bits per use of "
             f"a new token at the words, {x['new_mass'] / uses:+.2f} in the probability the new tokens take elsewhere, "
             f"{x['rest'] / uses:+.2f} the rest (mostly text read after a new token); the expected cost that any method "
             f"keeping the original rows pays is estimated at {x['floor_bits'] / uses:.2f} bits per use (high on documents "
@@ -441,13 +448,13 @@ def raw_text_readme() -> list[str]:
         a, b = m.get("td_chars" + suffix), m.get("td_chars_outdistill" + suffix)
         if not (a and b):
             continue
-        old_fit = b["source"].name in FIT_BEFORE_PRIOR
-        if b["split"] and not old_fit:
-            floor.append(_floor_sentence(model, words, b))
+        old_fit = EARLIER_FIT.get(b["source"].name)
+        if b["split"]:
+            floor.append(_floor_sentence(model, words, b, old_fit or "default"))
         lines.append(f"`{model}`, {words} words{', 1 training epoch' if suffix else ''}: bits per byte {_signed(a['bpb_rel'])} vs the original model with "
                      f"subtoken-mean output rows (the earlier default; {_pct(a['bpb_gap'])} of the gap closed), "
                      f"{_signed(b['bpb_rel'])} with distilled ones (`--output_embeddings distill`"
-                     f"{', the fit before 2026-12-04' if old_fit else ', now the default'}; "
+                     f"{', ' + old_fit if old_fit else ', now the default'}; "
                      f"{_pct(b['bpb_gap'])}), {_pct1(b['fewer_tokens'])} fewer tokens; sampled text writes the new "
                      f"token {_pct(a['new_token_share'])} -> {_pct(b['new_token_share'])} of the time"
                      f"{_sample_quality(a, b)}; after "

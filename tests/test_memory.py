@@ -219,10 +219,12 @@ def test_held_out_logits_take_at_most_the_held_out_batch():
 def test_output_fit_term_is_bounded_by_the_chunk_and_takes_turns():
     """--output_embeddings distill: the fit's float32 final states of one group of tokens (training x3:
     states, gathered rows, their gradient; held-out once, in the run's ratio), capped by
-    output_rows.CHUNK_ENTRIES unless one token alone exceeds it, and one snippet's logits three times;
-    on a device it takes turns with the activations and held-out logits, on the host with their sum."""
+    output_rows.CHUNK_ENTRIES unless one token alone exceeds it, one snippet's logits three times, and
+    the teacher's key/value cache of the batch twice and of COMPLETION_ROWS snippets (completions away
+    from the word); on a device it takes turns with the activations and held-out logits, on the host
+    with their sum."""
     from token_distillation.memory import MemoryPlan
-    from token_distillation.output_rows import CHUNK_ENTRIES
+    from token_distillation.output_rows import CHUNK_ENTRIES, COMPLETION_ROWS
 
     kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=1,
               num_new=3, untie=False, added_rows=0)
@@ -230,7 +232,8 @@ def test_output_fit_term_is_bounded_by_the_chunk_and_takes_turns():
     few = plan_memory(_llama(1), output_fit_snippets=10, output_fit_per_token=5, heldout_snippets=4, **kw)
     many = plan_memory(_llama(1), output_fit_snippets=10**6, output_fit_per_token=25, heldout_snippets=2 * 10**5, **kw)
     huge = plan_memory(_llama(1), output_fit_snippets=10**6, output_fit_per_token=10**4, heldout_snippets=0, **kw)
-    logits = 3 * 17 * (128256 + 3) * 4
+    logits = 3 * max(17, COMPLETION_ROWS) * (128256 + 3) * 4
+    logits += (2 * 4 + COMPLETION_ROWS) * 17 * 2 * 1 * 8 * 128 * 4  # cache: 1 layer, 8 KV heads of 128, fp32
     per = 17 * 4096
     assert none.output_fit == 0
     assert few.output_fit == 4 * (3 * 10 * per + 4 * per) + logits

@@ -1,12 +1,13 @@
 """Output rows by distillation (--output_embeddings distill, token_distillation.output_rows)."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TOY_TEXT
+from tests.conftest import TOY_TEXT, make_llama
 from tests.test_methods import _cfg, _weights
 from token_distillation.alignment import MergedSequence
 from token_distillation.output_rows import binary_kl, fit, Positions, word_targets
@@ -177,3 +178,104 @@ def test_tokens_whose_heldout_kl_rose_are_named(caplog):
     with caplog.at_level("WARNING", logger="token_distillation.output_rows"):
         assert log_worse({**kl, "heldout_after": [0.0] * 6}, names) == []
     assert caplog.text == ""
+
+
+def _completion_model(arch: str, window: int = 4):
+    from tests.test_fastpath import _gemma
+
+    if arch == "llama":
+        return make_llama(64, layers=3)
+    model = _gemma(64)
+    model.config.sliding_window = window
+    return model
+
+
+def _brute_completion(model, prefix: list[int], subtokens: tuple[int, ...], vocab: int = 64) -> float:
+    """log prod_i p(t_i | prefix, t1 .. t_{i-1}) by one plain forward of prefix + t1 .. t(k-1), over
+    the first ``vocab`` (original) tokens."""
+    ids = torch.tensor([list(prefix) + list(subtokens[:-1])])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :, :vocab].float(), -1)
+    return sum(float(lp[len(prefix) - 1 + i, subtokens[i]]) for i in range(1, len(subtokens)))
+
+
+@pytest.mark.parametrize("arch,window", [("llama", 0), ("gemma", 4), ("gemma", 128)],
+                         ids=["llama-cache", "gemma-window-shorter-whole", "gemma-window-longer-cache"])
+def test_teacher_completions_equal_a_plain_forward(arch, window, monkeypatch):
+    """The completion after position a of a padded batch row, with the batch's key/value cache (or whole
+    sequences where a sliding window is shorter than the snippet), equals a plain forward of the row's
+    prefix and the word's subtokens; words of different lengths share a forward (COMPLETION_ROWS = 3)."""
+    from token_distillation.fastpath import forward_to_layer, num_layers
+    from token_distillation.output_rows import _new_cache, teacher_completions
+
+    monkeypatch.setattr("token_distillation.output_rows.COMPLETION_ROWS", 3)
+    model = _completion_model(arch, window)
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(4)
+    lens = [12, 7, 10]
+    ids = torch.full((3, 12), 2, dtype=torch.long)
+    for r, n in enumerate(lens):
+        ids[r, :n] = torch.cat([torch.tensor([1]), torch.randint(3, 60, (n - 1,), generator=gen)])
+    att = (torch.arange(12)[None, :] < torch.tensor(lens)[:, None]).long()
+    cache = _new_cache(model)
+    with torch.no_grad():
+        forward_to_layer(model, num_layers(model), att, input_ids=ids, cache=cache,
+                         position_ids=torch.arange(12).expand(3, -1))
+    words = [(10, 11, 12), (20, 21), (30, 31, 32, 33)]
+    wanted = [(0, 0, words[0]), (0, 5, words[1]), (0, 11, words[2]), (1, 3, words[2]), (1, 6, words[0]),
+              (2, 9, words[1]), (2, 2, words[0])]
+    rows = SimpleNamespace(num_original=64)  # what the frozen output layer reads of the new rows
+    got = teacher_completions(model, rows, ids, att, cache, wanted, pad_id=2)
+    for (r, a, w), g in zip(wanted, got):
+        assert g == pytest.approx(_brute_completion(model, ids[r, : a + 1].tolist(), w), abs=1e-4), (r, a, w)
+    # the cache is not changed: the same call again gives the same values
+    assert teacher_completions(model, rows, ids, att, cache, wanted, pad_id=2) == pytest.approx(got, abs=1e-6)
+    assert teacher_completions(model, rows, ids, att, None, wanted, pad_id=2) == pytest.approx(got, abs=1e-4)
+
+
+def test_targets_away_from_the_word_use_the_teachers_own_completion(monkeypatch):
+    """collect_positions: before the word's occurrence P* is the teacher's word probability; away from
+    it, where p_T(t1) >= COMPLETION_MIN_P1, it is p_T(t1) times the teacher's completion read there
+    (a plain forward of prefix + t1 .. t(k-1)), not the occurrence's completion; elsewhere the
+    estimate of word_targets."""
+    from token_distillation.alignment import PhraseMatcher, merge
+    from token_distillation.init_methods import subtoken_mean
+    from token_distillation.models import embedding_scale, extend_embeddings
+    from token_distillation.output_rows import collect_positions
+    from token_distillation.tokenization import NewToken
+    from token_distillation.train import NewRows
+
+    model = make_llama(64, layers=3, tied=False)
+    model.requires_grad_(False)
+    extend_embeddings(model, 65)
+    tok = NewToken("w", (10, 11, 12), 64)
+    gen = torch.Generator().manual_seed(5)
+    body = torch.randint(13, 60, (14,), generator=gen).tolist()
+    teacher = [1] + body[:6] + [10, 11, 12] + body[6:]
+    seq = merge(teacher, PhraseMatcher([tok.subtoken_ids]), [64])
+    emb = model.get_input_embeddings().weight
+    rows = NewRows(subtoken_mean(emb, [tok]), [64], emb.shape[0], embedding_scale(model), num_original=64,
+                   out_rows=subtoken_mean(model.get_output_embeddings().weight, [tok]))
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([teacher])).logits[0, :, :64].float(), -1)
+    monkeypatch.setattr("token_distillation.output_rows.COMPLETION_MIN_P1", float(lp[:, 10].exp().median()))
+    threshold = float(lp[:, 10].exp().median())
+    pos = collect_positions(model, rows, [seq], [0], [0], [tok.subtoken_ids], batch_size=4, device=torch.device("cpu"),
+                            pad_id=2)
+    s2t = seq.student_to_teacher
+    occurrence = list(seq.student_ids).index(64) - 1
+    est = word_targets(lp, seq, 64, tok.subtoken_ids)
+    exact_here = 0
+    for q in range(len(seq.student_ids) - 1):
+        a = int(s2t[q])
+        p1 = float(lp[a, 10].exp())
+        if q == occurrence:
+            want = float((lp[a, 10] + lp[a + 1, 11] + lp[a + 2, 12]).exp())
+        elif p1 >= threshold:
+            want = p1 * math.exp(_brute_completion(model, teacher[: a + 1], tok.subtoken_ids))
+            exact_here += 1
+            assert abs(want - float(est[q])) > 1e-3 * want  # the occurrence's completion differs
+        else:
+            want = float(est[q])
+        assert float(pos.target[q]) == pytest.approx(want, rel=1e-3), q
+    assert exact_here >= 3

@@ -28,8 +28,12 @@ Two kinds of plan, by where the weights live:
   entries, or one token's snippets when they alone exceed it: a token is never split) three times
   (the states, the rows gathered per position, the gradient of that gather), the held-out positions of
   the group once (in the run's held-out : training ratio), plus one snippet's ``[positions, vocab]``
-  logits three times (logits, their float32 copy, the log-softmax). Its forwards run without
-  gradients (one layer's transients, counted in ``activations``).
+  logits three times (logits, their float32 copy, the log-softmax; or those of
+  :data:`token_distillation.output_rows.COMPLETION_ROWS` positions, if more), plus the teacher's
+  key/value cache of a batch of snippets twice (the cache and the copy made for each forward of
+  the teacher's completions away from the word) and of ``COMPLETION_ROWS`` snippets (the rows
+  those forwards continue). Its forwards run without gradients (one layer's transients, counted in
+  ``activations``).
 
 Device total = weights + trainable + activations + the part of the logits and of the output fit above
 the activations (the three are not alive at the same time).
@@ -262,12 +266,18 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
     logits = 3 * held * seq_len * (rows_after + num_new) * act_item
     plan = MemoryPlan(weights, 16 * num_new * hidden, activations, logits)
     if output_fit_snippets:
-        from .output_rows import CHUNK_ENTRIES
+        from .output_rows import CHUNK_ENTRIES, COMPLETION_ROWS
 
         per_snippet = seq_len * hidden
         train = min(output_fit_snippets * per_snippet, max(CHUNK_ENTRIES, output_fit_per_token * per_snippet))
         held = train * (heldout_snippets or 0) // output_fit_snippets
-        plan.output_fit = int(4 * (3 * train + held) + 3 * seq_len * (rows_after + num_new) * 4)
+        layers = int(getattr(text, "num_hidden_layers", 1) or 1)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        kv = 2 * layers * kv_heads * head_dim * act_item  # key/value cache bytes per position
+        cache = (2 * batch_size + COMPLETION_ROWS) * seq_len * kv  # the batch's, its copy, the rows selected
+        plan.output_fit = int(4 * (3 * train + held) + 3 * max(seq_len, COMPLETION_ROWS) * (rows_after + num_new) * 4
+                              + cache)
     if not host:
         return plan
     stored = stored_dtype or weights_dtype

@@ -11,12 +11,21 @@ that the next token is the word ``w = t1 .. tk`` is
 
     P*(w | q) = p_T(t1 | a) * c,   c = prod_{i=2..k} p_T(t_i | a, t1 .. t_{i-1})
 
-The completion probability ``c`` is exact where the word follows in the snippet (the teacher read
-it), so at the position before each occurrence P* is the teacher's word probability exactly; at the
-snippet's other positions ``c`` is estimated by the mean completion probability of the word's
-occurrences in the same snippet (where ``p_T(t1)`` is small, as at almost every other position, the
-estimate does not matter). The teacher's distribution over {word} and the original vocabulary is
-P*(w), p_T(t1) - P*(w) for ``t1``, and p_T(v) for every other token.
+The completion probability ``c`` is the teacher's own wherever it matters. Where the word follows
+in the snippet the teacher read it, so at the position before each occurrence P* is the teacher's
+word probability exactly. At the snippet's other positions whose teacher probability of ``t1`` is at
+least :data:`COMPLETION_MIN_P1`, the teacher reads ``t1 .. t(k-1)`` after the position (a forward of
+``k - 1`` tokens on the snippet's key/value cache, :func:`teacher_completions`). At the remaining
+positions P* is below :data:`COMPLETION_MIN_P1` whatever ``c`` is, and ``c`` is estimated by the mean
+completion probability of the word's occurrences in the same snippet. (Until 2026-12-05 that
+estimate was used at every position away from the word. Where ``t1`` is a common word or a letter
+(" and" of " androgen", " in" of " inducible") the word's completion in its own contexts is far
+above the chance that ``t1`` continues to the word elsewhere. The fitted rows then put 7.5% of each
+position's probability on new tokens that did not come next: 500 SmolLM2 words, PubMed held-out
+documents, ``docs/sweep/raw_text/smollm2_n500_r2/``.)
+
+The teacher's distribution over {word} and the original vocabulary is P*(w), p_T(t1) - P*(w) for
+``t1``, and p_T(v) for every other token.
 
 Loss. The student reads the extended sequence (trained input rows) and its final hidden state ``h``
 is fixed here; only the new row ``o`` of the output layer is trained, so the student's original
@@ -45,6 +54,7 @@ with many more snippets per word a smaller weight may fit better (not measured).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -56,6 +66,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .alignment import MergedSequence, collate
+from .fastpath import forward_to_layer, num_layers
 from .interrupts import check_stop
 from .report import mean
 from .train import NewRows, TrainResult, autocast_context, hidden_states, output_logits
@@ -69,6 +80,12 @@ STEPS = 200
 ANCHOR = 0.03
 #: at most this many positions x hidden entries of final hidden states are held at once (float32)
 CHUNK_ENTRIES = 64 * 2**20
+#: away from the word, the teacher's own completion probability is computed at the positions where it
+#: gives the word's first subtoken at least this probability (elsewhere P* is below it whatever the
+#: completion; see the module docstring)
+COMPLETION_MIN_P1 = 1e-4
+#: completions computed per forward (rows of the copied key/value cache)
+COMPLETION_ROWS = 64
 
 
 @dataclass
@@ -80,12 +97,59 @@ class Positions:
         log_z: ``[n]`` logsumexp of the student's original-vocabulary logits at these positions.
         target: ``[n]`` teacher probability P* that the next token is the word.
         owner: ``[n]`` long, index of the token (into the group) whose snippet the position is in.
+        completions: positions away from the word whose target took the teacher's own completion
+            probability (:func:`teacher_completions`).
     """
 
     h: torch.Tensor
     log_z: torch.Tensor
     target: torch.Tensor
     owner: torch.Tensor
+    completions: int = 0
+
+
+def _new_cache(model):
+    """An empty transformers ``DynamicCache`` for ``model`` (sliding-window layers where it has them)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _occurrences(seq: MergedSequence, new_id: int, subtokens: tuple[int, ...]) -> tuple[list[tuple[int, int]], list[int]]:
+    """The new token's uses in ``seq``: ``(exact, inexact)``. ``exact``: ``(q, start)`` per exact
+    occurrence, ``q`` the student position before it and ``start`` the teacher position of ``t1``;
+    ``inexact``: the student positions before uses inside a longer word (character alignment:
+    " agonist" in " agonists"), where the teacher never read the word."""
+    k, exact, inexact = len(subtokens), [], []
+    for p in torch.nonzero(torch.as_tensor(seq.student_ids) == new_id).flatten().tolist():
+        end = int(seq.student_to_teacher[p])
+        start = end - k + 1                                 # teacher position of t1
+        if p == 0 or start < 1 or tuple(seq.teacher_ids[start: end + 1].tolist()) != tuple(subtokens):
+            if p > 0:
+                inexact.append(p - 1)
+            continue
+        exact.append((p - 1, start))
+    return exact, inexact
+
+
+def completion_positions(lp: torch.Tensor, seq: MergedSequence, new_id: int,
+                         subtokens: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Where :func:`word_targets` takes the teacher's own completion probability (computed by
+    :func:`teacher_completions`): ``(q, a)`` for every student position ``q`` away from the word's
+    uses whose aligned teacher position ``a`` gives the first subtoken a probability of at least
+    :data:`COMPLETION_MIN_P1`. Empty for a one-subtoken word (its completion is 1) and for a snippet
+    without an exact occurrence (left out of the fit).
+
+    Args:
+        lp: ``[teacher_len, vocab]`` teacher log-probabilities over the original vocabulary.
+    """
+    exact, inexact = _occurrences(seq, new_id, subtokens)
+    if len(subtokens) < 2 or not exact:
+        return []
+    s2t = torch.as_tensor(seq.student_to_teacher, device=lp.device)[:-1]
+    ok = (s2t >= 0) & (lp[s2t.clamp(min=0), subtokens[0]] >= math.log(COMPLETION_MIN_P1))
+    ok[[q for q, _ in exact] + inexact] = False
+    return [(q, int(s2t[q])) for q in torch.nonzero(ok).flatten().tolist()]
 
 
 def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: tuple[int, ...]) -> torch.Tensor:
@@ -97,37 +161,101 @@ def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: 
         new_id: the word's new id; subtokens: its original subtoken ids ``t1 .. tk``.
 
     Returns:
-        ``[student_len - 1]`` float32 probabilities (position ``q`` predicts student token ``q + 1``);
-        NaN (left out of the fit) at positions with no aligned teacher position (character alignment),
-        before a use of the new token inside a longer word, and everywhere in a snippet without an
-        exact occurrence of the word.
+        ``[student_len - 1]`` float32 probabilities (position ``q`` predicts student token ``q + 1``):
+        the teacher's word probability before each exact occurrence, ``p_T(t1)`` times the mean
+        completion of those occurrences elsewhere (:func:`collect_positions` replaces it by the
+        teacher's own completion at :func:`completion_positions`); NaN (left out of the fit) at
+        positions with no aligned teacher position (character alignment), before a use of the new
+        token inside a longer word, and everywhere in a snippet without an exact occurrence.
     """
     s2t = torch.as_tensor(seq.student_to_teacher, device=lp.device)
     k = len(subtokens)
     log_p1 = lp[s2t[:-1].clamp(min=0), subtokens[0]]        # [student_len - 1]
-    starts, completions, skip = [], [], []
-    for p in torch.nonzero(torch.as_tensor(seq.student_ids) == new_id).flatten().tolist():
-        end = int(seq.student_to_teacher[p])
-        start = end - k + 1                                 # teacher position of t1
-        if p == 0 or start < 1 or tuple(seq.teacher_ids[start: end + 1].tolist()) != tuple(subtokens):
-            # not an exact occurrence (inside a longer word: " agonist" in " agonists"): the teacher never
-            # read the word there, so its probability is unknown; the position is left out of the fit
-            if p > 0:
-                skip.append(p - 1)
-            continue
-        comp = sum(lp[start + i - 1, subtokens[i]] for i in range(1, k)) if k > 1 else lp.new_zeros(())
-        starts.append(p - 1)
-        completions.append(comp)
-    if not starts:  # no exact occurrence: the completion probability cannot be estimated here
+    exact, inexact = _occurrences(seq, new_id, subtokens)
+    if not exact:  # no exact occurrence: the completion probability cannot be estimated here
         return torch.full_like(log_p1, math.nan).float()
-    else:
-        comps = torch.stack([torch.as_tensor(c, device=lp.device) for c in completions])
-        est = log_p1 + torch.logsumexp(comps, 0) - math.log(len(comps))
-        est[torch.tensor(starts, device=lp.device)] = log_p1[starts] + comps
+    starts = [q for q, _ in exact]
+    comps = torch.stack([sum(lp[start + i - 1, subtokens[i]] for i in range(1, k)) if k > 1 else lp.new_zeros(())
+                         for _, start in exact])
+    est = log_p1 + torch.logsumexp(comps, 0) - math.log(len(comps))
+    est[torch.tensor(starts, device=lp.device)] = log_p1[starts] + comps
     est = est.exp().float()
-    if skip:
-        est[torch.tensor(skip, device=est.device)] = math.nan
+    if inexact:
+        est[torch.tensor(inexact, device=est.device)] = math.nan
     return torch.where(s2t[:-1] >= 0, est, torch.full_like(est, math.nan))
+
+
+def _cache_covers(model, length: int) -> bool:
+    """Whether a key/value cache of ``length`` positions keeps every position for every layer and the
+    masks of a continuation after a gap are exact: no sliding-window attention, or a window longer
+    than ``length`` (Gemma-3: 512; its sliding layers keep only the last window's keys)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "sliding_window", None)
+    return not isinstance(window, int) or length < window
+
+
+@torch.no_grad()
+def teacher_completions(model, rows: NewRows, teacher_ids: torch.Tensor, attention: torch.Tensor, cache,
+                        wanted: list[tuple[int, int, tuple[int, ...]]], pad_id: int) -> list[float]:
+    """The teacher's log probability of a word's remaining subtokens ``t2 .. tk`` read after ``t1``
+    at positions of a batch of teacher sequences.
+
+    Each ``(r, a, subtokens)`` of ``wanted`` continues batch row ``r`` after its position ``a``
+    with ``t1 .. t(k-1)``. With the batch's key/value cache (``cache``): the row's cached keys and
+    values are copied, the positions after ``a`` masked out and the continuation run at positions
+    ``a + 1 ..``, a forward of ``k - 1`` tokens per entry instead of the prefix again. Where the
+    cache does not keep every position (a sliding window shorter than the sequence,
+    :func:`_cache_covers`) or ``cache`` is None, the prefix and the continuation run whole. At most
+    :data:`COMPLETION_ROWS` entries per forward.
+
+    Args:
+        teacher_ids, attention: ``[batch, teacher_len]`` the batch's teacher ids and attention mask.
+        cache: a transformers ``Cache`` of the teacher's forward over the batch (not changed), or None.
+
+    Returns:
+        ``log prod_{i=2..k} p_T(t_i | ..a, t1 .. t_{i-1})`` per entry of ``wanted`` (nats).
+    """
+    out: list[float] = []
+    dev, length = attention.device, attention.shape[1]
+    for c0 in range(0, len(wanted), COMPLETION_ROWS):
+        chunk = wanted[c0: c0 + COMPLETION_ROWS]
+        n, width = len(chunk), max(len(s) for _, _, s in chunk) - 1
+        r = torch.tensor([w[0] for w in chunk], device=dev)
+        a = torch.tensor([w[1] for w in chunk], device=dev)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        nxt = torch.zeros((n, width), dtype=torch.long)
+        used = torch.zeros((n, width), dtype=torch.bool)
+        for i, (_, _, s) in enumerate(chunk):
+            ids[i, : len(s) - 1] = torch.tensor(s[:-1])
+            nxt[i, : len(s) - 1] = torch.tensor(s[1:])
+            used[i, : len(s) - 1] = True
+        ids, nxt, used = ids.to(dev), nxt.to(dev), used.to(dev)
+        past = attention[r].bool() & (torch.arange(length, device=dev)[None, :] <= a[:, None])
+        steps = torch.arange(width, device=dev)[None, :]
+        if cache is not None and _cache_covers(model, length + width):
+            c = copy.deepcopy(cache)
+            c.batch_select_indices(r)
+            h = forward_to_layer(model, num_layers(model), torch.cat([past, used], 1), input_ids=ids, cache=c,
+                                 position_ids=a[:, None] + 1 + steps)[used]
+        else:  # whole sequences: the row's prefix up to a, then the continuation, right-padded
+            span = int(a.max()) + 1 + width
+            cols = torch.arange(span, device=dev)[None, :]
+            whole = torch.full((n, span), pad_id, dtype=torch.long, device=dev)
+            m = min(span, length)
+            whole[:, :m] = torch.where(past, teacher_ids[r], pad_id)[:, :m]
+            at = a[:, None] + 1 + steps                          # [n, width] where the continuation goes
+            whole.scatter_(1, at, torch.where(used, ids, pad_id))
+            mask = (cols <= a[:, None]) | (cols < a[:, None] + 1 + used.sum(1, keepdim=True))
+            h = forward_to_layer(model, num_layers(model), mask, input_ids=whole)
+            h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))[used]
+        want = nxt[used]
+        tok = torch.cat([torch.log_softmax(output_logits(model, rows, h[p: p + COMPLETION_ROWS], include_new=False,
+                                                         frozen=True).float(), -1)
+                         .gather(1, want[p: p + COMPLETION_ROWS, None])[:, 0]
+                         for p in range(0, h.shape[0], COMPLETION_ROWS)])  # [COMPLETION_ROWS, vocab] logits at a time
+        owner = torch.arange(n, device=dev)[:, None].expand(n, width)[used]
+        out += torch.zeros(n, device=dev).index_add_(0, owner, tok).tolist()
+    return out
 
 
 @torch.no_grad()
@@ -144,28 +272,44 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
     """
     where = {t: g for g, t in enumerate(group)}
     picked = [i for i, t in enumerate(token_index) if t in where]
-    hs, zs, ts, owners = [], [], [], []
+    hs, zs, ts, owners, read = [], [], [], [], 0
     for b in range(0, len(picked), batch_size):
         check_stop("during the output-row fit")
         idx = picked[b: b + batch_size]
         batch = collate([seqs[i] for i in idx], [token_index[i] for i in idx], pad_id).to(device)
         with autocast_context(batch.student_ids.device, autocast_dtype):
-            _, t_last = hidden_states(model, None, batch.teacher_attention, input_ids=batch.teacher_ids, need_last=True)
+            cache = _new_cache(model)
+            t_len = batch.teacher_ids.shape[1]
+            t_last = forward_to_layer(model, num_layers(model), batch.teacher_attention, input_ids=batch.teacher_ids,
+                                      cache=cache, position_ids=torch.arange(t_len, device=device).expand(len(idx), -1))
             _, s_last = hidden_states(model, None, batch.student_attention,
                                       inputs_embeds=rows.embed(model, batch.student_ids), need_last=True)
+            targets, wanted, at = [], [], []
+            for r, i in enumerate(idx):
+                tok, seq = token_index[i], seqs[i]
+                # logits in the weights' dtype (no float32 copy of the [vocab, hidden] output matrix), then float32
+                lp = torch.log_softmax(output_logits(model, rows, t_last[r, : len(seq.teacher_ids)], include_new=False,
+                                                     frozen=True).float(), -1)
+                targets.append(word_targets(lp, seq, rows.token_ids[tok], subtokens[tok]))
+                for q, a in completion_positions(lp, seq, rows.token_ids[tok], subtokens[tok]):
+                    wanted.append((r, a, subtokens[tok]))
+                    at.append((r, q, float(lp[a, subtokens[tok][0]])))
+                del lp
+            # away from the word's uses, P* = p_T(t1) times the teacher's own completion there
+            logc = (teacher_completions(model, rows, batch.teacher_ids, batch.teacher_attention, cache, wanted, pad_id)
+                    if wanted else [])
+            del cache
+        for (r, q, log_p1), c in zip(at, logc):
+            targets[r][q] = math.exp(log_p1 + c)
+        read += len(logc)
         for r, i in enumerate(idx):
-            tok, seq = token_index[i], seqs[i]
-            tl, sl = len(seq.teacher_ids), len(seq.student_ids)
-            # logits in the weights' dtype (no float32 copy of the [vocab, hidden] output matrix), then float32
-            lp = torch.log_softmax(output_logits(model, rows, t_last[r, :tl], include_new=False,
-                                                 frozen=True).float(), -1)
-            target = word_targets(lp, seq, rows.token_ids[tok], subtokens[tok])
-            keep = ~torch.isnan(target)  # aligned positions only
+            tok, sl = token_index[i], len(seqs[i].student_ids)
+            keep = ~torch.isnan(targets[r])  # aligned positions only
             h = s_last[r, : sl - 1][keep]
             zs.append(torch.logsumexp(output_logits(model, rows, h, include_new=False).float(), -1))
             h = h.float()
             hs.append(h)
-            ts.append(target[keep])
+            ts.append(targets[r][keep])
             owners.append(torch.full((h.shape[0],), where[tok], dtype=torch.long, device=h.device))
         if bar is not None:
             bar.update(len(idx))
@@ -173,7 +317,7 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
         empty = torch.zeros(0, device=device)
         return Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
                          torch.zeros(0, dtype=torch.long, device=device))
-    return Positions(torch.cat(hs), torch.cat(zs), torch.cat(ts), torch.cat(owners))
+    return Positions(torch.cat(hs), torch.cat(zs), torch.cat(ts), torch.cat(owners), read)
 
 
 def binary_kl(logit: torch.Tensor, log_z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -254,7 +398,8 @@ def fit_key(rows: NewRows, groups: list[list[int]], lr: float, steps: int, rms: 
     h = hashlib.sha256()
     for t in (rows.rows, rows.out_rows):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps([groups, float(lr), int(steps), "start: W[t1]", float(ANCHOR), float(rms)]).encode())
+    h.update(json.dumps([groups, float(lr), int(steps), "start: W[t1]", float(ANCHOR), float(rms),
+                         "completion: teacher's own", float(COMPLETION_MIN_P1)]).encode())
     return h.hexdigest()
 
 
@@ -276,7 +421,8 @@ def _fit_group(model, rows: NewRows, group: list[int], train, heldout, subtokens
     """Fit the output rows of one group of tokens in place: collect their training and held-out
     positions (:func:`collect_positions`), measure the binary KL of the rows before, :func:`fit` from
     each word's first subtoken's output row, measure after, writing each token's four measures into
-    ``kl`` (None where NaN). Returns the group's loss curve."""
+    ``kl`` (None where NaN). Returns ``(the group's loss curve, positions whose target took the
+    teacher's own completion, all positions)``, training and held-out together."""
     ids = torch.tensor(group, device=rows.out_rows.device)
     bias = None if head_bias is None else head_bias[torch.tensor([rows.token_ids[t] for t in group],
                                                                 device=head_bias.device)].float()
@@ -295,7 +441,7 @@ def _fit_group(model, rows: NewRows, group: list[int], train, heldout, subtokens
         for name, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
             v = float(vals[g])
             kl[name][t] = None if math.isnan(v) else v
-    return curve
+    return curve, pos.completions + held.completions, len(pos.target) + len(held.target)
 
 
 def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence], list[int]],
@@ -342,14 +488,16 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     groups = _groups(train[1], tokens, seq_len, rows.out_rows.shape[1])
     key = fit_key(rows, groups, lr, steps, rms) if progress is not None else ""
     saved = progress.load(key) if progress is not None else None
-    done, earlier_s = 0, 0.0
+    done, earlier_s, read = 0, 0.0, [0, 0]
     if saved is not None:  # a resumed run: the groups fitted before the stop
         done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups))
     for gi, group in enumerate(groups):
         if gi < done:
             continue
-        c = _fit_group(model, rows, group, train, heldout, subtokens, kl, head_bias=head_bias, lr=lr, steps=steps,
-                       rms=rms, **kw)
+        c, n_read, n_pos = _fit_group(model, rows, group, train, heldout, subtokens, kl, head_bias=head_bias, lr=lr,
+                                      steps=steps, rms=rms, **kw)
+        read[0] += n_read
+        read[1] += n_pos
         curve = [a + b for a, b in zip(curve, c)] if curve else c
         if progress is not None:  # the last group too: a stop after the fit (held-out pass) then keeps it
             fitted = [t for grp in groups[: gi + 1] for t in grp]
@@ -357,6 +505,11 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
                                 "rows": rows.out_rows.detach()[fitted].float().cpu(),
                                 "seconds": earlier_s + time.perf_counter() - t0})
     bar.close()
+    if read[1]:
+        logger.info("output rows (distill): %d of %d positions took the teacher's own completion of the word as target "
+                    "(away from its uses, where the teacher's p(first subtoken) >= %g)%s", read[0], read[1],
+                    COMPLETION_MIN_P1,
+                    f", groups {done + 1}-{len(groups)}" if done else "")
     seconds = earlier_s + time.perf_counter() - t0
     held_before, held_after = mean(kl["heldout_before"]), mean(kl["heldout_after"])
     logger.info("output rows (distill): %d tokens, %d Adam steps, step size %.3g; mean binary KL on held-out "
