@@ -1,6 +1,8 @@
 """Resumable runs: an interrupted run resumed from its checkpoint ends with the same rows."""
 
+import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,7 +135,7 @@ def test_damaged_checkpoint_is_refused_with_the_file_and_the_way_on(tmp_path):
     assert _train(rows2, seqs, tix, model, ckpt).steps == 15 and got[0][0] == 14
 
 
-def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
+def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch, caplog):
     from safetensors.torch import load_file
 
     # teacher cache off: a resumed process recomputes teacher states the uninterrupted run took from
@@ -166,6 +168,18 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
         run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True,
                      new_tokens_source=_words(tmp_path, [" hepatotoxicity", " angiogenesis"]), **kw))
 
+    # a corpus changed since the interruption is refused before the held-out pass that precedes training
+    # (helper-28: it was refused only at the checkpoint's restore, after that pass, showing two hashes)
+    import json
+
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({**d, "text": d["text"].replace(" the ", " a ")}) + "\n"
+                               for d in map(json.loads, Path(toy_corpus).read_text().splitlines())))
+    with monkeypatch.context() as m, pytest.raises(ConfigError, match=r"the training snippets differ \(the corpus"):
+        m.setattr(pipeline, "heldout_eval", lambda *a, **k: pytest.fail("ran the held-out pass before refusing"))
+        run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True,
+                     dataset_path=str(changed), **kw))
+
     resumed_steps = []
     real_restore = ckpt_mod.Checkpointer.restore
 
@@ -178,7 +192,11 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
         return r
 
     monkeypatch.setattr(ckpt_mod.Checkpointer, "restore", restore)
-    res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
+    caplog.set_level(logging.WARNING, logger="token_distillation")
+    # --overwrite beside --resume does not discard the checkpoints; the log says so
+    res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, overwrite=True,
+                       **kw))
+    assert "--resume with --overwrite: the interrupted run" in caplog.text and "without --resume" in caplog.text
     assert resumed_steps == [4]
     # the time before the interruption is counted
     assert earlier[0][1] == 0 and 0 < earlier[0][0] < res.report["train_seconds"]

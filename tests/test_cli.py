@@ -1,5 +1,6 @@
 """Bad input ends with a one-line error and exit code 2, before any model is loaded."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,8 @@ def test_help_lists_every_flag():
     assert r.stdout.startswith("NAME\n    apply_embedding_init.py")
     for name, _, _ in all_flags():
         assert f"--{name}" in r.stdout, name
+    # no one-letter forms (Fire lists -b for --build_target_method; the flag check refuses them)
+    assert not re.search(r"^\s+-\w, --", r.stdout, flags=re.M)
 
 
 def test_docs_document_every_flag():
@@ -225,3 +228,7 @@ def test_unknown_flags_name_the_flag_meant_in_the_api_and_evaluate():
     assert flag_hint("model", flags).startswith(" (did you mean --model_path")
     assert flag_hint("epoch", flags) == " (did you mean --token_distillation_epochs?)"
     assert flag_hint("new_tokens", flags).startswith(" (did you mean --new_tokens_source")
+    # names from other training tools (helper-28: --learning_rate was offered --add_leading_space)
+    assert flag_hint("learning_rate", flags) == " (did you mean --token_distillation_lr or --token_distillation_lr_relative?)"
+    assert flag_hint("output_dir", flags) == " (did you mean --out_path?)"
+    assert flag_hint("num_train_epochs", flags) == " (did you mean --token_distillation_epochs?)"

@@ -47,6 +47,11 @@ def test_adapter_on_the_source_gives_the_full_checkpoints_logits(tmp_path, toy_m
     assert info["untie_output_embeddings"] == (source == "tied" and output_embeddings == "auto")
     assert len(info["targets"]) == (1 if output_embeddings == "tied" else 2)
     assert info["new_token_ids"] == [t["id"] for t in res.report["tokens"]]
+    # the report says what the adapter holds, as the dry run did
+    holds = res.report["peft_adapter"]
+    assert ("input rows only" in holds) == (output_embeddings == "tied")
+    assert ("base must be untied" in holds) == info["untie_output_embeddings"]
+    assert json.loads((out / "report.json").read_text())["peft_adapter"] == holds
 
     full = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)

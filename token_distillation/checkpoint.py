@@ -93,10 +93,44 @@ def _refuse_other_run(path: Path, saved: dict[str, Any], now: dict[str, Any], ke
     ``path``'s fingerprint ``saved`` and this run's ``now``."""
     diff = sorted(k for k in keys if saved.get(k) != now.get(k) and (k in saved or k not in _OPTIONAL_KEYS))
     if diff:
-        shown = ", ".join("the --new_tokens_source word list's contents changed" if k == "words_digest"
-                          else f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in diff[:5])
+        shown = ", ".join(_difference(k, saved.get(k), now.get(k)) for k in diff[:5])
         raise ConfigError(f"--resume: the checkpoint {path} belongs to a different run ({shown}); rerun with "
                           "the same flags, or pass --overwrite without --resume to start over")
+
+
+def _difference(key: str, then: Any, now: Any) -> str:
+    """One fingerprint item that differs, in words (long lists by their length and first difference)."""
+    if key == "words_digest":
+        return "the --new_tokens_source word list's contents changed"
+    if key == "snippets":
+        return ("the training snippets differ (the corpus, its files or their order changed since the interrupted "
+                "run)")
+    if isinstance(then, list) and isinstance(now, list) and max(len(then), len(now)) > 5:
+        first = next((i for i, (a, b) in enumerate(zip(then, now)) if a != b), min(len(then), len(now)))
+        at = (f"first difference at entry {first}: {then[first]!r} then, {now[first]!r} now"
+              if first < min(len(then), len(now)) else f"the same first {first} entries")
+        return f"{key}: {len(then)} entries then, {len(now)} now ({at})"
+    return f"{key}: {then!r} then, {now!r} now"
+
+
+#: fingerprint items known only once the snippets are paired (:func:`check_training_inputs`)
+TRAINING_INPUT_KEYS = ("tokens", "new_ids", "rows_shape", "snippets")
+
+
+def check_training_inputs(directory: Path, now: dict[str, Any]) -> None:
+    """``--resume``: refuse checkpoints whose new tokens or training snippets differ from this run's
+    (:data:`TRAINING_INPUT_KEYS` of the newest checkpoint's fingerprint), before the held-out pass
+    that precedes training; the flags were compared at start-up (:func:`check_resumable`).
+
+    Raises:
+        ConfigError: an item differs (named, as :func:`check_resumable` does), or the newest
+            checkpoint cannot be read.
+    """
+    newest = _newest(directory)
+    if newest is None:
+        return
+    saved = _load(newest)["fingerprint"]
+    _refuse_other_run(newest, saved, now, [k for k in TRAINING_INPUT_KEYS if k in saved])
 
 
 def _rng_state() -> dict[str, Any]:

@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import sys
 import textwrap
 
@@ -173,7 +174,10 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
     if "--help" in args or "-h" in args:
         from fire import helptext, trace
 
-        sys.stdout.write(helptext.HelpText(fn, trace=trace.FireTrace(fn, name=name)) + "\n")
+        text = helptext.HelpText(fn, trace=trace.FireTrace(fn, name=name))
+        # Fire lists a one-letter form (-b) for flags with a unique first letter; the check above refuses
+        # those (only --name is accepted), so the help does not offer them
+        sys.stdout.write(re.sub(r"^(\s+)-\w, (?=--)", r"\1", text, flags=re.M) + "\n")
         return
     fire.Fire(fn, command=args, name=name)
 

@@ -224,6 +224,13 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list
 
 
 
+#: flag names common in other training tools and the flags they mean here (for :func:`flag_hint`)
+SYNONYMS = {"learning_rate": ("token_distillation_lr", "token_distillation_lr_relative"),
+            "lr": ("token_distillation_lr", "token_distillation_lr_relative"),
+            "num_epochs": ("token_distillation_epochs",), "num_train_epochs": ("token_distillation_epochs",),
+            "output_dir": ("out_path",), "model_name_or_path": ("model_path",), "model_name": ("model_path",)}
+
+
 def flag_hint(name: str, known) -> str:
     """`` (did you mean --x?)`` for an unknown flag ``name`` (without dashes): the known flags that
     end with it (a short name for a long flag: ``epochs`` -> ``token_distillation_epochs``), that it
@@ -232,6 +239,9 @@ def flag_hint(name: str, known) -> str:
     import difflib
 
     name = name.replace("-", "_")
+    meant = [k for k in SYNONYMS.get(name, ()) if k in known]  # the usual names of other training tools
+    if meant:
+        return f" (did you mean {' or '.join('--' + c for c in meant)}?)"
     # its end (--epochs, --layer), its start or the start of one of its words (--out, --model, --epoch)
     close = (sorted((k for k in known if k.endswith("_" + name) or k.startswith(name)
                      or any(w.startswith(name) for w in k.split("_"))),

@@ -37,6 +37,7 @@ from .checkpoint import (
     HeldoutBefore,
     OutputFitProgress,
     check_resumable,
+    check_training_inputs,
     list_digest,
     fingerprint,
     heldout_before_key,
@@ -389,6 +390,9 @@ def start(cfg: RunConfig) -> Setup:
     source = resolve_model_source(cfg.model.model_path)
     out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
                          dry_run=cfg.output.dry_run)
+    if cfg.output.overwrite and cfg.output.resume and any((out / CHECKPOINT_DIRNAME).glob("*")):
+        logger.warning("--resume with --overwrite: the interrupted run in %s continues from its checkpoints (they are "
+                       "not discarded); to start over, pass --overwrite without --resume", out)
     if cfg.output.overwrite and not cfg.output.resume and out.is_dir() and any(out.iterdir()):
         logger.info("--overwrite: %s holds an earlier output of this tool; it stays until this run's output is "
                     "complete and then is replaced", out)
@@ -770,6 +774,9 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     train_seqs, train_tix = pair_snippets(sn.snips.train, ext, tc.alignment)
     held_seqs, held_tix = pair_snippets(sn.snips.heldout, ext, tc.alignment)
     input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
+    if setup.cfg.output.resume and setup.checkpoints and setup.out is not None and tc.init_method in TRAINED:
+        # a changed corpus is refused now, not after the held-out pass
+        check_training_inputs(setup.out / CHECKPOINT_DIRNAME, _train_fingerprint(setup, ext, train_seqs))
     kept_before = _kept_before(setup, ext, held_seqs, input_trained)
     owned = None
     if setup.shard:  # this process's tokens: it trains and evaluates only these
@@ -924,10 +931,7 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
                     "schedule), %d snippet(s) per update", loop_kw["lr"], tc.token_distillation_lr_relative,
                     tc.lr_schedule.value, tc.snippets_per_update)
     dist = setup.dist if setup.dist.distributed else None
-    fp = fingerprint(cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in ext.tokens],
-                     new_ids=rows.token_ids, rows_shape=list(rows.rows.shape), snippets=snippet_digest(seqs),
-                     token_distillation_batch_size=setup.batch_size,  # auto: the batch it resolved to
-                     words_digest=setup.words_digest)
+    fp = _train_fingerprint(setup, ext, seqs)
     if owned is not None:
         return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp, attachments)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
@@ -937,6 +941,15 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
                  autocast_dtype=setup.autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
                  lr_schedule=tc.lr_schedule, teacher_cache_bytes=cache_bytes,
                  token_texts=[t.text for t in ext.tokens], dist=dist, checkpointer=ckpt, **loop_kw)
+
+
+def _train_fingerprint(setup: Setup, ext: Extended, seqs) -> dict:
+    """What the training checkpoints must match to be resumed (:func:`~token_distillation.checkpoint.fingerprint`):
+    the flags, the model, the new tokens and rows, the training snippets (``seqs``), the batch."""
+    return fingerprint(setup.cfg.to_dict(), model_identity=setup.source.identity, tokens=[t.text for t in ext.tokens],
+                       new_ids=ext.rows.token_ids, rows_shape=list(ext.rows.rows.shape), snippets=snippet_digest(seqs),
+                       token_distillation_batch_size=setup.batch_size,  # auto: the batch it resolved to
+                       words_digest=setup.words_digest)
 
 
 def _train_shard(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dict, cache_bytes: int,
@@ -1020,6 +1033,10 @@ def write_output(setup: Setup, tg: Targets, ext: Extended, report: dict[str, Any
     atomically into ``setup.out`` (never losing the training, see
     :func:`token_distillation.report.save_output`); returns the directory written."""
     model, rows, exports = ext.model, ext.rows, setup.cfg.output.exports
+    peft = peft_plan(setup.cfg, tg.model_config)
+    if peft:  # the dry run's line, now for what is written
+        logger.info("--export peft: %s (%s/)", peft, ADAPTER_DIRNAME)
+        report["peft_adapter"] = peft
 
     def _write(tmp: Path) -> None:
         if "hf" in exports:
