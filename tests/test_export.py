@@ -126,6 +126,12 @@ def test_bundled_model_adapter_is_small_and_exact(tmp_path):
     peft_model, tok2 = load_adapter(base, out / ADAPTER_DIRNAME)
     got, _ = _logits(peft_model.eval(), tok2, text)
     torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=1e-4)
+    # PEFT's own loaders find the base: the bundled alias's converted checkpoint, not the alias (helper-28)
+    base_path = json.loads((out / ADAPTER_DIRNAME / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_path, "config.json").is_file()
+    n_base = AutoModelForCausalLM.from_pretrained(base_path).get_input_embeddings().weight.shape[0]
+    assert n_base == full.get_input_embeddings().weight.shape[0] - len(res.report["tokens"])
+    assert json.loads((out / ADAPTER_DIRNAME / ADAPTER_INFO).read_text())["base_model"] == "smollm2-135m"
 
 
 TEXT = "Severe hepatotoxicity and thrombocytopenia were linked to one haplotype."

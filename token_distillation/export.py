@@ -69,15 +69,19 @@ def _module_name(model, module) -> str:
     raise ValueError("module not found in the model")  # internal: the embedding modules belong to the model
 
 
-def write_peft_adapter(model, tokenizer, token_ids: list[int], dest: Path, base_model: str, untied_by_run: bool) -> None:
+def write_peft_adapter(model, tokenizer, token_ids: list[int], dest: Path, base_model: str, untied_by_run: bool,
+                       base_path: str | None = None) -> None:
     """Write a PEFT trainable-tokens adapter holding ``model``'s rows at ``token_ids`` into ``dest``.
 
     Args:
         model: the extended model, new rows written in (its dtype is the adapter's dtype). It is
             wrapped by PEFT for the save and unwrapped afterwards (unchanged).
         token_ids: the new tokens' ids, ``[num_new]``.
-        base_model: what the base model is loaded from (recorded in the adapter's config).
+        base_model: the source as the user named it (``--model_path``; recorded in ``ADAPTER_INFO``).
         untied_by_run: the source was tied and the run untied it (a user must untie the base too).
+        base_path: what ``from_pretrained`` loads the source from (a hub id or a local directory; a
+            bundled alias's directory), recorded as the adapter config's ``base_model_name_or_path``
+            so that PEFT's own loaders find the base; default ``base_model``.
     """
     from peft import TrainableTokensConfig, get_peft_model
 
@@ -91,13 +95,13 @@ def write_peft_adapter(model, tokenizer, token_ids: list[int], dest: Path, base_
         peft_model = get_peft_model(model, TrainableTokensConfig(target_modules=targets,
                                                                  token_indices=list(token_ids)))
     try:
-        peft_model.peft_config["default"].base_model_name_or_path = base_model
+        peft_model.peft_config["default"].base_model_name_or_path = base_path or base_model
         # only the rows: PEFT would otherwise add the whole (resized) embedding matrices to the adapter
         peft_model.save_pretrained(dest, save_embedding_layers=False)
     finally:
         peft_model.unload()
     tokenizer.save_pretrained(dest)
-    info = {"base_model": base_model, "new_token_ids": list(token_ids),
+    info = {"base_model": base_model, "base_model_path": base_path or base_model, "new_token_ids": list(token_ids),
             "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
             "untie_output_embeddings": bool(untied_by_run), "targets": targets}
     (dest / ADAPTER_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")

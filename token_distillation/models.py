@@ -253,16 +253,20 @@ def _convert_gguf(source: ModelSource, target: Path, cache_root: Path) -> None:
     atomic_write_dir(target, _write, replace=False)
 
 
+def weights_path(source: ModelSource, cache_root: Path) -> str:
+    """What ``from_pretrained`` loads the weights from: ``source.path`` (a hub id or a local
+    directory), or for a GGUF source (a bundled alias too) its converted checkpoint in the cache
+    (converted by :func:`load_model` on first use)."""
+    return str(_gguf_cache_dir(source, cache_root)) if source.gguf_file else source.path
+
+
 def load_model(source: ModelSource, cache_root: Path, device: torch.device, dtype: torch.dtype):
     """Load the causal LM, frozen (``requires_grad=False``) and in eval mode, on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    path = source.path
-    if source.gguf_file:
-        cached = _gguf_cache_dir(source, cache_root)
-        if not _usable_cache(cached, "config.json"):
-            _convert_gguf(source, cached, cache_root)
-        path = str(cached)
+    path = weights_path(source, cache_root)
+    if source.gguf_file and not _usable_cache(Path(path), "config.json"):
+        _convert_gguf(source, Path(path), cache_root)
     kw = {}
     if not source.gguf_file and _has_stale_gguf_entry(Path(path)):
         kw["config"] = load_config(source, cache_root)  # without the stale entry

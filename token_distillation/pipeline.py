@@ -87,6 +87,7 @@ from .models import (
     resolve_model_source,
     set_new_output_bias,
     untie_embeddings,
+    weights_path,
 )
 from .paths import ModelSource, write_output_dir
 from .regime import entry_rms, relative_lr
@@ -1044,7 +1045,8 @@ def write_output(setup: Setup, tg: Targets, ext: Extended, report: dict[str, Any
             ext.tokenizer.save_pretrained(tmp)
         if "peft" in exports:
             write_peft_adapter(model, ext.tokenizer, rows.token_ids, tmp / ADAPTER_DIRNAME, setup.source.spec,
-                               untied_by_run=ext.tied_source and not ext.tied)
+                               untied_by_run=ext.tied_source and not ext.tied,
+                               base_path=weights_path(setup.source, setup.cache_root))
         if "gguf" in exports:
             report["gguf_export"] = write_gguf(Path(setup.source.path) / setup.source.gguf_file, model, ext.tokenizer,
                                                rows.token_ids, tmp / GGUF_NAME,
