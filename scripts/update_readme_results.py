@@ -382,7 +382,8 @@ def raw_text_section() -> list[str]:
            + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_FREE) + "; in "
            + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_OCCURRENCES)
            + " the fit of 2026-12-04: from the first subtoken's row with the penalty, the completion away from the "
-           "word estimated from the word's occurrences)" + e1 + " Extra bits per use of a new "
+           "word estimated from the word's occurrences, which `_occ` also means; elsewhere the fit of 2026-12-05, "
+           "the default, with the teacher's own completion)" + e1 + " Extra bits per use of a new "
            "token (evaluations from 2026-12-04 on): at the words / the probability the new tokens take elsewhere / "
            "the rest (mostly text read after a new token), and the estimated floor for any method that keeps the "
            "original rows ([usage](usage.md#evaluation-are-the-new-tokens-as-good-as-the-original-subtokens)).", "",
