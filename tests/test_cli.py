@@ -217,7 +217,7 @@ def test_unknown_flags_name_the_flag_meant_in_the_api_and_evaluate():
     with pytest.raises(ConfigError, match=r"--windows_per_tokn \(did you mean --windows_per_token\?\)"):
         EvalConfig.from_flags(windows_per_tokn=2)
     known = {"ner_batch_size", "token_distillation_batch_size", "snippet_num"}
-    assert flag_hint("batch_size", known) == " (did you mean --ner_batch_size or --token_distillation_batch_size?)"
+    assert flag_hint("batch_size", known) == " (did you mean --token_distillation_batch_size or --ner_batch_size?)"
     assert flag_hint("snipet-num", known) == " (did you mean --snippet_num?)"
     assert flag_hint("zzz", known) == ""
     # helper-28: the start of a flag or of one of its words

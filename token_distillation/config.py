@@ -228,7 +228,8 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list
 SYNONYMS = {"learning_rate": ("token_distillation_lr", "token_distillation_lr_relative"),
             "lr": ("token_distillation_lr", "token_distillation_lr_relative"),
             "num_epochs": ("token_distillation_epochs",), "num_train_epochs": ("token_distillation_epochs",),
-            "output_dir": ("out_path",), "model_name_or_path": ("model_path",), "model_name": ("model_path",)}
+            "output_dir": ("out_path",), "model_name_or_path": ("model_path",), "model_name": ("model_path",),
+            "batch_size": ("token_distillation_batch_size", "ner_batch_size")}  # training's batch first
 
 
 def flag_hint(name: str, known) -> str:
