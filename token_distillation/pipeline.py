@@ -775,9 +775,9 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     train_seqs, train_tix = pair_snippets(sn.snips.train, ext, tc.alignment)
     held_seqs, held_tix = pair_snippets(sn.snips.heldout, ext, tc.alignment)
     input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
-    if setup.cfg.output.resume and setup.checkpoints and setup.out is not None and tc.init_method in TRAINED:
-        # a changed corpus is refused now, not after the held-out pass
-        check_training_inputs(setup.out / CHECKPOINT_DIRNAME, _train_fingerprint(setup, ext, train_seqs))
+    fp = _train_fingerprint(setup, ext, train_seqs) if tc.init_method in TRAINED else None
+    if fp is not None and setup.cfg.output.resume and setup.checkpoints and setup.out is not None:
+        check_training_inputs(setup.out / CHECKPOINT_DIRNAME, fp)  # a changed corpus: refused before the held-out pass
     kept_before = _kept_before(setup, ext, held_seqs, input_trained)
     owned = None
     if setup.shard:  # this process's tokens: it trains and evaluates only these
@@ -808,7 +808,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
         if tc.recipe == Recipe.PER_TOKEN:
             loop_kw["lr"] = lr
         with stop_point("after the current step" + (" (a checkpoint is written)" if setup.checkpoints else "")):
-            result = _train_input_rows(setup, ext, train_seqs, train_tix, loop_kw,
+            result = _train_input_rows(setup, ext, fp, train_seqs, train_tix, loop_kw,
                                        budget - (held_teacher.bytes if held_teacher else 0), owned,
                                        kept_before.attachment(before))
     kept = "the trained input rows are checkpointed" if result is not None and setup.checkpoints else ""
@@ -919,9 +919,10 @@ def _sharded_heldout(model, rows: NewRows, seqs, token_index: list[int], num_tok
     return HeldoutResult(loss, argmax)
 
 
-def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dict, cache_bytes: int,
+def _train_input_rows(setup: Setup, ext: Extended, fp: dict, seqs, tix: list[int], loop_kw: dict, cache_bytes: int,
                       owned: list[int] | None = None, attach: dict | None = None):
-    """Token Distillation of the new input rows, resumable from the output's checkpoints.
+    """Token Distillation of the new input rows, resumable from the output's checkpoints (``fp``:
+    their fingerprint, :func:`_train_fingerprint` of ``seqs``).
 
     ``owned``: in a token-sharded run, the tokens this process trains (:func:`_train_shard`).
     ``attach``: more files written with the first checkpoint (the held-out measures before training)."""
@@ -932,7 +933,6 @@ def _train_input_rows(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw
                     "schedule), %d snippet(s) per update", loop_kw["lr"], tc.token_distillation_lr_relative,
                     tc.lr_schedule.value, tc.snippets_per_update)
     dist = setup.dist if setup.dist.distributed else None
-    fp = _train_fingerprint(setup, ext, seqs)
     if owned is not None:
         return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp, attachments)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
