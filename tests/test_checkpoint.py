@@ -526,3 +526,18 @@ def test_fingerprint_leaves_out_an_optional_item_given_as_none():
     assert fingerprint({"seed": 0}, words_digest="abc") == {"seed": 0, "words_digest": "abc"}
     assert fingerprint({"seed": 0}, snippets=None) == {"seed": 0, "snippets": None}
     assert fingerprint({"seed": 0, "resume": True}) == {"seed": 0}  # resume-free flags are not compared
+
+
+def test_resume_with_overwrite_on_a_folder_without_checkpoints_says_so(tmp_path, toy_model_dir, toy_corpus, cache_dir,
+                                                                      caplog):
+    """--resume --overwrite on an earlier output without checkpoints (a dry run's): --overwrite replaces it,
+    and the log says that there was nothing to resume (helper-29: it was replaced without a word)."""
+    out = tmp_path / "out"
+    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), dry_run=True))
+    assert (out / "coverage.tsv").is_file()
+    caplog.set_level(logging.WARNING, logger="token_distillation")
+    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, overwrite=True,
+                 init_method="subtoken-mean"))
+    assert "holds no checkpoints, so there is nothing to resume" in caplog.text
+    assert (out / "report.json").is_file() and not (out / "coverage.tsv").exists()
+

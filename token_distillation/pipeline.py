@@ -394,6 +394,9 @@ def start(cfg: RunConfig) -> Setup:
     if cfg.output.overwrite and cfg.output.resume and any((out / CHECKPOINT_DIRNAME).glob("*")):
         logger.warning("--resume with --overwrite: the interrupted run in %s continues from its checkpoints (they are "
                        "not discarded); to start over, pass --overwrite without --resume", out)
+    elif cfg.output.overwrite and cfg.output.resume and out.is_dir() and any(out.iterdir()):
+        logger.warning("--resume: %s holds no checkpoints, so there is nothing to resume; --overwrite replaces its "
+                       "contents with this run's output", out)
     if cfg.output.overwrite and not cfg.output.resume and out.is_dir() and any(out.iterdir()):
         logger.info("--overwrite: %s holds an earlier output of this tool; it stays until this run's output is "
                     "complete and then is replaced", out)
