@@ -382,8 +382,10 @@ def raw_text_section() -> list[str]:
            + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_FREE) + "; in "
            + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_OCCURRENCES)
            + " the fit of 2026-12-04: from the first subtoken's row with the penalty, the completion away from the "
-           "word estimated from the word's occurrences, which `_occ` also means; elsewhere the fit of 2026-12-05, "
-           "the default, with the teacher's own completion)" + e1 + " Extra bits per use of a new "
+           "word estimated from the word's occurrences, which `_occ` also means; in "
+           + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_OWN_COMPLETION)
+           + " the fit of 2026-12-05, with the teacher's own completion; elsewhere the fit of 2026-12-06, the "
+           "default, which adds background positions from other words' snippets)" + e1 + " Extra bits per use of a new "
            "token (evaluations from 2026-12-04 on): at the words / the probability the new tokens take elsewhere / "
            "the rest (mostly text read after a new token), and the estimated floor for any method that keeps the "
            "original rows ([usage](usage.md#evaluation-are-the-new-tokens-as-good-as-the-original-subtokens)).", "",
@@ -403,12 +405,15 @@ def raw_text_section() -> list[str]:
 
 
 FIT_FREE, FIT_OCCURRENCES = "the fit before 2026-12-04", "the fit of 2026-12-04"
+FIT_OWN_COMPLETION = "the fit of 2026-12-05"
 #: raw-text folders whose distilled output rows come from an earlier fit than the default's: before
-#: 2026-12-04 (from the subtoken-mean row, no penalty towards the first subtoken's row), or of
+#: 2026-12-04 (from the subtoken-mean row, no penalty towards the first subtoken's row), of
 #: 2026-12-04 (from the first subtoken's row with the penalty; away from the word, the completion
-#: estimated by the word's occurrences instead of the teacher's own, output_rows.py)
+#: estimated by the word's occurrences instead of the teacher's own, output_rows.py), or of
+#: 2026-12-05 (the teacher's own completion, without background positions)
 EARLIER_FIT = {"gemma3_n24": FIT_FREE, "smollm2_n24": FIT_FREE, "smollm2_n500": FIT_FREE,
-               "gemma3_n24_r2": FIT_OCCURRENCES, "smollm2_n24_r2": FIT_OCCURRENCES, "smollm2_n500_r2": FIT_OCCURRENCES}
+               "gemma3_n24_r2": FIT_OCCURRENCES, "smollm2_n24_r2": FIT_OCCURRENCES, "smollm2_n500_r2": FIT_OCCURRENCES,
+               "smollm2_n24_r3": FIT_OWN_COMPLETION, "smollm2_n100_r3": FIT_OWN_COMPLETION}
 
 
 def _floor_sentence(model: str, words: int, r: dict, fit: str = "default") -> str:

@@ -531,7 +531,8 @@ def test_fingerprint_leaves_out_an_optional_item_given_as_none():
 def test_resume_with_overwrite_on_a_folder_without_checkpoints_says_so(tmp_path, toy_model_dir, toy_corpus, cache_dir,
                                                                       caplog):
     """--resume --overwrite on an earlier output without checkpoints (a dry run's): --overwrite replaces it,
-    and the log says that there was nothing to resume (helper-29: it was replaced without a word)."""
+    and the log says that there was nothing to resume (helper-29: it was replaced without a word), and
+    that a method that trains nothing never has checkpoints."""
     out = tmp_path / "out"
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), dry_run=True))
     assert (out / "coverage.tsv").is_file()
@@ -539,5 +540,6 @@ def test_resume_with_overwrite_on_a_folder_without_checkpoints_says_so(tmp_path,
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, overwrite=True,
                  init_method="subtoken-mean"))
     assert "holds no checkpoints, so there is nothing to resume" in caplog.text
+    assert "--init_method subtoken-mean trains nothing, so it writes no checkpoints" in caplog.text
     assert (out / "report.json").is_file() and not (out / "coverage.tsv").exists()
 

@@ -219,12 +219,13 @@ def test_held_out_logits_take_at_most_the_held_out_batch():
 def test_output_fit_term_is_bounded_by_the_chunk_and_takes_turns():
     """--output_embeddings distill: the fit's float32 final states of one group of tokens (training x3:
     states, gathered rows, their gradient; held-out once, in the run's ratio), capped by
-    output_rows.CHUNK_ENTRIES unless one token alone exceeds it, one snippet's logits three times, and
+    output_rows.CHUNK_ENTRIES unless one token alone exceeds it (its snippets' positions and
+    BACKGROUND_POSITIONS), one snippet's logits three times, and
     the teacher's key/value cache of the batch twice and of COMPLETION_ROWS snippets (completions away
     from the word); on a device it takes turns with the activations and held-out logits, on the host
     with their sum."""
     from token_distillation.memory import MemoryPlan
-    from token_distillation.output_rows import CHUNK_ENTRIES, COMPLETION_ROWS
+    from token_distillation.output_rows import BACKGROUND_POSITIONS, CHUNK_ENTRIES, COMPLETION_ROWS
 
     kw = dict(weights_dtype=torch.float32, autocast_dtype=None, batch_size=4, seq_len=17, layers_to_target=1,
               num_new=3, untie=False, added_rows=0)
@@ -236,9 +237,11 @@ def test_output_fit_term_is_bounded_by_the_chunk_and_takes_turns():
     logits += (2 * 4 + COMPLETION_ROWS) * 17 * 2 * 1 * 8 * 128 * 4  # cache: 1 layer, 8 KV heads of 128, fp32
     per = 17 * 4096
     assert none.output_fit == 0
-    assert few.output_fit == 4 * (3 * 10 * per + 4 * per) + logits
+    bg = BACKGROUND_POSITIONS * 4096  # each token's background positions
+    few_train = 10 * per + 3 * bg
+    assert few.output_fit == 4 * (3 * few_train + few_train * 4 // 10) + logits
     assert many.output_fit == 4 * (3 * CHUNK_ENTRIES + CHUNK_ENTRIES // 5) + logits
-    assert huge.output_fit == 4 * 3 * 10**4 * per + logits  # one token's snippets exceed the chunk
+    assert huge.output_fit == 4 * 3 * (10**4 * per + bg) + logits  # one token's positions exceed the chunk
     assert "output fit" in many.describe() and "output fit" not in none.describe()
     dev = MemoryPlan(weights=10, trainable=1, activations=5, logits=3, output_fit=7)
     assert dev.training == 10 + 1 + 7

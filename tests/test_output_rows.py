@@ -279,3 +279,104 @@ def test_targets_away_from_the_word_use_the_teachers_own_completion(monkeypatch)
             want = float(est[q])
         assert float(pos.target[q]) == pytest.approx(want, rel=1e-3), q
     assert exact_here >= 3
+
+
+def test_background_pool_and_sample():
+    """The pool is evenly spaced over the snippet list (all of it when short); a token's sample
+    leaves out its own snippets and those that use its new id, draws at most n aligned predicting
+    positions, and is the same on every call."""
+    from token_distillation.output_rows import background_pool, background_sample
+
+    assert background_pool([0, 0, 1], n=8) == [0, 1, 2]
+    pool = background_pool([t for t in range(10) for _ in range(5)], n=5)
+    assert pool == [5, 15, 25, 35, 45] and len({i // 5 for i in pool}) == 5
+    mk = lambda student, s2t: MergedSequence(np.array([1, 2, 3, 4, 5]), np.array(student), np.array(s2t), 1)  # noqa: E731
+    seqs = [mk([1, 9, 4, 5], [0, 2, 3, 4]),      # token 0's own (uses id 9)
+            mk([1, 2, 3, 4, 5], [0, 1, 2, 3, 4]),  # token 1's: 4 predicting positions
+            mk([1, 8, 9, 5], [0, 1, 3, 4]),      # token 1's, but uses token 0's id 9
+            mk([1, 2, 8, 5], [0, 1, -1, 4])]     # token 1's: position 2 not aligned
+    tix = [0, 1, 1, 1]
+    got = background_sample(seqs, tix, [0, 1, 2, 3], token=0, new_id=9, n=100)
+    assert got == [(1, 0), (1, 1), (1, 2), (1, 3), (3, 0), (3, 1)]
+    few = background_sample(seqs, tix, [0, 1, 2, 3], token=0, new_id=9, n=3)
+    assert len(few) == 3 and set(few) <= set(got) and few == background_sample(seqs, tix, [0, 1, 2, 3], 0, 9, 3)
+
+
+def test_position_weights_share_the_objective():
+    """Own positions share 1 - BACKGROUND_SHARE of a token's weight, background ones the rest; a token
+    without background keeps all on its own; one without own positions gets none."""
+    from token_distillation.output_rows import BACKGROUND_SHARE, position_weights
+
+    owner = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    bg = torch.tensor([False, False, True, True, False, False, True])
+    pos = Positions(torch.zeros(7, 2), torch.zeros(7), torch.zeros(7), owner, background=bg)
+    w = position_weights(pos, 3)
+    s = BACKGROUND_SHARE
+    assert torch.allclose(w, torch.tensor([(1 - s) / 2, (1 - s) / 2, s / 2, s / 2, 0.5, 0.5, 0.0]))
+    assert torch.allclose(position_weights(Positions(pos.h, pos.log_z, pos.target, owner), 3),
+                          torch.tensor([0.25] * 4 + [0.5] * 2 + [1.0]))
+
+
+def test_background_positions_hold_the_row_down_away_from_its_contexts():
+    """Own positions (the word's topic, feature a) want the word at 0.3; background positions share
+    feature a plus b and want ~0. Fitted on its own positions only the row gives the word about 0.3 at
+    the background positions; with them (half the objective), far less, while at its own positions
+    it stays near the target."""
+    class _M:
+        config = SimpleNamespace()
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 2.0, 2.0
+    h_own, h_bg = a.expand(20, 8), (a + b).expand(20, 8)
+    own = Positions(h_own.clone(), torch.zeros(20), torch.full((20,), 0.3), torch.zeros(20, dtype=torch.long))
+    bg = Positions(h_bg.clone(), torch.zeros(20), torch.full((20,), 1e-6), torch.zeros(20, dtype=torch.long))
+    alone, _ = fit(_M(), torch.zeros(1, 8), own, None, lr=0.05, steps=3000)
+    both, _ = fit(_M(), torch.zeros(1, 8), Positions.cat(own, bg), None, lr=0.05, steps=3000)
+    p = lambda o, h: torch.sigmoid(h[0] @ o[0])  # noqa: E731  (log_z = 0)
+    assert p(alone, h_bg) > 0.2 and p(both, h_bg) < 0.01
+    assert p(both, h_own) == pytest.approx(0.3, abs=0.02)
+
+
+def test_background_targets_use_the_teachers_completion(monkeypatch):
+    """collect_positions with a background snippet of another token: each background position is
+    flagged and owned by the word; where p_T(t1) >= COMPLETION_MIN_P1 its target is p_T(t1) times the
+    teacher's completion read there (a plain forward), elsewhere p_T(t1) times the p_T(t1)-weighted
+    mean of those completions."""
+    from token_distillation.alignment import PhraseMatcher, merge
+    from token_distillation.init_methods import subtoken_mean
+    from token_distillation.models import embedding_scale, extend_embeddings
+    from token_distillation.output_rows import background_sample, collect_positions
+    from token_distillation.tokenization import NewToken
+    from token_distillation.train import NewRows
+
+    model = make_llama(64, layers=3, tied=False)
+    model.requires_grad_(False)
+    extend_embeddings(model, 66)
+    toks = [NewToken("w", (10, 11, 12), 64), NewToken("v", (40, 41), 65)]
+    gen = torch.Generator().manual_seed(6)
+    body = torch.randint(13, 39, (30,), generator=gen).tolist()
+    own_t = [1] + body[:6] + [10, 11, 12] + body[6:12]
+    other_t = [1] + body[12:20] + [40, 41] + body[20:]
+    matcher = PhraseMatcher([t.subtoken_ids for t in toks])
+    seqs = [merge(own_t, matcher, [64, 65]), merge(other_t, matcher, [64, 65])]
+    emb = model.get_input_embeddings().weight
+    rows = NewRows(subtoken_mean(emb, toks), [64, 65], emb.shape[0], embedding_scale(model), num_original=64,
+                   out_rows=subtoken_mean(model.get_output_embeddings().weight, toks))
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([other_t])).logits[0, :, :64].float(), -1)
+    threshold = float(lp[:, 10].exp().median())
+    monkeypatch.setattr("token_distillation.output_rows.COMPLETION_MIN_P1", threshold)
+    pos = collect_positions(model, rows, seqs, [0, 1], [0], [t.subtoken_ids for t in toks], batch_size=4,
+                            device=torch.device("cpu"), pad_id=2, background=[0, 1])
+    n_own = len(seqs[0].student_ids) - 1
+    assert not pos.background[:n_own].any() and pos.background[n_own:].all() and (pos.owner == 0).all()
+    drawn = background_sample(seqs, [0, 1], [0, 1], 0, 64, 10**6)
+    assert [i for i, _ in drawn] == [1] * (len(seqs[1].student_ids) - 1)  # the own snippet is not drawn
+    s2t = seqs[1].student_to_teacher
+    p1 = [float(lp[int(s2t[q]), 10].exp()) for _, q in drawn]
+    full = [p * math.exp(_brute_completion(model, other_t[: int(s2t[q]) + 1], (10, 11, 12)))
+            for p, (_, q) in zip(p1, drawn)]
+    high = [p >= threshold for p in p1]
+    assert 2 <= sum(high) < len(high)
+    rate = sum(f for f, h in zip(full, high) if h) / sum(p for p, h in zip(p1, high) if h)
+    want = [f if h else p * rate for f, p, h in zip(full, p1, high)]
+    assert pos.target[n_own:].tolist() == pytest.approx(want, rel=1e-3)

@@ -548,7 +548,8 @@ def test_raw_text_rows_from_an_evaluation(tmp_path, monkeypatch):
 def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_model_dir, toy_corpus, cache_dir):
     """A distill run with the subtoken-mean run's new output rows is bit-identical to the Token
     Distillation run with --output_embeddings subtoken-mean (input rows do not depend on the output
-    policy); the copy says where its rows came from; an existing --out_dir is refused."""
+    policy); the copy says where its rows came from; an existing --out_dir is refused. The other way,
+    refit_output_rows.py on the subtoken-mean-output run gives the distill run bit for bit."""
     from safetensors.torch import load_file
 
     from token_distillation.config import RunConfig
@@ -577,3 +578,15 @@ def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_mode
     assert " zzqqxx" in json.loads((outs["td"] / "report.json").read_text())["skipped_tokens"]
     _one_error(_py("swap_output_rows.py", "--rows_from", outs["td"], "--output_rows_from", outs["sm"],
                    "--out_dir", got), "--out_dir")
+
+    # refit_output_rows: the run with subtoken-mean output rows, refitted, is the distill run
+    import refit_output_rows
+
+    refit = refit_output_rows.main(str(outs["td_sm"]), str(tmp_path / "refit"))
+    a, d = (load_file(p / "model.safetensors") for p in (refit, outs["td"]))
+    assert set(a) == set(d) and all(torch.equal(a[k], d[k]) for k in a)
+    rep = json.loads((refit / "report.json").read_text())
+    assert rep["input_rows_from"] == str(outs["td_sm"]) and rep["model"]["output_embeddings"] == "distill"
+    assert rep["output_rows_kl"] == json.loads((outs["td"] / "report.json").read_text())["output_rows_kl"]
+    _one_error(_py("refit_output_rows.py", "--run_dir", outs["td_sm"], "--out_dir", refit), "--out_dir")
+    _one_error(_py("refit_output_rows.py", "--run_dir", tmp_path, "--out_dir", tmp_path / "x"), "--run_dir")

@@ -24,8 +24,9 @@ Two kinds of plan, by where the weights live:
   in the autocast dtype (else the weights' dtype).
 
 - ``output_fit`` (``--output_embeddings distill``, after training): the float32 final hidden states
-  of the training positions of one group of tokens (:data:`token_distillation.output_rows.CHUNK_ENTRIES`
-  entries, or one token's snippets when they alone exceed it: a token is never split) three times
+  of the training positions of one group of tokens, their snippets' and
+  :data:`token_distillation.output_rows.BACKGROUND_POSITIONS` each (:data:`token_distillation.output_rows.CHUNK_ENTRIES`
+  entries, or one token's positions when they alone exceed it: a token is never split) three times
   (the states, the rows gathered per position, the gradient of that gather), the held-out positions of
   the group once (in the run's held-out : training ratio), plus one snippet's ``[positions, vocab]``
   logits three times (logits, their float32 copy, the log-softmax; or those of
@@ -266,10 +267,12 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
     logits = 3 * held * seq_len * (rows_after + num_new) * act_item
     plan = MemoryPlan(weights, 16 * num_new * hidden, activations, logits)
     if output_fit_snippets:
-        from .output_rows import CHUNK_ENTRIES, COMPLETION_ROWS
+        from .output_rows import BACKGROUND_POSITIONS, CHUNK_ENTRIES, COMPLETION_ROWS
 
         per_snippet = seq_len * hidden
-        train = min(output_fit_snippets * per_snippet, max(CHUNK_ENTRIES, output_fit_per_token * per_snippet))
+        bg = BACKGROUND_POSITIONS * hidden  # a token's background positions
+        train = min(output_fit_snippets * per_snippet + num_new * bg,
+                    max(CHUNK_ENTRIES, output_fit_per_token * per_snippet + bg))
         held = train * (heldout_snippets or 0) // output_fit_snippets
         layers = int(getattr(text, "num_hidden_layers", 1) or 1)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)

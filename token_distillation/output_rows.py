@@ -27,16 +27,30 @@ documents, ``docs/sweep/raw_text/smollm2_n500_r2/``.)
 The teacher's distribution over {word} and the original vocabulary is P*(w), p_T(t1) - P*(w) for
 ``t1``, and p_T(v) for every other token.
 
+Background positions. A token's own snippets were mined because they contain the word, so all of
+their positions are in the word's topic; fitted on them alone, the row learns "this topic" and gives
+the word too much probability in ordinary text (100 SmolLM2 words, PubMed held-out documents: the
+new tokens took 2.4% of the probability at positions where they did not come next,
+``docs/sweep/raw_text/smollm2_n100_r3/``). So each token also gets up to
+:data:`BACKGROUND_POSITIONS` positions drawn from :data:`BACKGROUND_SNIPPETS` snippets of other
+tokens (:func:`background_pool`, :func:`background_sample`; never a snippet that uses the token),
+with the same kind of target: ``p_T(t1)`` times the teacher's own completion where ``p_T(t1) >=``
+:data:`COMPLETION_MIN_P1`, else ``p_T(t1)`` times the ``p_T(t1)``-weighted mean of those completions
+(the rate at which ``t1`` goes on to the word in that text). They carry :data:`BACKGROUND_SHARE` of
+the token's objective (:func:`position_weights`), its own positions the rest, whatever their counts.
+The pool's teacher and student forwards are shared by a group's tokens.
+
 Loss. The student reads the extended sequence (trained input rows) and its final hidden state ``h``
 is fixed here; only the new row ``o`` of the output layer is trained, so the student's original
 tokens keep their relative probabilities and its probability of the new token is
 ``p = sigmoid(o . h - logsumexp(W_orig h))``. The KL divergence between the teacher's and the
 student's distributions then depends on ``o`` only through ``p`` and equals, up to a constant, the
 binary cross-entropy between P* and ``p``; minus its minimum (the binary entropy of P*) it is the
-binary KL reported here (nats, mean over a token's positions, 0 when the student matches). The
-problem is convex in ``o``; each token's row is fitted on its own positions only (the loss is a sum
-over tokens of per-token means, and Adam is element-wise), so a token's row does not depend on the
-other tokens. Other new tokens are left out of the student's normaliser.
+binary KL reported here (nats, weighted mean over a token's own and background positions, 0 when
+the student matches). The problem is convex in ``o``; each token's row is fitted on its own
+positions only (the loss is a sum over tokens of per-token means, and Adam is element-wise), so a
+token's row does not depend on the other tokens' rows (the background positions are read with the
+trained input rows). Other new tokens are left out of the student's normaliser.
 
 Start and prior. The fit starts from the output row of the word's first subtoken ``t1`` (the word's
 probability is ``p_T(t1)`` times the completion probability, so ``t1``'s logit is the natural first
@@ -86,6 +100,13 @@ CHUNK_ENTRIES = 64 * 2**20
 COMPLETION_MIN_P1 = 1e-4
 #: completions computed per forward (rows of the copied key/value cache)
 COMPLETION_ROWS = 64
+#: snippets of other tokens read per token group for background positions (evenly spaced over the
+#: snippet list, which holds every token's snippets in turn; see the module docstring)
+BACKGROUND_SNIPPETS = 32
+#: background positions drawn per token from those snippets (fewer where they have fewer)
+BACKGROUND_POSITIONS = 256
+#: share of each token's fit objective (and reported KL) on its background positions
+BACKGROUND_SHARE = 0.5
 
 
 @dataclass
@@ -99,6 +120,8 @@ class Positions:
         owner: ``[n]`` long, index of the token (into the group) whose snippet the position is in.
         completions: positions away from the word whose target took the teacher's own completion
             probability (:func:`teacher_completions`).
+        background: ``[n]`` bool, positions of other tokens' snippets (:func:`background_positions`),
+            or None (none).
     """
 
     h: torch.Tensor
@@ -106,6 +129,15 @@ class Positions:
     target: torch.Tensor
     owner: torch.Tensor
     completions: int = 0
+    background: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(own: "Positions", bg: "Positions") -> "Positions":
+        """``own`` and ``bg`` (background) in one set, each flagged in ``background``."""
+        flag = torch.cat([torch.zeros(len(own.target), dtype=torch.bool, device=own.target.device),
+                          torch.ones(len(bg.target), dtype=torch.bool, device=own.target.device)])
+        return Positions(torch.cat([own.h, bg.h]), torch.cat([own.log_z, bg.log_z]), torch.cat([own.target, bg.target]),
+                         torch.cat([own.owner, bg.owner]), own.completions + bg.completions, flag)
 
 
 def _new_cache(model):
@@ -258,14 +290,34 @@ def teacher_completions(model, rows: NewRows, teacher_ids: torch.Tensor, attenti
     return out
 
 
+def _forward(model, rows: NewRows, seqs: list[MergedSequence], tix: list[int], *, device, pad_id: int):
+    """One batch of snippets: ``(batch, teacher key/value cache, teacher final states [b, t_len, hidden],
+    student final states [b, s_len, hidden])`` (the caller holds autocast and no_grad)."""
+    batch = collate(seqs, tix, pad_id).to(device)
+    cache = _new_cache(model)
+    t_len = batch.teacher_ids.shape[1]
+    t_last = forward_to_layer(model, num_layers(model), batch.teacher_attention, input_ids=batch.teacher_ids,
+                              cache=cache, position_ids=torch.arange(t_len, device=device).expand(len(seqs), -1))
+    _, s_last = hidden_states(model, None, batch.student_attention,
+                              inputs_embeds=rows.embed(model, batch.student_ids), need_last=True)
+    return batch, cache, t_last, s_last
+
+
+def _teacher_lp(model, rows: NewRows, t_last: torch.Tensor, length: int) -> torch.Tensor:
+    """``[length, vocab]`` float32 teacher log-probabilities over the original vocabulary (logits in the
+    weights' dtype: no float32 copy of the ``[vocab, hidden]`` output matrix)."""
+    return torch.log_softmax(output_logits(model, rows, t_last[:length], include_new=False, frozen=True).float(), -1)
+
+
 @torch.no_grad()
 def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], group: list[int],
                       subtokens: list[tuple[int, ...]], *, batch_size: int, device, pad_id: int, autocast_dtype=None,
-                      bar=None) -> Positions:
+                      bar=None, background: list[int] | None = None) -> Positions:
     """Final hidden states, normalisers and targets of every predicting position of the snippets of
     the tokens ``group`` (indices into the new-token list; ``owner`` indexes ``group``);
     ``subtokens[j]``: new token ``j``'s original subtoken ids; ``bar``: a progress bar advanced by
-    the snippets read.
+    the snippets read; ``background``: indices into ``seqs`` of the snippets that give each token its
+    background positions (:func:`background_positions`), or None (own snippets only).
 
     Raises:
         Interrupted: a stop signal was received (checked before every batch).
@@ -273,24 +325,19 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
     where = {t: g for g, t in enumerate(group)}
     picked = [i for i, t in enumerate(token_index) if t in where]
     hs, zs, ts, owners, read = [], [], [], [], 0
+    occ = {g: [] for g in range(len(group))}  # log completion of every exact occurrence, per token
     for b in range(0, len(picked), batch_size):
         check_stop("during the output-row fit")
         idx = picked[b: b + batch_size]
-        batch = collate([seqs[i] for i in idx], [token_index[i] for i in idx], pad_id).to(device)
-        with autocast_context(batch.student_ids.device, autocast_dtype):
-            cache = _new_cache(model)
-            t_len = batch.teacher_ids.shape[1]
-            t_last = forward_to_layer(model, num_layers(model), batch.teacher_attention, input_ids=batch.teacher_ids,
-                                      cache=cache, position_ids=torch.arange(t_len, device=device).expand(len(idx), -1))
-            _, s_last = hidden_states(model, None, batch.student_attention,
-                                      inputs_embeds=rows.embed(model, batch.student_ids), need_last=True)
+        with autocast_context(torch.device(device), autocast_dtype):
+            batch, cache, t_last, s_last = _forward(model, rows, [seqs[i] for i in idx], [token_index[i] for i in idx],
+                                                    device=device, pad_id=pad_id)
             targets, wanted, at = [], [], []
             for r, i in enumerate(idx):
                 tok, seq = token_index[i], seqs[i]
-                # logits in the weights' dtype (no float32 copy of the [vocab, hidden] output matrix), then float32
-                lp = torch.log_softmax(output_logits(model, rows, t_last[r, : len(seq.teacher_ids)], include_new=False,
-                                                     frozen=True).float(), -1)
+                lp = _teacher_lp(model, rows, t_last[r], len(seq.teacher_ids))
                 targets.append(word_targets(lp, seq, rows.token_ids[tok], subtokens[tok]))
+                occ[where[tok]] += _occurrence_completions(lp, seq, rows.token_ids[tok], subtokens[tok])
                 for q, a in completion_positions(lp, seq, rows.token_ids[tok], subtokens[tok]):
                     wanted.append((r, a, subtokens[tok]))
                     at.append((r, q, float(lp[a, subtokens[tok][0]])))
@@ -315,9 +362,114 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
             bar.update(len(idx))
     if not hs:
         empty = torch.zeros(0, device=device)
+        own = Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
+                        torch.zeros(0, dtype=torch.long, device=device))
+    else:
+        own = Positions(torch.cat(hs), torch.cat(zs), torch.cat(ts), torch.cat(owners), read)
+    if not background:
+        return own
+    fallback = [torch.logsumexp(torch.tensor(occ[g]), 0).item() - math.log(len(occ[g])) if occ[g] else 0.0
+                for g in range(len(group))]
+    bg = background_positions(model, rows, seqs, token_index, background, group, subtokens, fallback,
+                              batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype,
+                              bar=bar)
+    return Positions.cat(own, bg)
+
+
+def _occurrence_completions(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: tuple[int, ...]) -> list[float]:
+    """The teacher's log completion ``log prod_{i>=2} p_T(t_i | ..)`` at each exact occurrence in ``seq`` (nats)."""
+    exact, _ = _occurrences(seq, new_id, subtokens)
+    return [float(sum(lp[start + i - 1, subtokens[i]] for i in range(1, len(subtokens)))) for _, start in exact]
+
+
+def background_sample(seqs: list[MergedSequence], token_index: list[int], pool: list[int], token: int, new_id: int,
+                      n: int) -> list[tuple[int, int]]:
+    """``(snippet, student position)`` pairs drawn without replacement (seeded by ``token``: the same on
+    every run and process) from the aligned predicting positions of the ``pool`` snippets that are not
+    ``token``'s own and do not use its new id; at most ``n``."""
+    cand = [(i, q) for i in pool if token_index[i] != token and new_id not in seqs[i].student_ids
+            for q in range(len(seqs[i].student_ids) - 1) if seqs[i].student_to_teacher[q] >= 0]
+    if len(cand) <= n:
+        return cand
+    order = torch.randperm(len(cand), generator=torch.Generator().manual_seed(1_000_003 + token))[:n]
+    return [cand[j] for j in sorted(order.tolist())]
+
+
+@torch.no_grad()
+def background_positions(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], pool: list[int],
+                         group: list[int], subtokens: list[tuple[int, ...]], fallback: list[float], *,
+                         batch_size: int, device, pad_id: int, autocast_dtype=None, bar=None) -> Positions:
+    """Positions of other tokens' snippets for each token of ``group``: where the word does not come,
+    in text not chosen for it (see the module docstring). Each token gets up to
+    :data:`BACKGROUND_POSITIONS` positions of the ``pool`` snippets (:func:`background_sample`);
+    the target there is ``p_T(t1)`` times the teacher's own completion where ``p_T(t1) >=``
+    :data:`COMPLETION_MIN_P1`, else ``p_T(t1)`` times the ``p_T(t1)``-weighted mean of those
+    completions (``fallback[g]``, the token's mean log completion at its own occurrences, where
+    none was computed).
+
+    Args:
+        pool: indices into ``seqs``; fallback: per token of ``group``, a log completion (nats).
+
+    Raises:
+        Interrupted: a stop signal was received (checked before every batch).
+    """
+    chosen: dict[int, list[tuple[int, int]]] = {}  # snippet -> [(token of group, position)]
+    for g, t in enumerate(group):
+        for i, q in background_sample(seqs, token_index, pool, t, rows.token_ids[t], BACKGROUND_POSITIONS):
+            chosen.setdefault(i, []).append((g, q))
+    snippets = sorted(chosen)
+    hs, zs, p1s, owners, logc_all, read = [], [], [], [], [], 0
+    for b in range(0, len(snippets), batch_size):
+        check_stop("during the output-row fit")
+        idx = snippets[b: b + batch_size]
+        with autocast_context(torch.device(device), autocast_dtype):
+            batch, cache, t_last, s_last = _forward(model, rows, [seqs[i] for i in idx], [token_index[i] for i in idx],
+                                                    device=device, pad_id=pad_id)
+            wanted, at = [], []
+            for r, i in enumerate(idx):
+                s2t = seqs[i].student_to_teacher
+                lp = _teacher_lp(model, rows, t_last[r], len(seqs[i].teacher_ids))
+                qs = sorted({q for _, q in chosen[i]})
+                z = torch.logsumexp(output_logits(model, rows, s_last[r, qs], include_new=False).float(), -1)
+                row_of = {q: j for j, q in enumerate(qs)}
+                for g, q in chosen[i]:
+                    subs = subtokens[group[g]]
+                    log_p1 = float(lp[int(s2t[q]), subs[0]])
+                    hs.append(s_last[r, q].float())
+                    zs.append(z[row_of[q]])
+                    p1s.append(log_p1)
+                    owners.append(g)
+                    logc_all.append(math.nan)
+                    if len(subs) == 1:
+                        logc_all[-1] = 0.0
+                    elif log_p1 >= math.log(COMPLETION_MIN_P1):
+                        wanted.append((r, int(s2t[q]), subs))
+                        at.append(len(logc_all) - 1)
+                del lp
+            logc = (teacher_completions(model, rows, batch.teacher_ids, batch.teacher_attention, cache, wanted, pad_id)
+                    if wanted else [])
+            del cache
+        for j, c in zip(at, logc):
+            logc_all[j] = c
+        read += len(logc)
+        if bar is not None:
+            bar.update(len(idx))
+    if not hs:
+        empty = torch.zeros(0, device=device)
         return Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
                          torch.zeros(0, dtype=torch.long, device=device))
-    return Positions(torch.cat(hs), torch.cat(zs), torch.cat(ts), torch.cat(owners), read)
+    owner = torch.tensor(owners, dtype=torch.long, device=device)
+    log_p1 = torch.tensor(p1s, dtype=torch.float64)
+    logc = torch.tensor(logc_all, dtype=torch.float64)
+    known = ~torch.isnan(logc)
+    # per token: the p_T(t1)-weighted mean completion of its computed positions (a rate of the word after
+    # t1 in these snippets), else its own occurrences' mean
+    own = owner.cpu()
+    num = torch.zeros(len(group), dtype=torch.float64).index_add_(0, own[known], (log_p1 + logc)[known].exp())
+    den = torch.zeros(len(group), dtype=torch.float64).index_add_(0, own[known], log_p1[known].exp())
+    rate = torch.where(den > 0, num / den.clamp(min=1e-300), torch.tensor(fallback, dtype=torch.float64).exp())
+    target = torch.where(known, (log_p1 + logc.nan_to_num(0.0)).exp(), log_p1.exp() * rate[own])
+    return Positions(torch.stack(hs), torch.stack(zs), target.float().to(device), owner, read)
 
 
 def binary_kl(logit: torch.Tensor, log_z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -338,18 +490,35 @@ def _logits(model, o: torch.Tensor, pos: Positions, bias: torch.Tensor | None) -
     return torch.tanh(z / cap) * cap if cap else z
 
 
+def position_weights(pos: Positions, n: int) -> torch.Tensor:
+    """``[m]`` each position's weight in its token's objective: the token's own positions share
+    ``1 - BACKGROUND_SHARE`` and its background positions :data:`BACKGROUND_SHARE`, evenly; a token
+    without background positions puts all on its own; one without own positions (no snippet with an
+    exact occurrence) gets weight 0 everywhere (it is not fitted, the penalty keeps its start)."""
+    bg = pos.background if pos.background is not None else torch.zeros_like(pos.owner, dtype=torch.bool)
+    ones = torch.ones_like(pos.target)
+    n_own = torch.zeros(n, device=ones.device).index_add_(0, pos.owner[~bg], ones[~bg])
+    n_bg = torch.zeros(n, device=ones.device).index_add_(0, pos.owner[bg], ones[bg])
+    share = torch.where(n_bg > 0, BACKGROUND_SHARE, 0.0) * (n_own > 0)
+    return torch.where(bg, (share / n_bg.clamp(min=1))[pos.owner], ((n_own > 0) * (1 - share) / n_own.clamp(min=1))[pos.owner])
+
+
 def per_token_kl(model, o: torch.Tensor, pos: Positions, bias, n: int) -> torch.Tensor:
-    """``[n]`` mean binary KL over each token's positions (NaN for a token without positions)."""
+    """``[n]`` binary KL per token (nats): the weighted mean over its positions of
+    :func:`position_weights` (own and background), the objective :func:`fit` minimises without the
+    penalty; NaN for a token without own positions."""
     kl = binary_kl(_logits(model, o, pos, bias), pos.log_z, pos.target)
-    sums = torch.zeros(n, device=kl.device).index_add_(0, pos.owner, kl)
-    counts = torch.zeros(n, device=kl.device).index_add_(0, pos.owner, torch.ones_like(kl))
-    return sums / counts
+    w = position_weights(pos, n)
+    sums = torch.zeros(n, device=kl.device).index_add_(0, pos.owner, kl * w)
+    total = torch.zeros(n, device=kl.device).index_add_(0, pos.owner, w)
+    return sums / total
 
 
 def fit(model, init: torch.Tensor, pos: Positions, bias, lr: float, steps: int | None = None, *,
         anchor_weight: float = 0.0, rms: float = 1.0) -> tuple[torch.Tensor, list[float]]:
     """Fit output rows ``[n, hidden]`` from ``init`` by full-batch Adam on the sum over tokens of
-    their mean binary KL (each row sees only its own positions) plus
+    their binary KL (weighted mean over own and background positions, :func:`position_weights`;
+    each row sees only its own positions) plus
     ``anchor_weight * mean(((o - init) / rms) ** 2)`` per token; ``steps``: default :data:`STEPS`.
 
     Returns:
@@ -359,8 +528,7 @@ def fit(model, init: torch.Tensor, pos: Positions, bias, lr: float, steps: int |
     start = init.detach().float()
     o = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([o], lr=lr)
-    counts = torch.zeros(n, device=o.device).index_add_(0, pos.owner, torch.ones_like(pos.target)).clamp(min=1)
-    weight = (1.0 / counts)[pos.owner]
+    weight = position_weights(pos, n)
     curve = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -373,9 +541,23 @@ def fit(model, init: torch.Tensor, pos: Positions, bias, lr: float, steps: int |
     return o.detach(), curve
 
 
+def background_pool(token_index: list[int], n: int | None = None) -> list[int]:
+    """Indices of ``n`` (default :data:`BACKGROUND_SNIPPETS`) snippets evenly spaced over a snippet list
+    (``token_index``: the token of each snippet; the list holds every token's snippets in turn, so the
+    pool spans many tokens): the snippets that give every token its background positions. All of
+    them when there are fewer; the same on every run."""
+    n = BACKGROUND_SNIPPETS if n is None else n
+    m = len(token_index)
+    if m <= n:
+        return list(range(m))
+    return sorted({(2 * j + 1) * m // (2 * n) for j in range(n)})
+
+
 def _groups(token_index: list[int], tokens: list[int], seq_len: int, hidden: int) -> list[list[int]]:
-    """Tokens in groups whose snippets' hidden states fit in :data:`CHUNK_ENTRIES`."""
-    counts = {t: 0 for t in tokens}
+    """Tokens in groups whose positions' hidden states (their snippets' and :data:`BACKGROUND_POSITIONS`
+    each) fit in :data:`CHUNK_ENTRIES`."""
+    bg = -(-BACKGROUND_POSITIONS // max(1, seq_len))  # background positions per token, in snippets
+    counts = {t: bg for t in tokens}
     for t in token_index:
         if t in counts:
             counts[t] += 1
@@ -399,7 +581,8 @@ def fit_key(rows: NewRows, groups: list[list[int]], lr: float, steps: int, rms: 
     for t in (rows.rows, rows.out_rows):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps([groups, float(lr), int(steps), "start: W[t1]", float(ANCHOR), float(rms),
-                         "completion: teacher's own", float(COMPLETION_MIN_P1)]).encode())
+                         "completion: teacher's own", float(COMPLETION_MIN_P1), "background",
+                         BACKGROUND_SNIPPETS, BACKGROUND_POSITIONS, float(BACKGROUND_SHARE)]).encode())
     return h.hexdigest()
 
 
@@ -417,17 +600,18 @@ def _restore_groups(rows: NewRows, saved: dict, snippet_tokens: list[int], bar, 
 
 
 def _fit_group(model, rows: NewRows, group: list[int], train, heldout, subtokens, kl: dict, *, head_bias,
-               lr: float, steps: int, rms: float, **collect_kw) -> list[float]:
+               lr: float, steps: int, rms: float, pools: tuple[list[int], list[int]], **collect_kw) -> list[float]:
     """Fit the output rows of one group of tokens in place: collect their training and held-out
-    positions (:func:`collect_positions`), measure the binary KL of the rows before, :func:`fit` from
+    positions (:func:`collect_positions`; background positions from the snippets ``pools``: indices
+    into the training and the held-out snippets), measure the binary KL of the rows before, :func:`fit` from
     each word's first subtoken's output row, measure after, writing each token's four measures into
     ``kl`` (None where NaN). Returns ``(the group's loss curve, positions whose target took the
-    teacher's own completion, all positions)``, training and held-out together."""
+    teacher's own completion, all positions, background positions)``, training and held-out together."""
     ids = torch.tensor(group, device=rows.out_rows.device)
     bias = None if head_bias is None else head_bias[torch.tensor([rows.token_ids[t] for t in group],
                                                                 device=head_bias.device)].float()
-    pos = collect_positions(model, rows, *train, group, subtokens, **collect_kw)
-    held = collect_positions(model, rows, *heldout, group, subtokens, **collect_kw)
+    pos = collect_positions(model, rows, *train, group, subtokens, background=pools[0], **collect_kw)
+    held = collect_positions(model, rows, *heldout, group, subtokens, background=pools[1], **collect_kw)
     init = rows.out_rows.detach()[ids].float()
     weight = model.get_output_embeddings().weight
     first = weight.detach()[torch.tensor([subtokens[t][0] for t in group], device=weight.device)].float()
@@ -441,7 +625,8 @@ def _fit_group(model, rows: NewRows, group: list[int], train, heldout, subtokens
         for name, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
             v = float(vals[g])
             kl[name][t] = None if math.isnan(v) else v
-    return curve, pos.completions + held.completions, len(pos.target) + len(held.target)
+    n_bg = sum(int(p.background.sum()) for p in (pos, held) if p.background is not None)
+    return curve, pos.completions + held.completions, len(pos.target) + len(held.target), n_bg
 
 
 def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence], list[int]],
@@ -482,22 +667,25 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     seq_len = max((len(s.student_ids) for s in train[0]), default=1)
     curve: list[float] = []
     mine = set(tokens)
-    bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1]),
-               desc="output rows (distill)", unit="snippet", disable=not show_progress)
-    kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar)
+    pools = (background_pool(train[1]), background_pool(heldout[1]))
     groups = _groups(train[1], tokens, seq_len, rows.out_rows.shape[1])
+    bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1])
+               + len(groups) * (len(pools[0]) + len(pools[1])),  # at most: a pool snippet no token draws is not read
+               desc="output rows (distill)", unit="snippet", disable=not show_progress)
+    kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar, pools=pools)
     key = fit_key(rows, groups, lr, steps, rms) if progress is not None else ""
     saved = progress.load(key) if progress is not None else None
-    done, earlier_s, read = 0, 0.0, [0, 0]
+    done, earlier_s, read = 0, 0.0, [0, 0, 0]
     if saved is not None:  # a resumed run: the groups fitted before the stop
         done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups))
     for gi, group in enumerate(groups):
         if gi < done:
             continue
-        c, n_read, n_pos = _fit_group(model, rows, group, train, heldout, subtokens, kl, head_bias=head_bias, lr=lr,
-                                      steps=steps, rms=rms, **kw)
+        c, n_read, n_pos, n_bg = _fit_group(model, rows, group, train, heldout, subtokens, kl, head_bias=head_bias,
+                                            lr=lr, steps=steps, rms=rms, **kw)
         read[0] += n_read
         read[1] += n_pos
+        read[2] += n_bg
         curve = [a + b for a, b in zip(curve, c)] if curve else c
         if progress is not None:  # the last group too: a stop after the fit (held-out pass) then keeps it
             fitted = [t for grp in groups[: gi + 1] for t in grp]
@@ -507,9 +695,10 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     bar.close()
     if read[1]:
         logger.info("output rows (distill): %d of %d positions took the teacher's own completion of the word as target "
-                    "(away from its uses, where the teacher's p(first subtoken) >= %g)%s", read[0], read[1],
-                    COMPLETION_MIN_P1,
-                    f", groups {done + 1}-{len(groups)}" if done else "")
+                    "(away from its uses, where the teacher's p(first subtoken) >= %g); %d of the positions are "
+                    "background positions from %d + %d snippets of other tokens (%.0f%% of each token's objective)%s",
+                    read[0], read[1], COMPLETION_MIN_P1, read[2], len(pools[0]), len(pools[1]),
+                    100 * BACKGROUND_SHARE if read[2] else 0, f", groups {done + 1}-{len(groups)}" if done else "")
     seconds = earlier_s + time.perf_counter() - t0
     held_before, held_after = mean(kl["heldout_before"]), mean(kl["heldout_after"])
     logger.info("output rows (distill): %d tokens, %d Adam steps, step size %.3g; mean binary KL on held-out "

@@ -397,6 +397,10 @@ def start(cfg: RunConfig) -> Setup:
     elif cfg.output.overwrite and cfg.output.resume and out.is_dir() and any(out.iterdir()):
         logger.warning("--resume: %s holds no checkpoints, so there is nothing to resume; --overwrite replaces its "
                        "contents with this run's output", out)
+    if (cfg.output.resume and cfg.train.init_method not in TRAINED
+            and cfg.output.output_embeddings not in (OutputEmbeddings.DISTILL, OutputEmbeddings.NTP)):
+        logger.warning("--resume: --init_method %s trains nothing, so it writes no checkpoints and there is nothing "
+                       "to resume; the run starts from the beginning", cfg.train.init_method.value)
     if cfg.output.overwrite and not cfg.output.resume and out.is_dir() and any(out.iterdir()):
         logger.info("--overwrite: %s holds an earlier output of this tool; it stays until this run's output is "
                     "complete and then is replaced", out)
