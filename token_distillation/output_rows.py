@@ -164,8 +164,8 @@ def _occurrences(seq: MergedSequence, new_id: int, subtokens: tuple[int, ...]) -
     return exact, inexact
 
 
-def completion_positions(lp: torch.Tensor, seq: MergedSequence, new_id: int,
-                         subtokens: tuple[int, ...]) -> list[tuple[int, int]]:
+def completion_positions(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: tuple[int, ...],
+                         occ: tuple[list[tuple[int, int]], list[int]] | None = None) -> list[tuple[int, int]]:
     """Where :func:`word_targets` takes the teacher's own completion probability (computed by
     :func:`teacher_completions`): ``(q, a)`` for every student position ``q`` away from the word's
     uses whose aligned teacher position ``a`` gives the first subtoken a probability of at least
@@ -174,8 +174,9 @@ def completion_positions(lp: torch.Tensor, seq: MergedSequence, new_id: int,
 
     Args:
         lp: ``[teacher_len, vocab]`` teacher log-probabilities over the original vocabulary.
+        occ: :func:`_occurrences` of the word in ``seq`` if the caller has them (else found here).
     """
-    exact, inexact = _occurrences(seq, new_id, subtokens)
+    exact, inexact = occ or _occurrences(seq, new_id, subtokens)
     if len(subtokens) < 2 or not exact:
         return []
     s2t = torch.as_tensor(seq.student_to_teacher, device=lp.device)[:-1]
@@ -184,13 +185,15 @@ def completion_positions(lp: torch.Tensor, seq: MergedSequence, new_id: int,
     return [(q, int(s2t[q])) for q in torch.nonzero(ok).flatten().tolist()]
 
 
-def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: tuple[int, ...]) -> torch.Tensor:
+def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: tuple[int, ...],
+                 occ: tuple[list[tuple[int, int]], list[int]] | None = None) -> torch.Tensor:
     """P* at every student position that predicts a next token (see the module docstring).
 
     Args:
         lp: ``[teacher_len, vocab]`` teacher log-probabilities over the original vocabulary.
         seq: the snippet (teacher and student ids, alignment).
         new_id: the word's new id; subtokens: its original subtoken ids ``t1 .. tk``.
+        occ: :func:`_occurrences` of the word in ``seq`` if the caller has them (else found here).
 
     Returns:
         ``[student_len - 1]`` float32 probabilities (position ``q`` predicts student token ``q + 1``):
@@ -203,7 +206,7 @@ def word_targets(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: 
     s2t = torch.as_tensor(seq.student_to_teacher, device=lp.device)
     k = len(subtokens)
     log_p1 = lp[s2t[:-1].clamp(min=0), subtokens[0]]        # [student_len - 1]
-    exact, inexact = _occurrences(seq, new_id, subtokens)
+    exact, inexact = occ or _occurrences(seq, new_id, subtokens)
     if not exact:  # no exact occurrence: the completion probability cannot be estimated here
         return torch.full_like(log_p1, math.nan).float()
     starts = [q for q, _ in exact]
@@ -336,9 +339,10 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
             for r, i in enumerate(idx):
                 tok, seq = token_index[i], seqs[i]
                 lp = _teacher_lp(model, rows, t_last[r], len(seq.teacher_ids))
-                targets.append(word_targets(lp, seq, rows.token_ids[tok], subtokens[tok]))
-                occ[where[tok]] += _occurrence_completions(lp, seq, rows.token_ids[tok], subtokens[tok])
-                for q, a in completion_positions(lp, seq, rows.token_ids[tok], subtokens[tok]):
+                found = _occurrences(seq, rows.token_ids[tok], subtokens[tok])  # once for the three below
+                targets.append(word_targets(lp, seq, rows.token_ids[tok], subtokens[tok], found))
+                occ[where[tok]] += _occurrence_completions(lp, found[0], subtokens[tok])
+                for q, a in completion_positions(lp, seq, rows.token_ids[tok], subtokens[tok], found):
                     wanted.append((r, a, subtokens[tok]))
                     at.append((r, q, float(lp[a, subtokens[tok][0]])))
                 del lp
@@ -376,9 +380,9 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
     return Positions.cat(own, bg)
 
 
-def _occurrence_completions(lp: torch.Tensor, seq: MergedSequence, new_id: int, subtokens: tuple[int, ...]) -> list[float]:
-    """The teacher's log completion ``log prod_{i>=2} p_T(t_i | ..)`` at each exact occurrence in ``seq`` (nats)."""
-    exact, _ = _occurrences(seq, new_id, subtokens)
+def _occurrence_completions(lp: torch.Tensor, exact: list[tuple[int, int]], subtokens: tuple[int, ...]) -> list[float]:
+    """The teacher's log completion ``log prod_{i>=2} p_T(t_i | ..)`` at each exact occurrence
+    (``exact``: :func:`_occurrences`' first list) (nats)."""
     return [float(sum(lp[start + i - 1, subtokens[i]] for i in range(1, len(subtokens)))) for _, start in exact]
 
 
