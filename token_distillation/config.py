@@ -454,7 +454,7 @@ class SnippetConfig:
     snippet_num: int = _flag(25, "Training snippets per new token (the paper uses 25).")
     min_snippets: int = _flag(
         5,
-        "Skip new tokens with fewer training snippets than this (listed in the report with counts).",
+        "Skip new tokens with fewer training snippets than this (listed in the report with counts) when --init_method trains the input rows (token_distillation, token_distillation-randinit, ntp); the others (subtoken-mean, weighted-mean, random) need no snippets and keep every token.",
     )
     heldout_snippet_num: int = _flag(
         5, "Held-out snippets per token (from held-out documents) for the held-out distillation loss."
