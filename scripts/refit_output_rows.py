@@ -7,7 +7,9 @@ trained; the output rows are then fitted with today's code and a new run directo
 snippets are mined again with the same flags, so the fit reads the same snippets as long as the corpus
 files are the same at the same paths (relative paths are read from the current directory, as in the
 run). The held-out passes run as in a normal run; ``train_seconds`` in the new report is 0 and
-``input_rows_from`` names ``--run_dir``.
+``input_rows_from`` names ``--run_dir``. The input rows are read as saved: a run saved in bf16 or fp16
+gives its rounded rows (training kept them in float32), so the refit is then close to, not exactly,
+a fit after that run's training.
 
     python scripts/refit_output_rows.py --run_dir runs/td --out_dir runs/td_refit
 
@@ -59,8 +61,9 @@ def main(run_dir: str, out_dir: str, **flags) -> Path:
     """Refit ``run_dir``'s output rows into ``out_dir`` (see the module docstring); returns ``out_dir``.
 
     Raises:
-        ConfigError: ``run_dir`` lacks report.json / new_tokens.jsonl / model.safetensors, ``out_dir``
-            exists, the run was tied, or the rerun's new tokens or ids differ from the run's.
+        ConfigError: ``run_dir`` lacks report.json / new_tokens.jsonl / tokenizer.json / model.safetensors,
+            ``out_dir`` exists, the run was tied, trained the original rows too or trained no input rows,
+            or the rerun's new tokens or ids differ from the run's.
     """
     import torch
 
@@ -75,9 +78,18 @@ def main(run_dir: str, out_dir: str, **flags) -> Path:
     if out.exists():
         raise ConfigError(f"--out_dir {out} exists; pass a new path")
     report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    if report.get("model", {}).get("tied_embeddings"):
+        raise ConfigError(f"--run_dir {run}: the run kept its embeddings tied, so it has no output rows of its own to "
+                          "refit; refit an untied run")
+    if report["config"].get("train_original_embeddings"):
+        raise ConfigError(f"--run_dir {run}: the run trained the original embedding rows too "
+                          "(--train_original_embeddings), which the refit does not restore; refit a run without it")
+    if report["config"].get("init_method") not in ("token_distillation", "token_distillation-randinit", "ntp"):
+        raise ConfigError(f"--run_dir {run}: --init_method {report['config'].get('init_method')} trains no input rows; "
+                          "refit a token_distillation (or ntp) run")
     texts, ids, emb = _saved_rows(run)
     cfg = {**report["config"], **flags, "out_path": str(out), "overwrite": False, "resume": False,
-           "output_embeddings": "distill", "dry_run": False}
+           "output_embeddings": "distill", "set_output_to_zero_if_untied": True, "dry_run": False}
 
     def given_rows(setup, ext, fp, seqs, tix, loop_kw, cache_bytes, owned=None, attach=None):
         have = [t.text for t in ext.tokens]

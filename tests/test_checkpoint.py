@@ -540,6 +540,14 @@ def test_resume_with_overwrite_on_a_folder_without_checkpoints_says_so(tmp_path,
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, overwrite=True,
                  init_method="subtoken-mean"))
     assert "holds no checkpoints, so there is nothing to resume" in caplog.text
-    assert "--init_method subtoken-mean trains nothing, so it writes no checkpoints" in caplog.text
+    assert "--init_method subtoken-mean trains no input rows, so this run writes no checkpoints" in caplog.text
+    from token_distillation.pipeline import start
+
+    for out_emb, warned in (("ntp", True), ("distill", False)):  # a distill fit checkpoints its token groups
+        caplog.clear()
+        start(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / out_emb), resume=True,
+                       init_method="subtoken-mean", output_embeddings=out_emb))
+        assert ("trains no input rows (--output_embeddings ntp trains the output rows again)" in caplog.text) == warned
+        assert ("trains no input rows" in caplog.text) == warned
     assert (out / "report.json").is_file() and not (out / "coverage.tsv").exists()
 

@@ -239,8 +239,8 @@ def test_output_fit_term_is_bounded_by_the_chunk_and_takes_turns():
     assert none.output_fit == 0
     bg = BACKGROUND_POSITIONS * 4096  # each token's background positions
     few_train = 10 * per + 3 * bg
-    assert few.output_fit == 4 * (3 * few_train + few_train * 4 // 10) + logits
-    assert many.output_fit == 4 * (3 * CHUNK_ENTRIES + CHUNK_ENTRIES // 5) + logits
+    assert few.output_fit == 4 * (3 * few_train + few_train * 4 // 10 + 3 * bg) + logits  # held-out: background too
+    assert many.output_fit == 4 * (3 * CHUNK_ENTRIES + CHUNK_ENTRIES // 5 + 3 * bg) + logits
     assert huge.output_fit == 4 * 3 * (10**4 * per + bg) + logits  # one token's positions exceed the chunk
     assert "output fit" in many.describe() and "output fit" not in none.describe()
     dev = MemoryPlan(weights=10, trainable=1, activations=5, logits=3, output_fit=7)

@@ -366,7 +366,7 @@ def test_background_targets_use_the_teachers_completion(monkeypatch):
     threshold = float(lp[:, 10].exp().median())
     monkeypatch.setattr("token_distillation.output_rows.COMPLETION_MIN_P1", threshold)
     pos = collect_positions(model, rows, seqs, [0, 1], [0], [t.subtoken_ids for t in toks], batch_size=4,
-                            device=torch.device("cpu"), pad_id=2, background=[0, 1])
+                            device=torch.device("cpu"), pad_id=2, background=(seqs, [0, 1], [0, 1]))
     n_own = len(seqs[0].student_ids) - 1
     assert not pos.background[:n_own].any() and pos.background[n_own:].all() and (pos.owner == 0).all()
     drawn = background_sample(seqs, [0, 1], [0, 1], 0, 64, 10**6)
@@ -380,3 +380,37 @@ def test_background_targets_use_the_teachers_completion(monkeypatch):
     rate = sum(f for f, h in zip(full, high) if h) / sum(p for p, h in zip(p1, high) if h)
     want = [f if h else p * rate for f, p, h in zip(full, p1, high)]
     assert pos.target[n_own:].tolist() == pytest.approx(want, rel=1e-3)
+
+
+def test_heldout_background_is_drawn_from_every_heldout_snippet(monkeypatch):
+    """A token-sharded process holds only its own tokens' held-out snippets; with every held-out snippet
+    passed as background_heldout its held-out KL equals that of a run holding them all (the measure
+    does not depend on the number of processes); without it the held-out background is missing."""
+    from token_distillation.alignment import PhraseMatcher, merge
+    from token_distillation.init_methods import subtoken_mean
+    from token_distillation.models import embedding_scale, extend_embeddings
+    from token_distillation.output_rows import distill_output_rows
+    from token_distillation.tokenization import NewToken
+    from token_distillation.train import NewRows
+
+    model = make_llama(64, layers=2, tied=False)
+    model.requires_grad_(False)
+    extend_embeddings(model, 66)
+    toks = [NewToken("w", (10, 11), 64), NewToken("v", (40, 41), 65)]
+    body = torch.randint(13, 39, (24,), generator=torch.Generator().manual_seed(7)).tolist()
+    matcher = PhraseMatcher([t.subtoken_ids for t in toks])
+    seqs = [merge([1] + body[:5] + [10, 11] + body[5:12], matcher, [64, 65]),
+            merge([1] + body[12:16] + [40, 41] + body[16:], matcher, [64, 65])]
+    emb = model.get_input_embeddings().weight
+
+    def held_kl(heldout, background_heldout):
+        rows = NewRows(subtoken_mean(emb, toks), [64, 65], emb.shape[0], embedding_scale(model), num_original=64,
+                       out_rows=subtoken_mean(model.get_output_embeddings().weight, toks))
+        _, kl = distill_output_rows(model, rows, (seqs, [0, 1]), heldout, [0], [t.subtoken_ids for t in toks], lr=0.01,
+                                    batch_size=4, device=torch.device("cpu"), pad_id=2, steps=3, show_progress=False,
+                                    background_heldout=background_heldout)
+        return kl["heldout_after"][0]
+
+    every = held_kl((seqs, [0, 1]), None)
+    assert held_kl(([seqs[0]], [0]), (seqs, [0, 1])) == pytest.approx(every, rel=1e-6)
+    assert held_kl(([seqs[0]], [0]), None) != pytest.approx(every, rel=1e-3)

@@ -590,3 +590,4 @@ def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_mode
     assert rep["output_rows_kl"] == json.loads((outs["td"] / "report.json").read_text())["output_rows_kl"]
     _one_error(_py("refit_output_rows.py", "--run_dir", outs["td_sm"], "--out_dir", refit), "--out_dir")
     _one_error(_py("refit_output_rows.py", "--run_dir", tmp_path, "--out_dir", tmp_path / "x"), "--run_dir")
+    _one_error(_py("refit_output_rows.py", "--run_dir", outs["sm"], "--out_dir", tmp_path / "x"), "trains no input rows")

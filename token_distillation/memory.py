@@ -28,7 +28,8 @@ Two kinds of plan, by where the weights live:
   :data:`token_distillation.output_rows.BACKGROUND_POSITIONS` each (:data:`token_distillation.output_rows.CHUNK_ENTRIES`
   entries, or one token's positions when they alone exceed it: a token is never split) three times
   (the states, the rows gathered per position, the gradient of that gather), the held-out positions of
-  the group once (in the run's held-out : training ratio), plus one snippet's ``[positions, vocab]``
+  the group once (its snippets in the run's held-out : training ratio, and the background positions
+  again), plus one snippet's ``[positions, vocab]``
   logits three times (logits, their float32 copy, the log-softmax; or those of
   :data:`token_distillation.output_rows.COMPLETION_ROWS` positions, if more), plus the teacher's
   key/value cache of a batch of snippets twice (the cache and the copy made for each forward of
@@ -273,7 +274,9 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
         bg = BACKGROUND_POSITIONS * hidden  # a token's background positions
         train = min(output_fit_snippets * per_snippet + num_new * bg,
                     max(CHUNK_ENTRIES, output_fit_per_token * per_snippet + bg))
-        held = train * (heldout_snippets or 0) // output_fit_snippets
+        # held-out: the group's snippets in the held-out : training ratio, and the same background positions
+        held = train * (heldout_snippets or 0) // output_fit_snippets + (min(num_new * bg, train) if heldout_snippets
+                                                                         else 0)
         layers = int(getattr(text, "num_hidden_layers", 1) or 1)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(text, "head_dim", None) or hidden // heads)

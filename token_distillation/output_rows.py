@@ -49,8 +49,9 @@ binary cross-entropy between P* and ``p``; minus its minimum (the binary entropy
 binary KL reported here (nats, weighted mean over a token's own and background positions, 0 when
 the student matches). The problem is convex in ``o``; each token's row is fitted on its own
 positions only (the loss is a sum over tokens of per-token means, and Adam is element-wise), so a
-token's row does not depend on the other tokens' rows (the background positions are read with the
-trained input rows). Other new tokens are left out of the student's normaliser.
+token's row does not depend on the other tokens' output rows. It does depend on which other tokens
+there are: their snippets give its background positions (below), read with their trained input
+rows. Other new tokens are left out of the student's normaliser.
 
 Start and prior. The fit starts from the output row of the word's first subtoken ``t1`` (the word's
 probability is ``p_T(t1)`` times the completion probability, so ``t1``'s logit is the natural first
@@ -117,7 +118,8 @@ class Positions:
         h: ``[n, hidden]`` float32 final hidden states (after the final norm).
         log_z: ``[n]`` logsumexp of the student's original-vocabulary logits at these positions.
         target: ``[n]`` teacher probability P* that the next token is the word.
-        owner: ``[n]`` long, index of the token (into the group) whose snippet the position is in.
+        owner: ``[n]`` long, index of the token (into the group) whose snippet the position is in, or
+            for a background position, the token it was drawn for.
         completions: positions away from the word whose target took the teacher's own completion
             probability (:func:`teacher_completions`).
         background: ``[n]`` bool, positions of other tokens' snippets (:func:`background_positions`),
@@ -315,12 +317,13 @@ def _teacher_lp(model, rows: NewRows, t_last: torch.Tensor, length: int) -> torc
 @torch.no_grad()
 def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], group: list[int],
                       subtokens: list[tuple[int, ...]], *, batch_size: int, device, pad_id: int, autocast_dtype=None,
-                      bar=None, background: list[int] | None = None) -> Positions:
+                      bar=None, background: tuple[list[MergedSequence], list[int], list[int]] | None = None) -> Positions:
     """Final hidden states, normalisers and targets of every predicting position of the snippets of
     the tokens ``group`` (indices into the new-token list; ``owner`` indexes ``group``);
     ``subtokens[j]``: new token ``j``'s original subtoken ids; ``bar``: a progress bar advanced by
-    the snippets read; ``background``: indices into ``seqs`` of the snippets that give each token its
-    background positions (:func:`background_positions`), or None (own snippets only).
+    the snippets read; ``background``: ``(snippets, token index of each, pool)``, where ``pool`` indexes
+    the snippets that give each token its background positions (:func:`background_positions`), or
+    None (own snippets only).
 
     Raises:
         Interrupted: a stop signal was received (checked before every batch).
@@ -370,11 +373,11 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
                         torch.zeros(0, dtype=torch.long, device=device))
     else:
         own = Positions(torch.cat(hs), torch.cat(zs), torch.cat(ts), torch.cat(owners), read)
-    if not background:
+    if not background or not background[2]:
         return own
     fallback = [torch.logsumexp(torch.tensor(occ[g]), 0).item() - math.log(len(occ[g])) if occ[g] else 0.0
                 for g in range(len(group))]
-    bg = background_positions(model, rows, seqs, token_index, background, group, subtokens, fallback,
+    bg = background_positions(model, rows, *background, group, subtokens, fallback,
                               batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype,
                               bar=bar)
     return Positions.cat(own, bg)
@@ -439,7 +442,7 @@ def background_positions(model, rows: NewRows, seqs: list[MergedSequence], token
                 for g, q in chosen[i]:
                     subs = subtokens[group[g]]
                     log_p1 = float(lp[int(s2t[q]), subs[0]])
-                    hs.append(s_last[r, q].float())
+                    hs.append(s_last[r, q].float().clone())  # not a view that keeps the batch's states
                     zs.append(z[row_of[q]])
                     p1s.append(log_p1)
                     owners.append(g)
@@ -604,10 +607,10 @@ def _restore_groups(rows: NewRows, saved: dict, snippet_tokens: list[int], bar, 
 
 
 def _fit_group(model, rows: NewRows, group: list[int], train, heldout, subtokens, kl: dict, *, head_bias,
-               lr: float, steps: int, rms: float, pools: tuple[list[int], list[int]], **collect_kw) -> list[float]:
+               lr: float, steps: int, rms: float, pools: tuple, **collect_kw) -> list[float]:
     """Fit the output rows of one group of tokens in place: collect their training and held-out
-    positions (:func:`collect_positions`; background positions from the snippets ``pools``: indices
-    into the training and the held-out snippets), measure the binary KL of the rows before, :func:`fit` from
+    positions (:func:`collect_positions`; background positions from ``pools``: its ``background``
+    argument for the training and the held-out positions), measure the binary KL of the rows before, :func:`fit` from
     each word's first subtoken's output row, measure after, writing each token's four measures into
     ``kl`` (None where NaN). Returns ``(the group's loss curve, positions whose target took the
     teacher's own completion, all positions, background positions)``, training and held-out together."""
@@ -638,7 +641,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
                         subtokens: list[tuple[int, ...]], *, lr: float, rms: float = 1.0,
                         batch_size: int, device, pad_id: int, autocast_dtype=None,
                         steps: int | None = None, show_progress: bool = True,
-                        progress=None) -> tuple[TrainResult, dict]:
+                        progress=None, background_heldout=None) -> tuple[TrainResult, dict]:
     """Fit the output rows ``rows.out_rows`` of ``tokens`` (indices into the new-token list) on their
     training snippets, in place, and measure the binary KL on training and held-out snippets.
 
@@ -648,6 +651,10 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
         lr: Adam step size.
         rms: RMS of the original output rows' entries (the scale of the penalty, see the module docstring).
         show_progress: show a progress bar over the snippets read (the forwards are most of the time).
+        background_heldout: ``(merged snippets, token index of each)`` to draw the held-out background
+            positions from (default ``heldout``; a token-sharded process passes every held-out snippet,
+            so that the measure does not depend on the number of processes). The training background
+            positions are drawn from ``train``.
         progress: an :class:`~token_distillation.checkpoint.OutputFitProgress` (or None): the fitted
             groups are saved after each group, and a resumed run starts after the last one saved
             (its rows, measures and loss curve are taken from the file; the result is the same).
@@ -671,10 +678,11 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     seq_len = max((len(s.student_ids) for s in train[0]), default=1)
     curve: list[float] = []
     mine = set(tokens)
-    pools = (background_pool(train[1]), background_pool(heldout[1]))
+    bg_held = heldout if background_heldout is None else background_heldout
+    pools = ((*train, background_pool(train[1])), (*bg_held, background_pool(bg_held[1])))
     groups = _groups(train[1], tokens, seq_len, rows.out_rows.shape[1])
     bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1])
-               + len(groups) * (len(pools[0]) + len(pools[1])),  # at most: a pool snippet no token draws is not read
+               + len(groups) * (len(pools[0][2]) + len(pools[1][2])),  # at most: a pool snippet no token draws is not read
                desc="output rows (distill)", unit="snippet", disable=not show_progress)
     kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar, pools=pools)
     key = fit_key(rows, groups, lr, steps, rms) if progress is not None else ""
@@ -701,7 +709,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
         logger.info("output rows (distill): %d of %d positions took the teacher's own completion of the word as target "
                     "(away from its uses, where the teacher's p(first subtoken) >= %g); %d of the positions are "
                     "background positions from %d + %d snippets of other tokens (%.0f%% of each token's objective)%s",
-                    read[0], read[1], COMPLETION_MIN_P1, read[2], len(pools[0]), len(pools[1]),
+                    read[0], read[1], COMPLETION_MIN_P1, read[2], len(pools[0][2]), len(pools[1][2]),
                     100 * BACKGROUND_SHARE if read[2] else 0, f", groups {done + 1}-{len(groups)}" if done else "")
     seconds = earlier_s + time.perf_counter() - t0
     held_before, held_after = mean(kl["heldout_before"]), mean(kl["heldout_after"])

@@ -398,9 +398,11 @@ def start(cfg: RunConfig) -> Setup:
         logger.warning("--resume: %s holds no checkpoints, so there is nothing to resume; --overwrite replaces its "
                        "contents with this run's output", out)
     if (cfg.output.resume and cfg.train.init_method not in TRAINED
-            and cfg.output.output_embeddings not in (OutputEmbeddings.DISTILL, OutputEmbeddings.NTP)):
-        logger.warning("--resume: --init_method %s trains nothing, so it writes no checkpoints and there is nothing "
-                       "to resume; the run starts from the beginning", cfg.train.init_method.value)
+            and cfg.output.output_embeddings != OutputEmbeddings.DISTILL):  # ntp output rows: no checkpoints either
+        logger.warning("--resume: --init_method %s trains no input rows%s, so this run writes no checkpoints and there "
+                       "is nothing to resume; the run starts from the beginning", cfg.train.init_method.value,
+                       " (--output_embeddings ntp trains the output rows again)"
+                       if cfg.output.output_embeddings == OutputEmbeddings.NTP else "")
     if cfg.output.overwrite and not cfg.output.resume and out.is_dir() and any(out.iterdir()):
         logger.info("--overwrite: %s holds an earlier output of this tool; it stays until this run's output is "
                     "complete and then is replaced", out)
@@ -781,6 +783,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     pad_id = ext.tokenizer.pad_token_id if ext.tokenizer.pad_token_id is not None else 0
     train_seqs, train_tix = pair_snippets(sn.snips.train, ext, tc.alignment)
     held_seqs, held_tix = pair_snippets(sn.snips.heldout, ext, tc.alignment)
+    all_held = (held_seqs, held_tix)  # every process's output fit draws background positions from all of them
     input_trained = tc.init_method in TRAINED or tc.train_original_embeddings
     fp = _train_fingerprint(setup, ext, train_seqs) if tc.init_method in TRAINED else None
     if fp is not None and setup.cfg.output.resume and setup.checkpoints and setup.out is not None:
@@ -830,8 +833,8 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
                                            autocast_dtype=setup.autocast_dtype,
                                            **{**loop_kw, "lr": tc.token_distillation_lr})
         elif ext.out_policy == OutputEmbeddings.DISTILL:
-            out_result, out_kl = _distill_outputs(setup, ext, (train_seqs, train_tix), (held_seqs, held_tix), owned,
-                                                  pad_id)
+            out_result, out_kl = _distill_outputs(setup, ext, (train_seqs, train_tix), (held_seqs, held_tix), all_held,
+                                                  owned, pad_id)
     outputs_trained = ext.out_policy in (OutputEmbeddings.NTP, OutputEmbeddings.DISTILL)
     if not setup.dist.is_main and not setup.shard:  # data-parallel: the main process evaluates alone
         return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
@@ -867,11 +870,13 @@ def _kept_before(setup: Setup, ext: Extended, held_seqs, input_trained: bool) ->
                                             model=setup.source.identity, input_trained=input_trained))
 
 
-def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[int] | None, pad_id: int):
+def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owned: list[int] | None, pad_id: int):
     """``--output_embeddings distill`` (:func:`~token_distillation.output_rows.distill_output_rows`)
     after the input rows are final. One process: every token. Token sharding: each process fits its
-    own tokens and the rows and measures are gathered. Data parallelism: the main process fits every
-    token and sends the rows to the others.
+    own tokens and the rows and measures are gathered (``heldout``: this process's held-out snippets;
+    ``all_held``: every held-out snippet, from which the held-out background positions are drawn, the
+    same on every process). Data parallelism: the main process fits every token and sends the rows to
+    the others.
 
     Returns:
         ``(TrainResult, per-token binary KL dict)`` (the dict is complete on the main process).
@@ -889,7 +894,7 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, owned: list[in
         result, kl = distill_output_rows(ext.model, rows, train, heldout, mine, [t.subtoken_ids for t in ext.tokens],
                                          lr=lr, rms=rms, batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
                                          autocast_dtype=setup.autocast_dtype, show_progress=dist.is_main,
-                                         progress=progress)
+                                         progress=progress, background_heldout=all_held)
     if setup.shard:
         dist.gather_rows_(rows.out_rows, owned)
         parts = dist.all_gather_objects(kl, "output-rows-kl")
