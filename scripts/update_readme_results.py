@@ -385,7 +385,8 @@ def raw_text_section() -> list[str]:
            "word estimated from the word's occurrences, which `_occ` also means; in "
            + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_OWN_COMPLETION)
            + " the fit of 2026-12-05, with the teacher's own completion; elsewhere the fit of 2026-12-06, the "
-           "default, which adds background positions from other words' snippets)" + e1 + " Extra bits per use of a new "
+           "default, which adds background positions from other words' snippets; `_bg90`: those positions carry 90% "
+           "of each token's objective instead of half)" + e1 + " Extra bits per use of a new "
            "token (evaluations from 2026-12-04 on): at the words / the probability the new tokens take elsewhere / "
            "the rest (mostly text read after a new token), and the estimated floor for any method that keeps the "
            "original rows ([usage](usage.md#evaluation-are-the-new-tokens-as-good-as-the-original-subtokens)).", "",
