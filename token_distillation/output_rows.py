@@ -308,6 +308,26 @@ def _forward(model, rows: NewRows, seqs: list[MergedSequence], tix: list[int], *
     return batch, cache, t_last, s_last
 
 
+def _batches(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], indices: list[int], *,
+             batch_size: int, device, pad_id: int, autocast_dtype=None, bar=None):
+    """:func:`_forward` over ``indices`` (into ``seqs``) in batches of ``batch_size``, under autocast:
+    yields ``(batch's indices, batch, cache, teacher final states, student final states)``; checks for a
+    stop signal before every batch and advances ``bar`` after it.
+
+    Raises:
+        Interrupted: a stop signal was received."""
+    for b in range(0, len(indices), batch_size):
+        check_stop("during the output-row fit")
+        idx = indices[b: b + batch_size]
+        with autocast_context(torch.device(device), autocast_dtype):
+            out = _forward(model, rows, [seqs[i] for i in idx], [token_index[i] for i in idx], device=device,
+                           pad_id=pad_id)
+        yield (idx, *out)
+        del out  # the caller dropped its references: the batch's cache is freed before the next forward
+        if bar is not None:
+            bar.update(len(idx))
+
+
 def _teacher_lp(model, rows: NewRows, t_last: torch.Tensor, length: int) -> torch.Tensor:
     """``[length, vocab]`` float32 teacher log-probabilities over the original vocabulary (logits in the
     weights' dtype: no float32 copy of the ``[vocab, hidden]`` output matrix)."""
@@ -332,12 +352,10 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
     picked = [i for i, t in enumerate(token_index) if t in where]
     hs, zs, ts, owners, read = [], [], [], [], 0
     occ = {g: [] for g in range(len(group))}  # log completion of every exact occurrence, per token
-    for b in range(0, len(picked), batch_size):
-        check_stop("during the output-row fit")
-        idx = picked[b: b + batch_size]
+    for idx, batch, cache, t_last, s_last in _batches(model, rows, seqs, token_index, picked, batch_size=batch_size,
+                                                      device=device, pad_id=pad_id, autocast_dtype=autocast_dtype,
+                                                      bar=bar):
         with autocast_context(torch.device(device), autocast_dtype):
-            batch, cache, t_last, s_last = _forward(model, rows, [seqs[i] for i in idx], [token_index[i] for i in idx],
-                                                    device=device, pad_id=pad_id)
             targets, wanted, at = [], [], []
             for r, i in enumerate(idx):
                 tok, seq = token_index[i], seqs[i]
@@ -365,8 +383,6 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
             hs.append(h)
             ts.append(targets[r][keep])
             owners.append(torch.full((h.shape[0],), where[tok], dtype=torch.long, device=h.device))
-        if bar is not None:
-            bar.update(len(idx))
     if not hs:
         empty = torch.zeros(0, device=device)
         own = Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
@@ -426,12 +442,10 @@ def background_positions(model, rows: NewRows, seqs: list[MergedSequence], token
             chosen.setdefault(i, []).append((g, q))
     snippets = sorted(chosen)
     hs, zs, p1s, owners, logc_all, read = [], [], [], [], [], 0
-    for b in range(0, len(snippets), batch_size):
-        check_stop("during the output-row fit")
-        idx = snippets[b: b + batch_size]
+    for idx, batch, cache, t_last, s_last in _batches(model, rows, seqs, token_index, snippets, batch_size=batch_size,
+                                                      device=device, pad_id=pad_id, autocast_dtype=autocast_dtype,
+                                                      bar=bar):
         with autocast_context(torch.device(device), autocast_dtype):
-            batch, cache, t_last, s_last = _forward(model, rows, [seqs[i] for i in idx], [token_index[i] for i in idx],
-                                                    device=device, pad_id=pad_id)
             wanted, at = [], []
             for r, i in enumerate(idx):
                 s2t = seqs[i].student_to_teacher
@@ -459,8 +473,6 @@ def background_positions(model, rows: NewRows, seqs: list[MergedSequence], token
         for j, c in zip(at, logc):
             logc_all[j] = c
         read += len(logc)
-        if bar is not None:
-            bar.update(len(idx))
     if not hs:
         empty = torch.zeros(0, device=device)
         return Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
