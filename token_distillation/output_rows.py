@@ -717,21 +717,28 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
                                 "rows": rows.out_rows.detach()[fitted].float().cpu(),
                                 "seconds": earlier_s + time.perf_counter() - t0})
     bar.close()
+    seconds = earlier_s + time.perf_counter() - t0
+    _log_fit(read, [len(p[2]) for p in pools], done, len(groups), len(tokens), steps, lr, kl, seconds)
+    return TrainResult(loss_curve=curve, steps=steps, seconds=seconds), kl
+
+
+def _log_fit(read: list[int], pool_sizes: list[int], done: int, n_groups: int, n_tokens: int, steps: int, lr: float,
+             kl: dict, seconds: float) -> None:
+    """The fit's two log lines: its positions (``read``: completions, all, background; ``pool_sizes``:
+    training and held-out background snippets) and its result (groups ``done`` before a resume)."""
     if read[1]:
         logger.info("output rows (distill): %d of %d positions took the teacher's own completion of the word as target "
                     "(away from its uses, where the teacher's p(first subtoken) >= %g); %d of the positions are "
                     "background positions from %d + %d snippets of other tokens (%.0f%% of each token's objective)%s",
-                    read[0], read[1], COMPLETION_MIN_P1, read[2], len(pools[0][2]), len(pools[1][2]),
-                    100 * BACKGROUND_SHARE if read[2] else 0, f", groups {done + 1}-{len(groups)}" if done else "")
-    seconds = earlier_s + time.perf_counter() - t0
+                    read[0], read[1], COMPLETION_MIN_P1, read[2], *pool_sizes,
+                    100 * BACKGROUND_SHARE if read[2] else 0, f", groups {done + 1}-{n_groups}" if done else "")
     held_before, held_after = mean(kl["heldout_before"]), mean(kl["heldout_after"])
     logger.info("output rows (distill): %d tokens, %d Adam steps, step size %.3g; mean binary KL on held-out "
-                "snippets %s -> %s nats in %.1f s%s", len(tokens), steps, lr,
+                "snippets %s -> %s nats in %.1f s%s", n_tokens, steps, lr,
                 "n/a" if held_before is None else f"{held_before:.4g}",
                 "n/a" if held_after is None else f"{held_after:.4g}", seconds,
-                " (every group restored from the interrupted run's checkpoint)" if done and done == len(groups) else
-                f" ({done} of {len(groups)} groups restored)" if done else "")
-    return TrainResult(loss_curve=curve, steps=steps, seconds=seconds), kl
+                " (every group restored from the interrupted run's checkpoint)" if done and done == n_groups else
+                f" ({done} of {n_groups} groups restored)" if done else "")
 
 
 #: a token's held-out binary KL must rise by more than this share to be reported by :func:`log_worse`
