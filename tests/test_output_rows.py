@@ -414,3 +414,69 @@ def test_heldout_background_is_drawn_from_every_heldout_snippet(monkeypatch):
     every = held_kl((seqs, [0, 1]), None)
     assert held_kl(([seqs[0]], [0]), (seqs, [0, 1])) == pytest.approx(every, rel=1e-6)
     assert held_kl(([seqs[0]], [0]), None) != pytest.approx(every, rel=1e-3)
+
+
+def test_progress_bar_ends_at_its_total_fresh_and_resumed(monkeypatch):
+    """The fit's progress bar counts every group's background pool in full (a pool snippet no token of
+    the group draws counts as read), so it ends at its total; a resumed fit skips the finished groups'
+    own and pool snippets and ends there too."""
+    from token_distillation import output_rows
+    from token_distillation.alignment import PhraseMatcher, merge
+    from token_distillation.init_methods import subtoken_mean
+    from token_distillation.models import embedding_scale, extend_embeddings
+    from token_distillation.tokenization import NewToken
+    from token_distillation.train import NewRows
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **_):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    class Progress:
+        def __init__(self, saved=None):
+            self.saved, self.stored = saved, []
+
+        def load(self, key):
+            return self.saved
+
+        def save(self, key, state):
+            self.stored.append(state)
+
+    monkeypatch.setattr(output_rows, "tqdm", Bar)
+    monkeypatch.setattr(output_rows, "CHUNK_ENTRIES", 1)  # one token per group
+    model = make_llama(64, layers=2, tied=False)
+    model.requires_grad_(False)
+    extend_embeddings(model, 67)
+    toks = [NewToken("w", (10, 11), 64), NewToken("v", (40, 41), 65), NewToken("u", (50, 51), 66)]
+    g = torch.Generator().manual_seed(3)
+    matcher = PhraseMatcher([t.subtoken_ids for t in toks])
+    seqs, tix = [], []
+    for k, t in enumerate(toks):
+        for _ in range(3):
+            body = torch.randint(13, 39, (14,), generator=g).tolist()
+            seqs.append(merge([1] + body[:6] + list(t.subtoken_ids) + body[6:], matcher, [64, 65, 66]))
+            tix.append(k)
+    emb = model.get_input_embeddings().weight
+
+    def fit_rows(progress):
+        rows = NewRows(subtoken_mean(emb, toks), [64, 65, 66], emb.shape[0], embedding_scale(model), num_original=64,
+                       out_rows=subtoken_mean(model.get_output_embeddings().weight, toks))
+        output_rows.distill_output_rows(model, rows, (seqs, tix), (seqs[::3], [0, 1, 2]), [0, 1, 2],
+                                        [t.subtoken_ids for t in toks], lr=0.01, batch_size=4,
+                                        device=torch.device("cpu"), pad_id=2, steps=2, progress=progress)
+        return rows.out_rows.detach().clone()
+
+    fresh = Progress()
+    whole = fit_rows(fresh)
+    assert len(fresh.stored) == 3 and bars[-1].total > 0 and bars[-1].n == bars[-1].total
+    resumed = fit_rows(Progress(saved=fresh.stored[0]))  # stopped after the first group
+    assert bars[-1].n == bars[-1].total
+    assert torch.equal(resumed, whole)

@@ -473,6 +473,8 @@ def background_positions(model, rows: NewRows, seqs: list[MergedSequence], token
         for j, c in zip(at, logc):
             logc_all[j] = c
         read += len(logc)
+    if bar is not None:  # pool snippets no token of the group drew: counted as read, so that every group
+        bar.update(len(pool) - len(snippets))  # advances the bar by the pool's size (a resume skips exactly that)
     if not hs:
         empty = torch.zeros(0, device=device)
         return Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
@@ -605,14 +607,15 @@ def fit_key(rows: NewRows, groups: list[list[int]], lr: float, steps: int, rms: 
     return h.hexdigest()
 
 
-def _restore_groups(rows: NewRows, saved: dict, snippet_tokens: list[int], bar, n_groups: int):
+def _restore_groups(rows: NewRows, saved: dict, snippet_tokens: list[int], bar, n_groups: int, pool_size: int):
     """Put a saved partial fit (:class:`~token_distillation.checkpoint.OutputFitProgress`) back:
     its fitted rows into ``rows.out_rows``, the progress bar past their snippets (``snippet_tokens``:
-    token of every training and held-out snippet). Returns ``(groups done, kl, loss curve, seconds)``."""
+    token of every training and held-out snippet; ``pool_size``: background pool snippets per group,
+    training and held-out). Returns ``(groups done, kl, loss curve, seconds)``."""
     with torch.no_grad():
         rows.out_rows[saved["tokens"]] = saved["rows"].to(rows.out_rows.device, rows.out_rows.dtype)
     fitted = set(saved["tokens"])
-    bar.update(sum(t in fitted for t in snippet_tokens))
+    bar.update(sum(t in fitted for t in snippet_tokens) + int(saved["groups_done"]) * pool_size)
     logger.info("--resume: output-row fit continues after group %d of %d (%d token(s) fitted before the stop)",
                 saved["groups_done"], n_groups, len(fitted))
     return int(saved["groups_done"]), saved["kl"], list(saved["curve"]), float(saved["seconds"])
@@ -694,14 +697,15 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     pools = ((*train, background_pool(train[1])), (*bg_held, background_pool(bg_held[1])))
     groups = _groups(train[1], tokens, seq_len, rows.out_rows.shape[1])
     bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1])
-               + len(groups) * (len(pools[0][2]) + len(pools[1][2])),  # at most: a pool snippet no token draws is not read
+               + len(groups) * (len(pools[0][2]) + len(pools[1][2])),
                desc="output rows (distill)", unit="snippet", disable=not show_progress)
     kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar, pools=pools)
     key = fit_key(rows, groups, lr, steps, rms) if progress is not None else ""
     saved = progress.load(key) if progress is not None else None
     done, earlier_s, read = 0, 0.0, [0, 0, 0]
     if saved is not None:  # a resumed run: the groups fitted before the stop
-        done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups))
+        done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups),
+                                                        len(pools[0][2]) + len(pools[1][2]))
     for gi, group in enumerate(groups):
         if gi < done:
             continue
