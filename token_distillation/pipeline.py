@@ -821,20 +821,8 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
             result = _train_input_rows(setup, ext, fp, train_seqs, train_tix, loop_kw,
                                        budget - (held_teacher.bytes if held_teacher else 0), owned,
                                        kept_before.attachment(before))
-    kept = "the trained input rows are checkpointed" if result is not None and setup.checkpoints else ""
-    out_kl = None
-    if ext.out_policy == OutputEmbeddings.DISTILL:
-        out_phase = "after the output-row fit's current token group" + (f" ({kept}, and the groups fitted)" if kept else "")
-    else:  # ntp: --resume trains the output rows again
-        out_phase = "after the output-row training's current step" + (f" ({kept})" if kept else "")
-    with _resumable_after(result, "while training the output rows"), stop_point(out_phase):
-        if ext.out_policy == OutputEmbeddings.NTP:
-            out_result = train_output_rows(model, rows, train_seqs, train_tix, layer=ext.layer,
-                                           autocast_dtype=setup.autocast_dtype,
-                                           **{**loop_kw, "lr": tc.token_distillation_lr})
-        elif ext.out_policy == OutputEmbeddings.DISTILL:
-            out_result, out_kl = _distill_outputs(setup, ext, (train_seqs, train_tix), (held_seqs, held_tix), all_held,
-                                                  owned, pad_id)
+    out_result, out_kl, kept = _train_output_rows(setup, ext, result, (train_seqs, train_tix), (held_seqs, held_tix),
+                                                  all_held, owned, pad_id, loop_kw)
     outputs_trained = ext.out_policy in (OutputEmbeddings.NTP, OutputEmbeddings.DISTILL)
     if not setup.dist.is_main and not setup.shard:  # data-parallel: the main process evaluates alone
         return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
@@ -857,6 +845,34 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     not_improved = _not_improved(tokens, before.loss_per_token, held_after) if result else []
     return Trained(result, out_result, lr, before.loss_per_token, held_after, before.argmax, argmax_after,
                    not_improved, out_kl)
+
+
+def _train_output_rows(setup: Setup, ext: Extended, result, train, heldout, all_held, owned: list[int] | None,
+                       pad_id: int, loop_kw: dict):
+    """The output-row phase of :func:`train_new_rows` (``--output_embeddings ntp`` or ``distill``; nothing
+    for the other policies) after the input rows (``result``: their TrainResult, None when not trained).
+
+    Returns:
+        ``(TrainResult of the output rows or None, the fit's per-token KL dict or None, the words a stop
+        message adds about what is kept: "" when no checkpoints are written)``.
+
+    Raises:
+        Interrupted: a stop signal, with the ``--resume`` line of training's last step.
+    """
+    kept = "the trained input rows are checkpointed" if result is not None and setup.checkpoints else ""
+    out_result = out_kl = None
+    if ext.out_policy == OutputEmbeddings.DISTILL:
+        out_phase = "after the output-row fit's current token group" + (f" ({kept}, and the groups fitted)" if kept else "")
+    else:  # ntp: --resume trains the output rows again
+        out_phase = "after the output-row training's current step" + (f" ({kept})" if kept else "")
+    with _resumable_after(result, "while training the output rows"), stop_point(out_phase):
+        if ext.out_policy == OutputEmbeddings.NTP:
+            out_result = train_output_rows(ext.model, ext.rows, *train, layer=ext.layer,
+                                           autocast_dtype=setup.autocast_dtype,
+                                           **{**loop_kw, "lr": setup.cfg.train.token_distillation_lr})
+        elif ext.out_policy == OutputEmbeddings.DISTILL:
+            out_result, out_kl = _distill_outputs(setup, ext, train, heldout, all_held, owned, pad_id)
+    return out_result, out_kl, kept
 
 
 def _kept_before(setup: Setup, ext: Extended, held_seqs, input_trained: bool) -> HeldoutBefore:
