@@ -384,9 +384,11 @@ def raw_text_section() -> list[str]:
            + " the fit of 2026-12-04: from the first subtoken's row with the penalty, the completion away from the "
            "word estimated from the word's occurrences, which `_occ` also means; in "
            + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_OWN_COMPLETION)
-           + " the fit of 2026-12-05, with the teacher's own completion; elsewhere the fit of 2026-12-06, the "
-           "default, which adds background positions from other words' snippets; `_bg90`: those positions carry 90% "
-           "of each token's objective instead of half)" + e1 + " Extra bits per use of a new "
+           + " the fit of 2026-12-05, with the teacher's own completion; in "
+           + ", ".join(f"`{n}/`" for n, v in sorted(EARLIER_FIT.items()) if v == FIT_HALF_SHARE)
+           + " the fit of 2026-12-06, which adds background positions from other words' snippets, carrying half of "
+           "each token's objective; `_bg90`: those positions carry 90% of it, the default since 2026-12-06)" + e1
+           + " Extra bits per use of a new "
            "token (evaluations from 2026-12-04 on): at the words / the probability the new tokens take elsewhere / "
            "the rest (mostly text read after a new token), and the estimated floor for any method that keeps the "
            "original rows ([usage](usage.md#evaluation-are-the-new-tokens-as-good-as-the-original-subtokens)).", "",
@@ -407,14 +409,17 @@ def raw_text_section() -> list[str]:
 
 FIT_FREE, FIT_OCCURRENCES = "the fit before 2026-12-04", "the fit of 2026-12-04"
 FIT_OWN_COMPLETION = "the fit of 2026-12-05"
+FIT_HALF_SHARE = "the fit of 2026-12-06 with background positions at half the objective"
 #: raw-text folders whose distilled output rows come from an earlier fit than the default's: before
 #: 2026-12-04 (from the subtoken-mean row, no penalty towards the first subtoken's row), of
 #: 2026-12-04 (from the first subtoken's row with the penalty; away from the word, the completion
 #: estimated by the word's occurrences instead of the teacher's own, output_rows.py), or of
-#: 2026-12-05 (the teacher's own completion, without background positions)
+#: 2026-12-05 (the teacher's own completion, without background positions), or of 2026-12-06 with the
+#: background positions at half of each token's objective (the default has 90%: label ``_bg90``)
 EARLIER_FIT = {"gemma3_n24": FIT_FREE, "smollm2_n24": FIT_FREE, "smollm2_n500": FIT_FREE,
                "gemma3_n24_r2": FIT_OCCURRENCES, "smollm2_n24_r2": FIT_OCCURRENCES, "smollm2_n500_r2": FIT_OCCURRENCES,
-               "smollm2_n24_r3": FIT_OWN_COMPLETION, "smollm2_n100_r3": FIT_OWN_COMPLETION}
+               "smollm2_n24_r3": FIT_OWN_COMPLETION, "smollm2_n100_r3": FIT_OWN_COMPLETION,
+               "gemma3_n24_r3": FIT_HALF_SHARE, "smollm2_n24_r4": FIT_HALF_SHARE, "smollm2_n100_r4": FIT_HALF_SHARE}
 
 
 def _floor_sentence(model: str, words: int, r: dict, fit: str = "default") -> str:
@@ -452,7 +457,8 @@ def raw_text_readme() -> list[str]:
     lines, floor = [], []
     for (model, words), m in sorted(by.items()):
         suffix = "" if "td_chars" in m else "_e1"  # 500 words: one epoch (two did not fit the session on CPU)
-        a, b = m.get("td_chars" + suffix), m.get("td_chars_outdistill" + suffix)
+        # distilled output rows: the default fit (label _bg90) where it was measured, else the latest other fit
+        a, b = m.get("td_chars" + suffix), m.get("td_chars_outdistill_bg90" + suffix) or m.get("td_chars_outdistill" + suffix)
         if not (a and b):
             continue
         old_fit = EARLIER_FIT.get(b["source"].name)

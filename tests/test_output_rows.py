@@ -104,6 +104,10 @@ def test_distill_raises_the_word_probability_to_the_teachers(tmp_path, toy_model
     # the fit's own behaviour, without the pull towards the first subtoken's row (a prior that means
     # nothing on a random model; tested in test_the_fit_starts_from_the_first_subtokens_output_row)
     monkeypatch.setattr(output_rows, "ANCHOR", 0.0)
+    # and the fit at the word's own positions alone: the background positions (other words' snippets,
+    # where a random model's targets are ~0) are weighed against them on purpose; their effect is tested
+    # in test_background_positions_hold_the_row_down_away_from_its_contexts
+    monkeypatch.setattr(output_rows, "BACKGROUND_SHARE", 0.0)
     res = run(_cfg(tmp_path, src, toy_corpus, cache_dir, output_embeddings="distill", out_path=str(tmp_path / "d")))
     emb0, out0 = _weights(src)
     emb_b, out_b = _weights(base.out_path)
@@ -320,7 +324,7 @@ def test_position_weights_share_the_objective():
 def test_background_positions_hold_the_row_down_away_from_its_contexts():
     """Own positions (the word's topic, feature a) want the word at 0.3; background positions share
     feature a plus b and want ~0. Fitted on its own positions only the row gives the word about 0.3 at
-    the background positions; with them (half the objective), far less, while at its own positions
+    the background positions; with them (BACKGROUND_SHARE of the objective), far less, while at its own positions
     it stays near the target."""
     class _M:
         config = SimpleNamespace()
