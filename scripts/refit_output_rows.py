@@ -13,9 +13,12 @@ a fit after that run's training.
 
     python scripts/refit_output_rows.py --run_dir runs/td --out_dir runs/td_refit
 
-Any other ``--flag value`` overrides the run's flag (e.g. ``--token_distillation_batch_size 8``);
-flags that change the snippets or the new tokens make the input rows mismatch and are refused by the
-token check. ``--out_dir`` must not exist. Bad input: one ``error:`` line, exit code 2.
+Any other ``--flag value`` overrides the run's flag (e.g. ``--token_distillation_batch_size 8``,
+``--token_distillation_lr_relative``); a flag that picks the new tokens or the snippets (those of the
+target, corpus and snippet stages, ``--seed``, ``--alignment``, ``--init_method``) is refused: the input
+rows were trained on the run's own snippets. Paths (``--dataset_path``, ``--new_tokens_source``,
+``--model_path``) may be given for moved files; a file whose contents changed is caught only where the
+new tokens or their ids differ. ``--out_dir`` must not exist. Bad input: one ``error:`` line, exit code 2.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def main(run_dir: str, out_dir: str, **flags) -> Path:
     Raises:
         ConfigError: ``run_dir`` lacks report.json / new_tokens.jsonl / tokenizer.json / model.safetensors,
             ``out_dir`` exists, the run was tied, trained the original rows too or trained no input rows,
-            or the rerun's new tokens or ids differ from the run's.
+            or the rerun's new tokens or ids differ from the run's, or a flag that picks the new tokens
+            or the snippets is given (:func:`_snippet_flags`).
     """
     import torch
 
@@ -87,6 +91,11 @@ def main(run_dir: str, out_dir: str, **flags) -> Path:
     if report["config"].get("init_method") not in ("token_distillation", "token_distillation-randinit", "ntp"):
         raise ConfigError(f"--run_dir {run}: --init_method {report['config'].get('init_method')} trains no input rows; "
                           "refit a token_distillation (or ntp) run")
+    fixed = _snippet_flags() & set(flags)
+    if fixed:
+        raise ConfigError(f"--{sorted(fixed)[0]}: a flag that picks the new tokens or the snippets cannot change in a "
+                          f"refit (the input rows of --run_dir {run} were trained on its own snippets); drop it, or "
+                          "train a new run with it")
     texts, ids, emb = _saved_rows(run)
     cfg = {**report["config"], **flags, "out_path": str(out), "overwrite": False, "resume": False,
            "output_embeddings": "distill", "set_output_to_zero_if_untied": True, "dry_run": False}
@@ -115,6 +124,17 @@ def main(run_dir: str, out_dir: str, **flags) -> Path:
     finally:  # a caller in the same process (tests) gets the pipeline back unchanged
         pipeline._train_input_rows, pipeline.finish = train_rows, finish
     return Path(result.out_path)
+
+
+def _snippet_flags() -> set[str]:
+    """Flags that pick the new tokens or the snippets (not paths: a moved file may be named anew)."""
+    from dataclasses import fields
+
+    from token_distillation.checkpoint import _RESUME_FREE_FLAGS
+    from token_distillation.config import CorpusConfig, SnippetConfig, TargetConfig
+
+    staged = {f.name for stage in (TargetConfig, CorpusConfig, SnippetConfig) for f in fields(stage)}
+    return (staged | {"seed", "alignment", "init_method"}) - _RESUME_FREE_FLAGS
 
 
 if __name__ == "__main__":

@@ -551,3 +551,42 @@ def test_resume_with_overwrite_on_a_folder_without_checkpoints_says_so(tmp_path,
         assert ("trains no input rows" in caplog.text) == warned
     assert (out / "report.json").is_file() and not (out / "coverage.tsv").exists()
 
+
+
+def test_stop_after_training_keeps_the_trained_rows_without_periodic_checkpoints(tmp_path, untied_model_dir, toy_corpus,
+                                                                                 cache_dir, monkeypatch):
+    """With --checkpoint_minutes 0 and --checkpoint_every 0 a checkpoint is still written when training
+    ends, so a stop in the output-row fit keeps the trained input rows as its warning says; the final
+    line says where the stop came; --resume does not train again and ends with an uninterrupted run's rows."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from token_distillation import interrupts, output_rows
+
+    kw = dict(token_distillation_epochs=1, checkpoint_every=0, checkpoint_minutes=0, teacher_cache_gib=0,
+              output_embeddings="distill")
+    ref = run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "ref"), **kw))
+    real = output_rows.collect_positions
+
+    def stop_at_once(*a, **k):
+        interrupts.STOP.signum = signal.SIGINT
+        return real(*a, **k)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(output_rows, "collect_positions", stop_at_once)
+    with pytest.raises(interrupts.Interrupted) as e:
+        run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(out), **kw))
+    monkeypatch.setattr(output_rows, "collect_positions", real)
+    assert f"at step {ref.report['train_steps']}; the stop came while training the output rows; rerun" in e.value.message()
+    assert list((out / CHECKPOINT_DIRNAME).glob("step-*.pt"))
+    from token_distillation.checkpoint import Checkpointer
+
+    steps = []
+
+    real_step = Checkpointer.step_done
+    monkeypatch.setattr(Checkpointer, "step_done", lambda self, step, *a, **k: steps.append(step) or real_step(self, step, *a, **k))
+    run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
+    assert steps == []  # no training step again
+    a, b = load_file(str(ref.out_path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in ("lm_head.weight", "model.embed_tokens.weight"))

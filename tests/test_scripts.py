@@ -591,3 +591,9 @@ def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_mode
     _one_error(_py("refit_output_rows.py", "--run_dir", outs["td_sm"], "--out_dir", refit), "--out_dir")
     _one_error(_py("refit_output_rows.py", "--run_dir", tmp_path, "--out_dir", tmp_path / "x"), "--run_dir")
     _one_error(_py("refit_output_rows.py", "--run_dir", outs["sm"], "--out_dir", tmp_path / "x"), "trains no input rows")
+    from token_distillation.config import ConfigError
+
+    for flag, value in (("snippet_num", 6), ("seed", 1), ("alignment", "ids")):  # the snippets the rows were trained on
+        with pytest.raises(ConfigError, match=f"--{flag}: a flag that picks"):
+            refit_output_rows.main(str(outs["td_sm"]), str(tmp_path / "y"), **{flag: value})
+    assert not (tmp_path / "y").exists()

@@ -733,8 +733,9 @@ class OutputConfig:
     )
     checkpoint_minutes: float = _flag(
         10.0,
-        "Also save a training checkpoint after every this many minutes of training, and once when training ends, "
-        "so that a kill or a preemption loses at most that much (0: not by time). Ctrl-C, SIGTERM and SIGUSR1 "
+        "Also save a training checkpoint after every this many minutes of training, so that a kill or a preemption "
+        "loses at most that much (0: not by time); one is always saved when training ends (a stop in the held-out pass "
+        "or the output-row training after it does not train again). Ctrl-C, SIGTERM and SIGUSR1 "
         "(SLURM's --signal=USR1@60) always save the current step and stop; --resume continues.",
     )
     resume: bool = _flag(

@@ -46,6 +46,8 @@ class Interrupted(BaseException):
     def message(self) -> str:
         name = signal_name(self.signum)
         at = f"at step {self.step}" if self.step is not None else (self.where or "before training")
+        if self.step is not None and self.where and self.where != "during training":  # a stop after the steps
+            at += f"; the stop came {self.where}"
         if self.advice:  # e.g. the Python API, which keeps no checkpoints
             return f"interrupted ({name}) {at}; {self.advice}"
         if self.checkpoint is not None or self.step is not None:

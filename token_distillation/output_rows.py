@@ -618,8 +618,11 @@ def _restore_groups(rows: NewRows, saved: dict, snippet_tokens: list[int], bar, 
         rows.out_rows[saved["tokens"]] = saved["rows"].to(rows.out_rows.device, rows.out_rows.dtype)
     fitted = set(saved["tokens"])
     bar.update(sum(t in fitted for t in snippet_tokens) + int(saved["groups_done"]) * pool_size)
-    logger.info("--resume: output-row fit continues after group %d of %d (%d token(s) fitted before the stop)",
-                saved["groups_done"], n_groups, len(fitted))
+    if saved["groups_done"] >= n_groups:
+        logger.info("--resume: every output-row group (%d token(s)) was fitted before the stop", len(fitted))
+    else:
+        logger.info("--resume: output-row fit continues after group %d of %d (%d token(s) fitted before the stop)",
+                    saved["groups_done"], n_groups, len(fitted))
     return int(saved["groups_done"]), saved["kl"], list(saved["curve"]), float(saved["seconds"])
 
 

@@ -862,7 +862,9 @@ def _train_output_rows(setup: Setup, ext: Extended, result, train, heldout, all_
     kept = "the trained input rows are checkpointed" if result is not None and setup.checkpoints else ""
     out_result = out_kl = None
     if ext.out_policy == OutputEmbeddings.DISTILL:
-        out_phase = "after the output-row fit's current token group" + (f" ({kept}, and the groups fitted)" if kept else "")
+        out_phase = ("after the output-row fit's current batch of snippets" + (f" ({kept}, and the token groups fitted "
+                                                                             "so far; the group in progress is fitted again "
+                                                                             "on --resume)" if kept else ""))
     else:  # ntp: --resume trains the output rows again
         out_phase = "after the output-row training's current step" + (f" ({kept})" if kept else "")
     with _resumable_after(result, "while training the output rows"), stop_point(out_phase):
@@ -964,8 +966,8 @@ def _train_input_rows(setup: Setup, ext: Extended, fp: dict, seqs, tix: list[int
     if owned is not None:
         return _train_shard(setup, ext, seqs, tix, loop_kw, cache_bytes, owned, fp, attachments)
     ckpt = Checkpointer(setup.out / CHECKPOINT_DIRNAME, cfg.output.checkpoint_every, fp, resume=cfg.output.resume,
-                        dist=dist, minutes=cfg.output.checkpoint_minutes,
-                        attachments=attachments) if setup.checkpoints else None
+                        dist=dist, minutes=cfg.output.checkpoint_minutes, always_final=True,  # a stop after training
+                        attachments=attachments) if setup.checkpoints else None  # (held-out pass, output rows) keeps it
     return train(ext.model, rows, seqs, tix, layer=ext.layer, loss_method=tc.loss_method,
                  autocast_dtype=setup.autocast_dtype, recipe=tc.recipe, snippets_per_update=tc.snippets_per_update,
                  lr_schedule=tc.lr_schedule, teacher_cache_bytes=cache_bytes,
@@ -1021,7 +1023,7 @@ def _train_shard(setup: Setup, ext: Extended, seqs, tix: list[int], loop_kw: dic
         dist.gather_rows_(rows.rows, owned)
     except Interrupted as e:  # stopped while waiting for the other shards: this one's rows are checkpointed
         raise Interrupted(e.signum, step=result.steps, checkpoint=ckpt.checkpoints()[-1] if ckpt.checkpoints()
-                          else None, where="waiting for the other processes") from None
+                          else None, where="while waiting for the other processes") from None
     parts = dist.all_gather_objects({"steps": result.steps, "loss_curve": result.loss_curve,
                                      "seconds": result.seconds, "tokens": len(owned), "snippets": len(local),
                                      "communication_during_training": during}, "train-results")
