@@ -729,7 +729,8 @@ class OutputConfig:
     checkpoint_every: int = _flag(
         0,
         "Save a training checkpoint (new rows, optimizer, step, RNG state) every N optimizer steps "
-        "into <out_path>/checkpoints/ (0: never). A finished run replaces <out_path> and leaves none.",
+        "into <out_path>/checkpoints/ (0: not by steps; one is always saved when training ends). A finished run "
+        "replaces <out_path> and leaves none.",
     )
     checkpoint_minutes: float = _flag(
         10.0,

@@ -701,16 +701,15 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     bg_held = heldout if background_heldout is None else background_heldout
     pools = ((*train, background_pool(train[1])), (*bg_held, background_pool(bg_held[1])))
     groups = _groups(train[1], tokens, seq_len, rows.out_rows.shape[1])
-    bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1])
-               + len(groups) * (len(pools[0][2]) + len(pools[1][2])),
+    pool_size = len(pools[0][2]) + len(pools[1][2])  # pool snippets every group reads (or counts as read)
+    bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1]) + len(groups) * pool_size,
                desc="output rows (distill)", unit="snippet", disable=not show_progress)
     kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar, pools=pools)
     key = fit_key(rows, groups, lr, steps, rms) if progress is not None else ""
     saved = progress.load(key) if progress is not None else None
     done, earlier_s, read = 0, 0.0, [0, 0, 0]
     if saved is not None:  # a resumed run: the groups fitted before the stop
-        done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups),
-                                                        len(pools[0][2]) + len(pools[1][2]))
+        done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups), pool_size)
     for gi, group in enumerate(groups):
         if gi < done:
             continue
