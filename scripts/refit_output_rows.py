@@ -138,11 +138,9 @@ def _snippet_flags() -> set[str]:
 
 
 if __name__ == "__main__":
-    import fire
+    from token_distillation.cli import all_flags, exit_on_user_error, run_fire
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        fire.Fire(main)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # a missing --run_dir / --out_dir or an unknown flag: one error: line, exit code 2 (not Fire's usage)
+    run_fire(exit_on_user_error(main), {"run_dir", "out_dir"} | {name for name, _, _ in all_flags()}, None,
+             "refit_output_rows.py")

@@ -180,6 +180,12 @@ def test_a_second_ctrl_c_says_earlier_checkpoints_stay(capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert "--resume" in ForcedStop.MESSAGE
+    with pytest.raises(SystemExit):  # once the flags are read, the line names the run's checkpoint folder
+        with user_errors() as ctx:
+            ctx["out_path"] = "runs/my_run"
+            raise ForcedStop
+    err = capsys.readouterr().err
+    assert "are in runs/my_run/checkpoints:" in err and "<out_path>" not in err, err
 
 
 def test_output_flags_are_all_checked():
@@ -232,3 +238,22 @@ def test_unknown_flags_name_the_flag_meant_in_the_api_and_evaluate():
     assert flag_hint("learning_rate", flags) == " (did you mean --token_distillation_lr or --token_distillation_lr_relative?)"
     assert flag_hint("output_dir", flags) == " (did you mean --out_path?)"
     assert flag_hint("num_train_epochs", flags) == " (did you mean --token_distillation_epochs?)"
+
+
+def test_a_script_missing_a_required_flag_says_which_in_one_line(capsys):
+    """A Fire script run without a required flag ends with one ``error:`` line naming it and exit
+    code 2 (Fire printed its multi-line usage: refit_output_rows.py without --out_dir)."""
+    import pytest
+
+    from token_distillation.cli import exit_on_user_error, run_fire
+
+    def main(run_dir: str, out_dir: str, lr: float = 1.0):
+        return run_dir, out_dir
+
+    for argv, needle in ((["--run_dir", "a"], "error: --out_dir missing: pass --out_dir VALUE"),
+                         (["--lr", "2"], "error: --run_dir, --out_dir missing")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_fire(exit_on_user_error(main), {"run_dir", "out_dir", "lr"}, argv, "script.py")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(needle), err

@@ -55,13 +55,17 @@ def _raise_interrupted(signum, frame):
 def user_errors():
     """End the process the command-line way: a :class:`ConfigError` as one ``error:`` line and exit
     code 2; a stop signal (:class:`~token_distillation.interrupts.Interrupted`, Ctrl-C) as one line
-    and exit code 128 + the signal number."""
+    and exit code 128 + the signal number.
+
+    Yields a dict the caller may fill: ``out_path`` (once the flags are read) lets a second Ctrl-C's
+    line name the run's checkpoint folder."""
     import signal
 
     from .interrupts import Interrupted
 
+    ctx: dict = {}
     try:
-        yield
+        yield ctx
     except ConfigError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
@@ -69,26 +73,27 @@ def user_errors():
         sys.stderr.write(f"{e.message()}\n")
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
-        sys.stderr.write(f"{_stop_line(e)}\n")
+        sys.stderr.write(f"{_stop_line(e, ctx.get('out_path'))}\n")
         sys.exit(128 + signal.SIGINT)
     except Exception as e:  # a library that wraps the stop (e.g. an import interrupted by Ctrl-C)
         stop = _stop_in_chain(e)
         if stop is None:
             raise
-        sys.stderr.write(f"{_stop_line(stop)}\n")
+        sys.stderr.write(f"{_stop_line(stop, ctx.get('out_path'))}\n")
         sys.exit(stop.exit_code if isinstance(stop, Interrupted) else 128 + signal.SIGINT)
 
 
-def _stop_line(stop: BaseException) -> str:
+def _stop_line(stop: BaseException, out_path=None) -> str:
     """The one line a stop ends with: an ``Interrupted``'s message; a Ctrl-C outside the deferred
-    window (nothing was written); a second Ctrl-C inside it (earlier checkpoints stay)."""
+    window (nothing was written); a second Ctrl-C inside it (earlier checkpoints stay, in
+    ``<out_path>/checkpoints``)."""
     import signal
 
     from .interrupts import ForcedStop, Interrupted
 
     if isinstance(stop, Interrupted):
         return stop.message()
-    return ForcedStop.MESSAGE if isinstance(stop, ForcedStop) else Interrupted(signal.SIGINT).message()
+    return ForcedStop.message(out_path) if isinstance(stop, ForcedStop) else Interrupted(signal.SIGINT).message()
 
 
 def _stop_in_chain(e: BaseException) -> BaseException | None:
@@ -115,8 +120,9 @@ def main(**flags):
     for name in ("SIGTERM", "SIGUSR1"):  # before training: stop with one line (training defers them)
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _raise_interrupted)
-    with user_errors():
+    with user_errors() as ctx:
         cfg = RunConfig.from_flags(**flags)
+        ctx["out_path"] = cfg.output.out_path
         from .paths import preflight
 
         preflight(cfg.model.model_path, cfg.output.out_path, cfg.output.overwrite, cfg.output.resume,
@@ -171,7 +177,15 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
         sys.stderr.write(f"error: unexpected argument(s) {' '.join(stray)}; every input is a flag (--name VALUE), "
                          "see --help\n")
         sys.exit(2)
-    if "--help" in args or "-h" in args:
+    wants_help = "--help" in args or "-h" in args
+    missing = [f"--{p.name}" for p in inspect.signature(fn).parameters.values()
+               if p.default is inspect.Parameter.empty and p.name not in seen
+               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if missing and not wants_help:  # Fire would print its multi-line usage
+        sys.stderr.write(f"error: {', '.join(missing)} missing: pass {' and '.join(m + ' VALUE' for m in missing)} "
+                         "(see --help)\n")
+        sys.exit(2)
+    if wants_help:
         from fire import helptext, trace
 
         text = helptext.HelpText(fn, trace=trace.FireTrace(fn, name=name))

@@ -60,8 +60,14 @@ class ForcedStop(KeyboardInterrupt):
     step in progress (the checkpoints written before it stay)."""
 
     MESSAGE = ("interrupted (SIGINT) at once by a second Ctrl-C: the step in progress is lost; checkpoints written "
-               "before it, if any, are in <out_path>/checkpoints: rerun the same command with --resume to continue "
+               "before it, if any, are in {checkpoints}: rerun the same command with --resume to continue "
                "from the last one")
+
+    @classmethod
+    def message(cls, out_path: Path | str | None = None) -> str:
+        """The stop's line, naming ``<out_path>/checkpoints`` (the placeholder when unknown)."""
+        where = str(Path(out_path) / "checkpoints") if out_path else "<out_path>/checkpoints"
+        return cls.MESSAGE.format(checkpoints=where)
 
 
 class StopRequest:
