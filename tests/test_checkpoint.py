@@ -590,3 +590,30 @@ def test_stop_after_training_keeps_the_trained_rows_without_periodic_checkpoints
     assert steps == []  # no training step again
     a, b = load_file(str(ref.out_path / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in ("lm_head.weight", "model.embed_tokens.weight"))
+
+
+def test_a_stop_leaves_the_progress_bar_at_the_step_the_stop_line_names(monkeypatch, capsys):
+    """Stopped after step 3, the training bar's last count is 3/15, the step the stop line names
+    (it showed 2/15: the bar was updated after the stop check)."""
+    import signal
+
+    from token_distillation import interrupts
+    from token_distillation import train as train_mod
+
+    real = train_mod.check_stop
+
+    def stop_at_3(where, step=None):
+        if step == 3:
+            interrupts.STOP.signum = signal.SIGTERM
+        try:
+            real(where, step)
+        finally:
+            interrupts.STOP.signum = None
+
+    monkeypatch.setattr(train_mod, "check_stop", stop_at_3)
+    model, _, seqs, tix, rows = _setup()
+    with pytest.raises(interrupts.Interrupted) as stop:
+        _train(rows, seqs, tix, model)
+    assert stop.value.step == 3
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert " 3/15 " in bar, bar

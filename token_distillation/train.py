@@ -295,6 +295,11 @@ def loss_terms(model, rows: NewRows, batch: AlignedBatch, layer: int, plan: Loss
 class TrainResult:
     """What the loop did: ``loss_curve`` (one value per optimizer step), steps, seconds.
 
+    A ``loss_curve`` value is the loss the step minimised: with the per-token recipe (the default)
+    the **sum** over the batch's new tokens of each token's mean loss over its positions (so about
+    ``batch_size`` / ``snippets_per_update`` times a per-token value); with the paper's recipe the mean
+    over the batch's positions. The progress bar and the log show the per-token mean in both cases.
+
     ``seconds`` is the training time of the whole run, including the processes that ran before a
     resume; ``seconds_from_step`` is 0 then. A run resumed (at any point) from a checkpoint that did
     not record its time (older format) counts from the step of that checkpoint, given by
@@ -406,16 +411,16 @@ def train_loop(rows: NewRows, params: list[torch.nn.Parameter], data: SnippetDat
             opt.step()
             result.steps += 1
             result.loss_curve.append(step_loss)
+            # a summed loss (per-token recipe) is shown as the mean per token of the batch
+            shown = step_loss / len({data.token_index[i] for i in idx}) if recipe.sums_over_tokens else step_loss
+            bar.update(1)  # before a stop: the bar's last count is the step the stop line names
+            bar.set_postfix(loss=f"{shown:.4f}")
             if checkpointer is not None:
                 checkpointer.step_done(result.steps, rows, opt, state.generator, state.order, result.loss_curve,
                                        (earlier + time.perf_counter() - start, result.seconds_from_step),
                                        final=result.steps >= total)
             else:
                 check_stop("during training", result.steps)
-            # a summed loss (per-token recipe) is shown as the mean per token of the batch
-            shown = step_loss / len({data.token_index[i] for i in idx}) if recipe.sums_over_tokens else step_loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{shown:.4f}")
             recent_shown.append(shown)
             if result.steps % log_every == 0 or result.steps == total:
                 logger.info("%s step %d/%d loss %.5f (mean of the last %d steps%s)", desc, result.steps, total,
