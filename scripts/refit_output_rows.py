@@ -130,11 +130,11 @@ def _snippet_flags() -> set[str]:
     """Flags that pick the new tokens or the snippets (not paths: a moved file may be named anew)."""
     from dataclasses import fields
 
-    from token_distillation.checkpoint import _RESUME_FREE_FLAGS
+    from token_distillation.checkpoint import RESUME_FREE_FLAGS
     from token_distillation.config import CorpusConfig, SnippetConfig, TargetConfig
 
     staged = {f.name for stage in (TargetConfig, CorpusConfig, SnippetConfig) for f in fields(stage)}
-    return (staged | {"seed", "alignment", "init_method"}) - _RESUME_FREE_FLAGS
+    return (staged | {"seed", "alignment", "init_method"}) - RESUME_FREE_FLAGS
 
 
 if __name__ == "__main__":

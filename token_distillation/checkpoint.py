@@ -51,20 +51,20 @@ _NAME = re.compile(r"^(?:shard-(\d{3})-of-(\d{3})-)?step-(\d{8})\.pt$")
 #: with several processes, time-based saves and stop signals are agreed on every this many steps
 DIST_SYNC_EVERY = 10
 
-# Flags that may differ between an interrupted run and its resumption without changing the result.
-# Paths of inputs are exempt too: their content is fingerprinted instead (model identity, token list,
-# snippet digest), so a moved word list or corpus still resumes and a changed one does not.
-_RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "checkpoint_minutes", "log_every", "device", "cache_dir", "num_proc",
-                      "teacher_cache_gib",
-                      "out_path", "model_path", "new_tokens_source", "dataset_path"}
+#: Flags that may differ between an interrupted run and its resumption without changing the result.
+#: Paths of inputs are exempt too: their content is fingerprinted instead (model identity, token list,
+#: snippet digest), so a moved word list or corpus still resumes and a changed one does not.
+RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "checkpoint_minutes", "log_every", "device",
+                     "cache_dir", "num_proc", "teacher_cache_gib",
+                     "out_path", "model_path", "new_tokens_source", "dataset_path"}
 
 
 def fingerprint(config: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the flags (except those in
-    ``_RESUME_FREE_FLAGS``) plus ``extra`` items (e.g. model identity, token ids, a snippet hash);
+    ``RESUME_FREE_FLAGS``) plus ``extra`` items (e.g. model identity, token ids, a snippet hash);
     an optional item (``_OPTIONAL_KEYS``, e.g. ``words_digest`` without a word list) given as None
     is left out."""
-    fp = {k: v for k, v in config.items() if k not in _RESUME_FREE_FLAGS}
+    fp = {k: v for k, v in config.items() if k not in RESUME_FREE_FLAGS}
     fp.update({k: v for k, v in extra.items() if v is not None or k not in _OPTIONAL_KEYS})
     return json.loads(json.dumps(fp, default=str))
 

@@ -136,6 +136,13 @@ class Positions:
     background: torch.Tensor | None = None
 
     @staticmethod
+    def empty(hidden: int, device) -> "Positions":
+        """No positions (``h``: ``[0, hidden]``)."""
+        none = torch.zeros(0, device=device)
+        return Positions(torch.zeros((0, hidden), device=device), none, none,
+                         torch.zeros(0, dtype=torch.long, device=device))
+
+    @staticmethod
     def cat(own: "Positions", bg: "Positions") -> "Positions":
         """``own`` and ``bg`` (background) in one set, each flagged in ``background``."""
         flag = torch.cat([torch.zeros(len(own.target), dtype=torch.bool, device=own.target.device),
@@ -386,9 +393,7 @@ def collect_positions(model, rows: NewRows, seqs: list[MergedSequence], token_in
             ts.append(targets[r][keep])
             owners.append(torch.full((h.shape[0],), where[tok], dtype=torch.long, device=h.device))
     if not hs:
-        empty = torch.zeros(0, device=device)
-        own = Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
-                        torch.zeros(0, dtype=torch.long, device=device))
+        own = Positions.empty(rows.rows.shape[1], device)
     else:
         own = Positions(torch.cat(hs), torch.cat(zs), torch.cat(ts), torch.cat(owners), read)
     if not background or not background[2]:
@@ -478,9 +483,7 @@ def background_positions(model, rows: NewRows, seqs: list[MergedSequence], token
     if bar is not None:  # pool snippets no token of the group drew: counted as read, so that every group
         bar.update(len(pool) - len(snippets))  # advances the bar by the pool's size (a resume skips exactly that)
     if not hs:
-        empty = torch.zeros(0, device=device)
-        return Positions(torch.zeros((0, rows.rows.shape[1]), device=device), empty, empty,
-                         torch.zeros(0, dtype=torch.long, device=device))
+        return Positions.empty(rows.rows.shape[1], device)
     owner = torch.tensor(owners, dtype=torch.long, device=device)
     log_p1 = torch.tensor(p1s, dtype=torch.float64)
     logc = torch.tensor(logc_all, dtype=torch.float64)
