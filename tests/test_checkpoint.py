@@ -602,7 +602,7 @@ def test_a_stop_leaves_the_progress_bar_at_the_step_the_stop_line_names(monkeypa
 
     real = train_mod.check_stop
 
-    def stop_at_3(where, step=None):
+    def stop_at_3(where="", step=None):
         if step == 3:
             interrupts.STOP.signum = signal.SIGTERM
         try:

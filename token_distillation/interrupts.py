@@ -46,7 +46,7 @@ class Interrupted(BaseException):
     def message(self) -> str:
         name = signal_name(self.signum)
         at = f"at step {self.step}" if self.step is not None else (self.where or "before training")
-        if self.step is not None and self.where and self.where != "during training":  # a stop after the steps
+        if self.step is not None and self.where:  # a stop after the steps (a training step's stop has no where)
             at += f"; the stop came {self.where}"
         if self.advice:  # e.g. the Python API, which keeps no checkpoints
             return f"interrupted ({name}) {at}; {self.advice}"
@@ -138,7 +138,9 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name if signum in set(signal.Signals) else str(signum)
 
 
-def check_stop(where: str, step: int | None = None) -> None:
-    """Raise :class:`Interrupted` if a stop was requested (called between units of work)."""
+def check_stop(where: str = "", step: int | None = None) -> None:
+    """Raise :class:`Interrupted` if a stop was requested (called between units of work). ``where``:
+    e.g. "during the output-row fit" (said after "at step N" when ``step`` is given; "" for a stop
+    after a training step, which the step names)."""
     if STOP.requested:
         raise Interrupted(STOP.signum, step=step, where=where)

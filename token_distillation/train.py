@@ -420,7 +420,7 @@ def train_loop(rows: NewRows, params: list[torch.nn.Parameter], data: SnippetDat
                                        (earlier + time.perf_counter() - start, result.seconds_from_step),
                                        final=result.steps >= total)
             else:
-                check_stop("during training", result.steps)
+                check_stop(step=result.steps)
             recent_shown.append(shown)
             if result.steps % log_every == 0 or result.steps == total:
                 logger.info("%s step %d/%d loss %.5f (mean of the last %d steps%s)", desc, result.steps, total,
