@@ -1141,12 +1141,17 @@ def _add_inexact(cfg: RunConfig, snips: SnippetSet, corpus, tokenizer, tokens: l
 
 def _most_common_inexact(words: dict, tokens: list[NewToken]) -> str:
     """`` (most often ' agonist' in 'agonists', 13 times)``: the commonest (token, longer word) pair of
-    a firing scan (``words``: token index -> Counter of the words it fired inside), or ``""``."""
+    a firing scan (``words``: token index -> Counter of the words it fired inside), or ``""``; where
+    that word is the token itself after a space, a hint to list the token with its leading space."""
     pairs = [(n, t, w) for t, c in words.items() for w, n in c.items()]
     if not pairs:
         return ""
     n, t, w = max(pairs, key=lambda p: (p[0], -p[1]))
-    return f" (most often {tokens[t].text!r} in {w!r}, {n} time{'s' if n != 1 else ''})"
+    text, times = tokens[t].text, f"{n} time{'s' if n != 1 else ''}"
+    if w == text and not text[:1].isspace():  # the word itself, after a space: the list lacks the space
+        return (f" (most often {text!r} after a space, {times}: a token without a leading space is another "
+                f"token than the word in running text; list {' ' + text!r} for that)")
+    return f" (most often {text!r} in {w!r}, {times})"
 
 
 def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken], corpus, tokenizer, bos: list[int],
