@@ -257,3 +257,20 @@ def test_a_script_missing_a_required_flag_says_which_in_one_line(capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(needle), err
+
+
+def test_a_short_flag_is_refused_with_the_long_names_it_may_mean(capsys):
+    """``-b 4`` (Fire's one-letter form, which the help does not offer) ends with one line naming
+    long flags it may stand for (it said "unexpected argument(s) -b 4" without a hint)."""
+    import pytest
+
+    from token_distillation.cli import run_fire
+
+    def main(out_path: str = "", batch_size: int = 1):
+        return out_path
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_fire(main, {"out_path", "batch_size"}, ["-b", "4"], "script.py")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: short flag(s) -b (did you mean --batch_size?)"), err

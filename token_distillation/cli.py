@@ -149,7 +149,7 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
     import fire
 
     args = sys.argv[1:] if argv is None else argv
-    unknown, stray, wants_value, seen, repeated = [], [], False, set(), []
+    unknown, stray, wants_value, seen, repeated, short = [], [], False, set(), [], []
     for a in args:
         if a == "--":  # Fire's own flags follow
             break
@@ -164,8 +164,16 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
                 unknown.append(a.split("=", 1)[0])
         elif wants_value:  # the value of the flag before it
             wants_value = False
+        elif re.fullmatch(r"-[A-Za-z_]\w*(=.*)?", a) and a != "-h":  # -b, -b=4: Fire's one-letter forms
+            short.append(a.split("=", 1)[0])
+            wants_value = "=" not in a
         elif a != "-h":
             stray.append(a)
+    if short:
+        hints = [f + flag_hint(f[1:], known) for f in short]
+        sys.stderr.write(f"error: short flag(s) {', '.join(hints)} not accepted; pass the full name (--name VALUE), "
+                         "see --help\n")
+        sys.exit(2)
     if unknown:
         hints = [u + flag_hint(u[2:], known) for u in unknown]
         sys.stderr.write(f"error: unknown flag(s) {', '.join(hints)}; see --help for the list of flags\n")
