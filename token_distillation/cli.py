@@ -164,10 +164,12 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
                 unknown.append(a.split("=", 1)[0])
         elif wants_value:  # the value of the flag before it
             wants_value = False
-        elif re.fullmatch(r"-[A-Za-z_]\w*(=.*)?", a) and a != "-h":  # -b, -b=4: Fire's one-letter forms
+        elif a == "-h":
+            continue
+        elif re.fullmatch(r"-[A-Za-z_]\w*(=.*)?", a):  # -b, -b=4: Fire's one-letter forms
             short.append(a.split("=", 1)[0])
             wants_value = "=" not in a
-        elif a != "-h":
+        else:
             stray.append(a)
     if short:
         hints = [f + flag_hint(f[1:], known) for f in short]

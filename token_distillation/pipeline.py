@@ -862,9 +862,10 @@ def _train_output_rows(setup: Setup, ext: Extended, result, train, heldout, all_
     kept = "the trained input rows are checkpointed" if result is not None and setup.checkpoints else ""
     out_result = out_kl = None
     if ext.out_policy == OutputEmbeddings.DISTILL:
-        out_phase = ("after the output-row fit's current batch of snippets" + (f" ({kept}, and the token groups fitted "
-                                                                             "so far; the group in progress is fitted again "
-                                                                             "on --resume)" if kept else ""))
+        out_phase = "after the output-row fit's current batch of snippets"
+        if kept:
+            out_phase += (f" ({kept}, and the token groups fitted so far; the group in progress is fitted again "
+                          "on --resume)")
     else:  # ntp: --resume trains the output rows again
         out_phase = "after the output-row training's current step" + (f" ({kept})" if kept else "")
     with _resumable_after(result, "while training the output rows"), stop_point(out_phase):
@@ -1141,17 +1142,14 @@ def _add_inexact(cfg: RunConfig, snips: SnippetSet, corpus, tokenizer, tokens: l
 
 def _most_common_inexact(words: dict, tokens: list[NewToken]) -> str:
     """`` (most often ' agonist' in 'agonists', 13 times)``: the commonest (token, longer word) pair of
-    a firing scan (``words``: token index -> Counter of the words it fired inside), or ``""``; where
-    that word is the token itself after a space, a hint to list the token with its leading space."""
+    a firing scan (``words``: token index -> Counter of the words it fired inside), or ``""``. (A
+    word-list entry without its leading space shows as itself, 'ischemia' in 'ischemia': the list's
+    reader already warned about such entries and named --add_leading_space.)"""
     pairs = [(n, t, w) for t, c in words.items() for w, n in c.items()]
     if not pairs:
         return ""
     n, t, w = max(pairs, key=lambda p: (p[0], -p[1]))
-    text, times = tokens[t].text, f"{n} time{'s' if n != 1 else ''}"
-    if w == text and not text[:1].isspace():  # the word itself, after a space: the list lacks the space
-        return (f" (most often {text!r} after a space, {times}: a token without a leading space is another "
-                f"token than the word in running text; list {' ' + text!r} for that)")
-    return f" (most often {text!r} in {w!r}, {times})"
+    return f" (most often {tokens[t].text!r} in {w!r}, {n} time{'s' if n != 1 else ''})"
 
 
 def collect_snippets(cfg: RunConfig, src: SnippetSource, tokens: list[NewToken], corpus, tokenizer, bos: list[int],
