@@ -552,7 +552,6 @@ def test_resume_with_overwrite_on_a_folder_without_checkpoints_says_so(tmp_path,
     assert (out / "report.json").is_file() and not (out / "coverage.tsv").exists()
 
 
-
 def test_stop_after_training_keeps_the_trained_rows_without_periodic_checkpoints(tmp_path, untied_model_dir, toy_corpus,
                                                                                  cache_dir, monkeypatch):
     """With --checkpoint_minutes 0 and --checkpoint_every 0 a checkpoint is still written when training
@@ -580,12 +579,13 @@ def test_stop_after_training_keeps_the_trained_rows_without_periodic_checkpoints
     monkeypatch.setattr(output_rows, "collect_positions", real)
     assert f"at step {ref.report['train_steps']}; the stop came while training the output rows; rerun" in e.value.message()
     assert list((out / CHECKPOINT_DIRNAME).glob("step-*.pt"))
-    from token_distillation.checkpoint import Checkpointer
+    steps, real_step = [], Checkpointer.step_done
 
-    steps = []
+    def count_steps(self, step, *a, **k):
+        steps.append(step)
+        return real_step(self, step, *a, **k)
 
-    real_step = Checkpointer.step_done
-    monkeypatch.setattr(Checkpointer, "step_done", lambda self, step, *a, **k: steps.append(step) or real_step(self, step, *a, **k))
+    monkeypatch.setattr(Checkpointer, "step_done", count_steps)
     run(_toy_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
     assert steps == []  # no training step again
     a, b = load_file(str(ref.out_path / "model.safetensors")), load_file(str(out / "model.safetensors"))
