@@ -93,6 +93,11 @@ def test_help_lists_every_flag():
         assert f"--{name}" in r.stdout, name
     # no one-letter forms (Fire lists -b for --build_target_method; the flag check refuses them)
     assert not re.search(r"^\s+-\w, --", r.stdout, flags=re.M)
+    # every flag's whole help text (Fire cut --stopping_condition's at a wrapped line with a colon and
+    # gave the rest to --max_steps; wrapped hyphens read "KL- on-logits": helper-34)
+    shown = " ".join(r.stdout.split())
+    for name, _, help_text in all_flags():
+        assert " ".join(help_text.split()) in shown, name
 
 
 def test_docs_document_every_flag():

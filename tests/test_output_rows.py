@@ -444,6 +444,12 @@ def test_progress_bar_ends_at_its_total_fresh_and_resumed(monkeypatch):
         def close(self):
             pass
 
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
     class Progress:
         def __init__(self, saved=None):
             self.saved, self.stored = saved, []

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import sys
-import textwrap
 
 from .config import ConfigError, RunConfig, all_flags, flag_hint, parse_switch
 
@@ -27,9 +26,10 @@ def _doc() -> str:
         "Args:",
     ]
     for name, default, help_text in all_flags():
-        # Fire cuts a flag's description at the first ": ", so none may appear in it.
-        wrapped = textwrap.fill(help_text.replace(": ", " - "), width=88, subsequent_indent=" " * 8)
-        lines.append(f"    {name}: {wrapped}")
+        # one line per flag: Fire reads a continuation line with a colon in it ("KIND:N") as another
+        # flag's entry or drops the text after the colon, and joins wrapped lines after hyphens
+        # with a space ("KL- on-logits")
+        lines.append(f"    {name}: {help_text}")
     return "\n".join(lines)
 
 

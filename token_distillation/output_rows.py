@@ -705,29 +705,31 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     pools = ((*train, background_pool(train[1])), (*bg_held, background_pool(bg_held[1])))
     groups = _groups(train[1], tokens, seq_len, rows.out_rows.shape[1])
     pool_size = len(pools[0][2]) + len(pools[1][2])  # pool snippets every group reads (or counts as read)
-    bar = tqdm(total=sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1]) + len(groups) * pool_size,
-               desc="output rows (distill)", unit="snippet", disable=not show_progress)
-    kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar, pools=pools)
-    key = fit_key(rows, groups, lr, steps, rms) if progress is not None else ""
-    saved = progress.load(key) if progress is not None else None
-    done, earlier_s, read = 0, 0.0, [0, 0, 0]
-    if saved is not None:  # a resumed run: the groups fitted before the stop
-        done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups), pool_size)
-    for gi, group in enumerate(groups):
-        if gi < done:
-            continue
-        c, n_read, n_pos, n_bg = _fit_group(model, rows, group, train, heldout, subtokens, kl, head_bias=head_bias,
-                                            lr=lr, steps=steps, rms=rms, **kw)
-        read[0] += n_read
-        read[1] += n_pos
-        read[2] += n_bg
-        curve = [a + b for a, b in zip(curve, c)] if curve else c
-        if progress is not None:  # the last group too: a stop after the fit (held-out pass) then keeps it
-            fitted = [t for grp in groups[: gi + 1] for t in grp]
-            progress.save(key, {"groups_done": gi + 1, "tokens": fitted, "kl": kl, "curve": curve,
-                                "rows": rows.out_rows.detach()[fitted].float().cpu(),
-                                "seconds": earlier_s + time.perf_counter() - t0})
-    bar.close()
+    # closed when the fit ends or a stop leaves it (the bar is not redrawn after the stop line)
+    total = sum(t in mine for t in train[1]) + sum(t in mine for t in heldout[1]) + len(groups) * pool_size
+    with tqdm(total=total, desc="output rows (distill)", unit="snippet", disable=not show_progress) as bar:
+        kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar,
+                  pools=pools)
+        key = fit_key(rows, groups, lr, steps, rms) if progress is not None else ""
+        saved = progress.load(key) if progress is not None else None
+        done, earlier_s, read = 0, 0.0, [0, 0, 0]
+        if saved is not None:  # a resumed run: the groups fitted before the stop
+            done, kl, curve, earlier_s = _restore_groups(rows, saved, train[1] + heldout[1], bar, len(groups),
+                                                         pool_size)
+        for gi, group in enumerate(groups):
+            if gi < done:
+                continue
+            c, n_read, n_pos, n_bg = _fit_group(model, rows, group, train, heldout, subtokens, kl, head_bias=head_bias,
+                                                lr=lr, steps=steps, rms=rms, **kw)
+            read[0] += n_read
+            read[1] += n_pos
+            read[2] += n_bg
+            curve = [a + b for a, b in zip(curve, c)] if curve else c
+            if progress is not None:  # the last group too: a stop after the fit (held-out pass) then keeps it
+                fitted = [t for grp in groups[: gi + 1] for t in grp]
+                progress.save(key, {"groups_done": gi + 1, "tokens": fitted, "kl": kl, "curve": curve,
+                                    "rows": rows.out_rows.detach()[fitted].float().cpu(),
+                                    "seconds": earlier_s + time.perf_counter() - t0})
     seconds = earlier_s + time.perf_counter() - t0
     _log_fit(read, [len(p[2]) for p in pools], done, len(groups), len(tokens), steps, lr, kl, seconds)
     return TrainResult(loss_curve=curve, steps=steps, seconds=seconds), kl
