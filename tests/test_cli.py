@@ -262,6 +262,11 @@ def test_a_script_missing_a_required_flag_says_which_in_one_line(capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(needle), err
+    # the help lists them as the flags they must be given as (it showed "script.py RUN_DIR OUT_DIR")
+    run_fire(exit_on_user_error(main), {"run_dir", "out_dir", "lr"}, ["--help"], "script.py")
+    shown = capsys.readouterr().out
+    assert "--run_dir=RUN_DIR (required)" in shown and "--out_dir=OUT_DIR (required)" in shown, shown
+    assert "POSITIONAL" not in shown and "script.py RUN_DIR" not in shown, shown
 
 
 def test_a_short_flag_is_refused_with_the_long_names_it_may_mean(capsys):

@@ -7,6 +7,7 @@ every flag's default and documentation live in :mod:`token_distillation.config` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -143,6 +144,23 @@ main.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
 )
 
 
+def _flags_only(fn):
+    """``fn`` with its positional-or-keyword parameters shown as keyword-only, so Fire's help lists
+    them as flags (``--run_dir``): the check in :func:`run_fire` refuses positional arguments, but
+    Fire's help offered ``script.py RUN_DIR OUT_DIR``."""
+    sig = inspect.signature(fn)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [p.replace(kind=kw) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
+              for p in sig.parameters.values()]
+
+    @functools.wraps(fn)
+    def view(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    view.__signature__ = sig.replace(parameters=params)
+    return view
+
+
 def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
     """Run ``fn`` under python-fire: unknown flags end with one ``error:`` line and exit code 2;
     ``--help`` goes to stdout (pipeable) without Fire's "INFO: Showing help" line."""
@@ -198,7 +216,7 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
     if wants_help:
         from fire import helptext, trace
 
-        text = helptext.HelpText(fn, trace=trace.FireTrace(fn, name=name))
+        text = helptext.HelpText(_flags_only(fn), trace=trace.FireTrace(fn, name=name))
         # Fire lists a one-letter form (-b) for flags with a unique first letter; the check above refuses
         # those (only --name is accepted), so the help does not offer them
         sys.stdout.write(re.sub(r"^(\s+)-\w, (?=--)", r"\1", text, flags=re.M) + "\n")
