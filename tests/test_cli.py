@@ -30,6 +30,8 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--snippet_num", "0", "--token_distillation_lr", "-1"], "--snippet_num"),
         (["--dataset_path"], "--dataset_path needs a value"),  # Fire would pass True
         (["--token_distillation_epochs"], "--token_distillation_epochs needs a value"),
+        (["--snippet_num", "True"], "--snippet_num needs a value (write --snippet_num VALUE or --snippet_num=VALUE, "
+                                    "where VALUE is an integer)"),  # Fire reads True as a boolean
         (["stray_word", "--dry_run"], "unexpected argument(s) stray_word"),  # Fire would report it after the run
         (["--snippet_num", "4", "--snippet_num", "5"], "--snippet_num given more than once"),  # Fire keeps the last
         (["--token_distillation_batch_size", "big"], "--token_distillation_batch_size: expected an integer >= 1, auto, or 0"),

@@ -963,7 +963,11 @@ def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else None
     if isinstance(value, bool) and not isinstance(default, bool):
         # Fire turns a flag written without a value (``--out_path`` at the end of a line) into True
-        problems.append(f"--{f.name} needs a value (write --{f.name} VALUE or --{f.name}=VALUE)")
+        # (or ``--snippet_num True``: Fire reads True as a boolean)
+        kind = ("an integer" if isinstance(default, int) else "a number" if isinstance(default, float)
+                else f"one of {', '.join(m.value for m in type(default))}" if isinstance(default, enum.Enum) else "")
+        problems.append(f"--{f.name} needs a value (write --{f.name} VALUE or --{f.name}=VALUE"
+                        f"{f', where VALUE is {kind}' if kind else ''})")
         return default
     if isinstance(default, bool):
         if isinstance(value, bool):
