@@ -286,3 +286,25 @@ def test_a_short_flag_is_refused_with_the_long_names_it_may_mean(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: short flag(s) -b (did you mean --batch_size?)"), err
+
+
+def test_a_log_line_during_a_progress_bar_starts_its_own_line_in_a_log_file(tmp_path):
+    """With stderr a file (a SLURM log), a log line written while a progress bar is open starts
+    after the bar is cleared (carriage return), not glued to the end of the bar's text."""
+    code = (
+        "import logging\n"
+        "from tqdm.auto import tqdm\n"
+        "from token_distillation.cli import configure_logging\n"
+        "configure_logging()\n"
+        "bar = tqdm(total=3, desc='steps', mininterval=0)\n"
+        "bar.update(1)\n"
+        "logging.getLogger('t').info('the log line')\n"
+        "bar.update(2)\n"
+        "bar.close()\n"
+    )
+    log = tmp_path / "slurm.err"
+    with open(log, "w") as err:
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, stderr=err, check=True, timeout=120)
+    pieces = re.split(r"[\r\n]", log.read_text())
+    assert any(re.fullmatch(r"\d\d:\d\d:\d\d INFO t: the log line", p) for p in pieces), pieces
+    assert any("3/3" in p for p in pieces), pieces  # the bar still draws

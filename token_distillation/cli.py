@@ -42,8 +42,24 @@ def configure_logging(level: int = logging.INFO) -> None:
     """
     if os.environ.get("RANK", "0") not in ("", "0"):
         level = max(level, logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    handler = _BarSafeHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+class _BarSafeHandler(logging.StreamHandler):
+    """Writes each record through ``tqdm.write``, which clears an open progress bar first: a log line
+    starts a line of its own in a terminal and in a SLURM log file (it was glued to the end of the
+    bar's text there)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging's convention: report, never raise from a handler
+            self.handleError(record)
 
 
 def _raise_interrupted(signum, frame):
