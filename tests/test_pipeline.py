@@ -247,6 +247,23 @@ def test_tokens_without_heldout_snippets_are_named(caplog):
     assert "' seen' (3)" in infos[0] and "unseen" not in infos[0]
 
 
+def test_tokens_with_fewer_training_snippets_than_asked_are_named_fewest_first(caplog):
+    """A corpus that falls short of --snippet_num for some tokens says which (it said nothing: the
+    pre-flight line gave only the total; helper-34)."""
+    import logging
+    from types import SimpleNamespace
+
+    from token_distillation.pipeline import _log_few_train
+
+    toks = [SimpleNamespace(text=t) for t in (" full", " some", " few")]
+    with caplog.at_level(logging.INFO, logger="token_distillation.pipeline"):
+        _log_few_train(toks, [25, 12, 3], wanted=25)
+        _log_few_train(toks, [25, 25, 25], wanted=25)  # all full: nothing to say
+    infos = [r.getMessage() for r in caplog.records]
+    assert len(infos) == 1 and "2 of 3 token(s) have fewer training snippets than --snippet_num 25" in infos[0]
+    assert infos[0].endswith("' few' (3), ' some' (12)") and "full" not in infos[0], infos
+
+
 def test_training_teacher_cache_is_sized_first(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
     """With a budget that fits exactly the training snippets' teacher states, training gets all of it
     and the held-out pass keeps none (it saves one forward per held-out snippet, training one per

@@ -562,6 +562,7 @@ def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
     else:
         scan_ids = None if overfiring is not None else tg.corpus.iter_docs()
     _warn_missing_heldout(tokens, snips.heldout_counts, cfg.snippets.heldout_snippet_num)
+    _log_few_train(tokens, snips.train_counts, cfg.snippets.snippet_num)
     logger.info("pre-flight: %d new tokens, %d skipped, %d training / %d held-out snippets, method %s",
                 len(tokens), len(skipped), len(snips.train), len(snips.heldout), cfg.train.init_method.value)
     return Snippets(snips, tokens, sources, skipped, corpus_info, scan_ids, model, overfiring)
@@ -1347,6 +1348,15 @@ def _warn_missing_heldout(tokens, heldout_counts: list[int], wanted: int) -> lis
         logger.info("%d token(s) have fewer held-out snippets than --heldout_snippet_num %d, so their held-out loss "
                     "is noisier: %s", len(few), wanted, _some(few, fmt=lambda tn: f"{tn[0]!r} ({tn[1]})"))
     return missing
+
+
+def _log_few_train(tokens, train_counts: list[int], wanted: int) -> None:
+    """Log the tokens with fewer training snippets than ``--snippet_num`` (the corpus has fewer
+    uses of them; those below ``--min_snippets`` were dropped or topped up before), fewest first."""
+    few = sorted(((t.text, n) for t, n in zip(tokens, train_counts) if n < wanted), key=lambda tn: tn[1])
+    if few:
+        logger.info("%d of %d token(s) have fewer training snippets than --snippet_num %d (the corpus has fewer uses "
+                    "of them): %s", len(few), len(tokens), wanted, _some(few, fmt=lambda tn: f"{tn[0]!r} ({tn[1]})"))
 
 
 #: a trained token whose held-out distillation loss fell by less than this share is reported
