@@ -113,6 +113,24 @@ def test_checkpoints_keep_newest_and_refuse_other_runs(tmp_path):
     assert res.steps == 15 and not (tmp_path / "ck").exists()
 
 
+def test_start_up_checks_map_the_checkpoint_instead_of_reading_it(tmp_path, monkeypatch):
+    """--resume's two start-up checks need only the newest checkpoint's fingerprint: they map the file
+    (torch.load mmap) instead of reading its rows and Adam state (~6 GB with
+    --train_original_embeddings on an 8B model); the restore reads it."""
+    model, _, seqs, tix, rows = _setup()
+    ck = tmp_path / "ck"
+    ckpt = Checkpointer(ck, 2, {"lr": 1})
+    _train(rows, seqs, tix, model, ckpt)
+    calls, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("mmap", False)) or real(*a, **kw))
+    ckpt_mod.check_resumable(ck, {"lr": 1}, None)
+    ckpt_mod.check_training_inputs(ck, ckpt.fingerprint)
+    assert calls == [True, True]
+    _, _, _, _, rows2 = _setup()
+    _train(rows2, seqs, tix, model, Checkpointer(ck, 2, {"lr": 1}, resume=True))
+    assert calls == [True, True, False]
+
+
 def test_damaged_checkpoint_is_refused_with_the_file_and_the_way_on(tmp_path):
     """A step checkpoint cut short (full disk, partial copy) fails --resume with one clear error that
     names the file and says how to go on; deleting it resumes from the checkpoint before it."""

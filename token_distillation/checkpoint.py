@@ -129,7 +129,7 @@ def check_training_inputs(directory: Path, now: dict[str, Any]) -> None:
     newest = _newest(directory)
     if newest is None:
         return
-    saved = _load(newest)["fingerprint"]
+    saved = _load(newest, mmap=True)["fingerprint"]
     _refuse_other_run(newest, saved, now, [k for k in TRAINING_INPUT_KEYS if k in saved])
 
 
@@ -154,15 +154,17 @@ def _newest(directory: Path) -> Path | None:
     return max(found, key=lambda p: (_NAME.match(p.name).group(3), p.name)) if found else None
 
 
-def _load(path: Path) -> dict[str, Any]:
-    """A step checkpoint's contents.
+def _load(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A step checkpoint's contents; with ``mmap`` its tensors are mapped from the file, not read (for
+    the start-up checks, which read only the fingerprint: with ``--train_original_embeddings`` on an
+    8B model a checkpoint holds ~6 GB of rows and Adam state).
 
     Raises:
         ConfigError: the file cannot be read (cut short by a full disk or a partial copy, or not a
             checkpoint); the message names it and how to go on.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         if not isinstance(state, dict) or "fingerprint" not in state:
             raise ValueError("no fingerprint in it")
         return state
@@ -223,7 +225,7 @@ def check_resumable(directory: Path, config: dict[str, Any], model_identity: str
                           "the same number of processes as the interrupted run (torchrun --nproc_per_node N), "
                           "or pass --overwrite without --resume to start over")
     newest = found[-1]
-    saved = _load(newest)["fingerprint"]
+    saved = _load(newest, mmap=True)["fingerprint"]
     if batch == "auto":
         batch = _saved_batch(saved, batch)
     now = fingerprint({**config, "token_distillation_batch_size": batch}, model_identity=model_identity,
