@@ -198,7 +198,7 @@ def test_resume_with_auto_keeps_the_interrupted_runs_batch(tmp_path, monkeypatch
                tmp_path / "step-00000003.pt")
     loads = []
     real = checkpoint._load
-    monkeypatch.setattr(checkpoint, "_load", lambda p: loads.append(p) or real(p))
+    monkeypatch.setattr(checkpoint, "_load", lambda p, **kw: loads.append(p) or real(p, **kw))
     assert check_resumable(tmp_path, {"token_distillation_batch_size": "auto"}, "m") == 48
     assert len(loads) == 1
     with pytest.raises(ConfigError, match="token_distillation_batch_size: 48 then, 16 now"):
