@@ -61,7 +61,16 @@ def _saved_rows(run: Path):
 
 
 def main(run_dir: str, out_dir: str, **flags) -> Path:
-    """Refit ``run_dir``'s output rows into ``out_dir`` (see the module docstring); returns ``out_dir``.
+    """Fit a finished run's new output rows again (--output_embeddings distill) with today's code, keeping its input rows.
+
+    The run's flags (its report.json) are used again and its snippets mined again; the input rows are
+    read from its model.safetensors instead of trained. Any other flag of apply_embedding_init.py overrides
+    the run's (e.g. --token_distillation_batch_size 8), except those that pick the new tokens or the
+    snippets (refused). Returns ``out_dir``.
+
+    Args:
+        run_dir: output directory of a finished, untied token_distillation or ntp run.
+        out_dir: new directory for the refitted run (must not exist).
 
     Raises:
         ConfigError: ``run_dir`` lacks report.json / new_tokens.jsonl / tokenizer.json / model.safetensors,

@@ -179,6 +179,9 @@ def test_inexact_pass_counts_the_words_the_firing_report_would_find(smollm_token
 
     assert _most_common_inexact(firings.words, words) == " (most often ' hepato' in 'hepatocytes', 4 times)"
     assert _most_common_inexact({}, words) == ""
+    # a word-list entry without its leading space: its inexact uses are the word itself after a space
+    bare = [NewToken("haplotype", (1, 2))]
+    assert _most_common_inexact({0: {"haplotype": 7}}, bare) == " (most often 'haplotype' in ' haplotype', 7 times)"
 
 
 def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir):

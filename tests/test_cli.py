@@ -30,8 +30,9 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--snippet_num", "0", "--token_distillation_lr", "-1"], "--snippet_num"),
         (["--dataset_path"], "--dataset_path needs a value"),  # Fire would pass True
         (["--token_distillation_epochs"], "--token_distillation_epochs needs a value"),
-        (["--snippet_num", "True"], "--snippet_num needs a value (write --snippet_num VALUE or --snippet_num=VALUE, "
-                                    "where VALUE is an integer)"),  # Fire reads True as a boolean
+        (["--snippet_num", "True"], "--snippet_num: expected an integer"),  # Fire alone reads True as a boolean
+        (["--snippet_num=False"], "--snippet_num: expected an integer"),
+        (["--init_method", "True"], "--init_method"),
         (["stray_word", "--dry_run"], "unexpected argument(s) stray_word"),  # Fire would report it after the run
         (["--snippet_num", "4", "--snippet_num", "5"], "--snippet_num given more than once"),  # Fire keeps the last
         (["--token_distillation_batch_size", "big"], "--token_distillation_batch_size: expected an integer >= 1, auto, or 0"),
@@ -100,6 +101,11 @@ def test_help_lists_every_flag():
     shown = " ".join(r.stdout.split())
     for name, _, help_text in all_flags():
         assert " ".join(help_text.split()) in shown, name
+    # every default whole (Fire cut --out_path's to 'outputs/token_dis...: helper-35)
+    for name, default, _ in all_flags():
+        shown_default = re.search(rf"^\s+--{name}=\S+\n\s+Default: (.*)$", r.stdout, flags=re.M)
+        assert shown_default and "..." not in shown_default.group(1), name
+    assert "Default: 'outputs/token_distillation_demo'" in r.stdout
 
 
 def test_docs_document_every_flag():

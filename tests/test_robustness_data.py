@@ -292,3 +292,39 @@ def test_gguf_cache_shared_by_alias_and_path():
     by_path = resolve_model_source(str(Path(by_alias.path) / by_alias.gguf_file))
     assert by_alias.identity != by_path.identity  # the report says how the model was named
     assert _gguf_cache_dir(by_alias, Path("/c")) == _gguf_cache_dir(by_path, Path("/c"))
+
+
+def test_target_layer_checked_before_torch_from_the_files_header(tmp_path):
+    """--target_layer is checked in the torch-free preflight: from config.json (also a multimodal
+    config's text_config) and from a GGUF header read only up to its block count, which equals
+    what gguf's own reader gives for both bundled models."""
+    import pytest
+    from gguf import GGUFReader
+
+    from token_distillation.config import ConfigError
+    from token_distillation.paths import gguf_block_count, local_layer_count, preflight, resolve_model_source
+
+    for alias in ("smollm2-135m", "gemma3-270m"):
+        src = resolve_model_source(alias)
+        fields = GGUFReader(str(Path(src.path) / src.gguf_file)).fields
+        key = next(k for k in fields if k.endswith(".block_count"))
+        assert gguf_block_count(Path(src.path) / src.gguf_file) == fields[key].contents() > 0
+        assert local_layer_count(src, read_gguf=False) is None
+    for cfg in ({"num_hidden_layers": 4}, {"text_config": {"num_hidden_layers": 4}}):
+        d = tmp_path / f"m{len(cfg)}{'text_config' in cfg}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        preflight(str(d), str(tmp_path / "o1"), False, False, target_layer=-4)
+        preflight(str(d), str(tmp_path / "o2"), False, False, target_layer=4)
+        for bad in (5, -5):
+            with pytest.raises(ConfigError, match=f"--target_layer {bad} out of range for a model with 4 layers"):
+                preflight(str(d), str(tmp_path / "o3"), False, False, target_layer=bad)
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 8)  # truncated
+    with pytest.raises(ValueError, match="truncated"):
+        gguf_block_count(tmp_path / "bad.gguf")
+    code = ("import sys; from token_distillation.cli import main\n"
+            "try:\n    main(target_layer=99, out_path=sys.argv[1])\n"
+            "except SystemExit as e:\n    print('torch' in sys.modules, e.code)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o4")], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["False", "2"], r.stdout + r.stderr
+    assert "--target_layer 99 out of range for a model with 30 layers" in r.stderr

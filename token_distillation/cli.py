@@ -143,7 +143,7 @@ def main(**flags):
         from .paths import preflight
 
         preflight(cfg.model.model_path, cfg.output.out_path, cfg.output.overwrite, cfg.output.resume,
-                  cfg.output.dry_run)
+                  cfg.output.dry_run, cfg.train.target_layer)
         from .corpus import check_text_column
 
         check_text_column(cfg.corpus)  # a wrong --text_column fails before torch is imported
@@ -182,12 +182,14 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
     ``--help`` goes to stdout (pipeable) without Fire's "INFO: Showing help" line."""
     import fire
 
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
     unknown, stray, wants_value, seen, repeated, short = [], [], False, set(), [], []
-    for a in args:
+    for i, a in enumerate(args):
         if a == "--":  # Fire's own flags follow
             break
         if a.startswith("--"):
+            if re.fullmatch(r"--[^=]+=(True|False)", a):  # the value as typed (see below)
+                args[i] = a.replace("=", '="', 1) + '"'
             wants_value = "=" not in a and a != "--help"
             flag = a[2:].split("=", 1)[0].replace("-", "_")
             base = flag[2:] if flag.startswith("no") and flag[2:] in known else flag
@@ -198,6 +200,8 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
                 unknown.append(a.split("=", 1)[0])
         elif wants_value:  # the value of the flag before it
             wants_value = False
+            if a in ("True", "False"):  # Fire would pass a boolean, the same as a flag without a value;
+                args[i] = f'"{a}"'  # as text, a switch reads it and a number flag says True is not a number
         elif a == "-h":
             continue
         elif re.fullmatch(r"-[A-Za-z_]\w*(=.*)?", a):  # -b, -b=4: Fire's one-letter forms
@@ -235,7 +239,12 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
         text = helptext.HelpText(_flags_only(fn), trace=trace.FireTrace(fn, name=name))
         # Fire lists a one-letter form (-b) for flags with a unique first letter; the check above refuses
         # those (only --name is accepted), so the help does not offer them
-        sys.stdout.write(re.sub(r"^(\s+)-\w, (?=--)", r"\1", text, flags=re.M) + "\n")
+        text = re.sub(r"^(\s+)-\w, (?=--)", r"\1", text, flags=re.M)
+        for p in inspect.signature(fn).parameters.values():  # Fire cuts long defaults ('outputs/token_dis...)
+            if p.default is not inspect.Parameter.empty:
+                text = re.sub(rf"^(\s+--{p.name}=\S+\n\s+Default: ).*$", lambda m, d=p.default: m.group(1) + repr(d),
+                              text, count=1, flags=re.M)
+        sys.stdout.write(text + "\n")
         return
     fire.Fire(fn, command=args, name=name)
 

@@ -251,6 +251,20 @@ def flag_hint(name: str, known) -> str:
     return f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
 
 
+def layer_index(num_layers: int, target_layer: int) -> int:
+    """Index into ``hidden_states`` (0 = embeddings, N = last layer) for ``--target_layer`` of a model
+    with ``num_layers`` layers (no torch needed).
+
+    Raises:
+        ConfigError: layer outside ``1..N`` / ``-N..-1``.
+    """
+    idx = target_layer if target_layer > 0 else num_layers + 1 + target_layer
+    if not 1 <= idx <= num_layers:
+        raise ConfigError(f"--target_layer {target_layer} out of range for a model with {num_layers} layers; "
+                          f"use 1..{num_layers} or -1..-{num_layers}")
+    return idx
+
+
 def parse_switch(value) -> bool | None:
     """A switch's value from the command line: true/yes/on/1 or false/no/off/0 (any case), else None."""
     word = str(value).strip().lower()

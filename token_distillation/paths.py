@@ -550,15 +550,96 @@ def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=No
     return prepare_out_path(out_path, overwrite or (resume and has_ckpt), model_source, dry_run=dry_run)
 
 
-def preflight(model_path: str, out_path: str, overwrite: bool, resume: bool, dry_run: bool = False) -> None:
-    """The start-up checks of ``--model_path`` and ``--out_path`` (no model, tokenizer or torch
-    import), run by the command line before the pipeline is imported so that bad paths fail fast.
+def local_layer_count(source: ModelSource, read_gguf: bool = True) -> int | None:
+    """Number of transformer layers of a local model, read without torch: ``num_hidden_layers`` of a
+    directory's config.json (or of its ``text_config``), ``<arch>.block_count`` of a GGUF file's
+    header (with ``read_gguf``; about 2 s for the bundled models). None for a hub id or where the
+    file does not say (the pipeline checks after loading the config)."""
+    try:
+        if source.gguf_file is None:
+            cfg_file = Path(source.path) / "config.json"
+            if not cfg_file.is_file():
+                return None
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            n = cfg.get("num_hidden_layers", (cfg.get("text_config") or {}).get("num_hidden_layers"))
+        elif read_gguf:
+            n = gguf_block_count(Path(source.path) / source.gguf_file)
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+#: sizes in bytes of the GGUF metadata value types (numbers and bool); 8: string, 9: array
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_block_count(path) -> int | None:
+    """``<arch>.block_count`` (the number of transformer layers) from a GGUF file's metadata, reading
+    only the header up to that key (gguf's ``GGUFReader`` parses the whole header, tokenizer arrays
+    included: ~9 s for Gemma-3's). None where the file has no such key.
 
     Raises:
-        ConfigError: the errors of :func:`resolve_model_source` and :func:`prepare_output`.
+        ValueError: not a GGUF file (version 2 or 3) or a truncated header.
+        OSError: the file cannot be read.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        def take(n: int) -> bytes:
+            b = f.read(n)
+            if len(b) != n:
+                raise ValueError(f"{path}: truncated GGUF header")
+            return b
+
+        def skip(kind: int, count: int = 1) -> None:
+            if kind in _GGUF_SIZES:
+                f.seek(_GGUF_SIZES[kind] * count, os.SEEK_CUR)
+            elif kind == 8:
+                for _ in range(count):
+                    f.seek(struct.unpack("<Q", take(8))[0], os.SEEK_CUR)
+            elif kind == 9:
+                for _ in range(count):
+                    inner, m = struct.unpack("<IQ", take(12))
+                    skip(inner, m)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        magic, version = take(4), struct.unpack("<I", take(4))[0]
+        if magic != b"GGUF" or version not in (2, 3):
+            raise ValueError(f"{path}: not a GGUF file of version 2 or 3")
+        _, n_kv = struct.unpack("<QQ", take(16))
+        for _ in range(n_kv):
+            key = take(struct.unpack("<Q", take(8))[0]).decode("utf-8", "replace")
+            kind = struct.unpack("<I", take(4))[0]
+            if key.endswith(".block_count") and kind in (4, 5, 10, 11):  # uint32, int32, uint64, int64
+                fmt = {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[kind]
+                return int(struct.unpack(fmt, take(_GGUF_SIZES[kind]))[0])
+            skip(kind)
+    return None
+
+
+def preflight(model_path: str, out_path: str, overwrite: bool, resume: bool, dry_run: bool = False,
+              target_layer: int | None = None) -> None:
+    """The start-up checks of ``--model_path``, ``--out_path`` and ``--target_layer`` (no model,
+    tokenizer or torch import), run by the command line before the pipeline is imported so that bad
+    input fails fast. ``--target_layer`` is checked against a local model's layer count
+    (:func:`local_layer_count`; a GGUF header only for a layer other than -1, which fits every model).
+
+    Raises:
+        ConfigError: the errors of :func:`resolve_model_source` and :func:`prepare_output`, and a
+            ``--target_layer`` outside the model's layers.
     """
     prepare_output(out_path, overwrite, resume, dry_run=dry_run)  # first: instant, before a GGUF file is hashed
-    prepare_output(out_path, overwrite, resume, resolve_model_source(model_path))
+    source = resolve_model_source(model_path)
+    if target_layer is not None:
+        n = local_layer_count(source, read_gguf=target_layer != -1)
+        if n is not None:
+            from .config import layer_index
+
+            layer_index(n, target_layer)
+    prepare_output(out_path, overwrite, resume, source)
 
 
 #: file at the top of a directory that a script fills over one or several runs (see :func:`claim_script_dir`)

@@ -1144,12 +1144,15 @@ def _add_inexact(cfg: RunConfig, snips: SnippetSet, corpus, tokenizer, tokens: l
 def _most_common_inexact(words: dict, tokens: list[NewToken]) -> str:
     """`` (most often ' agonist' in 'agonists', 13 times)``: the commonest (token, longer word) pair of
     a firing scan (``words``: token index -> Counter of the words it fired inside), or ``""``. (A
-    word-list entry without its leading space shows as itself, 'ischemia' in 'ischemia': the list's
-    reader already warned about such entries and named --add_leading_space.)"""
+    word-list entry without its leading space fires in the word itself after a space: `` (most often
+    'ischemia' in ' ischemia', ...)``; the list's reader already warned about such entries and named
+    --add_leading_space.)"""
     pairs = [(n, t, w) for t, c in words.items() for w, n in c.items()]
     if not pairs:
         return ""
     n, t, w = max(pairs, key=lambda p: (p[0], -p[1]))
+    if w == tokens[t].text:  # the same letters: the use differs by the space before it
+        w = " " + w
     return f" (most often {tokens[t].text!r} in {w!r}, {n} time{'s' if n != 1 else ''})"
 
 
@@ -1343,20 +1346,23 @@ def _warn_missing_heldout(tokens, heldout_counts: list[int], wanted: int) -> lis
     if missing:
         logger.warning("%d token(s) have no held-out snippet, so their held-out loss cannot be judged: %s "
                        "(a larger corpus or --heldout_fraction gives them some)", len(missing), _some(missing))
-    few = [(t.text, n) for t, n in zip(tokens, heldout_counts) if 0 < n < wanted]
-    if few:
-        logger.info("%d token(s) have fewer held-out snippets than --heldout_snippet_num %d, so their held-out loss "
-                    "is noisier: %s", len(few), wanted, _some(few, fmt=lambda tn: f"{tn[0]!r} ({tn[1]})"))
+    _log_fewer(tokens, heldout_counts, wanted, "held-out", "--heldout_snippet_num", "so their held-out loss is noisier")
     return missing
 
 
 def _log_few_train(tokens, train_counts: list[int], wanted: int) -> None:
     """Log the tokens with fewer training snippets than ``--snippet_num`` (the corpus has fewer
     uses of them; those below ``--min_snippets`` were dropped or topped up before), fewest first."""
-    few = sorted(((t.text, n) for t, n in zip(tokens, train_counts) if n < wanted), key=lambda tn: tn[1])
+    _log_fewer(tokens, train_counts, wanted, "training", "--snippet_num", "the corpus has fewer uses of them")
+
+
+def _log_fewer(tokens, counts: list[int], wanted: int, kind: str, flag: str, why: str) -> None:
+    """One info line naming the tokens with some but fewer than ``wanted`` snippets of ``kind``
+    (``counts`` per token), fewest first."""
+    few = sorted(((t.text, n) for t, n in zip(tokens, counts) if 0 < n < wanted), key=lambda tn: tn[1])
     if few:
-        logger.info("%d of %d token(s) have fewer training snippets than --snippet_num %d (the corpus has fewer uses "
-                    "of them): %s", len(few), len(tokens), wanted, _some(few, fmt=lambda tn: f"{tn[0]!r} ({tn[1]})"))
+        logger.info("%d of %d token(s) have fewer %s snippets than %s %d (%s): %s", len(few), len(tokens), kind,
+                    flag, wanted, why, _some(few, fmt=lambda tn: f"{tn[0]!r} ({tn[1]})"))
 
 
 #: a trained token whose held-out distillation loss fell by less than this share is reported

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .alignment import AlignedBatch, MergedSequence, collate
-from .config import ConfigError, LossMethod, LrSchedule, Recipe, StoppingCondition
+from .config import LossMethod, LrSchedule, Recipe, StoppingCondition, layer_index
 from .interrupts import check_stop
 from .fastpath import TeacherCache, num_layers, teacher_hiddens, teacher_student_hiddens
 from .recipes import BatchState, DistillObjective, FnObjective, PaperRecipe, PerTokenRecipe
@@ -185,12 +185,7 @@ def resolve_layer(model_or_config, target_layer: int) -> int:
     Raises:
         ConfigError: layer outside ``1..N`` / ``-N..-1``.
     """
-    n = num_layers(model_or_config)
-    idx = target_layer if target_layer > 0 else n + 1 + target_layer
-    if not 1 <= idx <= n:
-        raise ConfigError(f"--target_layer {target_layer} out of range for a model with {n} layers; "
-                         f"use 1..{n} or -1..-{n}")
-    return idx
+    return layer_index(num_layers(model_or_config), target_layer)
 
 
 def hidden_at(model, layer: int, attention_mask: torch.Tensor, input_ids=None, inputs_embeds=None) -> torch.Tensor:
