@@ -184,10 +184,12 @@ def test_inexact_pass_counts_the_words_the_firing_report_would_find(smollm_token
     assert _most_common_inexact({0: {"haplotype": 7}}, bare) == " (most often 'haplotype' in ' haplotype', 7 times)"
 
 
-def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir):
+def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir, caplog):
     """--dry_run with chars: a token the tokenizer uses mostly inside longer words is not listed as
-    skipped (a real run tops it up), and coverage.tsv counts those uses."""
+    skipped (a real run tops it up), and coverage.tsv counts those uses; the logged table says what
+    its columns count (a token with 0 occurrences and training snippets puzzled helper-35)."""
     import json
+    import logging
 
     from token_distillation.config import ConfigError, RunConfig
     from token_distillation.pipeline import run
@@ -200,7 +202,10 @@ def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir):
                   new_tokens_source=str(words), build_target_method="wordlist", dry_run=True, snippet_num=8,
                   min_snippets=7, heldout_snippet_num=0, snippet_len=12)
     rows = {}
-    res = run(RunConfig.from_flags(**common, alignment="chars", out_path=str(tmp_path / "chars")))
+    with caplog.at_level(logging.INFO, logger="token_distillation.pipeline"):
+        res = run(RunConfig.from_flags(**common, alignment="chars", out_path=str(tmp_path / "chars")))
+    table_line = next(r.getMessage() for r in caplog.records if "dry run: coverage of" in r.getMessage())
+    assert "occurrences: uses as the word's own subtokens; inexact_firings: uses inside longer words" in table_line
     rows["chars"], rows["chars_report"] = (res.out_path / "coverage.tsv").read_text().splitlines(), res.report
     # ids: the only token has too few snippets, so the dry run fails as the real run would, after writing its files
     with pytest.raises(ConfigError, match="a real run would stop: no new token has enough snippets"):

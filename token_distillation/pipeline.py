@@ -1420,8 +1420,10 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
         logger.info("dry run: no corpus, so a real run would generate %d training and %d held-out snippets per token "
                     "with the model (not done in a dry run)", sc.snippet_num, sc.heldout_snippet_num)
     table = coverage_table(tg.records, train_counts, heldout_counts, inexact)
-    logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d)\n%s",
-                len(tg.records), sc.snippet_num, table)
+    logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d; occurrences: uses as the "
+                "word's own subtokens%s)\n%s", len(tg.records), sc.snippet_num,
+                "; inexact_firings: uses inside longer words, whose snippets the training counts include"
+                if inexact is not None else "", table)
     plan = output_plan(cfg, tg.model_config)
     logger.info("dry run: output embeddings %s", plan)
     peft = peft_plan(cfg, tg.model_config)
