@@ -108,7 +108,9 @@ BACKGROUND_SNIPPETS = 32
 BACKGROUND_POSITIONS = 256
 #: share of each token's fit objective (and reported KL) on its background positions: 0.9 measured
 #: better than 0.5 in bits per byte at 100 SmolLM2 words, the same at 24 (SmolLM2, Gemma-3), with less
-#: probability on the new tokens where they do not come at all three (docs/sweep/raw_text/README.md)
+#: probability on the new tokens where they do not come at all three (docs/sweep/raw_text/README.md); 0.97-0.999
+#: and a share from each word's corpus frequency were worse at 24 and 100 words on the documents with the words
+#: (better on generic held-out text: docs/sweep/output_fit_calibration.md)
 BACKGROUND_SHARE = 0.9
 
 

@@ -1,0 +1,36 @@
+"""Measurement only (see ../output_fit_calibration.md): the extended model's total NLL (nats) on the
+positions of hidden_states.py when every new token's output row moves along the direction d with
+h @ d ~ 1 (least squares on the first half of the positions), i.e. every new token's logit is lowered
+by the same amount at every position. Prints the NLL at the words, elsewhere, and the probability the
+new tokens take where they do not come next.
+
+    python uniform_shift.py RUN_DIR STATES.pt
+"""
+import torch, json, sys
+from safetensors.torch import load_file
+run = sys.argv[1]
+D = torch.load(sys.argv[2])
+H = torch.cat(D["H"]); nxt = torch.cat(D["nxt"]); new_ids = D["new_ids"]; norig = D["norig"]
+st = load_file(f"{run}/model.safetensors"); W = st["lm_head.weight"].float()
+Wo = W[:norig]
+lo = H @ Wo.T
+logz = torch.logsumexp(lo, -1)
+is_new = nxt >= norig
+orig_lp = torch.where(is_new, torch.zeros(()), lo.gather(1, nxt.clamp(max=norig-1)[:, None])[:, 0])
+A = H[: len(H) // 2]
+d = torch.linalg.solve(A.T @ A + 1e-1 * torch.eye(A.shape[1]), A.T @ torch.ones(len(A)))
+def nll(O):
+    ln = H @ O.T
+    lz = torch.logaddexp(logz, torch.logsumexp(ln, -1))
+    idx = (nxt - norig).clamp(min=0)
+    tgt = torch.where(is_new, ln.gather(1, idx[:, None])[:, 0], orig_lp)
+    p = torch.softmax(torch.cat([lo, ln], 1), -1)[:, norig:]
+    mis = float((p * (nxt[:, None] != new_ids[None, :])).sum() / len(H))
+    words = float(-(tgt - lz)[is_new].sum()); rest = float(-(tgt - lz)[~is_new].sum())
+    return words + rest, words, rest, mis
+O = W[new_ids]
+base = nll(O)
+print("positions", len(H), "new-token targets", int(is_new.sum()))
+for b in (0, -0.5, -1, -1.5, -2, -3):
+    r = nll(O + b * d)
+    print(f"shift {b:5}: total {r[0]:.0f} ({100*(r[0]/base[0]-1):+.2f}%) words {r[1]:.0f} rest {r[2]:.0f} misplaced {r[3]:.4f}")
