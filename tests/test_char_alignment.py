@@ -205,7 +205,8 @@ def test_dry_run_counts_uses_inside_longer_words(tmp_path, cache_dir, caplog):
     with caplog.at_level(logging.INFO, logger="token_distillation.pipeline"):
         res = run(RunConfig.from_flags(**common, alignment="chars", out_path=str(tmp_path / "chars")))
     table_line = next(r.getMessage() for r in caplog.records if "dry run: coverage of" in r.getMessage())
-    assert "occurrences: uses as the word's own subtokens; inexact_firings: uses inside longer words" in table_line
+    assert "occurrences: uses as the word's own subtokens; count: the corpus count the list was ranked by" in table_line
+    assert "inexact_firings: uses inside longer words" in table_line
     rows["chars"], rows["chars_report"] = (res.out_path / "coverage.tsv").read_text().splitlines(), res.report
     # ids: the only token has too few snippets, so the dry run fails as the real run would, after writing its files
     with pytest.raises(ConfigError, match="a real run would stop: no new token has enough snippets"):

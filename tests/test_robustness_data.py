@@ -273,7 +273,7 @@ def test_directory_identity_follows_weight_files(tmp_path):
 
     from token_distillation.paths import resolve_model_source
 
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     w = tmp_path / "model.safetensors"
     w.write_bytes(b"x" * 64)
     a = resolve_model_source(str(tmp_path)).identity
@@ -310,8 +310,8 @@ def test_target_layer_checked_before_torch_from_the_files_header(tmp_path):
         key = next(k for k in fields if k.endswith(".block_count"))
         assert gguf_block_count(Path(src.path) / src.gguf_file) == fields[key].contents() > 0
         assert local_layer_count(src, read_gguf=False) is None
-    for cfg in ({"num_hidden_layers": 4}, {"text_config": {"num_hidden_layers": 4}}):
-        d = tmp_path / f"m{len(cfg)}{'text_config' in cfg}"
+    for cfg in ({"model_type": "llama", "num_hidden_layers": 4}, {"model_type": "gemma3", "text_config": {"num_hidden_layers": 4}}):
+        d = tmp_path / f"m{'text_config' in cfg}"
         d.mkdir()
         (d / "config.json").write_text(json.dumps(cfg))
         preflight(str(d), str(tmp_path / "o1"), False, False, target_layer=-4)
@@ -328,3 +328,50 @@ def test_target_layer_checked_before_torch_from_the_files_header(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o4")], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["False", "2"], r.stdout + r.stderr
     assert "--target_layer 99 out of range for a model with 30 layers" in r.stderr
+
+
+def test_out_path_current_directory_unwritable_and_bad_local_config_fail_at_start(tmp_path, monkeypatch):
+    """helper-36: --out_path . from an empty directory replaced the shell's directory (the output is
+    written by swapping the directory); an unwritable place (/proc) failed with a traceback after the
+    run; a local model directory whose config.json has no model_type, or is not JSON, ended in a
+    transformers traceback. Each is now one ConfigError before any work."""
+    import pytest
+
+    from token_distillation.config import ConfigError
+    from token_distillation.paths import prepare_out_path, resolve_model_source
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    with pytest.raises(ConfigError, match="is the current, a parent or the home directory"):
+        prepare_out_path(".", overwrite=False)
+    assert prepare_out_path("sub", overwrite=False) == empty / "sub"  # a new directory below it is fine
+    if Path("/proc/self").exists():
+        with pytest.raises(ConfigError, match="cannot write in /proc"):
+            prepare_out_path("/proc/nope/x", overwrite=False)
+    assert not list(empty.iterdir())  # the probe leaves nothing
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 4}')
+    with pytest.raises(ConfigError, match="has no model_type"):
+        resolve_model_source(str(model))
+    (model / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot be read as JSON"):
+        resolve_model_source(str(model))
+
+
+def test_gguf_file_folder_may_hold_the_output_but_not_be_replaced(tmp_path):
+    """helper-36: with --model_path model.gguf in the current folder the default --out_path
+    (./outputs/...) was refused as "inside the input model directory"; a new subfolder beside a GGUF
+    file is harmless. The folder that holds the file (or one above it) stays refused."""
+    import pytest
+
+    from token_distillation.config import ConfigError
+    from token_distillation.paths import ModelSource, prepare_out_path
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    src = ModelSource(str(tmp_path / "model.gguf"), str(tmp_path), "model.gguf", "gguf:x")
+    assert prepare_out_path(str(tmp_path / "outputs" / "run"), False, src) == tmp_path / "outputs" / "run"
+    for out in (tmp_path, tmp_path.parent):
+        with pytest.raises(ConfigError, match="holds the input model file"):
+            prepare_out_path(str(out), True, src)

@@ -229,7 +229,7 @@ def fake_model(tmp_path):
     got past the input checks would fail loading it."""
     d = tmp_path / "fake_model"
     d.mkdir()
-    (d / "config.json").write_text("{}")
+    (d / "config.json").write_text('{"model_type": "llama"}')
     return d
 
 

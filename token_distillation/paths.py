@@ -154,6 +154,14 @@ def resolve_model_source(spec: str) -> ModelSource:
         if not (p / "config.json").is_file():
             raise ConfigError(f"--model_path: {p} is a directory without config.json; pass a Hugging "
                               "Face checkpoint directory, a .gguf file or a hub id")
+        try:
+            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--model_path: {p / 'config.json'} cannot be read as JSON ({e}); pass a Hugging Face "
+                              "checkpoint directory") from None
+        if not isinstance(cfg, dict) or not cfg.get("model_type"):
+            raise ConfigError(f"--model_path: {p / 'config.json'} has no model_type, so transformers cannot load it; "
+                              "pass a Hugging Face checkpoint directory (saved with save_pretrained)")
         return ModelSource(spec, str(p.resolve()), None, f"dir:{p.resolve()}:{_dir_identity(p)}")
     if spec.startswith((".", "/", "~")) or p.exists() or spec.count("/") > 1:
         raise ConfigError(f"--model_path: local path not found: {spec}; pass an existing directory, "
@@ -339,6 +347,19 @@ def _only_checkpoints(out: Path) -> bool:
             and (out / CHECKPOINT_DIRNAME).is_dir() and not checkpoint_dir_problems(out / CHECKPOINT_DIRNAME))
 
 
+def _check_writable(out: Path, flag: str) -> None:
+    """A directory can be made beside ``out`` (where its output is written first): a probe directory is
+    made and removed in ``out``'s nearest existing parent, so a read-only or special file system
+    (/proc) fails at start-up instead of after the run."""
+    parent = next(p for p in out.parents if p.exists())
+    try:
+        with tempfile.TemporaryDirectory(prefix=".token-distillation-probe-", dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {out}: cannot write in {parent} ({e.strerror or e}); pass a writable "
+                          "path") from None
+
+
 def _check_not_home_or_cwd(out: Path, flag: str) -> None:
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents or out == Path.home().resolve():
@@ -382,6 +403,9 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
             file; a path inside the input model directory.
     """
     out = Path(out_path).expanduser().resolve()
+    # the output replaces the directory as a whole: the current directory (even empty) would leave the
+    # shell in a deleted one
+    _check_not_home_or_cwd(out, flag)
     recover_interrupted(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file; pass a directory")
@@ -389,9 +413,14 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
     if blocked is not None:
         raise ConfigError(f"{flag} {out}: {blocked} is a file, so the directory cannot be made; pass a path "
                           "whose parents are directories")
+    _check_writable(out, flag)
     if model_source is not None and Path(model_source.path).is_dir():
         src = Path(model_source.path).resolve()
-        if out == src or src in out.parents:
+        if model_source.gguf_file is not None:  # a .gguf file's folder: a new subfolder beside the file is fine
+            if out == src or out in src.parents:
+                raise ConfigError(f"{flag} {out} holds the input model file {src / model_source.gguf_file}; "
+                                  "choose a directory that does not contain it")
+        elif out == src or src in out.parents:
             raise ConfigError(f"{flag} {out} is inside the input model directory {src}; "
                               "choose a directory outside it")
     if out.is_dir() and any(out.iterdir()):

@@ -1421,7 +1421,7 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
                     "with the model (not done in a dry run)", sc.snippet_num, sc.heldout_snippet_num)
     table = coverage_table(tg.records, train_counts, heldout_counts, inexact)
     logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d; occurrences: uses as the "
-                "word's own subtokens%s)\n%s", len(tg.records), sc.snippet_num,
+                "word's own subtokens; count: the corpus count the list was ranked by, empty for a word list%s)\n%s", len(tg.records), sc.snippet_num,
                 "; inexact_firings: uses inside longer words, whose snippets the training counts include"
                 if inexact is not None else "", table)
     plan = output_plan(cfg, tg.model_config)
