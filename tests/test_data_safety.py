@@ -411,6 +411,22 @@ def test_wordlist_lines_that_look_like_comments_are_kept_with_a_warning(tmp_path
     assert len(msgs) == 1 and "line(s) 1 start with '# '" in msgs[0]
 
 
+def test_a_runs_word_list_is_read_and_warned_about_once(tmp_path, toy_model_dir, cache_dir, caplog):
+    """helper-36: a dry run (and a real run) logged the word list's warnings twice: the list was read
+    at start-up and again when the targets were built."""
+    from token_distillation.config import RunConfig
+    from token_distillation.pipeline import run
+
+    p = tmp_path / "w.txt"
+    p.write_text("# my words\n hepatotoxicity \n angiogenesis\n")
+    with caplog.at_level(logging.INFO):
+        run(RunConfig.from_flags(model_path=str(toy_model_dir), new_tokens_source=str(p), build_target_method="wordlist",
+                                 dry_run=True, snippet_source="generated", cache_dir=str(cache_dir),
+                                 out_path=str(tmp_path / "o")))
+    assert sum("no comments" in r.getMessage() for r in caplog.records) == 1
+    assert sum("stripped trailing whitespace" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_dry_run_reports_tokens_a_real_run_would_skip(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
     with caplog.at_level(logging.WARNING):
         res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, min_snippets=6))

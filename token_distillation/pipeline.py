@@ -246,6 +246,7 @@ class Setup:
     checkpoints: bool = True  # training writes checkpoints into <out>/checkpoints (not the Python API)
     generated: GeneratedSnippetCache | None = None  # snippets the model wrote, kept for --resume
     words_digest: str | None = None  # --new_tokens_source word list's words (checkpoint fingerprint)
+    wordlist: list[str] | None = None  # those words, read once at start-up (its warnings logged once)
 
     def get_model(self):
         """The model: the one passed in or loaded earlier, else loaded from ``--model_path`` now."""
@@ -408,7 +409,7 @@ def start(cfg: RunConfig) -> Setup:
                     "complete and then is replaced", out)
     if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
-    words_digest = None
+    words_digest = words = None
     if cfg.targets.build_target_method == BuildTargetMethod.WORDLIST:
         words = read_wordlist(cfg.targets.wordlist_path)  # a malformed list fails before the tokenizer loads
         words_digest = list_digest(words)
@@ -433,7 +434,7 @@ def start(cfg: RunConfig) -> Setup:
     return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0,
                  batch_size=batch, shard=shard and dist.distributed,
                  dist_info={"mode": "token-sharded" if shard else "data-parallel"} if dist.distributed else None,
-                 snippet_source=cfg.resolved_snippet_source, words_digest=words_digest)
+                 snippet_source=cfg.resolved_snippet_source, words_digest=words_digest, wordlist=words)
 
 
 def check_exports(cfg: RunConfig, source: ModelSource) -> None:
@@ -491,7 +492,8 @@ def build_target_list(setup: Setup, tokenizer, model_config, words: list[str] | 
     cfg, dist = setup.cfg, setup.dist
     check_model_config(cfg, model_config)
     check_context_length(model_config, cfg.snippets.snippet_len, len(bos_prefix(tokenizer)))
-    targets = build_targets(cfg.targets, tokenizer, cfg.corpus, setup.cache_root, words=words)
+    targets = build_targets(cfg.targets, tokenizer, cfg.corpus, setup.cache_root, words=words,
+                            wordlist_read=setup.wordlist)
     corpus = occurrences = mined = scan = None
     if setup.snippet_source != SnippetSource.GENERATED:
         sc = cfg.snippets

@@ -463,7 +463,8 @@ def tokenizer_targets(cfg: TargetConfig, tokenizer, target) -> TargetList:
 
 
 def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None = None,
-                  cache_root: Path | None = None, words: list[str] | None = None) -> TargetList:
+                  cache_root: Path | None = None, words: list[str] | None = None,
+                  wordlist_read: list[str] | None = None) -> TargetList:
     """Build the new-token list according to ``--build_target_method``.
 
     Args:
@@ -473,6 +474,8 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
         cache_root: cache directory (NER counts, converted tokenizers).
         words: the candidate tokens themselves (the Python API's ``new_tokens``), filtered like a
             word list (``--build_target_method`` is then not used).
+        wordlist_read: the lines of ``--new_tokens_source`` already read by :func:`read_wordlist` (its
+            warnings logged), so that the file is not read and warned about twice.
 
     Raises:
         ConfigError: missing corpus, unreadable input, or an empty list after filtering.
@@ -485,8 +488,8 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
     if needs_corpus and (corpus_cfg is None or not corpus_cfg.dataset_path):
         raise ConfigError(f"--build_target_method {method.value} needs a corpus: pass --dataset_path")
     if method == BuildTargetMethod.WORDLIST:
-        targets = filter_candidates(tokenizer, read_wordlist(cfg.wordlist_path) if words is None else list(words),
-                                    cfg.add_leading_space)
+        listed = wordlist_read if wordlist_read is not None else read_wordlist(cfg.wordlist_path)
+        targets = filter_candidates(tokenizer, listed if words is None else list(words), cfg.add_leading_space)
         targets.source = cfg.wordlist_path if words is None else "new_tokens"
         targets.seen = len(targets.tokens) + len(targets.skipped)
         if not cfg.add_leading_space:
