@@ -91,6 +91,9 @@ def main(run_dir: str, out_dir: str, **flags) -> Path:
     if out.exists():
         raise ConfigError(f"--out_dir {out} exists; pass a new path")
     report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    if report.get("dry_run"):
+        raise ConfigError(f"--run_dir {run} is the output of a --dry_run (no model was written); pass the output "
+                          "directory of a finished run")
     if report.get("model", {}).get("tied_embeddings"):
         raise ConfigError(f"--run_dir {run}: the run kept its embeddings tied, so it has no output rows of its own to "
                           "refit; refit an untied run")
@@ -152,4 +155,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # a missing --run_dir / --out_dir or an unknown flag: one error: line, exit code 2 (not Fire's usage)
     run_fire(exit_on_user_error(main), {"run_dir", "out_dir"} | {name for name, _, _ in all_flags()}, None,
-             "refit_output_rows.py")
+             "refit_output_rows.py",
+             "it takes --run_dir, --out_dir and the flags of apply_embedding_init.py (see its --help)")

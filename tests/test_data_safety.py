@@ -411,6 +411,24 @@ def test_wordlist_lines_that_look_like_comments_are_kept_with_a_warning(tmp_path
     assert len(msgs) == 1 and "line(s) 1 start with '# '" in msgs[0]
 
 
+def test_wordlist_entries_led_by_a_tab_or_several_spaces_are_kept_with_a_warning(tmp_path, caplog):
+    """helper-36: "\tword" was kept without a word; running text puts one space before a word."""
+    from token_distillation.targets import read_wordlist
+
+    p = tmp_path / "w.txt"
+    p.write_text("\thepatotoxicity\n angiogenesis\n  nephrotoxicity\nplain\n")
+    with caplog.at_level(logging.WARNING):
+        words = read_wordlist(p)
+    assert words == ["\thepatotoxicity", " angiogenesis", "  nephrotoxicity", "plain"]
+    msgs = [r.getMessage() for r in caplog.records if "other than one space" in r.getMessage()]
+    assert len(msgs) == 1 and "2 line(s) (line 1, 3" in msgs[0], msgs
+    caplog.clear()
+    (tmp_path / "w.json").write_text('{"a": [" fine", " also fine"]}')
+    with caplog.at_level(logging.WARNING):
+        read_wordlist(tmp_path / "w.json")
+    assert not any("other than one space" in r.getMessage() for r in caplog.records)
+
+
 def test_a_runs_word_list_is_read_and_warned_about_once(tmp_path, toy_model_dir, cache_dir, caplog):
     """helper-36: a dry run (and a real run) logged the word list's warnings twice: the list was read
     at start-up and again when the targets were built."""
@@ -428,12 +446,16 @@ def test_a_runs_word_list_is_read_and_warned_about_once(tmp_path, toy_model_dir,
 
 
 def test_dry_run_reports_tokens_a_real_run_would_skip(tmp_path, toy_model_dir, toy_corpus, cache_dir, caplog):
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, min_snippets=6))
     rep = json.loads((res.out_path / "report.json").read_text())
     skipped = {k for k, v in rep["skipped_tokens"].items() if "--min_snippets 6" in v}
     assert " zzqqxx" in skipped and len(skipped) < 4
     assert any("a real run would skip" in r.message for r in caplog.records)
+    # the tokens a real run trains on fewer snippets than --snippet_num are named as in a real run (helper-36)
+    kept = rep["tokens_with_enough_snippets"]
+    few = [r.getMessage() for r in caplog.records if "fewer training snippets than --snippet_num" in r.getMessage()]
+    assert len(few) == 1 and few[0].split(" token(s)")[0].endswith(f" of {kept}"), few
     # when a real run would stop for lack of snippets, the dry run fails the same way, after writing its files
     with pytest.raises(ConfigError, match=r"dry run: a real run would stop: no new token has enough snippets "
                                           r"\(--min_snippets 500\)"):

@@ -310,8 +310,10 @@ def test_target_layer_checked_before_torch_from_the_files_header(tmp_path):
         key = next(k for k in fields if k.endswith(".block_count"))
         assert gguf_block_count(Path(src.path) / src.gguf_file) == fields[key].contents() > 0
         assert local_layer_count(src, read_gguf=False) is None
-    for cfg in ({"model_type": "llama", "num_hidden_layers": 4}, {"model_type": "gemma3", "text_config": {"num_hidden_layers": 4}}):
-        d = tmp_path / f"m{'text_config' in cfg}"
+    for i, cfg in enumerate(({"model_type": "llama", "num_hidden_layers": 4},
+                             {"model_type": "gemma3", "text_config": {"num_hidden_layers": 4}},
+                             {"model_type": "gpt2", "n_layer": 4})):  # helper-36: GPT-2's key was not read
+        d = tmp_path / f"m{i}"
         d.mkdir()
         (d / "config.json").write_text(json.dumps(cfg))
         preflight(str(d), str(tmp_path / "o1"), False, False, target_layer=-4)

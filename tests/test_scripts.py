@@ -591,8 +591,17 @@ def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_mode
     _one_error(_py("refit_output_rows.py", "--run_dir", outs["td_sm"], "--out_dir", refit), "--out_dir")
     _one_error(_py("refit_output_rows.py", "--run_dir", tmp_path, "--out_dir", tmp_path / "x"), "--run_dir")
     _one_error(_py("refit_output_rows.py", "--run_dir", outs["sm"], "--out_dir", tmp_path / "x"), "trains no input rows")
+    # its --help lists only --run_dir / --out_dir: an unknown flag points to the flags it takes (helper-36)
+    _one_error(_py("refit_output_rows.py", "--run_dir", outs["sm"], "--out_dir", tmp_path / "x", "--batchsize", "4"),
+               "flags of apply_embedding_init.py (see its --help)")
     from token_distillation.config import ConfigError
 
+    dry = tmp_path / "dry"  # a --dry_run's output has report.json and new_tokens.jsonl but no model (helper-36)
+    dry.mkdir()
+    (dry / "report.json").write_text(json.dumps({"dry_run": True, "config": {}}))
+    (dry / "new_tokens.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="output of a --dry_run"):
+        refit_output_rows.main(str(dry), str(tmp_path / "y"))
     for flag, value in (("snippet_num", 6), ("seed", 1), ("alignment", "ids")):  # the snippets the rows were trained on
         with pytest.raises(ConfigError, match=f"--{flag}: a flag that picks"):
             refit_output_rows.main(str(outs["td_sm"]), str(tmp_path / "y"), **{flag: value})

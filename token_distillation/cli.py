@@ -177,9 +177,13 @@ def _flags_only(fn):
     return view
 
 
-def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
+def run_fire(fn, known: set[str], argv: list[str] | None, name: str,
+             flag_list: str = "see --help for the list of flags") -> None:
     """Run ``fn`` under python-fire: unknown flags end with one ``error:`` line and exit code 2;
-    ``--help`` goes to stdout (pipeable) without Fire's "INFO: Showing help" line."""
+    ``--help`` goes to stdout (pipeable) without Fire's "INFO: Showing help" line.
+
+    ``flag_list`` ends the unknown-flag error: where the accepted flags are listed (a script that
+    takes another script's flags names that script's ``--help``)."""
     import fire
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -216,7 +220,7 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str) -> None:
         sys.exit(2)
     if unknown:
         hints = [u + flag_hint(u[2:], known) for u in unknown]
-        sys.stderr.write(f"error: unknown flag(s) {', '.join(hints)}; see --help for the list of flags\n")
+        sys.stderr.write(f"error: unknown flag(s) {', '.join(hints)}; {flag_list}\n")
         sys.exit(2)
     if repeated:  # Fire would silently keep the last value
         sys.stderr.write(f"error: {', '.join(sorted(set(repeated)))} given more than once; pass each flag once\n")

@@ -668,7 +668,8 @@ class TrainConfig:
                             f"token_distillation-randinit or ntp), not {self.init_method.value}")
         _parse_stopping_condition(self, problems)
         if self.target_layer == 0:
-            problems.append("--target_layer 0 is the embedding output (nothing to distil); use 1..N or -1..-N")
+            problems.append("--target_layer 0 is the embedding output (nothing to distil); use 1..N or -1..-N, N being "
+                            "the model's number of layers (default -1, the last)")
         object.__setattr__(self, "alignment", _enum_value(Alignment, self.alignment, "alignment", problems))
         object.__setattr__(self, "recipe", _enum_value(Recipe, self.recipe, "recipe", problems))
         object.__setattr__(self, "lr_schedule", _enum_value(LrSchedule, self.lr_schedule, "lr_schedule", problems))
@@ -724,21 +725,19 @@ class OutputConfig:
     )
     set_output_to_zero_if_untied: bool = _flag(
         True,
-        "The paper's flag, read with --output_embeddings auto: False gives the new tokens the mean of their "
-        "subtokens' output rows (tied models are untied). True: distilled output rows for the Token Distillation "
-        "methods; for the other methods zero rows on untied models and subtoken-mean rows on tied ones. "
-        "--output_embeddings zero / subtoken-mean / distill say the same explicitly.",
+        "The paper's flag, read only with --output_embeddings auto. True: auto as described there. False: "
+        "subtoken-mean output rows for every method (a tied model is untied). --output_embeddings names the choice "
+        "directly and is clearer.",
     )
     output_embeddings: OutputEmbeddings = _flag(
         OutputEmbeddings.AUTO,
-        "New tokens' output rows: auto (token_distillation* - distill; other methods: untied models - zero, or "
-        "subtoken-mean with --set_output_to_zero_if_untied false; tied models - subtoken-mean; a tied model is "
-        "untied), zero, "
-        "subtoken-mean (mean of the subtokens' output rows), ntp (trained with next-token cross-entropy "
-        "on the snippets), tied (keep a tied model tied - the output row is the trained input row; can make "
-        "the model over-predict new tokens), distill (fitted, from the output row of the word's first subtoken, so that the model's "
-        "probability of the new token matches the original model's probability of the word). Untying stores a "
-        "separate output matrix.",
+        "New tokens' output rows (how the model predicts them). auto: distill for the token_distillation methods; "
+        "for the others zero on untied models (subtoken-mean with --set_output_to_zero_if_untied false) and "
+        "subtoken-mean on tied ones. distill: fitted so that the model's probability of the new token matches the "
+        "original model's probability of the word. subtoken-mean: the mean of the subtokens' output rows (for "
+        "generation with hundreds of words: see README). zero. ntp: trained with next-token cross-entropy on the "
+        "snippets. tied: keep a tied model tied (the output row is the trained input row; can over-predict new "
+        "tokens). Every choice but tied unties a tied model (a separate output matrix is stored).",
     )
     checkpoint_every: int = _flag(
         0,

@@ -580,8 +580,8 @@ def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=No
 
 
 def local_layer_count(source: ModelSource, read_gguf: bool = True) -> int | None:
-    """Number of transformer layers of a local model, read without torch: ``num_hidden_layers`` of a
-    directory's config.json (or of its ``text_config``), ``<arch>.block_count`` of a GGUF file's
+    """Number of transformer layers of a local model, read without torch: ``num_hidden_layers`` (or
+    ``n_layer`` / ``n_layers`` / ``num_layers``) of a directory's config.json (or of its ``text_config``), ``<arch>.block_count`` of a GGUF file's
     header (with ``read_gguf``; about 2 s for the bundled models). None for a hub id or where the
     file does not say (the pipeline checks after loading the config)."""
     try:
@@ -590,7 +590,7 @@ def local_layer_count(source: ModelSource, read_gguf: bool = True) -> int | None
             if not cfg_file.is_file():
                 return None
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-            n = cfg.get("num_hidden_layers", (cfg.get("text_config") or {}).get("num_hidden_layers"))
+            n = _config_layer_count(cfg) or _config_layer_count(cfg.get("text_config") or {})
         elif read_gguf:
             n = gguf_block_count(Path(source.path) / source.gguf_file)
         else:
@@ -598,6 +598,22 @@ def local_layer_count(source: ModelSource, read_gguf: bool = True) -> int | None
     except (OSError, ValueError):
         return None
     return int(n) if isinstance(n, int) and n > 0 else None
+
+
+#: config.json keys that give the number of layers (num_hidden_layers: most models; n_layer: GPT-2,
+#: GPT-J, BLOOM; n_layers: MPT; num_layers: some remote-code models)
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+
+
+def _config_layer_count(cfg) -> int | None:
+    """The first of :data:`_LAYER_KEYS` that a config dict sets to a positive integer, else None."""
+    if not isinstance(cfg, dict):
+        return None
+    for key in _LAYER_KEYS:
+        n = cfg.get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
 
 
 #: sizes in bytes of the GGUF metadata value types (numbers and bool); 8: string, 9: array

@@ -1415,9 +1415,10 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
             if topped:
                 logger.info("dry run: a real run would top up %d token(s) with fewer than %d corpus snippets with "
                             "generated ones (not generated in a dry run)", len(topped), sc.min_snippets)
-        mined = [i for i, c in enumerate(train_counts) if c >= sc.min_snippets]  # what a real run judges held out
+        mined = [i for i, c in enumerate(train_counts) if c >= sc.min_snippets]  # the tokens a real run trains on mined snippets
         _warn_missing_heldout([targets.tokens[i] for i in mined], [heldout_counts[i] for i in mined],
                               sc.heldout_snippet_num)
+        _log_few_train([targets.tokens[i] for i in mined], [train_counts[i] for i in mined], sc.snippet_num)
     else:
         logger.info("dry run: no corpus, so a real run would generate %d training and %d held-out snippets per token "
                     "with the model (not done in a dry run)", sc.snippet_num, sc.heldout_snippet_num)

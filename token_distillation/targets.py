@@ -120,13 +120,24 @@ def read_wordlist(path: str | Path) -> list[str]:
 
 
 def _strip_trailing(words: list[str], path: Path, unit: str) -> list[str]:
-    """Strip trailing whitespace from every word, logging which ones (1-based ``unit`` numbers)."""
+    """Strip trailing whitespace from every word, logging which ones (1-based ``unit`` numbers), and
+    warn about words led by whitespace other than one space (a tab, two spaces: kept, as they may be
+    meant, but running text puts one space before a word, so such a token is rarely used)."""
     out = [w.rstrip() for w in words]
     changed = [i + 1 for i, (a, b) in enumerate(zip(words, out)) if a != b and b.strip()]
+
+    def _numbers(idx: list[int]) -> str:
+        return ", ".join(map(str, idx[:10])) + (" ..." if len(idx) > 10 else "")
+
     if changed:
         logger.info("--new_tokens_source %s: stripped trailing whitespace from %d %s(s) (%s %s); a trailing space "
-                    "would become a token of its own", path.name, len(changed), unit,
-                    unit, ", ".join(map(str, changed[:10])) + (" ..." if len(changed) > 10 else ""))
+                    "would become a token of its own", path.name, len(changed), unit, unit, _numbers(changed))
+    odd = [i + 1 for i, w in enumerate(out) if w.strip() and w[:1].isspace() and not re.match(r" \S", w)]
+    if odd:
+        logger.warning("--new_tokens_source %s: %d %s(s) (%s %s, e.g. %r) start with whitespace other than one "
+                       "space (a tab, several spaces); they are kept as written, but a word in running text "
+                       "follows one space (\" word\"): write them so if that is what you meant", path.name,
+                       len(odd), unit, unit, _numbers(odd), out[odd[0] - 1])
     return out
 
 
@@ -571,7 +582,8 @@ def log_summary(targets: TargetList, before: int | None = None, after: int | Non
                "kept": len(targets.tokens), "dropped": dict(targets.dropped),
                "corpus_tokens_before": before, "corpus_tokens_after": after}
     if before is not None and after is not None:
-        logger.info("corpus length: %d tokens before, %d after adding the %d new tokens (%.2f%% shorter)",
+        logger.info("corpus length: %d tokens before, about %d after adding the %d new tokens (%.2f%% shorter; "
+                    "counted where a word's exact subtokens occur, so uses inside longer words are not counted)",
                     before, after, len(targets.tokens), 100.0 * (before - after) / max(before, 1))
     return summary
 
