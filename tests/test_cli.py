@@ -108,6 +108,20 @@ def test_help_lists_every_flag():
     assert "Default: 'outputs/token_distillation_demo'" in r.stdout
 
 
+def test_a_scripts_help_shows_whole_defaults_of_annotated_flags(capsys):
+    """Fire puts a "Type:" line before the default of an annotated parameter; the whole-default mend
+    missed those (compare_methods.py --help showed 'new_tokens/bio...)."""
+    from token_distillation.cli import exit_on_user_error, run_fire
+
+    def main(words: str = "new_tokens/a_rather_long_default_file_name.txt", n: int = 3):
+        return words, n
+
+    run_fire(exit_on_user_error(main), {"words", "n"}, ["--help"], "script.py")
+    shown = capsys.readouterr().out
+    assert "Default: 'new_tokens/a_rather_long_default_file_name.txt'" in shown, shown
+    assert "..." not in shown, shown
+
+
 def test_docs_document_every_flag():
     """Every flag is in the flag reference (docs/flags.md, generated; the README links to it)."""
     flags = (ROOT / "docs" / "flags.md").read_text()

@@ -246,7 +246,9 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str,
         text = re.sub(r"^(\s+)-\w, (?=--)", r"\1", text, flags=re.M)
         for p in inspect.signature(fn).parameters.values():  # Fire cuts long defaults ('outputs/token_dis...)
             if p.default is not inspect.Parameter.empty:
-                text = re.sub(rf"^(\s+--{p.name}=\S+\n\s+Default: ).*$", lambda m, d=p.default: m.group(1) + repr(d),
+                # (a "Type:" line comes between for an annotated parameter: the scripts' entry points)
+                text = re.sub(rf"^(\s+--{p.name}=\S+\n(?:\s+Type: .*\n)?\s+Default: ).*$",
+                              lambda m, d=p.default: m.group(1) + repr(d),
                               text, count=1, flags=re.M)
         sys.stdout.write(text + "\n")
         return
