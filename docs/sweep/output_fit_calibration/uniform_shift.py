@@ -12,11 +12,14 @@ run = sys.argv[1]
 D = torch.load(sys.argv[2])
 H = torch.cat(D["H"]); nxt = torch.cat(D["nxt"]); new_ids = D["new_ids"]; norig = D["norig"]
 st = load_file(f"{run}/model.safetensors"); W = st["lm_head.weight"].float()
-Wo = W[:norig]
-lo = H @ Wo.T
-logz = torch.logsumexp(lo, -1)
 is_new = nxt >= norig
-orig_lp = torch.where(is_new, torch.zeros(()), lo.gather(1, nxt.clamp(max=norig-1)[:, None])[:, 0])
+logz = torch.empty(len(H)); orig_lp = torch.zeros(len(H))
+with torch.no_grad():  # the original vocabulary's logits 512 positions at a time (Gemma-3: 262k of them)
+    for i in range(0, len(H), 512):
+        lo = H[i:i+512] @ W[:norig].T
+        logz[i:i+512] = torch.logsumexp(lo, -1)
+        n = nxt[i:i+512]
+        orig_lp[i:i+512] = torch.where(n >= norig, torch.zeros(()), lo.gather(1, n.clamp(max=norig-1)[:, None])[:, 0])
 A = H[: len(H) // 2]
 d = torch.linalg.solve(A.T @ A + 1e-1 * torch.eye(A.shape[1]), A.T @ torch.ones(len(A)))
 def nll(O):
@@ -24,7 +27,7 @@ def nll(O):
     lz = torch.logaddexp(logz, torch.logsumexp(ln, -1))
     idx = (nxt - norig).clamp(min=0)
     tgt = torch.where(is_new, ln.gather(1, idx[:, None])[:, 0], orig_lp)
-    p = torch.softmax(torch.cat([lo, ln], 1), -1)[:, norig:]
+    p = (ln - lz[:, None]).exp()
     mis = float((p * (nxt[:, None] != new_ids[None, :])).sum() / len(H))
     words = float(-(tgt - lz)[is_new].sum()); rest = float(-(tgt - lz)[~is_new].sum())
     return words + rest, words, rest, mis
