@@ -216,6 +216,15 @@ def test_wordlist_cap_keeps_file_order(tmp_path, smollm_tokenizer):
     assert [t.text for t in res.tokens] == [" hepatotoxicity", " nephrotoxicity"]
     assert res.skipped[" angiogenesis"] == CAPPED and res.dropped[IN_VOCAB] == 1 and res.seen == 4
 
+    # a list given as words (the Python API's new_tokens) or already read at start-up: the file is not read
+    # again (it was read twice, logging its warnings twice; the API's list read the default file too)
+    cfg = _cfg(new_tokens_source=str(p))
+    p.unlink()
+    res = build_targets(cfg, smollm_tokenizer, words=[" hepatotoxicity", " the"])
+    assert [t.text for t in res.tokens] == [" hepatotoxicity"] and res.source == "new_tokens"
+    res = build_targets(cfg, smollm_tokenizer, wordlist_read=[" angiogenesis"])
+    assert [t.text for t in res.tokens] == [" angiogenesis"] and res.source == str(p)
+
 
 def test_corpus_occurrences_known_answer():
     corpus = TokenizedCorpus(ids=np.array([1, 2, 3, 1, 2, 5, 1, 2, 7], dtype=np.int32),

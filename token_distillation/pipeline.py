@@ -245,8 +245,12 @@ class Setup:
     model: Any = None  # the model once loaded (the Python API passes it in)
     checkpoints: bool = True  # training writes checkpoints into <out>/checkpoints (not the Python API)
     generated: GeneratedSnippetCache | None = None  # snippets the model wrote, kept for --resume
-    words_digest: str | None = None  # --new_tokens_source word list's words (checkpoint fingerprint)
-    wordlist: list[str] | None = None  # those words, read once at start-up (its warnings logged once)
+    wordlist: list[str] | None = None  # --new_tokens_source word list, read once at start-up (warnings logged once)
+
+    @property
+    def words_digest(self) -> str | None:
+        """:func:`~token_distillation.checkpoint.list_digest` of the word list (checkpoint fingerprint), or None."""
+        return None if self.wordlist is None else list_digest(self.wordlist)
 
     def get_model(self):
         """The model: the one passed in or loaded earlier, else loaded from ``--model_path`` now."""
@@ -434,7 +438,7 @@ def start(cfg: RunConfig) -> Setup:
     return Setup(cfg, source, out, dist, dist.device, weights_dtype, autocast_dtype, cfg.model.resolved_cache_dir, t0,
                  batch_size=batch, shard=shard and dist.distributed,
                  dist_info={"mode": "token-sharded" if shard else "data-parallel"} if dist.distributed else None,
-                 snippet_source=cfg.resolved_snippet_source, words_digest=words_digest, wordlist=words)
+                 snippet_source=cfg.resolved_snippet_source, wordlist=words)
 
 
 def check_exports(cfg: RunConfig, source: ModelSource) -> None:
@@ -1415,7 +1419,8 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
             if topped:
                 logger.info("dry run: a real run would top up %d token(s) with fewer than %d corpus snippets with "
                             "generated ones (not generated in a dry run)", len(topped), sc.min_snippets)
-        mined = [i for i, c in enumerate(train_counts) if c >= sc.min_snippets]  # the tokens a real run trains on mined snippets
+        # the tokens a real run trains on mined snippets
+        mined = [i for i, c in enumerate(train_counts) if c >= sc.min_snippets]
         _warn_missing_heldout([targets.tokens[i] for i in mined], [heldout_counts[i] for i in mined],
                               sc.heldout_snippet_num)
         _log_few_train([targets.tokens[i] for i in mined], [train_counts[i] for i in mined], sc.snippet_num)
@@ -1424,7 +1429,8 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
                     "with the model (not done in a dry run)", sc.snippet_num, sc.heldout_snippet_num)
     table = coverage_table(tg.records, train_counts, heldout_counts, inexact)
     logger.info("dry run: coverage of %d new tokens (snippets capped at --snippet_num %d; occurrences: uses as the "
-                "word's own subtokens; count: the corpus count the list was ranked by, empty for a word list%s)\n%s", len(tg.records), sc.snippet_num,
+                "word's own subtokens; count: the corpus count the list was ranked by, empty for a word list%s)\n%s",
+                len(tg.records), sc.snippet_num,
                 "; inexact_firings: uses inside longer words, whose snippets the training counts include"
                 if inexact is not None else "", table)
     plan = output_plan(cfg, tg.model_config)

@@ -104,9 +104,9 @@ def read_wordlist(path: str | Path) -> list[str]:
                 if not isinstance(items, list) or not all(isinstance(w, str) for w in items):
                     raise ConfigError(f"--new_tokens_source: category {cat!r} in {p} must be a list of strings")
                 words.extend(items)
-            return _strip_trailing(words, p, "entry")
+            return _tidy_whitespace(words, p, "entry")
         if isinstance(data, list) and all(isinstance(w, str) for w in data):
-            return _strip_trailing(list(data), p, "entry")
+            return _tidy_whitespace(list(data), p, "entry")
         raise ConfigError(f"--new_tokens_source: {p} must hold a JSON object of categories -> lists of words")
     lines = [line.rstrip("\r") for line in raw.split("\n")]
     if lines and lines[-1] == "":
@@ -116,10 +116,10 @@ def read_wordlist(path: str | Path) -> list[str]:
         logger.warning("--new_tokens_source %s: line(s) %s start with '# '; a word list has no comments, so they "
                        "become new tokens like any other line (delete them if they are comments)", p.name,
                        ", ".join(map(str, hashed[:10])) + (" ..." if len(hashed) > 10 else ""))
-    return _strip_trailing(lines, p, "line")
+    return _tidy_whitespace(lines, p, "line")
 
 
-def _strip_trailing(words: list[str], path: Path, unit: str) -> list[str]:
+def _tidy_whitespace(words: list[str], path: Path, unit: str) -> list[str]:
     """Strip trailing whitespace from every word, logging which ones (1-based ``unit`` numbers), and
     warn about words led by whitespace other than one space (a tab, two spaces: kept, as they may be
     meant, but running text puts one space before a word, so such a token is rarely used)."""
@@ -499,9 +499,13 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
     if needs_corpus and (corpus_cfg is None or not corpus_cfg.dataset_path):
         raise ConfigError(f"--build_target_method {method.value} needs a corpus: pass --dataset_path")
     if method == BuildTargetMethod.WORDLIST:
-        listed = wordlist_read if wordlist_read is not None else read_wordlist(cfg.wordlist_path)
-        targets = filter_candidates(tokenizer, listed if words is None else list(words), cfg.add_leading_space)
-        targets.source = cfg.wordlist_path if words is None else "new_tokens"
+        if words is not None:  # the Python API's list: no file is read
+            listed, source = list(words), "new_tokens"
+        else:
+            listed = wordlist_read if wordlist_read is not None else read_wordlist(cfg.wordlist_path)
+            source = cfg.wordlist_path
+        targets = filter_candidates(tokenizer, listed, cfg.add_leading_space)
+        targets.source = source
         targets.seen = len(targets.tokens) + len(targets.skipped)
         if not cfg.add_leading_space:
             _warn_bare_words([t.text for t in targets.tokens])
