@@ -89,7 +89,7 @@ def main(rows_from: str, output_rows_from: str, out_dir: str) -> Path:
             policy = theirs_rep.get("model", {}).get("output_embeddings")
             rep["output_rows_swapped_from"] = {"run": str(other), "output_embeddings": policy}
             rep.setdefault("model", {})["output_embeddings"] = policy
-            for k in ("output_rows_train_seconds", "output_rows_loss_curve", "output_rows_kl"):
+            for k in ("output_rows_train_seconds", "output_rows_loss_curve", "output_rows_kl", "output_rows_shift"):
                 rep.pop(k, None)
             for t in rep.get("tokens", []):
                 t.pop("output_kl_heldout_init", None)

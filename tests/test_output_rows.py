@@ -490,3 +490,105 @@ def test_progress_bar_ends_at_its_total_fresh_and_resumed(monkeypatch):
     resumed = fit_rows(Progress(saved=fresh.stored[0]))  # stopped after the first group
     assert bars[-1].n == bars[-1].total
     assert torch.equal(resumed, whole)
+
+
+def test_shared_shift_moves_every_new_row_by_one_direction(tmp_path, untied_model_dir, toy_corpus, cache_dir):
+    """--output_rows_shift: a number moves every new output row by that many times one direction
+    ``d`` (the input rows and the original rows unchanged), which lowers each new token's logit by
+    about that many nats (``h @ d ~ 1``); ``heldout`` applies the shift with the lowest summed held-out
+    KL of those measured, and the report says which; 0 measures the same and moves nothing."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {s: run(_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, output_embeddings="distill",
+                        output_rows_shift=s, out_path=str(tmp_path / f"s{s}")))
+            for s in (0, -1, "heldout")}
+    (emb0, out0), (emb1, out1) = _weights(runs[0].out_path), _weights(runs[-1].out_path)
+    n = _weights(untied_model_dir)[0].shape[0]
+    assert torch.equal(emb0, emb1) and torch.equal(out0[:n], out1[:n])
+    diff = out1[n:] - out0[n:]
+    assert diff.norm(dim=-1).min() > 0 and torch.allclose(diff, diff[:1].expand_as(diff), atol=1e-5)
+    rep0, rep1, rep_h = (runs[s].report["output_rows_shift"] for s in (0, -1, "heldout"))
+    assert rep0["applied"] == 0.0 and rep1["applied"] == -1.0
+    assert rep0["heldout_kl_sum"] == rep1["heldout_kl_sum"] and len(rep0["heldout_kl_sum"]) == 17
+    sums = rep0["heldout_kl_sum"]
+    assert rep_h["applied"] == rep_h["best_heldout"] == float(min(sums, key=lambda k: sums[k]))
+    # the moved rows' held-out KL is the one measured at that shift
+    assert math.isclose(runs[-1].report["output_rows_kl"]["heldout_after"] * sum(
+        t["output_kl_heldout_final"] is not None for t in runs[-1].report["tokens"]), sums["-1"], rel_tol=1e-4)
+    # every new token's logit moves by the same amount at a position, the original ones not at all
+    ids = torch.tensor([list(range(1, 40))])
+    with torch.no_grad():
+        z0, z1 = (AutoModelForCausalLM.from_pretrained(runs[s].out_path).eval()(ids).logits[0] for s in (0, -1))
+    assert torch.allclose(z0[:, :n], z1[:, :n], atol=1e-5)
+    moved = z1[:, n:] - z0[:, n:]
+    assert torch.allclose(moved, moved[:, :1].expand_as(moved), atol=1e-4)
+
+
+def test_shift_direction_finds_the_constant_direction(monkeypatch):
+    """Final hidden states with one entry constant (as the bundled models' have nearly): ``h @ d`` is 1
+    at every aligned position, also at positions not fitted; unaligned positions (-1) and the last
+    position of a snippet are left out."""
+    import token_distillation.output_rows as output_rows
+
+    g = torch.Generator().manual_seed(0)
+    hidden, length = 8, 30
+
+    def states(n):
+        h = torch.randn(n, length, hidden, generator=g)
+        h[..., 3] = 2.5  # the constant entry: d = e_3 / 2.5
+        return h
+
+    seqs = [MergedSequence(np.arange(length), np.arange(length), np.r_[np.arange(length - 5), [-1] * 5], 0)
+            for _ in range(6)]
+    seen = []
+
+    def fake_batches(model, rows, seqs_, token_index, indices, **kw):
+        for b in range(0, len(indices), 4):
+            idx = indices[b: b + 4]
+            s_last = states(len(idx))
+            s_last[:, length - 5:] = 1e6  # unaligned positions and the last one: must not be used
+            seen.append(s_last)
+            yield idx, None, None, None, s_last
+
+    monkeypatch.setattr(output_rows, "_batches", fake_batches)
+    rows = SimpleNamespace(rows=torch.zeros(2, hidden))
+    d, sd = output_rows.shift_direction(None, rows, seqs, [0] * 6, list(range(6)), batch_size=4, device="cpu", pad_id=0)
+    assert d.shape == (hidden,) and sd < 1e-3
+    fresh = states(3).reshape(-1, hidden)
+    assert torch.allclose(fresh @ d, torch.ones(len(fresh)), atol=1e-3)
+    empty = [MergedSequence(np.arange(3), np.arange(3), np.array([-1, -1, -1]), 0)]
+    d0, sd0 = output_rows.shift_direction(None, rows, empty, [0], [0], batch_size=4, device="cpu", pad_id=0)
+    assert not d0.any() and math.isnan(sd0)
+
+
+def test_choose_shift_sums_over_measured_tokens():
+    """The lowest summed held-out KL wins (tokens without a measure left out); ties go to the shift
+    nearest 0; no measure gives 0."""
+    from token_distillation.output_rows import choose_shift
+
+    shifts = (-1.0, -0.5, 0.0, 0.5)
+    kl = {"heldout_shift": [[3.0, 1.0, 2.0, 4.0], None, [1.0, 1.0, 0.5, 1.0]]}
+    assert choose_shift(kl, shifts) == (-0.5, [4.0, 2.0, 2.5, 5.0])
+    assert choose_shift({"heldout_shift": [[1.0, 0.5, 0.5, 0.5]]}, shifts)[0] == 0.0
+    assert choose_shift({"heldout_shift": [None]}, shifts) == (0.0, [])
+    assert choose_shift({}, shifts) == (0.0, [])
+
+
+@pytest.mark.parametrize("flags, words", [
+    (dict(output_rows_shift="abc"), "expected a number of nats"),
+    (dict(output_rows_shift="nan"), "expected a number of nats"),
+    (dict(output_rows_shift=True), "needs a value"),
+    (dict(output_rows_shift=-1, output_embeddings="zero"), "--output_embeddings distill"),
+    (dict(output_rows_shift="heldout", init_method="subtoken-mean"), "does not distill them"),
+])
+def test_output_rows_shift_flag_errors(tmp_path, untied_model_dir, toy_corpus, cache_dir, flags, words):
+    """Bad --output_rows_shift values and combinations are refused before any model is loaded."""
+    from token_distillation.config import ConfigError
+
+    with pytest.raises(ConfigError, match="output_rows_shift") as err:
+        _cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, **flags)
+    assert words in str(err.value)
+    assert _cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, output_rows_shift="HeldOut").output.output_rows_shift \
+        == "heldout"
+    assert _cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, output_rows_shift="-0.5").output.output_rows_shift \
+        == -0.5

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -210,6 +211,27 @@ def _batch_size(value: Any, problems: list[str]) -> int | str:
     if n < 0:
         problems.append(f"--token_distillation_batch_size must be >= 1 (or auto, or 0 for the default), not {n}")
     return n
+
+
+#: ``--output_rows_shift``'s word for the shift chosen on the held-out snippets
+HELDOUT = "heldout"
+
+
+def _shift(value: Any, problems: list[str]) -> float | str:
+    """``--output_rows_shift``: a finite number of nats (0: none) or the word ``heldout`` (any case)."""
+    if isinstance(value, str) and value.strip().lower() == HELDOUT:
+        return HELDOUT
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        x = float(str(value).strip()) if isinstance(value, str) else float(value)
+        if not math.isfinite(x):
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append(f"--output_rows_shift: expected a number of nats (e.g. -1; 0 for none) or {HELDOUT}, "
+                        f"got {value!r}")
+        return value
+    return x + 0.0  # -0.0 -> 0.0
 
 
 def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list[str]) -> Any:
@@ -739,6 +761,13 @@ class OutputConfig:
         "snippets. tied: keep a tied model tied (the output row is the trained input row; can over-predict new "
         "tokens). Every choice but tied unties a tied model (a separate output matrix is stored).",
     )
+    output_rows_shift: float | str = _flag(
+        0.0,
+        "With distill output rows: nats added to every new token's logit after the fit, the same for all "
+        "(negative: the new tokens less probable), or heldout: the shift from -3 to 1 in steps of 0.25 with the "
+        "lowest binary KL on the held-out snippets. The held-out KL at each shift is logged either way. At 500 "
+        "SmolLM2 words -1 lowered bits per byte on held-out documents; at 24 and 100 words 0 was as good or "
+        "better (docs/sweep/output_fit_calibration.md).", word=HELDOUT)
     checkpoint_every: int = _flag(
         0,
         "Save a training checkpoint (new rows, optimizer, step, RNG state) every N optimizer steps "
@@ -769,6 +798,12 @@ class OutputConfig:
                                                    OutputEmbeddings.TIED, None)):
             problems.append(f"--set_output_to_zero_if_untied false asks for subtoken-mean output rows but "
                             f"--output_embeddings is {self.output_embeddings.value}; pass only one of them")
+        object.__setattr__(self, "output_rows_shift", _shift(self.output_rows_shift, problems))
+        if (self.output_rows_shift != 0.0 and self.output_embeddings is not None
+                and self.output_embeddings not in (OutputEmbeddings.AUTO, OutputEmbeddings.DISTILL)):
+            problems.append(f"--output_rows_shift {self.output_rows_shift} moves distilled output rows, but "
+                            f"--output_embeddings is {self.output_embeddings.value}; use --output_embeddings distill "
+                            "(or auto with a token_distillation method), or drop --output_rows_shift")
         if not str(self.out_path).strip():
             problems.append("--out_path is empty; pass an output directory")
         parts = list(self.export) if isinstance(self.export, (list, tuple)) else str(self.export).split(",")
@@ -838,6 +873,14 @@ class RunConfig:
             problems.append(f"--build_target_method {method.value} needs a corpus: pass --dataset_path"
                             + (" (or an entity-counts file as --new_tokens_source)" if method == BuildTargetMethod.NER
                                else ""))
+        out = self.output
+        if (out.output_rows_shift != 0.0 and out.output_embeddings == OutputEmbeddings.AUTO
+                and not (self.train.init_method in (InitMethod.TOKEN_DISTILLATION, InitMethod.TOKEN_DISTILLATION_RANDINIT)
+                         and out.set_output_to_zero_if_untied)):
+            problems.append(f"--output_rows_shift {out.output_rows_shift} moves distilled output rows, but with "
+                            f"--init_method {getattr(self.train.init_method, 'value', self.train.init_method)} "
+                            "--output_embeddings auto does not distill them; pass --output_embeddings distill, or drop "
+                            "--output_rows_shift")
         if problems:
             raise ConfigError(problems)
 
@@ -992,8 +1035,8 @@ def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
         return default
     if isinstance(default, enum.Enum):
         return value
-    if f.metadata.get("auto") and isinstance(value, str):
-        return value  # an integer or "auto": checked by the stage's validate()
+    if (f.metadata.get("auto") or f.metadata.get("word")) and isinstance(value, str):
+        return value  # a number or a word ("auto", "heldout"): checked by the stage's validate()
     if isinstance(default, int):
         try:
             if isinstance(value, float) and not value.is_integer():

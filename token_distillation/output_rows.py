@@ -53,6 +53,18 @@ token's row does not depend on the other tokens' output rows. It does depend on 
 there are: their snippets give its background positions (below), read with their trained input
 rows. Other new tokens are left out of the student's normaliser.
 
+Shared shift (``--output_rows_shift``). Each token's fit sees its own positions only, and with many
+new tokens their small probabilities where they do not come add up: at 500 SmolLM2 words every new
+token was about e times too probable on held-out documents, and lowering all their logits by the
+same 1 nat recovered about a fifth of the excess bits per byte; at 24 and 100 words no shift helped
+(``docs/sweep/output_fit_calibration.md``). After the fit, every fitted row is also scored on its
+held-out positions moved by ``s * d`` for each ``s`` of :data:`SHIFT_GRID`, where ``d`` is the
+direction of the final hidden states with ``h @ d ~ 1`` (:func:`shift_direction`), so the move lowers
+every new token's logit by about ``s`` nats everywhere. The summed held-out objective at each shift is
+logged and reported; ``--output_rows_shift`` applies a given shift, or ``heldout`` the best of
+those (:func:`choose_shift`). The held-out positions are the fit's own kind (a token's snippets and
+its background positions), not documents, so they need not ask for the shift documents want.
+
 Start and prior. The fit starts from the output row of the word's first subtoken ``t1`` (the word's
 probability is ``p_T(t1)`` times the completion probability, so ``t1``'s logit is the natural first
 guess) and adds a quadratic penalty that pulls it back there:
@@ -112,6 +124,11 @@ BACKGROUND_POSITIONS = 256
 #: and a share from each word's corpus frequency were worse at 24 and 100 words on the documents with the words
 #: (better on generic held-out text: docs/sweep/output_fit_calibration.md)
 BACKGROUND_SHARE = 0.9
+#: shared shifts of every new token's logit (nats) whose held-out objective is measured after the fit
+#: (``--output_rows_shift``; :func:`shift_direction`, :func:`choose_shift`)
+SHIFT_GRID = tuple(s / 4 for s in range(-12, 5))
+#: ridge weight of :func:`shift_direction`, relative to the mean diagonal entry of ``H^T H``
+SHIFT_RIDGE = 1e-3
 
 
 @dataclass
@@ -569,6 +586,57 @@ def fit(model, init: torch.Tensor, pos: Positions, bias, lr: float, steps: int |
     return o.detach(), curve
 
 
+@torch.no_grad()
+def shift_direction(model, rows: NewRows, seqs: list[MergedSequence], token_index: list[int], pool: list[int], *,
+                    batch_size: int, device, pad_id: int, autocast_dtype=None) -> tuple[torch.Tensor, float]:
+    """A direction ``d`` of the final hidden states with ``h @ d ~ 1`` at every position: ridge least
+    squares over the aligned student positions of the ``pool`` snippets (indices into ``seqs``; ridge
+    weight :data:`SHIFT_RIDGE` times the mean diagonal entry of ``H^T H``). Adding ``s * d`` to a new
+    token's output row changes its logit by about ``s`` nats at every position (before any logit
+    soft-capping); the spread says how uniform that is (SmolLM2-135M and Gemma-3-270M: a standard
+    deviation of 0.047 and 0.015, docs/sweep/output_fit_calibration.md). The same on every process
+    given the same snippets.
+
+    Returns:
+        ``(d: [hidden] float32, standard deviation of h @ d over those positions)``; a zero direction
+        and NaN when the pool has no aligned position.
+
+    Raises:
+        Interrupted: a stop signal was received (checked before every batch).
+    """
+    hidden = rows.rows.shape[1]
+    gram = torch.zeros((hidden, hidden), dtype=torch.float64, device=device)
+    rhs = torch.zeros(hidden, dtype=torch.float64, device=device)
+    states = []
+    for idx, _, cache, _, s_last in _batches(model, rows, seqs, token_index, pool, batch_size=batch_size,
+                                             device=device, pad_id=pad_id, autocast_dtype=autocast_dtype):
+        del cache
+        for r, i in enumerate(idx):
+            keep = torch.as_tensor(seqs[i].student_to_teacher[: len(seqs[i].student_ids) - 1], device=device) >= 0
+            h = s_last[r, : len(seqs[i].student_ids) - 1][keep].double()
+            gram += h.T @ h
+            rhs += h.sum(0)
+            states.append(h.float())
+    if not states or not sum(len(h) for h in states):
+        return torch.zeros(hidden, device=device), math.nan
+    ridge = SHIFT_RIDGE * float(gram.diagonal().mean()) + 1e-12
+    d = torch.linalg.solve(gram + ridge * torch.eye(hidden, dtype=torch.float64, device=device), rhs)
+    proj = torch.cat(states) @ d.float()
+    return d.float(), float(proj.std()) if len(proj) > 1 else 0.0
+
+
+def choose_shift(kl: dict, shifts: tuple[float, ...]) -> tuple[float, list[float]]:
+    """The shift of ``shifts`` with the lowest held-out objective summed over the measured tokens
+    (``kl["heldout_shift"]``: per token, its held-out binary KL at each shift, or None), and those
+    sums (nats). Ties go to the shift nearest 0. No measured token: ``(0.0, [])``."""
+    measured = [v for v in kl.get("heldout_shift", []) if v is not None]
+    if not measured:
+        return 0.0, []
+    sums = [math.fsum(v[j] for v in measured) for j in range(len(shifts))]
+    best = min(range(len(shifts)), key=lambda j: (sums[j], abs(shifts[j])))
+    return float(shifts[best]), sums
+
+
 def background_pool(token_index: list[int], n: int | None = None) -> list[int]:
     """Indices of ``n`` (default :data:`BACKGROUND_SNIPPETS`) snippets evenly spaced over a snippet list
     (``token_index``: the token of each snippet; the list holds every token's snippets in turn, so the
@@ -600,17 +668,21 @@ def _groups(token_index: list[int], tokens: list[int], seq_len: int, hidden: int
     return out + ([cur] if cur else [])
 
 
-def fit_key(rows: NewRows, groups: list[list[int]], lr: float, steps: int, rms: float = 1.0) -> str:
+def fit_key(rows: NewRows, groups: list[list[int]], lr: float, steps: int, rms: float = 1.0,
+            shifts: tuple[float, ...] | None = None) -> str:
     """SHA-256 of what the fit of ``groups`` depends on besides the frozen model and the snippets
     (which the run's checkpoint fingerprint covers): the trained input rows, the output rows before
-    the fit, the groups, the step size, the steps and the penalty (:data:`ANCHOR`, ``rms``). Keys a
+    the fit, the groups, the step size, the steps, the penalty (:data:`ANCHOR`, ``rms``) and the shifts
+    measured on held-out positions (:func:`choose_shift`). Keys a
     saved partial fit (:class:`~token_distillation.checkpoint.OutputFitProgress`)."""
     h = hashlib.sha256()
     for t in (rows.rows, rows.out_rows):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps([groups, float(lr), int(steps), "start: W[t1]", float(ANCHOR), float(rms),
                          "completion: teacher's own", float(COMPLETION_MIN_P1), "background",
-                         BACKGROUND_SNIPPETS, BACKGROUND_POSITIONS, float(BACKGROUND_SHARE)]).encode())
+                         BACKGROUND_SNIPPETS, BACKGROUND_POSITIONS, float(BACKGROUND_SHARE)]
+                        + ([] if shifts is None else ["shifts", [float(s) for s in shifts], float(SHIFT_RIDGE)])
+                        ).encode())
     return h.hexdigest()
 
 
@@ -632,12 +704,14 @@ def _restore_groups(rows: NewRows, saved: dict, snippet_tokens: list[int], bar, 
 
 
 def _fit_group(model, rows: NewRows, group: list[int], train, heldout, subtokens, kl: dict, *, head_bias,
-               lr: float, steps: int, rms: float, pools: tuple, **collect_kw) -> list[float]:
+               lr: float, steps: int, rms: float, pools: tuple, shift: tuple | None = None,
+               **collect_kw) -> list[float]:
     """Fit the output rows of one group of tokens in place: collect their training and held-out
     positions (:func:`collect_positions`; background positions from ``pools``: its ``background``
     argument for the training and the held-out positions), measure the binary KL of the rows before, :func:`fit` from
     each word's first subtoken's output row, measure after, writing each token's four measures into
-    ``kl`` (None where NaN). Returns ``(the group's loss curve, positions whose target took the
+    ``kl`` (None where NaN); with ``shift = (direction [hidden], shifts)`` also the held-out KL of the
+    fitted rows moved by ``s * direction`` for each ``s`` of ``shifts`` (``kl["heldout_shift"]``). Returns ``(the group's loss curve, positions whose target took the
     teacher's own completion, all positions, background positions)``, training and held-out together."""
     ids = torch.tensor(group, device=rows.out_rows.device)
     bias = None if head_bias is None else head_bias[torch.tensor([rows.token_ids[t] for t in group],
@@ -653,10 +727,14 @@ def _fit_group(model, rows: NewRows, group: list[int], train, heldout, subtokens
     with torch.no_grad():
         rows.out_rows[ids] = fitted.to(rows.out_rows.dtype)
         after = (per_token_kl(model, fitted, pos, bias, len(group)), per_token_kl(model, fitted, held, bias, len(group)))
+        moved = None if shift is None else torch.stack(
+            [per_token_kl(model, fitted + s * shift[0].to(fitted.device), held, bias, len(group)) for s in shift[1]], 1)
     for g, t in enumerate(group):
         for name, vals in zip(("train_before", "heldout_before", "train_after", "heldout_after"), (*before, *after)):
             v = float(vals[g])
             kl[name][t] = None if math.isnan(v) else v
+        if moved is not None:
+            kl["heldout_shift"][t] = None if bool(torch.isnan(moved[g]).any()) else moved[g].tolist()
     n_bg = sum(int(p.background.sum()) for p in (pos, held) if p.background is not None)
     return curve, pos.completions + held.completions, len(pos.target) + len(held.target), n_bg
 
@@ -666,7 +744,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
                         subtokens: list[tuple[int, ...]], *, lr: float, rms: float = 1.0,
                         batch_size: int, device, pad_id: int, autocast_dtype=None,
                         steps: int | None = None, show_progress: bool = True,
-                        progress=None, background_heldout=None) -> tuple[TrainResult, dict]:
+                        progress=None, background_heldout=None, shift: tuple | None = None) -> tuple[TrainResult, dict]:
     """Fit the output rows ``rows.out_rows`` of ``tokens`` (indices into the new-token list) on their
     training snippets, in place, and measure the binary KL on training and held-out snippets.
 
@@ -683,11 +761,15 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
         progress: an :class:`~token_distillation.checkpoint.OutputFitProgress` (or None): the fitted
             groups are saved after each group, and a resumed run starts after the last one saved
             (its rows, measures and loss curve are taken from the file; the result is the same).
+        shift: ``(direction [hidden], shifts)``: also measure each token's held-out KL with its fitted
+            row moved by ``s * direction`` for every ``s`` of ``shifts`` (nats;
+            :func:`shift_direction`), for :func:`choose_shift`; the rows are not moved here.
 
     Returns:
         ``(TrainResult: loss curve summed over token groups, seconds; per-token KL dict with lists
         "train_before", "train_after", "heldout_before", "heldout_after" over all new tokens, None
-        for tokens not fitted here or without held-out snippets)``.
+        for tokens not fitted here or without held-out snippets, and with ``shift`` "heldout_shift":
+        per token a list over ``shifts`` or None)``.
 
     Raises:
         ValueError: ``rows`` is tied (no separate output rows).
@@ -698,7 +780,8 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
         raise ValueError("distill_output_rows needs untied output rows")
     t0, steps = time.perf_counter(), steps or STEPS
     n_all = rows.out_rows.shape[0]
-    kl = {k: [None] * n_all for k in ("train_before", "train_after", "heldout_before", "heldout_after")}
+    kl = {k: [None] * n_all for k in ("train_before", "train_after", "heldout_before", "heldout_after")
+          + (("heldout_shift",) if shift is not None else ())}
     head_bias = getattr(model.get_output_embeddings(), "bias", None)
     seq_len = max((len(s.student_ids) for s in train[0]), default=1)
     curve: list[float] = []
@@ -712,7 +795,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
     with tqdm(total=total, desc="output rows (distill)", unit="snippet", disable=not show_progress) as bar:
         kw = dict(batch_size=batch_size, device=device, pad_id=pad_id, autocast_dtype=autocast_dtype, bar=bar,
                   pools=pools)
-        key = fit_key(rows, groups, lr, steps, rms) if progress is not None else ""
+        key = fit_key(rows, groups, lr, steps, rms, None if shift is None else shift[1]) if progress is not None else ""
         saved = progress.load(key) if progress is not None else None
         done, earlier_s, read = 0, 0.0, [0, 0, 0]
         if saved is not None:  # a resumed run: the groups fitted before the stop
@@ -722,7 +805,7 @@ def distill_output_rows(model, rows: NewRows, train: tuple[list[MergedSequence],
             if gi < done:
                 continue
             c, n_read, n_pos, n_bg = _fit_group(model, rows, group, train, heldout, subtokens, kl, head_bias=head_bias,
-                                                lr=lr, steps=steps, rms=rms, **kw)
+                                                lr=lr, steps=steps, rms=rms, shift=shift, **kw)
             read[0] += n_read
             read[1] += n_pos
             read[2] += n_bg

@@ -46,6 +46,7 @@ from .checkpoint import (
     snippet_digest,
 )
 from .config import (
+    HELDOUT,
     Alignment,
     BuildTargetMethod,
     ConfigError,
@@ -109,7 +110,8 @@ from .targets import (
     read_wordlist,
 )
 from .tokenization import NewToken, add_new_tokens, bos_prefix
-from .output_rows import distill_output_rows, log_worse
+from .output_rows import (SHIFT_GRID, background_pool, choose_shift, distill_output_rows, log_worse,
+                          shift_direction)
 from .train import NewRows, HeldoutResult, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
@@ -911,8 +913,16 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owne
     rms = entry_rms(ext.model.get_output_embeddings().weight, ext.n_orig)
     lr = tc.token_distillation_lr_relative * rms
     mine = owned if setup.shard else list(range(len(ext.tokens)))
-    result, kl = TrainResult(), None
+    result, kl, shift = TrainResult(), None, None
     if setup.shard or dist.is_main:
+        # the direction along which one shared logit shift moves every new row (the same on every process:
+        # read from the held-out background pool, which every process draws from all held-out snippets)
+        direction, spread = shift_direction(ext.model, rows, *all_held, background_pool(all_held[1]),
+                                            batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
+                                            autocast_dtype=setup.autocast_dtype)
+        wanted = setup.cfg.output.output_rows_shift
+        shifts = SHIFT_GRID if wanted == HELDOUT or wanted in SHIFT_GRID else tuple(sorted((*SHIFT_GRID, wanted)))
+        shift = (direction, shifts) if not math.isnan(spread) else None
         keep = setup.checkpoints and setup.out is not None
         progress = OutputFitProgress(setup.out / CHECKPOINT_DIRNAME if keep else None,
                                      shard_prefix(dist.rank, dist.world_size) if setup.shard else "",
@@ -920,18 +930,51 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owne
         result, kl = distill_output_rows(ext.model, rows, train, heldout, mine, [t.subtoken_ids for t in ext.tokens],
                                          lr=lr, rms=rms, batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
                                          autocast_dtype=setup.autocast_dtype, show_progress=dist.is_main,
-                                         progress=progress, background_heldout=all_held)
+                                         progress=progress, background_heldout=all_held, shift=shift)
     if setup.shard:
         dist.gather_rows_(rows.out_rows, owned)
         parts = dist.all_gather_objects(kl, "output-rows-kl")
         kl = {k: [next((p[k][t] for p in parts if p[k][t] is not None), None) for t in range(len(ext.tokens))]
               for k in kl}
-    elif dist.distributed:
+    if kl is not None and shift is not None:  # every process of a sharded run, the main one otherwise
+        kl["shift"] = _shared_shift(rows, kl, shift, spread, setup.cfg.output.output_rows_shift, dist.is_main)
+    if not setup.shard and dist.distributed:
         dist.wait("output-rows")  # polls the store: the main process's fit may outlast the collective timeout
         dist.broadcast_tensor_(rows.out_rows)
     if kl is not None and dist.is_main:
         log_worse(kl, [t.text for t in ext.tokens])
     return result, kl
+
+
+def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, log: bool) -> dict:
+    """``--output_rows_shift`` after the output-row fit: pick the shift (``wanted``: nats, or
+    :data:`~token_distillation.config.HELDOUT`: the best of the measured ones on the held-out
+    snippets, :func:`~token_distillation.output_rows.choose_shift`), move every new output row by it
+    along ``shift[0]`` (``shift = (direction, shifts measured)``), put the moved rows' held-out KL into
+    ``kl["heldout_after"]`` and log the held-out objective at each shift (when ``log``).
+
+    Returns:
+        The report's summary: ``{"applied", "best_heldout", "direction_sd", "heldout_kl_sum": {shift: nats}}``.
+    """
+    direction, shifts = shift
+    best, sums = choose_shift(kl, shifts)
+    applied = best if wanted == HELDOUT else float(wanted)
+    if applied and sums:
+        j = shifts.index(applied)
+        with torch.no_grad():
+            rows.out_rows += applied * direction.to(rows.out_rows.device, rows.out_rows.dtype)
+        kl["heldout_after"] = [None if v is None else v[j] for v in kl["heldout_shift"]]
+    if log and sums:
+        at0 = sums[shifts.index(0.0)]
+        near = [j for j, s in enumerate(shifts) if s in (-2.0, -1.0, -0.5, 0.0, 0.5) or s in (best, applied)]
+        logger.info("output rows (distill): summed held-out binary KL with one shift of every new token's logit "
+                    "(nats; h @ direction = 1 +- %.3f): %s; lowest at %+g%s", spread,
+                    ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best,
+                    f"; applied {applied:+g} (--output_rows_shift)" if applied else
+                    f" ({100 * (sums[shifts.index(best)] / at0 - 1):+.1f}%; not applied: --output_rows_shift 0)"
+                    if at0 > 0 else "")
+    return {"applied": applied if sums else 0.0, "best_heldout": best, "direction_sd": spread,
+            "heldout_kl_sum": {f"{s:g}": v for s, v in zip(shifts, sums)}}
 
 
 def _sharded_heldout(model, rows: NewRows, seqs, token_index: list[int], num_tokens: int, *, dist: DistContext,
