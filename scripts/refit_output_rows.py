@@ -103,6 +103,11 @@ def main(run_dir: str, out_dir: str, **flags) -> Path:
     if report["config"].get("init_method") not in ("token_distillation", "token_distillation-randinit", "ntp"):
         raise ConfigError(f"--run_dir {run}: --init_method {report['config'].get('init_method')} trains no input rows; "
                           "refit a token_distillation (or ntp) run")
+    if "out_path" in flags:
+        raise ConfigError("--out_path: the refit writes to --out_dir; pass --out_dir instead")
+    if str(flags.get("output_embeddings", "distill")) != "distill":
+        raise ConfigError(f"--output_embeddings {flags['output_embeddings']}: the refit fits distilled output rows; "
+                          "drop the flag (scripts/swap_output_rows.py gives a run other output rows)")
     fixed = _snippet_flags() & set(flags)
     if fixed:
         raise ConfigError(f"--{sorted(fixed)[0]}: a flag that picks the new tokens or the snippets cannot change in a "

@@ -328,3 +328,26 @@ def test_a_log_line_during_a_progress_bar_starts_its_own_line_in_a_log_file(tmp_
     pieces = re.split(r"[\r\n]", log.read_text())
     assert any(re.fullmatch(r"\d\d:\d\d:\d\d INFO t: the log line", p) for p in pieces), pieces
     assert any("3/3" in p for p in pieces), pieces  # the bar still draws
+
+
+def test_flags_after_a_bare_double_dash_are_refused(capsys):
+    """Fire reads what follows a bare ``--`` as its own options and silently ignored flags there
+    (``--out_path X -- --dry_run True`` ran a whole training run): one ``error:`` line naming them,
+    exit code 2; Fire's own options after it still pass."""
+    import pytest
+
+    from token_distillation.cli import run_fire
+
+    calls = []
+
+    def main(out_path: str = "", dry_run: bool = False):
+        calls.append((out_path, dry_run))
+        return None
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_fire(main, {"out_path", "dry_run"}, ["--out_path", "x", "--", "--dry_run", "True"], "script.py")
+    assert exit_info.value.code == 2 and not calls
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --dry_run True after a bare --"), err
+    run_fire(main, {"out_path", "dry_run"}, ["--out_path", "x", "--", "--verbose"], "script.py")
+    assert calls == [("x", False)]

@@ -557,3 +557,99 @@ def test_out_path_under_a_file_is_refused_at_start(tmp_path):
         with pytest.raises(ConfigError, match=r"w\.txt is a file, so the directory cannot be made"):
             prepare_out_path(str(tmp_path / "w.txt" / sub), overwrite=False)
     assert (tmp_path / "w.txt").read_text() == "words"
+
+
+def test_mount_point_cache_dir_and_output_inside_the_corpus_are_refused_at_start(tmp_path, capsys, monkeypatch,
+                                                                                 toy_model_dir, toy_corpus):
+    """Found by a trial (2026-12-06): an empty mount point as --out_path failed only when the finished
+    output was renamed into place (EBUSY; the Docker pattern -v host:/out --out_path /out); a --cache_dir
+    that is a file or unwritable failed with a traceback ~20 s in; an --out_path inside a --dataset_path
+    folder was accepted (the next run read the output's files as corpus). Each is one error line
+    before anything heavy; the mount point names a subfolder to use instead."""
+    import token_distillation.paths as paths
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(paths.os.path, "ismount", lambda p: Path(p) == mount or real_ismount(p))
+    with pytest.raises(ConfigError, match=rf"is a mount point.*pass a folder inside it, e.g. {mount}/run"):
+        prepare_out_path(str(mount), overwrite=False)
+    prepare_out_path(str(mount / "run"), overwrite=False)  # inside it is fine
+
+    _no_heavy_loads(monkeypatch)
+    base = ["--model_path", str(toy_model_dir), "--dataset_path", str(toy_corpus), "--dry_run", "True"]
+    (tmp_path / "file").write_text("x")
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "docs.jsonl").write_text(Path(toy_corpus).read_text())
+    cases = [
+        (["--out_path", str(tmp_path / "o1"), "--cache_dir", str(tmp_path / "file")], "--cache_dir", "is a file"),
+        (["--out_path", str(tmp_path / "o2"), "--cache_dir", "/proc/x/cache"], "--cache_dir /proc/x/cache",
+         "cannot write the cache there"),
+        (["--out_path", str(corpus_dir / "out"), "--dataset_path", str(corpus_dir)], "is inside --dataset_path",
+         "choose a directory outside it"),
+    ]
+    for extra, *needles in cases:
+        args = base + extra
+        if "--dataset_path" in extra:  # the case's own corpus folder
+            i = args.index("--dataset_path")
+            del args[i: i + 2]
+        code, errs, _ = _cli(capsys, *args)
+        assert code == 2 and len(errs) == 1 and all(n in errs[0] for n in needles), (extra, errs)
+    assert not (tmp_path / "o1").exists() and not (corpus_dir / "out").exists()
+
+
+def test_broken_model_checkpoints_are_one_error_line(tmp_path, capsys, toy_model_dir, toy_corpus, cache_dir):
+    """Found by a trial (2026-12-06): a checkpoint directory without tokenizer files, with an unknown
+    model_type, without weights, with truncated weights, and a corrupt .gguf each gave a traceback
+    (no weights: only after the corpus stage). Each is now one ``error:`` line naming --model_path;
+    missing weights fail at start-up."""
+    import shutil
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(toy_model_dir, d)
+        return d
+
+    notok = copy("notok")
+    for f in notok.glob("tokenizer*"):
+        f.unlink()
+    for f in notok.glob("special_tokens_map.json"):
+        f.unlink()
+    badtype = copy("badtype")
+    cfg = json.loads((badtype / "config.json").read_text())
+    (badtype / "config.json").write_text(json.dumps({**cfg, "model_type": "nosuchmodel"}))
+    noweights = copy("noweights")
+    (noweights / "model.safetensors").unlink()
+    trunc = copy("trunc")
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    gguf = tmp_path / "bad.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00\xff\xff")
+    base = ["--dataset_path", str(toy_corpus), "--cache_dir", str(cache_dir), "--new_tokens_source",
+            _words(tmp_path, [" hepatotoxicity"]), "--snippet_num", "4", "--min_snippets", "2", "--heldout_snippet_num", "1",
+            "--snippet_len", "12", "--stopping_condition", "max_steps:1", "--output_embeddings", "subtoken-mean"]
+    cases = [(notok, ["--dry_run", "True"], "cannot load its tokenizer"),
+             (badtype, ["--dry_run", "True"], "cannot load its config (ValueError"),
+             (gguf, ["--dry_run", "True"], "cannot load its config"),
+             (noweights, [], "no weights in it"),
+             (trunc, [], "cannot load its weights")]
+    for i, (model, extra, needle) in enumerate(cases):
+        t0 = time.perf_counter()
+        code, errs, _ = _cli(capsys, "--model_path", str(model), "--out_path", str(tmp_path / f"o{i}"), *base, *extra)
+        assert code == 2 and len(errs) == 1 and f"--model_path {model}" in errs[0] and needle in errs[0], (model, errs)
+        if model == noweights:
+            assert time.perf_counter() - t0 < 5
+
+
+def test_seed_out_of_range_and_a_non_gguf_file_as_model_path(tmp_path, capsys, monkeypatch, toy_corpus):
+    """A trial (2026-12-06): --seed 99999999999999999999 ended in numpy's overflow traceback, and an
+    existing file that is not a .gguf as --model_path was called "not found"."""
+    _no_heavy_loads(monkeypatch)
+    code, errs, _ = _cli(capsys, "--seed", "99999999999999999999", "--dry_run", "True", "--out_path",
+                         str(tmp_path / "o"))
+    assert code == 2 and len(errs) == 1 and "--seed 99999999999999999999: pass an integer from 0 to" in errs[0], errs
+    readme = tmp_path / "README.md"
+    readme.write_text("x")
+    code, errs, _ = _cli(capsys, "--model_path", str(readme), "--dry_run", "True", "--out_path", str(tmp_path / "o"))
+    assert code == 2 and len(errs) == 1 and "is a file but not a .gguf checkpoint" in errs[0], errs

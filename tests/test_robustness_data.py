@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from token_distillation.config import CorpusConfig
 from token_distillation.corpus import tokenize_corpus
@@ -377,3 +378,27 @@ def test_gguf_file_folder_may_hold_the_output_but_not_be_replaced(tmp_path):
     for out in (tmp_path, tmp_path.parent):
         with pytest.raises(ConfigError, match="holds the input model file"):
             prepare_out_path(str(out), True, src)
+
+
+def test_corpus_not_utf8_or_with_mixed_fields_is_one_clear_error(tmp_path):
+    """A Latin-1 JSON Lines or CSV corpus fails in the text-field check with the file and the fix (it
+    was a UnicodeDecodeError traceback); a folder whose files have different fields names two of them
+    (it was the reader's schema dump, naming no file); a Latin-1 text file says how to convert it."""
+    from token_distillation.config import ConfigError, CorpusConfig
+    from token_distillation.corpus import check_text_column, iter_texts
+
+    for name, data in (("c.jsonl", b'{"text": "caf\xe9 hepatotoxicity"}\n'), ("c.csv", b"text\ncaf\xe9 x\n")):
+        f = tmp_path / name
+        f.write_bytes(data)
+        with pytest.raises(ConfigError, match=rf"{name} is not UTF-8 text .*iconv"):
+            check_text_column(CorpusConfig(dataset_path=str(f)))
+    txt = tmp_path / "c.txt"
+    txt.write_bytes(b"caf\xe9 hepatotoxicity\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text .*iconv"):
+        list(iter_texts(CorpusConfig(dataset_path=str(txt))))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text('{"text": "a hepatotoxicity b", "id": 1}\n' * 3, encoding="utf-8")
+    (shards / "b.jsonl").write_text('{"abstract": "c", "pmid": 2}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"different fields \(a.jsonl: id, text; b.jsonl: abstract, pmid\)"):
+        list(iter_texts(CorpusConfig(dataset_path=str(shards))))

@@ -301,6 +301,17 @@ def test_compare_methods_bad_input(tmp_path, toy_corpus, words, fake_model, user
                "--common_flags", "--out_path")
     _one_error(_py("compare_methods.py", *ok, "--text_column", "body", "--out_dir", tmp_path / "a"), "--text_column")
     _one_error(_py("compare_methods.py", *ok, "--docs_md", tmp_path, "--out_dir", tmp_path / "a"), "--docs_md")
+    # a user's page, a file of another kind, or a figure beside a new page are never replaced
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    (tmp_path / "fig.png").write_bytes(b"png")
+    _one_error(_py("compare_methods.py", *ok, "--docs_md", notes, "--out_dir", tmp_path / "a"), "--docs_md",
+               "not a page of this script")
+    _one_error(_py("compare_methods.py", *ok, "--docs_md", tmp_path / "script.py", "--out_dir", tmp_path / "a"),
+               "--docs_md", "pass a .md file")
+    _one_error(_py("compare_methods.py", *ok, "--docs_md", tmp_path / "fig.md", "--out_dir", tmp_path / "a"),
+               "--docs_md", "fig.png exists beside it")
+    assert notes.read_text() == "my notes\n" and (tmp_path / "fig.png").read_bytes() == b"png"
     _one_error(_py("compare_methods.py", *ok, "--mehtods", "random"), "--mehtods", "did you mean --methods")
     _one_error(_py("compare_methods.py", *ok, "--reuse_runs", "maybe", "--out_dir", tmp_path / "a"), "--reuse_runs")
     _one_error(_py("compare_methods.py", "--dataset_path", tmp_path / "missing.jsonl", "--out_dir", tmp_path / "a"),
@@ -605,4 +616,9 @@ def test_swap_output_rows_equals_a_run_with_those_output_rows(tmp_path, toy_mode
     for flag, value in (("snippet_num", 6), ("seed", 1), ("alignment", "ids")):  # the snippets the rows were trained on
         with pytest.raises(ConfigError, match=f"--{flag}: a flag that picks"):
             refit_output_rows.main(str(outs["td_sm"]), str(tmp_path / "y"), **{flag: value})
-    assert not (tmp_path / "y").exists()
+    # flags it would ignore (a trial, 2026-12-06): --out_path (it writes --out_dir), other output rows
+    with pytest.raises(ConfigError, match="--out_path: the refit writes to --out_dir"):
+        refit_output_rows.main(str(outs["td_sm"]), str(tmp_path / "y"), out_path=str(tmp_path / "z"))
+    with pytest.raises(ConfigError, match="--output_embeddings tied: the refit fits distilled output rows"):
+        refit_output_rows.main(str(outs["td_sm"]), str(tmp_path / "y"), output_embeddings="tied")
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,3 +346,31 @@ def test_words_without_leading_space_are_warned_about_once(caplog):
     assert "--add_leading_space true" in msgs[0]
     caplog.clear()
     assert _warn_bare_words([" hepatotoxicity"]) == [] and not caplog.records
+
+
+def test_wordlist_reads_json_lines_and_drops_a_byte_order_mark(tmp_path):
+    """A JSON-lines list (the tool's new_tokens.jsonl, new_tokens/*.jsonl) gives its "token" fields in
+    order, also under another suffix; a line without one is one clear error naming the line; a UTF-8
+    byte-order mark does not become part of the first word (it did: '\\ufeff hepatotoxicity')."""
+    import json
+
+    from token_distillation.config import ConfigError
+    from token_distillation.targets import read_wordlist
+
+    lines = [{"token": " glucocorticoid", "count": 3}, {"token": " preeclampsia"}]
+    f = tmp_path / "list.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
+    assert read_wordlist(f) == [" glucocorticoid", " preeclampsia"]
+    other = tmp_path / "list.txt"
+    other.write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    assert read_wordlist(other) == [" glucocorticoid", " preeclampsia"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"token": " a"}\n{"entity": "b", "count": 2}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"line 2 has no string \"token\" field \('entity', 'count'\)"):
+        read_wordlist(bad)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff hepatotoxicity\n nephrotoxicity\n".encode("utf-8"))
+    assert read_wordlist(bom) == [" hepatotoxicity", " nephrotoxicity"]
+    shipped = Path(__file__).resolve().parent.parent / "new_tokens" / "pubmed_frequency_smollm2_top500.jsonl"
+    words = read_wordlist(shipped)
+    assert len(words) == 500 and words[0] == " glucocorticoid"

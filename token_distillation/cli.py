@@ -177,6 +177,11 @@ def _flags_only(fn):
     return view
 
 
+#: what Fire reads after a bare ``--`` (its own options)
+FIRE_OPTIONS = frozenset({"--help", "-h", "--trace", "-t", "--verbose", "-v", "--interactive", "-i", "--completion",
+                          "--separator"})
+
+
 def run_fire(fn, known: set[str], argv: list[str] | None, name: str,
              flag_list: str = "see --help for the list of flags") -> None:
     """Run ``fn`` under python-fire: unknown flags end with one ``error:`` line and exit code 2;
@@ -189,7 +194,13 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str,
     args = list(sys.argv[1:] if argv is None else argv)
     unknown, stray, wants_value, seen, repeated, short = [], [], False, set(), [], []
     for i, a in enumerate(args):
-        if a == "--":  # Fire's own flags follow
+        if a == "--":  # Fire's own options follow; Fire ignores anything else there without a word
+            after = [x for x in args[i + 1:] if x.split("=", 1)[0] not in FIRE_OPTIONS]
+            if after:
+                sys.stderr.write(f"error: {' '.join(after)} after a bare --: Fire reads what follows -- as its own "
+                                 f"options ({', '.join(sorted(FIRE_OPTIONS))}) and would ignore these; remove the "
+                                 "--\n")
+                sys.exit(2)
             break
         if a.startswith("--"):
             if re.fullmatch(r"--[^=]+=(True|False)", a):  # the value as typed (see below)

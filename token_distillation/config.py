@@ -349,8 +349,9 @@ class TargetConfig:
 
     build_target_method: BuildTargetMethod = _flag(
         BuildTargetMethod.WORDLIST,
-        "How to build the new-token list: wordlist (--new_tokens_source: one token per line, or a JSON "
-        "object of categories -> lists of words); frequency (words of --dataset_path that the "
+        "How to build the new-token list: wordlist (--new_tokens_source: one token per line, a JSON "
+        "object of categories -> lists of words, or JSON lines with a \"token\" field such as a run's "
+        "new_tokens.jsonl); frequency (words of --dataset_path that the "
         "tokenizer splits, ranked by tokens saved); ner (entities from an entity-counts JSONL given as "
         "--new_tokens_source, or found in --dataset_path with the spaCy pipeline --ner_model); "
         "tokenizer (tokens of --target_tokenizer missing from the source vocabulary).",
@@ -689,6 +690,8 @@ class TrainConfig:
             problems.append(f"--train_original_embeddings needs a trained --init_method (token_distillation, "
                             f"token_distillation-randinit or ntp), not {self.init_method.value}")
         _parse_stopping_condition(self, problems)
+        if isinstance(self.seed, int) and not 0 <= self.seed < 2**32:
+            problems.append(f"--seed {self.seed}: pass an integer from 0 to {2**32 - 1} (numpy's seeds are 32-bit)")
         if self.target_layer == 0:
             problems.append("--target_layer 0 is the embedding output (nothing to distil); use 1..N or -1..-N, N being "
                             "the model's number of layers (default -1, the last)")
@@ -874,6 +877,12 @@ class RunConfig:
                             + (" (or an entity-counts file as --new_tokens_source)" if method == BuildTargetMethod.NER
                                else ""))
         out = self.output
+        data = Path(str(self.corpus.dataset_path or "")).expanduser()
+        if self.corpus.dataset_path and str(out.out_path).strip() and data.is_dir():
+            where, data = Path(str(out.out_path)).expanduser().resolve(), data.resolve()
+            if where == data or data in where.parents:
+                problems.append(f"--out_path {where} is inside --dataset_path {data}: a later run would read the "
+                                "output's files as corpus; choose a directory outside it")
         if (out.output_rows_shift != 0.0 and out.output_embeddings == OutputEmbeddings.AUTO
                 and not (self.train.init_method in (InitMethod.TOKEN_DISTILLATION, InitMethod.TOKEN_DISTILLATION_RANDINIT)
                          and out.set_output_to_zero_if_untied)):

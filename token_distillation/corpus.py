@@ -298,48 +298,62 @@ def resolve_text_spec(tree: dict, cfg: CorpusConfig, where: str = "") -> TextSpe
 def _local_tree(builder: str, files: list[str]) -> tuple[dict | None, bool]:
     """``(field tree or None when unknown, corpus known to be empty)`` of a local corpus, from its
     first non-empty file only (a JSON Lines line, a CSV header, a Parquet schema)."""
-    import csv
-
     if builder == "text":
         empty = all(not _has_text_line(f) for f in files if not f.endswith(".gz"))
         return {"text": "string"}, empty and not any(f.endswith(".gz") for f in files)
     for f in files:
         if f.endswith(".gz"):
             return None, False
-        if builder == "parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                meta = pq.read_metadata(f)
-            except Exception as e:  # not a parquet file
-                raise ConfigError(f"--dataset_path: cannot read {f} as Parquet ({e})") from None
-            if meta.num_rows:
-                schema = meta.schema.to_arrow_schema()
-                return {n: _arrow_tree(schema.field(n).type) for n in schema.names}, False
-        elif builder == "json" and f.endswith(".jsonl"):
-            with open(f, encoding="utf-8") as fh:
-                line = next((ln for ln in fh if ln.strip()), None)
-            if line is None:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                _check_json_lines(builder, [f])  # reports the file and line
-                return None, False
-            if not isinstance(record, dict):
-                raise ConfigError(f"--dataset_path: {f} holds JSON values that are not objects; write one JSON "
-                                  "object per line")
-            return {k: _value_tree(v) for k, v in record.items()}, False
-        elif builder == "csv":
-            with open(f, encoding="utf-8", newline="") as fh:
-                reader = csv.reader(fh)
-                header = next(reader, None)
-                row = next(reader, None)
-            if header and row is not None:
-                return {c: "string" for c in header}, False
-        else:
-            return None, False
+        try:
+            tree = _file_tree(builder, f)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--dataset_path: {f} is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
+                              "to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        if tree is not None:
+            return tree
     return None, True
+
+
+def _file_tree(builder: str, f: str) -> tuple[dict | None, bool] | None:
+    """:func:`_local_tree` of one uncompressed file: None when the file holds no record.
+
+    Raises:
+        UnicodeDecodeError: a JSON Lines or CSV file that is not UTF-8 (the caller names the file).
+    """
+    import csv
+
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_metadata(f)
+        except Exception as e:  # not a parquet file
+            raise ConfigError(f"--dataset_path: cannot read {f} as Parquet ({e})") from None
+        if not meta.num_rows:
+            return None
+        schema = meta.schema.to_arrow_schema()
+        return {n: _arrow_tree(schema.field(n).type) for n in schema.names}, False
+    if builder == "json" and f.endswith(".jsonl"):
+        with open(f, encoding="utf-8") as fh:
+            line = next((ln for ln in fh if ln.strip()), None)
+        if line is None:
+            return None
+        try:
+            record = json.loads(line)
+        except ValueError:
+            _check_json_lines(builder, [f])  # reports the file and line
+            return None, False
+        if not isinstance(record, dict):
+            raise ConfigError(f"--dataset_path: {f} holds JSON values that are not objects; write one JSON "
+                              "object per line")
+        return {k: _value_tree(v) for k, v in record.items()}, False
+    if builder == "csv":
+        with open(f, encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            row = next(reader, None)
+        return ({c: "string" for c in header}, False) if header and row is not None else None
+    return None, False
 
 
 def _has_text_line(path: str) -> bool:
@@ -392,6 +406,8 @@ def _stream_tree(ds, cfg: CorpusConfig) -> dict:
     try:
         first = next(iter(ds), None)
     except Exception as e:
+        if isinstance(e, UnicodeDecodeError):
+            _not_utf8(cfg, e)
         raise ConfigError(f"--dataset_path {cfg.dataset_path}: could not read the dataset: {e}") from None
     if first is None:
         raise ConfigError(f"--dataset_path {cfg.dataset_path}: the corpus is empty; pass a corpus with documents")
@@ -520,11 +536,43 @@ def iter_text_batches(cfg: CorpusConfig, spec: TextSpec | None, start: int = 0,
 
 
 def _reraise_read_error(cfg: CorpusConfig, e: Exception):
+    """A corpus read failure as one :class:`ConfigError`: a bad JSON line with its file and number,
+    files of one folder with different fields named, a file that is not UTF-8 with the fix."""
     path = Path(cfg.dataset_path).expanduser()
     if path.exists():
         builder, files = _local_files(path)
         _check_json_lines(builder, files)  # a bad JSON line is named with its file and number
+        _check_same_fields(cfg.dataset_path, builder, files)
+    if isinstance(e, UnicodeDecodeError):
+        _not_utf8(cfg, e)
     raise ConfigError(f"--dataset_path {cfg.dataset_path}: could not read the corpus: {e}") from None
+
+
+def _not_utf8(cfg: CorpusConfig, e: UnicodeDecodeError):
+    raise ConfigError(f"--dataset_path {cfg.dataset_path}: the corpus is not UTF-8 text ({e.reason} at byte "
+                      f"{e.start} of a file); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _check_same_fields(given: str, builder: str, files: list[str]) -> None:
+    """Raise a :class:`ConfigError` naming two files of ``files`` whose first records have different
+    top-level fields (the reader's own error dumps both schemas and names no file)."""
+    first = None
+    for f in files:
+        if f.endswith(".gz"):
+            continue
+        try:
+            tree = _file_tree(builder, f)
+        except (UnicodeDecodeError, ConfigError, OSError):
+            continue
+        if not tree or tree[0] is None:
+            continue
+        fields = sorted(tree[0])
+        if first is None:
+            first = (f, fields)
+        elif fields != first[1]:
+            raise ConfigError(f"--dataset_path {given}: its files have different fields ({Path(first[0]).name}: "
+                              f"{', '.join(first[1])}; {Path(f).name}: {', '.join(fields)}); give every file the "
+                              "same fields, or pass one file")
 
 
 def iter_texts(cfg: CorpusConfig, spec: TextSpec | None = None) -> Iterator[str]:

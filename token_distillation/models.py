@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -145,8 +146,48 @@ def hub_errors(source: ModelSource):
         ) from e
 
 
+@contextlib.contextmanager
+def local_errors(source: ModelSource, what: str):
+    """Turn a failed load of a local checkpoint's ``what`` (its config, tokenizer or weights) into a
+    ConfigError naming ``--model_path`` (a directory without tokenizer files, an unknown model_type,
+    a corrupt .gguf, truncated weights gave tracebacks). Hub ids go through :func:`hub_errors`; a
+    file-system error with an errno (disk full, permissions) and out-of-memory errors pass unchanged.
+
+    Raises:
+        ConfigError: the part could not be loaded; the message says what a checkpoint needs.
+    """
+    if source.identity.startswith("hub:"):
+        yield
+        return
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, struct.error) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"--model_path {source.spec}: cannot load its {what} ({type(e).__name__}: {first[:300]}); "
+                          "pass a complete checkpoint directory (config.json, the tokenizer's files, the weights) "
+                          "or a .gguf file") from e
+    except Exception as e:  # safetensors' SafetensorError and the like: not torch's out-of-memory errors
+        if isinstance(e, (MemoryError, RuntimeError)) or type(e).__name__ != "SafetensorError":
+            raise
+        raise ConfigError(f"--model_path {source.spec}: cannot load its {what} (SafetensorError: "
+                          f"{str(e)[:300]}); the weights file is damaged or incomplete: copy it again") from e
+
+
 def load_tokenizer(source: ModelSource, cache_root: Path):
-    """Load the tokenizer (from the converted GGUF cache when present; caches are verified)."""
+    """Load the tokenizer (from the converted GGUF cache when present; caches are verified).
+
+    Raises:
+        ConfigError: it could not be loaded (:func:`hub_errors`, :func:`local_errors`).
+    """
+    with local_errors(source, "tokenizer"):
+        return _load_tokenizer(source, cache_root)
+
+
+def _load_tokenizer(source: ModelSource, cache_root: Path):
     from transformers import AutoTokenizer
 
     if source.gguf_file:
@@ -169,7 +210,16 @@ def load_tokenizer(source: ModelSource, cache_root: Path):
 
 
 def load_config(source: ModelSource, cache_root: Path):
-    """Load only the model config (cheap; used to check flags before loading weights)."""
+    """Load only the model config (cheap; used to check flags before loading weights).
+
+    Raises:
+        ConfigError: it could not be loaded (:func:`hub_errors`, :func:`local_errors`).
+    """
+    with local_errors(source, "config"):
+        return _load_config(source, cache_root)
+
+
+def _load_config(source: ModelSource, cache_root: Path):
     from transformers import AutoConfig
 
     if source.gguf_file:
@@ -266,11 +316,12 @@ def load_model(source: ModelSource, cache_root: Path, device: torch.device, dtyp
 
     path = weights_path(source, cache_root)
     if source.gguf_file and not _usable_cache(Path(path), "config.json"):
-        _convert_gguf(source, Path(path), cache_root)
+        with local_errors(source, "weights"):
+            _convert_gguf(source, Path(path), cache_root)
     kw = {}
     if not source.gguf_file and _has_stale_gguf_entry(Path(path)):
         kw["config"] = load_config(source, cache_root)  # without the stale entry
-    with hub_errors(source):
+    with hub_errors(source), local_errors(source, "weights"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     model.to(device)
     model.eval()

@@ -163,6 +163,10 @@ def resolve_model_source(spec: str) -> ModelSource:
             raise ConfigError(f"--model_path: {p / 'config.json'} has no model_type, so transformers cannot load it; "
                               "pass a Hugging Face checkpoint directory (saved with save_pretrained)")
         return ModelSource(spec, str(p.resolve()), None, f"dir:{p.resolve()}:{_dir_identity(p)}")
+    if p.is_file():
+        raise ConfigError(f"--model_path: {spec} is a file but not a .gguf checkpoint; pass a checkpoint directory "
+                          f"(the folder holding config.json), a .gguf file, a hub id, or a bundled model "
+                          f"({', '.join(map(repr, BUNDLED_MODELS))})")
     if spec.startswith((".", "/", "~")) or p.exists() or spec.count("/") > 1:
         raise ConfigError(f"--model_path: local path not found: {spec}; pass an existing directory, "
                           f"a .gguf file, a hub id, or a bundled model ({', '.join(map(repr, BUNDLED_MODELS))})")
@@ -360,6 +364,43 @@ def _check_writable(out: Path, flag: str) -> None:
                           "path") from None
 
 
+#: file names a local checkpoint directory holds its weights in (transformers' PyTorch formats)
+WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def check_local_weights(source: ModelSource) -> None:
+    """A local checkpoint directory holds weights (checked at start-up by a run that loads them: it
+    failed only after the corpus stage). Hub ids and GGUF files are not checked here.
+
+    Raises:
+        ConfigError: no weight file (:data:`WEIGHT_GLOBS`) in the directory.
+    """
+    path = Path(source.path)
+    if source.gguf_file or source.identity.startswith("hub:") or not path.is_dir():
+        return
+    if not any(next(path.glob(g), None) is not None for g in WEIGHT_GLOBS):
+        raise ConfigError(f"--model_path {source.spec}: no weights in it (no model.safetensors or pytorch_model.bin); "
+                          "pass a complete checkpoint directory (save_pretrained writes one) or a .gguf file")
+
+
+def check_cache_dir(path: Path, flag: str = "--cache_dir") -> None:
+    """The cache root ``path`` is a directory this process can write in (made now when missing), so a
+    file or an unwritable place fails at start-up, not when the first cache file is written.
+
+    Raises:
+        ConfigError: naming ``flag`` and the fix.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; pass a directory for the cache")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".token-distillation-probe-", dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write the cache there ({e.strerror or e}); pass a writable "
+                          "directory") from None
+
+
 def _check_not_home_or_cwd(out: Path, flag: str) -> None:
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents or out == Path.home().resolve():
@@ -409,6 +450,9 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
     recover_interrupted(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} is a file; pass a directory")
+    if out.is_dir() and os.path.ismount(out):
+        raise ConfigError(f"{flag} {out} is a mount point: the output is written beside it and then renamed into "
+                          f"place, which a mount point does not allow; pass a folder inside it, e.g. {out / 'run'}")
     blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise ConfigError(f"{flag} {out}: {blocked} is a file, so the directory cannot be made; pass a path "

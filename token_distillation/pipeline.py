@@ -19,6 +19,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -90,7 +91,7 @@ from .models import (
     untie_embeddings,
     weights_path,
 )
-from .paths import ModelSource, write_output_dir
+from .paths import ModelSource, check_cache_dir, check_local_weights, write_output_dir
 from .regime import entry_rms, relative_lr
 from .report import (
     build_report,
@@ -398,6 +399,11 @@ def start(cfg: RunConfig) -> Setup:
     source = resolve_model_source(cfg.model.model_path)
     out = prepare_output(cfg.output.out_path, cfg.output.overwrite, cfg.output.resume, source,
                          dry_run=cfg.output.dry_run)
+    if not cfg.output.dry_run:
+        check_local_weights(source)
+    check_cache_dir(cfg.model.resolved_cache_dir,
+                    "--cache_dir" if cfg.model.cache_dir else
+                    "$TOKEN_DISTILLATION_CACHE" if os.environ.get("TOKEN_DISTILLATION_CACHE") else "the cache directory")
     if cfg.output.overwrite and cfg.output.resume and any((out / CHECKPOINT_DIRNAME).glob("*")):
         logger.warning("--resume with --overwrite: the interrupted run in %s continues from its checkpoints (they are "
                        "not discarded); to start over, pass --overwrite without --resume", out)

@@ -78,7 +78,9 @@ class TargetList:
 
 
 def read_wordlist(path: str | Path) -> list[str]:
-    """Read candidate tokens from a text file or a JSON object of category -> list of words.
+    """Read candidate tokens from a text file (one per line), a JSON object of category -> list of
+    words, a JSON list of words, or JSON lines each an object with a ``"token"`` field (the tool's own
+    ``new_tokens.jsonl`` and the lists in ``new_tokens/*.jsonl``). A UTF-8 byte-order mark is dropped.
 
     Lines are kept verbatim except for the trailing newline and trailing whitespace (a leading
     space is meaningful: " word" and "word" are different tokens; a trailing one would make a token
@@ -89,13 +91,17 @@ def read_wordlist(path: str | Path) -> list[str]:
     """
     p = Path(path).expanduser()
     try:
-        raw = p.read_text(encoding="utf-8")
+        raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark would start the first word
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--new_tokens_source: cannot read {p}: {e}") from None
+    if p.suffix.lower() == ".jsonl":
+        return _tidy_whitespace(_jsonl_tokens(raw, p), p, "line")
     if p.suffix.lower() == ".json" or raw.lstrip().startswith(("{", "[")):
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and raw.lstrip().startswith("{"):  # JSON lines under another name
+                return _tidy_whitespace(_jsonl_tokens(raw, p), p, "line")
             raise ConfigError(f"--new_tokens_source: {p} is not valid JSON ({e}); use one token per line "
                               "or a JSON object of categories -> lists of words") from None
         if isinstance(data, dict):
@@ -117,6 +123,29 @@ def read_wordlist(path: str | Path) -> list[str]:
                        "become new tokens like any other line (delete them if they are comments)", p.name,
                        ", ".join(map(str, hashed[:10])) + (" ..." if len(hashed) > 10 else ""))
     return _tidy_whitespace(lines, p, "line")
+
+
+def _jsonl_tokens(raw: str, path: Path) -> list[str]:
+    """The ``"token"`` field of every line of a JSON-lines word list (blank lines skipped).
+
+    Raises:
+        ConfigError: a line that is not JSON, or not an object with a string ``"token"``.
+    """
+    words = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--new_tokens_source: {path} line {n} is not JSON ({e}); a .jsonl word list holds "
+                              'one object per line with a "token" field') from None
+        if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+            fields = ", ".join(map(repr, item)) if isinstance(item, dict) else type(item).__name__
+            raise ConfigError(f"--new_tokens_source: {path} line {n} has no string \"token\" field ({fields}); a "
+                              'JSON-lines word list holds one object per line like {"token": " word"}')
+        words.append(item["token"])
+    return words
 
 
 def _tidy_whitespace(words: list[str], path: Path, unit: str) -> list[str]:
