@@ -36,6 +36,7 @@ import random
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -314,6 +315,12 @@ def _check_docs_md(docs_md: str) -> None:
     elif md.with_suffix(".png").exists():
         raise ConfigError(f"--docs_md {md}: {md.with_suffix('.png').name} exists beside it and would be replaced by "
                           "the figure; pass a new path")
+    parent = next(p for p in md.resolve().parents if p.exists())
+    try:  # the page is written after every run and the evaluation: an unwritable place fails now
+        with tempfile.TemporaryDirectory(prefix=".token-distillation-probe-", dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--docs_md {md}: cannot write in {parent} ({e.strerror or e}); pass a writable path") from None
 
 
 def write_docs(path: Path, out: Path, results: dict, runtimes: dict, eval_seconds: float, total: float,

@@ -588,6 +588,8 @@ def test_mount_point_cache_dir_and_output_inside_the_corpus_are_refused_at_start
          "cannot write the cache there"),
         (["--out_path", str(corpus_dir / "out"), "--dataset_path", str(corpus_dir)], "is inside --dataset_path",
          "choose a directory outside it"),
+        (["--out_path", str(tmp_path / "o3"), "--cache_dir", str(corpus_dir / "cache"), "--dataset_path",
+          str(corpus_dir)], "--cache_dir", "is inside --dataset_path"),
     ]
     for extra, *needles in cases:
         args = base + extra
@@ -596,7 +598,7 @@ def test_mount_point_cache_dir_and_output_inside_the_corpus_are_refused_at_start
             del args[i: i + 2]
         code, errs, _ = _cli(capsys, *args)
         assert code == 2 and len(errs) == 1 and all(n in errs[0] for n in needles), (extra, errs)
-    assert not (tmp_path / "o1").exists() and not (corpus_dir / "out").exists()
+    assert not (tmp_path / "o1").exists() and not (corpus_dir / "out").exists() and not (corpus_dir / "cache").exists()
 
 
 def test_broken_model_checkpoints_are_one_error_line(tmp_path, capsys, toy_model_dir, toy_corpus, cache_dir):

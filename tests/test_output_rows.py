@@ -580,6 +580,9 @@ def test_choose_shift_sums_over_measured_tokens():
     (dict(output_rows_shift=True), "needs a value"),
     (dict(output_rows_shift=-1, output_embeddings="zero"), "--output_embeddings distill"),
     (dict(output_rows_shift="heldout", init_method="subtoken-mean"), "does not distill them"),
+    (dict(output_rows_shift=-1, set_output_to_zero_if_untied=False), "--set_output_to_zero_if_untied false"),
+    (dict(output_rows_shift=-1, heldout_snippet_num=0), "needs held-out snippets"),
+    (dict(output_rows_shift="heldout", heldout_fraction=0.0), "--heldout_fraction 0 gives none"),
 ])
 def test_output_rows_shift_flag_errors(tmp_path, untied_model_dir, toy_corpus, cache_dir, flags, words):
     """Bad --output_rows_shift values and combinations are refused before any model is loaded."""

@@ -402,3 +402,17 @@ def test_corpus_not_utf8_or_with_mixed_fields_is_one_clear_error(tmp_path):
     (shards / "b.jsonl").write_text('{"abstract": "c", "pmid": 2}\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"different fields \(a.jsonl: id, text; b.jsonl: abstract, pmid\)"):
         list(iter_texts(CorpusConfig(dataset_path=str(shards))))
+    # a bad byte past the first record (pyarrow does not check UTF-8 when it parses): the file is named
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "a.jsonl").write_text('{"text": "a hepatotoxicity b"}\n', encoding="utf-8")
+    (late / "b.jsonl").write_bytes(b'{"text": "b"}\n{"text": "caf\xe9 hepatotoxicity"}\n')
+    with pytest.raises(ConfigError, match=r"b\.jsonl is not UTF-8 text \(invalid continuation byte at byte 27\)"):
+        list(iter_texts(CorpusConfig(dataset_path=str(late))))
+    # a pretty-printed .json beside JSON lines: its first line is no record, the files are still named
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text('{"text": "a hepatotoxicity b"}\n', encoding="utf-8")
+    (mixed / "meta.json").write_text('{\n "name": "x",\n "v": 2\n}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"do not all have the same fields \(a.jsonl, meta.json\)"):
+        list(iter_texts(CorpusConfig(dataset_path=str(mixed))))

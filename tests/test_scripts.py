@@ -312,6 +312,8 @@ def test_compare_methods_bad_input(tmp_path, toy_corpus, words, fake_model, user
     _one_error(_py("compare_methods.py", *ok, "--docs_md", tmp_path / "fig.md", "--out_dir", tmp_path / "a"),
                "--docs_md", "fig.png exists beside it")
     assert notes.read_text() == "my notes\n" and (tmp_path / "fig.png").read_bytes() == b"png"
+    _one_error(_py("compare_methods.py", *ok, "--docs_md", "/proc/page.md", "--out_dir", tmp_path / "a"),
+               "--docs_md", "cannot write in /proc")
     _one_error(_py("compare_methods.py", *ok, "--mehtods", "random"), "--mehtods", "did you mean --methods")
     _one_error(_py("compare_methods.py", *ok, "--reuse_runs", "maybe", "--out_dir", tmp_path / "a"), "--reuse_runs")
     _one_error(_py("compare_methods.py", "--dataset_path", tmp_path / "missing.jsonl", "--out_dir", tmp_path / "a"),

@@ -371,6 +371,13 @@ def test_wordlist_reads_json_lines_and_drops_a_byte_order_mark(tmp_path):
     bom = tmp_path / "bom.txt"
     bom.write_bytes("\ufeff hepatotoxicity\n nephrotoxicity\n".encode("utf-8"))
     assert read_wordlist(bom) == [" hepatotoxicity", " nephrotoxicity"]
+    bracket = tmp_path / "bracket.txt"  # a plain list whose first word starts with a bracket is not JSON
+    bracket.write_text("[MASK]x\n hepatotoxicity\n", encoding="utf-8")
+    assert read_wordlist(bracket) == ["[MASK]x", " hepatotoxicity"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('["a", ', encoding="utf-8")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        read_wordlist(broken)
     shipped = Path(__file__).resolve().parent.parent / "new_tokens" / "pubmed_frequency_smollm2_top500.jsonl"
     words = read_wordlist(shipped)
     assert len(words) == 500 and words[0] == " glucocorticoid"

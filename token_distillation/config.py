@@ -878,18 +878,26 @@ class RunConfig:
                                else ""))
         out = self.output
         data = Path(str(self.corpus.dataset_path or "")).expanduser()
-        if self.corpus.dataset_path and str(out.out_path).strip() and data.is_dir():
-            where, data = Path(str(out.out_path)).expanduser().resolve(), data.resolve()
-            if where == data or data in where.parents:
-                problems.append(f"--out_path {where} is inside --dataset_path {data}: a later run would read the "
-                                "output's files as corpus; choose a directory outside it")
+        if self.corpus.dataset_path and data.is_dir():
+            data = data.resolve()
+            for flag, value in (("--out_path", out.out_path), ("--cache_dir", self.model.cache_dir)):
+                where = Path(str(value)).expanduser().resolve() if str(value or "").strip() else None
+                if where is not None and (where == data or data in where.parents):
+                    problems.append(f"{flag} {where} is inside --dataset_path {data}: the corpus would then read "
+                                    "the tool's files as documents; choose a directory outside it")
         if (out.output_rows_shift != 0.0 and out.output_embeddings == OutputEmbeddings.AUTO
                 and not (self.train.init_method in (InitMethod.TOKEN_DISTILLATION, InitMethod.TOKEN_DISTILLATION_RANDINIT)
                          and out.set_output_to_zero_if_untied)):
-            problems.append(f"--output_rows_shift {out.output_rows_shift} moves distilled output rows, but with "
-                            f"--init_method {getattr(self.train.init_method, 'value', self.train.init_method)} "
+            why = (f"--init_method {getattr(self.train.init_method, 'value', self.train.init_method)}"
+                   if out.set_output_to_zero_if_untied else "--set_output_to_zero_if_untied false")
+            problems.append(f"--output_rows_shift {out.output_rows_shift} moves distilled output rows, but with {why} "
                             "--output_embeddings auto does not distill them; pass --output_embeddings distill, or drop "
                             "--output_rows_shift")
+        if out.output_rows_shift != 0.0 and (self.snippets.heldout_snippet_num == 0
+                                             or (self.corpus.dataset_path and self.corpus.heldout_fraction == 0.0)):
+            flag = "--heldout_snippet_num 0" if self.snippets.heldout_snippet_num == 0 else "--heldout_fraction 0"
+            problems.append(f"--output_rows_shift {out.output_rows_shift} needs held-out snippets (the shift's direction "
+                            f"and the held-out objective are measured on them), but {flag} gives none; drop one of them")
         if problems:
             raise ConfigError(problems)
 

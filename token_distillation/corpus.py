@@ -526,7 +526,10 @@ def iter_text_batches(cfg: CorpusConfig, spec: TextSpec | None, start: int = 0,
         if table is None:
             return
         pos += table.num_rows
-        texts = [_column_text(table, p) for p in spec.text]
+        try:  # pyarrow's JSON reader does not check UTF-8: a bad byte past the first record shows up here
+            texts = [_column_text(table, p) for p in spec.text]
+        except UnicodeDecodeError as e:
+            _not_utf8(cfg, e)
         joined = texts[0] if len(texts) == 1 else [" ".join(x for x in row if x) for row in zip(*texts)]
         ids = _column_ids(table, spec.doc_id) if spec.doc_id and spec.doc_id.split(".")[0] in table.column_names \
             else None
@@ -543,14 +546,39 @@ def _reraise_read_error(cfg: CorpusConfig, e: Exception):
         builder, files = _local_files(path)
         _check_json_lines(builder, files)  # a bad JSON line is named with its file and number
         _check_same_fields(cfg.dataset_path, builder, files)
+        if "column names don't match" in str(e) and len(files) > 1:
+            names = ", ".join(Path(f).name for f in files[:5]) + (", ..." if len(files) > 5 else "")
+            raise ConfigError(f"--dataset_path {cfg.dataset_path}: its files do not all have the same fields ({names}); "
+                              "give every file the same fields, or pass one file") from None
     if isinstance(e, UnicodeDecodeError):
         _not_utf8(cfg, e)
     raise ConfigError(f"--dataset_path {cfg.dataset_path}: could not read the corpus: {e}") from None
 
 
 def _not_utf8(cfg: CorpusConfig, e: UnicodeDecodeError):
-    raise ConfigError(f"--dataset_path {cfg.dataset_path}: the corpus is not UTF-8 text ({e.reason} at byte "
-                      f"{e.start} of a file); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    """Raise the ConfigError of a corpus that is not UTF-8, naming the first local file that is not
+    (read in blocks with an incremental decoder: only on this error path) and the byte offset."""
+    import codecs
+
+    path = Path(cfg.dataset_path).expanduser()
+    if path.exists():
+        for f in _local_files(path)[1]:
+            if f.endswith(".gz"):
+                continue
+            dec, offset = codecs.getincrementaldecoder("utf-8")(), 0
+            try:
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 24), b""):
+                        dec.decode(block)
+                        offset += len(block)
+                    dec.decode(b"", final=True)
+            except UnicodeDecodeError as bad:
+                raise ConfigError(f"--dataset_path: {f} is not UTF-8 text ({bad.reason} at byte {offset + bad.start});"
+                                  " convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            except OSError:
+                continue
+    raise ConfigError(f"--dataset_path {cfg.dataset_path}: the corpus is not UTF-8 text ({e.reason}); convert it to "
+                      "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _check_same_fields(given: str, builder: str, files: list[str]) -> None:

@@ -929,6 +929,9 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owne
         wanted = setup.cfg.output.output_rows_shift
         shifts = SHIFT_GRID if wanted == HELDOUT or wanted in SHIFT_GRID else tuple(sorted((*SHIFT_GRID, wanted)))
         shift = (direction, shifts) if not math.isnan(spread) else None
+        if shift is None and wanted != 0.0:
+            logger.warning("--output_rows_shift %s not applied: the held-out snippets have no positions to measure "
+                           "the shift on", wanted)
         keep = setup.checkpoints and setup.out is not None
         progress = OutputFitProgress(setup.out / CHECKPOINT_DIRNAME if keep else None,
                                      shard_prefix(dist.rank, dist.world_size) if setup.shard else "",

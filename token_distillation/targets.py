@@ -96,14 +96,20 @@ def read_wordlist(path: str | Path) -> list[str]:
         raise ConfigError(f"--new_tokens_source: cannot read {p}: {e}") from None
     if p.suffix.lower() == ".jsonl":
         return _tidy_whitespace(_jsonl_tokens(raw, p), p, "line")
+    data = None
     if p.suffix.lower() == ".json" or raw.lstrip().startswith(("{", "[")):
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
             if e.msg == "Extra data" and raw.lstrip().startswith("{"):  # JSON lines under another name
                 return _tidy_whitespace(_jsonl_tokens(raw, p), p, "line")
-            raise ConfigError(f"--new_tokens_source: {p} is not valid JSON ({e}); use one token per line "
-                              "or a JSON object of categories -> lists of words") from None
+            if p.suffix.lower() == ".json":
+                raise ConfigError(f"--new_tokens_source: {p} is not valid JSON ({e}); use one token per line "
+                                  "or a JSON object of categories -> lists of words") from None
+            # a plain list whose first word starts with a bracket ("[MASK]"): one token per line
+            logger.info("--new_tokens_source %s starts with %r but is not JSON (%s): read as one token per line",
+                        p.name, raw.lstrip()[:1], e.msg)
+    if data is not None:
         if isinstance(data, dict):
             words: list[str] = []
             for cat, items in data.items():
