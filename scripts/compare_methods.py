@@ -36,7 +36,6 @@ import random
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from token_distillation.cli import configure_logging  # noqa: E402
 from token_distillation.config import ConfigError, RunConfig  # noqa: E402
-from token_distillation.paths import claim_script_dir, replace_file  # noqa: E402
+from token_distillation.paths import check_writable, claim_script_dir, replace_file  # noqa: E402
 
 logger = logging.getLogger("compare_methods")
 
@@ -315,12 +314,7 @@ def _check_docs_md(docs_md: str) -> None:
     elif md.with_suffix(".png").exists():
         raise ConfigError(f"--docs_md {md}: {md.with_suffix('.png').name} exists beside it and would be replaced by "
                           "the figure; pass a new path")
-    parent = next(p for p in md.resolve().parents if p.exists())
-    try:  # the page is written after every run and the evaluation: an unwritable place fails now
-        with tempfile.TemporaryDirectory(prefix=".token-distillation-probe-", dir=parent):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--docs_md {md}: cannot write in {parent} ({e.strerror or e}); pass a writable path") from None
+    check_writable(md.resolve(), "--docs_md")  # written after every run and the evaluation: fail now
 
 
 def write_docs(path: Path, out: Path, results: dict, runtimes: dict, eval_seconds: float, total: float,

@@ -192,15 +192,37 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str,
     import fire
 
     args = list(sys.argv[1:] if argv is None else argv)
+    seen = _check_args(args, known, flag_list)
+    wants_help = "--help" in args or "-h" in args
+    missing = [f"--{p.name}" for p in inspect.signature(fn).parameters.values()
+               if p.default is inspect.Parameter.empty and p.name not in seen
+               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if missing and not wants_help:  # Fire would print its multi-line usage
+        _fail(f"{', '.join(missing)} missing: pass {' and '.join(m + ' VALUE' for m in missing)} (see --help)")
+    if wants_help:
+        sys.stdout.write(_help_text(fn, name) + "\n")
+        return
+    fire.Fire(fn, command=args, name=name)
+
+
+def _fail(message: str) -> None:
+    """One ``error:`` line on stderr, exit code 2 (bad command-line input)."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def _check_args(args: list[str], known: set[str], flag_list: str) -> set[str]:
+    """Check the command line before Fire reads it (:func:`run_fire`): short, unknown, repeated and
+    stray arguments and flags after a bare ``--`` end with one ``error:`` line (:func:`_fail`). A
+    ``True``/``False`` value is quoted in ``args`` so that Fire passes it as typed. Returns the flag
+    names given (``--no<flag>`` as ``<flag>``)."""
     unknown, stray, wants_value, seen, repeated, short = [], [], False, set(), [], []
     for i, a in enumerate(args):
         if a == "--":  # Fire's own options follow; Fire ignores anything else there without a word
             after = [x for x in args[i + 1:] if x.split("=", 1)[0] not in FIRE_OPTIONS]
             if after:
-                sys.stderr.write(f"error: {' '.join(after)} after a bare --: Fire reads what follows -- as its own "
-                                 f"options ({', '.join(sorted(FIRE_OPTIONS))}) and would ignore these; remove the "
-                                 "--\n")
-                sys.exit(2)
+                _fail(f"{' '.join(after)} after a bare --: Fire reads what follows -- as its own options "
+                      f"({', '.join(sorted(FIRE_OPTIONS))}) and would ignore these; remove the --")
             break
         if a.startswith("--"):
             if re.fullmatch(r"--[^=]+=(True|False)", a):  # the value as typed (see below)
@@ -225,45 +247,32 @@ def run_fire(fn, known: set[str], argv: list[str] | None, name: str,
         else:
             stray.append(a)
     if short:
-        hints = [f + flag_hint(f[1:], known) for f in short]
-        sys.stderr.write(f"error: short flag(s) {', '.join(hints)} not accepted; pass the full name (--name VALUE), "
-                         "see --help\n")
-        sys.exit(2)
+        _fail(f"short flag(s) {', '.join(f + flag_hint(f[1:], known) for f in short)} not accepted; pass the full "
+              "name (--name VALUE), see --help")
     if unknown:
-        hints = [u + flag_hint(u[2:], known) for u in unknown]
-        sys.stderr.write(f"error: unknown flag(s) {', '.join(hints)}; {flag_list}\n")
-        sys.exit(2)
+        _fail(f"unknown flag(s) {', '.join(u + flag_hint(u[2:], known) for u in unknown)}; {flag_list}")
     if repeated:  # Fire would silently keep the last value
-        sys.stderr.write(f"error: {', '.join(sorted(set(repeated)))} given more than once; pass each flag once\n")
-        sys.exit(2)
+        _fail(f"{', '.join(sorted(set(repeated)))} given more than once; pass each flag once")
     if stray:  # Fire would report them only after the run
-        sys.stderr.write(f"error: unexpected argument(s) {' '.join(stray)}; every input is a flag (--name VALUE), "
-                         "see --help\n")
-        sys.exit(2)
-    wants_help = "--help" in args or "-h" in args
-    missing = [f"--{p.name}" for p in inspect.signature(fn).parameters.values()
-               if p.default is inspect.Parameter.empty and p.name not in seen
-               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    if missing and not wants_help:  # Fire would print its multi-line usage
-        sys.stderr.write(f"error: {', '.join(missing)} missing: pass {' and '.join(m + ' VALUE' for m in missing)} "
-                         "(see --help)\n")
-        sys.exit(2)
-    if wants_help:
-        from fire import helptext, trace
+        _fail(f"unexpected argument(s) {' '.join(stray)}; every input is a flag (--name VALUE), see --help")
+    return seen
 
-        text = helptext.HelpText(_flags_only(fn), trace=trace.FireTrace(fn, name=name))
-        # Fire lists a one-letter form (-b) for flags with a unique first letter; the check above refuses
-        # those (only --name is accepted), so the help does not offer them
-        text = re.sub(r"^(\s+)-\w, (?=--)", r"\1", text, flags=re.M)
-        for p in inspect.signature(fn).parameters.values():  # Fire cuts long defaults ('outputs/token_dis...)
-            if p.default is not inspect.Parameter.empty:
-                # (a "Type:" line comes between for an annotated parameter: the scripts' entry points)
-                text = re.sub(rf"^(\s+--{p.name}=\S+\n(?:\s+Type: .*\n)?\s+Default: ).*$",
-                              lambda m, d=p.default: m.group(1) + repr(d),
-                              text, count=1, flags=re.M)
-        sys.stdout.write(text + "\n")
-        return
-    fire.Fire(fn, command=args, name=name)
+
+def _help_text(fn, name: str) -> str:
+    """Fire's help of ``fn`` as flags only, without one-letter forms, with whole defaults."""
+    from fire import helptext, trace
+
+    text = helptext.HelpText(_flags_only(fn), trace=trace.FireTrace(fn, name=name))
+    # Fire lists a one-letter form (-b) for flags with a unique first letter; the check above refuses
+    # those (only --name is accepted), so the help does not offer them
+    text = re.sub(r"^(\s+)-\w, (?=--)", r"\1", text, flags=re.M)
+    for p in inspect.signature(fn).parameters.values():  # Fire cuts long defaults ('outputs/token_dis...)
+        if p.default is not inspect.Parameter.empty:
+            # (a "Type:" line comes between for an annotated parameter: the scripts' entry points)
+            text = re.sub(rf"^(\s+--{p.name}=\S+\n(?:\s+Type: .*\n)?\s+Default: ).*$",
+                          lambda m, d=p.default: m.group(1) + repr(d),
+                          text, count=1, flags=re.M)
+    return text
 
 
 def fire_main(argv: list[str] | None = None) -> None:

@@ -342,6 +342,13 @@ class ModelConfig:
             return Path(env).expanduser()
         return Path.home() / ".cache" / "token_distillation"
 
+    @property
+    def cache_dir_origin(self) -> str:
+        """What chose :attr:`resolved_cache_dir` (for errors): the flag, the variable or the default."""
+        if self.cache_dir:
+            return "--cache_dir"
+        return "$TOKEN_DISTILLATION_CACHE" if os.environ.get("TOKEN_DISTILLATION_CACHE") else "the cache directory"
+
 
 @dataclass(frozen=True)
 class TargetConfig:

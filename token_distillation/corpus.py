@@ -690,16 +690,28 @@ def _check_json_lines(builder: str, files: list[str]) -> None:
         if not f.endswith(".jsonl"):
             continue
         with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"--dataset_path: invalid JSON in {f} line {lineno}: {e.msg} "
-                                      f"column {e.colno}; fix or remove that line") from None
-                if not isinstance(obj, dict):
-                    raise ConfigError(f"--dataset_path: {f} line {lineno} is not a JSON object")
+            for _ in json_objects(fh, f, "--dataset_path"):
+                pass
+
+
+def json_objects(lines, name, flag: str):
+    """``(line number, object)`` of every non-blank JSON Lines line of ``lines`` (an open file or a
+    list of strings; ``name``: the file, for errors).
+
+    Raises:
+        ConfigError: naming ``flag``, the file and the line: a line that is not JSON or not an object.
+    """
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag}: invalid JSON in {name} line {lineno}: {e.msg} column {e.colno}; fix or "
+                              "remove that line") from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{flag}: {name} line {lineno} is not a JSON object")
+        yield lineno, obj
 
 
 def _tokenizer_identity(tokenizer) -> str:

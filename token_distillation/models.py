@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .config import ConfigError
 from .paths import (  # noqa: F401  (re-exported: the path helpers lived here before)
@@ -163,6 +164,9 @@ def local_errors(source: ModelSource, what: str):
         yield
     except ConfigError:
         raise
+    except SafetensorError as e:
+        raise ConfigError(f"--model_path {source.spec}: cannot load its {what} (SafetensorError: "
+                          f"{str(e)[:300]}); the weights file is damaged or incomplete: copy it again") from e
     except (OSError, ValueError, KeyError, EOFError, struct.error) as e:
         if isinstance(e, OSError) and e.errno is not None:
             raise
@@ -170,11 +174,6 @@ def local_errors(source: ModelSource, what: str):
         raise ConfigError(f"--model_path {source.spec}: cannot load its {what} ({type(e).__name__}: {first[:300]}); "
                           "pass a complete checkpoint directory (config.json, the tokenizer's files, the weights) "
                           "or a .gguf file") from e
-    except Exception as e:  # safetensors' SafetensorError and the like: not torch's out-of-memory errors
-        if isinstance(e, (MemoryError, RuntimeError)) or type(e).__name__ != "SafetensorError":
-            raise
-        raise ConfigError(f"--model_path {source.spec}: cannot load its {what} (SafetensorError: "
-                          f"{str(e)[:300]}); the weights file is damaged or incomplete: copy it again") from e
 
 
 def load_tokenizer(source: ModelSource, cache_root: Path):

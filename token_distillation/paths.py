@@ -351,7 +351,7 @@ def _only_checkpoints(out: Path) -> bool:
             and (out / CHECKPOINT_DIRNAME).is_dir() and not checkpoint_dir_problems(out / CHECKPOINT_DIRNAME))
 
 
-def _check_writable(out: Path, flag: str) -> None:
+def check_writable(out: Path, flag: str) -> None:
     """A directory can be made beside ``out`` (where its output is written first): a probe directory is
     made and removed in ``out``'s nearest existing parent, so a read-only or special file system
     (/proc) fails at start-up instead of after the run."""
@@ -392,7 +392,7 @@ def check_cache_dir(path: Path, flag: str = "--cache_dir") -> None:
     """
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path} is a file; pass a directory for the cache")
-    try:
+    try:  # the probe of check_writable, in the cache folder itself (made first)
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".token-distillation-probe-", dir=path):
             pass
@@ -457,7 +457,7 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
     if blocked is not None:
         raise ConfigError(f"{flag} {out}: {blocked} is a file, so the directory cannot be made; pass a path "
                           "whose parents are directories")
-    _check_writable(out, flag)
+    check_writable(out, flag)
     if model_source is not None and Path(model_source.path).is_dir():
         src = Path(model_source.path).resolve()
         if model_source.gguf_file is not None:  # a .gguf file's folder: a new subfolder beside the file is fine

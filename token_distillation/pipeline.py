@@ -19,7 +19,6 @@ import copy
 import functools
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -401,9 +400,7 @@ def start(cfg: RunConfig) -> Setup:
                          dry_run=cfg.output.dry_run)
     if not cfg.output.dry_run:
         check_local_weights(source)
-    check_cache_dir(cfg.model.resolved_cache_dir,
-                    "--cache_dir" if cfg.model.cache_dir else
-                    "$TOKEN_DISTILLATION_CACHE" if os.environ.get("TOKEN_DISTILLATION_CACHE") else "the cache directory")
+    check_cache_dir(cfg.model.resolved_cache_dir, cfg.model.cache_dir_origin)
     if cfg.output.overwrite and cfg.output.resume and any((out / CHECKPOINT_DIRNAME).glob("*")):
         logger.warning("--resume with --overwrite: the interrupted run in %s continues from its checkpoints (they are "
                        "not discarded); to start over, pass --overwrite without --resume", out)

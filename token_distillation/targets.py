@@ -135,21 +135,17 @@ def _jsonl_tokens(raw: str, path: Path) -> list[str]:
     """The ``"token"`` field of every line of a JSON-lines word list (blank lines skipped).
 
     Raises:
-        ConfigError: a line that is not JSON, or not an object with a string ``"token"``.
+        ConfigError: a line that is not a JSON object (:func:`~token_distillation.corpus.json_objects`), or one
+            without a string ``"token"``.
     """
+    from .corpus import json_objects
+
     words = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--new_tokens_source: {path} line {n} is not JSON ({e}); a .jsonl word list holds "
-                              'one object per line with a "token" field') from None
-        if not isinstance(item, dict) or not isinstance(item.get("token"), str):
-            fields = ", ".join(map(repr, item)) if isinstance(item, dict) else type(item).__name__
-            raise ConfigError(f"--new_tokens_source: {path} line {n} has no string \"token\" field ({fields}); a "
-                              'JSON-lines word list holds one object per line like {"token": " word"}')
+    for n, item in json_objects(raw.splitlines(), path, "--new_tokens_source"):
+        if not isinstance(item.get("token"), str):
+            raise ConfigError(f"--new_tokens_source: {path} line {n} has no string \"token\" field "
+                              f"({', '.join(map(repr, item))}); a JSON-lines word list holds one object per line "
+                              'like {"token": " word"}')
         words.append(item["token"])
     return words
 
