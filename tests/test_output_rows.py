@@ -510,8 +510,12 @@ def test_shared_shift_moves_every_new_row_by_one_direction(tmp_path, untied_mode
     rep0, rep1, rep_h = (runs[s].report["output_rows_shift"] for s in (0, -1, "heldout"))
     assert rep0["applied"] == 0.0 and rep1["applied"] == -1.0
     assert rep0["heldout_kl_sum"] == rep1["heldout_kl_sum"] and len(rep0["heldout_kl_sum"]) == 17
-    sums = rep0["heldout_kl_sum"]
-    assert rep_h["applied"] == rep_h["best_heldout"] == float(min(sums, key=lambda k: sums[k]))
+    assert rep0["heldout_text_nll"] == rep1["heldout_text_nll"] and len(rep0["heldout_text_nll"]) == 17
+    assert rep0["heldout_text_positions"] > 0 and rep0["heldout_text_documents"] > 0
+    sums, text = rep0["heldout_kl_sum"], rep0["heldout_text_nll"]
+    assert rep0["best_heldout_kl"] == float(min(sums, key=lambda k: sums[k]))
+    # heldout applies the shift with the lowest text NLL of the held-out snippets
+    assert rep_h["applied"] == rep_h["best_heldout"] == float(min(text, key=lambda k: text[k]))
     # the moved rows' held-out KL is the one measured at that shift
     assert math.isclose(runs[-1].report["output_rows_kl"]["heldout_after"] * sum(
         t["output_kl_heldout_final"] is not None for t in runs[-1].report["tokens"]), sums["-1"], rel_tol=1e-4)
@@ -561,6 +565,85 @@ def test_shift_direction_finds_the_constant_direction(monkeypatch):
     assert not d0.any() and math.isnan(sd0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3-softcap"])
+def test_text_nll_by_shift_is_the_extended_models_cross_entropy(arch):
+    """The held-out text NLL at each shift equals the summed next-token cross-entropy of a plain forward
+    of the extended model (its full extended vocabulary, the new output rows moved by ``s * d``) over
+    the student sequences, every token after the first a target: new tokens as inputs and as targets,
+    padding in a batch, output soft-capping."""
+    from token_distillation.alignment import PhraseMatcher, merge
+    from token_distillation.init_methods import subtoken_mean
+    from token_distillation.models import embedding_scale, extend_embeddings
+    from token_distillation.output_rows import text_nll_by_shift
+    from token_distillation.tokenization import NewToken
+    from token_distillation.train import NewRows
+
+    if arch == "llama":
+        model = make_llama(64, layers=2, tied=False)
+    else:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=4,
+            final_logit_softcapping=3.0, tie_word_embeddings=False)).eval()
+    model.requires_grad_(False)
+    extend_embeddings(model, 66)
+    toks = [NewToken("w", (10, 11, 12), 64), NewToken("v", (40, 41), 65)]
+    gen = torch.Generator().manual_seed(2)
+    body = torch.randint(13, 39, (40,), generator=gen).tolist()
+    texts = [[1] + body[:5] + [10, 11, 12] + body[5:15] + [40, 41] + body[15:20],
+             [1] + body[20:24] + [40, 41] + body[24:30]]
+    matcher = PhraseMatcher([t.subtoken_ids for t in toks])
+    seqs = [merge(t, matcher, [64, 65]) for t in texts]
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings().weight
+    rows = NewRows(subtoken_mean(emb, toks) + 0.1 * torch.randn(2, emb.shape[1], generator=gen), [64, 65],
+                   emb.shape[0], embedding_scale(model), num_original=64,
+                   out_rows=subtoken_mean(out, toks) + 0.2 * torch.randn(2, emb.shape[1], generator=gen))
+    d = torch.randn(emb.shape[1], generator=gen) * 0.3
+    shifts = (-1.0, 0.0, 0.75)
+    sums, n = text_nll_by_shift(model, rows, seqs, [1, 0], d, shifts, batch_size=2, device=torch.device("cpu"),
+                                pad_id=0)
+    assert n == sum(len(s.student_ids) - 1 for s in seqs)
+    with torch.no_grad():
+        emb[64:66] = rows.rows
+    for s, got in zip(shifts, sums):
+        with torch.no_grad():
+            out[64:66] = rows.out_rows + s * d
+        want = 0.0
+        for seq in seqs:
+            ids = torch.tensor([seq.student_ids.tolist()])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            want += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        assert math.isclose(got, want, rel_tol=1e-4), (s, got, want)
+    assert len(set(sums)) == 3  # the shift changes the text's NLL
+
+
+def test_shift_documents_are_the_heldout_snippets_documents():
+    """--output_rows_shift's documents: each corpus document a held-out snippet came from, once (with the
+    token of its first snippet), BOS first, cut to the length cap; generated snippets (doc -1) have none;
+    more documents than the cap are spread evenly over the list; no corpus gives none."""
+    from token_distillation.corpus import TokenizedCorpus
+    from token_distillation.output_rows import shift_documents
+    from token_distillation.snippets import Snippet
+
+    lens = [5, 12, 3, 8, 7]
+    ids = np.arange(sum(lens), dtype=np.int32) + 10
+    corpus = TokenizedCorpus(ids=ids, offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                             doc_ids=[str(i) for i in range(len(lens))])
+    held = [Snippet(np.array([1, 2]), 0, 3), Snippet(np.array([1, 2]), 0, 1), Snippet(np.array([1, 2]), 1, 3),
+            Snippet(np.array([1, 2]), 1, -1, "generated"), Snippet(np.array([1, 2]), 2, 4)]
+    docs = shift_documents(corpus, held, [1], max_tokens=6)
+    assert [(d.doc, d.token_index) for d in docs] == [(3, 0), (1, 0), (4, 2)]
+    for d in docs:
+        assert d.ids.tolist() == [1] + corpus.doc(d.doc)[:6].tolist()
+    assert len(docs[1].ids) == 7 and len(docs[0].ids) == 7 and len(docs[2].ids) == 7
+    assert [d.doc for d in shift_documents(corpus, held, [], max_tokens=2, n=2)] == [3, 4]
+    assert shift_documents(None, held, [1], 6) == [] and shift_documents(corpus, held[3:4], [1], 6) == []
+
+
 def test_choose_shift_sums_over_measured_tokens():
     """The lowest summed held-out KL wins (tokens without a measure left out); ties go to the shift
     nearest 0; no measure gives 0."""
@@ -583,6 +666,8 @@ def test_choose_shift_sums_over_measured_tokens():
     (dict(output_rows_shift=-1, set_output_to_zero_if_untied=False), "--set_output_to_zero_if_untied false"),
     (dict(output_rows_shift=-1, heldout_snippet_num=0), "needs held-out snippets"),
     (dict(output_rows_shift="heldout", heldout_fraction=0.0), "--heldout_fraction 0 gives none"),
+    (dict(output_rows_shift="heldout", use_generated_snippets=True), "held-out corpus documents"),
+    (dict(output_rows_shift="heldout", snippet_source="generated"), "held-out corpus documents"),
 ])
 def test_output_rows_shift_flag_errors(tmp_path, untied_model_dir, toy_corpus, cache_dir, flags, words):
     """Bad --output_rows_shift values and combinations are refused before any model is loaded."""

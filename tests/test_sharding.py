@@ -234,8 +234,9 @@ def test_top_up_snippets_are_generated_by_each_process(tmp_path, toy_model_dir, 
 
 def test_distilled_output_rows_are_sharded_too(tmp_path, toy_model_dir, toy_corpus, cache_dir):
     """--output_embeddings distill under token sharding: each process fits its own tokens' output rows;
-    the gathered rows and the per-token binary KL equal the one-process run's."""
-    kw = {**KW, "output_embeddings": "distill", "token_distillation_epochs": 1}
+    the gathered rows and the per-token binary KL equal the one-process run's, and so do the held-out
+    text NLL per shift (each process scores part of the snippets) and the shift heldout applies."""
+    kw = {**KW, "output_embeddings": "distill", "token_distillation_epochs": 1, "output_rows_shift": "heldout"}
     one = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "one"), **kw))
     r = _launch(tmp_path, _toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "two"), **kw), 2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -247,3 +248,8 @@ def test_distilled_output_rows_are_sharded_too(tmp_path, toy_model_dir, toy_corp
     rep = json.loads((tmp_path / "two" / "report.json").read_text())
     for t1, t2 in zip(one.report["tokens"], rep["tokens"]):
         assert t2["output_kl_heldout_final"] == pytest.approx(t1["output_kl_heldout_final"], rel=1e-3)
+    s1, s2 = one.report["output_rows_shift"], rep["output_rows_shift"]
+    assert s2["heldout_text_positions"] == s1["heldout_text_positions"] > 0
+    assert s2["applied"] == s1["applied"] == s1["best_heldout"]
+    for k, v in s1["heldout_text_nll"].items():
+        assert s2["heldout_text_nll"][k] == pytest.approx(v, rel=1e-4)

@@ -60,10 +60,12 @@ same 1 nat recovered about a fifth of the excess bits per byte; at 24 and 100 wo
 (``docs/sweep/output_fit_calibration.md``). After the fit, every fitted row is also scored on its
 held-out positions moved by ``s * d`` for each ``s`` of :data:`SHIFT_GRID`, where ``d`` is the
 direction of the final hidden states with ``h @ d ~ 1`` (:func:`shift_direction`), so the move lowers
-every new token's logit by about ``s`` nats everywhere. The summed held-out objective at each shift is
-logged and reported; ``--output_rows_shift`` applies a given shift, or ``heldout`` the best of
-those (:func:`choose_shift`). The held-out positions are the fit's own kind (a token's snippets and
-its background positions), not documents, so they need not ask for the shift documents want.
+every new token's logit by about ``s`` nats everywhere. Two held-out measures per shift are logged and
+reported: the fit's own objective summed over tokens (:func:`choose_shift`; it weighs a token's
+positions as the fit does, so it cannot see the tokens' probabilities add up), and the extended
+model's NLL of the held-out snippets' text, every token a target under the full extended softmax
+(:func:`text_nll_by_shift`, the quantity bits per byte measures). ``--output_rows_shift`` applies a
+given shift, or ``heldout`` the one with the lowest text NLL.
 
 Start and prior. The fit starts from the output row of the word's first subtoken ``t1`` (the word's
 probability is ``p_T(t1)`` times the completion probability, so ``t1``'s logit is the natural first
@@ -89,6 +91,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -129,6 +132,11 @@ BACKGROUND_SHARE = 0.9
 SHIFT_GRID = tuple(s / 4 for s in range(-12, 5))
 #: ridge weight of :func:`shift_direction`, relative to the mean diagonal entry of ``H^T H``
 SHIFT_RIDGE = 1e-3
+#: held-out documents (at most, evenly spaced over the held-out snippets' tokens) whose text
+#: :func:`text_nll_by_shift` scores for ``--output_rows_shift``, and their length cap in original tokens
+#: (the README's bits per byte reads 100 documents of at most 4,000 characters)
+TEXT_DOCS = 100
+TEXT_DOC_TOKENS = 1024
 
 
 @dataclass
@@ -625,6 +633,100 @@ def shift_direction(model, rows: NewRows, seqs: list[MergedSequence], token_inde
     return d.float(), float(proj.std()) if len(proj) > 1 else 0.0
 
 
+def shift_documents(corpus, heldout: list, bos: list[int], max_tokens: int, n: int | None = None) -> list:
+    """The held-out documents whose text :func:`text_nll_by_shift` scores: the corpus documents that
+    held-out snippets were mined from (so each contains a new word, and none was trained on), at most
+    ``n`` (default :data:`TEXT_DOCS`) of them spread evenly over the snippet list (which holds every
+    token's snippets in turn), each as a snippet of its first ``max_tokens`` original tokens after
+    ``bos``. Documents are read whole, at their own density of new words: a held-out snippet has its
+    word in every ``--snippet_len`` tokens, which asks for more probability on the new tokens than
+    text does.
+
+    Args:
+        corpus: the tokenized corpus (``doc(d)``: ``[len]`` original ids), or None (no documents).
+        heldout: the held-out :class:`~token_distillation.snippets.Snippet` list; generated ones
+            (``doc`` -1) have no document.
+    Returns:
+        ``[Snippet]`` (``token_index`` of the first held-out snippet from the document); empty without a
+        corpus or corpus snippets.
+    """
+    from .snippets import Snippet
+
+    if corpus is None:
+        return []
+    first: dict[int, int] = {}
+    for s in heldout:
+        if s.doc >= 0 and s.doc not in first:
+            first[s.doc] = s.token_index
+    docs = list(first)
+    picked = [docs[i] for i in background_pool([0] * len(docs), TEXT_DOCS if n is None else n)]
+    out = []
+    for d in picked:
+        ids = np.asarray(corpus.doc(d)[:max_tokens], dtype=np.int64)
+        out.append(Snippet(np.concatenate([np.asarray(bos, dtype=np.int64), ids]), first[d], d))
+    return out
+
+
+@torch.no_grad()
+def text_nll_by_shift(model, rows: NewRows, seqs: list[MergedSequence], indices: list[int], direction: torch.Tensor,
+                      shifts: tuple[float, ...], *, batch_size: int, device, pad_id: int,
+                      autocast_dtype=None) -> tuple[list[float], int]:
+    """The extended model's total negative log-likelihood (nats) of the text of the ``indices`` sequences
+    (into ``seqs``; their student sequences, the extended tokenizer's encoding; in a run, the held-out
+    documents of :func:`shift_documents`) with every new output row
+    moved by ``s * direction`` ``[hidden]``, for each ``s`` of ``shifts``: every student token after the
+    first is a target (original and new tokens alike) under the full extended vocabulary's softmax, as
+    bits per byte scores a text (``token_distillation.evaluate``). Unlike the fit's per-token objective it
+    sees the new tokens' probabilities add up at every position. One student forward per snippet; the
+    original vocabulary's log-normaliser is computed once per position, so every shift costs only the new
+    tokens' logits ``[positions, num_new]``.
+
+    Returns:
+        ``(total NLL in nats per shift, number of scored positions)``.
+
+    Raises:
+        Interrupted: a stop signal was received (checked before every batch).
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    new_rows = rows.output_new().float()
+    new_bias = bias[torch.tensor(rows.token_ids, device=bias.device)].float() if bias is not None else None
+    d = direction.float().to(device)
+    sums = torch.zeros(len(shifts), dtype=torch.float64)
+    shift_t = torch.tensor(shifts, dtype=torch.float32, device=device)
+    n_pos = 0
+    for b in range(0, len(indices), batch_size):
+        check_stop("while measuring the output rows' shift")
+        part = [seqs[i] for i in indices[b: b + batch_size]]
+        batch = collate(part, [0] * len(part), pad_id).to(device)
+        with autocast_context(torch.device(device), autocast_dtype):
+            _, s_last = hidden_states(model, None, batch.student_attention,
+                                      inputs_embeds=rows.embed(model, batch.student_ids), need_last=True)
+        for r, seq in enumerate(part):
+            n = len(seq.student_ids) - 1
+            for p in range(0, n, COMPLETION_ROWS):  # bounded [rows, vocab] logits at a time
+                h = s_last[r, p: min(n, p + COMPLETION_ROWS)]
+                tgt = batch.student_ids[r, p + 1: p + 1 + len(h)]
+                row = rows.id_to_row[tgt]
+                orig = output_logits(model, rows, h, include_new=False).float()
+                log_z = torch.logsumexp(orig, -1)
+                at = orig.gather(1, tgt.clamp(max=orig.shape[1] - 1)[:, None])[:, 0]
+                base = h.float() @ new_rows.to(device).T  # [m, num_new], before the shift
+                if new_bias is not None:
+                    base = base + new_bias.to(device)
+                hd = h.float() @ d  # [m]: how much a unit shift moves each position's new logits
+                for j in range(len(shifts)):
+                    z = base + shift_t[j] * hd[:, None]
+                    if cap:
+                        z = torch.tanh(z / cap) * cap
+                    total = torch.logaddexp(log_z, torch.logsumexp(z, -1))
+                    own = torch.where(row >= 0, z.gather(1, row.clamp(min=0)[:, None])[:, 0], at)
+                    sums[j] += float((total - own).double().sum())
+                n_pos += len(h)
+    return sums.tolist(), n_pos
+
+
 def choose_shift(kl: dict, shifts: tuple[float, ...]) -> tuple[float, list[float]]:
     """The shift of ``shifts`` with the lowest held-out objective summed over the measured tokens
     (``kl["heldout_shift"]``: per token, its held-out binary KL at each shift, or None), and those
@@ -633,8 +735,12 @@ def choose_shift(kl: dict, shifts: tuple[float, ...]) -> tuple[float, list[float
     if not measured:
         return 0.0, []
     sums = [math.fsum(v[j] for v in measured) for j in range(len(shifts))]
-    best = min(range(len(shifts)), key=lambda j: (sums[j], abs(shifts[j])))
-    return float(shifts[best]), sums
+    return lowest(sums, shifts), sums
+
+
+def lowest(values: list[float], shifts: tuple[float, ...]) -> float:
+    """The shift of ``shifts`` whose value (one per shift) is lowest; ties go to the shift nearest 0."""
+    return float(shifts[min(range(len(shifts)), key=lambda j: (values[j], abs(shifts[j])))])
 
 
 def background_pool(token_index: list[int], n: int | None = None) -> list[int]:

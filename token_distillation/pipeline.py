@@ -110,8 +110,8 @@ from .targets import (
     read_wordlist,
 )
 from .tokenization import NewToken, add_new_tokens, bos_prefix
-from .output_rows import (SHIFT_GRID, background_pool, choose_shift, distill_output_rows, log_worse,
-                          shift_direction)
+from .output_rows import (SHIFT_GRID, TEXT_DOC_TOKENS, background_pool, choose_shift, distill_output_rows,
+                          log_worse, lowest, shift_direction, shift_documents, text_nll_by_shift)
 from .train import NewRows, HeldoutResult, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
@@ -287,6 +287,7 @@ class Snippets:
     scan_ids: Any
     model: Any = None  # loaded already when snippets were generated
     overfiring: dict | None = None  # over-firing words counted while snippets were collected (chars)
+    shift_docs: list = field(default_factory=list)  # held-out documents for --output_rows_shift (shift_documents)
 
 
 @dataclass
@@ -576,7 +577,16 @@ def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
     _log_few_train(tokens, snips.train_counts, cfg.snippets.snippet_num)
     logger.info("pre-flight: %d new tokens, %d skipped, %d training / %d held-out snippets, method %s",
                 len(tokens), len(skipped), len(snips.train), len(snips.heldout), cfg.train.init_method.value)
-    return Snippets(snips, tokens, sources, skipped, corpus_info, scan_ids, model, overfiring)
+    shift_docs = shift_documents(tg.corpus, snips.heldout, bos_prefix(tg.tokenizer), _doc_tokens(tg))
+    return Snippets(snips, tokens, sources, skipped, corpus_info, scan_ids, model, overfiring, shift_docs)
+
+
+def _doc_tokens(tg: Targets) -> int:
+    """Length cap (original tokens, BOS not counted) of a held-out document read for --output_rows_shift:
+    :data:`~token_distillation.output_rows.TEXT_DOC_TOKENS`, or less where the model's context is shorter."""
+    cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
+    ctx = getattr(cfg, "max_position_embeddings", None) or TEXT_DOC_TOKENS + 1
+    return max(1, min(TEXT_DOC_TOKENS, ctx - len(bos_prefix(tg.tokenizer))))
 
 
 def _generated_cache(setup: Setup, tokens: list[NewToken]) -> GeneratedSnippetCache:
@@ -833,8 +843,9 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
             result = _train_input_rows(setup, ext, fp, train_seqs, train_tix, loop_kw,
                                        budget - (held_teacher.bytes if held_teacher else 0), owned,
                                        kept_before.attachment(before))
+    docs = pair_snippets(sn.shift_docs, ext, tc.alignment)[0] if ext.out_policy == OutputEmbeddings.DISTILL else []
     out_result, out_kl, kept = _train_output_rows(setup, ext, result, (train_seqs, train_tix), (held_seqs, held_tix),
-                                                  all_held, owned, pad_id, loop_kw)
+                                                  all_held, owned, pad_id, loop_kw, docs)
     outputs_trained = ext.out_policy in (OutputEmbeddings.NTP, OutputEmbeddings.DISTILL)
     if not setup.dist.is_main and not setup.shard:  # data-parallel: the main process evaluates alone
         return Trained(result, out_result, lr, before.loss_per_token, before.loss_per_token, before.argmax,
@@ -860,9 +871,10 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
 
 
 def _train_output_rows(setup: Setup, ext: Extended, result, train, heldout, all_held, owned: list[int] | None,
-                       pad_id: int, loop_kw: dict):
+                       pad_id: int, loop_kw: dict, docs: list[MergedSequence]):
     """The output-row phase of :func:`train_new_rows` (``--output_embeddings ntp`` or ``distill``; nothing
-    for the other policies) after the input rows (``result``: their TrainResult, None when not trained).
+    for the other policies) after the input rows (``result``: their TrainResult, None when not trained);
+    ``docs``: the held-out documents the distill fit's shift is measured on.
 
     Returns:
         ``(TrainResult of the output rows or None, the fit's per-token KL dict or None, the words a stop
@@ -886,7 +898,7 @@ def _train_output_rows(setup: Setup, ext: Extended, result, train, heldout, all_
                                            autocast_dtype=setup.autocast_dtype,
                                            **{**loop_kw, "lr": setup.cfg.train.token_distillation_lr})
         elif ext.out_policy == OutputEmbeddings.DISTILL:
-            out_result, out_kl = _distill_outputs(setup, ext, train, heldout, all_held, owned, pad_id)
+            out_result, out_kl = _distill_outputs(setup, ext, train, heldout, all_held, owned, pad_id, docs)
     return out_result, out_kl, kept
 
 
@@ -901,13 +913,14 @@ def _kept_before(setup: Setup, ext: Extended, held_seqs, input_trained: bool) ->
                                             model=setup.source.identity, input_trained=input_trained))
 
 
-def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owned: list[int] | None, pad_id: int):
+def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owned: list[int] | None, pad_id: int,
+                     docs: list[MergedSequence]):
     """``--output_embeddings distill`` (:func:`~token_distillation.output_rows.distill_output_rows`)
     after the input rows are final. One process: every token. Token sharding: each process fits its
     own tokens and the rows and measures are gathered (``heldout``: this process's held-out snippets;
     ``all_held``: every held-out snippet, from which the held-out background positions are drawn, the
     same on every process). Data parallelism: the main process fits every token and sends the rows to
-    the others.
+    the others. ``docs``: held-out documents (student/teacher pairs) for the shift's text NLL.
 
     Returns:
         ``(TrainResult, per-token binary KL dict)`` (the dict is complete on the main process).
@@ -943,6 +956,7 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owne
         kl = {k: [next((p[k][t] for p in parts if p[k][t] is not None), None) for t in range(len(ext.tokens))]
               for k in kl}
     if kl is not None and shift is not None:  # every process of a sharded run, the main one otherwise
+        kl["text"] = (*_text_by_shift(setup, ext, docs, shift, pad_id), len(docs))
         kl["shift"] = _shared_shift(rows, kl, shift, spread, setup.cfg.output.output_rows_shift, dist.is_main)
     if not setup.shard and dist.distributed:
         dist.wait("output-rows")  # polls the store: the main process's fit may outlast the collective timeout
@@ -952,35 +966,71 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owne
     return result, kl
 
 
-def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, log: bool) -> dict:
-    """``--output_rows_shift`` after the output-row fit: pick the shift (``wanted``: nats, or
-    :data:`~token_distillation.config.HELDOUT`: the best of the measured ones on the held-out
-    snippets, :func:`~token_distillation.output_rows.choose_shift`), move every new output row by it
-    along ``shift[0]`` (``shift = (direction, shifts measured)``), put the moved rows' held-out KL into
-    ``kl["heldout_after"]`` and log the held-out objective at each shift (when ``log``).
+def _text_by_shift(setup: Setup, ext: Extended, docs: list[MergedSequence], shift: tuple,
+                   pad_id: int) -> tuple[list[float], int]:
+    """The held-out documents' text NLL at each shift (:func:`~token_distillation.output_rows.text_nll_by_shift`;
+    ``docs`` from :func:`~token_distillation.output_rows.shift_documents`), once the output rows are final
+    on this process. A token-sharded run splits the documents over its processes and sums their parts,
+    so every process gets the same numbers (and applies the same shift).
 
     Returns:
-        The report's summary: ``{"applied", "best_heldout", "direction_sd", "heldout_kl_sum": {shift: nats}}``.
+        ``(total NLL in nats per shift, scored positions)``; ``([], 0)`` without documents.
+    """
+    dist = setup.dist
+    picked = list(range(len(docs)))
+    if setup.shard:
+        picked = picked[dist.rank:: dist.world_size]
+    elif not docs:
+        return [], 0
+    part = text_nll_by_shift(ext.model, ext.rows, docs, picked, shift[0], shift[1], batch_size=setup.batch_size,
+                             device=setup.device, pad_id=pad_id, autocast_dtype=setup.autocast_dtype)
+    if not setup.shard:
+        return part
+    parts = dist.all_gather_objects(part, "output-rows-text")
+    n = sum(p[1] for p in parts)
+    return ([math.fsum(p[0][j] for p in parts) for j in range(len(shift[1]))] if n else []), n
+
+
+def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, log: bool) -> dict:
+    """``--output_rows_shift`` after the output-row fit: pick the shift (``wanted``: nats, or
+    :data:`~token_distillation.config.HELDOUT`: the one with the lowest text NLL of the held-out snippets,
+    ``kl["text"]`` from :func:`_text_by_shift`), move every new output row by it along ``shift[0]``
+    (``shift = (direction, shifts measured)``), put the moved rows' held-out KL into
+    ``kl["heldout_after"]`` and log both held-out measures at each shift (when ``log``).
+
+    Returns:
+        The report's summary: ``{"applied", "best_heldout" (the text NLL's lowest), "best_heldout_kl",
+        "direction_sd", "heldout_text_nll": {shift: nats}, "heldout_text_documents", "heldout_text_positions",
+        "heldout_kl_sum": {shift: nats}}``.
     """
     direction, shifts = shift
-    best, sums = choose_shift(kl, shifts)
+    best_kl, sums = choose_shift(kl, shifts)
+    text, n_text, n_docs = kl.get("text") or ([], 0, 0)
+    best = lowest(text, shifts) if n_text else 0.0
     applied = best if wanted == HELDOUT else float(wanted)
+    if wanted == HELDOUT and not n_text and log:
+        logger.warning("--output_rows_shift heldout not applied: no held-out corpus document to measure it on "
+                       "(generated snippets have none); pass a number of nats instead")
     if applied and sums:
         j = shifts.index(applied)
         with torch.no_grad():
             rows.out_rows += applied * direction.to(rows.out_rows.device, rows.out_rows.dtype)
         kl["heldout_after"] = [None if v is None else v[j] for v in kl["heldout_shift"]]
     if log and sums:
-        at0 = sums[shifts.index(0.0)]
-        near = [j for j, s in enumerate(shifts) if s in (-2.0, -1.0, -0.5, 0.0, 0.5) or s in (best, applied)]
-        logger.info("output rows (distill): summed held-out binary KL with one shift of every new token's logit "
-                    "(nats; h @ direction = 1 +- %.3f): %s; lowest at %+g%s", spread,
-                    ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best,
-                    f"; applied {applied:+g} (--output_rows_shift)" if applied else
-                    f" ({100 * (sums[shifts.index(best)] / at0 - 1):+.1f}%; not applied: --output_rows_shift 0)"
-                    if at0 > 0 else "")
-    return {"applied": applied if sums else 0.0, "best_heldout": best, "direction_sd": spread,
-            "heldout_kl_sum": {f"{s:g}": v for s, v in zip(shifts, sums)}}
+        near = [j for j, s in enumerate(shifts) if s in (-2.0, -1.0, -0.5, 0.0, 0.5) or s in (best, best_kl, applied)]
+        if n_text:
+            at0 = text[shifts.index(0.0)]
+            logger.info("output rows (distill): held-out documents' text NLL (%d documents, %d positions) with "
+                        "one shift of every new token's logit (nats; h @ direction = 1 +- %.3f), relative to none: %s; "
+                        "lowest at %+g", n_docs, n_text, spread, ", ".join(f"{shifts[j]:+g}: {100 * (text[j] / at0 - 1):+.3f}%" for j in near),
+                        best)
+        logger.info("output rows (distill): summed held-out binary KL (the fit's objective) at those shifts: %s; "
+                    "lowest at %+g; %s", ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best_kl,
+                    f"applied {applied:+g} (--output_rows_shift)" if applied else
+                    "not applied (--output_rows_shift 0; heldout would apply the text NLL's lowest)")
+    return {"applied": applied if sums else 0.0, "best_heldout": best, "best_heldout_kl": best_kl,
+            "direction_sd": spread, "heldout_text_nll": {f"{s:g}": v for s, v in zip(shifts, text)},
+            "heldout_text_documents": n_docs, "heldout_text_positions": n_text, "heldout_kl_sum": {f"{s:g}": v for s, v in zip(shifts, sums)}}
 
 
 def _sharded_heldout(model, rows: NewRows, seqs, token_index: list[int], num_tokens: int, *, dist: DistContext,
