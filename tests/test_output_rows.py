@@ -514,8 +514,16 @@ def test_shared_shift_moves_every_new_row_by_one_direction(tmp_path, untied_mode
     assert rep0["heldout_text_positions"] > 0 and rep0["heldout_text_documents"] > 0
     sums, text = rep0["heldout_kl_sum"], rep0["heldout_text_nll"]
     assert rep0["best_heldout_kl"] == float(min(sums, key=lambda k: sums[k]))
-    # heldout applies the shift with the lowest text NLL of the held-out snippets
+    # heldout applies the shift with the lowest text NLL of the held-out documents
     assert rep_h["applied"] == rep_h["best_heldout"] == float(min(text, key=lambda k: text[k]))
+    # those documents are left out of the evaluation's held-out corpus, as the training documents are
+    from token_distillation.metrics import read_extended
+
+    snip = runs[0].report["snippets"]
+    assert len(snip["shift_doc_ids"]) == rep0["heldout_text_documents"]
+    assert set(snip["shift_doc_ids"]) <= set(snip["heldout_doc_ids"])
+    assert read_extended(runs[0].out_path).train_doc_ids == {str(d) for d in snip["train_doc_ids"]
+                                                              + snip["shift_doc_ids"]}
     # the moved rows' held-out KL is the one measured at that shift
     assert math.isclose(runs[-1].report["output_rows_kl"]["heldout_after"] * sum(
         t["output_kl_heldout_final"] is not None for t in runs[-1].report["tokens"]), sums["-1"], rel_tol=1e-4)
@@ -655,6 +663,22 @@ def test_choose_shift_sums_over_measured_tokens():
     assert choose_shift({"heldout_shift": [[1.0, 0.5, 0.5, 0.5]]}, shifts)[0] == 0.0
     assert choose_shift({"heldout_shift": [None]}, shifts) == (0.0, [])
     assert choose_shift({}, shifts) == (0.0, [])
+
+
+def test_heldout_shift_without_a_corpus_is_refused(tmp_path, untied_model_dir, toy_corpus, cache_dir, toy_tokenizer):
+    """--output_rows_shift heldout needs held-out corpus documents: without --dataset_path (the command
+    line generates snippets) and with texts=None in the Python API it is refused before any model runs."""
+    from transformers import AutoModelForCausalLM
+
+    from token_distillation.api import distill
+    from token_distillation.config import ConfigError
+
+    with pytest.raises(ConfigError, match="without --dataset_path the snippets are generated"):
+        run(_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, dataset_path="", output_embeddings="distill",
+                 output_rows_shift="heldout"))
+    model = AutoModelForCausalLM.from_pretrained(untied_model_dir)
+    with pytest.raises(ConfigError, match="texts=None generates the snippets"):
+        distill(model, toy_tokenizer, [" hepatotoxicity"], None, output_embeddings="distill", output_rows_shift="heldout")
 
 
 @pytest.mark.parametrize("flags, words", [

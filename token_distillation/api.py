@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, SnippetSource
+from .config import HELDOUT, ConfigError, RunConfig, SnippetSource
 
 #: flags that :func:`distill`'s arguments stand for
 ARGUMENT_FLAGS = {"model_path": "model", "new_tokens_source": "new_tokens", "build_target_method": "new_tokens",
@@ -171,6 +171,9 @@ def _config(config: RunConfig | None, flags: dict[str, Any], name: str, has_text
     cfg = RunConfig.from_flags(**merged)
     if has_texts and cfg.snippets.use_generated_snippets:
         raise ConfigError("use_generated_snippets=True contradicts texts; pass texts=None for generated snippets")
+    if not has_texts and cfg.output.output_rows_shift == HELDOUT:
+        raise ConfigError(f"output_rows_shift={HELDOUT!r} picks the shift on held-out documents of texts, but "
+                          "texts=None generates the snippets; pass texts or a number of nats (e.g. -1)")
     if cfg.output.resume or cfg.output.dry_run:
         raise ConfigError("config: resume / dry_run are not available in the Python API")
     return cfg

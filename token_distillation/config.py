@@ -775,7 +775,7 @@ class OutputConfig:
         0.0,
         "With distill output rows: nats added to every new token's logit after the fit, the same for all "
         "(negative: the new tokens less probable), or heldout: the shift from -3 to 1 in steps of 0.25 with the "
-        "lowest negative log-likelihood of the held-out snippets' text under the extended model (every token a "
+        "lowest negative log-likelihood of the held-out documents' text under the extended model (every token a "
         "target, as bits per byte) on up to 100 held-out corpus documents. That NLL at each shift is logged and "
         "reported either way. At 100 SmolLM2 words heldout picked -0.25, as the evaluation's documents want; at "
         "500 words a fixed -1 lowered bits per byte on them (docs/sweep/output_fit_calibration.md).", word=HELDOUT)

@@ -84,8 +84,8 @@ def read_extended(path: str | Path, label: str = "") -> ExtendedModel:
     snip = rep.get("snippets", {})
     if snip.get("source", "corpus") == "generated":
         train_docs: set[str] = set()
-    elif "train_doc_ids" in snip:
-        train_docs = {str(x) for x in snip["train_doc_ids"]}
+    elif "train_doc_ids" in snip:  # and the documents the output rows' shift was chosen on
+        train_docs = {str(x) for x in snip["train_doc_ids"] + snip.get("shift_doc_ids", [])}
     else:
         raise ConfigError(f"--extended_paths: {d}/report.json does not list its training documents "
                           "(snippets.train_doc_ids); they cannot be excluded from the held-out corpus")

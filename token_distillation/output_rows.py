@@ -63,7 +63,7 @@ direction of the final hidden states with ``h @ d ~ 1`` (:func:`shift_direction`
 every new token's logit by about ``s`` nats everywhere. Two held-out measures per shift are logged and
 reported: the fit's own objective summed over tokens (:func:`choose_shift`; it weighs a token's
 positions as the fit does, so it cannot see the tokens' probabilities add up), and the extended
-model's NLL of the held-out snippets' text, every token a target under the full extended softmax
+model's NLL of the held-out documents' text, every token a target under the full extended softmax
 (:func:`text_nll_by_shift`, the quantity bits per byte measures). ``--output_rows_shift`` applies a
 given shift, or ``heldout`` the one with the lowest text NLL.
 
@@ -635,12 +635,12 @@ def shift_direction(model, rows: NewRows, seqs: list[MergedSequence], token_inde
 
 def shift_documents(corpus, heldout: list, bos: list[int], max_tokens: int, n: int | None = None) -> list:
     """The held-out documents whose text :func:`text_nll_by_shift` scores: the corpus documents that
-    held-out snippets were mined from (so each contains a new word, and none was trained on), at most
-    ``n`` (default :data:`TEXT_DOCS`) of them spread evenly over the snippet list (which holds every
-    token's snippets in turn), each as a snippet of its first ``max_tokens`` original tokens after
-    ``bos``. Documents are read whole, at their own density of new words: a held-out snippet has its
-    word in every ``--snippet_len`` tokens, which asks for more probability on the new tokens than
-    text does.
+    held-out snippets were mined from (each contains a new word, none was trained on), at most ``n``
+    (default :data:`TEXT_DOCS`) of them spread evenly over the snippet list (which holds every token's
+    snippets in turn), each as a snippet of its first ``max_tokens`` original tokens after ``bos`` (the
+    word may lie beyond them). Documents are read at their own density of new words: a held-out
+    snippet has its word in every ``--snippet_len`` tokens, which asks for more probability on the
+    new tokens than text does.
 
     Args:
         corpus: the tokenized corpus (``doc(d)``: ``[len]`` original ids), or None (no documents).
@@ -677,8 +677,8 @@ def text_nll_by_shift(model, rows: NewRows, seqs: list[MergedSequence], indices:
     moved by ``s * direction`` ``[hidden]``, for each ``s`` of ``shifts``: every student token after the
     first is a target (original and new tokens alike) under the full extended vocabulary's softmax, as
     bits per byte scores a text (``token_distillation.evaluate``). Unlike the fit's per-token objective it
-    sees the new tokens' probabilities add up at every position. One student forward per snippet; the
-    original vocabulary's log-normaliser is computed once per position, so every shift costs only the new
+    sees the new tokens' probabilities add up at every position. One student forward per batch of
+    ``batch_size`` sequences; the original vocabulary's log-normaliser is computed once per position, so every shift costs only the new
     tokens' logits ``[positions, num_new]``.
 
     Returns:

@@ -419,6 +419,9 @@ def start(cfg: RunConfig) -> Setup:
                     "complete and then is replaced", out)
     if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
+    elif cfg.output.output_rows_shift == HELDOUT:  # the command line: no corpus means generated snippets
+        raise ConfigError(f"--output_rows_shift {HELDOUT} picks the shift on held-out corpus documents, but without "
+                          "--dataset_path the snippets are generated; pass --dataset_path or a number of nats (e.g. -1)")
     words_digest = words = None
     if cfg.targets.build_target_method == BuildTargetMethod.WORDLIST:
         words = read_wordlist(cfg.targets.wordlist_path)  # a malformed list fails before the tokenizer loads
@@ -583,10 +586,12 @@ def gather_snippets(setup: Setup, tg: Targets) -> Snippets:
 
 def _doc_tokens(tg: Targets) -> int:
     """Length cap (original tokens, BOS not counted) of a held-out document read for --output_rows_shift:
-    :data:`~token_distillation.output_rows.TEXT_DOC_TOKENS`, or less where the model's context is shorter."""
+    :data:`~token_distillation.output_rows.TEXT_DOC_TOKENS`, or less where the model's context is shorter
+    (with a margin: the extended tokenizer reads the decoded text again, and a cut inside a character
+    can come back a token or two longer)."""
     cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
-    ctx = getattr(cfg, "max_position_embeddings", None) or TEXT_DOC_TOKENS + 1
-    return max(1, min(TEXT_DOC_TOKENS, ctx - len(bos_prefix(tg.tokenizer))))
+    ctx = getattr(cfg, "max_position_embeddings", None) or TEXT_DOC_TOKENS + 64
+    return max(1, min(TEXT_DOC_TOKENS, ctx - len(bos_prefix(tg.tokenizer)) - 16))
 
 
 def _generated_cache(setup: Setup, tokens: list[NewToken]) -> GeneratedSnippetCache:
@@ -982,7 +987,10 @@ def _text_by_shift(setup: Setup, ext: Extended, docs: list[MergedSequence], shif
         picked = picked[dist.rank:: dist.world_size]
     elif not docs:
         return [], 0
-    part = text_nll_by_shift(ext.model, ext.rows, docs, picked, shift[0], shift[1], batch_size=setup.batch_size,
+    # the batch was sized for snippets: as many tokens per forward, in documents
+    longest = max((len(docs[i].student_ids) for i in picked), default=1)
+    batch = max(1, setup.batch_size * (setup.cfg.snippets.snippet_len + 1) // longest)
+    part = text_nll_by_shift(ext.model, ext.rows, docs, picked, shift[0], shift[1], batch_size=batch,
                              device=setup.device, pad_id=pad_id, autocast_dtype=setup.autocast_dtype)
     if not setup.shard:
         return part
@@ -993,21 +1001,22 @@ def _text_by_shift(setup: Setup, ext: Extended, docs: list[MergedSequence], shif
 
 def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, log: bool) -> dict:
     """``--output_rows_shift`` after the output-row fit: pick the shift (``wanted``: nats, or
-    :data:`~token_distillation.config.HELDOUT`: the one with the lowest text NLL of the held-out snippets,
+    :data:`~token_distillation.config.HELDOUT`: the one with the lowest text NLL of the held-out documents,
     ``kl["text"]`` from :func:`_text_by_shift`), move every new output row by it along ``shift[0]``
     (``shift = (direction, shifts measured)``), put the moved rows' held-out KL into
     ``kl["heldout_after"]`` and log both held-out measures at each shift (when ``log``).
 
     Returns:
-        The report's summary: ``{"applied", "best_heldout" (the text NLL's lowest), "best_heldout_kl",
+        The report's summary: ``{"applied", "best_heldout" (the text NLL's lowest; None without
+        documents), "best_heldout_kl",
         "direction_sd", "heldout_text_nll": {shift: nats}, "heldout_text_documents", "heldout_text_positions",
         "heldout_kl_sum": {shift: nats}}``.
     """
     direction, shifts = shift
     best_kl, sums = choose_shift(kl, shifts)
     text, n_text, n_docs = kl.get("text") or ([], 0, 0)
-    best = lowest(text, shifts) if n_text else 0.0
-    applied = best if wanted == HELDOUT else float(wanted)
+    best = lowest(text, shifts) if n_text else None
+    applied = (best or 0.0) if wanted == HELDOUT else float(wanted)
     if wanted == HELDOUT and not n_text and log:
         logger.warning("--output_rows_shift heldout not applied: no held-out corpus document to measure it on "
                        "(generated snippets have none); pass a number of nats instead")
@@ -1020,10 +1029,10 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
         near = [j for j, s in enumerate(shifts) if s in (-2.0, -1.0, -0.5, 0.0, 0.5) or s in (best, best_kl, applied)]
         if n_text:
             at0 = text[shifts.index(0.0)]
+            moved = ", ".join(f"{shifts[j]:+g}: {100 * (text[j] / at0 - 1):+.3f}%" for j in near)
             logger.info("output rows (distill): held-out documents' text NLL (%d documents, %d positions) with "
                         "one shift of every new token's logit (nats; h @ direction = 1 +- %.3f), relative to none: %s; "
-                        "lowest at %+g", n_docs, n_text, spread, ", ".join(f"{shifts[j]:+g}: {100 * (text[j] / at0 - 1):+.3f}%" for j in near),
-                        best)
+                        "lowest at %+g", n_docs, n_text, spread, moved, best)
         logger.info("output rows (distill): summed held-out binary KL (the fit's objective) at those shifts: %s; "
                     "lowest at %+g; %s", ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best_kl,
                     f"applied {applied:+g} (--output_rows_shift)" if applied else

@@ -45,7 +45,7 @@ def build_report(setup, targets, snippets, extended, trained) -> dict[str, Any]:
         "autocast_dtype": str(setup.autocast_dtype),
         "seed": tc.seed, "processes": setup.dist.world_size, "train_batch_size": setup.batch_size,
         "memory_plan_gib": memory_plan_gib(ext.plan), "distributed": setup.dist_info,
-        "snippets": sn.corpus_info,
+        "snippets": _snippets_info(targets, sn, tr),
         "tokens": [
             {"token": t.text, "id": t.token_id, "subtoken_ids": list(t.subtoken_ids),
              "subtokens": ext.tokenizer.convert_ids_to_tokens(list(t.subtoken_ids)),
@@ -188,3 +188,15 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def _snippets_info(tg, sn, tr) -> dict:
+    """The report's ``snippets`` part: the corpus information of the snippet stage, and, when
+    ``--output_rows_shift`` measured its text NLL on held-out documents, their ids (``shift_doc_ids``:
+    ``token_distillation.evaluate`` leaves them out as it does the training documents, since one
+    number of the run was chosen on them)."""
+    info = dict(sn.corpus_info)
+    shift = tr.out_kl.get("shift") if tr.out_kl else None
+    if shift and shift.get("heldout_text_documents") and tg.corpus is not None:
+        info["shift_doc_ids"] = [tg.corpus.doc_id(d.doc) for d in sn.shift_docs]
+    return info
