@@ -4,7 +4,7 @@ h @ d ~ 1 (least squares on the first half of the positions), i.e. every new tok
 by the same amount at every position. Prints the NLL at the words, elsewhere, and the probability the
 new tokens take where they do not come next.
 
-    python uniform_shift.py RUN_DIR STATES.pt
+    python uniform_shift.py RUN_DIR STATES.pt [SHIFTS]    # SHIFTS: comma-separated nats, default 0,-0.5,-1,-1.5,-2,-3
 """
 import torch, json, sys
 from safetensors.torch import load_file
@@ -34,6 +34,7 @@ def nll(O):
 O = W[new_ids]
 base = nll(O)
 print("positions", len(H), "new-token targets", int(is_new.sum()))
-for b in (0, -0.5, -1, -1.5, -2, -3):
+shifts = [float(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else (0, -0.5, -1, -1.5, -2, -3)
+for b in shifts:
     r = nll(O + b * d)
     print(f"shift {b:5}: total {r[0]:.0f} ({100*(r[0]/base[0]-1):+.2f}%) words {r[1]:.0f} rest {r[2]:.0f} misplaced {r[3]:.4f}")
