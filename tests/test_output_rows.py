@@ -685,6 +685,8 @@ def test_heldout_shift_without_a_corpus_is_refused(tmp_path, untied_model_dir, t
     (dict(output_rows_shift="abc"), "expected a number of nats"),
     (dict(output_rows_shift="nan"), "expected a number of nats"),
     (dict(output_rows_shift=True), "needs a value"),
+    (dict(output_rows_shift=1e6), "at most 10 nats"),
+    (dict(output_rows_shift="-10.5"), "at most 10 nats"),
     (dict(output_rows_shift=-1, output_embeddings="zero"), "--output_embeddings distill"),
     (dict(output_rows_shift="heldout", init_method="subtoken-mean"), "does not distill them"),
     (dict(output_rows_shift=-1, set_output_to_zero_if_untied=False), "--set_output_to_zero_if_untied false"),

@@ -213,8 +213,10 @@ def _batch_size(value: Any, problems: list[str]) -> int | str:
     return n
 
 
-#: ``--output_rows_shift``'s word for the shift chosen on the held-out snippets
+#: ``--output_rows_shift``'s word for the shift chosen on held-out documents
 HELDOUT = "heldout"
+#: largest ``--output_rows_shift`` in nats either way (beyond it the new tokens are never or always predicted)
+MAX_SHIFT = 10.0
 
 
 def _shift(value: Any, problems: list[str]) -> float | str:
@@ -230,6 +232,10 @@ def _shift(value: Any, problems: list[str]) -> float | str:
     except (TypeError, ValueError):
         problems.append(f"--output_rows_shift: expected a number of nats (e.g. -1; 0 for none) or {HELDOUT}, "
                         f"got {value!r}")
+        return value
+    if abs(x) > MAX_SHIFT:
+        problems.append(f"--output_rows_shift {value}: at most {MAX_SHIFT:g} nats either way (a shift that large makes "
+                        f"the new tokens never or always predicted); the measured range is -3 to 1, or pass {HELDOUT}")
         return value
     return x + 0.0  # -0.0 -> 0.0
 

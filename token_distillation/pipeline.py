@@ -1030,9 +1030,11 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
         if n_text:
             at0 = text[shifts.index(0.0)]
             moved = ", ".join(f"{shifts[j]:+g}: {100 * (text[j] / at0 - 1):+.3f}%" for j in near)
+            edge = (" (the end of the measured range: a larger shift may be better still; pass one as a number)"
+                    if best in (shifts[0], shifts[-1]) else "")
             logger.info("output rows (distill): held-out documents' text NLL (%d documents, %d positions) with "
-                        "one shift of every new token's logit (nats; h @ direction = 1 +- %.3f), relative to none: %s; "
-                        "lowest at %+g", n_docs, n_text, spread, moved, best)
+                        "one shift of every new token's logit (nats; h @ direction = 1 +- %.3f on the held-out "
+                        "snippets), relative to none: %s; lowest at %+g%s", n_docs, n_text, spread, moved, best, edge)
         logger.info("output rows (distill): summed held-out binary KL (the fit's objective) at those shifts: %s; "
                     "lowest at %+g; %s", ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best_kl,
                     f"applied {applied:+g} (--output_rows_shift)" if applied else
