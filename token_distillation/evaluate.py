@@ -89,6 +89,7 @@ from .metrics import (  # noqa: F401  (re-exported: these lived here before)
     _unique_labels,
 )
 from .paper_tables import split_list
+from .models import context_length
 from .paths import claim_script_dir, read_manifest
 from .tokenization import NewToken, bos_prefix, subtoken_ids
 from .train import resolve_layer
@@ -404,8 +405,7 @@ def other_source(exts: list[ExtendedModel], source) -> list[str]:
 
 
 def _max_len(model) -> int:
-    return int(getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                       "max_position_embeddings", 0) or 0)
+    return int(context_length(model.config) or 0)
 
 
 def _original_bpb(cfg: EvalConfig, model, tokenizer, windows: list[Window], device) -> tuple[list[str], Any]:

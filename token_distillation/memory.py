@@ -100,6 +100,7 @@ from typing import Callable
 import torch
 
 from .config import ConfigError
+from .models import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +185,11 @@ def count_parameters(model_config) -> int:
         if id(p) not in seen:  # tied weights count once
             seen.add(id(p))
             total += p.numel()
-    text = _text_config(model_config)
+    text = text_config(model_config)
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     if getattr(text, "tie_word_embeddings", False) and out is not None and out.weight is not inp.weight:
         total -= out.weight.numel()  # tied in the real model (tying is skipped on the meta device)
     return total
-
-
-def _text_config(model_config):
-    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
 
 
 def _item(dtype: torch.dtype) -> int:
@@ -250,7 +247,7 @@ def plan_memory(model_config, *, weights_dtype: torch.dtype, autocast_dtype: tor
     Returns:
         a :class:`MemoryPlan` (bytes per term; ``.total`` is the estimated peak).
     """
-    text = _text_config(model_config)
+    text = text_config(model_config)
     hidden, vocab = int(text.hidden_size), int(text.vocab_size)
     heads = int(getattr(text, "num_attention_heads", 1) or 1)
     tied = bool(getattr(text, "tie_word_embeddings", False))

@@ -373,6 +373,16 @@ def extend_embeddings(model, num_tokens: int) -> None:
         model.config.get_text_config().vocab_size = model.config.vocab_size
 
 
+def text_config(model_config):
+    """The text model's part of a config (a multimodal model's ``get_text_config()``), else the config."""
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+
+def context_length(model_config) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), or None when the config does not say."""
+    return getattr(text_config(model_config), "max_position_embeddings", None) or None
+
+
 def check_context_length(model_config, snippet_len: int, bos_len: int = 1) -> None:
     """Refuse snippets longer than the model's context (``max_position_embeddings``).
 
@@ -381,8 +391,7 @@ def check_context_length(model_config, snippet_len: int, bos_len: int = 1) -> No
     Raises:
         ConfigError: ``snippet_len + bos_len`` exceeds the model's context.
     """
-    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    ctx = getattr(cfg, "max_position_embeddings", None)
+    ctx = context_length(model_config)
     if ctx and snippet_len + bos_len > ctx:
         raise ConfigError(f"--snippet_len {snippet_len} (+{bos_len} BOS) exceeds the model's context of {ctx} "
                           f"tokens; use --snippet_len {ctx - bos_len} or less")

@@ -99,7 +99,8 @@ from .alignment import MergedSequence, collate
 from .fastpath import forward_to_layer, num_layers
 from .interrupts import check_stop
 from .report import mean
-from .train import NewRows, TrainResult, autocast_context, hidden_states, output_logits
+from .models import text_config
+from .train import NewRows, TrainResult, autocast_context, hidden_states, output_logits, soft_cap
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +263,7 @@ def _cache_covers(model, length: int) -> bool:
     """Whether a key/value cache of ``length`` positions keeps every position for every layer and the
     masks of a continuation after a gap are exact: no sliding-window attention, or a window longer
     than ``length`` (Gemma-3: 512; its sliding layers keep only the last window's keys)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    window = getattr(cfg, "sliding_window", None)
+    window = getattr(text_config(model.config), "sliding_window", None)
     return not isinstance(window, int) or length < window
 
 
@@ -538,9 +538,7 @@ def _logits(model, o: torch.Tensor, pos: Positions, bias: torch.Tensor | None) -
     z = (pos.h * o[pos.owner]).sum(-1)
     if bias is not None:
         z = z + bias[pos.owner]
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    return torch.tanh(z / cap) * cap if cap else z
+    return soft_cap(model, z)
 
 
 def position_weights(pos: Positions, n: int) -> torch.Tensor:
@@ -687,11 +685,9 @@ def text_nll_by_shift(model, rows: NewRows, seqs: list[MergedSequence], indices:
     Raises:
         Interrupted: a stop signal was received (checked before every batch).
     """
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cap = getattr(cfg, "final_logit_softcapping", None)
     bias = getattr(model.get_output_embeddings(), "bias", None)
-    new_rows = rows.output_new().float()
-    new_bias = bias[torch.tensor(rows.token_ids, device=bias.device)].float() if bias is not None else None
+    new_rows = rows.output_new().float().to(device)
+    new_bias = bias[torch.tensor(rows.token_ids, device=bias.device)].float().to(device) if bias is not None else None
     d = direction.float().to(device)
     sums = torch.zeros(len(shifts), dtype=torch.float64)
     shift_t = torch.tensor(shifts, dtype=torch.float32, device=device)
@@ -712,14 +708,12 @@ def text_nll_by_shift(model, rows: NewRows, seqs: list[MergedSequence], indices:
                 orig = output_logits(model, rows, h, include_new=False).float()
                 log_z = torch.logsumexp(orig, -1)
                 at = orig.gather(1, tgt.clamp(max=orig.shape[1] - 1)[:, None])[:, 0]
-                base = h.float() @ new_rows.to(device).T  # [m, num_new], before the shift
+                base = h.float() @ new_rows.T  # [m, num_new], before the shift
                 if new_bias is not None:
-                    base = base + new_bias.to(device)
+                    base = base + new_bias
                 hd = h.float() @ d  # [m]: how much a unit shift moves each position's new logits
                 for j in range(len(shifts)):
-                    z = base + shift_t[j] * hd[:, None]
-                    if cap:
-                        z = torch.tanh(z / cap) * cap
+                    z = soft_cap(model, base + shift_t[j] * hd[:, None])
                     total = torch.logaddexp(log_z, torch.logsumexp(z, -1))
                     own = torch.where(row >= 0, z.gather(1, row.clamp(min=0)[:, None])[:, 0], at)
                     sums[j] += float((total - own).double().sum())

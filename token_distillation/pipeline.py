@@ -79,6 +79,7 @@ from .memory import (
 from .models import (
     check_context_length,
     check_saveable,
+    context_length,
     embedding_scale,
     extend_embeddings,
     is_tied,
@@ -87,6 +88,7 @@ from .models import (
     load_tokenizer,
     resolve_model_source,
     set_new_output_bias,
+    text_config,
     untie_embeddings,
     weights_path,
 )
@@ -473,7 +475,7 @@ def check_model_config(cfg: RunConfig, model_config) -> None:
     """
     resolve_layer(model_config, cfg.train.target_layer)
     check_context_length(model_config, cfg.snippets.snippet_len, 0)  # with the BOS again once the tokenizer is known
-    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text_cfg = text_config(model_config)
     if cfg.output.output_embeddings == OutputEmbeddings.TIED and not getattr(text_cfg, "tie_word_embeddings", True):
         raise ConfigError("--output_embeddings tied: this model's output embeddings are not tied; use auto, "
                           "distill, zero, subtoken-mean or ntp")
@@ -589,8 +591,7 @@ def _doc_tokens(tg: Targets) -> int:
     :data:`~token_distillation.output_rows.TEXT_DOC_TOKENS`, or less where the model's context is shorter
     (with a margin: the extended tokenizer reads the decoded text again, and a cut inside a character
     can come back a token or two longer)."""
-    cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
-    ctx = getattr(cfg, "max_position_embeddings", None) or TEXT_DOC_TOKENS + 64
+    ctx = context_length(tg.model_config) or TEXT_DOC_TOKENS + 64
     return max(1, min(TEXT_DOC_TOKENS, ctx - len(bos_prefix(tg.tokenizer)) - 16))
 
 
@@ -700,7 +701,7 @@ def plan_run_memory(setup: Setup, tg: Targets, sn: Snippets) -> MemoryPlan:
         ConfigError: the plan exceeds 90% of the CUDA device's memory.
     """
     cfg, tc, tokenizer = setup.cfg, setup.cfg.train, tg.tokenizer
-    text_cfg = tg.model_config.get_text_config() if hasattr(tg.model_config, "get_text_config") else tg.model_config
+    text_cfg = text_config(tg.model_config)
     hidden, vocab = int(text_cfg.hidden_size), int(text_cfg.vocab_size)
     seq_len = cfg.snippets.snippet_len + len(bos_prefix(tokenizer))
     host = setup.device.type != "cuda"
@@ -1403,7 +1404,7 @@ def output_plan(cfg: RunConfig, model_config) -> str:
 
 def _config_tied(model_config) -> bool:
     """Whether a model's config ties its output embeddings to the input ones (text config of multimodal models)."""
-    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text_cfg = text_config(model_config)
     return bool(getattr(text_cfg, "tie_word_embeddings", False))
 
 

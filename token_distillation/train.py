@@ -27,6 +27,7 @@ from .fastpath import TeacherCache, num_layers, teacher_hiddens, teacher_student
 from .recipes import BatchState, DistillObjective, FnObjective, PaperRecipe, PerTokenRecipe
 from .losses import LOSSES, LossPlan, combine, mse_per_position
 from .memory import HELDOUT_BATCH_SIZE
+from .models import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +154,14 @@ def output_logits(model, rows: NewRows, h: torch.Tensor, include_new: bool, froz
         logits = torch.cat([logits + (bias[: rows.num_original] if bias is not None else 0), new], dim=-1)
     elif bias is not None:
         logits = logits + bias[: rows.num_original]
-    cap = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                  "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return soft_cap(model, logits)
+
+
+def soft_cap(model, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (any shape) through the model's final logit soft-capping ``cap * tanh(z / cap)``
+    (Gemma 2/3's ``final_logit_softcapping``); unchanged for a model without it."""
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def ce_targets(rows: NewRows, batch: AlignedBatch) -> tuple[torch.Tensor, torch.Tensor]:
