@@ -50,6 +50,23 @@ def test_bad_flags_exit_2_with_one_line(args, needle, tmp_path):
 def test_all_problems_reported_together(tmp_path):
     r = run_cli("--snippet_num", "0", "--token_distillation_lr", "-1", "--out_path", str(tmp_path / "o"))
     assert "--snippet_num" in r.stderr and "--token_distillation_lr" in r.stderr
+    # a bound's message says what was passed and what to pass instead
+    assert "--snippet_num must be >= 1, not 0; the default is 25" in r.stderr
+    assert "--token_distillation_lr must be > 0, not -1.0; the default is 0.0001" in r.stderr
+
+
+def test_bound_checks_catch_nan_and_wrong_types():
+    """NaN fails every bound (it compares False both ways); a string from the Python API is named,
+    not a TypeError."""
+    from token_distillation.config import TrainConfig, _at_least
+
+    for value, needle in [(float("nan"), "must be > 0, not nan; the default is 0.0001"),
+                          ("0.1", "expected a number, got '0.1'"), (0.0, "must be > 0, not 0.0"), (1e-3, None)]:
+        cfg = TrainConfig()
+        object.__setattr__(cfg, "token_distillation_lr", value)  # frozen: past the constructor's own checks
+        problems: list[str] = []
+        _at_least(cfg, "token_distillation_lr", 0, problems, strict=True)
+        assert problems == [] if needle is None else (len(problems) == 1 and needle in problems[0]), problems
 
 
 @pytest.mark.parametrize("case", ["out_path", "model_path"])

@@ -104,7 +104,7 @@ def test_earlier_output_is_replaced_and_suggested(tmp_path, toy_model_dir, toy_c
     out = tmp_path / "out"
     _earlier_output(out, kind="dry-run")
     code, errs, _ = _cli(capsys, "--dry_run", "--out_path", str(out), "--model_path", str(toy_model_dir))
-    assert code == 2 and "pass --overwrite" in errs[0]
+    assert code == 2 and "(a dry run's output); choose a new directory or pass --overwrite" in errs[0]
     cfg = _toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, dry_run=True, overwrite=True)
     run(cfg)
     assert json.loads((out / "report.json").read_text())["dry_run"] is True

@@ -252,6 +252,23 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list
 
 
 
+def _at_least(cfg: Any, name: str, minimum: float, problems: list[str], strict: bool = False, note: str = "") -> None:
+    """Append a problem when field ``name`` of ``cfg`` is below ``minimum`` (or not above it, with
+    ``strict``; NaN always fails); the message gives the value passed and the flag's default, so it
+    says what to pass instead."""
+    value = getattr(cfg, name)
+    try:
+        if (value > minimum) if strict else (value >= minimum):
+            return
+    except TypeError:  # the Python API passed a string or None
+        problems.append(f"--{name}: expected a number, got {value!r}")
+        return
+    default = next(f.default for f in fields(cfg) if f.name == name)
+    problems.append(f"--{name} must be {'>' if strict else '>='} {minimum:g}{f' ({note})' if note else ''}, "
+                    f"not {value!r}; the default is {default!r}")
+
+
+
 #: flag names common in other training tools and the flags they mean here (for :func:`flag_hint`)
 SYNONYMS = {"learning_rate": ("token_distillation_lr", "token_distillation_lr_relative"),
             "lr": ("token_distillation_lr", "token_distillation_lr_relative"),
@@ -332,8 +349,7 @@ class ModelConfig:
         if not str(self.model_path).strip():
             problems.append("--model_path is empty; pass a hub id, a local directory, a .gguf file or "
                             f"{BUNDLED_MODEL_ALIAS!r}")
-        if not float(self.process_group_timeout_minutes) > 0:
-            problems.append("--process_group_timeout_minutes must be > 0 (minutes; e.g. 60)")
+        _at_least(self, "process_group_timeout_minutes", 0, problems, strict=True, note="minutes")
         dev = str(self.device)
         if dev != "auto" and dev.split(":")[0] not in {"cpu", "cuda", "mps", "xpu"}:
             problems.append(f"--device: unknown device {dev!r}; use auto, cpu, cuda, cuda:N or mps")
@@ -428,16 +444,11 @@ class TargetConfig:
         if method == BuildTargetMethod.TOKENIZER and not str(self.target_tokenizer).strip():
             problems.append("--build_target_method tokenizer needs --target_tokenizer (a tokenizer directory, "
                             "hub id or bundled alias)")
-        if self.num_new_tokens < 0:
-            problems.append("--num_new_tokens must be >= 0 (0 keeps all)")
-        if self.min_count < 1:
-            problems.append("--min_count must be >= 1")
-        if self.max_ngram < 1:
-            problems.append("--max_ngram must be >= 1")
-        if self.ner_n_process < 1:
-            problems.append("--ner_n_process must be >= 1")
-        if self.ner_batch_size < 1:
-            problems.append("--ner_batch_size must be >= 1")
+        _at_least(self, "num_new_tokens", 0, problems, note="0 keeps all")
+        _at_least(self, "min_count", 1, problems)
+        _at_least(self, "max_ngram", 1, problems)
+        _at_least(self, "ner_n_process", 1, problems)
+        _at_least(self, "ner_batch_size", 1, problems)
 
 
 @dataclass(frozen=True)
@@ -473,10 +484,8 @@ class CorpusConfig:
     )
 
     def validate(self, problems: list[str]) -> None:
-        if self.max_docs < 0:
-            problems.append("--max_docs must be >= 0 (0 means all documents)")
-        if self.num_proc < 0:
-            problems.append("--num_proc must be >= 0 (0: every core)")
+        _at_least(self, "max_docs", 0, problems, note="0 means all documents")
+        _at_least(self, "num_proc", 0, problems, note="0: every core")
         if not 0.0 <= self.heldout_fraction < 1.0:
             problems.append("--heldout_fraction must be in [0, 1)")
         path = str(self.dataset_path)
@@ -532,20 +541,15 @@ class SnippetConfig:
         object.__setattr__(
             self, "snippet_source", _enum_value(SnippetSource, self.snippet_source, "snippet_source", problems)
         )
-        if self.snippet_len < 2:
-            problems.append("--snippet_len must be >= 2 tokens")
-        if self.snippet_num < 1:
-            problems.append("--snippet_num must be >= 1")
-        if self.min_snippets < 1:
-            problems.append("--min_snippets must be >= 1")
+        _at_least(self, "snippet_len", 2, problems, note="tokens")
+        _at_least(self, "snippet_num", 1, problems)
+        _at_least(self, "min_snippets", 1, problems)
         if 1 <= self.snippet_num < self.min_snippets:
             problems.append(f"--snippet_num {self.snippet_num} is below --min_snippets {self.min_snippets}, so every "
                             f"token would be skipped; pass --min_snippets {self.snippet_num} (or less) or a larger "
                             "--snippet_num")
-        if self.heldout_snippet_num < 0:
-            problems.append("--heldout_snippet_num must be >= 0")
-        if self.generation_temperature <= 0:
-            problems.append("--generation_temperature must be > 0")
+        _at_least(self, "heldout_snippet_num", 0, problems)
+        _at_least(self, "generation_temperature", 0, problems, strict=True)
         if not 0 < self.generation_top_p <= 1:
             problems.append("--generation_top_p must be in (0, 1]")
 
@@ -711,18 +715,14 @@ class TrainConfig:
         object.__setattr__(self, "alignment", _enum_value(Alignment, self.alignment, "alignment", problems))
         object.__setattr__(self, "recipe", _enum_value(Recipe, self.recipe, "recipe", problems))
         object.__setattr__(self, "lr_schedule", _enum_value(LrSchedule, self.lr_schedule, "lr_schedule", problems))
-        if not self.token_distillation_lr_relative > 0:
-            problems.append("--token_distillation_lr_relative must be > 0")
-        if self.snippets_per_update < 1:
-            problems.append("--snippets_per_update must be >= 1")
-        if not self.token_distillation_lr > 0:
-            problems.append("--token_distillation_lr must be > 0")
+        _at_least(self, "token_distillation_lr_relative", 0, problems, strict=True)
+        _at_least(self, "snippets_per_update", 1, problems)
+        _at_least(self, "token_distillation_lr", 0, problems, strict=True)
         if self.token_distillation_epochs < 0:
             problems.append("--token_distillation_epochs must be >= 1 (or 0 for the recipe's default)")
         elif self.token_distillation_epochs == 0 and self.recipe is not None:
             object.__setattr__(self, "token_distillation_epochs", RECIPE_EPOCHS[self.recipe])
-        if not self.teacher_cache_gib >= 0:
-            problems.append("--teacher_cache_gib must be >= 0 (0 disables the teacher cache)")
+        _at_least(self, "teacher_cache_gib", 0, problems, note="0 disables the teacher cache")
         object.__setattr__(self, "token_distillation_batch_size",
                            _batch_size(self.token_distillation_batch_size, problems))
         if self.stopping_condition == StoppingCondition.MAX_STEPS and self.max_steps < 1:
@@ -731,8 +731,7 @@ class TrainConfig:
             problems.append(f"--max_steps {self.max_steps} counts only when training stops by steps: add "
                             f"--stopping_condition max_steps (or give --stopping_condition max_steps:{self.max_steps} "
                             "instead), or drop --max_steps")
-        if self.log_every < 1:
-            problems.append("--log_every must be >= 1")
+        _at_least(self, "log_every", 1, problems)
 
 
 #: what ``--export`` can write: the full checkpoint, a PEFT trainable-tokens adapter, a patched .gguf
@@ -834,10 +833,8 @@ class OutputConfig:
         if self.dry_run and self.resume:
             problems.append("--dry_run with --resume: a dry run trains nothing, so there is nothing to resume; drop "
                             "--dry_run to continue an interrupted run, or drop --resume for a dry run")
-        if not self.checkpoint_minutes >= 0:
-            problems.append("--checkpoint_minutes must be >= 0 (0: no time-based checkpoints)")
-        if self.checkpoint_every < 0:
-            problems.append("--checkpoint_every must be >= 0 (0 turns checkpoints off)")
+        _at_least(self, "checkpoint_minutes", 0, problems, note="0: no time-based checkpoints")
+        _at_least(self, "checkpoint_every", 0, problems, note="0 turns checkpoints off")
 
     @property
     def exports(self) -> tuple[str, ...]:

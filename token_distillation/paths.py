@@ -473,8 +473,10 @@ def prepare_out_path(out_path: str, overwrite: bool, model_source: ModelSource |
             if foreign:
                 raise ConfigError(f"{flag} {out} is not empty and holds files this tool did not write "
                                   f"({_some_entries(foreign)}); choose a new directory")
-            raise ConfigError(f"{flag} {out} is not empty (an earlier output of this tool); choose a new "
-                              "directory or pass --overwrite to replace it")
+            what = "a dry run's output" if (read_manifest(out) or {}).get("kind") == "dry-run" else \
+                "an earlier output of this tool"
+            raise ConfigError(f"{flag} {out} is not empty ({what}); choose a new directory or pass --overwrite "
+                              "to replace it")
         _check_replaceable(out, flag)
         ckpt = out / CHECKPOINT_DIRNAME
         if dry_run and ckpt.is_dir() and any(_STEP_FILE.match(p.name) for p in ckpt.iterdir()):
