@@ -29,6 +29,7 @@ import inspect
 import torch
 
 from .alignment import AlignedBatch
+from .models import text_config
 
 
 class _Stop(Exception):
@@ -47,9 +48,7 @@ def _cache_kwarg(model) -> str:
 
 def num_layers(model_or_config) -> int:
     """Number of transformer layers of the (text) model; accepts a model or its config."""
-    cfg = getattr(model_or_config, "config", model_or_config)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(cfg.num_hidden_layers)
+    return int(text_config(getattr(model_or_config, "config", model_or_config)).num_hidden_layers)
 
 
 def forward_to_layer(model, layer: int, attention_mask: torch.Tensor, *, input_ids=None, inputs_embeds=None,

@@ -369,8 +369,7 @@ def extend_embeddings(model, num_tokens: int) -> None:
     if num_tokens > rows:
         model.resize_token_embeddings(num_tokens, mean_resizing=False)
     model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().vocab_size = model.config.vocab_size
+    text_config(model.config).vocab_size = model.config.vocab_size
 
 
 def text_config(model_config):
@@ -422,6 +421,5 @@ def untie_embeddings(model) -> None:
     out = model.get_output_embeddings()
     out.weight = torch.nn.Parameter(inp.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
+    text_config(model.config).tie_word_embeddings = False
     assert not is_tied(model)

@@ -178,8 +178,8 @@ def resolve_precision(mp: MixedPrecision, device: torch.device,
 def source_dtype(model_config) -> torch.dtype:
     """The dtype the checkpoint's weights are stored in (its config's ``dtype`` / ``torch_dtype``;
     float32 when the config does not say, as for a dequantized GGUF file)."""
-    for cfg in (model_config, model_config.get_text_config() if hasattr(model_config, "get_text_config") else None):
-        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) if cfg is not None else None
+    for cfg in (model_config, text_config(model_config)):
+        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
         if isinstance(value, str):
             value = getattr(torch, value.removeprefix("torch."), None)
         if isinstance(value, torch.dtype) and value.is_floating_point:
