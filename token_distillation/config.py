@@ -782,8 +782,8 @@ class OutputConfig:
         "(negative: the new tokens less probable), or heldout: the shift from -3 to 1 in steps of 0.25 with the "
         "lowest negative log-likelihood of the held-out documents' text under the extended model (every token a "
         "target, as bits per byte) on up to 100 held-out corpus documents. That NLL at each shift is logged and "
-        "reported either way. At 100 SmolLM2 words heldout picked -0.25, as the evaluation's documents want; at "
-        "500 words a fixed -1 lowered bits per byte on them (docs/sweep/output_fit_calibration.md).", word=HELDOUT)
+        "reported either way. On SmolLM2 heldout picked what the evaluation's documents want: -0.25 at 100 words, "
+        "-1 at 500 (docs/sweep/output_fit_calibration.md); pass it for lists of hundreds of words.", word=HELDOUT)
     checkpoint_every: int = _flag(
         0,
         "Save a training checkpoint (new rows, optimizer, step, RNG state) every N optimizer steps "
