@@ -56,12 +56,13 @@ def test_all_problems_reported_together(tmp_path):
 
 
 def test_bound_checks_catch_nan_and_wrong_types():
-    """NaN fails every bound (it compares False both ways); a string from the Python API is named,
-    not a TypeError."""
+    """NaN and infinity fail every bound (NaN compares False both ways; an infinite timeout overflowed
+    datetime.timedelta under torchrun); a string from the Python API is named, not a TypeError."""
     from token_distillation.config import TrainConfig, _at_least
 
     for value, needle in [(float("nan"), "must be > 0, not nan; the default is 0.0001"),
-                          ("0.1", "expected a number, got '0.1'"), (0.0, "must be > 0, not 0.0"), (1e-3, None)]:
+                          ("0.1", "expected a number, got '0.1'"), (0.0, "must be > 0, not 0.0"), (1e-3, None),
+                          (float("inf"), "must be finite and > 0, not inf")]:
         cfg = TrainConfig()
         object.__setattr__(cfg, "token_distillation_lr", value)  # frozen: past the constructor's own checks
         problems: list[str] = []
@@ -368,3 +369,18 @@ def test_flags_after_a_bare_double_dash_are_refused(capsys):
     assert len(err) == 1 and err[0].startswith("error: --dry_run True after a bare --"), err
     run_fire(main, {"out_path", "dry_run"}, ["--out_path", "x", "--", "--verbose"], "script.py")
     assert calls == [("x", False)]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max_steps", "-1"], "--max_steps must be >= 1 (or 0: stop by epochs), not -1"),  # advised max_steps:-1
+    (["--generation_top_p", "1.5"], "--generation_top_p must be in (0, 1], not 1.5; the default is 0.95"),
+    (["--heldout_fraction", "1"], "--heldout_fraction must be in [0, 1), not 1.0; the default is 0.1"),
+])
+def test_range_errors_name_the_value(args, needle):
+    """helper-43's new-user trial: these said only the range (or, for --max_steps -1, advised a value
+    that is refused in turn)."""
+    from token_distillation.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_flags(**{args[0].lstrip("-"): args[1]})  # coerced to the field's type, as from the shell
+    assert needle in str(e.value), str(e.value)

@@ -252,19 +252,24 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list
 
 
 
+def _default(cfg: Any, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``cfg`` (for error messages)."""
+    return next(f.default for f in fields(cfg) if f.name == name)
+
+
 def _at_least(cfg: Any, name: str, minimum: float, problems: list[str], strict: bool = False, note: str = "") -> None:
     """Append a problem when field ``name`` of ``cfg`` is below ``minimum`` (or not above it, with
-    ``strict``; NaN always fails); the message gives the value passed and the flag's default, so it
-    says what to pass instead."""
+    ``strict``; NaN and infinity always fail: 0 is each flag's "off" or "all"); the message gives the value
+    passed and the flag's default, so it says what to pass instead."""
     value = getattr(cfg, name)
     try:
-        if (value > minimum) if strict else (value >= minimum):
+        if ((value > minimum) if strict else (value >= minimum)) and value != math.inf:
             return
     except TypeError:  # the Python API passed a string or None
         problems.append(f"--{name}: expected a number, got {value!r}")
         return
-    default = next(f.default for f in fields(cfg) if f.name == name)
-    problems.append(f"--{name} must be {'>' if strict else '>='} {minimum:g}{f' ({note})' if note else ''}, "
+    default = _default(cfg, name)
+    problems.append(f"--{name} must be {'finite and ' if value == math.inf else ''}{'>' if strict else '>='} {minimum:g}{f' ({note})' if note else ''}, "
                     f"not {value!r}; the default is {default!r}")
 
 
@@ -487,7 +492,8 @@ class CorpusConfig:
         _at_least(self, "max_docs", 0, problems, note="0 means all documents")
         _at_least(self, "num_proc", 0, problems, note="0: every core")
         if not 0.0 <= self.heldout_fraction < 1.0:
-            problems.append("--heldout_fraction must be in [0, 1)")
+            problems.append(f"--heldout_fraction must be in [0, 1), not {self.heldout_fraction!r}; the default is "
+                            f"{_default(self, 'heldout_fraction')!r}")
         path = str(self.dataset_path)
         if path and _looks_local(path) and not Path(path).expanduser().exists():
             problems.append(f"--dataset_path: file or directory not found: {path}; pass an existing .jsonl/.json/"
@@ -551,7 +557,8 @@ class SnippetConfig:
         _at_least(self, "heldout_snippet_num", 0, problems)
         _at_least(self, "generation_temperature", 0, problems, strict=True)
         if not 0 < self.generation_top_p <= 1:
-            problems.append("--generation_top_p must be in (0, 1]")
+            problems.append(f"--generation_top_p must be in (0, 1], not {self.generation_top_p!r}; the default is "
+                            f"{_default(self, 'generation_top_p')!r}")
 
 
 def _parse_stopping_condition(tc: Any, problems: list[str]) -> None:
@@ -719,15 +726,18 @@ class TrainConfig:
         _at_least(self, "snippets_per_update", 1, problems)
         _at_least(self, "token_distillation_lr", 0, problems, strict=True)
         if self.token_distillation_epochs < 0:
-            problems.append("--token_distillation_epochs must be >= 1 (or 0 for the recipe's default)")
+            problems.append(f"--token_distillation_epochs must be >= 1 (or 0 for the recipe's default), not "
+                            f"{self.token_distillation_epochs!r}")
         elif self.token_distillation_epochs == 0 and self.recipe is not None:
             object.__setattr__(self, "token_distillation_epochs", RECIPE_EPOCHS[self.recipe])
         _at_least(self, "teacher_cache_gib", 0, problems, note="0 disables the teacher cache")
         object.__setattr__(self, "token_distillation_batch_size",
                            _batch_size(self.token_distillation_batch_size, problems))
-        if self.stopping_condition == StoppingCondition.MAX_STEPS and self.max_steps < 1:
+        if self.max_steps < 0:
+            problems.append(f"--max_steps must be >= 1 (or 0: stop by epochs), not {self.max_steps!r}")
+        elif self.stopping_condition == StoppingCondition.MAX_STEPS and self.max_steps < 1:
             problems.append("--stopping_condition max_steps needs --max_steps >= 1")
-        if self.max_steps and self.stopping_condition == StoppingCondition.EPOCHS:
+        elif self.max_steps and self.stopping_condition == StoppingCondition.EPOCHS:
             problems.append(f"--max_steps {self.max_steps} counts only when training stops by steps: add "
                             f"--stopping_condition max_steps (or give --stopping_condition max_steps:{self.max_steps} "
                             "instead), or drop --max_steps")
