@@ -251,16 +251,16 @@ def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list
         return None
 
 
-
-def _default(cfg: Any, name: str) -> Any:
-    """The default of field ``name`` of the config dataclass ``cfg`` (for error messages)."""
-    return next(f.default for f in fields(cfg) if f.name == name)
+def _out_of_range(cfg: Any, name: str, requirement: str, problems: list[str]) -> None:
+    """Append ``--NAME must be REQUIREMENT, not VALUE; the default is DEFAULT`` for field ``name`` of the
+    config dataclass ``cfg``: the value passed and what to pass instead."""
+    default = next(f.default for f in fields(cfg) if f.name == name)
+    problems.append(f"--{name} must be {requirement}, not {getattr(cfg, name)!r}; the default is {default!r}")
 
 
 def _at_least(cfg: Any, name: str, minimum: float, problems: list[str], strict: bool = False, note: str = "") -> None:
-    """Append a problem when field ``name`` of ``cfg`` is below ``minimum`` (or not above it, with
-    ``strict``; NaN and infinity always fail: 0 is each flag's "off" or "all"); the message gives the value
-    passed and the flag's default, so it says what to pass instead."""
+    """Append a problem (:func:`_out_of_range`) when field ``name`` of ``cfg`` is below ``minimum`` (or not
+    above it, with ``strict``); NaN and infinity always fail (0 is each flag's "off" or "all")."""
     value = getattr(cfg, name)
     try:
         if ((value > minimum) if strict else (value >= minimum)) and value != math.inf:
@@ -268,10 +268,8 @@ def _at_least(cfg: Any, name: str, minimum: float, problems: list[str], strict: 
     except TypeError:  # the Python API passed a string or None
         problems.append(f"--{name}: expected a number, got {value!r}")
         return
-    default = _default(cfg, name)
-    problems.append(f"--{name} must be {'finite and ' if value == math.inf else ''}{'>' if strict else '>='} {minimum:g}{f' ({note})' if note else ''}, "
-                    f"not {value!r}; the default is {default!r}")
-
+    requirement = f"{'finite and ' if value == math.inf else ''}{'>' if strict else '>='} {minimum:g}"
+    _out_of_range(cfg, name, requirement + (f" ({note})" if note else ""), problems)
 
 
 #: flag names common in other training tools and the flags they mean here (for :func:`flag_hint`)
@@ -492,8 +490,7 @@ class CorpusConfig:
         _at_least(self, "max_docs", 0, problems, note="0 means all documents")
         _at_least(self, "num_proc", 0, problems, note="0: every core")
         if not 0.0 <= self.heldout_fraction < 1.0:
-            problems.append(f"--heldout_fraction must be in [0, 1), not {self.heldout_fraction!r}; the default is "
-                            f"{_default(self, 'heldout_fraction')!r}")
+            _out_of_range(self, "heldout_fraction", "in [0, 1)", problems)
         path = str(self.dataset_path)
         if path and _looks_local(path) and not Path(path).expanduser().exists():
             problems.append(f"--dataset_path: file or directory not found: {path}; pass an existing .jsonl/.json/"
@@ -557,8 +554,7 @@ class SnippetConfig:
         _at_least(self, "heldout_snippet_num", 0, problems)
         _at_least(self, "generation_temperature", 0, problems, strict=True)
         if not 0 < self.generation_top_p <= 1:
-            problems.append(f"--generation_top_p must be in (0, 1], not {self.generation_top_p!r}; the default is "
-                            f"{_default(self, 'generation_top_p')!r}")
+            _out_of_range(self, "generation_top_p", "in (0, 1]", problems)
 
 
 def _parse_stopping_condition(tc: Any, problems: list[str]) -> None:
