@@ -53,6 +53,18 @@ def test_all_problems_reported_together(tmp_path):
     # a bound's message says what was passed and what to pass instead
     assert "--snippet_num must be >= 1, not 0; the default is 25" in r.stderr
     assert "--token_distillation_lr must be > 0, not -1.0; the default is 0.0001" in r.stderr
+    # one problem per line: the first after "error: ", the next aligned under it (not joined by "; ")
+    lines = r.stderr.splitlines()
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("error: "))
+    assert lines[i].endswith("the default is 25") and lines[i].startswith("error: --snippet_num"), lines[i:]
+    assert lines[i + 1] == "       --token_distillation_lr must be > 0, not -1.0; the default is 0.0001", lines[i:]
+
+
+def test_stopping_condition_examples_fit_their_kind(tmp_path):
+    r = run_cli("--stopping_condition", "epochs:0", "--out_path", str(tmp_path / "o"))
+    assert r.returncode == 2 and "(e.g. epochs:1)" in r.stderr, r.stderr
+    r = run_cli("--max_steps", "-1", "--out_path", str(tmp_path / "o"))
+    assert r.returncode == 2 and "not -1; the default is 0" in r.stderr, r.stderr
 
 
 def test_bound_checks_catch_nan_and_wrong_types():

@@ -68,6 +68,12 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+def error_text(e: ConfigError) -> str:
+    """The command line's rendering of a :class:`ConfigError`: one line starting ``error: ``, the
+    other problems (if several) each on its own line aligned under the first."""
+    return "error: " + "\n       ".join(e.problems or [str(e)]) + "\n"
+
+
 @contextlib.contextmanager
 def user_errors():
     """End the process the command-line way: a :class:`ConfigError` as one ``error:`` line and exit
@@ -84,7 +90,7 @@ def user_errors():
     try:
         yield ctx
     except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(error_text(e))
         sys.exit(2)
     except Interrupted as e:
         sys.stderr.write(f"{e.message()}\n")

@@ -596,7 +596,7 @@ def _parse_stopping_condition(tc: Any, problems: list[str]) -> None:
             continue
         if n < 1:
             problems.append(f"--stopping_condition {item}: {raw.strip()!r} is not a positive integer; write "
-                            f"{kind}:N with N >= 1 (e.g. {kind}:{'760_000' if kind == 'num_docs' else 500})")
+                            f"{kind}:N with N >= 1 (e.g. {kind}:{ {'num_docs': '760_000', 'max_steps': 500}.get(kind, 1)})")
             continue
         if kind in seen:
             problems.append(f"--stopping_condition: {kind} is given twice; give it once")
@@ -730,7 +730,8 @@ class TrainConfig:
         object.__setattr__(self, "token_distillation_batch_size",
                            _batch_size(self.token_distillation_batch_size, problems))
         if self.max_steps < 0:
-            problems.append(f"--max_steps must be >= 1 (or 0: stop by epochs), not {self.max_steps!r}")
+            problems.append(f"--max_steps must be >= 1 (or 0: stop by epochs), not {self.max_steps!r}; the default "
+                            "is 0")
         elif self.stopping_condition == StoppingCondition.MAX_STEPS and self.max_steps < 1:
             problems.append("--stopping_condition max_steps needs --max_steps >= 1")
         elif self.max_steps and self.stopping_condition == StoppingCondition.EPOCHS:

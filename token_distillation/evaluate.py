@@ -557,14 +557,14 @@ def main(**flags):
     and next-token metrics on windows before the words, bits per byte of raw documents that contain
     them, text after inflected forms, sampled generation and definitions. Writes evaluation.json,
     evaluation.md and evaluation.png to --out_path. Every metric: docs/usage.md, section "Evaluation"."""
-    from .cli import configure_logging
+    from .cli import configure_logging, error_text
 
     configure_logging()
     try:
         cfg = EvalConfig.from_flags(**flags)
         res = evaluate(cfg)
     except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(error_text(e))
         sys.exit(2)
     return str(Path(cfg.out_path) / "evaluation.json") if res else None
 
