@@ -452,6 +452,9 @@ def test_dry_run_reports_tokens_a_real_run_would_skip(tmp_path, toy_model_dir, t
     skipped = {k for k, v in rep["skipped_tokens"].items() if "--min_snippets 6" in v}
     assert " zzqqxx" in skipped and len(skipped) < 4
     assert any("a real run would skip" in r.message for r in caplog.records)
+    wrote = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("dry run: wrote "))
+    assert wrote.startswith("dry run: wrote " + ", ".join(sorted(p.name for p in res.out_path.iterdir())) + " to ")
+    assert "token_distillation_output.json" in wrote and "coverage.tsv" in wrote, wrote
     # the tokens a real run trains on fewer snippets than --snippet_num are named as in a real run (helper-36)
     kept = rep["tokens_with_enough_snippets"]
     few = [r.getMessage() for r in caplog.records if "fewer training snippets than --snippet_num" in r.getMessage()]

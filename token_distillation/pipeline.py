@@ -1565,7 +1565,8 @@ def dry_run(setup: Setup, tg: Targets) -> RunResult:
 
     write_output_dir(setup.out, _write, kind="dry-run")
     report["total_seconds"] = time.perf_counter() - setup.started
-    logger.info("dry run: wrote new_tokens.jsonl, coverage.tsv and report.json to %s; model not loaded", setup.out)
+    logger.info("dry run: wrote %s to %s; model not loaded", ", ".join(sorted(p.name for p in setup.out.iterdir())),
+                setup.out)
     if usable == 0 and cfg.train.init_method in TRAINED:  # the real run's error, after the files are written
         why = _none_left(cfg)
         if not any(train_counts) and not any(heldout_counts):
