@@ -1,5 +1,6 @@
 """Output rows by distillation (--output_embeddings distill, token_distillation.output_rows)."""
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -501,7 +502,7 @@ def test_shared_shift_moves_every_new_row_by_one_direction(tmp_path, untied_mode
 
     runs = {s: run(_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, output_embeddings="distill",
                         output_rows_shift=s, out_path=str(tmp_path / f"s{s}")))
-            for s in (0, -1, "heldout")}
+            for s in (0, -1, "heldout", "auto")}
     (emb0, out0), (emb1, out1) = _weights(runs[0].out_path), _weights(runs[-1].out_path)
     n = _weights(untied_model_dir)[0].shape[0]
     assert torch.equal(emb0, emb1) and torch.equal(out0[:n], out1[:n])
@@ -516,6 +517,13 @@ def test_shared_shift_moves_every_new_row_by_one_direction(tmp_path, untied_mode
     assert rep0["best_heldout_kl"] == float(min(sums, key=lambda k: sums[k]))
     # heldout applies the shift with the lowest text NLL of the held-out documents
     assert rep_h["applied"] == rep_h["best_heldout"] == float(min(text, key=lambda k: text[k]))
+    # auto (the default) applies that shift only where it beats none by 2 standard errors over the documents
+    rep_a = runs["auto"].report["output_rows_shift"]
+    assert rep_a["requested"] == "auto" and rep_a["best_heldout"] == rep_h["best_heldout"]
+    assert rep_a["best_heldout_gain_se"] == rep_h["best_heldout_gain_se"] is not None
+    want = rep_h["best_heldout"] if rep_a["best_heldout_gain_se"] >= 2.0 else 0.0
+    assert rep_a["applied"] == want
+    assert torch.equal(_weights(runs["auto"].out_path)[1], _weights(runs["heldout" if want else 0].out_path)[1])
     # those documents are left out of the evaluation's held-out corpus, as the training documents are
     from token_distillation.metrics import read_extended
 
@@ -612,9 +620,14 @@ def test_text_nll_by_shift_is_the_extended_models_cross_entropy(arch):
                    out_rows=subtoken_mean(out, toks) + 0.2 * torch.randn(2, emb.shape[1], generator=gen))
     d = torch.randn(emb.shape[1], generator=gen) * 0.3
     shifts = (-1.0, 0.0, 0.75)
-    sums, n = text_nll_by_shift(model, rows, seqs, [1, 0], d, shifts, batch_size=2, device=torch.device("cpu"),
-                                pad_id=0)
+    sums, n, per_doc = text_nll_by_shift(model, rows, seqs, [1, 0], d, shifts, batch_size=2,
+                                         device=torch.device("cpu"), pad_id=0)
     assert n == sum(len(s.student_ids) - 1 for s in seqs)
+    assert len(per_doc) == 2 and all(len(r) == 3 for r in per_doc)
+    assert all(math.isclose(per_doc[0][j] + per_doc[1][j], sums[j], rel_tol=1e-9) for j in range(3))
+    # per document, in the order of the indices asked for: one at a time gives the same
+    alone = text_nll_by_shift(model, rows, seqs, [0], d, shifts, batch_size=1, device=torch.device("cpu"), pad_id=0)
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(alone[2][0], per_doc[1]))
     with torch.no_grad():
         emb[64:66] = rows.rows
     for s, got in zip(shifts, sums):
@@ -663,6 +676,40 @@ def test_choose_shift_sums_over_measured_tokens():
     assert choose_shift({"heldout_shift": [[1.0, 0.5, 0.5, 0.5]]}, shifts)[0] == 0.0
     assert choose_shift({"heldout_shift": [None]}, shifts) == (0.0, [])
     assert choose_shift({}, shifts) == (0.0, [])
+
+
+def test_shift_gain_is_paired_over_documents():
+    """shift_gain: the summed per-document gain of one shift over another and that sum in standard errors
+    (sqrt(n) * sample sd of the differences); a gain that varies across documents counts for less."""
+    from token_distillation.output_rows import shift_gain
+
+    per_doc = [[10.0, 9.0], [20.0, 18.0], [30.0, 27.0]]  # gains 1, 2, 3: sd 1, se of the sum sqrt(3)
+    gain, se = shift_gain(per_doc, 0, 1)
+    assert gain == 6.0 and math.isclose(se, 6.0 / math.sqrt(3))
+    assert shift_gain(per_doc, 1, 0) == (-6.0, -6.0 / math.sqrt(3))
+    noisy = [[10.0, 4.0], [20.0, 21.0], [30.0, 29.0]]  # the same total, one document carries it
+    assert shift_gain(noisy, 0, 1)[0] == 6.0 and shift_gain(noisy, 0, 1)[1] < 1.0
+    assert shift_gain([[5.0, 4.0]], 0, 1) == (1.0, 0.0)  # one document: no spread to judge by
+    assert shift_gain([[5.0, 4.0], [6.0, 5.0]], 0, 1) == (2.0, math.inf)
+
+
+def test_auto_shift_needs_nothing_a_corpus_run_lacks(tmp_path, untied_model_dir, toy_corpus, cache_dir, caplog):
+    """The default --output_rows_shift auto is accepted where heldout is refused (no corpus, no held-out
+    snippets, output rows not distilled) and then applies no shift, saying why."""
+    from token_distillation.config import RunConfig
+
+    assert RunConfig.from_flags().output.output_rows_shift == "auto"
+    assert RunConfig.from_flags(output_rows_shift="AUTO").output.output_rows_shift == "auto"
+    for flags in (dict(dataset_path=""), dict(heldout_snippet_num=0), dict(output_embeddings="zero"),
+                  dict(init_method="subtoken-mean"), dict(heldout_fraction=0.0)):
+        _cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, **flags)  # no ConfigError
+    with caplog.at_level(logging.INFO):
+        res = run(_cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, dataset_path="", output_embeddings="distill",
+                       snippet_num=4, heldout_snippet_num=2,
+                       out_path=str(tmp_path / "gen")))
+    rep = res.report["output_rows_shift"]
+    assert rep["requested"] == "auto" and rep["applied"] == 0.0 and rep["heldout_text_documents"] == 0
+    assert "auto: no held-out corpus documents" in caplog.text
 
 
 def test_heldout_shift_without_a_corpus_is_refused(tmp_path, untied_model_dir, toy_corpus, cache_dir, toy_tokenizer):

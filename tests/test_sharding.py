@@ -251,5 +251,7 @@ def test_distilled_output_rows_are_sharded_too(tmp_path, toy_model_dir, toy_corp
     s1, s2 = one.report["output_rows_shift"], rep["output_rows_shift"]
     assert s2["heldout_text_positions"] == s1["heldout_text_positions"] > 0
     assert s2["applied"] == s1["applied"] == s1["best_heldout"]
+    # each process's documents are gathered: the paired gain over them is the one-process run's
+    assert s2["best_heldout_gain_se"] == pytest.approx(s1["best_heldout_gain_se"], rel=1e-3)
     for k, v in s1["heldout_text_nll"].items():
         assert s2["heldout_text_nll"][k] == pytest.approx(v, rel=1e-4)

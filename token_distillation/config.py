@@ -215,14 +215,20 @@ def _batch_size(value: Any, problems: list[str]) -> int | str:
 
 #: ``--output_rows_shift``'s word for the shift chosen on held-out documents
 HELDOUT = "heldout"
+#: ``--output_rows_shift``'s default: ``heldout`` where the run has held-out corpus documents and the
+#: lowest shift is clearly better than none (:data:`AUTO_SHIFT_SE`), else 0
+AUTO_SHIFT = AUTO
+#: standard errors (paired over the held-out documents) by which ``--output_rows_shift auto``'s pick must
+#: beat no shift to be applied
+AUTO_SHIFT_SE = 2.0
 #: largest ``--output_rows_shift`` in nats either way (beyond it the new tokens are never or always predicted)
 MAX_SHIFT = 10.0
 
 
 def _shift(value: Any, problems: list[str]) -> float | str:
-    """``--output_rows_shift``: a finite number of nats (0: none) or the word ``heldout`` (any case)."""
-    if isinstance(value, str) and value.strip().lower() == HELDOUT:
-        return HELDOUT
+    """``--output_rows_shift``: a finite number of nats (0: none) or the words ``heldout`` / ``auto`` (any case)."""
+    if isinstance(value, str) and value.strip().lower() in (HELDOUT, AUTO_SHIFT):
+        return value.strip().lower()
     try:
         if isinstance(value, bool):
             raise ValueError
@@ -230,14 +236,20 @@ def _shift(value: Any, problems: list[str]) -> float | str:
         if not math.isfinite(x):
             raise ValueError
     except (TypeError, ValueError):
-        problems.append(f"--output_rows_shift: expected a number of nats (e.g. -1; 0 for none) or {HELDOUT}, "
-                        f"got {value!r}")
+        problems.append(f"--output_rows_shift: expected a number of nats (e.g. -1; 0 for none), {HELDOUT} or "
+                        f"{AUTO_SHIFT}, got {value!r}")
         return value
     if abs(x) > MAX_SHIFT:
         problems.append(f"--output_rows_shift {value}: at most {MAX_SHIFT:g} nats either way (a shift that large makes "
                         f"the new tokens never or always predicted); the measured range is -3 to 1, or pass {HELDOUT}")
         return value
     return x + 0.0  # -0.0 -> 0.0
+
+
+def explicit_shift(value: Any) -> bool:
+    """Whether ``--output_rows_shift`` asks for a shift itself (a non-zero number or ``heldout``), so that
+    the flags it needs are checked; ``auto`` and 0 ask for none."""
+    return value not in (0.0, AUTO_SHIFT)
 
 
 def _enum_value(enum_cls: type[enum.Enum], value: Any, flag: str, problems: list[str]) -> Any:
@@ -784,13 +796,16 @@ class OutputConfig:
         "tokens). Every choice but tied unties a tied model (a separate output matrix is stored).",
     )
     output_rows_shift: float | str = _flag(
-        0.0,
+        AUTO_SHIFT,
         "With distill output rows: nats added to every new token's logit after the fit, the same for all "
-        "(negative: the new tokens less probable), or heldout: the shift from -3 to 1 in steps of 0.25 with the "
+        "(negative: the new tokens less probable); heldout: the shift from -3 to 1 in steps of 0.25 with the "
         "lowest negative log-likelihood of the held-out documents' text under the extended model (every token a "
-        "target, as bits per byte) on up to 100 held-out corpus documents. That NLL at each shift is logged and "
-        "reported either way. On SmolLM2 heldout picked what the evaluation's documents want: -0.25 at 100 words, "
-        "-1 at 500 (docs/sweep/output_fit_calibration.md); pass it for lists of hundreds of words.", word=HELDOUT)
+        "target, as bits per byte) on up to 100 held-out corpus documents; auto: heldout's shift where it beats "
+        "none by at least 2 standard errors (paired over those documents), else 0 (also without a corpus, whose "
+        "generated snippets have no documents). That NLL at each shift is logged and reported either way. "
+        "heldout picked the shift the evaluation's documents want or the one next to it: SmolLM2 -0.25 at 100 "
+        "words, -1 at 500 (there 8.6 standard errors better than none on the evaluation's documents); Gemma-3 -0.25 at 100 where -0.5 is wanted "
+        "(docs/sweep/output_fit_calibration.md).", word=HELDOUT)
     checkpoint_every: int = _flag(
         0,
         "Save a training checkpoint (new rows, optimizer, step, RNG state) every N optimizer steps "
@@ -822,7 +837,7 @@ class OutputConfig:
             problems.append(f"--set_output_to_zero_if_untied false asks for subtoken-mean output rows but "
                             f"--output_embeddings is {self.output_embeddings.value}; pass only one of them")
         object.__setattr__(self, "output_rows_shift", _shift(self.output_rows_shift, problems))
-        if (self.output_rows_shift != 0.0 and self.output_embeddings is not None
+        if (explicit_shift(self.output_rows_shift) and self.output_embeddings is not None
                 and self.output_embeddings not in (OutputEmbeddings.AUTO, OutputEmbeddings.DISTILL)):
             problems.append(f"--output_rows_shift {self.output_rows_shift} moves distilled output rows, but "
                             f"--output_embeddings is {self.output_embeddings.value}; use --output_embeddings distill "
@@ -903,7 +918,7 @@ class RunConfig:
                 if where is not None and (where == data or data in where.parents):
                     problems.append(f"{flag} {where} is inside --dataset_path {data}: the corpus would then read "
                                     "the tool's files as documents; choose a directory outside it")
-        if (out.output_rows_shift != 0.0 and out.output_embeddings == OutputEmbeddings.AUTO
+        if (explicit_shift(out.output_rows_shift) and out.output_embeddings == OutputEmbeddings.AUTO
                 and not (self.train.init_method in (InitMethod.TOKEN_DISTILLATION, InitMethod.TOKEN_DISTILLATION_RANDINIT)
                          and out.set_output_to_zero_if_untied)):
             why = (f"--init_method {getattr(self.train.init_method, 'value', self.train.init_method)}"
@@ -911,7 +926,7 @@ class RunConfig:
             problems.append(f"--output_rows_shift {out.output_rows_shift} moves distilled output rows, but with {why} "
                             "--output_embeddings auto does not distill them; pass --output_embeddings distill, or drop "
                             "--output_rows_shift")
-        if out.output_rows_shift != 0.0 and (self.snippets.heldout_snippet_num == 0
+        if explicit_shift(out.output_rows_shift) and (self.snippets.heldout_snippet_num == 0
                                              or (self.corpus.dataset_path and self.corpus.heldout_fraction == 0.0)):
             flag = "--heldout_snippet_num 0" if self.snippets.heldout_snippet_num == 0 else "--heldout_fraction 0"
             problems.append(f"--output_rows_shift {out.output_rows_shift} needs held-out snippets (the shift's direction "

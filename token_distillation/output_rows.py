@@ -668,7 +668,7 @@ def shift_documents(corpus, heldout: list, bos: list[int], max_tokens: int, n: i
 @torch.no_grad()
 def text_nll_by_shift(model, rows: NewRows, seqs: list[MergedSequence], indices: list[int], direction: torch.Tensor,
                       shifts: tuple[float, ...], *, batch_size: int, device, pad_id: int,
-                      autocast_dtype=None) -> tuple[list[float], int]:
+                      autocast_dtype=None) -> tuple[list[float], int, list[list[float]]]:
     """The extended model's total negative log-likelihood (nats) of the text of the ``indices`` sequences
     (into ``seqs``; their student sequences, the extended tokenizer's encoding; in a run, the held-out
     documents of :func:`shift_documents`) with every new output row
@@ -680,7 +680,9 @@ def text_nll_by_shift(model, rows: NewRows, seqs: list[MergedSequence], indices:
     tokens' logits ``[positions, num_new]``.
 
     Returns:
-        ``(total NLL in nats per shift, number of scored positions)``.
+        ``(total NLL in nats per shift, number of scored positions, per document: its NLL per shift)``;
+        the last ``[len(indices)][len(shifts)]`` in the order of ``indices`` (for a paired comparison of
+        two shifts over documents, :func:`shift_gain`).
 
     Raises:
         Interrupted: a stop signal was received (checked before every batch).
@@ -689,7 +691,7 @@ def text_nll_by_shift(model, rows: NewRows, seqs: list[MergedSequence], indices:
     new_rows = rows.output_new().float().to(device)
     new_bias = bias[torch.tensor(rows.token_ids, device=bias.device)].float().to(device) if bias is not None else None
     d = direction.float().to(device)
-    sums = torch.zeros(len(shifts), dtype=torch.float64)
+    per_doc = torch.zeros(len(indices), len(shifts), dtype=torch.float64)
     shift_t = torch.tensor(shifts, dtype=torch.float32, device=device)
     n_pos = 0
     for b in range(0, len(indices), batch_size):
@@ -716,9 +718,30 @@ def text_nll_by_shift(model, rows: NewRows, seqs: list[MergedSequence], indices:
                     z = soft_cap(model, base + shift_t[j] * hd[:, None])
                     total = torch.logaddexp(log_z, torch.logsumexp(z, -1))
                     own = torch.where(row >= 0, z.gather(1, row.clamp(min=0)[:, None])[:, 0], at)
-                    sums[j] += float((total - own).double().sum())
+                    per_doc[b + r, j] += float((total - own).double().sum())
                 n_pos += len(h)
-    return sums.tolist(), n_pos
+    return per_doc.sum(0).tolist(), n_pos, per_doc.tolist()
+
+
+def shift_gain(per_doc: list[list[float]], base: int, other: int) -> tuple[float, float]:
+    """How much lower the text NLL is at shift index ``other`` than at ``base``, paired over documents
+    (``per_doc``: each document's NLL per shift, from :func:`text_nll_by_shift`).
+
+    Returns:
+        ``(total gain in nats, the gain in standard errors)``: the standard error is that of the summed
+        per-document differences (``sqrt(n) * sd``, sample standard deviation over the ``n`` documents);
+        ``(gain, 0.0)`` with fewer than two documents, ``(gain, inf)`` when every document gains the same.
+    """
+    diffs = [d[base] - d[other] for d in per_doc]
+    gain = math.fsum(diffs)
+    n = len(diffs)
+    if n < 2:
+        return gain, 0.0
+    mean = gain / n
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in diffs) / (n - 1))
+    if sd == 0.0:
+        return gain, math.inf if gain > 0 else 0.0
+    return gain, gain / (sd * math.sqrt(n))
 
 
 def choose_shift(kl: dict, shifts: tuple[float, ...]) -> tuple[float, list[float]]:

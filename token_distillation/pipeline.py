@@ -46,6 +46,8 @@ from .checkpoint import (
     snippet_digest,
 )
 from .config import (
+    AUTO_SHIFT,
+    AUTO_SHIFT_SE,
     HELDOUT,
     Alignment,
     BuildTargetMethod,
@@ -113,7 +115,7 @@ from .targets import (
 )
 from .tokenization import NewToken, add_new_tokens, bos_prefix
 from .output_rows import (SHIFT_GRID, TEXT_DOC_TOKENS, background_pool, choose_shift, distill_output_rows,
-                          log_worse, lowest, shift_direction, shift_documents, text_nll_by_shift)
+                          log_worse, lowest, shift_direction, shift_documents, shift_gain, text_nll_by_shift)
 from .train import NewRows, HeldoutResult, TrainResult, heldout_eval, resolve_layer, train, train_output_rows
 
 logger = logging.getLogger(__name__)
@@ -943,9 +945,10 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owne
                                             batch_size=setup.batch_size, device=setup.device, pad_id=pad_id,
                                             autocast_dtype=setup.autocast_dtype)
         wanted = setup.cfg.output.output_rows_shift
-        shifts = SHIFT_GRID if wanted == HELDOUT or wanted in SHIFT_GRID else tuple(sorted((*SHIFT_GRID, wanted)))
+        shifts = (SHIFT_GRID if wanted in (HELDOUT, AUTO_SHIFT) or wanted in SHIFT_GRID
+                  else tuple(sorted((*SHIFT_GRID, wanted))))
         shift = (direction, shifts) if not math.isnan(spread) else None
-        if shift is None and wanted != 0.0:
+        if shift is None and wanted not in (0.0, AUTO_SHIFT):
             logger.warning("--output_rows_shift %s not applied: the held-out snippets have no positions to measure "
                            "the shift on", wanted)
         keep = setup.checkpoints and setup.out is not None
@@ -973,21 +976,22 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owne
 
 
 def _text_by_shift(setup: Setup, ext: Extended, docs: list[MergedSequence], shift: tuple,
-                   pad_id: int) -> tuple[list[float], int]:
+                   pad_id: int) -> tuple[list[float], int, list[list[float]]]:
     """The held-out documents' text NLL at each shift (:func:`~token_distillation.output_rows.text_nll_by_shift`;
     ``docs`` from :func:`~token_distillation.output_rows.shift_documents`), once the output rows are final
     on this process. A token-sharded run splits the documents over its processes and sums their parts,
     so every process gets the same numbers (and applies the same shift).
 
     Returns:
-        ``(total NLL in nats per shift, scored positions)``; ``([], 0)`` without documents.
+        ``(total NLL in nats per shift, scored positions, per document: its NLL per shift)``;
+        ``([], 0, [])`` without documents.
     """
     dist = setup.dist
     picked = list(range(len(docs)))
     if setup.shard:
         picked = picked[dist.rank:: dist.world_size]
     elif not docs:
-        return [], 0
+        return [], 0, []
     # the batch was sized for snippets: as many tokens per forward, in documents
     longest = max((len(docs[i].student_ids) for i in picked), default=1)
     batch = max(1, setup.batch_size * (setup.cfg.snippets.snippet_len + 1) // longest)
@@ -997,27 +1001,35 @@ def _text_by_shift(setup: Setup, ext: Extended, docs: list[MergedSequence], shif
         return part
     parts = dist.all_gather_objects(part, "output-rows-text")
     n = sum(p[1] for p in parts)
-    return ([math.fsum(p[0][j] for p in parts) for j in range(len(shift[1]))] if n else []), n
+    return (([math.fsum(p[0][j] for p in parts) for j in range(len(shift[1]))] if n else []), n,
+            [d for p in parts for d in p[2]])
 
 
 def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, log: bool) -> dict:
-    """``--output_rows_shift`` after the output-row fit: pick the shift (``wanted``: nats, or
+    """``--output_rows_shift`` after the output-row fit: pick the shift (``wanted``: nats;
     :data:`~token_distillation.config.HELDOUT`: the one with the lowest text NLL of the held-out documents,
-    ``kl["text"]`` from :func:`_text_by_shift`), move every new output row by it along ``shift[0]``
+    ``kl["text"]`` from :func:`_text_by_shift`; :data:`~token_distillation.config.AUTO_SHIFT`: that one
+    where it beats no shift by :data:`~token_distillation.config.AUTO_SHIFT_SE` standard errors paired over
+    the documents (:func:`~token_distillation.output_rows.shift_gain`), else 0), move every new output row by it along ``shift[0]``
     (``shift = (direction, shifts measured)``), put the moved rows' held-out KL into
     ``kl["heldout_after"]`` and log both held-out measures at each shift (when ``log``).
 
     Returns:
-        The report's summary: ``{"applied", "best_heldout" (the text NLL's lowest; None without
-        documents), "best_heldout_kl",
+        The report's summary: ``{"requested" (the flag's value), "applied", "best_heldout" (the text NLL's
+        lowest; None without documents), "best_heldout_gain_se" (its gain over no shift in standard errors;
+        None without documents), "best_heldout_kl",
         "direction_sd", "heldout_text_nll": {shift: nats}, "heldout_text_documents", "heldout_text_positions",
         "heldout_kl_sum": {shift: nats}}``.
     """
     direction, shifts = shift
     best_kl, sums = choose_shift(kl, shifts)
-    text, n_text, n_docs = kl.get("text") or ([], 0, 0)
+    text, n_text, per_doc, n_docs = kl.get("text") or ([], 0, [], 0)
     best = lowest(text, shifts) if n_text else None
-    applied = (best or 0.0) if wanted == HELDOUT else float(wanted)
+    gain_se = shift_gain(per_doc, shifts.index(0.0), shifts.index(best))[1] if n_text else None
+    if wanted == AUTO_SHIFT:
+        applied = best if best and gain_se >= AUTO_SHIFT_SE else 0.0
+    else:
+        applied = (best or 0.0) if wanted == HELDOUT else float(wanted)
     if wanted == HELDOUT and not n_text and log:
         logger.warning("--output_rows_shift heldout not applied: no held-out corpus document to measure it on "
                        "(generated snippets have none); pass a number of nats instead")
@@ -1036,11 +1048,19 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
             logger.info("output rows (distill): held-out documents' text NLL (%d documents, %d positions) with "
                         "one shift of every new token's logit (nats; h @ direction = 1 +- %.3f on the held-out "
                         "snippets), relative to none: %s; lowest at %+g%s", n_docs, n_text, spread, moved, best, edge)
+        if wanted == AUTO_SHIFT:
+            how = (f"auto: {applied:+g} beats none by {gain_se:.1f} standard errors over {n_docs} documents"
+                   if applied else "auto: no held-out corpus documents (generated snippets have none)" if not n_text
+                   else "auto: none is the lowest" if not best else
+                   f"auto: the lowest, {best:+g}, beats none by only {gain_se:.1f} standard errors over {n_docs} "
+                   f"documents (< {AUTO_SHIFT_SE:g}); pass --output_rows_shift heldout to apply it")
+        else:
+            how = ("heldout would apply the text NLL's lowest" if wanted == 0.0 else f"--output_rows_shift {wanted}")
         logger.info("output rows (distill): summed held-out binary KL (the fit's objective) at those shifts: %s; "
                     "lowest at %+g; %s", ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best_kl,
-                    f"applied {applied:+g} (--output_rows_shift)" if applied else
-                    "not applied (--output_rows_shift 0; heldout would apply the text NLL's lowest)")
-    return {"applied": applied if sums else 0.0, "best_heldout": best, "best_heldout_kl": best_kl,
+                    f"applied {applied:+g} ({how})" if applied else f"not applied ({how})")
+    return {"requested": wanted, "applied": applied if sums else 0.0, "best_heldout": best,
+            "best_heldout_gain_se": gain_se, "best_heldout_kl": best_kl,
             "direction_sd": spread, "heldout_text_nll": {f"{s:g}": v for s, v in zip(shifts, text)},
             "heldout_text_documents": n_docs, "heldout_text_positions": n_text, "heldout_kl_sum": {f"{s:g}": v for s, v in zip(shifts, sums)}}
 
