@@ -191,6 +191,9 @@ def test_benchmarks_refuse_extended_models_of_another_model(tmp_path, extended_d
                         "--extended_paths", str(extended_dir), "--pubmedqa_dir", str(PUBMEDQA),
                         "--tasks", "pubmedqa_local", "--limit", "2", "--out_dir", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 2 and last.startswith("error:") and "made from another model" in last, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("error:")), None)
+    assert r.returncode == 2 and first is not None and "made from another model" in lines[first], r.stderr[-2000:]
+    # one problem per line, every one after the first aligned under it, and nothing after them
+    assert all(ln.startswith("       --extended_paths") for ln in lines[first + 1:]), r.stderr[-2000:]
     assert not (tmp_path / "o" / "benchmarks.md").exists()

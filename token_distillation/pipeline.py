@@ -1048,14 +1048,17 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
             logger.info("output rows (distill): held-out documents' text NLL (%d documents, %d positions) with "
                         "one shift of every new token's logit (nats; h @ direction = 1 +- %.3f on the held-out "
                         "snippets), relative to none: %s; lowest at %+g%s", n_docs, n_text, spread, moved, best, edge)
-        if wanted == AUTO_SHIFT:
-            how = (f"auto: {applied:+g} beats none by {gain_se:.1f} standard errors over {n_docs} documents"
-                   if applied else "auto: no held-out corpus documents (generated snippets have none)" if not n_text
-                   else "auto: none is the lowest" if not best else
-                   f"auto: the lowest, {best:+g}, beats none by only {gain_se:.1f} standard errors over {n_docs} "
-                   f"documents (< {AUTO_SHIFT_SE:g}); pass --output_rows_shift heldout to apply it")
+        if wanted != AUTO_SHIFT:
+            how = "heldout would apply the text NLL's lowest" if wanted == 0.0 else f"--output_rows_shift {wanted}"
+        elif applied:
+            how = f"auto: {applied:+g} beats none by {gain_se:.1f} standard errors over {n_docs} documents"
+        elif not n_text:
+            how = "auto: no held-out corpus documents to choose it on; generated snippets have none"
+        elif not best:
+            how = "auto: none is the lowest"
         else:
-            how = ("heldout would apply the text NLL's lowest" if wanted == 0.0 else f"--output_rows_shift {wanted}")
+            how = (f"auto: the lowest, {best:+g}, beats none by only {gain_se:.1f} standard errors over {n_docs} "
+                   f"documents (< {AUTO_SHIFT_SE:g}); pass --output_rows_shift heldout to apply it")
         logger.info("output rows (distill): summed held-out binary KL (the fit's objective) at those shifts: %s; "
                     "lowest at %+g; %s", ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best_kl,
                     f"applied {applied:+g} ({how})" if applied else f"not applied ({how})")
