@@ -523,6 +523,7 @@ def test_shared_shift_moves_every_new_row_by_one_direction(tmp_path, untied_mode
     assert rep_a["best_heldout_gain_se"] == rep_h["best_heldout_gain_se"] is not None
     want = rep_h["best_heldout"] if rep_a["best_heldout_gain_se"] >= 2.0 else 0.0
     assert rep_a["applied"] == want
+    assert rep_a["reason"].startswith("auto: ") and rep0["reason"].startswith("--output_rows_shift 0; heldout would")
     assert torch.equal(_weights(runs["auto"].out_path)[1], _weights(runs["heldout" if want else 0].out_path)[1])
     # those documents are left out of the evaluation's held-out corpus, as the training documents are
     from token_distillation.metrics import read_extended
@@ -709,7 +710,8 @@ def test_auto_shift_needs_nothing_a_corpus_run_lacks(tmp_path, untied_model_dir,
                        out_path=str(tmp_path / "gen")))
     rep = res.report["output_rows_shift"]
     assert rep["requested"] == "auto" and rep["applied"] == 0.0 and rep["heldout_text_documents"] == 0
-    assert "auto: no held-out corpus documents" in caplog.text
+    assert "auto: no held-out corpus documents" in caplog.text and rep["reason"].startswith("auto: no held-out")
+    assert "summed held-out binary KL (the fit's objective) with every new token's logit shifted by (nats) " in caplog.text
 
 
 def test_heldout_shift_without_a_corpus_is_refused(tmp_path, untied_model_dir, toy_corpus, cache_dir, toy_tokenizer):

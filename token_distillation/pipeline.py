@@ -1015,7 +1015,8 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
     ``kl["heldout_after"]`` and log both held-out measures at each shift (when ``log``).
 
     Returns:
-        The report's summary: ``{"requested" (the flag's value), "applied", "best_heldout" (the text NLL's
+        The report's summary: ``{"requested" (the flag's value), "applied", "reason" (why that shift, in
+        words, as logged), "best_heldout" (the text NLL's
         lowest; None without documents), "best_heldout_gain_se" (its gain over no shift in standard errors;
         None without documents), "best_heldout_kl",
         "direction_sd", "heldout_text_nll": {shift: nats}, "heldout_text_documents", "heldout_text_positions",
@@ -1038,6 +1039,20 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
         with torch.no_grad():
             rows.out_rows += applied * direction.to(rows.out_rows.device, rows.out_rows.dtype)
         kl["heldout_after"] = [None if v is None else v[j] for v in kl["heldout_shift"]]
+    if not sums:
+        how = "no held-out snippet measured the fit's objective, so nothing is moved"
+    elif wanted != AUTO_SHIFT:
+        how = ("--output_rows_shift 0; heldout would apply the text NLL's lowest" if wanted == 0.0
+               else f"--output_rows_shift {wanted}")
+    elif applied:
+        how = f"auto: {applied:+g} beats none by {gain_se:.1f} standard errors over {n_docs} documents"
+    elif not n_text:
+        how = "auto: no held-out corpus documents to choose it on; generated snippets have none"
+    elif not best:
+        how = "auto: none is the lowest"
+    else:
+        how = (f"auto: the lowest, {best:+g}, beats none by only {gain_se:.1f} standard errors over {n_docs} "
+               f"documents (< {AUTO_SHIFT_SE:g}); pass --output_rows_shift heldout to apply it")
     if log and sums:
         near = [j for j, s in enumerate(shifts) if s in (-2.0, -1.0, -0.5, 0.0, 0.5) or s in (best, best_kl, applied)]
         if n_text:
@@ -1048,21 +1063,10 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
             logger.info("output rows (distill): held-out documents' text NLL (%d documents, %d positions) with "
                         "one shift of every new token's logit (nats; h @ direction = 1 +- %.3f on the held-out "
                         "snippets), relative to none: %s; lowest at %+g%s", n_docs, n_text, spread, moved, best, edge)
-        if wanted != AUTO_SHIFT:
-            how = "heldout would apply the text NLL's lowest" if wanted == 0.0 else f"--output_rows_shift {wanted}"
-        elif applied:
-            how = f"auto: {applied:+g} beats none by {gain_se:.1f} standard errors over {n_docs} documents"
-        elif not n_text:
-            how = "auto: no held-out corpus documents to choose it on; generated snippets have none"
-        elif not best:
-            how = "auto: none is the lowest"
-        else:
-            how = (f"auto: the lowest, {best:+g}, beats none by only {gain_se:.1f} standard errors over {n_docs} "
-                   f"documents (< {AUTO_SHIFT_SE:g}); pass --output_rows_shift heldout to apply it")
-        logger.info("output rows (distill): summed held-out binary KL (the fit's objective) at those shifts: %s; "
-                    "lowest at %+g; %s", ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best_kl,
+        logger.info("output rows (distill): summed held-out binary KL (the fit's objective) with every new token's "
+                    "logit shifted by (nats) %s; lowest at %+g; %s", ", ".join(f"{shifts[j]:+g}: {sums[j]:.4g}" for j in near), best_kl,
                     f"applied {applied:+g} ({how})" if applied else f"not applied ({how})")
-    return {"requested": wanted, "applied": applied if sums else 0.0, "best_heldout": best,
+    return {"requested": wanted, "applied": applied if sums else 0.0, "reason": how, "best_heldout": best,
             "best_heldout_gain_se": gain_se, "best_heldout_kl": best_kl,
             "direction_sd": spread, "heldout_text_nll": {f"{s:g}": v for s, v in zip(shifts, text)},
             "heldout_text_documents": n_docs, "heldout_text_positions": n_text, "heldout_kl_sum": {f"{s:g}": v for s, v in zip(shifts, sums)}}
