@@ -804,8 +804,9 @@ class OutputConfig:
         "none by at least 2 standard errors (paired over those documents), else 0 (also without a corpus, whose "
         "generated snippets have no documents). That NLL at each shift is logged and reported either way. "
         "heldout picked the shift the evaluation's documents want or the one next to it: SmolLM2 -0.25 at 100 "
-        "words, -1 at 500 (there 8.6 standard errors better than none on the evaluation's documents); Gemma-3 +0.75 at 24 where +1 is wanted, -0.25 at "
-        "100 where -0.5 is (docs/sweep/output_fit_calibration.md).", word=HELDOUT)
+        "words, -1 at 500 (there 8.6 standard errors better than none on the evaluation's documents); "
+        "Gemma-3 +0.75 at 24 where +1 is wanted, -0.25 at 100 where -0.5 is "
+        "(docs/sweep/output_fit_calibration.md).", word=HELDOUT)
     checkpoint_every: int = _flag(
         0,
         "Save a training checkpoint (new rows, optimizer, step, RNG state) every N optimizer steps "

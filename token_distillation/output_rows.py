@@ -88,6 +88,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -737,8 +738,7 @@ def shift_gain(per_doc: list[list[float]], base: int, other: int) -> tuple[float
     n = len(diffs)
     if n < 2:
         return gain, 0.0
-    mean = gain / n
-    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in diffs) / (n - 1))
+    sd = statistics.stdev(diffs)
     if sd == 0.0:
         return gain, math.inf if gain > 0 else 0.0
     return gain, gain / (sd * math.sqrt(n))

@@ -52,6 +52,7 @@ from .config import (
     Alignment,
     BuildTargetMethod,
     ConfigError,
+    explicit_shift,
     InitMethod,
     MixedPrecision,
     OutputEmbeddings,
@@ -948,7 +949,7 @@ def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owne
         shifts = (SHIFT_GRID if wanted in (HELDOUT, AUTO_SHIFT) or wanted in SHIFT_GRID
                   else tuple(sorted((*SHIFT_GRID, wanted))))
         shift = (direction, shifts) if not math.isnan(spread) else None
-        if shift is None and wanted not in (0.0, AUTO_SHIFT):
+        if shift is None and explicit_shift(wanted):
             logger.warning("--output_rows_shift %s not applied: the held-out snippets have no positions to measure "
                            "the shift on", wanted)
         keep = setup.checkpoints and setup.out is not None
