@@ -355,9 +355,49 @@ def test_a_log_line_during_a_progress_bar_starts_its_own_line_in_a_log_file(tmp_
     log = tmp_path / "slurm.err"
     with open(log, "w") as err:
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, stderr=err, check=True, timeout=120)
-    pieces = re.split(r"[\r\n]", log.read_text())
-    assert any(re.fullmatch(r"\d\d:\d\d:\d\d INFO t: the log line", p) for p in pieces), pieces
-    assert any("3/3" in p for p in pieces), pieces  # the bar still draws
+    text = log.read_text()
+    assert "\r" not in text, text  # a file gets whole lines (ProgressLines), not redraws
+    lines = text.splitlines()
+    assert any(re.fullmatch(r"\d\d:\d\d:\d\d INFO t: the log line", p) for p in lines), lines
+    assert lines[-1].startswith("steps: 100%") and "3/3" in lines[-1], lines  # the final count shows
+    assert all(line.strip() for line in lines), lines
+
+
+def test_progress_bars_in_a_log_file_are_lines_at_most_every_interval():
+    """A bar redrawn 1,000 times over 999 s in a log file (stderr not a terminal) gives one line per
+    30 s plus its final state, no carriage returns; a log line in between stays on its own line; a
+    bar closed with leave=False leaves no blank line; plain text passes through unchanged."""
+    import io
+
+    from tqdm import tqdm
+
+    from token_distillation.cli import ProgressLines
+
+    now = [0.0]
+    buf = io.StringIO()
+    err = ProgressLines(buf, interval=30, clock=lambda: now[0])
+    bar = tqdm(total=1000, desc="training", file=err, mininterval=0, miniters=1)
+    for i in range(1000):
+        now[0] += 1
+        bar.update(1)
+        if i == 500:
+            tqdm.write("12:00:00 INFO x: a log line", file=err)
+    bar.close()
+    quiet = tqdm(total=5, desc="mining", file=err, mininterval=0, miniters=1, leave=False)
+    for _ in range(5):
+        quiet.update(1)
+    quiet.close()
+    err.write("plain\ntext\n")
+    lines = buf.getvalue().split("\n")
+    assert "\r" not in buf.getvalue() and lines[-1] == "", lines
+    bar_lines = [line for line in lines if line.startswith("training:")]
+    assert 33 <= len(bar_lines) <= 36, len(bar_lines)  # 999 s / 30 s, the first and the final state
+    assert "1000/1000" in bar_lines[-1] and "0/1000" in bar_lines[0], bar_lines
+    assert "12:00:00 INFO x: a log line" in lines
+    assert [line for line in lines if line.startswith("mining:")] == [lines[-4]], lines  # its first state
+    assert lines[-3:] == ["plain", "text", ""], lines
+    assert all(line for line in lines[:-1]), lines  # no blank lines
+    assert err.isatty() is False and err.encoding == buf.encoding
 
 
 def test_flags_after_a_bare_double_dash_are_refused(capsys):

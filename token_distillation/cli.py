@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 from .config import ConfigError, RunConfig, all_flags, flag_hint, parse_switch
 
@@ -42,9 +43,92 @@ def configure_logging(level: int = logging.INFO) -> None:
     """
     if os.environ.get("RANK", "0") not in ("", "0"):
         level = max(level, logging.WARNING)
+    if not isinstance(sys.stderr, ProgressLines) and not _is_terminal(sys.stderr):
+        sys.stderr = ProgressLines(sys.stderr)
     handler = _BarSafeHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # closed or file-less streams
+        return False
+
+
+class ProgressLines:
+    """stderr for a log file (a SLURM job's, or ``2> run.log``): progress bars as whole lines, each
+    bar at most once every ``interval`` seconds.
+
+    tqdm redraws a bar by writing a carriage return and the new state; in a file nothing clears
+    the line, so a long stage wrote one line of tens of thousands of characters. Here a write
+    without a carriage return passes through unchanged; each carriage-return segment is a bar
+    state, written as a line of its own when its bar (keyed by the text before the first ``:``,
+    tqdm's description) last printed ``interval`` or more seconds ago, otherwise held back; a held
+    state is written when its bar ends with a newline (``leave=True``), so the final count shows.
+    Blank segments (tqdm clearing a bar before a log line) are dropped. Every other attribute
+    (``fileno``, ``encoding``, ``buffer``, ...) is the wrapped stream's. ``TQDM_DISABLE=1`` in the
+    environment turns the bars off altogether (tqdm's own switch).
+
+    Args:
+        stream: the text stream written to (``sys.stderr``).
+        interval: seconds between two lines of the same bar.
+        clock: seconds, monotonic (a parameter for tests).
+    """
+
+    def __init__(self, stream, interval: float = 30.0, clock=time.monotonic):
+        self._stream = stream
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: str | None = None
+        self._line_start = True
+        self._after_bar = False
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def isatty(self) -> bool:
+        return False
+
+    def _put(self, text: str) -> None:
+        if text:
+            self._stream.write(text)
+            self._line_start = text.endswith("\n")
+
+    def _bar_line(self, state: str) -> None:
+        if not self._line_start:
+            self._put("\n")
+        self._put(state + "\n")
+        self._after_bar = True
+        self._held = None
+
+    def write(self, text: str) -> int:
+        head, *states = text.split("\r")
+        if head == "\n" and self._line_start and (self._after_bar or self._held is not None):
+            if self._held is not None:  # a bar closing with leave=True: its final state
+                self._bar_line(self._held)
+        elif head:
+            if not self._line_start and self._after_bar:
+                self._put("\n")
+            self._put(head)
+            self._after_bar = False
+        for state in states:
+            state = state.rstrip()
+            if not state.strip():
+                continue
+            key = state.split(":", 1)[0]
+            now = self._clock()
+            if now - self._last.get(key, -float("inf")) >= self._interval:
+                self._last[key] = now
+                self._bar_line(state)
+            else:
+                self._held = state
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 class _BarSafeHandler(logging.StreamHandler):
