@@ -21,8 +21,8 @@ Methods are ``[label=]init_method`` entries; ``--method_flags`` adds flags per l
 
     python scripts/compare_methods.py --new_tokens_source new_tokens/biomedical_pubmed60.txt \\
         --dataset_path ../shared/data/pubmed_abstracts/abstracts.jsonl \\
-        --methods token_distillation,subtoken-mean,random,td-lr1e-3=token_distillation \\
-        --method_flags '{"td-lr1e-3": {"token_distillation_lr": 0.001}}' \\
+        --methods token_distillation,subtoken-mean,random,td-lr0.1=token_distillation \\
+        --method_flags '{"td-lr0.1": {"token_distillation_lr_relative": 0.1}}' \\
         --common_flags '{"snippet_num": 25}' --out_dir outputs/compare --docs_md docs/evaluation.md
 """
 

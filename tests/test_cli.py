@@ -436,3 +436,34 @@ def test_range_errors_name_the_value(args, needle):
     with pytest.raises(ConfigError) as e:
         RunConfig.from_flags(**{args[0].lstrip("-"): args[1]})  # coerced to the field's type, as from the shell
     assert needle in str(e.value), str(e.value)
+
+
+def test_training_flags_this_run_does_not_read_are_named():
+    """--token_distillation_lr (the paper recipe's AdamW rate) was accepted silently with the default
+    per-token recipe, which reads --token_distillation_lr_relative instead; the same for the per-token
+    recipe's flags under --recipe paper. Each such flag, when changed from its default, gets one
+    sentence naming what does the job; used or default-valued flags get none."""
+    from token_distillation.config import RunConfig
+
+    notes = RunConfig.from_flags(token_distillation_lr=1e-3).unused_settings()
+    assert len(notes) == 1 and notes[0].startswith("--token_distillation_lr 0.001 is not used"), notes
+    assert "--token_distillation_lr_relative (now 0.05" in notes[0], notes
+    assert RunConfig.from_flags(token_distillation_lr=1e-3, recipe="paper").unused_settings() == []
+    assert RunConfig.from_flags(token_distillation_lr=1e-3, output_embeddings="ntp").unused_settings() == []
+    assert RunConfig.from_flags(token_distillation_lr=1e-4).unused_settings() == []  # the default, as SLURM passes it
+    untrained = RunConfig.from_flags(token_distillation_lr=1e-3, init_method="subtoken-mean").unused_settings()
+    assert len(untrained) == 1 and "--init_method subtoken-mean trains nothing" in untrained[0], untrained
+    paper = RunConfig.from_flags(recipe="paper", lr_schedule="linear", snippets_per_update=5).unused_settings()
+    assert paper == ["--lr_schedule linear is not used: it applies to --recipe per-token only",
+                     "--snippets_per_update 5 is not used: it applies to --recipe per-token only"], paper
+    assert RunConfig.from_flags(lr_schedule="linear", snippets_per_update=5).unused_settings() == []
+
+
+def test_an_unused_learning_rate_is_a_warning_in_the_log(tmp_path):
+    """The command line logs the unused flag as a warning at start-up (seen here in a dry run)."""
+    words = tmp_path / "words.txt"
+    words.write_text(" thrombocytopenia\n")
+    r = run_cli("--new_tokens_source", str(words), "--token_distillation_lr", "0.001", "--dry_run",
+                "--out_path", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"WARNING token_distillation.pipeline: --token_distillation_lr 0.001 is not used", r.stderr), r.stderr

@@ -15,6 +15,7 @@ memory) instead of ``--dataset_path``. Nothing is written to disk unless ``out_p
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,8 @@ def _config(config: RunConfig | None, flags: dict[str, Any], name: str, has_text
                           "texts=None generates the snippets; pass texts or a number of nats (e.g. -1)")
     if cfg.output.resume or cfg.output.dry_run:
         raise ConfigError("config: resume / dry_run are not available in the Python API")
+    for note in cfg.unused_settings():
+        logging.getLogger(__name__).warning(note.replace("--", ""))
     return cfg
 
 

@@ -683,7 +683,10 @@ class TrainConfig:
     snippets_per_update: int = _flag(
         1, "per-token recipe: snippets of one token per update of its row (25 snippets -> 25 updates per epoch)."
     )
-    token_distillation_lr: float = _flag(1e-4, "paper recipe (and ntp): AdamW learning rate (no weight decay).")
+    token_distillation_lr: float = _flag(
+        1e-4, "--recipe paper and --output_embeddings ntp: AdamW learning rate (no weight decay); the per-token "
+        "recipe (default) reads --token_distillation_lr_relative instead (a changed value it does not read is "
+        "logged as a warning).")
     token_distillation_epochs: int = _flag(
         0, "Passes over the training snippets; 0: the recipe's default (per-token: 2, paper: 1, as in the paper).")
     token_distillation_batch_size: int | str = _flag(
@@ -939,6 +942,30 @@ class RunConfig:
                             "a corpus (--dataset_path)")
         if problems:
             raise ConfigError(problems)
+
+    def unused_settings(self) -> list[str]:
+        """Training flags set to something other than their default that this run does not read
+        (one sentence each, naming the flag that does the job here); the pipeline logs them as
+        warnings. Judged by value, so a config passed whole (the Python API) warns only about what
+        was changed."""
+        t, notes = self.train, []
+        default = {f.name: f.default for f in fields(TrainConfig)}
+        trained = t.init_method in TRAINED_METHODS
+        if (t.token_distillation_lr != default["token_distillation_lr"]
+                and not (trained and t.recipe == Recipe.PAPER)
+                and self.output.output_embeddings != OutputEmbeddings.NTP):
+            notes.append(f"--token_distillation_lr {t.token_distillation_lr:g} is not used: it is the AdamW learning "
+                         "rate of --recipe paper and --output_embeddings ntp"
+                         + (f"; the per-token recipe's step size is --token_distillation_lr_relative (now "
+                            f"{t.token_distillation_lr_relative:g}, x the RMS of the original embedding entries)"
+                            if trained else f"; --init_method {t.init_method.value} trains nothing"))
+        if t.recipe == Recipe.PAPER and trained:
+            for name in ("lr_schedule", "snippets_per_update"):
+                value = getattr(t, name)
+                if value != default[name]:
+                    notes.append(f"--{name} {getattr(value, 'value', value)} is not used: it applies to --recipe "
+                                 "per-token only")
+        return notes
 
     @property
     def resolved_snippet_source(self) -> SnippetSource:

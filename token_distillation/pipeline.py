@@ -407,6 +407,8 @@ def start(cfg: RunConfig) -> Setup:
     if not cfg.output.dry_run:
         check_local_weights(source)
     check_cache_dir(cfg.model.resolved_cache_dir, cfg.model.cache_dir_origin)
+    for note in cfg.unused_settings():
+        logger.warning(note)
     if cfg.output.overwrite and cfg.output.resume and any((out / CHECKPOINT_DIRNAME).glob("*")):
         logger.warning("--resume with --overwrite: the interrupted run in %s continues from its checkpoints (they are "
                        "not discarded); to start over, pass --overwrite without --resume", out)
