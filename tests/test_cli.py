@@ -467,3 +467,26 @@ def test_an_unused_learning_rate_is_a_warning_in_the_log(tmp_path):
                 "--out_path", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert re.search(r"WARNING token_distillation.pipeline: --token_distillation_lr 0.001 is not used", r.stderr), r.stderr
+
+
+def test_integer_flags_beyond_64_bit_counts_are_refused_before_any_work(tmp_path):
+    """``--snippet_num 1e30`` was accepted and crashed in snippet mining with numpy's OverflowError
+    (a traceback); ``inf`` raised OverflowError in the flag check itself. Both, and huge KIND:N items of
+    --stopping_condition, are now one problem each; the largest allowed value and the seed's own range pass."""
+    import pytest
+
+    from token_distillation.config import MAX_INT_FLAG, ConfigError, RunConfig
+
+    for value in (1e30, 10**30, -(10**12)):
+        with pytest.raises(ConfigError, match=r"--snippet_num .* is out of range: integer flags take at most "
+                                              r"2,147,483,647 in absolute value .*; the default is 25"):
+            RunConfig.from_flags(snippet_num=value)
+    with pytest.raises(ConfigError, match=r"--snippet_num: expected an integer, got inf"):
+        RunConfig.from_flags(snippet_num=float("inf"))
+    with pytest.raises(ConfigError, match=r"num_docs:N with N at most 2,147,483,647"):
+        RunConfig.from_flags(stopping_condition="num_docs:" + "9" * 25, dataset_path=str(tmp_path))
+    assert RunConfig.from_flags(snippet_num=MAX_INT_FLAG).snippets.snippet_num == MAX_INT_FLAG
+    assert RunConfig.from_flags(seed=2**32 - 1).train.seed == 2**32 - 1
+    r = run_cli("--snippet_num", "1e30", "--dry_run", "--out_path", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: --snippet_num 1e+30 is out of range"), r.stderr

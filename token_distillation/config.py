@@ -606,6 +606,10 @@ def _parse_stopping_condition(tc: Any, problems: list[str]) -> None:
         if kind not in ("num_docs", "max_steps", "epochs"):
             problems.append(f"--stopping_condition: unknown kind {kind!r} in {item!r}; use {forms}")
             continue
+        if n > MAX_INT_FLAG:
+            problems.append(f"--stopping_condition {item}: {raw.strip()} is out of range; write {kind}:N with N at "
+                            f"most {MAX_INT_FLAG:,}")
+            continue
         if n < 1:
             problems.append(f"--stopping_condition {item}: {raw.strip()!r} is not a positive integer; write "
                             f"{kind}:N with N >= 1 (e.g. {kind}:{ {'num_docs': '760_000', 'max_steps': 500}.get(kind, 1)})")
@@ -1097,6 +1101,11 @@ def _check_losses(init: InitMethod, losses: tuple[LossMethod, ...], problems: li
                         "(or use --init_method ntp for CE alone)")
 
 
+#: the largest integer flag value accepted (2**31 - 1): counts (snippets, documents, steps) are summed
+#: and multiplied as 64-bit integers (numpy), which a larger value could overflow
+MAX_INT_FLAG = 2**31 - 1
+
+
 def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
     """Convert a value from Fire (which guesses types) to the field's type."""
     default = f.default if f.default is not dataclasses.MISSING else None
@@ -1124,11 +1133,16 @@ def _coerce(f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
+            number = int(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: inf
             problems.append(f"--{f.name}: expected an integer"
                             f"{' >= 1, auto, or 0 (the default)' if f.metadata.get('auto') else ''}, got {value!r}")
             return default
+        if abs(number) > MAX_INT_FLAG and f.name != "seed":  # the seed has its own range check
+            problems.append(f"--{f.name} {value!r} is out of range: integer flags take at most {MAX_INT_FLAG:,} "
+                            f"in absolute value (counts are summed as 64-bit integers); the default is {default}")
+            return default
+        return number
     if isinstance(default, float):
         try:
             return float(value)
