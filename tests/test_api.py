@@ -205,3 +205,18 @@ def test_readme_use_the_result_code_runs(tmp_path, monkeypatch, toy_model_dir, c
     tokens = res.tokenizer.tokenize("Severe thrombocytopenia was linked to one haplotype.")
     assert res.model is scope["model0"] and {" thrombocytopenia", " haplotype"} <= set(tokens)
     assert res.out_path is None and sorted(p.name for p in work.iterdir()) == ["out"]
+
+
+def test_a_flag_given_as_none_takes_its_default():
+    """``distill(..., output_rows_shift=None)`` ended with "expected a number of nats ..., got ''" (None
+    became the empty string for string flags; for numbers it was an error). None now means the flag's
+    default, also over a ``config`` that sets it."""
+    from token_distillation.api import _config
+    from token_distillation.config import RunConfig
+
+    cfg = _config(None, {"output_rows_shift": None, "snippet_num": None, "output_embeddings": None}, "m", True)
+    assert (cfg.output.output_rows_shift, cfg.snippets.snippet_num, cfg.output.output_embeddings.value) == (
+        "auto", 25, "auto")
+    base = RunConfig.from_flags(snippet_num=5, seed=7)
+    cfg = _config(base, {"snippet_num": None}, "m", True)
+    assert (cfg.snippets.snippet_num, cfg.train.seed) == (25, 7)

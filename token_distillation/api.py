@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import HELDOUT, ConfigError, RunConfig, SnippetSource
+from .config import HELDOUT, ConfigError, RunConfig, SnippetSource, all_flags
 
 #: flags that :func:`distill`'s arguments stand for
 ARGUMENT_FLAGS = {"model_path": "model", "new_tokens_source": "new_tokens", "build_target_method": "new_tokens",
@@ -71,7 +71,7 @@ def distill(model, tokenizer, new_tokens, texts=None, *, config: RunConfig | Non
         out_path: also save the result there, as the command line does (``export``, ``overwrite``
             apply; ``export="gguf"`` needs a .gguf source, so is refused). None: nothing is written.
         **flags: command-line flags by name (docs/flags.md), e.g. ``snippet_num=25``, ``seed=1``,
-            ``output_embeddings="tied"``.
+            ``output_embeddings="tied"``; a flag given as None takes its default (also over ``config``).
 
     Returns:
         :class:`DistillResult` (model and tokenizer are the objects passed in, extended).
@@ -168,7 +168,8 @@ def _config(config: RunConfig | None, flags: dict[str, Any], name: str, has_text
     if problems:
         raise ConfigError(problems)
     merged = {k: v for k, v in (config.to_dict() if config is not None else {}).items() if k not in ARGUMENT_FLAGS}
-    merged.update(flags, model_path=name)
+    defaults = {flag: default for flag, default, _ in all_flags()}
+    merged.update({f: defaults.get(f) if v is None else v for f, v in flags.items()}, model_path=name)
     cfg = RunConfig.from_flags(**merged)
     if has_texts and cfg.snippets.use_generated_snippets:
         raise ConfigError("use_generated_snippets=True contradicts texts; pass texts=None for generated snippets")
