@@ -210,7 +210,7 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
         return r
 
     monkeypatch.setattr(ckpt_mod.Checkpointer, "restore", restore)
-    caplog.set_level(logging.WARNING, logger="token_distillation")
+    caplog.set_level(logging.INFO, logger="token_distillation")
     # --overwrite beside --resume does not discard the checkpoints; the log says so
     res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, overwrite=True,
                        **kw))
@@ -221,6 +221,7 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     assert res.report["train_seconds_from_step"] == 0
     assert res.report["loss_curve"] == ref.report["loss_curve"]
     assert not (out / CHECKPOINT_DIRNAME).exists()
+    assert f"removed the run's checkpoints ({out / CHECKPOINT_DIRNAME}): the saved output replaces them" in caplog.text
     a = load_file(str(ref.out_path / "model.safetensors"))["model.embed_tokens.weight"]
     b = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
     assert torch.equal(a, b)

@@ -1234,8 +1234,13 @@ def write_output(setup: Setup, tg: Targets, ext: Extended, report: dict[str, Any
         write_target_files(tmp, tg.targets, tg.records, added={t.text for t in ext.tokens},
                            skipped=report.get("skipped_tokens") or {})
 
-    return save_output(setup.out, _write, setup.cfg, rows, ext.tokenizer, report, setup.source.spec,
-                       untie=ext.tied_source and not ext.tied, save_dtype=setup.save_dtype)
+    ckpt_dir = setup.out / CHECKPOINT_DIRNAME
+    had_checkpoints = ckpt_dir.is_dir()
+    out = save_output(setup.out, _write, setup.cfg, rows, ext.tokenizer, report, setup.source.spec,
+                      untie=ext.tied_source and not ext.tied, save_dtype=setup.save_dtype)
+    if had_checkpoints and not (out / CHECKPOINT_DIRNAME).exists():
+        logger.info("removed the run's checkpoints (%s): the saved output replaces them", ckpt_dir)
+    return out
 
 
 def _generation_kw(cfg: RunConfig) -> dict:
