@@ -490,3 +490,28 @@ def test_integer_flags_beyond_64_bit_counts_are_refused_before_any_work(tmp_path
     r = run_cli("--snippet_num", "1e30", "--dry_run", "--out_path", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: --snippet_num 1e+30 is out of range"), r.stderr
+
+
+def test_hub_only_corpus_flags_with_a_local_corpus_are_refused(tmp_path):
+    """``--dataset_split validation`` with a local file was ignored: the whole file was read as the
+    corpus, without a word. It is now refused, for the run and for the evaluation, naming the fix;
+    the defaults and hub ids pass."""
+    import pytest
+
+    from token_distillation.config import ConfigError, RunConfig
+    from token_distillation.evaluate import EvalConfig
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_flags(dataset_path=str(corpus), dataset_split="validation", dataset_name="abstracts")
+    assert e.value.problems == [
+        f"--dataset_split validation applies to Hugging Face Hub datasets, but --dataset_path {corpus} is local and is "
+        "read whole; pass that part's own file or folder as --dataset_path, or drop --dataset_split",
+        f"--dataset_name abstracts applies to Hugging Face Hub datasets, but --dataset_path {corpus} is local and is "
+        "read whole; pass that part's own file or folder as --dataset_path, or drop --dataset_name"], e.value.problems
+    with pytest.raises(ConfigError, match="--dataset_split test applies to Hugging Face Hub datasets"):
+        EvalConfig.from_flags(model_path="smollm2-135m", extended_paths=str(tmp_path), dataset_path=str(corpus),
+                              dataset_split="test", out_path=str(tmp_path / "ev"))
+    assert RunConfig.from_flags(dataset_path=str(corpus)).corpus.dataset_split == "train"
+    assert RunConfig.from_flags(dataset_path="ncbi/pubmed", dataset_split="validation").corpus.dataset_split == "validation"

@@ -475,8 +475,10 @@ class CorpusConfig:
         "Corpus: a local file or directory (jsonl, json, txt, csv, parquet) or a Hugging Face hub "
         "dataset id. Empty: use generated snippets.",
     )
-    dataset_name: str = _flag("", "Dataset configuration name (hub datasets with several configs).")
-    dataset_split: str = _flag("train", "Dataset split to read.")
+    dataset_name: str = _flag("", "Dataset configuration name (hub datasets with several configs; refused with a "
+                                  "local --dataset_path, which is read whole).")
+    dataset_split: str = _flag("train", "Dataset split to read (hub datasets; a local --dataset_path is read whole, "
+                                        "so another split is refused there).")
     text_column: str = _flag(
         "text",
         "Field that holds the document text: a column name or a dotted path into nested records "
@@ -508,6 +510,21 @@ class CorpusConfig:
             problems.append(f"--dataset_path: file or directory not found: {path}; pass an existing .jsonl/.json/"
                             ".txt/.csv/.parquet file (optionally .gz) or a folder of them, or a Hugging Face Hub dataset name "
                             "(e.g. owner/name)")
+        else:
+            hub_only_flags(path, self.dataset_split, self.dataset_name, problems)
+
+
+def hub_only_flags(path: str, split: str, name: str, problems: list[str]) -> None:
+    """Append a problem for ``--dataset_split`` / ``--dataset_name`` changed from their defaults when
+    ``--dataset_path`` is an existing local file or folder: a local corpus is read whole, so they
+    would be ignored (and the wrong part of the data read without a word)."""
+    if not path or not Path(path).expanduser().exists():
+        return
+    for flag, value, default in (("dataset_split", split, "train"), ("dataset_name", name, "")):
+        if str(value) != default:
+            problems.append(f"--{flag} {value} applies to Hugging Face Hub datasets, but --dataset_path {path} is "
+                            f"local and is read whole; pass that part's own file or folder as --dataset_path, or drop "
+                            f"--{flag}")
 
 
 def _looks_local(path: str) -> bool:

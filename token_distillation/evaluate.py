@@ -70,7 +70,7 @@ import torch
 
 from .bpb import documents_for_bpb, excess_split, gap_closed, inflected_contexts, score_bytes
 from .generation import continuation_bits, prompts_before_words, sample, word_stats
-from .config import ConfigError, CorpusConfig, _coerce, _flag, flag_hint
+from .config import ConfigError, CorpusConfig, _coerce, _flag, flag_hint, hub_only_flags
 from .corpus import iter_texts, tokenize_corpus
 from .eval_render import markdown_tables, plot, write_outputs  # noqa: F401  (re-exported)
 from .metrics import (  # noqa: F401  (re-exported: these lived here before)
@@ -114,8 +114,9 @@ class EvalConfig:
                         "(default: each report's init_method, made unique with the directory name).")
     dataset_path: str = _flag("", "Held-out corpus (jsonl, json, txt, csv, parquet, or hub id). Documents "
                               "listed as training documents in any report.json are excluded.")
-    dataset_name: str = _flag("", "Dataset configuration name (hub datasets).")
-    dataset_split: str = _flag("train", "Dataset split to read.")
+    dataset_name: str = _flag("", "Dataset configuration name (hub datasets; refused with a local --dataset_path).")
+    dataset_split: str = _flag("train", "Dataset split to read (hub datasets; a local --dataset_path is read whole, so "
+                                        "another split is refused there).")
     text_column: str = _flag("text", "Column that holds the document text.")
     max_docs: int = _flag(0, "Read at most this many documents (0: all).")
     window_len: int = _flag(50, "Held-out window length in original tokens (BOS not counted).")
@@ -163,6 +164,8 @@ class EvalConfig:
             problems.append("--dataset_path is required: a held-out corpus")
         elif self.dataset_path.startswith((".", "/", "~")) and not Path(self.dataset_path).expanduser().exists():
             problems.append(f"--dataset_path: file or directory not found: {self.dataset_path}")
+        else:
+            hub_only_flags(self.dataset_path, self.dataset_split, self.dataset_name, problems)
         if self.window_len < 4:
             problems.append("--window_len must be >= 4")
         if self.windows_per_token < 1:
