@@ -521,7 +521,8 @@ def test_shared_shift_moves_every_new_row_by_one_direction(tmp_path, untied_mode
     rep_a = runs["auto"].report["output_rows_shift"]
     assert rep_a["requested"] == "auto" and rep_a["best_heldout"] == rep_h["best_heldout"]
     assert rep_a["best_heldout_gain_se"] == rep_h["best_heldout_gain_se"] is not None
-    want = rep_h["best_heldout"] if rep_a["best_heldout_gain_se"] >= 2.0 else 0.0
+    want = (rep_h["best_heldout"] if rep_a["best_heldout_gain_se"] >= 2.0
+            and rep_a["heldout_text_documents"] >= 20 else 0.0)
     assert rep_a["applied"] == want
     assert rep_a["reason"].startswith("auto: ") and rep0["reason"].startswith("--output_rows_shift 0; heldout would")
     assert torch.equal(_weights(runs["auto"].out_path)[1], _weights(runs["heldout" if want else 0].out_path)[1])
@@ -755,3 +756,37 @@ def test_output_rows_shift_flag_errors(tmp_path, untied_model_dir, toy_corpus, c
         == "heldout"
     assert _cfg(tmp_path, untied_model_dir, toy_corpus, cache_dir, output_rows_shift="-0.5").output.output_rows_shift \
         == -0.5
+
+
+def test_auto_shift_needs_twenty_documents_and_two_standard_errors():
+    """``--output_rows_shift auto`` applies the held-out documents' lowest shift only where it beats no
+    shift by 2 standard errors over at least 20 documents: a run on 4 documents applied +1 (the end of
+    the range) at "2.8 standard errors", the standard deviation of 4 differences being itself a guess.
+    The rows move by shift x direction exactly when applied; the reason says which rule decided."""
+    from token_distillation.pipeline import _shared_shift
+
+    shifts = tuple(s / 4 for s in range(-12, 5))
+
+    def case(n_docs, noise):
+        g = torch.Generator().manual_seed(n_docs)
+        per_doc = []
+        for _ in range(n_docs):  # each document about 0.5 nats better at -1 than at 0 (sd: noise)
+            c = 0.5 + noise * float(torch.randn((), generator=g))
+            per_doc.append([10.0 + c * abs(s + 1.0) for s in shifts])
+        text = [sum(d[j] for d in per_doc) for j in range(len(shifts))]
+        kl = {"heldout_shift": [[1.0] * len(shifts)], "text": (text, 10 * n_docs, per_doc, n_docs)}
+        rows = SimpleNamespace(out_rows=torch.zeros(2, 3))
+        rep = _shared_shift(rows, kl, (torch.tensor([1.0, 2.0, 3.0]), shifts), 0.01, "auto", log=False)
+        return rep, rows.out_rows
+
+    rep, moved = case(4, 0.1)
+    assert rep["best_heldout"] == -1.0 and rep["best_heldout_gain_se"] > 2.0
+    assert rep["applied"] == 0.0 and not moved.any()
+    assert rep["reason"] == ("auto: 4 held-out documents are too few to judge a shift by (fewer than 20); the "
+                             "lowest, -1, is applied by --output_rows_shift heldout")
+    rep, moved = case(25, 0.1)
+    assert rep["applied"] == -1.0 and rep["reason"].startswith("auto: -1 beats none by ")
+    assert torch.equal(moved, torch.tensor([[-1.0, -2.0, -3.0]] * 2))
+    rep, moved = case(25, 20.0)  # noise far above the gain: fewer than 2 standard errors
+    assert rep["applied"] == 0.0 and not moved.any(), rep
+    assert "standard errors over 25 documents (< 2)" in rep["reason"], rep["reason"]

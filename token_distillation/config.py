@@ -221,6 +221,11 @@ AUTO_SHIFT = AUTO
 #: standard errors (paired over the held-out documents) by which ``--output_rows_shift auto``'s pick must
 #: beat no shift to be applied
 AUTO_SHIFT_SE = 2.0
+#: fewest held-out documents on which ``--output_rows_shift auto`` applies a shift: with fewer, the
+#: standard deviation behind :data:`AUTO_SHIFT_SE` is itself too uncertain (a run on 4 documents applied
+#: +1, the end of the range, at "2.8 standard errors"); from 20 on, 2 standard errors are about a 95%
+#: interval (Student's t with 19 degrees of freedom: 2.09)
+AUTO_SHIFT_MIN_DOCS = 20
 #: largest ``--output_rows_shift`` in nats either way (beyond it the new tokens are never or always predicted)
 MAX_SHIFT = 10.0
 
@@ -825,7 +830,8 @@ class OutputConfig:
         "(negative: the new tokens less probable); heldout: the shift from -3 to 1 in steps of 0.25 with the "
         "lowest negative log-likelihood of the held-out documents' text under the extended model (every token a "
         "target, as bits per byte) on up to 100 held-out corpus documents; auto: heldout's shift where it beats "
-        "none by at least 2 standard errors (paired over those documents), else 0 (also without a corpus, whose "
+        "none by at least 2 standard errors (paired over those documents, at least 20 of them), else 0 (also "
+        "without a corpus, whose "
         "generated snippets have no documents). That NLL at each shift is logged and reported either way. "
         "heldout picked the shift the evaluation's documents want or the one next to it: SmolLM2 -0.25 at 100 "
         "words, -1 at 500 (there 8.6 standard errors better than none on the evaluation's documents); "

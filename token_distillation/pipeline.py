@@ -47,6 +47,7 @@ from .checkpoint import (
 )
 from .config import (
     AUTO_SHIFT,
+    AUTO_SHIFT_MIN_DOCS,
     AUTO_SHIFT_SE,
     HELDOUT,
     Alignment,
@@ -1013,7 +1014,8 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
     :data:`~token_distillation.config.HELDOUT`: the one with the lowest text NLL of the held-out documents,
     ``kl["text"]`` from :func:`_text_by_shift`; :data:`~token_distillation.config.AUTO_SHIFT`: that one
     where it beats no shift by :data:`~token_distillation.config.AUTO_SHIFT_SE` standard errors paired over
-    the documents (:func:`~token_distillation.output_rows.shift_gain`), else 0), move every new output row by it along ``shift[0]``
+    at least :data:`~token_distillation.config.AUTO_SHIFT_MIN_DOCS` documents
+    (:func:`~token_distillation.output_rows.shift_gain`), else 0), move every new output row by it along ``shift[0]``
     (``shift = (direction, shifts measured)``), put the moved rows' held-out KL into
     ``kl["heldout_after"]`` and log both held-out measures at each shift (when ``log``).
 
@@ -1031,7 +1033,7 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
     best = lowest(text, shifts) if n_text else None
     gain_se = shift_gain(per_doc, shifts.index(0.0), shifts.index(best))[1] if n_text else None
     if wanted == AUTO_SHIFT:
-        applied = best if best and gain_se >= AUTO_SHIFT_SE else 0.0
+        applied = best if best and gain_se >= AUTO_SHIFT_SE and n_docs >= AUTO_SHIFT_MIN_DOCS else 0.0
     else:
         applied = (best or 0.0) if wanted == HELDOUT else float(wanted)
     if wanted == HELDOUT and not n_text and log:
@@ -1053,6 +1055,9 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
         how = "auto: no held-out corpus documents to choose it on; generated snippets have none"
     elif not best:
         how = "auto: none is the lowest"
+    elif n_docs < AUTO_SHIFT_MIN_DOCS:
+        how = (f"auto: {n_docs} held-out documents are too few to judge a shift by (fewer than "
+               f"{AUTO_SHIFT_MIN_DOCS}); the lowest, {best:+g}, is applied by --output_rows_shift heldout")
     else:
         how = (f"auto: the lowest, {best:+g}, beats none by only {gain_se:.1f} standard errors over {n_docs} "
                f"documents (< {AUTO_SHIFT_SE:g}); pass --output_rows_shift heldout to apply it")
