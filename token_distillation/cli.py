@@ -66,7 +66,8 @@ class ProgressLines:
     without a carriage return passes through unchanged; each carriage-return segment is a bar
     state, written as a line of its own when its bar (keyed by the text before the first ``:``,
     tqdm's description) last printed ``interval`` or more seconds ago, otherwise held back; a held
-    state is written when its bar ends with a newline (``leave=True``), so the final count shows.
+    state is written when the very next write is a lone newline (a bar closing with ``leave=True``),
+    so the final count shows; any later write makes it stale (never written out of order).
     Blank segments (tqdm clearing a bar before a log line) are dropped. Every other attribute
     (``fileno``, ``encoding``, ``buffer``, ...) is the wrapped stream's. ``TQDM_DISABLE=1`` in the
     environment turns the bars off altogether (tqdm's own switch).
@@ -85,6 +86,7 @@ class ProgressLines:
         self._held: str | None = None
         self._line_start = True
         self._after_bar = False
+        self._just_held = False
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
@@ -106,8 +108,9 @@ class ProgressLines:
 
     def write(self, text: str) -> int:
         head, *states = text.split("\r")
-        if head == "\n" and self._line_start and (self._after_bar or self._held is not None):
-            if self._held is not None:  # a bar closing with leave=True: its final state
+        just_held, self._just_held = self._just_held and self._held is not None, False
+        if head == "\n" and self._line_start and (self._after_bar or just_held):
+            if just_held:  # a bar closing with leave=True: its final state
                 self._bar_line(self._held)
         elif head:
             if not self._line_start and self._after_bar:
@@ -124,7 +127,7 @@ class ProgressLines:
                 self._last[key] = now
                 self._bar_line(state)
             else:
-                self._held = state
+                self._held, self._just_held = state, True
         return len(text)
 
     def flush(self) -> None:
