@@ -460,14 +460,17 @@ def test_training_flags_this_run_does_not_read_are_named():
     assert RunConfig.from_flags(lr_schedule="linear", snippets_per_update=5).unused_settings() == []
 
 
-def test_an_unused_learning_rate_is_a_warning_in_the_log(tmp_path):
-    """The command line logs the unused flag as a warning at start-up (seen here in a dry run)."""
-    words = tmp_path / "words.txt"
-    words.write_text(" thrombocytopenia\n")
-    r = run_cli("--new_tokens_source", str(words), "--token_distillation_lr", "0.001", "--dry_run",
-                "--out_path", str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
-    assert re.search(r"WARNING token_distillation.pipeline: --token_distillation_lr 0.001 is not used", r.stderr), r.stderr
+def test_an_unused_learning_rate_is_a_warning_in_the_log(tmp_path, caplog):
+    """The pipeline's start (every run, the dry run included) logs the unused flag as a warning."""
+    import logging
+
+    from token_distillation.config import RunConfig
+    from token_distillation.pipeline import start
+
+    caplog.set_level(logging.WARNING, logger="token_distillation")
+    start(RunConfig.from_flags(token_distillation_lr=1e-3, dry_run=True, out_path=str(tmp_path / "o")))
+    assert [r.getMessage()[:45] for r in caplog.records if r.name == "token_distillation.pipeline"] == [
+        "--token_distillation_lr 0.001 is not used: it"], caplog.text
 
 
 def test_integer_flags_beyond_64_bit_counts_are_refused_before_any_work(tmp_path):
