@@ -1009,6 +1009,28 @@ def _text_by_shift(setup: Setup, ext: Extended, docs: list[MergedSequence], shif
             [d for p in parts for d in p[2]])
 
 
+def _shift_decision(wanted, best: float | None, gain_se: float | None, n_docs: int) -> tuple[float, str]:
+    """The shift ``--output_rows_shift wanted`` applies (nats) and why, in words: ``best`` is the held-out
+    documents' lowest (None without documents), ``gain_se`` its gain over none in standard errors over
+    ``n_docs`` documents; ``auto`` applies it only with :data:`~token_distillation.config.AUTO_SHIFT_MIN_DOCS`
+    documents and :data:`~token_distillation.config.AUTO_SHIFT_SE` standard errors."""
+    if wanted != AUTO_SHIFT:
+        applied = (best or 0.0) if wanted == HELDOUT else float(wanted)
+        return applied, ("--output_rows_shift 0; heldout would apply the text NLL's lowest" if wanted == 0.0
+                         else f"--output_rows_shift {wanted}")
+    if best is None:
+        return 0.0, "auto: no held-out corpus documents to choose it on; generated snippets have none"
+    if not best:
+        return 0.0, "auto: none is the lowest"
+    if n_docs < AUTO_SHIFT_MIN_DOCS:
+        return 0.0, (f"auto: {n_docs} held-out documents are too few to judge a shift by (fewer than "
+                     f"{AUTO_SHIFT_MIN_DOCS}); the lowest, {best:+g}, is applied by --output_rows_shift heldout")
+    if gain_se < AUTO_SHIFT_SE:
+        return 0.0, (f"auto: the lowest, {best:+g}, beats none by only {gain_se:.1f} standard errors over {n_docs} "
+                     f"documents (< {AUTO_SHIFT_SE:g}); pass --output_rows_shift heldout to apply it")
+    return best, f"auto: {best:+g} beats none by {gain_se:.1f} standard errors over {n_docs} documents"
+
+
 def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, log: bool) -> dict:
     """``--output_rows_shift`` after the output-row fit: pick the shift (``wanted``: nats;
     :data:`~token_distillation.config.HELDOUT`: the one with the lowest text NLL of the held-out documents,
@@ -1032,10 +1054,7 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
     text, n_text, per_doc, n_docs = kl.get("text") or ([], 0, [], 0)
     best = lowest(text, shifts) if n_text else None
     gain_se = shift_gain(per_doc, shifts.index(0.0), shifts.index(best))[1] if n_text else None
-    if wanted == AUTO_SHIFT:
-        applied = best if best and gain_se >= AUTO_SHIFT_SE and n_docs >= AUTO_SHIFT_MIN_DOCS else 0.0
-    else:
-        applied = (best or 0.0) if wanted == HELDOUT else float(wanted)
+    applied, how = _shift_decision(wanted, best, gain_se, n_docs)
     if wanted == HELDOUT and not n_text and log:
         logger.warning("--output_rows_shift heldout not applied: no held-out corpus document to measure it on "
                        "(generated snippets have none); pass a number of nats instead")
@@ -1046,21 +1065,6 @@ def _shared_shift(rows: NewRows, kl: dict, shift: tuple, spread: float, wanted, 
         kl["heldout_after"] = [None if v is None else v[j] for v in kl["heldout_shift"]]
     if not sums:
         how = "no held-out snippet measured the fit's objective, so nothing is moved"
-    elif wanted != AUTO_SHIFT:
-        how = ("--output_rows_shift 0; heldout would apply the text NLL's lowest" if wanted == 0.0
-               else f"--output_rows_shift {wanted}")
-    elif applied:
-        how = f"auto: {applied:+g} beats none by {gain_se:.1f} standard errors over {n_docs} documents"
-    elif not n_text:
-        how = "auto: no held-out corpus documents to choose it on; generated snippets have none"
-    elif not best:
-        how = "auto: none is the lowest"
-    elif n_docs < AUTO_SHIFT_MIN_DOCS:
-        how = (f"auto: {n_docs} held-out documents are too few to judge a shift by (fewer than "
-               f"{AUTO_SHIFT_MIN_DOCS}); the lowest, {best:+g}, is applied by --output_rows_shift heldout")
-    else:
-        how = (f"auto: the lowest, {best:+g}, beats none by only {gain_se:.1f} standard errors over {n_docs} "
-               f"documents (< {AUTO_SHIFT_SE:g}); pass --output_rows_shift heldout to apply it")
     if log and sums:
         near = [j for j, s in enumerate(shifts) if s in (-2.0, -1.0, -0.5, 0.0, 0.5) or s in (best, best_kl, applied)]
         if n_text:
@@ -1243,7 +1247,7 @@ def write_output(setup: Setup, tg: Targets, ext: Extended, report: dict[str, Any
     had_checkpoints = ckpt_dir.is_dir()
     out = save_output(setup.out, _write, setup.cfg, rows, ext.tokenizer, report, setup.source.spec,
                       untie=ext.tied_source and not ext.tied, save_dtype=setup.save_dtype)
-    if had_checkpoints and not (out / CHECKPOINT_DIRNAME).exists():
+    if had_checkpoints and not ckpt_dir.exists():
         logger.info("removed the run's checkpoints (%s): the saved output replaces them", ckpt_dir)
     return out
 
