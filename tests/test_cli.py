@@ -519,3 +519,25 @@ def test_hub_only_corpus_flags_with_a_local_corpus_are_refused(tmp_path):
                               dataset_split="test", out_path=str(tmp_path / "ev"))
     assert RunConfig.from_flags(dataset_path=str(corpus)).corpus.dataset_split == "train"
     assert RunConfig.from_flags(dataset_path="ncbi/pubmed", dataset_split="validation").corpus.dataset_split == "validation"
+
+
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(tmp_path):
+    """``--device mps`` / ``xpu`` on a machine without them passed the checks and crashed with a traceback
+    after the model loaded (``cuda`` was refused); every such device is now one ``error:`` line, exit 2."""
+    import pytest
+    import torch
+
+    from token_distillation.config import ConfigError
+    from token_distillation.pipeline import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for spec, have in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
+                       ("xpu", hasattr(torch, "xpu") and torch.xpu.is_available())):
+        if not have:
+            with pytest.raises(ConfigError, match=rf"--device {spec}: {spec.upper()} is not available on this "
+                                                  r"machine; use --device cpu or auto"):
+                resolve_device(spec)
+    if not torch.backends.mps.is_available():
+        r = run_cli("--device", "mps", "--out_path", str(tmp_path / "o"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "o").exists(), r.stderr
+        assert r.stderr.endswith("error: --device mps: MPS is not available on this machine; use --device cpu or auto\n")

@@ -345,7 +345,7 @@ class ModelConfig:
         f"({BUNDLED_MODEL_ALIAS!r}: SmolLM2-135M-Instruct from the `demo` extra; "
         f"{GEMMA_MODEL_ALIAS!r}: Gemma-3-270M from the `gemma` extra).",
     )
-    device: str = _flag("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps.")
+    device: str = _flag("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps, xpu.")
     mixed_precision: MixedPrecision = _flag(
         MixedPrecision.AUTO, "Autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, no."
     )
@@ -372,7 +372,7 @@ class ModelConfig:
         _at_least(self, "process_group_timeout_minutes", 0, problems, strict=True, note="minutes")
         dev = str(self.device)
         if dev != "auto" and dev.split(":")[0] not in {"cpu", "cuda", "mps", "xpu"}:
-            problems.append(f"--device: unknown device {dev!r}; use auto, cpu, cuda, cuda:N or mps")
+            problems.append(f"--device: unknown device {dev!r}; use auto, cpu, cuda, cuda:N, mps or xpu")
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -143,7 +143,11 @@ class Distilled:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> cuda if available, else mps if available, else cpu."""
+    """``auto`` -> cuda if available, else mps if available, else cpu.
+
+    Raises:
+        ConfigError: a cuda, mps or xpu device this machine does not have (before any model is loaded).
+    """
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -151,8 +155,12 @@ def resolve_device(spec: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto")
+    available = {"cuda": torch.cuda.is_available,
+                 "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}.get(dev.type)
+    if available is not None and not available():
+        raise ConfigError(f"--device {spec}: {dev.type.upper()} is not available on this machine; use --device cpu or "
+                          "auto")
     return dev
 
 
