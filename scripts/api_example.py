@@ -4,7 +4,9 @@ script): load the bundled SmolLM2, add three words with ``token_distillation.dis
 few hundred shared PubMed abstracts, and look at the tokenization and the report. Writes nothing.
 
 Small settings for a quick run: ``API_EXAMPLE_DOCS`` (abstracts read, default 400) and
-``API_EXAMPLE_SNIPPETS`` (training snippets per word, default 25).
+``API_EXAMPLE_SNIPPETS`` (training snippets per word, default 25). The corpus is
+``../shared/data/pubmed_abstracts/abstracts.jsonl`` beside the clone, or under the folder named by
+``TOKEN_DISTILLATION_SHARED_DATA`` (as for the tests).
 """
 
 # %% Load the bundled model and its tokenizer (the converted GGUF checkpoint; ~20 s the first time)
@@ -23,7 +25,8 @@ model = load_model(source, default_cache_root(), torch.device("cpu"), torch.floa
 tokenizer = load_tokenizer(source, default_cache_root())
 
 # %% A few hundred abstracts from the shared corpus (any list of strings, or a datasets.Dataset, works)
-corpus = Path(__file__).resolve().parents[2] / "shared" / "data" / "pubmed_abstracts" / "abstracts.jsonl"
+shared = os.environ.get("TOKEN_DISTILLATION_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+corpus = Path(shared) / "pubmed_abstracts" / "abstracts.jsonl"
 n_docs = int(os.environ.get("API_EXAMPLE_DOCS", 400))
 with open(corpus, encoding="utf-8") as f:
     texts = [json.loads(line)["text"] for _, line in zip(range(n_docs), f)]
