@@ -409,6 +409,7 @@ def test_wordlist_lines_that_look_like_comments_are_kept_with_a_warning(tmp_path
     assert words == ["# my words", " hepatotoxicity", "#define"]
     msgs = [r.message for r in caplog.records if "no comments" in r.message]
     assert len(msgs) == 1 and "line(s) 1 start with '# '" in msgs[0]
+    assert str(p) in msgs[0]  # the whole path: two lists of the same name in different folders are told apart
 
 
 def test_wordlist_entries_led_by_a_tab_or_several_spaces_are_kept_with_a_warning(tmp_path, caplog):

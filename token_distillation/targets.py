@@ -108,7 +108,7 @@ def read_wordlist(path: str | Path) -> list[str]:
                                   "or a JSON object of categories -> lists of words") from None
             # a plain list whose first word starts with a bracket ("[MASK]"): one token per line
             logger.info("--new_tokens_source %s starts with %r but is not JSON (%s): read as one token per line",
-                        p.name, raw.lstrip()[:1], e.msg)
+                        p, raw.lstrip()[:1], e.msg)
     if data is not None:
         if isinstance(data, dict):
             words: list[str] = []
@@ -126,7 +126,7 @@ def read_wordlist(path: str | Path) -> list[str]:
     hashed = [i + 1 for i, line in enumerate(lines) if line.lstrip().startswith("# ")]
     if hashed:
         logger.warning("--new_tokens_source %s: line(s) %s start with '# '; a word list has no comments, so they "
-                       "become new tokens like any other line (delete them if they are comments)", p.name,
+                       "become new tokens like any other line (delete them if they are comments)", p,
                        ", ".join(map(str, hashed[:10])) + (" ..." if len(hashed) > 10 else ""))
     return _tidy_whitespace(lines, p, "line")
 
@@ -162,12 +162,12 @@ def _tidy_whitespace(words: list[str], path: Path, unit: str) -> list[str]:
 
     if changed:
         logger.info("--new_tokens_source %s: stripped trailing whitespace from %d %s(s) (%s %s); a trailing space "
-                    "would become a token of its own", path.name, len(changed), unit, unit, _numbers(changed))
+                    "would become a token of its own", path, len(changed), unit, unit, _numbers(changed))
     odd = [i + 1 for i, w in enumerate(out) if w.strip() and w[:1].isspace() and not re.match(r" \S", w)]
     if odd:
         logger.warning("--new_tokens_source %s: %d %s(s) (%s %s, e.g. %r) start with whitespace other than one "
                        "space (a tab, several spaces); they are kept as written, but a word in running text "
-                       "follows one space (\" word\"): write them so if that is what you meant", path.name,
+                       "follows one space (\" word\"): write them so if that is what you meant", path,
                        len(odd), unit, unit, _numbers(odd), out[odd[0] - 1])
     return out
 
