@@ -4,8 +4,12 @@ Only the new tokens' output rows differ between variants, so the original-vocabu
 computed once; the relative change of the total is the relative change of bits per byte on that text.
 
     python score_variants.py RUN_DIR STATES.pt VARIANTS.pt
+    SHIFTS=-0.5,-1 python score_variants.py ...   # also each variant moved by those shifts (as uniform_shift.py)
+    PARTIAL=1 python score_variants.py ...        # a variant run still going: unfitted tokens keep the run's rows
 """
-import torch, sys
+import torch, sys, os
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import direction, original_logits  # noqa: E402
 from safetensors.torch import load_file
 run = sys.argv[1]
 D = torch.load(sys.argv[2]); V = torch.load(sys.argv[3])
@@ -13,13 +17,7 @@ H = torch.cat(D["H"]); nxt = torch.cat(D["nxt"]); new_ids = D["new_ids"]; norig 
 st = load_file(f"{run}/model.safetensors")
 W = st["lm_head.weight"].float()
 is_new = nxt >= norig
-logz = torch.empty(len(H)); orig_lp = torch.zeros(len(H))
-with torch.no_grad():
-    for i in range(0, len(H), 512):
-        lo = H[i:i+512] @ W[:norig].T
-        logz[i:i+512] = torch.logsumexp(lo, -1)
-        n = nxt[i:i+512]
-        orig_lp[i:i+512] = torch.where(n >= norig, torch.zeros(()), lo.gather(1, n.clamp(max=norig-1)[:, None])[:, 0])
+logz, orig_lp = original_logits(H, nxt, W, norig)
 def score(O):
     ln = H @ O.T
     lz = torch.logaddexp(logz, torch.logsumexp(ln, -1))
@@ -30,8 +28,12 @@ def score(O):
 ref = score(W[new_ids])
 print(f"positions {len(H)}, new-token targets {int(is_new.sum())}; run's own rows: total {ref[0]:.0f} words {ref[1]:.0f} misplaced {ref[2]:.4f}")
 for name, rows in V.items():
-    if len(rows) < len(new_ids):
+    if len(rows) < len(new_ids) and not os.environ.get("PARTIAL"):
         print(name, "incomplete", len(rows)); continue
-    O = torch.stack([rows[t] for t in range(len(new_ids))])
+    # PARTIAL=1: tokens not fitted yet (a variant run still going) keep the run's own rows
+    O = torch.stack([rows[t] if t in rows else W[new_ids[t]] for t in range(len(new_ids))])
     s = score(O)
     print(f"{name:10} total {s[0]:.0f} ({100*(s[0]/ref[0]-1):+.3f}%) words {s[1]:.0f} misplaced {s[2]:.4f}")
+    for b in [float(x) for x in os.environ.get("SHIFTS", "").split(",") if x]:
+        s = score(O + b * direction(H))
+        print(f"{'':10} shift {b:+.2f}: total {s[0]:.0f} ({100*(s[0]/ref[0]-1):+.3f}%) words {s[1]:.0f} misplaced {s[2]:.4f}")

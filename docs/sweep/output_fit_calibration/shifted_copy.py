@@ -10,6 +10,8 @@ import json, shutil, sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import direction  # noqa: E402
 run, states, shift, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
 if out.exists():
     sys.exit(f"error: {out} exists")
@@ -25,8 +27,7 @@ if shift == "subtoken-mean":
 else:
     D = torch.load(states)
     H = torch.cat(D["H"])
-    A = H[: len(H) // 2]
-    d = torch.linalg.solve(A.T @ A + 1e-1 * torch.eye(A.shape[1]), A.T @ torch.ones(len(A)))
+    d = direction(H)
     print(f"h @ d: mean {float((H @ d).mean()):.3f}, sd {float((H @ d).std()):.3f}")
     W[new_ids] = (W[new_ids].float() + float(shift) * d).to(W.dtype)
 shutil.copytree(run, out)

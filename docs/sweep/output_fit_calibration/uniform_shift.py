@@ -11,20 +11,15 @@ import torch, json, sys
 from safetensors.torch import load_file
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))  # the repository
 from token_distillation.output_rows import shift_gain
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import direction, original_logits  # noqa: E402
 run = sys.argv[1]
 D = torch.load(sys.argv[2])
 H = torch.cat(D["H"]); nxt = torch.cat(D["nxt"]); new_ids = D["new_ids"]; norig = D["norig"]
 st = load_file(f"{run}/model.safetensors"); W = st["lm_head.weight"].float()
 is_new = nxt >= norig
-logz = torch.empty(len(H)); orig_lp = torch.zeros(len(H))
-with torch.no_grad():  # the original vocabulary's logits 512 positions at a time (Gemma-3: 262k of them)
-    for i in range(0, len(H), 512):
-        lo = H[i:i+512] @ W[:norig].T
-        logz[i:i+512] = torch.logsumexp(lo, -1)
-        n = nxt[i:i+512]
-        orig_lp[i:i+512] = torch.where(n >= norig, torch.zeros(()), lo.gather(1, n.clamp(max=norig-1)[:, None])[:, 0])
-A = H[: len(H) // 2]
-d = torch.linalg.solve(A.T @ A + 1e-1 * torch.eye(A.shape[1]), A.T @ torch.ones(len(A)))
+logz, orig_lp = original_logits(H, nxt, W, norig)
+d = direction(H)
 def nll(O):
     ln = H @ O.T
     lz = torch.logaddexp(logz, torch.logsumexp(ln, -1))
