@@ -57,8 +57,8 @@ def fit(data, O0, per_token_shift=False, one_shift=False, ridge=0.0):
 
 d = direction(torch.cat(H_docs))
 O_run = W[new_ids]
-every = prepare(range(len(H_docs)))
 even, odd = prepare(range(0, len(H_docs), 2)), prepare(range(1, len(H_docs), 2))
+every = tuple(torch.cat([a, b]) for a, b in zip(even, odd))  # all documents (the NLL is a sum over positions)
 with torch.no_grad():
     base_all, base_odd = float(nll(O_run, every)), float(nll(O_run, odd))
     print(f"run's rows: all documents {base_all:.0f}, odd documents {base_odd:.0f}")

@@ -26,6 +26,7 @@ def score(O):
     mis = float((p * (nxt[:, None] != new_ids[None, :])).sum() / len(H))
     return float(-(tgt - lz).sum()), float(-(tgt - lz)[is_new].sum()), mis
 ref = score(W[new_ids])
+CACHE = {}
 print(f"positions {len(H)}, new-token targets {int(is_new.sum())}; run's own rows: total {ref[0]:.0f} words {ref[1]:.0f} misplaced {ref[2]:.4f}")
 for name, rows in V.items():
     if len(rows) < len(new_ids) and not os.environ.get("PARTIAL"):
@@ -35,5 +36,7 @@ for name, rows in V.items():
     s = score(O)
     print(f"{name:10} total {s[0]:.0f} ({100*(s[0]/ref[0]-1):+.3f}%) words {s[1]:.0f} misplaced {s[2]:.4f}")
     for b in [float(x) for x in os.environ.get("SHIFTS", "").split(",") if x]:
-        s = score(O + b * direction(H))
+        if "d" not in CACHE:  # the same direction for every variant and shift
+            CACHE["d"] = direction(H)
+        s = score(O + b * CACHE["d"])
         print(f"{'':10} shift {b:+.2f}: total {s[0]:.0f} ({100*(s[0]/ref[0]-1):+.3f}%) words {s[1]:.0f} misplaced {s[2]:.4f}")
