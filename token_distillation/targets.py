@@ -89,7 +89,7 @@ def read_wordlist(path: str | Path) -> list[str]:
     Raises:
         ConfigError: unreadable file or JSON of the wrong shape.
     """
-    p = Path(path).expanduser()
+    p = Path(path).expanduser().absolute()  # messages name the whole path, also for a relative one
     try:
         raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark would start the first word
     except (OSError, UnicodeDecodeError) as e:
