@@ -82,16 +82,23 @@ def test_bound_checks_catch_nan_and_wrong_types():
         assert problems == [] if needle is None else (len(problems) == 1 and needle in problems[0]), problems
 
 
-@pytest.mark.parametrize("case", ["out_path", "model_path"])
+@pytest.mark.parametrize("case", ["out_path", "model_path", "new_tokens_source", "output_rows_shift"])
 def test_path_errors_come_before_torch_is_imported(case, tmp_path):
-    """A non-empty --out_path or a missing --model_path is refused before the heavy imports (instant)."""
+    """A non-empty --out_path, a missing --model_path, a word list with no words, or --output_rows_shift
+    heldout without a corpus is refused before the heavy imports (instant; helper-49 waited 6-13 s for
+    the empty word list)."""
     out = tmp_path / "o"
     args = ["--out_path", str(out)]
     if case == "out_path":
         out.mkdir()
         (out / "keep.txt").write_text("user data")
-    else:
+    elif case == "model_path":
         args += ["--model_path", str(tmp_path / "missing")]
+    elif case == "new_tokens_source":
+        (tmp_path / "words.txt").write_text("\n  \n")
+        args += ["--new_tokens_source", str(tmp_path / "words.txt")]
+    else:
+        args += ["--output_rows_shift", "heldout"]
     code = ("import sys\nfrom token_distillation.cli import fire_main\n"
             "try:\n    fire_main(sys.argv[1:])\n"
             "except SystemExit as e:\n    print('torch' in sys.modules, e.code)\n")

@@ -240,9 +240,13 @@ def main(**flags):
         from .corpus import check_text_column
 
         check_text_column(cfg.corpus)  # a wrong --text_column fails before torch is imported
+        cfg.check_heldout_shift_has_corpus()
+        from .targets import read_target_wordlist
+
+        words = read_target_wordlist(cfg.targets)  # so does an empty or malformed word list
         from .pipeline import run  # imports torch and transformers (seconds)
 
-        result = run(cfg)
+        result = run(cfg, words)
     return str(result.out_path)
 
 

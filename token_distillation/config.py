@@ -970,6 +970,20 @@ class RunConfig:
         if problems:
             raise ConfigError(problems)
 
+    def check_heldout_shift_has_corpus(self) -> None:
+        """For a config run from the command line or :func:`token_distillation.pipeline.run` (the Python API
+        passes documents in memory and checks this itself): ``--output_rows_shift heldout`` needs
+        corpus documents, and without ``--dataset_path`` the snippets are generated.
+
+        Raises:
+            ConfigError: ``--output_rows_shift heldout`` without ``--dataset_path``.
+        """
+        if (self.output.output_rows_shift == HELDOUT and not self.corpus.dataset_path
+                and self.resolved_snippet_source == SnippetSource.GENERATED):
+            raise ConfigError(f"--output_rows_shift {HELDOUT} picks the shift on held-out corpus documents, but "
+                              "without --dataset_path the snippets are generated; pass --dataset_path or a number "
+                              "of nats (e.g. -1)")
+
     def unused_settings(self) -> list[str]:
         """Training flags set to something other than their default that this run does not read
         (one sentence each, naming the flag that does the job here); the pipeline logs them as

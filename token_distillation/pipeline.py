@@ -51,7 +51,6 @@ from .config import (
     AUTO_SHIFT_SE,
     HELDOUT,
     Alignment,
-    BuildTargetMethod,
     ConfigError,
     explicit_shift,
     InitMethod,
@@ -113,7 +112,7 @@ from .targets import (
     coverage_table,
     log_summary,
     new_token_records,
-    read_wordlist,
+    read_target_wordlist,
 )
 from .tokenization import NewToken, add_new_tokens, bos_prefix
 from .output_rows import (SHIFT_GRID, TEXT_DOC_TOKENS, background_pool, choose_shift, distill_output_rows,
@@ -339,8 +338,10 @@ class Trained:
     out_kl: dict | None = None
 
 
-def run(cfg: RunConfig) -> RunResult:
+def run(cfg: RunConfig, wordlist: list[str] | None = None) -> RunResult:
     """Run the whole pipeline for a validated config: the six stages of the module docstring.
+    ``wordlist``: the ``--new_tokens_source`` list when the caller has read it already
+    (:func:`~token_distillation.targets.read_target_wordlist`; the command line does, before torch loads).
 
     From the new rows' creation until the output is saved, stop signals are deferred (see
     :mod:`token_distillation.interrupts`): training checkpoints the current step before stopping.
@@ -350,7 +351,7 @@ def run(cfg: RunConfig) -> RunResult:
             or a failed save (the trained rows are kept; the message says how to recover).
         Interrupted: a stop signal (a checkpoint was written when training had started).
     """
-    setup = start(cfg)
+    setup = start(cfg, wordlist)
     tokenizer, model_config = load_inputs(setup)
     if cfg.output.dry_run:
         return dry_run(setup, build_target_list(setup, tokenizer, model_config))
@@ -400,9 +401,9 @@ def distill_stages(setup: Setup, tokenizer, model_config, words: list[str] | Non
     return Distilled(extended.model, extended.tokenizer, report, out)
 
 
-def start(cfg: RunConfig) -> Setup:
+def start(cfg: RunConfig, words: list[str] | None = None) -> Setup:
     """Stage 1: seed, device and dtype; check the model source, the output path and the corpus's
-    text column (nothing heavy is loaded)."""
+    text column, read the word list unless ``words`` holds it already (nothing heavy is loaded)."""
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     tc, world = cfg.train, launched_world_size()
@@ -435,17 +436,12 @@ def start(cfg: RunConfig) -> Setup:
                     "complete and then is replaced", out)
     if cfg.resolved_snippet_source != SnippetSource.GENERATED or cfg.corpus.dataset_path:
         check_text_column(cfg.corpus)  # before the tokenizer and the corpus load
-    elif cfg.output.output_rows_shift == HELDOUT:  # the command line: no corpus means generated snippets
-        raise ConfigError(f"--output_rows_shift {HELDOUT} picks the shift on held-out corpus documents, but without "
-                          "--dataset_path the snippets are generated; pass --dataset_path or a number of nats (e.g. -1)")
-    words_digest = words = None
-    if cfg.targets.build_target_method == BuildTargetMethod.WORDLIST:
-        words = read_wordlist(cfg.targets.wordlist_path)  # a malformed list fails before the tokenizer loads
+    cfg.check_heldout_shift_has_corpus()
+    words_digest = None
+    if words is None:
+        words = read_target_wordlist(cfg.targets)  # a malformed list fails before the tokenizer loads
+    if words is not None:
         words_digest = list_digest(words)
-        if not any(w.strip() for w in words):
-            what = "the file is empty" if not words else "only empty lines"
-            raise ConfigError(f"--new_tokens_source {cfg.targets.wordlist_path}: no words in it ({what}); "
-                              "write one token per line")
         if cfg.resolved_snippet_source == SnippetSource.CORPUS and not cfg.output.dry_run:
             check_words_occur(cfg.corpus, words)
     check_exports(cfg, source)

@@ -77,6 +77,24 @@ class TargetList:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def read_target_wordlist(targets: TargetConfig) -> list[str] | None:
+    """The ``--new_tokens_source`` word list of ``--build_target_method wordlist``, read once (warnings
+    logged once), or None for the other methods. Needs no torch: the command line calls it before the
+    slow imports, so a bad list fails in a fraction of a second.
+
+    Raises:
+        ConfigError: unreadable or malformed file (:func:`read_wordlist`), or a file with no word in it.
+    """
+    if targets.build_target_method != BuildTargetMethod.WORDLIST:
+        return None
+    words = read_wordlist(targets.wordlist_path)
+    if not any(w.strip() for w in words):
+        what = "the file is empty" if not words else "only empty lines"
+        raise ConfigError(f"--new_tokens_source {targets.wordlist_path}: no words in it ({what}); "
+                          "write one token per line")
+    return words
+
+
 def read_wordlist(path: str | Path) -> list[str]:
     """Read candidate tokens from a text file (one per line), a JSON object of category -> list of
     words, a JSON list of words, or JSON lines each an object with a ``"token"`` field (the tool's own
