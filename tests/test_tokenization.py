@@ -1,5 +1,7 @@
 """Word -> subtokens and added-token firing on the real bundled tokenizers (both families)."""
 
+import logging
+
 import pytest
 
 from token_distillation.targets import filter_candidates, read_wordlist
@@ -54,13 +56,17 @@ def test_added_tokens_fire_in_raw_text(real_tokenizer):
     assert tok.decode(tok.encode("The hepatotoxicity of x", add_special_tokens=False)) == "The hepatotoxicity of x"
 
 
-def test_filter_candidates_drops_with_reasons(real_tokenizer, tmp_path):
+def test_filter_candidates_drops_with_reasons(real_tokenizer, tmp_path, caplog):
+    """Repeated entries are added once, with one warning that counts them (helper-48 missed the INFO line)."""
     p = tmp_path / "words.txt"
-    p.write_text(" hepatotoxicity\n hepatotoxicity\n\n   \n the\nĠnephrotoxicity\n")
-    res = filter_candidates(real_tokenizer, read_wordlist(p))
+    p.write_text(" hepatotoxicity\n hepatotoxicity\n\n   \n the\nĠnephrotoxicity\n hepatotoxicity\n")
+    with caplog.at_level(logging.WARNING, logger="token_distillation.targets"):
+        res = filter_candidates(real_tokenizer, read_wordlist(p))
     assert [t.text for t in res.tokens] == [" hepatotoxicity", " nephrotoxicity"]
     reasons = set(res.skipped.values())
     assert {"duplicate", "empty", "already a single token in the vocabulary"} <= reasons
+    warned = [r.getMessage() for r in caplog.records if "repeat an earlier one" in r.getMessage()]
+    assert warned == ["2 candidate(s) repeat an earlier one and are added once: ' hepatotoxicity'"]
 
 
 def test_json_concept_list(tmp_path):

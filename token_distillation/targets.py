@@ -198,6 +198,7 @@ def filter_candidates(tokenizer, candidates: list[str], add_leading_space: bool 
     """
     result = TargetList()
     seen: set[str] = set()
+    repeats: list[str] = []
     for raw in candidates:
         text = marker_to_surface(raw)
         if add_leading_space and text and not text.startswith(" "):
@@ -207,6 +208,7 @@ def filter_candidates(tokenizer, candidates: list[str], add_leading_space: bool 
             continue
         if text in seen:
             result.skipped.setdefault(text, "duplicate")
+            repeats.append(text)
             continue
         seen.add(text)
         ids = subtoken_ids(tokenizer, text)
@@ -216,6 +218,10 @@ def filter_candidates(tokenizer, candidates: list[str], add_leading_space: bool 
         result.tokens.append(NewToken(text=text, subtoken_ids=tuple(ids)))
     for text, reason in result.skipped.items():
         logger.info("skipping candidate %r: %s", text, reason)
+    if repeats:  # harmless, but often a sign of a list merged twice or of entries meant to differ
+        shown = list(dict.fromkeys(repeats))
+        logger.warning("%d candidate(s) repeat an earlier one and are added once: %s", len(repeats),
+                       ", ".join(map(repr, shown[:5])) + (", ..." if len(shown) > 5 else ""))
     return result
 
 
