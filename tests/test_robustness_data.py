@@ -394,8 +394,14 @@ def test_corpus_not_utf8_or_with_mixed_fields_is_one_clear_error(tmp_path):
             check_text_column(CorpusConfig(dataset_path=str(f)))
     txt = tmp_path / "c.txt"
     txt.write_bytes(b"caf\xe9 hepatotoxicity\n")
-    with pytest.raises(ConfigError, match="not UTF-8 text .*iconv"):
+    with pytest.raises(ConfigError, match="not UTF-8 text .*iconv -f latin1"):
         list(iter_texts(CorpusConfig(dataset_path=str(txt))))
+    # a UTF-16 export (Windows tools) fails at the text-field check, before any model loads, with its own
+    # fix (helper-50: after 10.8 s, with the latin1 hint)
+    u16 = tmp_path / "u16.txt"
+    u16.write_bytes("caf\u00e9 hepatotoxicity\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match="u16.txt is not UTF-8 text .*it is UTF-16 .*iconv -f UTF-16 -t UTF-8"):
+        check_text_column(CorpusConfig(dataset_path=str(u16)))
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "a.jsonl").write_text('{"text": "a hepatotoxicity b", "id": 1}\n' * 3, encoding="utf-8")

@@ -57,16 +57,37 @@ def test_added_tokens_fire_in_raw_text(real_tokenizer):
 
 
 def test_filter_candidates_drops_with_reasons(real_tokenizer, tmp_path, caplog):
-    """Repeated entries are added once, with one warning that counts them (helper-48 missed the INFO line)."""
+    """Repeated entries are added once, with one warning that counts them (helper-48 missed the INFO line),
+    and are not listed as skipped: the token is added (helper-50: report.json's skipped_tokens said
+    "duplicate" for a trained token). Every dropped line is counted (three blank lines were one)."""
     p = tmp_path / "words.txt"
-    p.write_text(" hepatotoxicity\n hepatotoxicity\n\n   \n the\nĠnephrotoxicity\n hepatotoxicity\n")
+    p.write_text(" hepatotoxicity\n hepatotoxicity\n\n   \n\n the\nĠnephrotoxicity\n hepatotoxicity\n")
     with caplog.at_level(logging.WARNING, logger="token_distillation.targets"):
         res = filter_candidates(real_tokenizer, read_wordlist(p))
     assert [t.text for t in res.tokens] == [" hepatotoxicity", " nephrotoxicity"]
-    reasons = set(res.skipped.values())
-    assert {"duplicate", "empty", "already a single token in the vocabulary"} <= reasons
+    assert set(res.skipped.values()) == {"empty", "already a single token in the vocabulary"}
+    assert " hepatotoxicity" not in res.skipped
+    assert res.seen == 8
+    assert res.dropped == {"duplicate": 2, "empty": 3, "already a single token in the vocabulary": 1}
     warned = [r.getMessage() for r in caplog.records if "repeat an earlier one" in r.getMessage()]
     assert warned == ["2 candidate(s) repeat an earlier one and are added once: ' hepatotoxicity'"]
+
+
+def test_word_list_table_and_utf16_are_told(tmp_path, caplog):
+    """A pasted word<TAB>count table is kept as written but warned about (the count would be part of the
+    token); a UTF-16 file is refused with the iconv command for UTF-16 (helper-50)."""
+    from token_distillation.config import ConfigError
+
+    p = tmp_path / "table.txt"
+    p.write_text(" haplotype\t12\n hepatotoxicity\n")
+    with caplog.at_level(logging.WARNING, logger="token_distillation.targets"):
+        assert read_wordlist(p) == [" haplotype\t12", " hepatotoxicity"]
+    warned = [r.getMessage() for r in caplog.records if "tab or line break inside" in r.getMessage()]
+    assert len(warned) == 1 and "1 line(s) (line 1," in warned[0] and "cut -f1" in warned[0]
+    u16 = tmp_path / "u16.txt"
+    u16.write_bytes(" hepatotoxicity\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"u16.txt is not UTF-8 text .*it is UTF-16 .*iconv -f UTF-16 -t UTF-8"):
+        read_wordlist(u16)
 
 
 def test_json_concept_list(tmp_path):

@@ -31,7 +31,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .config import ConfigError, CorpusConfig
-from .paths import hub_unreachable
+from .paths import hub_unreachable, utf8_fix
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +299,9 @@ def _local_tree(builder: str, files: list[str]) -> tuple[dict | None, bool]:
     """``(field tree or None when unknown, corpus known to be empty)`` of a local corpus, from its
     first non-empty file only (a JSON Lines line, a CSV header, a Parquet schema)."""
     if builder == "text":
+        for f in files:
+            if not f.endswith(".gz"):
+                _check_utf8_head(f)  # a UTF-16 export fails here, not after the tokenizer loads
         empty = all(not _has_text_line(f) for f in files if not f.endswith(".gz"))
         return {"text": "string"}, empty and not any(f.endswith(".gz") for f in files)
     for f in files:
@@ -307,8 +310,8 @@ def _local_tree(builder: str, files: list[str]) -> tuple[dict | None, bool]:
         try:
             tree = _file_tree(builder, f)
         except UnicodeDecodeError as e:
-            raise ConfigError(f"--dataset_path: {f} is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
-                              "to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            raise ConfigError(f"--dataset_path: {f} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              f"{utf8_fix(f)}") from None
         if tree is not None:
             return tree
     return None, True
@@ -354,6 +357,20 @@ def _file_tree(builder: str, f: str) -> tuple[dict | None, bool] | None:
             row = next(reader, None)
         return ({c: "string" for c in header}, False) if header and row is not None else None
     return None, False
+
+
+def _check_utf8_head(path: str, size: int = 1 << 20) -> None:
+    """Raise the not-UTF-8 :class:`ConfigError` (with the fix) when the first ``size`` bytes of a
+    plain-text corpus file are not UTF-8 (a character cut at the end of the block is fine)."""
+    import codecs
+
+    with open(path, "rb") as fh:
+        head = fh.read(size)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--dataset_path: {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                          f"{utf8_fix(path)}") from None
 
 
 def _has_text_line(path: str) -> bool:
@@ -573,8 +590,8 @@ def _not_utf8(cfg: CorpusConfig, e: UnicodeDecodeError):
                         offset += len(block)
                     dec.decode(b"", final=True)
             except UnicodeDecodeError as bad:
-                raise ConfigError(f"--dataset_path: {f} is not UTF-8 text ({bad.reason} at byte {offset + bad.start});"
-                                  " convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                raise ConfigError(f"--dataset_path: {f} is not UTF-8 text ({bad.reason} at byte {offset + bad.start}); "
+                                  f"{utf8_fix(f)}") from None
             except OSError:
                 continue
     raise ConfigError(f"--dataset_path {cfg.dataset_path}: the corpus is not UTF-8 text ({e.reason}); convert it to "

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import BuildTargetMethod, ConfigError, CorpusConfig, TargetConfig
+from .paths import utf8_fix
 from .tokenization import BYTE_LEVEL_SPACE, SENTENCEPIECE_SPACE, NewToken, marker_to_surface, subtoken_ids, whitespace_marker
 
 logger = logging.getLogger(__name__)
@@ -43,11 +44,14 @@ NGRAM_EDGE = "n-gram starts or ends with a very frequent word"
 SPECIAL = "special, added or byte token"
 NOT_UTF8 = "not a whole UTF-8 character sequence"
 EMPTY = "empty"
+DUPLICATE = "duplicate"
 CAPPED = "beyond --num_new_tokens"
 
 # Characters that may follow a word without making it part of a longer token (closing punctuation).
 _CLOSING = ".,;:!?)]}\"'\u2019\u201d"
 _WS = re.compile(r"\s")
+# Whitespace inside a word-list entry that is almost never meant (a pasted table's columns, a line break).
+_INNER_BREAKS = "\t\r\n\v\f\x85\u2028\u2029"
 # N-grams whose first or last word is among this many most frequent corpus words are dropped.
 NGRAM_EDGE_TOP = 50
 
@@ -110,7 +114,10 @@ def read_wordlist(path: str | Path) -> list[str]:
     p = Path(path).expanduser().absolute()  # messages name the whole path, also for a relative one
     try:
         raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark would start the first word
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--new_tokens_source: {p} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                          f"{utf8_fix(p)}") from None
+    except OSError as e:
         raise ConfigError(f"--new_tokens_source: cannot read {p}: {e}") from None
     if p.suffix.lower() == ".jsonl":
         return _tidy_whitespace(_jsonl_tokens(raw, p), p, "line")
@@ -187,16 +194,25 @@ def _tidy_whitespace(words: list[str], path: Path, unit: str) -> list[str]:
                        "space (a tab, several spaces); they are kept as written, but a word in running text "
                        "follows one space (\" word\"): write them so if that is what you meant", path,
                        len(odd), unit, unit, _numbers(odd), out[odd[0] - 1])
+    inner = [i + 1 for i, w in enumerate(out) if any(c in _INNER_BREAKS for c in w.strip())]
+    if inner:  # a pasted "word<TAB>count" table: the count would become part of the token
+        logger.warning("--new_tokens_source %s: %d %s(s) (%s %s, e.g. %r) hold a tab or line break inside; they "
+                       "are kept as written, as one token each; if the file is a table (word<TAB>count), keep "
+                       "only the word column (e.g. cut -f1)", path, len(inner), unit, unit, _numbers(inner),
+                       out[inner[0] - 1])
     return out
 
 
 def filter_candidates(tokenizer, candidates: list[str], add_leading_space: bool = False) -> TargetList:
     """Turn candidate strings into :class:`NewToken` records, dropping unusable ones with a reason.
 
-    Dropped: empty or whitespace-only strings, duplicates, strings that are already one token of the
-    vocabulary. Marker forms ("Ġword", "▁word") are converted to surface form first.
+    Dropped: empty or whitespace-only strings, repeats of an earlier candidate, strings that are
+    already one token of the vocabulary. Marker forms ("Ġword", "▁word") are converted to surface
+    form first. ``seen`` counts every candidate and ``dropped`` every dropped one by reason;
+    ``skipped`` names the distinct texts not added, with the reason (a repeat is not there: its text
+    is added once, and a warning counts the repeats).
     """
-    result = TargetList()
+    result = TargetList(seen=len(candidates))
     seen: set[str] = set()
     repeats: list[str] = []
     for raw in candidates:
@@ -204,16 +220,18 @@ def filter_candidates(tokenizer, candidates: list[str], add_leading_space: bool 
         if add_leading_space and text and not text.startswith(" "):
             text = " " + text
         if not text.strip():
-            result.skipped[repr(raw)] = "empty"
+            result.skipped[repr(raw)] = EMPTY
+            _drop(result, EMPTY)
             continue
         if text in seen:
-            result.skipped.setdefault(text, "duplicate")
             repeats.append(text)
+            _drop(result, DUPLICATE)
             continue
         seen.add(text)
         ids = subtoken_ids(tokenizer, text)
         if len(ids) < 2:
-            result.skipped[text] = "already a single token in the vocabulary"
+            result.skipped[text] = IN_VOCAB
+            _drop(result, IN_VOCAB)
             continue
         result.tokens.append(NewToken(text=text, subtoken_ids=tuple(ids)))
     for text, reason in result.skipped.items():
@@ -518,7 +536,7 @@ def tokenizer_targets(cfg: TargetConfig, tokenizer, target) -> TargetList:
         elif not text.strip():
             _drop(result, EMPTY)
         elif text in seen_text:
-            _drop(result, "duplicate")
+            _drop(result, DUPLICATE)
         else:
             seen_text.add(text)
             cands.append(text)
@@ -561,11 +579,8 @@ def build_targets(cfg: TargetConfig, tokenizer, corpus_cfg: CorpusConfig | None 
             source = cfg.wordlist_path
         targets = filter_candidates(tokenizer, listed, cfg.add_leading_space)
         targets.source = source
-        targets.seen = len(targets.tokens) + len(targets.skipped)
         if not cfg.add_leading_space:
             _warn_bare_words([t.text for t in targets.tokens])
-        for reason in targets.skipped.values():
-            _drop(targets, reason)
         if cfg.num_new_tokens and len(targets.tokens) > cfg.num_new_tokens:
             _drop(targets, CAPPED, len(targets.tokens) - cfg.num_new_tokens)
             for t in targets.tokens[cfg.num_new_tokens:]:
