@@ -7,7 +7,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 from token_distillation.alignment import PhraseMatcher, align_by_offsets, collate, merge, pair_texts
 from token_distillation.fastpath import _prefix_len

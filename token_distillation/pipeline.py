@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .alignment import PhraseMatcher, merge, pair_texts
+from .alignment import MergedSequence, PhraseMatcher, merge, pair_texts
 from .checkpoint import (
     CHECKPOINT_DIRNAME,
     Checkpointer,
