@@ -71,6 +71,11 @@ def test_filter_candidates_drops_with_reasons(real_tokenizer, tmp_path, caplog):
     assert res.dropped == {"duplicate": 2, "empty": 3, "already a single token in the vocabulary": 1}
     warned = [r.getMessage() for r in caplog.records if "repeat an earlier one" in r.getMessage()]
     assert warned == ["2 candidate(s) repeat an earlier one and are added once: ' hepatotoxicity'"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="token_distillation.targets"):
+        res = filter_candidates(real_tokenizer, ["hepatotoxicity", " hepatotoxicity"], add_leading_space=True)
+    assert [t.text for t in res.tokens] == [" hepatotoxicity"] and res.dropped == {"duplicate": 1}
+    assert "'word' and ' word' are the same token" in caplog.text
 
 
 def test_word_list_table_and_utf16_are_told(tmp_path, caplog):

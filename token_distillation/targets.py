@@ -238,8 +238,10 @@ def filter_candidates(tokenizer, candidates: list[str], add_leading_space: bool 
         logger.info("skipping candidate %r: %s", text, reason)
     if repeats:  # harmless, but often a sign of a list merged twice or of entries meant to differ
         shown = list(dict.fromkeys(repeats))
-        logger.warning("%d candidate(s) repeat an earlier one and are added once: %s", len(repeats),
-                       ", ".join(map(repr, shown[:5])) + (", ..." if len(shown) > 5 else ""))
+        logger.warning("%d candidate(s) repeat an earlier one and are added once: %s%s", len(repeats),
+                       ", ".join(map(repr, shown[:5])) + (", ..." if len(shown) > 5 else ""),
+                       " (with --add_leading_space true, 'word' and ' word' are the same token)"
+                       if add_leading_space else "")
     return result
 
 
