@@ -31,7 +31,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .config import ConfigError, CorpusConfig
-from .paths import hub_unreachable, utf8_fix
+from .paths import hub_unreachable, not_utf8_error
 
 logger = logging.getLogger(__name__)
 
@@ -299,9 +299,10 @@ def _local_tree(builder: str, files: list[str]) -> tuple[dict | None, bool]:
     """``(field tree or None when unknown, corpus known to be empty)`` of a local corpus, from its
     first non-empty file only (a JSON Lines line, a CSV header, a Parquet schema)."""
     if builder == "text":
-        for f in files:
-            if not f.endswith(".gz"):
-                _check_utf8_head(f)  # a UTF-16 export fails here, not after the tokenizer loads
+        first = next((f for f in files if not f.endswith(".gz")), None)
+        bad = first and _utf8_problem(first, limit=1 << 16)  # a UTF-16 export fails here, before torch loads
+        if bad:
+            raise bad
         empty = all(not _has_text_line(f) for f in files if not f.endswith(".gz"))
         return {"text": "string"}, empty and not any(f.endswith(".gz") for f in files)
     for f in files:
@@ -310,8 +311,7 @@ def _local_tree(builder: str, files: list[str]) -> tuple[dict | None, bool]:
         try:
             tree = _file_tree(builder, f)
         except UnicodeDecodeError as e:
-            raise ConfigError(f"--dataset_path: {f} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                              f"{utf8_fix(f)}") from None
+            raise not_utf8_error("--dataset_path", f, e.reason, e.start) from None
         if tree is not None:
             return tree
     return None, True
@@ -359,18 +359,27 @@ def _file_tree(builder: str, f: str) -> tuple[dict | None, bool] | None:
     return None, False
 
 
-def _check_utf8_head(path: str, size: int = 1 << 20) -> None:
-    """Raise the not-UTF-8 :class:`ConfigError` (with the fix) when the first ``size`` bytes of a
-    plain-text corpus file are not UTF-8 (a character cut at the end of the block is fine)."""
+def _utf8_problem(path: str, limit: int | None = None) -> ConfigError | None:
+    """The not-UTF-8 :class:`ConfigError` (file, byte offset, fix) of a local corpus file, or None when
+    its first ``limit`` bytes (all of it: None) decode as UTF-8 or it cannot be read; read in 16 MiB
+    blocks with an incremental decoder (a character cut by ``limit`` is fine)."""
     import codecs
 
-    with open(path, "rb") as fh:
-        head = fh.read(size)
+    dec, offset = codecs.getincrementaldecoder("utf-8")(), 0
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--dataset_path: {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                          f"{utf8_fix(path)}") from None
+        with open(path, "rb") as fh:
+            while limit is None or offset < limit:
+                block = fh.read(1 << 24 if limit is None else min(1 << 24, limit - offset))
+                if not block:
+                    dec.decode(b"", final=True)
+                    break
+                dec.decode(block)
+                offset += len(block)
+    except UnicodeDecodeError as bad:
+        return not_utf8_error("--dataset_path", path, bad.reason, offset + bad.start)
+    except OSError:
+        return None
+    return None
 
 
 def _has_text_line(path: str) -> bool:
@@ -574,26 +583,13 @@ def _reraise_read_error(cfg: CorpusConfig, e: Exception):
 
 def _not_utf8(cfg: CorpusConfig, e: UnicodeDecodeError):
     """Raise the ConfigError of a corpus that is not UTF-8, naming the first local file that is not
-    (read in blocks with an incremental decoder: only on this error path) and the byte offset."""
-    import codecs
-
+    and the byte offset (:func:`_utf8_problem`; the whole files are read only on this error path)."""
     path = Path(cfg.dataset_path).expanduser()
     if path.exists():
         for f in _local_files(path)[1]:
-            if f.endswith(".gz"):
-                continue
-            dec, offset = codecs.getincrementaldecoder("utf-8")(), 0
-            try:
-                with open(f, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 24), b""):
-                        dec.decode(block)
-                        offset += len(block)
-                    dec.decode(b"", final=True)
-            except UnicodeDecodeError as bad:
-                raise ConfigError(f"--dataset_path: {f} is not UTF-8 text ({bad.reason} at byte {offset + bad.start}); "
-                                  f"{utf8_fix(f)}") from None
-            except OSError:
-                continue
+            bad = None if f.endswith(".gz") else _utf8_problem(f)
+            if bad:
+                raise bad
     raise ConfigError(f"--dataset_path {cfg.dataset_path}: the corpus is not UTF-8 text ({e.reason}); convert it to "
                       "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 

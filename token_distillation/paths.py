@@ -95,9 +95,10 @@ def _assemble_chunks(dist_name: str, file_name: str) -> Path:
     return target
 
 
-def utf8_fix(path: str | Path) -> str:
-    """The fix for a file that is not UTF-8, for an error message: UTF-16/UTF-32 files are told apart
-    by their byte-order mark (the usual export of Windows tools), anything else is converted as latin1."""
+def not_utf8_error(flag: str, path: str | Path, reason: str, at: int) -> ConfigError:
+    """The error for a file given as ``flag`` that is not UTF-8 (``reason`` at byte ``at``), with the fix:
+    UTF-16/UTF-32 files are told apart by their byte-order mark (the usual export of Windows tools),
+    anything else is converted as latin1."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(4)
@@ -105,9 +106,9 @@ def utf8_fix(path: str | Path) -> str:
         head = b""
     name = next((n for bom, n in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
                                   (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")) if head.startswith(bom)), None)
-    if name:
-        return f"it is {name} (it starts with a {name} byte-order mark); convert it, e.g. iconv -f {name} -t UTF-8"
-    return "convert it to UTF-8, e.g. iconv -f latin1 -t UTF-8 (if it was written as latin1)"
+    fix = (f"it is {name} (it starts with a {name} byte-order mark); convert it, e.g. iconv -f {name} -t UTF-8"
+           if name else "convert it to UTF-8, e.g. iconv -f latin1 -t UTF-8 (if it was written as latin1)")
+    return ConfigError(f"{flag}: {path} is not UTF-8 text ({reason} at byte {at}); {fix}")
 
 
 def default_cache_root() -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import BuildTargetMethod, ConfigError, CorpusConfig, TargetConfig
-from .paths import utf8_fix
+from .paths import not_utf8_error
 from .tokenization import BYTE_LEVEL_SPACE, SENTENCEPIECE_SPACE, NewToken, marker_to_surface, subtoken_ids, whitespace_marker
 
 logger = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ def read_wordlist(path: str | Path) -> list[str]:
     try:
         raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark would start the first word
     except UnicodeDecodeError as e:
-        raise ConfigError(f"--new_tokens_source: {p} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                          f"{utf8_fix(p)}") from None
+        raise not_utf8_error("--new_tokens_source", p, e.reason, e.start) from None
     except OSError as e:
         raise ConfigError(f"--new_tokens_source: cannot read {p}: {e}") from None
     if p.suffix.lower() == ".jsonl":
