@@ -14,6 +14,7 @@ run=sys.argv[1]; D=torch.load(sys.argv[2])
 H=torch.cat(D["H"]).double(); nxt=torch.cat(D["nxt"]); new_ids=D["new_ids"]; norig=D["norig"]
 W=load_file(f"{run}/model.safetensors")["lm_head.weight"].double()
 d=direction(H.float()).double()
+toks=json.load(open(f"{run}/report.json"))["tokens"]
 for s in (0.0,-1.0):
     O=W[new_ids]+s*d
     leak=torch.zeros(len(new_ids),dtype=torch.float64); atw=torch.zeros(len(new_ids),dtype=torch.float64); uses=torch.zeros(len(new_ids))
@@ -28,6 +29,5 @@ for s in (0.0,-1.0):
         atw+=(-(lb-lZ)*isw).sum(0); uses+=isw.sum(0)
     o=leak.sort(descending=True).values
     print(f"shift {s}: leak total {float(leak.sum()):.0f} nats; top 10% tokens {float(o[:50].sum()/o.sum()):.2f}, top 25% {float(o[:125].sum()/o.sum()):.2f}; tokens used in docs {int((uses>0).sum())}; leak by unused tokens {float(leak[uses==0].sum()):.0f}; at-word nats {float(atw.sum()):.0f} over {int(uses.sum())} uses")
-    toks=json.load(open(f"{run}/report.json"))["tokens"]
     top=leak.argsort(descending=True)[:12]
     print("  top:", [(toks[j]["token"], round(float(leak[j]),1), int(uses[j])) for j in top])
