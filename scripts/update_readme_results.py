@@ -230,7 +230,8 @@ def summary_rows(sweeps: list[dict], label: str) -> list[tuple]:
     measured the default ``label`` for the same model and number of words, the newest (``created``)
     is shown, so a rerun replaces an older measurement instead of adding a second row. The paper
     recipe's row comes from the same sweep, or else from the newest sweep of that model and number of
-    words that ran it (the paper recipe did not change); the one-epoch row (``label`` with ``-e1``)
+    words that ran it (the paper recipe did not change), with that sweep's ``created`` added to the
+    row (a paper figure measured before ``COOCCURRENCE_FIX`` gets its own * mark); the one-epoch row (``label`` with ``-e1``)
     from the default's own sweep only.
     """
     best: dict[tuple, tuple] = {}
@@ -253,8 +254,8 @@ def summary_rows(sweeps: list[dict], label: str) -> list[tuple]:
     out = []
     for k in sorted(best):
         row = best[k]
-        if row[3] is None and k in papers:
-            row = row[:3] + (papers[k][1],) + row[4:]
+        if row[3] is None and k in papers:  # borrowed: it keeps its own sweep's date (its * mark)
+            row = row[:3] + (dict(papers[k][1], created=papers[k][0]),) + row[4:]
         out.append(row)
     return out
 
@@ -280,8 +281,8 @@ def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> lis
            f"mean, 100% = original tokenization; softmax over the original / the full extended vocabulary. "
            f"Default: `{label}` (per-token recipe); 1 epoch: the same step size for one epoch; paper: AdamW lr "
            f"1e-4, 1 epoch. Training time: wall time of the training stage on the 2-core CPU of the sweep (other "
-           f"jobs may have shared it; compare times within a row). Rows marked * were measured before the "
-           f"changes of {COOCCURRENCE_FIX} (other new tokens in a token's snippets read with their initial rows, "
+           f"jobs may have shared it; compare times within a row). Rows (or paper figures) marked * were "
+           f"measured before the changes of {COOCCURRENCE_FIX} (other new tokens in a token's snippets read with their initial rows, "
            f"without gradient; the corpus read in order and held out by hash, so other snippets) and may change "
            f"when re-measured. All rows were measured with subtoken-mean output rows, before `--output_embeddings "
            f"auto` became `distill` for token_distillation: the original-vocabulary figures do not depend on the "
@@ -295,7 +296,8 @@ def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> lis
     for model, words, d, p, src, created, e1 in rows:
         if p and p.get("train_seconds_note"):  # a time known to be disturbed, said beside it
             notes.append(f"{'†' * (len(notes) + 1)} `{model}`, {words} words, paper: {p['train_seconds_note']}.")
-        paper = (f"{_pct(p['gap_closed_orig'])} / {_pct(p['gap_closed_full'])} | {_minutes(p)}"
+        pmark = "*" if p and p.get("created", created) < COOCCURRENCE_FIX else ""
+        paper = (f"{_pct(p['gap_closed_orig'])} / {_pct(p['gap_closed_full'])}{pmark} | {_minutes(p)}"
                  f"{'†' * len(notes) if p.get('train_seconds_note') else ''}" if p else "not measured | -")
         one = f"{_pct(e1['gap_closed_orig'])}, {_minutes(e1)}" if e1 else "not measured"
         mark = "*" if created < COOCCURRENCE_FIX else ""

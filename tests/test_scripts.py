@@ -125,6 +125,8 @@ def test_summary_keeps_the_newest_sweep_per_model_and_word_count():
     (row,) = mod.summary_rows([older, newer], "per-token-0.05-e2")
     assert row[4] == "newest" and row[2]["gap_closed_orig"] == 0.8 and row[3]["gap_closed_orig"] == 0.45
     assert row[6]["gap_closed_orig"] == 0.7
+    # the borrowed paper row keeps its own sweep's date, so a pre-fix paper figure is marked in the table
+    assert row[3]["created"] == "2026-11-29 20:00 UTC"
 
 
 @pytest.mark.parametrize("alignment", ["chars", "ids"])
