@@ -199,6 +199,14 @@ def check_inputs(*, dataset_path, new_tokens_source, model_path, methods, method
     return specs, run_flags, src
 
 
+def _interrupted(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the step checkpoints of a run that did not finish (no report.json)."""
+    from token_distillation.checkpoint import CHECKPOINT_DIRNAME
+
+    ckpt = run_dir / CHECKPOINT_DIRNAME
+    return not (run_dir / "report.json").is_file() and ckpt.is_dir() and any(ckpt.glob("*.pt"))
+
+
 def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical_pubmed60.txt",
          model_path: str = "smollm2-135m", methods: str = "token_distillation,subtoken-mean,random",
          method_flags: str = "", common_flags: str = "", heldout_fraction: float = 0.1, max_docs: int = 0,
@@ -214,7 +222,10 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
         common_flags: JSON object ``{flag: value}`` passed to every run.
         heldout_fraction: share of documents written to heldout.jsonl.
         out_dir: new, empty, or an earlier output of this script (other files there are refused).
-        reuse_runs: keep a run directory that already has report.json instead of retraining.
+        reuse_runs: keep a run directory that already has report.json instead of retraining, and
+            continue one that holds an interrupted run's checkpoints (``--resume``: a sweep stopped
+            by Ctrl-C, SIGTERM or a SLURM time limit goes on from its last checkpoint; the training
+            time in its report.json counts the steps before the stop too).
         train_only: stop after the runs (no evaluation; returns "").
         docs_md: also write this markdown page (and ``<stem>.png`` beside it).
 
@@ -240,13 +251,16 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
     runtimes = {}
     for label, _ in specs:
         flags = dict(run_flags[label], dataset_path=str(train_path))
-        cfg = RunConfig.from_flags(**flags)
-        if reuse_runs and (Path(flags["out_path"]) / "report.json").is_file():
-            logger.info("reusing %s", flags["out_path"])
-            runtimes[label] = json.loads((Path(flags["out_path"]) / "report.json").read_text()).get("compare_seconds")
+        run_dir = Path(flags["out_path"])
+        if reuse_runs and (run_dir / "report.json").is_file():
+            logger.info("reusing %s", run_dir)
+            runtimes[label] = json.loads((run_dir / "report.json").read_text()).get("compare_seconds")
             continue
+        if reuse_runs and _interrupted(run_dir):  # a stopped or killed run continues (its time is counted whole)
+            logger.info("resuming %s from its checkpoints (--resume)", run_dir)
+            flags["resume"] = True
         t = time.perf_counter()
-        res = run(cfg)
+        res = run(RunConfig.from_flags(**flags))
         runtimes[label] = time.perf_counter() - t
         rep_path = res.out_path / "report.json"
         rep = json.loads(rep_path.read_text())

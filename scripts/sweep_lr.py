@@ -15,7 +15,7 @@ count N, ``words<N>.txt`` and compare_methods.py's output ``n<N>/``). Every flag
 anything is written or loaded (bad input: one ``error:`` line, exit code 2). ``--out_dir`` must be
 new, empty or an earlier output of this script (recognised by the marker file
 ``token_distillation_script.json`` it writes there; rerun on it with ``--reuse_runs`` to keep the
-finished runs); a directory holding other files is refused.
+finished runs and continue interrupted ones from their checkpoints); a directory holding other files is refused.
 
 Example (CPU, ~40 min):
     python scripts/sweep_lr.py --dataset_path ../shared/data/pubmed_abstracts/abstracts.jsonl \\

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +40,50 @@ def test_compare_methods_bad_label(tmp_path, toy_corpus):
                         "--methods", "random", "--method_flags", '{"nope": {}}', "--out_dir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--method_flags" in r.stderr
+
+
+def test_reuse_runs_resumes_an_interrupted_run(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch):
+    """``--reuse_runs`` continues a run that was stopped mid-training from its checkpoint (a long sweep
+    cut by a SLURM time limit loses only the steps after the last checkpoint), keeps a finished run,
+    and the resumed run ends with the same rows as one that was never stopped."""
+    from safetensors.torch import load_file
+
+    from tests.test_checkpoint import Interrupted, _interrupt_after
+    from token_distillation import checkpoint as ckpt_mod
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_methods
+
+    words = tmp_path / "words.txt"
+    words.write_text(" hepatotoxicity\n nephrotoxicity\n")
+    common = {"snippet_num": 4, "min_snippets": 2, "heldout_snippet_num": 1, "snippet_len": 12,
+              "cache_dir": str(cache_dir), "token_distillation_batch_size": 2, "checkpoint_every": 1,
+              "teacher_cache_gib": 0, "output_embeddings": "subtoken-mean"}
+    kw = dict(model_path=str(toy_model_dir), new_tokens_source=str(words), dataset_path=str(toy_corpus),
+              methods="mean=subtoken-mean,td=token_distillation", common_flags=json.dumps(common),
+              heldout_fraction=0.3, window_len=12, windows_per_token=2, definition_tokens=0, device="cpu",
+              train_only=True)
+    compare_methods.main(out_dir=str(tmp_path / "ref"), **kw)
+    ref = json.loads((tmp_path / "ref" / "runs" / "td" / "report.json").read_text())
+    assert ref["train_steps"] >= 3
+
+    out = tmp_path / "cmp"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(Interrupted):
+            compare_methods.main(out_dir=str(out), **kw)
+    assert (out / "runs" / "mean" / "report.json").is_file() and compare_methods._interrupted(out / "runs" / "td")
+    mean_before = (out / "runs" / "mean" / "report.json").read_bytes()
+
+    resumed = []
+    real_restore = ckpt_mod.Checkpointer.restore
+    monkeypatch.setattr(ckpt_mod.Checkpointer, "restore",
+                        lambda self, *a: resumed.append(r := real_restore(self, *a)) or r)
+    compare_methods.main(out_dir=str(out), reuse_runs=True, **kw)
+    assert [r[0] for r in resumed] == [2]  # continued from the checkpoint of step 2, not from step 0
+    assert (out / "runs" / "mean" / "report.json").read_bytes() == mean_before  # the finished run was kept
+    rep = json.loads((out / "runs" / "td" / "report.json").read_text())
+    assert rep["loss_curve"] == ref["loss_curve"] and rep["train_seconds_from_step"] == 0
+    a = load_file(str(tmp_path / "ref" / "runs" / "td" / "model.safetensors"))["model.embed_tokens.weight"]
+    b = load_file(str(out / "runs" / "td" / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(a, b)
