@@ -231,7 +231,7 @@ def summary_rows(sweeps: list[dict], label: str) -> list[tuple]:
     is shown, so a rerun replaces an older measurement instead of adding a second row. The paper
     recipe's row comes from the same sweep, or else from the newest sweep of that model and number of
     words that ran it (the paper recipe did not change), with that sweep's ``created`` added to the
-    row (a paper figure measured before ``COOCCURRENCE_FIX`` gets its own * mark); the one-epoch row (``label`` with ``-e1``)
+    row (a paper figure measured before ``COOCCURRENCE_FIX`` beside a row measured after it gets its own * mark); the one-epoch row (``label`` with ``-e1``)
     from the default's own sweep only.
     """
     best: dict[tuple, tuple] = {}
@@ -296,7 +296,8 @@ def summary_section(where: str = "in [docs/results.md](docs/results.md)") -> lis
     for model, words, d, p, src, created, e1 in rows:
         if p and p.get("train_seconds_note"):  # a time known to be disturbed, said beside it
             notes.append(f"{'†' * (len(notes) + 1)} `{model}`, {words} words, paper: {p['train_seconds_note']}.")
-        pmark = "*" if p and p.get("created", created) < COOCCURRENCE_FIX else ""
+        # a borrowed paper figure older than its (re-measured) row says so itself
+        pmark = "*" if p and p.get("created", created) < COOCCURRENCE_FIX <= created else ""
         paper = (f"{_pct(p['gap_closed_orig'])} / {_pct(p['gap_closed_full'])}{pmark} | {_minutes(p)}"
                  f"{'†' * len(notes) if p.get('train_seconds_note') else ''}" if p else "not measured | -")
         one = f"{_pct(e1['gap_closed_orig'])}, {_minutes(e1)}" if e1 else "not measured"
