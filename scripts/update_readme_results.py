@@ -231,8 +231,8 @@ def summary_rows(sweeps: list[dict], label: str) -> list[tuple]:
     is shown, so a rerun replaces an older measurement instead of adding a second row. The paper
     recipe's row comes from the same sweep, or else from the newest sweep of that model and number of
     words that ran it (the paper recipe did not change), with that sweep's ``created`` added to the
-    row (a paper figure measured before ``COOCCURRENCE_FIX`` beside a row measured after it gets its own * mark); the one-epoch row (``label`` with ``-e1``)
-    from the default's own sweep only.
+    row (a paper figure measured before ``COOCCURRENCE_FIX`` beside a row measured after it gets its
+    own * mark); the one-epoch row (``label`` with ``-e1``) from the default's own sweep only.
     """
     best: dict[tuple, tuple] = {}
     papers: dict[tuple, tuple[str, dict]] = {}
