@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from token_distillation.cli import configure_logging  # noqa: E402
 from token_distillation.config import ConfigError, RunConfig  # noqa: E402
-from token_distillation.paths import check_writable, claim_script_dir, replace_file  # noqa: E402
+from token_distillation.paths import only_checkpoints, check_writable, claim_script_dir, replace_file  # noqa: E402
 
 logger = logging.getLogger("compare_methods")
 
@@ -199,14 +199,6 @@ def check_inputs(*, dataset_path, new_tokens_source, model_path, methods, method
     return specs, run_flags, src
 
 
-def _interrupted(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds the step checkpoints of a run that did not finish (no report.json)."""
-    from token_distillation.checkpoint import CHECKPOINT_DIRNAME
-
-    ckpt = run_dir / CHECKPOINT_DIRNAME
-    return not (run_dir / "report.json").is_file() and ckpt.is_dir() and any(ckpt.glob("*.pt"))
-
-
 def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical_pubmed60.txt",
          model_path: str = "smollm2-135m", methods: str = "token_distillation,subtoken-mean,random",
          method_flags: str = "", common_flags: str = "", heldout_fraction: float = 0.1, max_docs: int = 0,
@@ -256,7 +248,7 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
             logger.info("reusing %s", run_dir)
             runtimes[label] = json.loads((run_dir / "report.json").read_text()).get("compare_seconds")
             continue
-        if reuse_runs and _interrupted(run_dir):  # a stopped or killed run continues (its time is counted whole)
+        if reuse_runs and only_checkpoints(run_dir):  # a stopped or killed run continues (its time is counted whole)
             logger.info("resuming %s from its checkpoints (--resume)", run_dir)
             flags["resume"] = True
         t = time.perf_counter()

@@ -50,6 +50,7 @@ def test_reuse_runs_resumes_an_interrupted_run(tmp_path, toy_model_dir, toy_corp
 
     from tests.test_checkpoint import Interrupted, _interrupt_after
     from token_distillation import checkpoint as ckpt_mod
+    from token_distillation.paths import only_checkpoints
 
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare_methods
@@ -72,7 +73,7 @@ def test_reuse_runs_resumes_an_interrupted_run(tmp_path, toy_model_dir, toy_corp
         _interrupt_after(m, 2)
         with pytest.raises(Interrupted):
             compare_methods.main(out_dir=str(out), **kw)
-    assert (out / "runs" / "mean" / "report.json").is_file() and compare_methods._interrupted(out / "runs" / "td")
+    assert (out / "runs" / "mean" / "report.json").is_file() and only_checkpoints(out / "runs" / "td")
     mean_before = (out / "runs" / "mean" / "report.json").read_bytes()
 
     resumed = []

@@ -361,8 +361,9 @@ def _some_entries(entries: list[str], limit: int = 10) -> str:
     return shown + (", ..." if len(entries) > limit else "")
 
 
-def _only_checkpoints(out: Path) -> bool:
-    """``out`` holds nothing but this tool's checkpoints of an interrupted run."""
+def only_checkpoints(out: Path) -> bool:
+    """``out`` holds nothing but this tool's checkpoints of an interrupted run (what ``--resume``
+    continues; ``scripts/compare_methods.py --reuse_runs`` asks the same of each run directory)."""
     return (out.is_dir() and {p.name for p in out.iterdir()} == {CHECKPOINT_DIRNAME}
             and (out / CHECKPOINT_DIRNAME).is_dir() and not checkpoint_dir_problems(out / CHECKPOINT_DIRNAME))
 
@@ -622,7 +623,7 @@ def prepare_output(out_path: str, overwrite: bool, resume: bool, model_source=No
     """
     out = Path(out_path).expanduser().resolve()
     has_ckpt = (out / CHECKPOINT_DIRNAME).is_dir() and any((out / CHECKPOINT_DIRNAME).iterdir())
-    only_ckpt = _only_checkpoints(out)
+    only_ckpt = only_checkpoints(out)
     if only_ckpt and dry_run:
         raise ConfigError(f"--out_path {out} holds the checkpoints of an interrupted run, which a dry run would "
                           "replace; choose another directory for the dry run (or --resume the run)")
