@@ -381,3 +381,22 @@ def test_wordlist_reads_json_lines_and_drops_a_byte_order_mark(tmp_path):
     shipped = Path(__file__).resolve().parent.parent / "new_tokens" / "pubmed_frequency_smollm2_top500.jsonl"
     words = read_wordlist(shipped)
     assert len(words) == 500 and words[0] == " glucocorticoid"
+
+
+def test_the_default_word_list_is_named_in_the_log(tmp_path, caplog):
+    """--build_target_method wordlist without --new_tokens_source trains the bundled demo list: the log
+    says so (it was silent, helper-53); a given list gets no such line."""
+    import logging
+
+    from token_distillation.config import DEFAULT_WORDLIST
+    from token_distillation.targets import read_target_wordlist
+
+    with caplog.at_level(logging.INFO, logger="token_distillation"):
+        words = read_target_wordlist(TargetConfig())
+    assert words and any("demo word list" in r.message and DEFAULT_WORDLIST in r.message for r in caplog.records)
+    caplog.clear()
+    own = tmp_path / "w.txt"
+    own.write_text(" hepatotoxicity\n")
+    with caplog.at_level(logging.INFO, logger="token_distillation"):
+        assert read_target_wordlist(TargetConfig(new_tokens_source=str(own))) == [" hepatotoxicity"]
+    assert not any("demo word list" in r.message for r in caplog.records)

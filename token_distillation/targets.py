@@ -91,6 +91,9 @@ def read_target_wordlist(targets: TargetConfig) -> list[str] | None:
     """
     if targets.build_target_method != BuildTargetMethod.WORDLIST:
         return None
+    if not str(targets.new_tokens_source):
+        logger.info("no --new_tokens_source given: the bundled demo word list %s (pass --new_tokens_source "
+                    "with your own list)", targets.wordlist_path)
     words = read_wordlist(targets.wordlist_path)
     if not any(w.strip() for w in words):
         what = "the file is empty" if not words else "only empty lines"
