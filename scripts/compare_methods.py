@@ -187,7 +187,10 @@ def check_inputs(*, dataset_path, new_tokens_source, model_path, methods, method
     for label, method in specs:
         flags = dict(model_path=model_path, new_tokens_source=new_tokens_source, dataset_path=str(src),
                      text_column=text_column, seed=seed, init_method=method, device=device,
-                     out_path=str(out / "runs" / label), overwrite=True)
+                     out_path=str(out / "runs" / label), overwrite=True,
+                     # the runs share the held-out snippets and mostly the initial rows: one held-out pass
+                     # before training serves every run with the same inputs
+                     heldout_cache_dir=str(out / "data" / "heldout-before"))
         flags.update(common)
         flags.update(per_method.get(label, {}))
         try:
@@ -240,23 +243,29 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
     from token_distillation.evaluate import EvalConfig, evaluate
     from token_distillation.pipeline import run
 
-    runtimes = {}
+    runtimes, resumed = {}, set()  # resumed: runs continued from checkpoints (their time counts the last part)
     for label, _ in specs:
         flags = dict(run_flags[label], dataset_path=str(train_path))
         run_dir = Path(flags["out_path"])
         if reuse_runs and (run_dir / "report.json").is_file():
             logger.info("reusing %s", run_dir)
-            runtimes[label] = json.loads((run_dir / "report.json").read_text()).get("compare_seconds")
+            old = json.loads((run_dir / "report.json").read_text())
+            runtimes[label] = old.get("compare_seconds")
+            if old.get("compare_resumed"):
+                resumed.add(label)
             continue
         if reuse_runs and only_checkpoints(run_dir):  # a stopped or killed run continues (its time is counted whole)
             logger.info("resuming %s from its checkpoints (--resume)", run_dir)
             flags["resume"] = True
+            resumed.add(label)
         t = time.perf_counter()
         res = run(RunConfig.from_flags(**flags))
         runtimes[label] = time.perf_counter() - t
         rep_path = res.out_path / "report.json"
         rep = json.loads(rep_path.read_text())
         rep["compare_seconds"] = runtimes[label]
+        if label in resumed:  # the wall time of the part after the resume; train_seconds counts the whole training
+            rep["compare_resumed"] = True
         replace_file(rep_path, lambda tmp: tmp.write_text(json.dumps(rep, indent=2, ensure_ascii=False)))
         logger.info("%s: %.1f s", label, runtimes[label])
 
@@ -272,8 +281,8 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
     eval_seconds = time.perf_counter() - t
     if docs_md:
         write_docs(Path(docs_md), out, results, runtimes, eval_seconds, time.perf_counter() - t0,
-                   dict(model_path=model_path, dataset_path=dataset_path, new_tokens_source=new_tokens_source,
-                        n_train=n_train, n_held=n_held, run_flags=run_flags))
+                   dict(resumed=sorted(resumed), model_path=model_path, dataset_path=dataset_path,
+                        new_tokens_source=new_tokens_source, n_train=n_train, n_held=n_held, run_flags=run_flags))
     return str(out / "eval" / "evaluation.json")
 
 
@@ -336,8 +345,9 @@ def write_docs(path: Path, out: Path, results: dict, runtimes: dict, eval_second
     s = results["setup"]
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     first = next(iter(info["run_flags"].values()))
-    rt = "\n".join(f"| {lab} | {v:.0f} s |" if isinstance(v, (int, float)) else f"| {lab} | (reused) |"
-                   for lab, v in runtimes.items())
+    rt = "\n".join(f"| {lab} | (reused) |" if not isinstance(v, (int, float)) else
+                   f"| {lab} | {v:.0f} s after a resume (the part before the stop is not counted) |"
+                   if lab in info.get("resumed", ()) else f"| {lab} | {v:.0f} s |" for lab, v in runtimes.items())
     flags_table = "\n".join(f"| {lab} | `{json.dumps({k: v for k, v in f.items() if k not in first or first[k] != v or k == 'init_method'})}` |"
                             for lab, f in info["run_flags"].items())
     defs = "\n".join(f"- `{w!r}`: {d!r}" for w, d in list(results.get("definitions", {}).items())[:5])

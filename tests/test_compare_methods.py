@@ -85,6 +85,9 @@ def test_reuse_runs_resumes_an_interrupted_run(tmp_path, toy_model_dir, toy_corp
     assert (out / "runs" / "mean" / "report.json").read_bytes() == mean_before  # the finished run was kept
     rep = json.loads((out / "runs" / "td" / "report.json").read_text())
     assert rep["loss_curve"] == ref["loss_curve"] and rep["train_seconds_from_step"] == 0
+    # its compare_seconds is the part after the resume, and the report says so (the docs page too)
+    assert rep["compare_resumed"] is True and "compare_resumed" not in ref
+    assert "compare_resumed" not in json.loads(mean_before)
     a = load_file(str(tmp_path / "ref" / "runs" / "td" / "model.safetensors"))["model.embed_tokens.weight"]
     b = load_file(str(out / "runs" / "td" / "model.safetensors"))["model.embed_tokens.weight"]
     assert torch.equal(a, b)
