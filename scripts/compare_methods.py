@@ -254,7 +254,7 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
             if old.get("compare_resumed"):
                 resumed.add(label)
             continue
-        if reuse_runs and only_checkpoints(run_dir):  # a stopped or killed run continues (its time is counted whole)
+        if reuse_runs and only_checkpoints(run_dir):  # a stopped or killed run continues (report.json: its train_seconds counts the whole training)
             logger.info("resuming %s from its checkpoints (--resume)", run_dir)
             flags["resume"] = True
             resumed.add(label)

@@ -275,6 +275,43 @@ def test_resume_reads_the_held_out_measures_before_training_instead_of_evaluatin
     assert "made for other inputs; evaluating the held-out snippets before training again" in caplog.text
 
 
+def test_heldout_cache_dir_serves_later_runs_with_the_same_inputs(tmp_path, toy_model_dir, toy_corpus, cache_dir,
+                                                                  monkeypatch, caplog):
+    """--heldout_cache_dir (set by compare_methods.py / sweep_lr.py): a second run that differs only in
+    training reads the held-out measures before training instead of a full pass, with the same
+    report; other inputs (another target layer) are evaluated again; without the flag nothing is kept."""
+    from token_distillation import pipeline
+
+    passes = []
+    real = pipeline.heldout_eval
+
+    def counting(*a, **k):
+        passes.append(k.get("desc"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "heldout_eval", counting)
+    shared = tmp_path / "heldout-before"
+    kw = dict(token_distillation_epochs=1, teacher_cache_gib=0, heldout_cache_dir=str(shared))
+    before = "held-out evaluation before training"
+    a = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "a"), **kw))
+    assert passes.count(before) == 1 and len(list(shared.glob("*.pt"))) == 1
+    passes.clear()
+    with caplog.at_level("INFO", logger="token_distillation"):
+        b = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "b"),
+                         token_distillation_lr_relative=0.1, **kw))
+    assert before not in passes and "(--heldout_cache_dir: an earlier run" in caplog.text
+    for key in ("mean_heldout_loss_init", "new_token_argmax_rate_init"):
+        assert b.report[key] == a.report[key], key
+    assert [t["heldout_loss_init"] for t in b.report["tokens"]] == [t["heldout_loss_init"] for t in a.report["tokens"]]
+    assert b.report["mean_heldout_loss_final"] != a.report["mean_heldout_loss_final"]  # trained otherwise
+    passes.clear()
+    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "c"), target_layer=1, **kw))
+    assert passes.count(before) == 1 and len(list(shared.glob("*.pt"))) == 2  # another layer: another key
+    kw.pop("heldout_cache_dir")
+    run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "d"), **kw))
+    assert len(list(shared.glob("*.pt"))) == 2
+
+
 def test_resume_into_a_new_folder_says_once_that_there_is_nothing_to_resume(tmp_path, toy_model_dir, toy_corpus,
                                                                             cache_dir, caplog):
     """helper-27's trial: the start-up warning and the training loop both said 'no checkpoint'."""

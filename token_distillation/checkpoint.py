@@ -55,7 +55,7 @@ DIST_SYNC_EVERY = 10
 #: Paths of inputs are exempt too: their content is fingerprinted instead (model identity, token list,
 #: snippet digest), so a moved word list or corpus still resumes and a changed one does not.
 RESUME_FREE_FLAGS = {"resume", "overwrite", "checkpoint_every", "checkpoint_minutes", "log_every", "device",
-                     "cache_dir", "num_proc", "teacher_cache_gib",
+                     "cache_dir", "num_proc", "teacher_cache_gib", "heldout_cache_dir",
                      "out_path", "model_path", "new_tokens_source", "dataset_path"}
 
 
@@ -519,55 +519,90 @@ class GeneratedSnippetCache:
 
 def heldout_before_key(rows, seqs, **extra: Any) -> str:
     """SHA-256 of what the held-out measures before training depend on besides the frozen model:
-    the new rows before training (``rows``: a ``NewRows``; input rows, and output rows when untied),
-    every held-out snippet (``seqs``, all of them, also in a token-sharded run) and ``extra`` items
-    (JSON-able: target layer, autocast dtype, model identity). Keys :class:`HeldoutBefore`."""
+    the new rows before training (``rows``: a ``NewRows``; their token ids, input rows, and output
+    rows when untied), every held-out snippet (``seqs``, all of them, also in a token-sharded run:
+    teacher ids, student ids and the student-to-teacher alignment) and ``extra`` items (JSON-able:
+    target layer, dtypes, device type, model identity). Keys :class:`HeldoutBefore`."""
     h = hashlib.sha256()
+    h.update(np.asarray(list(rows.token_ids), dtype=np.int64).tobytes())
     for t in (rows.rows, rows.out_rows):
         if t is not None:
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         h.update(b"|")
     h.update(snippet_digest(seqs).encode())
-    h.update(np.asarray([len(s.student_ids) for s in seqs], dtype=np.int64).tobytes())
+    for s in seqs:
+        h.update(np.asarray(s.student_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(s.student_to_teacher, dtype=np.int64).tobytes())
+        h.update(b"|")
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
 class HeldoutBefore:
-    """The held-out measures before training (per-token loss and argmax rate), kept beside the
-    checkpoints as :data:`HELDOUT_BEFORE_FILE` so that ``--resume`` does not evaluate every held-out
-    snippet again (a full pass: about 6 minutes at 500 words on a 2-core CPU, one teacher and one
-    student forward per snippet on a GPU).
+    """The held-out measures before training (per-token loss and argmax rate), kept so that they are
+    not evaluated again (a full pass over every held-out snippet: about 6 minutes at 500 words on a
+    2-core CPU, one teacher and one student forward per snippet on a GPU):
 
-    Written with the first checkpoint (:meth:`attachment`, like :class:`GeneratedSnippetCache`), so
-    that a fresh start's clearing of old checkpoints does not remove it; read (:meth:`get`) only when
-    resuming and when its key (:func:`heldout_before_key`) matches this run's.
+    - beside the checkpoints as :data:`HELDOUT_BEFORE_FILE`, for ``--resume``: written with the first
+      checkpoint (:meth:`attachment`, like :class:`GeneratedSnippetCache`), so that a fresh start's
+      clearing of old checkpoints does not remove it;
+    - in ``--heldout_cache_dir`` as ``<key>.pt`` (:meth:`remember`), for any later run with the same
+      key: the runs of a sweep or a method comparison (``scripts/sweep_lr.py``,
+      ``scripts/compare_methods.py``, which set the flag) share one corpus split, snippets and initial
+      rows, and only their training differs.
+
+    Either is read (:meth:`get`) only when its key (:func:`heldout_before_key`: the initial rows, every
+    held-out snippet, the target layer, dtype, device type and model weights) matches this run's.
 
     Args:
-        directory: ``<out_path>/checkpoints``, or None (nothing is kept: the Python API).
-        resume: read an earlier run's file (``--resume``).
+        directory: ``<out_path>/checkpoints``, or None (nothing is kept beside the checkpoints).
+        resume: read an earlier run's file beside the checkpoints (``--resume``).
         key: :func:`heldout_before_key` of this run.
+        shared: ``--heldout_cache_dir``, or None (not shared: the flag empty, the Python API, a
+            multi-process run).
     """
 
-    def __init__(self, directory: Path | None, resume: bool, key: str):
+    def __init__(self, directory: Path | None, resume: bool, key: str, shared: Path | None = None):
         self.path = None if directory is None else Path(directory) / HELDOUT_BEFORE_FILE
         self.resume, self.key = resume, key
+        self.shared = None if shared is None or not key else Path(shared) / f"{key[:40]}.pt"
 
     def get(self):
-        """The :class:`~token_distillation.train.HeldoutResult` saved by the interrupted run, or None
-        (not resuming, no file, a damaged one, or one made for other inputs: logged)."""
+        """The :class:`~token_distillation.train.HeldoutResult` saved by the interrupted run (with
+        ``--resume``) or by an earlier run with the same inputs (the cache), or None (none, a damaged
+        file, or one made for other inputs: logged)."""
         from .train import HeldoutResult
 
         state = _load_keyed(self.path, self.key, self.resume, "evaluating the held-out snippets before training again")
+        if state is not None:
+            logger.info("--resume: held-out measures before training read from %s (not evaluated again)", self.path)
+        elif self.shared is not None and self.shared.is_file():
+            state = _load_keyed(self.shared, self.key, True, "evaluating the held-out snippets before training again")
+            if state is not None:
+                logger.info("held-out measures before training read from %s (--heldout_cache_dir: an earlier run "
+                            "with the same model, initial rows and held-out snippets; not evaluated again)",
+                            self.shared)
         if state is None:
             return None
-        logger.info("--resume: held-out measures before training read from %s (not evaluated again)", self.path)
         return HeldoutResult(state["before"]["loss_per_token"], state["before"]["argmax"])
+
+    def remember(self, before) -> None:
+        """Write ``before`` (a ``HeldoutResult``) to the cache for later runs with the same key (atomic;
+        an unwritable cache is a logged warning, not an error)."""
+        if self.shared is None or self.shared.is_file():
+            return
+        state = self._state(before)
+        try:
+            replace_file(self.shared, lambda tmp: torch.save(state, tmp), flag="--heldout_cache_dir")
+        except (OSError, RuntimeError, ConfigError) as e:  # a full or read-only cache costs the next run a pass
+            logger.warning("held-out measures before training not cached (%s: %s)", type(e).__name__, e)
+
+    def _state(self, before) -> dict[str, Any]:
+        return {"key": self.key, "before": {"loss_per_token": before.loss_per_token, "argmax": before.argmax}}
 
     def attachment(self, before) -> dict[str, Any]:
         """``{file name: state}`` of ``before`` (a ``HeldoutResult``) for :class:`Checkpointer`'s
         ``attachments`` (empty: nothing kept)."""
         if self.path is None:
             return {}
-        return {HELDOUT_BEFORE_FILE: {"key": self.key, "before": {"loss_per_token": before.loss_per_token,
-                                                                  "argmax": before.argmax}}}
+        return {HELDOUT_BEFORE_FILE: self._state(before)}

@@ -850,6 +850,14 @@ class OutputConfig:
         "or the output-row training after it does not train again). Ctrl-C, SIGTERM and SIGUSR1 "
         "(SLURM's --signal=USR1@60) always save the current step and stop; --resume continues.",
     )
+    heldout_cache_dir: str = _flag(
+        "",
+        "Folder where the held-out measures before training are kept, keyed by everything they depend on "
+        "(model weights, initial rows, held-out snippets, target layer, dtypes), so that a later run with the "
+        "same inputs reads them instead of a full held-out pass (about 6 minutes at 500 words on a 2-core "
+        "CPU); empty: not kept. scripts/compare_methods.py and sweep_lr.py set it for their runs, which "
+        "differ only in training. One-process runs only.",
+    )
     resume: bool = _flag(
         False,
         "Continue an interrupted run from the newest checkpoint in <out_path>/checkpoints/ (same "

@@ -844,6 +844,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     if before is None:
         with stop_point("after the held-out batch in progress, before training (nothing is written)"):
             before = held(teacher_cache=held_teacher, desc="held-out evaluation before training")
+        kept_before.remember(before)
     # a signal during the evaluation's last batch stops here, before training clears old checkpoints
     check_stop("before training")
     lr = relative_lr(tc.token_distillation_lr_relative, model.get_input_embeddings().weight, ext.n_orig)
@@ -919,14 +920,20 @@ def _train_output_rows(setup: Setup, ext: Extended, result, train, heldout, all_
 
 
 def _kept_before(setup: Setup, ext: Extended, held_seqs, input_trained: bool) -> HeldoutBefore:
-    """The held-out measures before training kept with the checkpoints (``--resume`` reads them);
-    keyed only when checkpoints are written for trained input rows (else nothing is read or kept)."""
+    """The held-out measures before training, kept with the checkpoints when they are written for
+    trained input rows (``--resume`` reads them) and in ``--heldout_cache_dir`` for later runs with
+    the same inputs (a run with an output folder on one process: the Python API's model may have
+    been changed in memory, and a multi-process run evaluates its shards apart)."""
     keep = setup.checkpoints and setup.out is not None and setup.cfg.train.init_method in TRAINED
-    if not keep:
+    shared = str(setup.cfg.output.heldout_cache_dir).strip()
+    share = bool(shared) and setup.out is not None and setup.dist.world_size == 1
+    if not (keep or share):
         return HeldoutBefore(None, False, "")
-    return HeldoutBefore(setup.out / CHECKPOINT_DIRNAME, setup.cfg.output.resume,
-                         heldout_before_key(ext.rows, held_seqs, layer=ext.layer, autocast=setup.autocast_dtype,
-                                            model=setup.source.identity, input_trained=input_trained))
+    key = heldout_before_key(ext.rows, held_seqs, layer=ext.layer, autocast=setup.autocast_dtype,
+                             model=setup.source.identity, input_trained=input_trained, device=setup.device.type,
+                             weights=setup.weights_dtype)
+    return HeldoutBefore(setup.out / CHECKPOINT_DIRNAME if keep else None, setup.cfg.output.resume, key,
+                         shared=Path(shared).expanduser() if share else None)
 
 
 def _distill_outputs(setup: Setup, ext: Extended, train, heldout, all_held, owned: list[int] | None, pad_id: int,
