@@ -540,7 +540,7 @@ def heldout_before_key(rows, seqs, **extra: Any) -> str:
 
 class HeldoutBefore:
     """The held-out measures before training (per-token loss and argmax rate), kept so that they are
-    not evaluated again (a full pass over every held-out snippet: about 6 minutes at 500 words on a
+    not evaluated again (a full pass over every held-out snippet: 6-7 minutes at 500 words on a
     2-core CPU, one teacher and one student forward per snippet on a GPU):
 
     - beside the checkpoints as :data:`HELDOUT_BEFORE_FILE`, for ``--resume``: written with the first

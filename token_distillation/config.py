@@ -854,7 +854,7 @@ class OutputConfig:
         "",
         "Folder where the held-out measures before training are kept, keyed by everything they depend on "
         "(model weights, initial rows, held-out snippets, target layer, dtypes), so that a later run with the "
-        "same inputs reads them instead of a full held-out pass (about 6 minutes at 500 words on a 2-core "
+        "same inputs reads them instead of a full held-out pass (6-7 minutes at 500 words on a 2-core "
         "CPU); empty: not kept. scripts/compare_methods.py and sweep_lr.py set it for their runs, which "
         "differ only in training. One-process runs only.",
     )
