@@ -18,18 +18,24 @@ def test_compare_methods_toy(tmp_path, toy_model_dir, toy_corpus, cache_dir):
               "cache_dir": str(cache_dir), "token_distillation_batch_size": 4}
     cmd = [sys.executable, str(ROOT / "scripts" / "compare_methods.py"), "--model_path", str(toy_model_dir),
            "--new_tokens_source", str(words), "--dataset_path", str(toy_corpus),
-           "--methods", "mean=subtoken-mean,random,td=token_distillation",
-           "--method_flags", json.dumps({"td": {"token_distillation_lr": 0.01}}),
+           "--methods", "mean=subtoken-mean,random,td=token_distillation,td1=token_distillation",
+           "--method_flags", json.dumps({"td": {"token_distillation_lr": 0.01},
+                                         "td1": {"token_distillation_epochs": 1}}),
            "--common_flags", json.dumps(common), "--heldout_fraction", "0.3", "--window_len", "12",
            "--windows_per_token", "3", "--definition_tokens", "3", "--device", "cpu",
            "--out_dir", str(tmp_path / "cmp"), "--docs_md", str(tmp_path / "docs" / "evaluation.md")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "cmp" / "eval" / "evaluation.json").read_text())
-    assert list(res["methods"]) == ["mean", "random", "td"]
+    assert list(res["methods"]) == ["mean", "random", "td", "td1"]
     assert res["setup"]["excluded_training_docs"] == 0  # the split is disjoint
     rep = json.loads((tmp_path / "cmp" / "runs" / "td" / "report.json").read_text())
     assert rep["config"]["token_distillation_lr"] == 0.01 and rep["config"]["snippet_num"] == 4
+    # td1 trains otherwise: it reads td's held-out pass before training (--heldout_cache_dir) instead of its own
+    rep1 = json.loads((tmp_path / "cmp" / "runs" / "td1" / "report.json").read_text())
+    assert r.stderr.count("(--heldout_cache_dir: an earlier run") == 1
+    assert rep1["mean_heldout_loss_init"] == rep["mean_heldout_loss_init"]
+    assert rep1["mean_heldout_loss_final"] != rep["mean_heldout_loss_final"]
     page = (tmp_path / "docs" / "evaluation.md").read_text()
     assert "| mean |" in page and "| td |" in page and (tmp_path / "docs" / "evaluation.png").is_file()
     assert "compare_methods.py" in page
