@@ -310,6 +310,12 @@ def test_heldout_cache_dir_serves_later_runs_with_the_same_inputs(tmp_path, toy_
     kw.pop("heldout_cache_dir")
     run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "d"), **kw))
     assert len(list(shared.glob("*.pt"))) == 2
+    # an untrained run with the same initial rows would share the key: its own pass gives the same measures
+    # (here it also keeps ' zzqqxx', which has no snippet to train on, so its rows and key differ)
+    e = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(tmp_path / "e"),
+                     init_method="subtoken-mean", **kw))
+    untrained = {t["token"]: t["heldout_loss_init"] for t in e.report["tokens"]}
+    assert {t["token"]: t["heldout_loss_init"] for t in a.report["tokens"]}.items() <= untrained.items()
 
 
 def test_resume_into_a_new_folder_says_once_that_there_is_nothing_to_resume(tmp_path, toy_model_dir, toy_corpus,

@@ -826,7 +826,7 @@ def train_new_rows(setup: Setup, sn: Snippets, ext: Extended) -> Trained:
     fp = _train_fingerprint(setup, ext, train_seqs) if tc.init_method in TRAINED else None
     if fp is not None and setup.cfg.output.resume and setup.checkpoints and setup.out is not None:
         check_training_inputs(setup.out / CHECKPOINT_DIRNAME, fp)  # a changed corpus: refused before the held-out pass
-    kept_before = _kept_before(setup, ext, held_seqs, input_trained)
+    kept_before = _kept_before(setup, ext, held_seqs)
     owned = None
     if setup.shard:  # this process's tokens: it trains and evaluates only these
         owned, held_seqs, held_tix = _own_shard(setup, len(tokens), train_tix, held_seqs, held_tix)
@@ -919,7 +919,7 @@ def _train_output_rows(setup: Setup, ext: Extended, result, train, heldout, all_
     return out_result, out_kl, kept
 
 
-def _kept_before(setup: Setup, ext: Extended, held_seqs, input_trained: bool) -> HeldoutBefore:
+def _kept_before(setup: Setup, ext: Extended, held_seqs) -> HeldoutBefore:
     """The held-out measures before training, kept with the checkpoints when they are written for
     trained input rows (``--resume`` reads them) and in ``--heldout_cache_dir`` for later runs with
     the same inputs (a run with an output folder on one process: the Python API's model may have
@@ -930,7 +930,10 @@ def _kept_before(setup: Setup, ext: Extended, held_seqs, input_trained: bool) ->
     if not (keep or share):
         return HeldoutBefore(None, False, "")
     key = heldout_before_key(ext.rows, held_seqs, layer=ext.layer, autocast=setup.autocast_dtype,
-                             model=setup.source.identity, input_trained=input_trained, device=setup.device.type,
+                             model=setup.source.identity, device=setup.device.type,
+                             # a float32 copy of the whole matrix reads the original tokens otherwise;
+                             # untrained (subtoken-mean) and trained runs with the same rows share the pass
+                             train_original=setup.cfg.train.train_original_embeddings,
                              weights=setup.weights_dtype)
     return HeldoutBefore(setup.out / CHECKPOINT_DIRNAME if keep else None, setup.cfg.output.resume, key,
                          shared=Path(shared).expanduser() if share else None)
