@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from token_distillation.cli import configure_logging  # noqa: E402
 from token_distillation.config import ConfigError, RunConfig  # noqa: E402
-from token_distillation.paths import only_checkpoints, check_writable, claim_script_dir, replace_file  # noqa: E402
+from token_distillation.paths import check_writable, claim_script_dir, only_checkpoints, replace_file  # noqa: E402
 
 logger = logging.getLogger("compare_methods")
 
@@ -254,7 +254,7 @@ def main(dataset_path: str = "", new_tokens_source: str = "new_tokens/biomedical
             if old.get("compare_resumed"):
                 resumed.add(label)
             continue
-        if reuse_runs and only_checkpoints(run_dir):  # a stopped or killed run continues (report.json: its train_seconds counts the whole training)
+        if reuse_runs and only_checkpoints(run_dir):  # a stopped or killed run continues from its checkpoints
             logger.info("resuming %s from its checkpoints (--resume)", run_dir)
             flags["resume"] = True
             resumed.add(label)
@@ -332,6 +332,13 @@ def _check_docs_md(docs_md: str) -> None:
     check_writable(md.resolve(), "--docs_md")  # written after every run and the evaluation: fail now
 
 
+def _runtime(seconds, resumed: bool) -> str:
+    """A run's cell in the page's runtime table (None: a reused run from before runtimes were kept)."""
+    if not isinstance(seconds, (int, float)):
+        return "(reused)"
+    return f"{seconds:.0f} s" + (" after a resume (the part before the stop is not counted)" if resumed else "")
+
+
 def write_docs(path: Path, out: Path, results: dict, runtimes: dict, eval_seconds: float, total: float,
                info: dict) -> None:
     """Write the comparison page with its figure (``<stem>.png`` beside it); each file is replaced
@@ -345,9 +352,7 @@ def write_docs(path: Path, out: Path, results: dict, runtimes: dict, eval_second
     s = results["setup"]
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     first = next(iter(info["run_flags"].values()))
-    rt = "\n".join(f"| {lab} | (reused) |" if not isinstance(v, (int, float)) else
-                   f"| {lab} | {v:.0f} s after a resume (the part before the stop is not counted) |"
-                   if lab in info.get("resumed", ()) else f"| {lab} | {v:.0f} s |" for lab, v in runtimes.items())
+    rt = "\n".join(f"| {lab} | {_runtime(v, lab in info['resumed'])} |" for lab, v in runtimes.items())
     flags_table = "\n".join(f"| {lab} | `{json.dumps({k: v for k, v in f.items() if k not in first or first[k] != v or k == 'init_method'})}` |"
                             for lab, f in info["run_flags"].items())
     defs = "\n".join(f"- `{w!r}`: {d!r}" for w, d in list(results.get("definitions", {}).items())[:5])

@@ -227,12 +227,26 @@ def test_pipeline_resume(tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeyp
     assert torch.equal(a, b)
 
 
+def _count_heldout_passes(monkeypatch) -> list[str]:
+    """Record the description of every held-out pass the pipeline runs (the returned list fills)."""
+    from token_distillation import pipeline
+
+    passes: list[str] = []
+    real = pipeline.heldout_eval
+
+    def counting(*a, **k):
+        passes.append(k.get("desc"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "heldout_eval", counting)
+    return passes
+
+
 def test_resume_reads_the_held_out_measures_before_training_instead_of_evaluating_again(
         tmp_path, toy_model_dir, toy_corpus, cache_dir, monkeypatch, caplog):
     """The held-out pass before training (minutes at 500 words on a CPU) is written with the first
     checkpoint and read back by --resume; the report's measures before training are the same. A
     file made for other inputs (other rows before training) is not used."""
-    from token_distillation import pipeline
     from token_distillation.paths import HELDOUT_BEFORE_FILE
 
     kw = dict(token_distillation_epochs=3, checkpoint_every=2, teacher_cache_gib=0)
@@ -248,14 +262,7 @@ def test_resume_reads_the_held_out_measures_before_training_instead_of_evaluatin
 
     assert foreign_entries(out) == []  # this tool's file: --overwrite may replace it
 
-    passes = []
-    real = pipeline.heldout_eval
-
-    def counting(*a, **k):
-        passes.append(k.get("desc"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(pipeline, "heldout_eval", counting)
+    passes = _count_heldout_passes(monkeypatch)
     with caplog.at_level("INFO", logger="token_distillation"):
         res = run(_toy_cfg(tmp_path, toy_model_dir, toy_corpus, cache_dir, out_path=str(out), resume=True, **kw))
     assert passes == ["held-out evaluation after training"]
@@ -280,16 +287,7 @@ def test_heldout_cache_dir_serves_later_runs_with_the_same_inputs(tmp_path, toy_
     """--heldout_cache_dir (set by compare_methods.py / sweep_lr.py): a second run that differs only in
     training reads the held-out measures before training instead of a full pass, with the same
     report; other inputs (another target layer) are evaluated again; without the flag nothing is kept."""
-    from token_distillation import pipeline
-
-    passes = []
-    real = pipeline.heldout_eval
-
-    def counting(*a, **k):
-        passes.append(k.get("desc"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(pipeline, "heldout_eval", counting)
+    passes = _count_heldout_passes(monkeypatch)
     shared = tmp_path / "heldout-before"
     kw = dict(token_distillation_epochs=1, teacher_cache_gib=0, heldout_cache_dir=str(shared))
     before = "held-out evaluation before training"

@@ -576,7 +576,7 @@ class HeldoutBefore:
         state = _load_keyed(self.path, self.key, self.resume, "evaluating the held-out snippets before training again")
         if state is not None:
             logger.info("--resume: held-out measures before training read from %s (not evaluated again)", self.path)
-        elif self.shared is not None and self.shared.is_file():
+        else:  # None when there is no such file
             state = _load_keyed(self.shared, self.key, True, "evaluating the held-out snippets before training again")
             if state is not None:
                 logger.info("held-out measures before training read from %s (--heldout_cache_dir: an earlier run "
