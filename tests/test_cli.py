@@ -37,6 +37,7 @@ def run_cli(*args, cwd=ROOT, env=None):
         (["--snippet_num", "4", "--snippet_num", "5"], "--snippet_num given more than once"),  # Fire keeps the last
         (["--token_distillation_batch_size", "big"], "--token_distillation_batch_size: expected an integer >= 1, auto, or 0"),
         (["--token_distillation_batch_size", "auto", "--recipe", "paper"], "auto: --recipe paper"),
+        (["--heldout_cache_dir", __file__], "--heldout_cache_dir"),  # helper-54: it was a warning after the run's work
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, needle, tmp_path):

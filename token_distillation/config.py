@@ -876,6 +876,10 @@ class OutputConfig:
             problems.append(f"--set_output_to_zero_if_untied false asks for subtoken-mean output rows but "
                             f"--output_embeddings is {self.output_embeddings.value}; pass only one of them")
         object.__setattr__(self, "output_rows_shift", _shift(self.output_rows_shift, problems))
+        cache = Path(str(self.heldout_cache_dir).strip()).expanduser() if str(self.heldout_cache_dir).strip() else None
+        if cache is not None and cache.exists() and not cache.is_dir():
+            problems.append(f"--heldout_cache_dir {cache} is a file, not a folder; pass a folder (created when "
+                            "missing) or leave it empty")
         if (explicit_shift(self.output_rows_shift) and self.output_embeddings is not None
                 and self.output_embeddings not in (OutputEmbeddings.AUTO, OutputEmbeddings.DISTILL)):
             problems.append(f"--output_rows_shift {self.output_rows_shift} moves distilled output rows, but "
